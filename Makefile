@@ -1,0 +1,56 @@
+# RS Deep: developer commands. `make demo` and `make test` set everything up first.
+SHELL := /bin/bash
+# QGIS's own Python (Debian's system interpreter), not the first python3 on PATH
+SYS_PY := $(shell command -p -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+QGIS_PROCESS := $(shell command -v qgis_process.bin 2>/dev/null || command -v qgis_process 2>/dev/null || echo qgis_process.bin)
+export QT_QPA_PLATFORM ?= offscreen
+export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
+export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
+export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
+
+.PHONY: setup qgis demo demo-model test bench package clean help
+
+help:
+	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
+	@echo "make test        run the test suite"
+	@echo "make setup       install QGIS (if missing, as root) and the pinned Python packages into .venv"
+	@echo "make bench       benchmark segmentation on a generated 8192 x 8192 raster (CPU)"
+	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
+	@echo "make demo-model  retrain the bundled buildings demo model"
+
+setup: $(VENV)/.rs_deep-installed build/dev-plugins/rs_deep
+
+qgis:
+	@bash tools/ensure_qgis.sh
+
+$(VENV)/.rs_deep-installed: requirements.txt requirements-dev.txt | qgis
+	@test -x $(PY) || $(SYS_PY) -m venv --system-site-packages $(VENV)
+	@$(SYS_PY) -c 'import numpy; print("numpy==" + numpy.__version__)' > constraints.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-binary shapely -c constraints.txt -r requirements-dev.txt
+	$(PY) -c "import qgis.core, torch, torchvision, segmentation_models_pytorch, rasterio, shapely, safetensors, pytest_qgis; print('RS Deep environment ready: torch', torch.__version__, '| rasterio', rasterio.__version__, '| numpy', __import__('numpy').__version__)"
+	@touch $@
+
+# the development link: QGIS (QGIS_PLUGINPATH) and the tests import the repo as package `rs_deep`
+build/dev-plugins/rs_deep:
+	@mkdir -p build/dev-plugins
+	@ln -sfn ../.. $@
+
+demo: setup
+	$(PY) tools/demo.py
+
+demo-model: setup
+	$(PY) tools/make_demo_model.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) tools/bench.py
+
+package:
+	$(SYS_PY) tools/package.py
+
+clean:
+	rm -rf build dist demo_output

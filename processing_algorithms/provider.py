@@ -1,0 +1,28 @@
+"""The "RS Deep" Processing provider (id ``rs_deep``)."""
+
+from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
+
+from .segment import SegmentAlgorithm
+
+from .provider_icon import ICON
+
+
+class RSDeepProvider(QgsProcessingProvider):
+    def id(self):
+        return "rs_deep"
+
+    def name(self):
+        return "RS Deep"
+
+    def longName(self):  # noqa: N802 (QGIS API)
+        return "RS Deep: deep learning on remote-sensing imagery"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def svgIconPath(self):  # noqa: N802 (QGIS API)
+        return ICON
+
+    def loadAlgorithms(self):  # noqa: N802 (QGIS API)
+        self.addAlgorithm(SegmentAlgorithm())

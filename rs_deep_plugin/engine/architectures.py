@@ -1,0 +1,105 @@
+"""The allow-list of network architectures a model package may name.
+
+A package never carries code: it names a builder from this list plus a few
+plain parameters, and we construct the network here. Weights come separately
+from safetensors. Nothing is downloaded: encoder weights are always ``None``.
+"""
+from .errors import MissingDependency, ModelPackageError
+
+#: smp architectures a package may name (segmentation_models_pytorch class names).
+SMP_ARCHITECTURES = (
+    "Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "PAN", "MAnet",
+    "DeepLabV3", "DeepLabV3Plus", "Segformer", "UPerNet",
+)
+
+#: Extra keyword arguments a package may pass to an smp architecture, with their JSON types.
+SMP_PARAMS = {
+    "encoder_depth": int,
+    "decoder_channels": list,
+    "decoder_attention_type": (str, type(None)),
+    "decoder_use_norm": (str, bool),
+    "decoder_interpolation": str,
+    "decoder_pyramid_channels": int,
+    "decoder_segmentation_channels": int,
+    "decoder_merge_policy": str,
+    "decoder_dropout": float,
+    "upsampling": int,
+}
+
+LIBRARIES = ("smp",)
+
+
+def _import_smp():
+    try:
+        import segmentation_models_pytorch as smp  # noqa: WPS433
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingDependency(
+            "segmentation-models-pytorch is not installed: install the plugin's dependencies "
+            f"(see README, 'make setup') ({exc})") from exc
+    return smp
+
+
+def smp_encoder_names():
+    smp = _import_smp()
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def validate_builder(builder, where="rs_deep:builder"):
+    """Check a builder block without importing torch; returns a normalised copy."""
+    if not isinstance(builder, dict):
+        raise ModelPackageError(f"{where}: expected an object with library, architecture, encoder, "
+                                f"in_channels and classes, got {type(builder).__name__}")
+    library = builder.get("library")
+    if library not in LIBRARIES:
+        raise ModelPackageError(f"{where}.library: expected one of {', '.join(LIBRARIES)}, got {library!r}")
+    arch = builder.get("architecture")
+    if arch not in SMP_ARCHITECTURES:
+        raise ModelPackageError(
+            f"{where}.architecture: {arch!r} is not on the allow-list; valid names: {', '.join(SMP_ARCHITECTURES)}")
+    encoder = builder.get("encoder")
+    if not isinstance(encoder, str) or not encoder:
+        raise ModelPackageError(f"{where}.encoder: expected an encoder name such as 'resnet18', got {encoder!r}")
+    for key in ("in_channels", "classes"):
+        value = builder.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelPackageError(f"{where}.{key}: expected a positive integer, got {value!r}")
+    if builder.get("encoder_weights") is not None:
+        raise ModelPackageError(
+            f"{where}.encoder_weights: must be null (weights come from model.safetensors; "
+            f"nothing is downloaded), got {builder.get('encoder_weights')!r}")
+    params = builder.get("params", {}) or {}
+    if not isinstance(params, dict):
+        raise ModelPackageError(f"{where}.params: expected an object, got {type(params).__name__}")
+    for key, value in params.items():
+        if key not in SMP_PARAMS:
+            raise ModelPackageError(
+                f"{where}.params.{key}: not an allowed parameter; allowed: {', '.join(sorted(SMP_PARAMS))}")
+        expected = SMP_PARAMS[key]
+        if expected is float and isinstance(value, int):
+            continue
+        if not isinstance(value, expected):
+            raise ModelPackageError(f"{where}.params.{key}: expected {expected}, got {value!r}")
+    out = dict(builder)
+    out["params"] = dict(params)
+    out["encoder_weights"] = None
+    return out
+
+
+def build_model(builder, where="rs_deep:builder"):
+    """Construct the (untrained) network a validated builder block describes."""
+    builder = validate_builder(builder, where)
+    smp = _import_smp()
+    encoder = builder["encoder"]
+    names = smp.encoders.get_encoder_names()
+    if encoder not in names and not encoder.startswith("tu-"):
+        raise ModelPackageError(
+            f"{where}.encoder: unknown encoder {encoder!r}; valid names include: "
+            f"{', '.join(sorted(n for n in names if not n.startswith('timm-'))[:40])} ... "
+            "(or any timm model as 'tu-NAME')")
+    cls = getattr(smp, builder["architecture"])
+    try:
+        return cls(encoder_name=encoder, encoder_weights=None, in_channels=builder["in_channels"],
+                   classes=builder["classes"], **builder["params"])
+    except Exception as exc:  # smp raises many types for bad combinations
+        raise ModelPackageError(f"{where}: cannot build {builder['architecture']} with encoder {encoder!r} "
+                                f"and params {builder['params']}: {exc}") from exc

@@ -1,0 +1,24 @@
+"""Errors raised by the engine. Every message names what is wrong and how to fix it."""
+
+
+class RSDeepError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+
+class ModelPackageError(RSDeepError):
+    """A model package is missing, malformed, or does not match its weights."""
+
+
+class InputError(RSDeepError):
+    """An input raster, extent, band choice or output path cannot be used."""
+
+
+class Cancelled(RSDeepError):
+    """The run was cancelled; nothing was written."""
+
+    def __init__(self, message="The run was cancelled; no output was written."):
+        super().__init__(message)
+
+
+class MissingDependency(RSDeepError):
+    """A Python package the engine needs is not installed."""

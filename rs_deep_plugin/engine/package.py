@@ -1,0 +1,452 @@
+"""Model packages: one format for every task.
+
+A package is a folder (or a ``.zip`` of one) holding
+
+* ``model.json``: a STAC Item using the MLM extension (``mlm:*`` fields in
+  ``properties``) plus our ``rs_deep:*`` fields (builder, tile size, overlap,
+  ground sampling distance, task, weights checksum);
+* ``model.safetensors``: the weights. Never a pickle, never TorchScript.
+
+See docs/model_package.md for the full description.
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+
+from .architectures import validate_builder
+from .errors import MissingDependency, ModelPackageError
+
+FORMAT_VERSION = 1
+MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
+CLASSIFICATION_SCHEMA = "https://stac-extensions.github.io/classification/v2.0.0/schema.json"
+WEIGHTS_NAME = "model.safetensors"
+METADATA_NAME = "model.json"
+
+#: our task names -> MLM task names
+TASKS = {
+    "segmentation": "semantic-segmentation",
+    "detection": "object-detection",
+    "change": "segmentation",
+    "patch_classification": "scene-classification",
+}
+ACTIVATIONS = ("softmax", "sigmoid")
+SCALING_TYPES = ("min-max", "z-score", "clip", "clip-min", "clip-max", "offset", "scale")
+MAX_JSON_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 4 << 30
+
+
+@dataclass
+class ModelClass:
+    value: int
+    name: str
+    color: str  # RRGGBB
+
+    @property
+    def rgb(self):
+        return tuple(int(self.color[i:i + 2], 16) for i in (0, 2, 4))
+
+
+@dataclass
+class ModelPackage:
+    """A validated model package. ``weights`` are loaded lazily by :meth:`load_model`."""
+
+    source: str
+    name: str
+    task: str
+    bands: list
+    value_scaling: list  # one dict per input band
+    classes: list  # list[ModelClass]
+    tile_size: int
+    overlap: int
+    gsd: float  # metres per pixel, or None when the model does not care
+    builder: dict
+    activation: str
+    weights_sha256: str
+    description: str = ""
+    metadata: dict = field(default_factory=dict, repr=False)
+    _weights_bytes: bytes = field(default=None, repr=False)
+
+    @property
+    def in_channels(self):
+        return len(self.bands)
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def class_names(self):
+        return {c.value: c.name for c in self.classes}
+
+    def load_model(self):
+        """Build the allow-listed network and load the weights (safetensors only)."""
+        from .architectures import build_model
+        try:
+            from safetensors.torch import load as load_safetensors
+        except ImportError as exc:  # pragma: no cover
+            raise MissingDependency(f"safetensors is not installed ({exc}); run 'make setup'") from exc
+        model = build_model(self.builder)
+        try:
+            state = load_safetensors(self._weights_bytes)
+        except Exception as exc:
+            raise ModelPackageError(
+                f"{self.source}: {WEIGHTS_NAME} is not a valid safetensors file ({exc}). "
+                "Re-export the weights with safetensors.torch.save_file; pickled checkpoints "
+                "(.pt/.pth/.ckpt) are never loaded.") from exc
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {k}: "
+                             f"{tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} expected)")
+            raise ModelPackageError(
+                f"{self.source}: the weights do not match the network described in rs_deep:builder "
+                f"({self.builder['architecture']}/{self.builder['encoder']}, in_channels="
+                f"{self.builder['in_channels']}, classes={self.builder['classes']}): " + "; ".join(parts))
+        # weights may be stored in half precision to keep packages small
+        state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        return model
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_package_files(path):
+    """Return (metadata bytes, weights bytes) from a folder or zip."""
+    if path is None or str(path).strip() == "":
+        raise ModelPackageError("No model package given: pass a folder or .zip containing model.json "
+                                "and model.safetensors")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelPackageError(f"Model package not found: {path}. Give the folder (or .zip) that holds "
+                                f"{METADATA_NAME} and {WEIGHTS_NAME}")
+    if os.path.isfile(path) and os.path.basename(path) == METADATA_NAME:
+        path = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        meta_path = os.path.join(path, METADATA_NAME)
+        weights_path = os.path.join(path, WEIGHTS_NAME)
+        for p in (meta_path, weights_path):
+            if not os.path.isfile(p):
+                raise ModelPackageError(f"{path}: {os.path.basename(p)} is missing; a model package folder "
+                                        f"holds {METADATA_NAME} and {WEIGHTS_NAME}")
+        if os.path.getsize(meta_path) > MAX_JSON_BYTES:
+            raise ModelPackageError(f"{meta_path}: larger than 1 MiB; this is not a model.json")
+        if os.path.getsize(weights_path) > MAX_WEIGHTS_BYTES:
+            raise ModelPackageError(f"{weights_path}: larger than 4 GiB; not supported")
+        with open(meta_path, "rb") as f:
+            meta = f.read()
+        with open(weights_path, "rb") as f:
+            weights = f.read()
+        return meta, weights
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            infos = {os.path.basename(i.filename): i for i in zf.infolist() if not i.is_dir()}
+            for name in (METADATA_NAME, WEIGHTS_NAME):
+                if name not in infos:
+                    raise ModelPackageError(f"{path}: the zip has no {name}; a model package holds "
+                                            f"{METADATA_NAME} and {WEIGHTS_NAME}")
+            if infos[METADATA_NAME].file_size > MAX_JSON_BYTES or infos[WEIGHTS_NAME].file_size > MAX_WEIGHTS_BYTES:
+                raise ModelPackageError(f"{path}: members are too large to be a model package")
+            return zf.read(infos[METADATA_NAME]), zf.read(infos[WEIGHTS_NAME])
+    raise ModelPackageError(f"{path}: not a model package (expected a folder or .zip with {METADATA_NAME} "
+                            f"and {WEIGHTS_NAME})")
+
+
+def _req(obj, key, where, kind=None):
+    if not isinstance(obj, dict) or key not in obj:
+        raise ModelPackageError(f"model.json: {where}.{key} is missing")
+    value = obj[key]
+    if kind is not None and not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise ModelPackageError(f"model.json: {where}.{key}: expected "
+                                f"{' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def _parse_scaling(scaling, n_bands, where):
+    if scaling is None or scaling == []:
+        return [None] * n_bands
+    if isinstance(scaling, dict):
+        scaling = [scaling]
+    if not isinstance(scaling, list):
+        raise ModelPackageError(f"model.json: {where}: expected a list of value scaling objects")
+    if len(scaling) == 1 and n_bands > 1:
+        scaling = scaling * n_bands
+    if len(scaling) != n_bands:
+        raise ModelPackageError(f"model.json: {where}: {len(scaling)} entries for {n_bands} bands; give one "
+                                "entry (used for every band) or one per band")
+    out = []
+    for i, s in enumerate(scaling):
+        w = f"{where}[{i}]"
+        if s is None:
+            out.append(None)
+            continue
+        t = _req(s, "type", w, str)
+        if t not in SCALING_TYPES:
+            raise ModelPackageError(f"model.json: {w}.type: {t!r} unsupported; use one of {', '.join(SCALING_TYPES)}")
+        need = {"min-max": ("minimum", "maximum"), "z-score": ("mean", "stddev"),
+                "clip": ("minimum", "maximum"), "clip-min": ("minimum",), "clip-max": ("maximum",),
+                "offset": ("value",), "scale": ("value",)}[t]
+        for k in need:
+            v = _req(s, k, w, (int, float))
+            if isinstance(v, bool) or not math.isfinite(v):
+                raise ModelPackageError(f"model.json: {w}.{k}: expected a finite number, got {v!r}")
+        if t == "min-max" and s["maximum"] <= s["minimum"]:
+            raise ModelPackageError(f"model.json: {w}: maximum must be greater than minimum")
+        if t == "z-score" and s["stddev"] <= 0:
+            raise ModelPackageError(f"model.json: {w}.stddev: must be positive")
+        if t == "scale" and s["value"] == 0:
+            raise ModelPackageError(f"model.json: {w}.value: scale must not be 0")
+        out.append(dict(s))
+    return out
+
+
+def _parse_color(value, where):
+    if isinstance(value, str):
+        v = value.lstrip("#")
+        if len(v) == 6 and all(c in "0123456789abcdefABCDEF" for c in v):
+            return v.upper()
+    raise ModelPackageError(f"model.json: {where}: expected a colour as 'RRGGBB' hex, got {value!r}")
+
+
+DEFAULT_COLORS = ["000000", "E31A1C", "1F78B4", "33A02C", "FF7F00", "6A3D9A", "B15928", "A6CEE3",
+                  "B2DF8A", "FB9A99", "FDBF6F", "CAB2D6", "FFFF99"]
+
+
+def parse_metadata(meta, source="model.json"):
+    """Validate model.json (a dict) and return the pieces a ModelPackage needs."""
+    if not isinstance(meta, dict):
+        raise ModelPackageError(f"{source}: expected a JSON object (a STAC Item with mlm:* properties)")
+    props = meta.get("properties", meta)
+    if not isinstance(props, dict):
+        raise ModelPackageError("model.json: properties: expected an object")
+    version = props.get("rs_deep:format_version")
+    if version != FORMAT_VERSION:
+        raise ModelPackageError(f"model.json: properties.rs_deep:format_version: expected {FORMAT_VERSION}, "
+                                f"got {version!r}")
+    name = _req(props, "mlm:name", "properties", str)
+    _req(props, "mlm:architecture", "properties", str)
+    framework = _req(props, "mlm:framework", "properties", str)
+    if framework.lower() not in ("pytorch", "torch"):
+        raise ModelPackageError(f"model.json: properties.mlm:framework: expected 'pytorch', got {framework!r}")
+    tasks = _req(props, "mlm:tasks", "properties", list)
+    task = _req(props, "rs_deep:task", "properties", str)
+    if task not in TASKS:
+        raise ModelPackageError(f"model.json: properties.rs_deep:task: expected one of {', '.join(TASKS)}, "
+                                f"got {task!r}")
+    if TASKS[task] not in tasks:
+        raise ModelPackageError(f"model.json: properties.mlm:tasks: must include {TASKS[task]!r} for "
+                                f"rs_deep:task {task!r}, got {tasks}")
+    inputs = _req(props, "mlm:input", "properties", list)
+    if len(inputs) != 1:
+        raise ModelPackageError(f"model.json: properties.mlm:input: expected exactly one input, got {len(inputs)}")
+    inp = inputs[0]
+    bands_raw = _req(inp, "bands", "properties.mlm:input[0]", list)
+    if not bands_raw:
+        raise ModelPackageError("model.json: properties.mlm:input[0].bands: expected a non-empty list of band names")
+    bands = [b["name"] if isinstance(b, dict) and "name" in b else b for b in bands_raw]
+    if not all(isinstance(b, str) for b in bands):
+        raise ModelPackageError("model.json: properties.mlm:input[0].bands: expected names (strings) or "
+                                "objects with a name")
+    shape = _req(_req(inp, "input", "properties.mlm:input[0]", dict), "shape",
+                 "properties.mlm:input[0].input", list)
+    if len(shape) != 4 or shape[1] != len(bands):
+        raise ModelPackageError(f"model.json: properties.mlm:input[0].input.shape: expected "
+                                f"[-1, {len(bands)}, height, width] (batch, channel, height, width), got {shape}")
+    scaling = _parse_scaling(inp.get("value_scaling"), len(bands), "properties.mlm:input[0].value_scaling")
+    outputs = _req(props, "mlm:output", "properties", list)
+    if not outputs:
+        raise ModelPackageError("model.json: properties.mlm:output: expected at least one output")
+    out0 = outputs[0]
+    raw_classes = _req(out0, "classification:classes", "properties.mlm:output[0]", list)
+    if not raw_classes:
+        raise ModelPackageError("model.json: properties.mlm:output[0].classification:classes: expected a list "
+                                "of {value, name, color_hint}")
+    classes = []
+    for i, c in enumerate(raw_classes):
+        w = f"properties.mlm:output[0].classification:classes[{i}]"
+        value = _req(c, "value", w, int)
+        if value != i:
+            raise ModelPackageError(f"model.json: {w}.value: classes must be numbered 0, 1, 2... in order; "
+                                    f"expected {i}, got {value}")
+        cname = _req(c, "name", w, str)
+        color = _parse_color(c.get("color_hint", DEFAULT_COLORS[i % len(DEFAULT_COLORS)]), w + ".color_hint")
+        classes.append(ModelClass(value, cname, color))
+    if len(classes) > 254:
+        raise ModelPackageError("model.json: at most 254 classes are supported (the class raster is Byte, "
+                                "255 is nodata)")
+    builder = validate_builder(_req(props, "rs_deep:builder", "properties", dict),
+                               "model.json: properties.rs_deep:builder")
+    if builder["in_channels"] != len(bands):
+        raise ModelPackageError(f"model.json: properties.rs_deep:builder.in_channels is {builder['in_channels']} "
+                                f"but mlm:input[0].bands lists {len(bands)} bands")
+    activation = props.get("rs_deep:activation", "softmax")
+    if activation not in ACTIVATIONS:
+        raise ModelPackageError(f"model.json: properties.rs_deep:activation: expected one of "
+                                f"{', '.join(ACTIVATIONS)}, got {activation!r}")
+    n_out = builder["classes"]
+    if task in ("segmentation", "change"):
+        ok = n_out == len(classes) or (activation == "sigmoid" and n_out == 1 and len(classes) == 2)
+        if not ok:
+            raise ModelPackageError(f"model.json: properties.rs_deep:builder.classes is {n_out} but "
+                                    f"classification:classes lists {len(classes)} classes")
+    tile = _req(props, "rs_deep:tile_size", "properties", int)
+    if tile < 32 or tile % 32:
+        raise ModelPackageError(f"model.json: properties.rs_deep:tile_size: expected a multiple of 32, at least "
+                                f"32, got {tile}")
+    overlap = _req(props, "rs_deep:overlap", "properties", int)
+    if overlap < 0 or overlap * 2 >= tile:
+        raise ModelPackageError(f"model.json: properties.rs_deep:overlap: expected 0 <= overlap < tile_size/2 "
+                                f"({tile // 2}), got {overlap}")
+    gsd = props.get("rs_deep:gsd")
+    if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float)) or not gsd > 0):
+        raise ModelPackageError(f"model.json: properties.rs_deep:gsd: expected metres per pixel (> 0) or null, "
+                                f"got {gsd!r}")
+    sha = _req(props, "rs_deep:weights_sha256", "properties", str)
+    if len(sha) != 64:
+        raise ModelPackageError("model.json: properties.rs_deep:weights_sha256: expected a 64-character "
+                                "SHA-256 hex digest of model.safetensors")
+    return dict(name=name, task=task, bands=bands, value_scaling=scaling, classes=classes, tile_size=tile,
+                overlap=overlap, gsd=float(gsd) if gsd is not None else None, builder=builder,
+                activation=activation, weights_sha256=sha.lower(),
+                description=str(props.get("description", meta.get("description", ""))))
+
+
+def load_package(path, task=None):
+    """Read and validate a package folder or zip. ``task`` checks it is the right kind of model."""
+    meta_bytes, weights = _read_package_files(path)
+    try:
+        meta = json.loads(meta_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"{path}: model.json is not valid JSON ({exc})") from exc
+    fields = parse_metadata(meta)
+    actual = _sha256(weights)
+    if actual != fields["weights_sha256"]:
+        raise ModelPackageError(
+            f"{path}: model.safetensors does not match its checksum (rs_deep:weights_sha256 is "
+            f"{fields['weights_sha256'][:12]}..., the file hashes to {actual[:12]}...). The weights were "
+            "changed or corrupted; re-export the package.")
+    if task is not None and fields["task"] != task:
+        raise ModelPackageError(f"{path}: this is a {fields['task']} model; this tool needs a {task} model")
+    return ModelPackage(source=os.fspath(path), metadata=meta, _weights_bytes=weights, **fields)
+
+
+def build_metadata(*, name, task, bands, classes, builder, tile_size, overlap, gsd, value_scaling,
+                   weights_sha256, activation="softmax", description="", extra=None):
+    """The model.json dict for a package (inverse of :func:`parse_metadata`)."""
+    n = len(bands)
+    props = {
+        "datetime": None,
+        "description": description,
+        "mlm:name": name,
+        "mlm:architecture": builder["architecture"],
+        "mlm:tasks": [TASKS[task]],
+        "mlm:framework": "pytorch",
+        "mlm:framework_version": _torch_version(),
+        "mlm:pretrained": False,
+        "mlm:input": [{
+            "name": "image",
+            "bands": list(bands),
+            "input": {"shape": [-1, n, tile_size, tile_size],
+                      "dim_order": ["batch", "channel", "height", "width"], "data_type": "float32"},
+            "value_scaling": value_scaling,
+            "resize_type": None,
+            "pre_processing_function": None,
+        }],
+        "mlm:output": [{
+            "name": "classes",
+            "tasks": [TASKS[task]],
+            "result": {"shape": [-1, builder["classes"], tile_size, tile_size],
+                       "dim_order": ["batch", "channel", "height", "width"], "data_type": "float32"},
+            "classification:classes": [
+                {"value": c.value, "name": c.name, "color_hint": c.color} if isinstance(c, ModelClass) else c
+                for c in classes],
+            "post_processing_function": None,
+        }],
+        "rs_deep:format_version": FORMAT_VERSION,
+        "rs_deep:task": task,
+        "rs_deep:builder": dict(builder, encoder_weights=None),
+        "rs_deep:activation": activation,
+        "rs_deep:tile_size": tile_size,
+        "rs_deep:overlap": overlap,
+        "rs_deep:gsd": gsd,
+        "rs_deep:weights_sha256": weights_sha256,
+    }
+    if extra:
+        props.update(extra)
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [MLM_SCHEMA, CLASSIFICATION_SCHEMA],
+        "id": name,
+        "geometry": None,
+        "properties": props,
+        "links": [],
+        "assets": {
+            "weights": {"href": WEIGHTS_NAME, "type": "application/octet-stream; application=safetensors",
+                        "roles": ["mlm:model", "mlm:weights"], "title": "PyTorch weights (safetensors)"},
+        },
+    }
+
+
+def _torch_version():
+    try:
+        import torch
+        return torch.__version__.split("+")[0]
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def save_package(model, out_dir, weights_dtype=None, **metadata):
+    """Write ``model`` (an nn.Module built by the builder) as a package folder, atomically.
+
+    ``weights_dtype="float16"`` stores floating-point tensors in half precision (half the size);
+    they are cast back to the network's dtype when loaded.
+    """
+    import torch
+    from safetensors.torch import save as save_safetensors
+    cast = {None: None, "float32": torch.float32, "float16": torch.float16}[weights_dtype]
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if cast is not None and v.is_floating_point():
+            v = v.to(cast)
+        state[k] = v.contiguous()
+    weights = save_safetensors(state)
+    meta = build_metadata(weights_sha256=_sha256(weights), **metadata)
+    parse_metadata(meta)  # never write a package we could not read back
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, data in ((WEIGHTS_NAME, weights), (METADATA_NAME, (json.dumps(meta, indent=2) + "\n").encode())):
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(out_dir, name))
+    return out_dir
+
+
+def package_summary(pkg):
+    """A short human-readable model card (used in logs and the dock)."""
+    classes = ", ".join(c.name for c in pkg.classes)
+    gsd = f"{pkg.gsd:g} m" if pkg.gsd else "any"
+    return (f"{pkg.name} ({pkg.task}; {pkg.builder['architecture']}/{pkg.builder['encoder']}; "
+            f"bands: {', '.join(pkg.bands)}; GSD {gsd}; tile {pkg.tile_size} px, overlap {pkg.overlap}; "
+            f"classes: {classes})")
+
+
+__all__ = ["ModelPackage", "ModelClass", "load_package", "save_package", "build_metadata", "parse_metadata",
+           "package_summary", "FORMAT_VERSION"]

@@ -1,0 +1,209 @@
+"""Reading rasters for the models: windows, band choice, value scaling, GSD matching, nodata."""
+import math
+import warnings
+
+import numpy as np
+
+from .errors import InputError, MissingDependency
+
+GSD_TOLERANCE = 0.10  # resample only when the raster's GSD differs from the model's by more than 10 %
+
+
+def _rasterio():
+    try:
+        import rasterio
+    except ImportError as exc:
+        raise MissingDependency(f"rasterio is not installed ({exc}); run 'make setup'") from exc
+    return rasterio
+
+
+def pixel_size_metres(crs, transform, width, height):
+    """Ground sampling distance in metres (mean of x and y), or None without a CRS."""
+    if crs is None:
+        return None
+    px = math.hypot(transform.a, transform.d)
+    py = math.hypot(transform.b, transform.e)
+    res = (px + py) / 2.0
+    if crs.is_geographic:
+        cx, cy = transform * (width / 2.0, height / 2.0)
+        lat = max(-89.0, min(89.0, cy))
+        return res * 111_320.0 * math.sqrt(abs(math.cos(math.radians(lat))))  # geometric mean of x and y
+    try:
+        factor = crs.linear_units_factor[1]
+    except Exception:  # unknown units: assume metres
+        factor = 1.0
+    return res * factor
+
+
+def area_factor_m2(crs, transform, width, height):
+    """Square metres per square map unit (approximate for geographic CRS)."""
+    if crs is None:
+        return 1.0
+    if crs.is_geographic:
+        cx, cy = transform * (width / 2.0, height / 2.0)
+        return 111_320.0 * math.cos(math.radians(max(-89.0, min(89.0, cy)))) * 110_574.0
+    try:
+        f = crs.linear_units_factor[1]
+    except Exception:
+        f = 1.0
+    return f * f
+
+
+def apply_scaling(data, scaling):
+    """Apply MLM value scaling (one dict per band, or None) to float32 data [C, H, W] in place."""
+    for i, s in enumerate(scaling):
+        if s is None:
+            continue
+        band = data[i]
+        t = s["type"]
+        if t == "min-max":
+            lo, hi = float(s["minimum"]), float(s["maximum"])
+            band -= lo
+            band *= 1.0 / (hi - lo)
+        elif t == "z-score":
+            band -= float(s["mean"])
+            band *= 1.0 / float(s["stddev"])
+        elif t == "clip":
+            np.clip(band, float(s["minimum"]), float(s["maximum"]), out=band)
+        elif t == "clip-min":
+            np.maximum(band, float(s["minimum"]), out=band)
+        elif t == "clip-max":
+            np.minimum(band, float(s["maximum"]), out=band)
+        elif t == "offset":
+            band -= float(s["value"])
+        elif t == "scale":
+            band *= 1.0 / float(s["value"])
+    return data
+
+
+def resolve_bands(count, colorinterp, requested, package):
+    """1-based raster band numbers to feed the model, or a clear InputError."""
+    need = package.in_channels
+    names = ", ".join(package.bands)
+    if requested:
+        bands = [int(b) for b in requested]
+        bad = [b for b in bands if b < 1 or b > count]
+        if bad:
+            raise InputError(f"BANDS {bad} do not exist: the raster has {count} band(s) (numbered 1..{count})")
+        if len(bands) != need:
+            raise InputError(f"The model '{package.name}' takes {need} band(s) ({names}); BANDS lists "
+                             f"{len(bands)}. Give exactly {need} band number(s), in that order.")
+        return bands
+    if count == need:
+        return list(range(1, need + 1))
+    alpha = [i + 1 for i, ci in enumerate(colorinterp) if getattr(ci, "name", str(ci)) == "alpha"]
+    if alpha and count - len(alpha) == need:
+        return [b for b in range(1, count + 1) if b not in alpha]
+    example = ",".join(str(i) for i in range(1, need + 1))
+    raise InputError(f"The model '{package.name}' takes {need} band(s) ({names}) but the raster has {count}. "
+                     f"Choose {need} of its bands with BANDS (for example BANDS={example}), or use a model "
+                     f"made for {count}-band imagery.")
+
+
+class RasterReader:
+    """Reads model-ready tiles from one raster. Not thread-safe: one reader per thread."""
+
+    def __init__(self, path, package, bands=None, match_gsd=True):
+        rasterio = _rasterio()
+        self.rasterio = rasterio
+        try:
+            self.ds = rasterio.open(path)
+        except Exception as exc:
+            raise InputError(f"Cannot open the input raster {path}: {exc}") from exc
+        ds = self.ds
+        self.path = path
+        self.width, self.height = ds.width, ds.height
+        self.transform, self.crs = ds.transform, ds.crs
+        self.bands = resolve_bands(ds.count, ds.colorinterp, bands, package)
+        self.scaling = package.value_scaling
+        self.gsd = pixel_size_metres(self.crs, self.transform, self.width, self.height)
+        self.model_gsd = package.gsd
+        self.scale = 1.0  # model pixel size in native pixels
+        if match_gsd and self.gsd and package.gsd:
+            ratio = package.gsd / self.gsd
+            if abs(ratio - 1.0) > GSD_TOLERANCE:
+                self.scale = ratio
+        self.tile = package.tile_size
+        self.native_tile = max(1, int(round(package.tile_size * self.scale)))
+        self.native_overlap = int(round(package.overlap * self.scale))
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        self.has_mask = not all(
+            len(f) == 1 and f[0].name == "all_valid" for f in flags)
+        self.nodata = ds.nodata
+
+    def close(self):
+        self.ds.close()
+
+    def window_transform(self, x, y):
+        from rasterio.windows import Window
+        return self.ds.window_transform(Window(x, y, self.native_tile, self.native_tile))
+
+    def read_tile(self, x, y):
+        """Native window (x, y, native_tile^2) -> (scaled float32 [C, T, T], valid bool [T, T]).
+
+        Parts outside the raster are filled by mirroring the image (better context than zeros)
+        and marked invalid.
+        """
+        from rasterio.enums import Resampling
+        from rasterio.windows import Window
+        n, t = self.native_tile, self.tile
+        c = len(self.bands)
+        ix0, iy0 = max(x, 0), max(y, 0)
+        ix1, iy1 = min(x + n, self.width), min(y + n, self.height)
+        data = np.zeros((c, t, t), dtype=np.float32)
+        valid = np.zeros((t, t), dtype=bool)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return data, valid
+        f = t / n
+        ox0, oy0 = int(round((ix0 - x) * f)), int(round((iy0 - y) * f))
+        ox1, oy1 = max(ox0 + 1, int(round((ix1 - x) * f))), max(oy0 + 1, int(round((iy1 - y) * f)))
+        win = Window(ix0, iy0, ix1 - ix0, iy1 - iy0)
+        shape = (oy1 - oy0, ox1 - ox0)
+        resampling = Resampling.nearest if n == t else (Resampling.average if n > t else Resampling.bilinear)
+        arr = self.ds.read(self.bands, window=win, out_shape=(c,) + shape, resampling=resampling,
+                           out_dtype="float32")
+        if self.has_mask:
+            m = self.ds.read_masks(self.bands, window=win, out_shape=(c,) + shape,
+                                   resampling=Resampling.nearest)
+            v = np.any(m > 0, axis=0)  # nodata only where every band is nodata: a dark band is data
+        else:
+            v = np.ones(shape, dtype=bool)
+        apply_scaling(arr, self.scaling)
+        if not v.all():
+            arr[:, ~v] = 0.0
+        if shape != (t, t):
+            pad = ((0, 0), (oy0, t - oy1), (ox0, t - ox1))
+            mode = "reflect" if min(shape) > 1 else "edge"
+            try:
+                arr = np.pad(arr, pad, mode=mode)
+            except ValueError:
+                arr = np.pad(arr, pad, mode="edge")
+            data[:] = arr
+            valid[oy0:oy1, ox0:ox1] = v
+        else:
+            data, valid = arr, v
+        return data, valid
+
+
+def region_window(width, height, transform, bounds=None):
+    """Pixel region (x0, y0, x1, y1) of the raster to process, from map bounds or the whole raster."""
+    if bounds is None:
+        return 0, 0, width, height
+    from rasterio.windows import from_bounds
+    xmin, ymin, xmax, ymax = bounds
+    if not (xmax > xmin and ymax > ymin):
+        raise InputError(f"EXTENT {bounds} is empty; draw or choose an extent with a width and a height")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = from_bounds(xmin, ymin, xmax, ymax, transform=transform)
+    x0 = max(0, int(math.floor(w.col_off + 1e-6)))
+    y0 = max(0, int(math.floor(w.row_off + 1e-6)))
+    x1 = min(width, int(math.ceil(w.col_off + w.width - 1e-6)))
+    y1 = min(height, int(math.ceil(w.row_off + w.height - 1e-6)))
+    if x1 <= x0 or y1 <= y0:
+        left, top = transform * (0, 0)
+        right, bottom = transform * (width, height)
+        raise InputError(f"EXTENT ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) does not overlap the raster "
+                         f"({min(left, right):g}, {min(top, bottom):g}, {max(left, right):g}, "
+                         f"{max(top, bottom):g}); choose an extent inside the layer, in the layer's CRS")
+    return x0, y0, x1, y1

@@ -1,0 +1,345 @@
+"""Semantic segmentation of a raster of any size with a model package.
+
+The work is split so that it can be distributed later without changing the algorithms:
+
+* :func:`read_tiles` is a pure function of a batch of windows (read, scale, mask), and the
+  model runner a pure function of the batch (tiles -> probabilities);
+* a :class:`StripBlender` sums the weighted tiles of one column band and hands finished
+  rows to the writer;
+* one writer streams the finished blocks to tiled GeoTIFFs.
+
+Memory is bounded by tile size x batch size x band width (``max_band_width`` columns,
+8192 by default), whatever the size of the raster.
+"""
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .device import ModelRunner, default_batch_size, device_description, select_device
+from .errors import InputError
+from .package import ModelPackage, load_package
+from .progress import Progress
+from .raster import RasterReader, area_factor_m2, region_window
+from .tiling import TileGrid, blend_weights, column_bands
+from .writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
+                     colormap_for)
+
+
+@dataclass
+class SegmentationResult:
+    output: str
+    probabilities: str = None
+    confidence: str = None
+    width: int = 0
+    height: int = 0
+    crs: object = None
+    transform: object = None
+    class_pixels: dict = field(default_factory=dict)  # class value -> pixel count
+    pixel_area_m2: float = 0.0
+    tiles: int = 0
+    tiles_run: int = 0
+    device: str = ""
+    seconds: float = 0.0
+    gsd_scale: float = 1.0
+    warnings: list = field(default_factory=list)
+
+    def class_areas_m2(self):
+        return {k: v * self.pixel_area_m2 for k, v in self.class_pixels.items()}
+
+
+def resolve_options(package, tile_size=None, overlap=None):
+    tile = int(tile_size) if tile_size else package.tile_size
+    if tile < 32 or tile % 32:
+        raise InputError(f"TILE_SIZE must be a multiple of 32 (the network halves the image 5 times); got {tile}")
+    ov = package.overlap if overlap is None or overlap < 0 else int(overlap)
+    if ov * 2 >= tile:
+        raise InputError(f"OVERLAP must be less than half of TILE_SIZE ({tile // 2}); got {ov}")
+    return tile, ov
+
+
+def _mask_index(mask_geometries):
+    if not mask_geometries:
+        return None
+    from shapely import STRtree
+    geoms = [g for g in mask_geometries if g is not None and not g.is_empty]
+    if not geoms:
+        raise InputError("MASK has no polygons; give a polygon layer with at least one feature, or no MASK")
+    return geoms, STRtree(geoms)
+
+
+def read_tiles(reader, tiles, mask):
+    """Pure read step: tiles [(x, y)] -> (data [B, C, T, T] of the tiles with valid pixels, or None;
+    [(x, y, valid)] for every tile)."""
+    from rasterio.features import geometry_mask
+    from shapely.geometry import box
+    arrays, metas = [], []
+    n = reader.native_tile
+    for x, y in tiles:
+        data, valid = reader.read_tile(x, y)
+        if mask is not None and valid.any():
+            geoms, tree = mask
+            t = reader.window_transform(x, y)
+            x0, y0 = t * (0, 0)
+            x1, y1 = t * (n, n)
+            hits = [geoms[i] for i in tree.query(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))]
+            if hits:
+                tt = t * t.scale(n / reader.tile)  # mask at model resolution
+                inside = geometry_mask(hits, out_shape=valid.shape, transform=tt, invert=True)
+                valid &= inside
+            else:
+                valid[:] = False
+        metas.append((x, y, valid))
+        if valid.any():
+            arrays.append(data)
+    batch = np.stack(arrays) if arrays else None
+    return batch, metas
+
+
+class StripBlender:
+    """Accumulates weighted probabilities for one column band; emits finished rows."""
+
+    def __init__(self, ax0, ax1, bx0, bx1, y_start, y_end, tile, classes):
+        self.ax0, self.bx0, self.bx1 = ax0, bx0, bx1
+        self.base = y_start
+        self.y_end = y_end
+        self.h = 2 * tile
+        self.k = classes
+        self.acc = np.zeros((classes, self.h, ax1 - ax0), dtype=np.float32)
+        self.wsum = np.zeros((self.h, ax1 - ax0), dtype=np.float32)
+
+    def add(self, x, y, probs, weight):
+        """probs [K, n, n] at native resolution, weight [n, n] (already zero where invalid)."""
+        r0, c0 = y - self.base, x - self.ax0
+        n = weight.shape[0]
+        self.acc[:, r0:r0 + n, c0:c0 + n] += probs * weight
+        self.wsum[r0:r0 + n, c0:c0 + n] += weight
+
+    def finish(self, upto):
+        """Rows [base, upto) are final: returns (y0, probs [K,h,w] or None, wsum [h,w]) and shifts."""
+        upto = min(upto, self.y_end)
+        rows = upto - self.base
+        if rows <= 0:
+            return None
+        c0, c1 = self.bx0 - self.ax0, self.bx1 - self.ax0
+        probs = self.acc[:, :rows, c0:c1].copy()
+        wsum = self.wsum[:rows, c0:c1].copy()
+        keep = self.h - rows
+        self.acc[:, :keep] = self.acc[:, rows:]
+        self.acc[:, keep:] = 0
+        self.wsum[:keep] = self.wsum[rows:]
+        self.wsum[keep:] = 0
+        y0 = self.base
+        self.base = upto
+        return y0, probs, wsum
+
+
+def _plan(grid, bands_cols):
+    """Sequence of tiles with markers: [(band_index, x, y, end_of_row)]."""
+    seq = []
+    for b, (bx0, bx1) in enumerate(bands_cols):
+        xs = grid.columns_for(bx0, bx1)
+        for y in grid.ys:
+            for i, x in enumerate(xs):
+                seq.append((b, x, y, i == len(xs) - 1))
+    return seq
+
+
+def segment(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None,
+            probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
+            batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
+            max_band_width=8192, log=None):
+    """Segment ``input_path`` with ``package`` into the class raster ``output``.
+
+    Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
+    Byte raster of the winning class's probability x 255, 0 where nodata or a ``skip_classes``
+    class, used by :mod:`vectorize`. Returns a :class:`SegmentationResult`.
+    """
+    t_start = time.time()
+    prog = Progress(progress, is_cancelled)
+    log = log or (lambda msg: None)
+    pkg = package if isinstance(package, ModelPackage) else load_package(package)
+    if pkg.task != "segmentation":
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; segmentation needs a segmentation model")
+    outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
+    finals = {}
+    in_abs = os.path.abspath(os.fspath(input_path)) if os.path.exists(os.fspath(input_path)) else None
+    for key, path in outs.items():
+        if path:
+            finals[key] = check_writable(path, key.upper())
+            if in_abs and finals[key] == in_abs:
+                raise InputError(f"{key.upper()} is the input raster; choose another file name (inputs are "
+                                 "never modified)")
+    tile, ov = resolve_options(pkg, tile_size, overlap)
+    pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
+    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    result = SegmentationResult(output=finals["output"])
+    atomic = {}
+    writers = {}
+    bg = None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs_deep-reader")
+    try:
+        if reader.crs is None:
+            result.warnings.append("The input raster has no CRS: outputs get its pixel grid but no CRS, and "
+                                   "the model's GSD cannot be checked, so the raster is used at its own "
+                                   "resolution. Assign a CRS (Raster > Projections > Assign Projection) "
+                                   "for georeferenced results.")
+        elif reader.scale != 1.0:
+            result.warnings.append(f"The raster's pixels are {reader.gsd:.3g} m and the model expects "
+                                   f"{pkg.gsd:.3g} m: tiles are resampled to the model's GSD and the results "
+                                   "mapped back to the raster's grid.")
+        result.gsd_scale = reader.scale
+        for w in result.warnings:
+            log(w)
+        x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
+        from rasterio.windows import Window
+        out_transform = reader.ds.window_transform(Window(x0, y0, x1 - x0, y1 - y0))
+        width, height = x1 - x0, y1 - y0
+        result.width, result.height, result.crs, result.transform = width, height, reader.crs, out_transform
+        result.pixel_area_m2 = abs(out_transform.a * out_transform.e - out_transform.b * out_transform.d) * \
+            area_factor_m2(reader.crs, reader.transform, reader.width, reader.height)
+        mask = _mask_index(mask_geometries)
+        dev = select_device(device)
+        result.device = device_description(dev)
+        log(f"Device: {result.device}")
+        prog.message(f"Loading model {pkg.name} on {result.device}")
+        runner = ModelRunner(pkg.load_model(), dev, pkg.activation)
+        bs = int(batch_size) if batch_size else default_batch_size(dev)
+        if bs < 1:
+            raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        k = len(pkg.classes)
+        names = [c.name for c in pkg.classes]
+        skip = set(skip_classes or [])
+
+        for key, final in finals.items():
+            atomic[key] = AtomicFile(final)
+        writers["output"] = GeoTiffWriter(atomic["output"].tmp, width, height, 1, "uint8", out_transform,
+                                          reader.crs, CLASS_NODATA, colormap=colormap_for(pkg.classes),
+                                          category_names=names, band_descriptions=["class"],
+                                          overview_resampling="mode")
+        if "probabilities" in atomic:
+            writers["probabilities"] = GeoTiffWriter(atomic["probabilities"].tmp, width, height, k, "float32",
+                                                     out_transform, reader.crs, PROB_NODATA,
+                                                     band_descriptions=[f"p({n})" for n in names],
+                                                     overview_resampling="average")
+        if "confidence" in atomic:
+            writers["confidence"] = GeoTiffWriter(atomic["confidence"].tmp, width, height, 1, "uint8",
+                                                  out_transform, reader.crs, None)
+        bg = BackgroundWriter()
+        counts = np.zeros(k, dtype=np.int64)
+
+        n = reader.native_tile
+        grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
+        bands_cols = column_bands(x0, x1, max_band_width)
+        seq = _plan(grid, bands_cols)
+        result.tiles = len(seq)
+        weights = blend_weights(n, reader.native_overlap)
+        up_idx = None if n == reader.tile else np.minimum((np.arange(n) * reader.tile) // n, reader.tile - 1)
+        prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
+                     f"{reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s)")
+
+        def write_rows(y_row, probs, wsum, bx0):
+            valid = wsum > 0
+            np.divide(probs, wsum, out=probs, where=valid[None])
+            cls = np.argmax(probs, axis=0).astype(np.uint8)
+            cls[~valid] = CLASS_NODATA
+            counts[:] += np.bincount(cls.ravel(), minlength=256)[:k]
+            wx, wy = bx0 - x0, y_row - y0
+            bg.submit(writers["output"].write, cls, wx, wy)
+            if "probabilities" in writers:
+                probs[:, ~valid] = PROB_NODATA
+                bg.submit(writers["probabilities"].write, probs, wx, wy)
+            if "confidence" in writers:
+                conf = np.clip(np.rint(np.max(np.where(valid[None], probs, 0), axis=0) * 255), 1, 255)
+                conf = conf.astype(np.uint8)
+                conf[~valid] = 0
+                for c in skip:
+                    conf[cls == c] = 0
+                bg.submit(writers["confidence"].write, conf, wx, wy)
+
+        batches = [seq[i:i + bs] for i in range(0, len(seq), bs)]
+        blender = None
+        band_now = -1
+        done = 0
+        pending = pool.submit(read_tiles, reader, [(x, y) for _, x, y, _ in batches[0]], mask) if batches else None
+        for bi, batch in enumerate(batches):
+            prog.check()
+            data, metas = pending.result()
+            if bi + 1 < len(batches):
+                pending = pool.submit(read_tiles, reader, [(x, y) for _, x, y, _ in batches[bi + 1]], mask)
+            probs = runner(data) if data is not None else None
+            j = 0
+            for (b, x, y, end_row), (_, _, valid) in zip(batch, metas):
+                if b != band_now:
+                    if blender is not None:
+                        out = blender.finish(y1)
+                        if out:
+                            write_rows(out[0], out[1], out[2], blender.bx0)
+                    bx0, bx1 = bands_cols[b]
+                    xs = grid.columns_for(bx0, bx1)
+                    blender = StripBlender(xs[0], xs[-1] + n, bx0, bx1, y0, y1, n, k)
+                    band_now = b
+                if valid.any():
+                    p = probs[j]
+                    j += 1
+                    if up_idx is not None:
+                        p = _upsample(p, n)
+                        valid = valid[np.ix_(up_idx, up_idx)]
+                    blender.add(x, y, p, weights * valid)
+                    result.tiles_run += 1
+                if end_row:
+                    nxt = [yy for yy in grid.ys if yy > y]
+                    out = blender.finish(nxt[0] if nxt else y1)
+                    if out:
+                        write_rows(out[0], out[1], out[2], blender.bx0)
+                done += 1
+            prog.update(done / max(1, len(seq)) * 0.95, None)
+        if blender is not None:
+            out = blender.finish(y1)
+            if out:
+                write_rows(out[0], out[1], out[2], blender.bx0)
+        bg.close()
+        bg = None
+        prog.check()
+        prog.message("Writing overviews")
+        for key, w in writers.items():
+            w.close(overviews=(key != "confidence"))
+        prog.check()
+        for key, a in atomic.items():
+            a.commit()
+        result.class_pixels = {c.value: int(counts[c.value]) for c in pkg.classes}
+        result.probabilities = finals.get("probabilities")
+        result.confidence = finals.get("confidence")
+        result.seconds = time.time() - t_start
+        prog.update(1.0, None)
+        return result
+    except BaseException:
+        if bg is not None:
+            try:
+                bg.close()
+            except BaseException:
+                pass
+        for w in writers.values():
+            w.abort()
+        for a in atomic.values():
+            a.discard()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        reader.close()
+
+
+def _upsample(p, n):
+    """Bilinear resize of probabilities [K, t, t] to [K, n, n]."""
+    import torch
+    import torch.nn.functional as F
+    with torch.inference_mode():
+        t = torch.from_numpy(p)[None]
+        return F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False)[0].numpy()
+
+
+def _with_tiling(pkg, tile, overlap):
+    import dataclasses
+    return dataclasses.replace(pkg, tile_size=tile, overlap=overlap)

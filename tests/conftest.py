@@ -1,0 +1,84 @@
+"""Shared fixtures. The repo is imported as the package `rs_deep` through the dev link, exactly as
+QGIS imports the installed plugin."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_PLUGINS = ROOT / "build" / "dev-plugins"
+if not (DEV_PLUGINS / "rs_deep").exists():
+    DEV_PLUGINS.mkdir(parents=True, exist_ok=True)
+    os.symlink("../..", DEV_PLUGINS / "rs_deep")
+sys.path.insert(0, str(DEV_PLUGINS))
+sys.path.insert(0, str(ROOT / "tools"))
+
+DATA = ROOT.parent / "shared" / "data"
+DEMO_MODEL = ROOT / "resources" / "models" / "buildings_demo"
+SAMPLE = ROOT / "resources" / "sample" / "atlanta_pan.tif"
+LANDSAT = DATA / "landsat_smoke" / "RGB.byte.tif"
+
+
+def make_package(path, in_channels=3, classes=("background", "building"), tile=64, overlap=16, gsd=None,
+                 seed=0, scaling=None, bands=None):
+    """A small untrained U-Net package (real weights, real format) for engine and QGIS tests."""
+    import torch
+    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.package import ModelClass, save_package
+    torch.manual_seed(seed)
+    builder = dict(library="smp", architecture="Unet", encoder="resnet18", in_channels=in_channels,
+                   classes=len(classes), encoder_weights=None,
+                   params={"encoder_depth": 3, "decoder_channels": [32, 16, 8]})
+    model = build_model(builder)
+    colors = ["000000", "E31A1C", "1F78B4", "33A02C"]
+    save_package(model, path, name=Path(path).name, task="segmentation",
+                 bands=bands or [f"b{i + 1}" for i in range(in_channels)],
+                 classes=[ModelClass(i, n, colors[i % 4]) for i, n in enumerate(classes)], builder=builder,
+                 tile_size=tile, overlap=overlap, gsd=gsd,
+                 value_scaling=scaling or [{"type": "min-max", "minimum": 0, "maximum": 255}],
+                 description="test model")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def rgb_package(tmp_path_factory):
+    return make_package(tmp_path_factory.mktemp("pkg") / "rgb_test")
+
+
+@pytest.fixture(scope="session")
+def gray_package(tmp_path_factory):
+    return make_package(tmp_path_factory.mktemp("pkg") / "gray_test", in_channels=1,
+                        scaling=[{"type": "min-max", "minimum": 0, "maximum": 2047}])
+
+
+def write_raster(path, array, transform=None, crs="EPSG:32618", nodata=None, dtype=None):
+    import rasterio
+    from rasterio.transform import from_origin
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    profile = dict(driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
+                   dtype=dtype or array.dtype, transform=transform or from_origin(500000.123456789, 4100000.987654321,
+                                                                                 0.5, 0.5),
+                   nodata=nodata)
+    if crs:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(array.astype(profile["dtype"]))
+    return Path(path)
+
+
+@pytest.fixture
+def rgb_raster(tmp_path):
+    """A crop of the real Landsat sample (with its nodata border), 300 x 260 px."""
+    import rasterio
+    from rasterio.windows import Window
+    with rasterio.open(LANDSAT) as src:
+        win = Window(0, 0, 300, 260)
+        arr = src.read(window=win)
+        return write_raster(tmp_path / "rgb.tif", arr, transform=src.window_transform(win), crs=src.crs,
+                            nodata=0)

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from rs_deep.rs_deep_plugin.engine.segment import StripBlender
+from rs_deep.rs_deep_plugin.engine.tiling import TileGrid, blend_weights, column_bands, ramp_1d, tile_starts
+
+
+@pytest.mark.parametrize("length,tile,stride", [(1, 64, 48), (64, 64, 48), (65, 64, 48), (1000, 256, 192),
+                                                (8192, 512, 448), (300, 64, 1)])
+def test_tiles_cover_everything_and_stay_inside(length, tile, stride):
+    starts = tile_starts(length, tile, stride)
+    covered = np.zeros(length, dtype=bool)
+    for s in starts:
+        covered[s:s + tile] = True
+        if length >= tile:
+            assert 0 <= s and s + tile <= length
+    assert covered.all()
+    assert starts == sorted(set(starts))
+    gaps = np.diff(starts)
+    assert (gaps <= stride).all()
+
+
+def test_single_tile_for_tiny_rasters():
+    assert tile_starts(1, 512, 448) == [0]
+    assert tile_starts(511, 512, 448) == [0]
+
+
+def test_ramp_weights_are_symmetric_positive_and_flat_in_the_middle():
+    w = ramp_1d(64, 16)
+    assert w.shape == (64,)
+    assert np.allclose(w, w[::-1])
+    assert (w > 0).all() and w.max() == 1.0
+    assert np.all(w[16:48] == 1.0)
+    assert np.all(np.diff(w[:16]) > 0)
+    assert np.all(ramp_1d(32, 0) == 1.0)
+    assert blend_weights(64, 16).shape == (64, 64)
+
+
+def test_column_bands_are_aligned_and_partition_the_columns():
+    bands = column_bands(0, 20000, 8192)
+    assert bands[0][0] == 0 and bands[-1][1] == 20000
+    for (a, b), (c, _) in zip(bands, bands[1:]):
+        assert b == c and b % 256 == 0
+    assert all(b - a <= 8192 for a, b in bands)
+    assert column_bands(10, 300, 8192) == [(10, 300)]
+
+
+def test_blender_reproduces_a_smooth_field_without_seams():
+    """Every tile predicts the same per-pixel field: the blend must return it exactly (no seams)."""
+    h, w, tile, ov = 300, 420, 64, 16
+    yy, xx = np.mgrid[0:h + tile, 0:w + tile].astype(np.float32)
+    field = np.stack([np.sin(xx / 17.0) * 0.5 + 0.5, np.cos(yy / 23.0) * 0.5 + 0.5])
+    grid = TileGrid(0, 0, w, h, tile, ov)
+    weights = blend_weights(tile, ov)
+    out = np.full((2, h, w), np.nan, dtype=np.float32)
+    for bx0, bx1 in column_bands(0, w, 256):
+        xs = grid.columns_for(bx0, bx1)
+        bl = StripBlender(xs[0], xs[-1] + tile, bx0, bx1, 0, h, tile, 2)
+        for i, y in enumerate(grid.ys):
+            for x in xs:
+                bl.add(x, y, field[:, y:y + tile, x:x + tile], weights)
+            nxt = grid.ys[i + 1] if i + 1 < len(grid.ys) else h
+            fin = bl.finish(nxt)
+            if fin:
+                y0, probs, wsum = fin
+                assert (wsum > 0).all()
+                out[:, y0:y0 + probs.shape[1], bx0:bx1] = probs / wsum
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, field[:, :h, :w], atol=1e-5)
+
+
+def test_blender_averages_disagreeing_tiles_smoothly():
+    """Two tiles that disagree (0 vs 1) blend into a monotonic ramp across their overlap."""
+    tile, ov = 64, 32
+    bl = StripBlender(0, 96, 0, 96, 0, 64, tile, 1)
+    wts = blend_weights(tile, ov)
+    bl.add(0, 0, np.zeros((1, tile, tile), np.float32), wts)
+    bl.add(32, 0, np.ones((1, tile, tile), np.float32), wts)
+    y0, p, wsum = bl.finish(64)
+    row = (p / wsum)[0, 32]
+    assert row[0] == 0 and row[-1] == 1
+    assert np.all(np.diff(row) >= -1e-6)
+    assert np.max(np.diff(row)) < 0.1  # no jump: a seam would be a step of 1

@@ -1,0 +1,179 @@
+"""Training a segmentation model on the real Atlanta sample (tiny runs): package, report, inference, cancel."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
+from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.train import (IGNORE, confusion_matrix, metrics_from_confusion,
+                                                 read_vector_labels, train_segmentation)
+
+ATLANTA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "buildings_atlanta"
+IMAGE = ATLANTA / "image.tif"
+FOOTPRINTS = ATLANTA / "buildings.geojson"
+
+needs_data = pytest.mark.skipif(not (IMAGE.is_file() and FOOTPRINTS.is_file()),
+                                reason=f"training sample not found in {ATLANTA}")
+
+TINY = dict(class_names=["background", "building"], class_colors=["000000", "e31a1c"], band_names=["pan"],
+            tile_size=96, batch_size=2, steps_per_epoch=2, epochs=2, seed=0, num_threads=2,
+            package_tile_size=256, package_overlap=32, name="tiny_buildings")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    if not IMAGE.is_file():
+        pytest.skip(f"training sample not found in {ATLANTA}")
+    out = tmp_path_factory.mktemp("train") / "pkg"
+    labels = read_vector_labels(FOOTPRINTS, class_value=1)
+    messages = []
+    report = train_segmentation(IMAGE, labels, out, progress=lambda f, m: messages.append((f, m)), **TINY)
+    return out, report, messages
+
+
+@needs_data
+def test_read_vector_labels():
+    labels = read_vector_labels(FOOTPRINTS, class_value=1)
+    assert len(labels) == 32
+    assert all(g.geom_type in ("Polygon", "MultiPolygon") and v == 1 for g, v in labels)
+    with rasterio.open(IMAGE) as ds:
+        b = ds.bounds
+        same = read_vector_labels(FOOTPRINTS, class_value=2, dst_crs=ds.crs)  # already in the image CRS
+    assert [g.bounds for g, _ in same] == [g.bounds for g, _ in labels] and same[0][1] == 2
+    minx, miny, maxx, maxy = labels[0][0].bounds
+    assert b.left <= minx and maxx <= b.right and b.bottom <= miny and maxy <= b.top
+
+
+@needs_data
+def test_training_writes_a_loadable_package_with_data_scaling(trained):
+    out, report, messages = trained
+    pkg = load_package(out, task="segmentation")
+    assert [c.name for c in pkg.classes] == ["background", "building"]
+    assert [c.color for c in pkg.classes] == ["000000", "E31A1C"]
+    assert pkg.bands == ["pan"] and pkg.in_channels == 1
+    assert pkg.tile_size == 256 and pkg.overlap == 32
+    assert pkg.gsd == pytest.approx(0.5)
+    assert pkg.builder["architecture"] == "Unet" and pkg.builder["encoder"] == "mobilenet_v2"
+    (s,) = pkg.value_scaling
+    with rasterio.open(IMAGE) as ds:
+        arr = ds.read(1)
+    vals = arr[arr != 0]  # nodata 0
+    assert s["type"] == "min-max"
+    assert vals.min() <= s["minimum"] < s["maximum"] <= vals.max()
+    assert s["minimum"] == pytest.approx(np.percentile(vals, 1), rel=0.02)
+    assert s["maximum"] == pytest.approx(np.percentile(vals, 99), rel=0.02)
+    model = pkg.load_model()  # weights match the builder
+    assert sum(p.numel() for p in model.parameters()) > 1e6
+    # the progress callback heard about every epoch, with loss and IoU
+    epoch_msgs = [m for f, m in messages if m and m.startswith("Epoch")]
+    assert len(epoch_msgs) == 2 and "loss" in epoch_msgs[0] and "IoU" in epoch_msgs[0]
+    assert messages[-1][0] == pytest.approx(1.0)
+
+
+@needs_data
+def test_training_report(trained):
+    out, report, _ = trained
+    on_disk = json.loads((out / "training_report.json").read_text())
+    assert on_disk["epochs_run"] == report["epochs_run"] == 2
+    for key in ("train_loss", "val_iou", "val_loss"):
+        assert len(on_disk[key]) == 2, key
+        assert all(isinstance(v, float) for v in on_disk[key])
+    assert on_disk["best_epoch"] in (1, 2)
+    best = on_disk["best"]
+    for key in ("iou", "f1", "precision", "recall"):
+        assert 0.0 <= best[key] <= 1.0
+    assert best["classes"]["building"]["truth_pixels"] > 0  # the held-out strip has buildings
+    assert on_disk["seed"] == 0 and on_disk["seconds"] > 0
+    s = on_disk["samples"]
+    assert s["train_pixels"] + s["val_pixels"] == 600 * 900
+    assert s["val_pixels"] == 600 * 180  # bottom 20 % of the rows
+    assert s["crops_seen"] == 2 * 2 * 2
+    assert on_disk["validation"]["window"] == {"row_off": 720, "col_off": 0, "height": 180, "width": 600}
+    assert not on_disk["cancelled"]
+
+
+@needs_data
+def test_segment_runs_with_the_trained_package(trained, tmp_path):
+    out, _, _ = trained
+    result = segment(str(IMAGE), str(out), str(tmp_path / "classes.tif"))
+    with rasterio.open(IMAGE) as src, rasterio.open(tmp_path / "classes.tif") as ds:
+        assert (ds.width, ds.height) == (src.width, src.height)
+        assert ds.transform == src.transform and ds.crs == src.crs
+        cls = ds.read(1)
+    assert set(np.unique(cls)) <= {0, 1}
+    assert sum(result.class_pixels.values()) == 600 * 900
+
+
+@needs_data
+def test_cancel_after_the_first_epoch_keeps_the_best_model(tmp_path):
+    out = tmp_path / "cancelled"
+    state = {"epochs": 0}
+
+    def progress(fraction, message):
+        if message and message.startswith("Epoch"):
+            state["epochs"] += 1
+
+    with pytest.raises(Cancelled) as info:
+        train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS), out, progress=progress,
+                           is_cancelled=lambda: state["epochs"] >= 1, **dict(TINY, epochs=5))
+    assert "epoch" in str(info.value)
+    assert state["epochs"] == 1
+    pkg = load_package(out)  # the best model so far is on disk and loadable
+    pkg.load_model()
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["cancelled"] and report["epochs_run"] == 1 and report["best_epoch"] == 1
+
+
+@needs_data
+def test_cancel_before_any_epoch_writes_nothing(tmp_path):
+    out = tmp_path / "nothing"
+    with pytest.raises(Cancelled):
+        train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS), out, is_cancelled=lambda: True, **TINY)
+    assert not (out / "model.json").exists()
+
+
+@needs_data
+def test_label_raster_input_and_its_checks(tmp_path):
+    from rasterio.features import rasterize
+    with rasterio.open(IMAGE) as ds:
+        profile = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8",
+                       crs=ds.crs, transform=ds.transform)
+        lab = rasterize(read_vector_labels(FOOTPRINTS), out_shape=(ds.height, ds.width), transform=ds.transform)
+    lab[:50] = IGNORE  # not labelled: ignored by the loss
+    with rasterio.open(tmp_path / "labels.tif", "w", **profile) as dst:
+        dst.write(lab, 1)
+    report = train_segmentation(IMAGE, str(tmp_path / "labels.tif"), tmp_path / "pkg",
+                                **dict(TINY, epochs=1, steps_per_epoch=1))
+    assert report["samples"]["train_pixels"] == 600 * 720 - 600 * 50
+    assert load_package(tmp_path / "pkg").num_classes == 2
+
+    bad = lab.copy()
+    bad[100, 100] = 7
+    with rasterio.open(tmp_path / "bad.tif", "w", **profile) as dst:
+        dst.write(bad, 1)
+    with pytest.raises(InputError, match="class values"):
+        train_segmentation(IMAGE, str(tmp_path / "bad.tif"), tmp_path / "pkg2", **TINY)
+    small = dict(profile, width=300, height=300)
+    with rasterio.open(tmp_path / "small.tif", "w", **small) as dst:
+        dst.write(lab[:300, :300], 1)
+    with pytest.raises(InputError, match="pixel grid"):
+        train_segmentation(IMAGE, str(tmp_path / "small.tif"), tmp_path / "pkg3", **TINY)
+    with pytest.raises(InputError, match="overlap"):
+        from shapely.geometry import box
+        train_segmentation(IMAGE, [(box(0, 0, 10, 10), 1)], tmp_path / "pkg4", **TINY)
+
+
+def test_metrics_from_confusion():
+    truth = np.array([[0, 0, 1, 1], [0, 0, 1, IGNORE]], dtype=np.uint8)
+    pred = np.array([[0, 1, 1, 1], [0, 0, 0, 1]], dtype=np.uint8)
+    cm = confusion_matrix(pred, truth, 2)
+    assert cm.tolist() == [[3, 1], [1, 2]]
+    m = metrics_from_confusion(cm, ["background", "building"])
+    assert m["iou"] == pytest.approx(2 / 4)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["classes"]["background"]["iou"] == pytest.approx(3 / 5)

@@ -1,0 +1,160 @@
+"""make bench: segmentation throughput, efficiency, memory and vectorising speed on the CPU.
+
+Generates structured 8192 x 8192 and 2048 x 2048 RGB GeoTIFFs (in build/bench), runs the engine with a
+model of the demo's architecture (3 bands in, random weights) in a fresh process for each size, and
+prints one JSON line last:
+
+  mpix_per_s         input megapixels per second, end to end (8192^2)
+  efficiency         time of bare forward passes over the same tiles / end-to-end time
+  rss_ratio          peak RSS at 8192^2 / peak RSS at 2048^2 (memory bounded by tiles, not raster size)
+  vectorise_vs_gdal  our vectorising time / gdal_polygonize.py on the same class raster
+"""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
+OUT = os.path.join(ROOT, "build", "bench")
+DEMO = os.path.join(ROOT, "resources", "models", "buildings_demo")
+
+
+def make_raster(path, size, block=512):
+    """Roofs, roads and vegetation-like texture, written block row by block row (bounded memory)."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    if os.path.exists(path):
+        return path
+    rng = np.random.default_rng(size)
+    prof = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32616",
+                transform=from_origin(740000, 3740000, 0.5, 0.5), tiled=True, blockxsize=512, blockysize=512,
+                compress="deflate", BIGTIFF="IF_SAFER")
+    cell = 64
+    ncell = size // cell + 1
+    roofs = rng.random((ncell, ncell)) < 0.35
+    tone = rng.integers(90, 220, (ncell, ncell, 3))
+    with rasterio.open(path + ".tmp.tif", "w", **prof) as ds:
+        for r0 in range(0, size, block):
+            yy, xx = np.mgrid[r0:r0 + block, 0:size]
+            cy, cx = yy // cell, xx // cell
+            iy, ix = yy % cell, xx % cell
+            inside = roofs[cy, cx] & (iy > 8) & (iy < 56) & (ix > 8) & (ix < 56)
+            road = (iy < 6) | (ix < 6)
+            base = 60 + 40 * np.sin(xx / 37.0) * np.cos(yy / 53.0) + rng.normal(0, 12, xx.shape)
+            img = np.empty((3, block, size), np.float32)
+            for b in range(3):
+                band = base * (0.8 + 0.15 * b)
+                band = np.where(road, 150.0, band)
+                band = np.where(inside, tone[cy, cx, b], band)
+                img[b] = band
+            ds.write(np.clip(img, 0, 255).astype("uint8"), window=((r0, r0 + block), (0, size)))
+    os.replace(path + ".tmp.tif", path)
+    return path
+
+
+def bench_package():
+    """The demo's architecture and tiling, with 3 input bands and fixed random weights."""
+    path = os.path.join(OUT, "bench_model")
+    if os.path.exists(os.path.join(path, "model.json")):
+        return path
+    import torch
+    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.package import load_package, save_package
+    demo = load_package(DEMO)
+    builder = dict(demo.builder, in_channels=3)
+    torch.manual_seed(0)
+    save_package(build_model(builder), path, name="bench", task="segmentation", bands=["red", "green", "blue"],
+                 classes=demo.classes, builder=builder, tile_size=demo.tile_size, overlap=demo.overlap,
+                 gsd=0.5, value_scaling=[{"type": "min-max", "minimum": 0, "maximum": 255}])
+    return path
+
+
+def child(raster, out_prefix):
+    """One segmentation in this (fresh) process: prints a JSON dict."""
+    import numpy as np
+    import torch
+    from rs_deep.rs_deep_plugin.engine.package import load_package
+    from rs_deep.rs_deep_plugin.engine.segment import segment
+    from rs_deep.rs_deep_plugin.engine.device import ModelRunner, select_device
+    pkg = load_package(bench_package())
+    t0 = time.perf_counter()
+    res = segment(raster, pkg, out_prefix + "_classes.tif", confidence=out_prefix + "_conf.tif", skip_classes=[0],
+                  device="cpu")
+    e2e = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # bare forward passes over the same number of tiles, same batch size, same prepared model
+    runner = ModelRunner(pkg.load_model(), select_device("cpu"), pkg.activation)
+    bs = 2
+    x = torch.from_numpy(np.random.default_rng(0).random((bs, 3, pkg.tile_size, pkg.tile_size), np.float32))
+    x = x.contiguous(memory_format=runner.memory_format)
+    with torch.inference_mode():
+        runner.model(x)  # warm-up (also done by the engine's first batch)
+        t1 = time.perf_counter()
+        for _ in range((res.tiles_run + bs - 1) // bs):
+            runner.model(x)
+        fwd = time.perf_counter() - t1
+    print(json.dumps({"seconds": e2e, "forward_seconds": fwd, "peak_rss": rss, "tiles": res.tiles,
+                      "tiles_run": res.tiles_run, "mpix": res.width * res.height / 1e6}))
+
+
+def vectorise_compare(prefix):
+    from rs_deep.rs_deep_plugin.engine.package import load_package
+    from rs_deep.rs_deep_plugin.engine.vectorize import vectorize
+    pkg = load_package(bench_package())
+    t0 = time.perf_counter()
+    polys = vectorize(prefix + "_classes.tif", prefix + "_conf.tif", pkg.classes, min_area_m2=0, simplify=0)
+    ours = time.perf_counter() - t0
+    gdal = shutil.which("gdal_polygonize.py")
+    dst = prefix + "_gdal.gpkg"
+    if os.path.exists(dst):
+        os.remove(dst)
+    t0 = time.perf_counter()
+    subprocess.run([gdal, "-q", prefix + "_classes.tif", "-f", "GPKG", dst], check=True)
+    theirs = time.perf_counter() - t0
+    return ours, theirs, len(polys)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+        return
+    os.makedirs(OUT, exist_ok=True)
+    bench_package()
+    results = {}
+    for size in (2048, 8192):
+        raster = make_raster(os.path.join(OUT, f"rgb_{size}.tif"), size)
+        prefix = os.path.join(OUT, f"out_{size}")
+        proc = subprocess.run([sys.executable, __file__, "--child", raster, prefix], check=True,
+                              capture_output=True, text=True)
+        results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[size]
+        print(f"{size} x {size}: {r['seconds']:.1f} s end to end, {r['forward_seconds']:.1f} s bare forward, "
+              f"{r['tiles_run']} tiles, peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    ours, gdal, n = vectorise_compare(os.path.join(OUT, "out_8192"))
+    print(f"vectorising 8192^2 class raster: ours {ours:.1f} s ({n} polygons, with mean probability), "
+          f"gdal_polygonize.py {gdal:.1f} s")
+    big = results[8192]
+    import torch
+    line = {
+        "mpix_per_s": round(big["mpix"] / big["seconds"], 3),
+        "efficiency": round(big["forward_seconds"] / big["seconds"], 3),
+        "rss_ratio": round(big["peak_rss"] / results[2048]["peak_rss"], 3),
+        "vectorise_vs_gdal": round(ours / gdal, 3),
+        "seconds_8192": round(big["seconds"], 1),
+        "peak_rss_mib_8192": round(big["peak_rss"] / 2**20),
+        "peak_rss_mib_2048": round(results[2048]["peak_rss"] / 2**20),
+        "tiles_8192": big["tiles_run"],
+        "polygons": n,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
