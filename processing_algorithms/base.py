@@ -2,8 +2,8 @@
 import math
 import os
 
-from qgis.core import (QgsCoordinateTransform, QgsProcessingException, QgsProcessingUtils, QgsRasterFileWriter,
-                       QgsRasterPipe, QgsRectangle, QgsUnitTypes)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProcessingException, QgsProcessingUtils, QgsRasterBlockFeedback,
+                       QgsRasterFileWriter, QgsRasterPipe, QgsRectangle, QgsUnitTypes)
 
 from ..rs_deep_plugin.deps import missing_dependencies, missing_message
 
@@ -97,6 +97,10 @@ def export_raster_layer(layer, extent, gsd_m, context, feedback):
         px = gsd_m / (111_320.0 * max(0.01, math.cos(math.radians(rect.center().y()))))
     elif gsd_m and crs.isValid():
         px = gsd_m / QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), QgsUnitTypes.DistanceMeters)
+        if crs.authid() in ("EPSG:3857", "EPSG:900913"):  # web mercator: ground metres = map metres x cos(lat)
+            wgs84 = QgsCoordinateTransform(crs, QgsCoordinateReferenceSystem("EPSG:4326"), context.transformContext())
+            lat = wgs84.transform(rect.center()).y()
+            px /= max(0.01, math.cos(math.radians(lat)))
     ncols, nrows = max(1, math.ceil(rect.width() / px)), max(1, math.ceil(rect.height() / px))
     if ncols * nrows > MAX_EXPORT_PIXELS:
         raise QgsProcessingException(
@@ -112,7 +116,10 @@ def export_raster_layer(layer, extent, gsd_m, context, feedback):
     writer = QgsRasterFileWriter(path)
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"])
-    err = writer.writeRaster(pipe, ncols, nrows, rect, crs, context.transformContext(), feedback)
+    block_feedback = QgsRasterBlockFeedback()
+    feedback.canceled.connect(block_feedback.cancel)
+    block_feedback.progressChanged.connect(lambda p: feedback.setProgress(p * 0.2))
+    err = writer.writeRaster(pipe, ncols, nrows, rect, crs, context.transformContext(), block_feedback)
     if feedback.isCanceled():
         raise QgsProcessingException("Cancelled; nothing was written.")
     if err != QgsRasterFileWriter.NoError:

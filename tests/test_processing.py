@@ -198,3 +198,35 @@ def test_shapely_uses_the_geos_that_qgis_uses():
     import glob
     libs = glob.glob(os.path.join(os.path.dirname(shapely.__file__), "..", "shapely.libs", "libgeos*"))
     assert not libs, f"shapely bundles its own GEOS: {libs}"
+
+
+@pytest.fixture(scope="module")
+def xyz_tiles(tmp_path_factory):
+    """Local XYZ tiles of the Landsat sample (read by QGIS's WMS provider, not by GDAL)."""
+    import shutil
+    d = tmp_path_factory.mktemp("xyz")
+    merc = d / "merc.tif"
+    subprocess.run(["gdalwarp", "-q", "-t_srs", "EPSG:3857", "-dstalpha", str(DATA / "landsat_smoke" / "RGB.byte.tif"),
+                    str(merc)], check=True)
+    subprocess.run([shutil.which("gdal2tiles.py"), "-q", "--xyz", "-z", "7-9", "-w", "none", str(merc),
+                    str(d / "tiles")], check=True)
+    return d / "tiles"
+
+
+def test_xyz_layer_is_read_through_qgis_at_the_model_gsd(provider, xyz_tiles, tmp_path):
+    from conftest import make_package
+    pkg = make_package(tmp_path / "m300", gsd=300.0, tile=64, overlap=8)
+    layer = QgsRasterLayer(f"type=xyz&url=file://{xyz_tiles}/{{z}}/{{x}}/{{y}}.png&zmax=9&zmin=7", "xyz", "wms")
+    assert layer.isValid() and layer.providerType() == "wms"
+    QgsProject.instance().addMapLayer(layer)
+    try:
+        res = _run({"INPUT": layer.id(), "MODEL": str(pkg), "OUTPUT": str(tmp_path / "xyz.tif"),
+                    "EXTENT": "-8600000,-8500000,2700000,2800000 [EPSG:3857]"})
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+    with rasterio.open(res["OUTPUT"]) as ds:
+        assert ds.crs.to_epsg() == 3857
+        ground = ds.res[0] * np.cos(np.radians(24.5))  # ~300 m on the ground at the scene's latitude
+        assert 280 < ground < 320
+        cls = ds.read(1)
+        assert 0.1 < np.mean(cls != 255) < 0.9  # the scene is valid, transparent tiles are nodata

@@ -184,3 +184,24 @@ def test_full_landsat_scene(rgb_package, tmp_path):
     with rasterio.open(LANDSAT) as src, rasterio.open(tmp_path / "o.tif") as ds:
         assert ds.transform == src.transform and ds.crs == src.crs
     assert res.tiles_run <= res.tiles
+
+
+def test_device_choice(rgb_package, rgb_raster, tmp_path):
+    """auto picks the GPU when there is one; asking for a missing GPU is a clear error."""
+    import torch
+    from rs_deep.rs_deep_plugin.engine.device import select_device
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else
+                                          "mps" if torch.backends.mps.is_available() else "cpu")
+    with pytest.raises(InputError, match="unknown"):
+        select_device("tpu")
+    if torch.cuda.is_available():
+        segment(str(rgb_raster), str(rgb_package), str(tmp_path / "gpu.tif"), probabilities=str(tmp_path / "pg.tif"),
+                device="cuda")
+        segment(str(rgb_raster), str(rgb_package), str(tmp_path / "cpu.tif"), probabilities=str(tmp_path / "pc.tif"),
+                device="cpu")
+        with rasterio.open(tmp_path / "pg.tif") as g, rasterio.open(tmp_path / "pc.tif") as c:
+            np.testing.assert_allclose(g.read(), c.read(), atol=0.02)  # float16 autocast on the GPU
+    else:
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            segment(str(rgb_raster), str(rgb_package), str(tmp_path / "o.tif"), device="cuda")
+        assert not (tmp_path / "o.tif").exists()

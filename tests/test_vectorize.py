@@ -59,3 +59,17 @@ def test_segment_then_vectorise_covers_exactly_the_class_pixels(rgb_package, rgb
     total = sum(r["area_m2"] for r in recs)
     assert total == pytest.approx(res.class_pixels[1] * res.pixel_area_m2, rel=1e-6)
     assert all(r["class_id"] == 1 for r in recs)
+
+
+def test_command_line_with_terminal_progress(rgb_package, rgb_raster, tmp_path, capsys):
+    import json
+    from rs_deep.rs_deep_plugin.engine.__main__ import main
+    rc = main(["segment", str(rgb_raster), str(rgb_package), str(tmp_path / "c.tif"), "--vector",
+               str(tmp_path / "v.geojson"), "--min-area", "0"])
+    assert rc == 0
+    out = capsys.readouterr()
+    assert "100.0%" in out.err and "building:" in out.out
+    fc = json.load(open(tmp_path / "v.geojson"))
+    assert fc["crs"]["properties"]["name"] == "EPSG:32618"
+    assert all(f["properties"]["class_name"] == "building" for f in fc["features"])
+    assert main(["segment", str(rgb_raster), "/nope", str(tmp_path / "x.tif")]) == 2

@@ -32,7 +32,23 @@ def pixel_size_metres(crs, transform, width, height):
         factor = crs.linear_units_factor[1]
     except Exception:  # unknown units: assume metres
         factor = 1.0
+    if is_web_mercator(crs):  # map metres shrink to ground metres by cos(latitude)
+        factor *= mercator_scale(crs, transform, width, height)
     return res * factor
+
+
+def is_web_mercator(crs):
+    try:
+        return crs.to_epsg() in (3857, 900913, 3785)
+    except Exception:
+        return False
+
+
+def mercator_scale(crs, transform, width, height):
+    from rasterio.warp import transform as warp
+    cx, cy = transform * (width / 2.0, height / 2.0)
+    _, lat = warp(crs, "EPSG:4326", [cx], [cy])
+    return math.cos(math.radians(lat[0]))
 
 
 def area_factor_m2(crs, transform, width, height):
