@@ -13,7 +13,6 @@ Memory is bounded by tile size x batch size x band width (``max_band_width`` col
 """
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from .device import ModelRunner, default_batch_size, device_description, select_device
 from .errors import InputError
 from .package import ModelPackage, load_package
+from .pipeline import batched, prefetch
 from .progress import Progress
 from .raster import RasterReader, area_factor_m2, region_window
 from .tiling import TileGrid, blend_weights, column_bands
@@ -105,7 +105,7 @@ class StripBlender:
         self.ax0, self.bx0, self.bx1 = ax0, bx0, bx1
         self.base = y_start
         self.y_end = y_end
-        self.h = 2 * tile
+        self.h = tile  # rows above the current tile row are always finished before it is added
         self.k = classes
         self.acc = np.zeros((classes, self.h, ax1 - ax0), dtype=np.float32)
         self.wsum = np.zeros((self.h, ax1 - ax0), dtype=np.float32)
@@ -114,6 +114,7 @@ class StripBlender:
         """probs [K, n, n] at native resolution, weight [n, n] (already zero where invalid)."""
         r0, c0 = y - self.base, x - self.ax0
         n = weight.shape[0]
+        assert 0 <= r0 and r0 + n <= self.h, "tile rows must be added in order"
         self.acc[:, r0:r0 + n, c0:c0 + n] += probs * weight
         self.wsum[r0:r0 + n, c0:c0 + n] += weight
 
@@ -179,7 +180,6 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     atomic = {}
     writers = {}
     bg = None
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs_deep-reader")
     try:
         if reader.crs is None:
             result.warnings.append("The input raster has no CRS: outputs get its pixel grid but no CRS, and "
@@ -259,16 +259,12 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                     conf[cls == c] = 0
                 bg.submit(writers["confidence"].write, conf, wx, wy)
 
-        batches = [seq[i:i + bs] for i in range(0, len(seq), bs)]
         blender = None
         band_now = -1
         done = 0
-        pending = pool.submit(read_tiles, reader, [(x, y) for _, x, y, _ in batches[0]], mask) if batches else None
-        for bi, batch in enumerate(batches):
+        for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y, _ in b], mask),
+                                             batched(seq, bs)):
             prog.check()
-            data, metas = pending.result()
-            if bi + 1 < len(batches):
-                pending = pool.submit(read_tiles, reader, [(x, y) for _, x, y, _ in batches[bi + 1]], mask)
             probs = runner(data) if data is not None else None
             j = 0
             for (b, x, y, end_row), (_, _, valid) in zip(batch, metas):
@@ -327,7 +323,6 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             a.discard()
         raise
     finally:
-        pool.shutdown(wait=True)
         reader.close()
 
 
