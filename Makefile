@@ -10,7 +10,7 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model test bench package clean help
+.PHONY: setup qgis demo demo-model eval-models screenshot test bench package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
@@ -19,6 +19,8 @@ help:
 	@echo "make bench       benchmark segmentation on a generated 8192 x 8192 raster (CPU)"
 	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
 	@echo "make demo-model  retrain the bundled buildings demo model"
+	@echo "make eval-models train the change and patch models that may not ship (build/models)"
+	@echo "make screenshot  QGIS under Xvfb with the dock and a result -> docs/screenshot.png"
 
 setup: $(VENV)/.rs_deep-installed build/dev-plugins/rs_deep
 
@@ -42,6 +44,12 @@ demo: setup
 
 demo-model: setup
 	$(PY) tools/make_demo_model.py
+
+eval-models: setup
+	$(PY) tools/make_eval_models.py
+
+screenshot: setup
+	$(PY) tools/screenshot.py
 
 test: setup
 	$(PY) -m pytest

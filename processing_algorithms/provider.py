@@ -4,6 +4,9 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from .segment import SegmentAlgorithm
+from .change import ChangeAlgorithm
+from .patches import PatchClassificationAlgorithm
+from .detect import DetectAlgorithm
 
 from .provider_icon import ICON
 
@@ -26,3 +29,6 @@ class RSDeepProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self):  # noqa: N802 (QGIS API)
         self.addAlgorithm(SegmentAlgorithm())
+        self.addAlgorithm(ChangeAlgorithm())
+        self.addAlgorithm(PatchClassificationAlgorithm())
+        self.addAlgorithm(DetectAlgorithm())

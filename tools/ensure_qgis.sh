@@ -2,7 +2,7 @@
 # Installs QGIS (and the GDAL-matched rasterio) from the distribution when it is missing.
 set -euo pipefail
 # libgeos-dev: shapely is built against the GEOS that QGIS uses (two GEOS in one process crash QGIS)
-PKGS="qgis python3-qgis qgis-providers python3-rasterio python3-venv python3-gdal gdal-bin libgeos-dev"
+PKGS="qgis python3-qgis qgis-providers python3-rasterio python3-venv python3-gdal gdal-bin libgeos-dev xvfb"
 SYS_PY=$(command -p -v python3 || true)
 if [ -n "$SYS_PY" ] && "$SYS_PY" -c "import qgis.core, rasterio" 2>/dev/null \
     && command -v qgis_process.bin >/dev/null 2>&1 && command -v gdal_polygonize.py >/dev/null 2>&1 && command -v geos-config >/dev/null 2>&1 \

@@ -19,11 +19,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Settings of the bundled model (tuned to finish in about 5 minutes on 2 CPU cores).
+# Settings of the bundled model: 900 steps of 8 crops of 160 px, about 5 minutes on 2 idle CPU
+# cores (0.32 s a step). Crops of 160 px (80 m) hold a few houses; smaller crops give more
+# optimiser steps for the same compute, which matters more than context when training from scratch.
 SETTINGS = dict(
-    tile_size=256,
-    epochs=16,
-    steps_per_epoch=20,
+    tile_size=160,
+    epochs=20,
+    steps_per_epoch=45,
     batch_size=8,
     lr=3e-3,
     patience=8,
@@ -121,7 +123,7 @@ def main(argv=None):
     print(f"{len(labels)} building footprints from {footprints}")
 
     settings = dict(SETTINGS, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     report = train_segmentation(
         image, labels, out,
         class_names=["background", "building"], class_colors=["000000", "E31A1C"],
@@ -130,7 +132,7 @@ def main(argv=None):
                      "by RS Deep on a tiny SpaceNet Atlanta sample (32 buildings); not a production model."),
         progress=None if args.quiet else terminal_progress(),
         log=print, **settings)
-    seconds = time.time() - t0
+    seconds, cpu = time.time() - t0, time.process_time() - cpu0
 
     with open(out / "ATTRIBUTION.md", "w", encoding="utf-8") as f:
         f.write(MODEL_ATTRIBUTION.format(source=SOURCE_NOTE))
@@ -145,7 +147,8 @@ def main(argv=None):
     print(report_summary(report))
     print(package_summary(pkg))
     print(f"package: {out} ({size / 1e6:.2f} MB); sample: {sample / 'atlanta_pan.tif'}")
-    print(f"training took {seconds:.0f} s")
+    print(f"training took {seconds:.0f} s wall clock ({cpu:.0f} s CPU time; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     if size > 10_000_000:
         sys.exit(f"error: the package is {size / 1e6:.1f} MB; the bundled model must be at most 10 MB")
     return report

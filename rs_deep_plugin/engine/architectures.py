@@ -26,7 +26,15 @@ SMP_PARAMS = {
     "upsampling": int,
 }
 
-LIBRARIES = ("smp",)
+#: builder libraries -> module implementing ``validate(builder, where)`` and ``build(builder)``.
+#: Each module keeps its own allow-list; a package can only name what is listed there.
+LIBRARY_MODULES = {
+    "smp": __name__,
+    "torchvision": ".arch_torchvision",   # detection networks (issue: detection)
+    "timm": ".arch_timm",                 # patch classifiers
+    "rs_deep": ".arch_rs_deep",           # our own compositions (e.g. Siamese change networks)
+}
+LIBRARIES = tuple(LIBRARY_MODULES)
 
 
 def _import_smp():
@@ -44,14 +52,42 @@ def smp_encoder_names():
     return sorted(smp.encoders.get_encoder_names())
 
 
-def validate_builder(builder, where="rs_deep:builder"):
-    """Check a builder block without importing torch; returns a normalised copy."""
-    if not isinstance(builder, dict):
-        raise ModelPackageError(f"{where}: expected an object with library, architecture, encoder, "
-                                f"in_channels and classes, got {type(builder).__name__}")
-    library = builder.get("library")
-    if library not in LIBRARIES:
+def _library_module(library, where):
+    import importlib
+    if library not in LIBRARY_MODULES:
         raise ModelPackageError(f"{where}.library: expected one of {', '.join(LIBRARIES)}, got {library!r}")
+    try:
+        return importlib.import_module(LIBRARY_MODULES[library], __package__)
+    except ModuleNotFoundError as exc:
+        raise ModelPackageError(f"{where}.library: {library!r} models are not supported by this version of "
+                                f"RS Deep ({exc})") from exc
+
+
+def _check_common(builder, where):
+    if not isinstance(builder, dict):
+        raise ModelPackageError(f"{where}: expected an object with library, architecture, in_channels and "
+                                f"classes, got {type(builder).__name__}")
+    for key in ("in_channels", "classes"):
+        value = builder.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelPackageError(f"{where}.{key}: expected a positive integer, got {value!r}")
+
+
+def validate_builder(builder, where="rs_deep:builder"):
+    """Check a builder block without building anything; returns a normalised copy."""
+    _check_common(builder, where)
+    module = _library_module(builder.get("library"), where)
+    return module.validate(builder, where)
+
+
+def build_model(builder, where="rs_deep:builder"):
+    """Construct the (untrained) network a builder block describes, from the allow-lists only."""
+    builder = validate_builder(builder, where)
+    return _library_module(builder["library"], where).build(builder)
+
+
+def validate(builder, where="rs_deep:builder"):
+    """smp builders: an allow-listed architecture, an smp encoder, allow-listed parameters."""
     arch = builder.get("architecture")
     if arch not in SMP_ARCHITECTURES:
         raise ModelPackageError(
@@ -59,10 +95,6 @@ def validate_builder(builder, where="rs_deep:builder"):
     encoder = builder.get("encoder")
     if not isinstance(encoder, str) or not encoder:
         raise ModelPackageError(f"{where}.encoder: expected an encoder name such as 'resnet18', got {encoder!r}")
-    for key in ("in_channels", "classes"):
-        value = builder.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ModelPackageError(f"{where}.{key}: expected a positive integer, got {value!r}")
     if builder.get("encoder_weights") is not None:
         raise ModelPackageError(
             f"{where}.encoder_weights: must be null (weights come from model.safetensors; "
@@ -85,9 +117,8 @@ def validate_builder(builder, where="rs_deep:builder"):
     return out
 
 
-def build_model(builder, where="rs_deep:builder"):
-    """Construct the (untrained) network a validated builder block describes."""
-    builder = validate_builder(builder, where)
+def build(builder, where="rs_deep:builder"):
+    """Construct an smp network from a validated builder."""
     smp = _import_smp()
     encoder = builder["encoder"]
     names = smp.encoders.get_encoder_names()

@@ -304,10 +304,21 @@ def parse_metadata(meta, source="model.json"):
         if not ok:
             raise ModelPackageError(f"model.json: properties.rs_deep:builder.classes is {n_out} but "
                                     f"classification:classes lists {len(classes)} classes")
+    if task == "detection":  # object classes only (no background) + rs_deep:score_threshold & co
+        from .detect import validate_detection_metadata
+        validate_detection_metadata(props, len(classes), n_out)
     tile = _req(props, "rs_deep:tile_size", "properties", int)
-    if tile < 32 or tile % 32:
+    if task == "patch_classification":  # a classifier pools globally: the patch size is free (>= 8 px)
+        if tile < 8:
+            raise ModelPackageError(f"model.json: properties.rs_deep:tile_size: expected a patch size of at least "
+                                    f"8 px, got {tile}")
+    elif tile < 32 or tile % 32:
         raise ModelPackageError(f"model.json: properties.rs_deep:tile_size: expected a multiple of 32, at least "
                                 f"32, got {tile}")
+    dates = props.get("rs_deep:dates", 1)
+    if dates != (2 if task == "change" else 1):
+        raise ModelPackageError(f"model.json: properties.rs_deep:dates: a {task} model takes "
+                                f"{'2 (before, after)' if task == 'change' else '1'}, got {dates!r}")
     overlap = _req(props, "rs_deep:overlap", "properties", int)
     if overlap < 0 or overlap * 2 >= tile:
         raise ModelPackageError(f"model.json: properties.rs_deep:overlap: expected 0 <= overlap < tile_size/2 "

@@ -50,6 +50,9 @@ class SegmentationResult:
         return {k: v * self.pixel_area_m2 for k, v in self.class_pixels.items()}
 
 
+TASK_LABELS = {"segmentation": "segmentation", "change": "change detection"}
+
+
 def resolve_options(package, tile_size=None, overlap=None):
     tile = int(tile_size) if tile_size else package.tile_size
     if tile < 32 or tile % 32:
@@ -151,19 +154,23 @@ def _plan(grid, bands_cols):
 def segment(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None,
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
-            max_band_width=8192, log=None):
+            max_band_width=8192, log=None, task="segmentation", open_reader=None):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
     Byte raster of the winning class's probability x 255, 0 where nodata or a ``skip_classes``
     class, used by :mod:`vectorize`. Returns a :class:`SegmentationResult`.
+
+    Other dense tasks reuse this pipeline: ``task`` is the package task required (e.g. "change"),
+    ``open_reader(package)`` returns a reader duck-typed like :class:`.raster.RasterReader`
+    (default: a RasterReader of ``input_path``); the package it gets carries the tile options.
     """
     t_start = time.time()
     prog = Progress(progress, is_cancelled)
     log = log or (lambda msg: None)
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
-    if pkg.task != "segmentation":
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; segmentation needs a segmentation model")
+    if pkg.task != task:
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASK_LABELS.get(task, task)} needs a {task} model")
     outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
     finals = {}
     in_abs = os.path.abspath(os.fspath(input_path)) if os.path.exists(os.fspath(input_path)) else None
@@ -175,7 +182,10 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                                  "never modified)")
     tile, ov = resolve_options(pkg, tile_size, overlap)
     pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
-    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    if open_reader is None:
+        reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    else:
+        reader = open_reader(pkg_opts)
     result = SegmentationResult(output=finals["output"])
     atomic = {}
     writers = {}

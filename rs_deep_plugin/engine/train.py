@@ -298,7 +298,7 @@ class CropSampler:
     """
 
     def __init__(self, img, lab, valid, tile, rng, scale_range=(0.8, 1.25), foreground_prob=0.5,
-                 brightness=0.1, contrast=0.25, noise=0.03):
+                 brightness=0.1, contrast=0.25, gamma=0.25, noise=0.03):
         self.tile = tile
         lo, hi = scale_range
         if not 0 < lo <= hi:
@@ -308,7 +308,7 @@ class CropSampler:
         self.img, self.lab, self.valid = _pad_to(img, lab, valid, max_src, max_src)
         self.rng = rng
         self.foreground_prob = foreground_prob
-        self.brightness, self.contrast, self.noise = brightness, contrast, noise
+        self.brightness, self.contrast, self.gamma, self.noise = brightness, contrast, gamma, noise
         self.fg = np.flatnonzero(((self.lab > 0) & (self.lab != IGNORE)).ravel())
 
     def _crop(self):
@@ -343,7 +343,11 @@ class CropSampler:
         img = np.array(img, dtype=np.float32)  # contiguous copies
         lab = np.array(lab, dtype=np.uint8)
         valid = np.array(valid, dtype=bool)
-        # photometric jitter on the scaled values
+        # photometric jitter on the scaled values: gamma, contrast, brightness, noise
+        if self.gamma > 0:
+            g = math.exp(rng.uniform(-self.gamma, self.gamma))
+            pos = img > 0
+            img[pos] = img[pos] ** g
         c = math.exp(rng.uniform(-self.contrast, self.contrast))
         b = rng.uniform(-self.brightness, self.brightness)
         mean = float(img[:, valid].mean()) if valid.any() else 0.0
@@ -532,7 +536,7 @@ def _write_json(path, obj):
 def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors=None, bands=None,
                        band_names=None, builder=None, tile_size=256, epochs=30, steps_per_epoch=None,
                        batch_size=8, lr=2e-3, weight_decay=1e-4, seed=0, val_fraction=0.2, val_side="bottom",
-                       patience=8, dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25),
+                       patience=8, dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
                        device="auto", num_threads=None, progress=None, is_cancelled=None, log=None,
                        name="segmentation-model", description="", package_tile_size=512, package_overlap=64,
                        weights_dtype="float16"):
@@ -543,6 +547,10 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
     everything outside the polygons is background). ``class_names`` names the classes 0..K-1
     (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha band).
     ``steps_per_epoch`` defaults to enough batches to see the training area about twice.
+    ``augment`` overrides the photometric jitter of the crops (scaled values): ``brightness``
+    (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma`` (log exponent, 0.25) and
+    ``noise`` (max Gaussian sigma, 0.03); geometric augmentation is always on (flips, 90 degree
+    rotations, rescaling by a factor in ``scale_range``).
 
     Returns the training report (also written to ``out_dir/training_report.json``). When
     ``is_cancelled()`` turns true, the best network so far (if any epoch finished) is written
@@ -571,6 +579,10 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
     _check_tile(package_tile_size, "package_tile_size")
     if not 0 <= package_overlap < package_tile_size // 2:
         raise InputError(f"package_overlap must be in [0, {package_tile_size // 2}); got {package_overlap}")
+    augment = dict(augment or {})
+    unknown = set(augment) - {"brightness", "contrast", "gamma", "noise"}
+    if unknown:
+        raise InputError(f"augment: unknown keys {sorted(unknown)}; use brightness, contrast, gamma, noise")
     if batch_size < 1 or epochs < 1:
         raise InputError("batch_size and epochs must be at least 1")
 
@@ -587,6 +599,8 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
         else:
             descs = [ds.descriptions[b - 1] for b in bands]
             band_names = [d if d else f"b{b}" for d, b in zip(descs, bands)]
+        if isinstance(labels, (str, os.PathLike)) and str(labels).lower().endswith((".geojson", ".json")):
+            labels = read_vector_labels(labels, class_value=1, dst_crs=crs)
         if isinstance(labels, (str, os.PathLike)):
             lab = _labels_from_raster(labels, ds, k)
         else:
@@ -645,13 +659,14 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
         sampler = CropSampler(train_img, train_lab, valid[tr0:tr1, tc0:tc1], tile_size, rng,
-                              scale_range=scale_range, foreground_prob=foreground_prob)
+                              scale_range=scale_range, foreground_prob=foreground_prob, **augment)
         log(f"Training {builder['architecture']}/{builder['encoder']} on {device_description(dev)}: "
             f"{epochs} epochs x {steps_per_epoch} steps x {batch_size} crops of {tile_size} px; "
             f"train {tr1 - tr0}x{tc1 - tc0} px, validation {val_side} {val_fraction:.0%}")
 
         report = {
-            "name": name, "image": os.fspath(image_path), "out_dir": os.fspath(out_dir),
+            "name": name, "image": os.path.basename(os.fspath(image_path)),
+            "image_size": {"width": w, "height": h},
             "classes": class_names, "bands": band_names, "band_numbers": bands,
             "builder": builder, "value_scaling": scaling, "gsd": gsd,
             "seed": seed, "device": device_description(dev), "threads": torch.get_num_threads(),
@@ -682,10 +697,10 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
                          overlap=package_overlap, gsd=gsd, value_scaling=scaling, description=description,
                          extra=extra)
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
-                          seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
-            report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            _write_json(report["report_path"], report)
-            return report
+                          seconds=round(time.time() - t0, 2))
+            path = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
+            _write_json(path, report)  # no local paths in the file: it may be shipped with the package
+            return dict(report, package=os.path.abspath(os.fspath(out_dir)), report_path=path)
 
         train_prog = prog.sub(0.02, 0.97)
         since_best = 0
@@ -704,7 +719,11 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
                     loss.backward()
                     opt.step()
                     sched.step()
-                    losses.append(float(loss.detach()))
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise InputError(f"Training diverged at epoch {epoch}, step {step + 1} (loss {value}); "
+                                         f"lower lr (now {lr:g}) or check the image values")
+                    losses.append(value)
                     report["samples"]["crops_seen"] += batch_size
                     train_prog.update(((epoch - 1) * steps_per_epoch + step + 1) / total_steps)
                 train_loss = float(np.mean(losses))
@@ -744,9 +763,10 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
                                 f"so far (epoch {best['epoch']}) was written to {out_dir}") from None
             raise Cancelled("Training was cancelled before the first epoch finished; nothing was written.") \
                 from None
-        prog.sub(0.97, 1.0).update(0.0, "Writing the model package")
+        prog.message("Writing the model package")
         result = finish(cancelled=False)
-        prog.update(1.0, f"Model package written to {out_dir}")
+        if progress is not None:  # not prog.update: a late cancel must not hide a written package
+            progress(1.0, f"Model package written to {out_dir}")
         return result
     finally:
         if num_threads:

@@ -1,0 +1,248 @@
+"""rs_deep:detect_change — change detection between two raster layers with a change model package."""
+import os
+
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessing,
+                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterBand,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer, QgsProcessingUtils,
+                       QgsPalettedRasterRenderer, QgsRasterLayer, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QColor, QIcon
+
+from .base import (DEVICES, FeedbackBridge, bundled_models, export_raster_layer, gdal_path, layer_bounds,
+                   load_model_package, require_dependencies)
+from .provider_icon import ICON
+from .segment import _StyleClasses, paletted_renderer
+
+
+def change_renderer(provider, classes):
+    """The model's class colours, with "no change" (class 0) transparent so the imagery shows through."""
+    items = paletted_renderer(provider, classes).classes()
+    for item in items:
+        if item.value == 0:
+            color = QColor(item.color)
+            color.setAlpha(0)
+            item.color = color
+    return QgsPalettedRasterRenderer(provider, 1, items)
+
+
+class _StyleChange(_StyleClasses):
+    """As segmentation's styling, with the change raster's "no change" transparent."""
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
+        if isinstance(layer, QgsRasterLayer):
+            layer.setRenderer(change_renderer(layer.dataProvider(), self.classes))
+            layer.triggerRepaint()
+        else:
+            super().postProcessLayer(layer, context, feedback)
+
+
+class ChangeAlgorithm(QgsProcessingAlgorithm):
+    BEFORE = "BEFORE"
+    AFTER = "AFTER"
+    MODEL = "MODEL"
+    BANDS = "BANDS"
+    EXTENT = "EXTENT"
+    OUTPUT = "OUTPUT"
+    OUTPUT_VECTOR = "OUTPUT_VECTOR"
+    PROBABILITIES = "PROBABILITIES"
+    TILE_SIZE = "TILE_SIZE"
+    OVERLAP = "OVERLAP"
+    BATCH_SIZE = "BATCH_SIZE"
+    DEVICE = "DEVICE"
+    MIN_AREA = "MIN_AREA"
+    SIMPLIFY = "SIMPLIFY"
+
+    def name(self):
+        return "detect_change"
+
+    def displayName(self):  # noqa: N802 (QGIS API)
+        return "Change detection"
+
+    def group(self):
+        return "Apply models"
+
+    def groupId(self):  # noqa: N802 (QGIS API)
+        return "apply"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def shortHelpString(self):  # noqa: N802 (QGIS API)
+        models = ", ".join(bundled_models()) or "none"
+        return (
+            "Finds what changed between two images of the same area with a deep-learning change model "
+            "package, and returns a change raster styled with the model's classes, optional change "
+            "probabilities and optional change polygons with their area.<br><br>"
+            "<b>Before raster</b>: the earlier image. The results are on its pixel grid and in its CRS.<br>"
+            "<b>After raster</b>: the later image, with the same bands as the before raster. When its CRS, "
+            "resolution or grid differ it is warped onto the before raster's grid on the fly (nothing is "
+            "written), and only the area both images cover is processed.<br>"
+            "<b>Model package</b>: a change model (rs_deep:task \"change\"): a folder or .zip with model.json and "
+            f"model.safetensors, its model.json, or the name of a bundled model ({models}).<br>"
+            "<b>Bands</b>: the band numbers to compare, read from both images, in the model's order. Leave empty "
+            "when the images have exactly the bands the model needs.<br>"
+            "<b>Extent</b>: process only this area (default: everything both images cover).<br>"
+            "<b>Change raster</b>: Byte GeoTIFF on the before raster's grid: 0 = no change, 1.. = the change "
+            "classes (change, or from-to classes), 255 = nodata or not covered by both images.<br>"
+            "<b>Change polygons</b>: one polygon per connected patch of change, with class_id, class_name, "
+            "area_m2 and mean_prob.<br>"
+            "<b>Probabilities</b>: float32 GeoTIFF, one band per class.<br>"
+            "<b>Tile size / overlap / batch size</b>: default from the model package (0 = the package's value; "
+            "overlap -1 = the package's value). Overlapping tiles are blended so no seams show.<br>"
+            "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU.<br>"
+            "<b>Minimum area</b>: change polygons smaller than this (m²) are dropped (-1 = 10 pixels).<br>"
+            "<b>Simplify</b>: tolerance in map units for the polygons (-1 = one pixel; 0 = none)."
+        )
+
+    def createInstance(self):  # noqa: N802 (QGIS API)
+        return ChangeAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
+        self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, "Before raster (earlier date)"))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.AFTER, "After raster (later date)"))
+        self.addParameter(QgsProcessingParameterFile(self.MODEL, "Change model package (folder, .zip, model.json or "
+                                                                 "bundled name)",
+                                                     behavior=QgsProcessingParameterFile.Folder, optional=False))
+        self.addParameter(QgsProcessingParameterBand(self.BANDS, "Bands of both dates (in the model's order)", None,
+                                                     self.BEFORE, optional=True, allowMultiple=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True))
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Change raster"))
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_VECTOR, "Change polygons",
+                                                            QgsProcessing.TypeVectorPolygon, optional=True,
+                                                            createByDefault=True))
+        self.addParameter(QgsProcessingParameterRasterDestination(self.PROBABILITIES, "Change probabilities",
+                                                                  optional=True, createByDefault=False))
+        advanced = [
+            QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size (px at the model's GSD; 0 = package)",
+                                         QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
+            QgsProcessingParameterNumber(self.OVERLAP, "Tile overlap (px; -1 = package)",
+                                         QgsProcessingParameterNumber.Integer, -1, optional=True, minValue=-1),
+            QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = auto)",
+                                         QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
+            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            QgsProcessingParameterNumber(self.MIN_AREA, "Minimum polygon area (m²; -1 = 10 pixels)",
+                                         QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1),
+            QgsProcessingParameterNumber(self.SIMPLIFY, "Simplify tolerance (map units; -1 = one pixel)",
+                                         QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1),
+        ]
+        for p in advanced:
+            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(p)
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
+        require_dependencies()
+        from ..rs_deep_plugin.engine.change import change_polygons, detect_change
+        from ..rs_deep_plugin.engine.errors import RSDeepError
+
+        before = self.parameterAsRasterLayer(parameters, self.BEFORE, context)
+        after = self.parameterAsRasterLayer(parameters, self.AFTER, context)
+        for key, layer in ((self.BEFORE, before), (self.AFTER, after)):
+            if layer is None or not layer.isValid():
+                raise QgsProcessingException(f"{key} is not a valid raster layer; choose a raster layer or file")
+        pkg = load_model_package(self.parameterAsFile(parameters, self.MODEL, context), "change")
+        feedback.pushInfo(f"Model: {pkg.name}")
+        bands = self.parameterAsInts(parameters, self.BANDS, context) or None
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, before.crs())
+        bounds = layer_bounds(before, extent)
+        output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        probs = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None
+        want_vector = parameters.get(self.OUTPUT_VECTOR) not in (None, "")
+        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or None
+        overlap = self.parameterAsInt(parameters, self.OVERLAP, context) if parameters.get(self.OVERLAP) \
+            not in (None, "") else -1
+        batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
+        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        min_area = self.parameterAsDouble(parameters, self.MIN_AREA, context) \
+            if parameters.get(self.MIN_AREA) not in (None, "") else -1
+        simplify = self.parameterAsDouble(parameters, self.SIMPLIFY, context) \
+            if parameters.get(self.SIMPLIFY) not in (None, "") else -1
+
+        src_before, src_after = gdal_path(before), gdal_path(after)
+        if src_before is None:
+            src_before = export_raster_layer(before, extent if bounds else None, pkg.gsd, context, feedback)
+            bounds = None  # the export already covers EXTENT only
+        if src_after is None:  # fetched over BEFORE's area, then warped onto BEFORE's grid like any raster
+            from qgis.core import QgsCoordinateTransform
+            area = extent if extent is not None and not extent.isEmpty() else before.extent()
+            xf = QgsCoordinateTransform(before.crs(), after.crs(), context.transformContext())
+            src_after = export_raster_layer(after, xf.transformBoundingBox(area), pkg.gsd, context, feedback)
+        bridge = FeedbackBridge(feedback, 0, 80 if want_vector else 100)
+        confidence = QgsProcessingUtils.generateTempFilename("rs_deep_change_confidence.tif") if want_vector else None
+        try:
+            result = detect_change(src_before, src_after, pkg, output, probabilities=probs, confidence=confidence,
+                                   bands=bands, bounds=bounds, tile_size=tile, overlap=overlap, batch_size=batch,
+                                   device=device, progress=bridge.progress, is_cancelled=bridge.is_cancelled,
+                                   log=bridge.log)
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        for w in result.warnings:
+            feedback.reportError(w, fatalError=False)
+        self._style_raster(output, pkg.classes, context)
+        feedback.pushInfo(f"{result.width} x {result.height} px, {result.tiles_run}/{result.tiles} tiles run on "
+                          f"{result.device} in {result.seconds:.1f} s")
+        for c in pkg.classes:
+            feedback.pushInfo(f"  {c.name}: {result.class_pixels.get(c.value, 0) * result.pixel_area_m2:,.1f} m²")
+        results = {self.OUTPUT: output}
+        if probs:
+            results[self.PROBABILITIES] = probs
+        if want_vector:
+            try:
+                records = change_polygons(result, confidence, pkg.classes, min_area_m2=min_area, simplify=simplify,
+                                          progress=FeedbackBridge(feedback, 80, 99).progress,
+                                          is_cancelled=bridge.is_cancelled)
+            except RSDeepError as exc:
+                _remove(output)
+                if probs:
+                    _remove(probs)
+                raise QgsProcessingException(str(exc)) from exc
+            finally:
+                _remove(confidence)
+            fields = QgsFields()
+            fields.append(QgsField("class_id", QVariant.Int))
+            fields.append(QgsField("class_name", QVariant.String))
+            fields.append(QgsField("area_m2", QVariant.Double))
+            fields.append(QgsField("mean_prob", QVariant.Double))
+            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_VECTOR, context, fields,
+                                              QgsWkbTypes.Polygon, before.crs())
+            if sink is None:
+                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_VECTOR))
+            for rec in records:
+                if feedback.isCanceled():
+                    raise QgsProcessingException("Cancelled; the polygon layer was not completed.")
+                feat = QgsFeature(fields)
+                geom = QgsGeometry()
+                geom.fromWkb(rec["geometry"].wkb)
+                feat.setGeometry(geom)
+                feat.setAttributes([rec["class_id"], rec["class_name"], round(rec["area_m2"], 3),
+                                    rec["mean_probability"]])
+                sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            feedback.pushInfo(f"{len(records)} change polygons, "
+                              f"{sum(r['area_m2'] for r in records):,.1f} m² in all")
+            results[self.OUTPUT_VECTOR] = dest
+            if context.willLoadLayerOnCompletion(dest):
+                context.layerToLoadOnCompletionDetails(dest).setPostProcessor(_StyleChange(pkg.classes))
+        feedback.setProgress(100)
+        return results
+
+    def _style_raster(self, path, classes, context):
+        """Class colours and names: a .qml beside the file (any later load) and on the loaded layer."""
+        layer = QgsRasterLayer(path, os.path.basename(path), "gdal")
+        if layer.isValid():
+            layer.setRenderer(change_renderer(layer.dataProvider(), classes))
+            layer.saveDefaultStyle()
+        if context.willLoadLayerOnCompletion(path):
+            context.layerToLoadOnCompletionDetails(path).setPostProcessor(_StyleChange(classes))
+
+
+def _remove(path):
+    """A file and the sidecars GDAL and QGIS put beside it."""
+    if not path:
+        return
+    for p in (path, path + ".aux.xml", os.path.splitext(path)[0] + ".qml", path + ".ovr"):
+        if os.path.exists(p):
+            try:
+                os.remove(p)
+            except OSError:
+                pass

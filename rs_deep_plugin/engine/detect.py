@@ -1,0 +1,476 @@
+"""Object detection on a raster of any size with a detection model package.
+
+The same tile loop as segmentation (:mod:`.raster`, :mod:`.tiling`, :mod:`.pipeline`,
+:mod:`.device`), with another consume step:
+
+* every tile (model resolution) goes through the network, which returns boxes in tile
+  pixels after its own score cut, class-wise NMS and per-tile cap;
+* boxes are mapped to raster pixels through the tile's window (and the GSD resampling
+  factor), boxes centred on padding or nodata are dropped, and each box remembers whether it
+  touches an *interior* tile edge (an edge with a neighbouring tile beyond it);
+* :func:`merge_detections` removes the boxes that a tile edge cut when another tile holds the
+  whole object, then runs class-wise NMS (``torchvision.ops.batched_nms``) across tiles;
+* boxes are mapped to map coordinates with the raster's geotransform.
+
+Only the detections are kept in memory (never the images), so memory is bounded by tile size
+x batch size plus the number of objects. Nothing is written to disk: a cancelled run leaves
+nothing (:func:`write_geojson` writes a result atomically when asked).
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .device import default_batch_size, device_description, select_device
+from .errors import InputError, ModelPackageError
+from .package import ModelPackage, load_package
+from .pipeline import batched, prefetch
+from .progress import Progress
+from .raster import RasterReader, region_window
+from .segment import _with_tiling, read_tiles, resolve_options
+from .tiling import TileGrid
+
+#: defaults when a package does not store its own (``rs_deep:score_threshold`` ...)
+SCORE_THRESHOLD = 0.3
+IOU_THRESHOLD = 0.5
+MAX_DETECTIONS = 300
+#: a box within this many model pixels of an interior tile edge may have been cut by it
+EDGE_MARGIN = 3.0
+#: a cut box is dropped when this share of it lies inside a whole box of another tile
+EDGE_IOA = 0.6
+
+PROP_KEYS = {"score_threshold": "rs_deep:score_threshold", "iou_threshold": "rs_deep:iou_threshold",
+             "max_detections": "rs_deep:max_detections"}
+
+
+@dataclass
+class Detection:
+    """One object: its box in map coordinates of the raster's CRS (pixels when it has none)."""
+
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    class_id: int
+    class_name: str
+    score: float
+    pixel_box: tuple = None  # (col_min, row_min, col_max, row_max) in raster pixels (fractional)
+
+    @property
+    def box(self):
+        return (self.xmin, self.ymin, self.xmax, self.ymax)
+
+    @property
+    def centroid(self):
+        return ((self.xmin + self.xmax) / 2.0, (self.ymin + self.ymax) / 2.0)
+
+    def as_dict(self):
+        return {"xmin": self.xmin, "ymin": self.ymin, "xmax": self.xmax, "ymax": self.ymax,
+                "class_id": self.class_id, "class_name": self.class_name, "score": self.score}
+
+
+@dataclass
+class DetectionResult:
+    detections: list = field(default_factory=list)  # list[Detection], highest score first
+    crs: object = None
+    transform: object = None  # the raster's geotransform
+    region: tuple = None  # (col0, row0, col1, row1) processed, in raster pixels
+    tiles: int = 0
+    tiles_run: int = 0
+    device: str = ""
+    seconds: float = 0.0
+    gsd_scale: float = 1.0
+    score_threshold: float = SCORE_THRESHOLD
+    iou_threshold: float = IOU_THRESHOLD
+    max_detections: int = MAX_DETECTIONS
+    raw_detections: int = 0  # boxes from all tiles before merging
+    warnings: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.detections)
+
+    def __iter__(self):
+        return iter(self.detections)
+
+    def class_counts(self):
+        counts = {}
+        for d in self.detections:
+            counts[d.class_name] = counts.get(d.class_name, 0) + 1
+        return counts
+
+    def to_geojson(self):
+        """A GeoJSON FeatureCollection of the boxes (polygons) with class_id, class_name, score."""
+        feats = []
+        for d in self.detections:
+            ring = [[d.xmin, d.ymin], [d.xmax, d.ymin], [d.xmax, d.ymax], [d.xmin, d.ymax], [d.xmin, d.ymin]]
+            feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                          "properties": {"class_id": d.class_id, "class_name": d.class_name, "score": d.score}})
+        fc = {"type": "FeatureCollection", "features": feats}
+        if self.crs is not None:
+            fc["crs"] = {"type": "name", "properties": {"name": self.crs.to_string()}}
+        return fc
+
+
+# --------------------------------------------------------------------------------------------
+# options
+
+
+def _number(value, integer=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if integer and value != int(value):
+        return None
+    return value
+
+
+def validate_detection_metadata(props, n_classes, builder_classes, where="model.json: properties"):
+    """Checks of model.json specific to detection packages (called by :func:`.package.parse_metadata`)."""
+    if builder_classes != n_classes:
+        raise ModelPackageError(f"{where}.rs_deep:builder.classes is {builder_classes} but "
+                                f"mlm:output[0].classification:classes lists {n_classes} object classes (for "
+                                "detection both count the objects only; the background is implicit)")
+    for key, lo, hi, integer in (("rs_deep:score_threshold", 0.0, 1.0, False),
+                                 ("rs_deep:iou_threshold", 0.0, 1.0, False),
+                                 ("rs_deep:max_detections", 1, 100_000, True)):
+        if key not in props or props[key] is None:
+            continue
+        v = _number(props[key], integer)
+        if v is None or not lo <= v <= hi or (key == "rs_deep:iou_threshold" and v == 0):
+            kind = "an integer" if integer else "a number"
+            raise ModelPackageError(f"{where}.{key}: expected {kind} in {lo}..{hi}"
+                                    f"{' (above 0)' if key == 'rs_deep:iou_threshold' else ''}, got {props[key]!r}")
+
+
+def package_defaults(pkg):
+    """(score_threshold, iou_threshold, max_detections) stored in the package, or the engine's defaults."""
+    props = (pkg.metadata or {}).get("properties", pkg.metadata or {})
+    score = props.get(PROP_KEYS["score_threshold"])
+    iou = props.get(PROP_KEYS["iou_threshold"])
+    maxd = props.get(PROP_KEYS["max_detections"])
+    return (float(score) if score is not None else SCORE_THRESHOLD,
+            float(iou) if iou is not None else IOU_THRESHOLD,
+            int(maxd) if maxd is not None else MAX_DETECTIONS)
+
+
+def check_thresholds(score, iou, maxd):
+    """Validated (score_threshold, iou_threshold, max_detections), or an InputError naming the fix."""
+    if _number(score) is None or not 0.0 <= score <= 1.0:
+        raise InputError(f"SCORE_THRESHOLD must be between 0 and 1 (boxes scoring less are dropped); got {score!r}")
+    if _number(iou) is None or not 0.0 < iou <= 1.0:
+        raise InputError(f"IOU_THRESHOLD must be above 0 and at most 1 (overlapping boxes of one class with a "
+                         f"larger intersection over union are merged); got {iou!r}")
+    if _number(maxd, integer=True) is None or not 1 <= maxd <= 100_000:
+        raise InputError(f"MAX_DETECTIONS must be a whole number from 1 to 100000 (objects kept per tile); "
+                         f"got {maxd!r}")
+    return float(score), float(iou), int(maxd)
+
+
+def resolve_detection_options(pkg, score_threshold=None, iou_threshold=None, max_detections=None):
+    """The thresholds to use: the arguments where given (None = the package's), validated."""
+    d_score, d_iou, d_max = package_defaults(pkg)
+    return check_thresholds(d_score if score_threshold is None else score_threshold,
+                            d_iou if iou_threshold is None else iou_threshold,
+                            d_max if max_detections is None else max_detections)
+
+
+# --------------------------------------------------------------------------------------------
+# the network on tiles
+
+
+class DetectionRunner:
+    """Runs a torchvision detection network on batches of float32 tiles [B, C, T, T].
+
+    Returns, per tile, (boxes [n, 4] float64 in tile pixels x0, y0, x1, y1; labels [n] as
+    0-based object classes; scores [n])."""
+
+    def __init__(self, model, device, score_threshold, iou_threshold, max_detections):
+        import torch
+        from .arch_torchvision import configure_inference
+        self.torch = torch
+        self.device = device
+        if device.type == "cpu":
+            threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
+            if threads > 0:
+                torch.set_num_threads(threads)
+        # channels_last is faster for (depthwise) convolutions on CPU (oneDNN) and on tensor-core GPUs
+        fmt = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+        self.model = configure_inference(model, score_threshold, iou_threshold, max_detections).to(device).eval()
+        self.model = self.model.to(memory_format=fmt)
+
+    def __call__(self, batch):
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            out = self.model(list(x.unbind(0)))
+        return [(o["boxes"].double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
+                 o["scores"].double().cpu().numpy()) for o in out]
+
+
+def edge_cut_flags(boxes, size, interior, margin=EDGE_MARGIN):
+    """Which boxes (tile pixels) touch an interior edge of a ``size`` x ``size`` tile.
+
+    ``interior``: (left, top, right, bottom) booleans: True where a neighbouring tile lies beyond."""
+    left, top, right, bottom = interior
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cut = np.zeros(len(b), dtype=bool)
+    if left:
+        cut |= b[:, 0] <= margin
+    if top:
+        cut |= b[:, 1] <= margin
+    if right:
+        cut |= b[:, 2] >= size - margin
+    if bottom:
+        cut |= b[:, 3] >= size - margin
+    return cut
+
+
+def _pair_overlaps(boxes, i, j):
+    """Intersection, IoU, and intersection / area of the first box, for index pairs (i, j)."""
+    a, b = boxes[i], boxes[j]
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a + area_b - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    ioa = np.where(area_a > 0, inter / np.where(area_a > 0, area_a, 1), 0.0)
+    return inter, iou, ioa
+
+
+def _intersecting_pairs(boxes):
+    """Index pairs (i < j) of boxes whose interiors intersect (an STRtree query, not all pairs)."""
+    import shapely
+    n = len(boxes)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+    tree = shapely.STRtree(geoms)
+    i, j = tree.query(geoms, predicate="intersects")
+    keep = i < j
+    return i[keep].astype(np.int64), j[keep].astype(np.int64)
+
+
+def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=EDGE_IOA):
+    """Merge boxes of overlapping tiles (one pixel frame): indices of the boxes to keep, best first.
+
+    1. a box that touches an interior edge of its tile (``cut``) is dropped when a box of the
+       same class from another tile covers it (IoU > ``iou_threshold`` or intersection / area
+       of the cut box >= ``edge_ioa``) and that box is whole: not touching an interior edge of
+       its own tile, or larger than the cut box;
+    2. class-wise NMS across tiles (``torchvision.ops.batched_nms``, IoU > ``iou_threshold``
+       suppresses the lower score). Suppression only spreads along chains of overlapping
+       boxes, so NMS runs once, batched over those groups (exactly what a global NMS gives).
+    """
+    import torch
+    from torchvision.ops import batched_nms
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    tiles = np.asarray(tiles, dtype=np.int64).reshape(-1)
+    cut = np.asarray(cut, dtype=bool).reshape(-1)
+    n = len(boxes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    alive = np.ones(n, dtype=bool)
+    i, j = _intersecting_pairs(boxes)
+    same = labels[i] == labels[j]
+    i, j = i[same], j[same]
+    if len(i):
+        _, iou, ioa_i = _pair_overlaps(boxes, i, j)
+        _, _, ioa_j = _pair_overlaps(boxes, j, i)
+        other = tiles[i] != tiles[j]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        # the covering box is whole, or larger (an object that touches an edge without being cut by it)
+        j_whole = ~cut[j] | (area[j] > area[i])
+        i_whole = ~cut[i] | (area[i] > area[j])
+        drop_i = other & cut[i] & j_whole & ((iou > iou_threshold) | (ioa_i >= edge_ioa))
+        drop_j = other & cut[j] & i_whole & ((iou > iou_threshold) | (ioa_j >= edge_ioa))
+        alive[i[drop_i]] = False
+        alive[j[drop_j]] = False
+        # groups for NMS: connected components of the pairs that NMS could suppress
+        link = alive[i] & alive[j] & (iou > iou_threshold)
+        i, j = i[link], j[link]
+    parent = np.arange(n)
+
+    def find(a):
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    for a, b in zip(i.tolist(), j.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([find(a) for a in range(n)]) if len(i) else parent
+    idx = np.flatnonzero(alive)
+    sizes = np.bincount(roots[idx], minlength=n)
+    grouped = idx[sizes[roots[idx]] > 1]
+    keep = idx[sizes[roots[idx]] <= 1].tolist()
+    if len(grouped):
+        _, gid = np.unique(roots[grouped], return_inverse=True)
+        b = boxes[grouped]
+        kept = batched_nms(torch.from_numpy(b), torch.from_numpy(scores[grouped]), torch.from_numpy(gid),
+                           float(iou_threshold))
+        keep.extend(grouped[kept.numpy()].tolist())
+    keep = np.array(sorted(keep, key=lambda k: (-scores[k], k)), dtype=np.int64)
+    return keep
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def _map_boxes(transform, cols0, rows0, cols1, rows1):
+    """Axis-aligned map boxes of pixel boxes (all four corners through the affine transform)."""
+    xs, ys = [], []
+    for c, r in ((cols0, rows0), (cols1, rows0), (cols1, rows1), (cols0, rows1)):
+        x, y = transform * (c, r)
+        xs.append(np.asarray(x, dtype=np.float64))
+        ys.append(np.asarray(y, dtype=np.float64))
+    xs, ys = np.stack(xs), np.stack(ys)
+    return xs.min(axis=0), ys.min(axis=0), xs.max(axis=0), ys.max(axis=0)
+
+
+def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None, batch_size=None,
+           device="auto", score_threshold=None, iou_threshold=None, max_detections=None, progress=None,
+           is_cancelled=None, log=None, match_gsd=True):
+    """Detect objects in ``input_path`` (any size) with a detection ``package`` (path or ModelPackage).
+
+    ``bounds``: (xmin, ymin, xmax, ymax) in the raster's CRS to process only that area (objects
+    are clipped to it). ``tile_size``/``overlap`` are model pixels (None = the package's);
+    ``score_threshold``, ``iou_threshold`` and ``max_detections`` (per tile) default to the
+    package's values. Returns a :class:`DetectionResult` (no detections is a valid result).
+    """
+    t_start = time.time()
+    prog = Progress(progress, is_cancelled)
+    log = log or (lambda msg: None)
+    pkg = package if isinstance(package, ModelPackage) else load_package(package)
+    if pkg.task != "detection":
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; object detection needs a detection model "
+                         f"(rs_deep:task 'detection')")
+    score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
+    tile, ov = resolve_options(pkg, tile_size, overlap)
+    pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
+    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    result = DetectionResult(score_threshold=score, iou_threshold=iou, max_detections=maxd)
+    try:
+        if reader.crs is None:
+            result.warnings.append("The input raster has no CRS: boxes are in its pixel/georeferencing units and "
+                                   "the model's GSD cannot be checked, so the raster is used at its own "
+                                   "resolution. Assign a CRS for georeferenced results.")
+        elif reader.scale != 1.0:
+            result.warnings.append(f"The raster's pixels are {reader.gsd:.3g} m and the model expects "
+                                   f"{pkg.gsd:.3g} m: tiles are resampled to the model's GSD and the boxes "
+                                   "mapped back to the raster.")
+        result.gsd_scale = reader.scale
+        for w in result.warnings:
+            log(w)
+        x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
+        result.crs, result.transform, result.region = reader.crs, reader.transform, (x0, y0, x1, y1)
+        dev = select_device(device)
+        result.device = device_description(dev)
+        log(f"Device: {result.device}")
+        prog.message(f"Loading model {pkg.name} on {result.device}")
+        runner = DetectionRunner(pkg.load_model(), dev, score, iou, maxd)
+        bs = int(batch_size) if batch_size else default_batch_size(dev)
+        if bs < 1:
+            raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        n, t = reader.native_tile, reader.tile
+        f = n / t  # native pixels per model pixel
+        grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
+        seq = [(x, y) for y in grid.ys for x in grid.xs]
+        result.tiles = len(seq)
+        prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} px, "
+                     f"batch {bs}; score >= {score:g}, NMS IoU {iou:g}, at most {maxd} objects per tile")
+        all_boxes, all_scores, all_labels, all_tiles, all_cut = [], [], [], [], []
+        done = 0
+        tile_no = 0
+        for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, b, None), batched(seq, bs)):
+            prog.check()
+            outs = runner(data) if data is not None else []
+            j = 0
+            for (x, y, valid) in metas:
+                tile_no += 1
+                if not valid.any():
+                    continue
+                boxes, labels, scores = outs[j]
+                j += 1
+                result.tiles_run += 1
+                if not len(boxes):
+                    continue
+                # boxes centred on padding (mirrored beyond the raster) or nodata are not objects
+                cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, t - 1)
+                cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, t - 1)
+                ok = valid[cy, cx]
+                if not ok.any():
+                    continue
+                boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
+                interior = (x > x0, y > y0, x + n < x1, y + n < y1)
+                cut = edge_cut_flags(boxes, t, interior)
+                native = boxes * f
+                native[:, [0, 2]] += x - x0
+                native[:, [1, 3]] += y - y0
+                # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
+                mx, my = (native[:, 0] + native[:, 2]) / 2, (native[:, 1] + native[:, 3]) / 2
+                inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
+                all_boxes.append(native[inside])
+                all_scores.append(scores[inside])
+                all_labels.append(labels[inside])
+                all_tiles.append(np.full(int(inside.sum()), tile_no, dtype=np.int64))
+                all_cut.append(cut[inside])
+            done += len(batch)
+            prog.update(0.97 * done / len(seq))
+        prog.check()
+        if all_boxes:
+            boxes = np.concatenate(all_boxes)
+            scores = np.concatenate(all_scores)
+            labels = np.concatenate(all_labels)
+            keep = merge_detections(boxes, scores, labels, np.concatenate(all_tiles), np.concatenate(all_cut), iou)
+            result.raw_detections = len(boxes)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            # clip to the processed region, back to raster pixels
+            boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, x1 - x0) + x0
+            boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, y1 - y0) + y0
+            ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+            mx0, my0, mx1, my1 = _map_boxes(reader.transform, boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+            names = pkg.class_names()
+            result.detections = [
+                Detection(float(mx0[k]), float(my0[k]), float(mx1[k]), float(my1[k]), int(labels[k]),
+                          names.get(int(labels[k]), str(int(labels[k]))), float(scores[k]),
+                          tuple(float(v) for v in boxes[k]))
+                for k in range(len(boxes))]
+        result.seconds = time.time() - t_start
+        prog.update(1.0, f"{len(result.detections)} objects ({result.raw_detections} boxes from the tiles before "
+                         f"merging), {result.tiles_run}/{result.tiles} tiles on {result.device} in "
+                         f"{result.seconds:.1f} s")
+        return result
+    finally:
+        reader.close()
+
+
+def write_geojson(result, path):
+    """Write ``result.to_geojson()`` to ``path`` atomically (temp file + rename)."""
+    from .writer import AtomicFile, check_writable
+    final = check_writable(path, "OUTPUT")
+    af = AtomicFile(final)
+    try:
+        with open(af.tmp, "w", encoding="utf-8") as fh:
+            json.dump(result.to_geojson(), fh)
+        af.commit()
+    except BaseException:
+        af.discard()
+        raise
+    return final
+
+
+__all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags",
+           "resolve_detection_options", "check_thresholds", "package_defaults", "validate_detection_metadata", "write_geojson",
+           "DetectionRunner", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS"]

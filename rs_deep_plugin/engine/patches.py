@@ -1,0 +1,191 @@
+"""Patch (scene) classification: one label per square patch of a raster, with a classifier package.
+
+Patches are laid on a regular grid from the top-left corner of the processed area: ``patch_size``
+and ``stride`` are in pixels at the model's GSD (rasters at another GSD are resampled tile by tile
+by :class:`.raster.RasterReader`, as segmentation does). Reading runs on a background thread
+(:func:`.pipeline.prefetch`), the network on the device of :func:`.device.select_device` through
+:class:`.device.ModelRunner`, ``batch_size`` patches at a time, so memory is bounded by patch x
+batch whatever the size of the raster. A patch is classified when at least ``min_valid`` of the
+part of it that can lie inside the processed area holds valid (not nodata) pixels.
+"""
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .device import ModelRunner, default_batch_size, device_description, select_device
+from .errors import InputError, ModelPackageError
+from .package import ModelPackage, load_package
+from .pipeline import batched, prefetch
+from .progress import Progress
+from .raster import RasterReader, region_window
+
+TASK = "patch_classification"
+MIN_PATCH = 8
+
+
+@dataclass
+class PatchClassificationResult:
+    """``features``: one dict per classified patch: ``geometry`` (shapely polygon in the raster's CRS,
+    the patch square clipped to the processed area), ``class_id``, ``class_name``, ``score`` (the
+    winning probability), ``top`` (the ``top_k`` best ``(class_id, class_name, score)``), ``row``,
+    ``col`` (patch indices on the grid), ``window`` (col_off, row_off, width, height: the clipped patch
+    in raster pixels)."""
+
+    features: list = field(default_factory=list)
+    crs: object = None
+    transform: object = None
+    width: int = 0
+    height: int = 0
+    patch_size: int = 0  # px at the model's GSD
+    stride: int = 0
+    native_patch: int = 0  # px of the raster
+    native_stride: int = 0
+    patches: int = 0  # laid on the grid
+    patches_run: int = 0  # classified (enough valid pixels)
+    device: str = ""
+    seconds: float = 0.0
+    gsd_scale: float = 1.0
+    warnings: list = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.features)
+
+    def __len__(self):
+        return len(self.features)
+
+    def class_counts(self):
+        out = {}
+        for f in self.features:
+            out[f["class_name"]] = out.get(f["class_name"], 0) + 1
+        return out
+
+
+def check_patch_package(pkg):
+    if pkg.task != TASK:
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; patch classification needs a {TASK} model")
+    if pkg.builder.get("classes") != len(pkg.classes):
+        raise ModelPackageError(f"{pkg.source}: rs_deep:builder.classes is {pkg.builder.get('classes')} but "
+                                f"classification:classes lists {len(pkg.classes)} classes")
+
+
+def patch_starts(start, end, stride):
+    """Regular grid of patch starts from ``start`` while a patch still begins inside [start, end)."""
+    return list(range(start, end, stride)) if end > start else []
+
+
+def classify_patches(input_path, package, *, patch_size=None, stride=None, bands=None, bounds=None, batch_size=None,
+                     device="auto", top_k=3, progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
+                     log=None):
+    """Classify the patches of ``input_path`` with the patch classifier ``package``.
+
+    ``patch_size`` / ``stride``: px at the model's GSD (default: the package's patch size, and
+    stride = patch size: patches side by side). ``bounds``: (xmin, ymin, xmax, ymax) in the
+    raster's CRS. Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
+    """
+    t_start = time.time()
+    prog = Progress(progress, is_cancelled)
+    log = log or (lambda msg: None)
+    pkg = package if isinstance(package, ModelPackage) else load_package(package)
+    check_patch_package(pkg)
+    patch = int(patch_size) if patch_size else pkg.tile_size
+    if patch < MIN_PATCH:
+        raise InputError(f"PATCH_SIZE must be at least {MIN_PATCH} px; got {patch}")
+    step = int(stride) if stride else patch
+    if step < 1:
+        raise InputError(f"STRIDE must be at least 1 px; got {step}")
+    top_k = max(1, min(int(top_k), len(pkg.classes)))
+    if not 0 < min_valid <= 1:
+        raise InputError(f"min_valid must be in (0, 1]; got {min_valid}")
+    pkg_opts = dataclasses.replace(pkg, tile_size=patch, overlap=0)
+    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    result = PatchClassificationResult(patch_size=patch, stride=step)
+    try:
+        if reader.crs is None:
+            result.warnings.append("The input raster has no CRS: patches get its pixel coordinates and the "
+                                   "model's GSD cannot be checked, so the raster is used at its own resolution.")
+        elif reader.scale != 1.0:
+            result.warnings.append(f"The raster's pixels are {reader.gsd:.3g} m and the model expects "
+                                   f"{pkg.gsd:.3g} m: patches are resampled to the model's GSD.")
+        for w in result.warnings:
+            log(w)
+        result.gsd_scale = reader.scale
+        x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
+        from rasterio.windows import Window
+        result.transform = reader.ds.window_transform(Window(x0, y0, x1 - x0, y1 - y0))
+        result.crs, result.width, result.height = reader.crs, x1 - x0, y1 - y0
+        n = reader.native_tile
+        sn = max(1, int(round(step * reader.scale)))
+        result.native_patch, result.native_stride = n, sn
+        ys, xs = patch_starts(y0, y1, sn), patch_starts(x0, x1, sn)
+        seq = [(r, c, x, y) for r, y in enumerate(ys) for c, x in enumerate(xs)]
+        result.patches = len(seq)
+        dev = select_device(device)
+        result.device = device_description(dev)
+        log(f"Device: {result.device}")
+        prog.message(f"Loading model {pkg.name} on {result.device}")
+        runner = ModelRunner(pkg.load_model(), dev, pkg.activation)
+        bs = int(batch_size) if batch_size else max(default_batch_size(dev), 16)
+        if bs < 1:
+            raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, batch {bs}")
+        t = reader.tile
+        f = t / n
+        full = min(n, x1 - x0) * min(n, y1 - y0) * f * f  # most pixels a patch can have inside the area
+
+        def read(batch):
+            arrays, keep = [], []
+            for r, c, x, y in batch:
+                data, valid = reader.read_tile(x, y)
+                # only the part of the patch inside the processed area counts
+                cx0, cy0 = int(round((max(x, x0) - x) * f)), int(round((max(y, y0) - y) * f))
+                cx1, cy1 = int(round((min(x + n, x1) - x) * f)), int(round((min(y + n, y1) - y) * f))
+                inside = int(valid[cy0:cy1, cx0:cx1].sum())
+                ok = inside > 0 and inside >= min_valid * full - 1e-6
+                keep.append(ok)
+                if ok:
+                    arrays.append(data)
+            return (np.stack(arrays) if arrays else None), keep
+
+        names = pkg.class_names()
+        done = 0
+        for batch, (data, keep) in prefetch(read, batched(seq, bs)):
+            prog.check()
+            probs = runner(data) if data is not None else None
+            if probs is not None and probs.ndim != 2:
+                raise ModelPackageError(f"{pkg.source}: the network returns {probs.shape[1:]} per patch; a patch "
+                                        "classifier returns one score per class")
+            j = 0
+            for (r, c, x, y), ok in zip(batch, keep):
+                if not ok:
+                    continue
+                p = probs[j]
+                j += 1
+                order = np.argsort(-p, kind="stable")[:top_k]
+                top = [(int(i), names[int(i)], float(p[i])) for i in order]
+                result.features.append({
+                    "geometry": _patch_polygon(reader.transform, max(x, x0), max(y, y0), min(x + n, x1),
+                                               min(y + n, y1)),
+                    "class_id": top[0][0], "class_name": top[0][1], "score": top[0][2], "top": top,
+                    "row": r, "col": c,
+                    "window": (max(x, x0), max(y, y0), min(x + n, x1) - max(x, x0), min(y + n, y1) - max(y, y0))})
+            done += len(batch)
+            prog.update(done / max(1, len(seq)))
+        result.patches_run = len(result.features)
+        result.seconds = time.time() - t_start
+        prog.update(1.0)
+        return result
+    finally:
+        reader.close()
+
+
+def _patch_polygon(transform, px0, py0, px1, py1):
+    """The pixel rectangle [px0, px1) x [py0, py1) as a polygon in map coordinates."""
+    from shapely.geometry import Polygon
+    corners = [transform * (px0, py0), transform * (px1, py0), transform * (px1, py1), transform * (px0, py1)]
+    poly = Polygon(corners)
+    return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
+
+
+__all__ = ["classify_patches", "PatchClassificationResult", "check_patch_package", "patch_starts"]

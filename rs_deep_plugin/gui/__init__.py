@@ -1,0 +1,1 @@
+"""RS Deep's QGIS GUI: the dock panel and the dependency installer dialog."""
