@@ -10,16 +10,17 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models screenshot test bench package clean help
+.PHONY: setup qgis demo demo-model eval-models compare-rf screenshot test bench package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
 	@echo "make test        run the test suite"
 	@echo "make setup       install QGIS (if missing, as root) and the pinned Python packages into .venv"
-	@echo "make bench       benchmark segmentation on a generated 8192 x 8192 raster (CPU)"
+	@echo "make bench       benchmark detection (4096^2) and segmentation (8192^2) on generated rasters (CPU)"
 	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
 	@echo "make demo-model  retrain the bundled buildings demo model"
 	@echo "make eval-models train the change and patch models that may not ship (build/models)"
+	@echo "make compare-rf  U-Net (rs_deep:train) vs per-pixel random forest on held-out areas of ../shared/data"
 	@echo "make screenshot  QGIS under Xvfb with the dock and a result -> docs/screenshot.png"
 
 setup: $(VENV)/.rs_deep-installed build/dev-plugins/rs_deep
@@ -48,6 +49,9 @@ demo-model: setup
 eval-models: setup
 	$(PY) tools/make_eval_models.py
 
+compare-rf: setup
+	$(PY) tools/compare_rf.py
+
 screenshot: setup
 	$(PY) tools/screenshot.py
 
@@ -55,6 +59,7 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
+	$(PY) tools/bench_detect.py
 	$(PY) tools/bench.py
 
 package:

@@ -7,6 +7,9 @@ from .segment import SegmentAlgorithm
 from .change import ChangeAlgorithm
 from .patches import PatchClassificationAlgorithm
 from .detect import DetectAlgorithm
+from .assess import AssessAccuracyAlgorithm
+from .train import TrainAlgorithm
+from .export_onnx import ExportOnnxAlgorithm
 
 from .provider_icon import ICON
 
@@ -32,3 +35,6 @@ class RSDeepProvider(QgsProcessingProvider):
         self.addAlgorithm(ChangeAlgorithm())
         self.addAlgorithm(PatchClassificationAlgorithm())
         self.addAlgorithm(DetectAlgorithm())
+        self.addAlgorithm(TrainAlgorithm())
+        self.addAlgorithm(AssessAccuracyAlgorithm())
+        self.addAlgorithm(ExportOnnxAlgorithm())

@@ -25,6 +25,7 @@ def missing_dependencies():
 
 def missing_message(missing):
     return ("RS Deep needs Python packages that are not installed in QGIS's Python: "
-            f"{', '.join(missing)}. Install the pinned versions from the plugin's requirements.txt "
-            "(for example: python3 -m pip install -r requirements.txt -c constraints.txt, with the Python "
-            "QGIS uses), then restart QGIS. See the README, section 'Installing the dependencies'.")
+            f"{', '.join(missing)}. In QGIS, use Raster > RS Deep > Install Python dependencies… (it installs "
+            "the pinned versions into the plugin's own folder of your profile); or install "
+            "them from the plugin's requirements.txt with the Python QGIS uses (python3 -m pip install -r "
+            "requirements.txt -c constraints.txt). See the README, section 'Using it in QGIS'.")

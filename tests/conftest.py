@@ -23,6 +23,30 @@ SAMPLE = ROOT / "resources" / "sample" / "atlanta_pan.tif"
 LANDSAT = DATA / "landsat_smoke" / "RGB.byte.tif"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _delete_leaked_layers(qgis_app):
+    """Delete, while QGIS is still up, the layers that Python still holds at the end of the session.
+
+    QGIS 3.22's bindings never release an exception raised out of a Python ``processAlgorithm``; its
+    traceback keeps the frames alive and, through ``f_back``, the frames of the test that ran the
+    algorithm, with their layers. An OGR layer destroyed at interpreter exit, after ``exitQgis()``
+    shut OGR down, crashes the process after the results are printed. This fixture is torn down
+    before pytest-qgis's ``qgis_app`` (it depends on it), so the layers die in the right order.
+    """
+    yield
+    import gc
+    import warnings
+    from qgis.core import QgsMapLayer
+    from qgis.PyQt import sip
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on lazy module attributes (torch) may warn
+        layers = [o for o in gc.get_objects() if isinstance(o, QgsMapLayer)]
+    for layer in layers:
+        if not sip.isdeleted(layer) and sip.ispyowned(layer):
+            sip.delete(layer)
+
+
 def make_package(path, in_channels=3, classes=("background", "building"), tile=64, overlap=16, gsd=None,
                  seed=0, scaling=None, bands=None):
     """A small untrained U-Net package (real weights, real format) for engine and QGIS tests."""

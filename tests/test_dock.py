@@ -361,3 +361,30 @@ def test_change_model_gets_before_and_after_layers(dock, tmp_path):
     assert run.status == run.DONE, run.message
     group = QgsProject.instance().layerTreeRoot().findGroup(run.name)
     assert group is not None and len(group.findLayers()) >= 1
+
+
+def test_detection_run_adds_boxes_outlined_by_class(dock, tmp_path):
+    """The bundled tree detector through the dock: a box layer in the run's group, outlined (no fill) by class."""
+    from qgis.core import QgsWkbTypes
+    from qgis.PyQt.QtCore import Qt
+    from conftest import ROOT
+    layer = add_raster(ROOT / "resources" / "sample" / "osbs_029.tif", "osbs")
+    choose(dock, layer, ROOT / "resources" / "models" / "trees_demo")
+    assert dock.algorithm_id == "rs_deep:detect" and "Object detection" in dock.card.text()
+    run = dock.start_run()
+    wait_done(run)
+    assert run.status == run.DONE, run.message
+    group = QgsProject.instance().layerTreeRoot().findGroup(run.name)
+    assert group is not None
+    boxes = [lay for lay in (n.layer() for n in group.findLayers())
+             if isinstance(lay, QgsVectorLayer) and lay.geometryType() == QgsWkbTypes.PolygonGeometry]
+    assert len(boxes) == 1 and boxes[0].featureCount() > 0
+    renderer = boxes[0].renderer()
+    assert renderer.type() == "categorizedSymbol" and [c.label() for c in renderer.categories()] == ["tree"]
+    assert renderer.categories()[0].symbol().symbolLayer(0).brushStyle() == Qt.NoBrush
+    assert boxes[0].crs() == layer.crs()
+    ext = layer.extent()
+    ext.grow(1.0)  # boxes are clipped to the raster (1 m of slack for rounding)
+    assert ext.contains(boxes[0].extent())
+    scores = [f["score"] for f in boxes[0].getFeatures()]
+    assert all(0 < s <= 1 for s in scores)

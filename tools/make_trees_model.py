@@ -2,20 +2,29 @@
 """Train the bundled tree-crown detector (resources/models/trees_demo) on NEON samples from DeepForest.
 
     .venv/bin/python tools/make_trees_model.py [--data ../shared/data/trees_neon]
-                                               [--out resources/models/trees_demo]
+                                               [--out resources/models/trees_demo] [--pick-threshold]
 
-Trains RS Deep's detector (:func:`rs_deep_plugin.engine.train_detect.train_detection`: Faster
-R-CNN with a MobileNetV3-Large FPN backbone from torchvision, built with no pretrained weights,
-seeded, 2 CPU threads, a few minutes) on
+Trains RS Deep's detector (:func:`rs_deep_plugin.engine.train_detect.train_detection`) with the
+``CenterNet`` builder of the ``rs_deep`` library (:mod:`rs_deep_plugin.engine.arch_centernet`:
+an anchor-free heatmap-of-centres detector on an smp ResNet-18 U-Net, 3 encoder stages, outputs at
+stride 2; no pretrained weights; seeded, 2 CPU threads, about 5 minutes) at 0.2 m (the 0.1 m
+imagery is resampled; the engine does the same tile by tile) on
 
 * the Yellowstone crop ``2019_YELL_2_541000_4977000_image_crop.png`` with its Pascal VOC boxes
   (PNG, not georeferenced; NEON imagery is 0.1 m),
-* the top 70 % of ``OSBS_029.tif`` (0.1 m, EPSG:32617) with ``OSBS_029_boxes.geojson``;
+* the top 70 % of ``OSBS_029.tif`` (0.1 m, EPSG:32617) with ``OSBS_029_boxes.geojson`` (30 % of
+  the training crops, as the bundled sample is OSBS);
 
-the bottom 30 % of OSBS_029 is held out: it is never trained on and never used to choose the
-network (the last epoch is kept). It is scored at the end through the engine
+the bottom 30 % of OSBS_029 is held out: it is never trained on, never used to choose the
+network (the last epoch is kept) nor its settings. It is scored at the end through the engine
 (:func:`rs_deep_plugin.engine.detect.detect` on the GeoTIFF, with the package's own
 thresholds): precision and recall at IoU 0.5 are printed and written to the training report.
+
+The package's score threshold (:data:`SCORE_THRESHOLD`) was picked with ``--pick-threshold``:
+the same training on a split of the *training* images only (YELL without its right 25 %, OSBS
+rows 0-200), then the threshold of best F1 at IoU 0.5 on what that split held back (the right
+25 % of YELL and OSBS rows 200-280), never on the held-out strip.
+
 Copies OSBS_029.tif to ``resources/sample/osbs_029.tif`` and writes the attribution notes.
 """
 import argparse
@@ -29,28 +38,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 YELL = "2019_YELL_2_541000_4977000_image_crop"
 HELD_OUT = 0.3  # bottom share of OSBS_029's rows never trained on (tests/test_detect.py uses the same strip)
+OSBS_TUNE_ROWS = (200, 280)  # --pick-threshold: OSBS rows held back from the training part (0-280)
+YELL_TUNE = 0.25  # --pick-threshold: right share of the YELL crop held back
 
-# Settings of the bundled model (tuned to finish in a few minutes on 2 CPU cores).
+# Settings of the bundled model (tuned on the split above to finish in about 5 minutes on 2 CPU cores).
 BUILDER = {
-    "library": "torchvision",
-    "architecture": "fasterrcnn_mobilenet_v3_large_fpn",
-    "params": {"fpn_channels": 128, "representation_size": 256, "returned_layers": [3, 4],
-               "anchor_sizes": [16, 32, 64, 128], "aspect_ratios": [0.5, 1.0, 2.0]},
+    "library": "rs_deep",
+    "architecture": "CenterNet",
+    "encoder": "resnet18",
+    "params": {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
+               "head_channels": 64},
 }
+#: picked by --pick-threshold (best F1 on the held-back part of the training images)
+SCORE_THRESHOLD = 0.25
 SETTINGS = dict(
     builder=BUILDER,
+    gsd=0.2,
     tile_size=192,
     epochs=8,
-    steps_per_epoch=30,
+    steps_per_epoch=100,
     batch_size=4,
-    lr=2e-3,
+    lr=4e-3,
     seed=0,
     num_threads=2,
     keep="last",
     scale_range=(0.75, 1.33),
+    sample_weights=[0.7, 0.3],  # YELL, OSBS
     package_tile_size=512,
-    package_overlap=96,
-    score_threshold=0.5,
+    package_overlap=64,
+    score_threshold=SCORE_THRESHOLD,
     iou_threshold=0.4,
     max_detections=300,
     weights_dtype="float16",
@@ -72,13 +88,15 @@ Biological Station, Florida) with `OSBS_029.xml`, and `2019_YELL_2_541000_497700
 MODEL_ATTRIBUTION = """\
 # Demonstration model: trees_demo
 
-A tree-crown detector (torchvision Faster R-CNN with a MobileNetV3-Large FPN backbone, RGB,
-0.1 m) trained **from scratch** (no pretrained weights) by RS Deep's own training code
-(`tools/make_trees_model.py`, `rs_deep_plugin/engine/train_detect.py`) in a few CPU minutes on
-about 320 hand-drawn crown boxes. It is a **demonstration, not a production model**: it shows
-the plugin working on the bundled sample (`resources/sample/osbs_029.tif`); expect missed and
-invented trees elsewhere. `training_report.json` holds its training curve and its precision and
-recall at IoU 0.5 on the bottom 30 % of the sample, which it was not trained on.
+A tree-crown detector (RS Deep's anchor-free `CenterNet`: a heatmap of crown centres and a box
+regression head on a ResNet-18 U-Net with 3 encoder stages, RGB, run at 0.2 m) trained **from
+scratch** (no pretrained weights) by RS Deep's own training code (`tools/make_trees_model.py`,
+`rs_deep_plugin/engine/train_detect.py`) in about 5 CPU minutes on about 320 hand-drawn crown
+boxes. It is a **demonstration, not a production model**: it shows the plugin working on the
+bundled sample (`resources/sample/osbs_029.tif`, 0.1 m: the engine resamples it to the model's
+0.2 m); expect missed and invented trees elsewhere. `training_report.json` holds its training
+curve and its precision and recall at IoU 0.5 on the bottom 30 % of the sample, which it was not
+trained on.
 
 The sample raster `resources/sample/osbs_029.tif` is `OSBS_029.tif` copied unchanged.
 
@@ -101,7 +119,10 @@ def ensure_dev_link():
 
 
 def held_out_score(image, boxes_geojson, package, fraction=HELD_OUT):
-    """Precision/recall/AP at IoU 0.5 of ``package`` on the bottom ``fraction`` of ``image``, via the engine."""
+    """Precision/recall/AP at IoU 0.5 of ``package`` on the bottom ``fraction`` of ``image``, via the engine.
+
+    Precision, recall and F1 with the package's own thresholds; ``ap`` of those detections;
+    ``ap_all`` of every detection scoring at least 0.05 (the whole precision-recall curve)."""
     import numpy as np
     import rasterio
     from rs_deep.rs_deep_plugin.engine.detect import detect
@@ -115,13 +136,58 @@ def held_out_score(image, boxes_geojson, package, fraction=HELD_OUT):
     cy = (truth[:, 1] + truth[:, 3]) / 2
     truth = truth[(cy < top) & (cy >= bottom)]
     truth[:, 1] = np.maximum(truth[:, 1], bottom)
-    res = detect(str(image), str(package), bounds=(left, bottom, right, top))
-    pred = np.array([d.box for d in res]).reshape(-1, 4)
-    scores = np.array([d.score for d in res])
-    m = detection_metrics([(pred, scores, np.zeros(len(pred), int))], [(truth, np.zeros(len(truth), int))], iou=0.5,
-                          score_threshold=res.score_threshold)
+    truths = [(truth, np.zeros(len(truth), int))]
+
+    def run(**kwargs):
+        res = detect(str(image), str(package), bounds=(left, bottom, right, top), **kwargs)
+        pred = np.array([d.box for d in res]).reshape(-1, 4)
+        return res, [(pred, np.array([d.score for d in res]), np.zeros(len(pred), int))]
+
+    res, preds = run()
+    m = detection_metrics(preds, truths, iou=0.5, score_threshold=res.score_threshold)
+    m["ap_all"] = detection_metrics(run(score_threshold=0.05)[1], truths, iou=0.5)["ap"]
     m["bounds"] = [left, bottom, right, top]
     return m
+
+
+def pick_threshold(yell, yell_boxes, osbs, osbs_boxes, settings, out, log=print):
+    """Train with ``settings`` on part of the training images and return the score threshold of best F1
+    (IoU 0.5) on the rest: the right ``YELL_TUNE`` of the YELL crop and OSBS rows ``OSBS_TUNE_ROWS``."""
+    import numpy as np
+    from rs_deep.rs_deep_plugin.engine.device import select_device
+    from rs_deep.rs_deep_plugin.engine.package import load_package
+    from rs_deep.rs_deep_plugin.engine.raster import apply_scaling
+    from rs_deep.rs_deep_plugin.engine.train_detect import (DetectionSample, _load_sample, _resample,
+                                                              detection_metrics, predict_image, split_sample,
+                                                              train_detection)
+    r0, r1 = OSBS_TUNE_ROWS
+    y_train, y_tune = split_sample(DetectionSample(str(yell), str(yell_boxes), gsd=0.1, name=yell.name), YELL_TUNE,
+                                   "right")
+    o_train = DetectionSample(str(osbs), str(osbs_boxes), window=(0, 0, 400, r0), name=f"OSBS_029.tif rows 0-{r0}")
+    o_tune = DetectionSample(str(osbs), str(osbs_boxes), window=(0, r0, 400, r1 - r0), boxes_at_window_edge="centre",
+                             name=f"OSBS_029.tif rows {r0}-{r1}")
+    train_detection([y_train, o_train], out, class_names=["tree"], band_names=["red", "green", "blue"],
+                    name="trees_threshold_pick", log=log, **dict(settings, keep="last"))
+    pkg = load_package(out)
+    model = pkg.load_model()
+    preds, truths = [], []
+    for s in (y_tune, o_tune):
+        it = _load_sample(s, ["tree"], None, "label", s.name)
+        it = _resample(it, it.gsd / pkg.gsd) if it.gsd and pkg.gsd and it.gsd != pkg.gsd else it
+        apply_scaling(it.img, pkg.value_scaling)
+        it.img[:, ~it.valid] = 0.0
+        preds.append(predict_image(model, it.img, it.valid, pkg.tile_size, pkg.overlap, 0.05,
+                                   settings["iou_threshold"], settings["max_detections"], select_device("cpu")))
+        truths.append((it.boxes, it.labels))
+    table = []
+    for th in np.round(np.arange(0.1, 0.61, 0.05), 2):
+        m = detection_metrics(preds, truths, iou=0.5, score_threshold=float(th))
+        table.append((m["f1"], float(th), m["precision"], m["recall"]))
+        log(f"  score >= {th:.2f}: precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}")
+    best = max(table)
+    log(f"threshold of best F1 on the held-back training images: {best[1]:.2f} (F1 {best[0]:.3f}, AP50 "
+        f"{detection_metrics(preds, truths, iou=0.5)['ap']:.3f})")
+    return best[1]
 
 
 def main(argv=None):
@@ -133,6 +199,9 @@ def main(argv=None):
     parser.add_argument("--sample", default=str(REPO / "resources" / "sample"), help="folder for the sample raster")
     parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"])
     parser.add_argument("--steps-per-epoch", type=int, default=SETTINGS["steps_per_epoch"])
+    parser.add_argument("--pick-threshold", action="store_true",
+                        help=f"first train on part of the training images and use the score threshold of best F1 on "
+                             f"the rest (instead of {SCORE_THRESHOLD}); about doubles the time")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -149,16 +218,21 @@ def main(argv=None):
         if not p.is_file():
             sys.exit(f"error: {p} not found; give --data, the folder holding the DeepForest NEON samples")
     out, sample = Path(args.out), Path(args.sample)
+    settings = dict(SETTINGS, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
+    if args.pick_threshold:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            settings["score_threshold"] = pick_threshold(yell, yell_boxes, osbs, osbs_boxes, settings,
+                                                         Path(tmp) / "pick")
 
     osbs_train, osbs_held = split_sample(DetectionSample(str(osbs), str(osbs_boxes)), HELD_OUT, "bottom")
     samples = [DetectionSample(str(yell), str(yell_boxes), gsd=0.1, name=yell.name), osbs_train]
-    settings = dict(SETTINGS, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
     t0 = time.time()
     report = train_detection(
         samples, out, val_samples=[osbs_held], class_names=["tree"], class_colors=["FFD92F"],
-        band_names=["red", "green", "blue"], gsd=0.1, name="trees_demo",
-        description=("Demonstration model: tree crowns in 0.1 m RGB imagery (NEON). Trained from scratch by RS Deep "
-                     "on ~320 boxes of the DeepForest samples; not a production model."),
+        band_names=["red", "green", "blue"], name="trees_demo",
+        description=("Demonstration model: tree crowns in RGB imagery (NEON, run at 0.2 m). RS Deep's CenterNet "
+                     "detector trained from scratch on ~320 boxes of the DeepForest samples; not a production model."),
         progress=None if args.quiet else terminal_progress(), log=print, **settings)
     seconds = time.time() - t0
 
@@ -169,6 +243,7 @@ def main(argv=None):
 
     scores = held_out_score(sample / "osbs_029.tif", osbs_boxes, out)
     report["held_out_engine"] = scores
+    report["training_seconds"] = round(seconds, 1)
     _write_json(str(out / REPORT_NAME), report)
     pkg = load_package(out)
     size = sum((out / n).stat().st_size for n in ("model.json", "model.safetensors"))
@@ -176,11 +251,12 @@ def main(argv=None):
     print(package_summary(pkg))
     print(f"held-out trees (bottom {HELD_OUT:.0%} of OSBS_029, never trained on), IoU 0.5, score >= "
           f"{scores['score_threshold']:g}: precision {scores['precision']:.3f}, recall {scores['recall']:.3f}, "
-          f"F1 {scores['f1']:.3f}, AP50 {scores['ap']:.3f} ({scores['tp']} of {scores['truth']} trees found, "
-          f"{scores['fp']} false)")
+          f"F1 {scores['f1']:.3f}, AP50 {scores['ap']:.3f} (all scores >= 0.05: {scores['ap_all']:.3f}) "
+          f"({scores['tp']} of {scores['truth']} trees found, {scores['fp']} false)")
     print(f"package: {out} ({size / 1e6:.2f} MB); sample: {sample / 'osbs_029.tif'}; training took {seconds:.0f} s")
     print(json.dumps({"precision": round(scores["precision"], 3), "recall": round(scores["recall"], 3),
-                      "ap50": round(scores["ap"], 3), "seconds": round(seconds)}))
+                      "f1": round(scores["f1"], 3), "ap50": round(scores["ap"], 3),
+                      "ap50_all": round(scores["ap_all"], 3), "seconds": round(seconds)}))
     if size > 10_000_000:
         sys.exit(f"error: the package is {size / 1e6:.1f} MB; the bundled model must be at most 10 MB")
     return report

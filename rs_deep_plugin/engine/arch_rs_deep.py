@@ -1,6 +1,7 @@
-"""RS Deep's own network compositions (builder library ``rs_deep``): bi-temporal change networks.
+"""RS Deep's own network compositions (builder library ``rs_deep``): bi-temporal change networks
+and an anchor-free object detector.
 
-Both take the two dates stacked on the channel axis, ``[B, 2 x C, H, W]`` (before bands, then after
+The change networks take the two dates stacked on the channel axis, ``[B, 2 x C, H, W]`` (before bands, then after
 bands, as :class:`.change.PairReader` reads them), and return change logits ``[B, K, H, W]``.
 ``in_channels`` in the builder is the number of bands **per date** (``C``).
 
@@ -10,11 +11,15 @@ bands, as :class:`.change.PairReader` reads them), and return change logits ``[B
   difference (``params.fusion`` "absdiff", or "concat" of both feature maps), an smp U-Net decoder
   and a segmentation head.
 
+* ``CenterNet`` (object detection): an smp encoder-decoder with a heatmap of object centres and a
+  box regression head, with the interface of torchvision's detectors; validated and built by
+  :mod:`.arch_centernet` (see there for its params).
+
 Nothing is downloaded: encoder weights are always ``None``.
 """
 from .errors import ModelPackageError
 
-ARCHITECTURES = ("EarlyFusion", "SiameseUnet")
+ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet")
 FUSIONS = ("absdiff", "concat")
 
 #: params per architecture, with their JSON types (EarlyFusion also takes every smp parameter)
@@ -42,6 +47,9 @@ def validate(builder, where="rs_deep:builder"):
     if arch not in ARCHITECTURES:
         raise ModelPackageError(f"{where}.architecture: {arch!r} is not on the allow-list of the rs_deep library; "
                                 f"valid names: {', '.join(ARCHITECTURES)}")
+    if arch == "CenterNet":
+        from .arch_centernet import validate as validate_centernet
+        return validate_centernet(builder, where)
     if builder.get("encoder_weights") is not None:
         raise ModelPackageError(f"{where}.encoder_weights: must be null (weights come from model.safetensors; "
                                 f"nothing is downloaded), got {builder.get('encoder_weights')!r}")
@@ -86,6 +94,9 @@ def build(builder, where="rs_deep:builder"):
     import torch
     from .architectures import build as build_smp
 
+    if builder["architecture"] == "CenterNet":
+        from .arch_centernet import build as build_centernet
+        return build_centernet(builder, where)
     if builder["architecture"] == "EarlyFusion":
         net = build_smp(_smp_builder(builder), where)
 

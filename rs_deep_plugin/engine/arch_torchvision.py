@@ -212,7 +212,14 @@ def build(builder, where="rs_deep:builder"):
 
 
 def configure_inference(model, score_threshold, iou_threshold, max_detections):
-    """Set the network's own post-processing: score cut, class-wise NMS and the per-tile cap."""
+    """Set the network's own post-processing: score cut, class-wise NMS and the per-tile cap.
+
+    Works for every detector the engine builds: torchvision's (below) and those with their own
+    ``configure_inference`` method (:mod:`.arch_centernet`)."""
+    own = getattr(model, "configure_inference", None)
+    if callable(own):
+        own(score_threshold, iou_threshold, max_detections)
+        return model
     heads = getattr(model, "roi_heads", None)
     if heads is not None:  # Faster R-CNN
         # region proposals per tile: a few per object that may be kept (torchvision's 1000 at most)

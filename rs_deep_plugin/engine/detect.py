@@ -378,7 +378,10 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
         result.device = device_description(dev)
         log(f"Device: {result.device}")
         prog.message(f"Loading model {pkg.name} on {result.device}")
-        runner = DetectionRunner(pkg.load_model(), dev, score, iou, maxd)
+        if getattr(pkg, "backend", "torch") == "onnx":  # onnxruntime (engine/onnx_backend.py)
+            runner = pkg.make_detection_runner(dev, score, iou, maxd)
+        else:
+            runner = DetectionRunner(pkg.load_model(), dev, score, iou, maxd)
         bs = int(batch_size) if batch_size else default_batch_size(dev)
         if bs < 1:
             raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")

@@ -339,6 +339,9 @@ def parse_metadata(meta, source="model.json"):
 
 def load_package(path, task=None):
     """Read and validate a package folder or zip. ``task`` checks it is the right kind of model."""
+    if path is not None and os.fspath(path).lower().endswith(".onnx"):  # optional ONNX backend
+        from .onnx_backend import load_onnx_package
+        return load_onnx_package(path, task=task)
     meta_bytes, weights = _read_package_files(path)
     try:
         meta = json.loads(meta_bytes.decode("utf-8"))
@@ -444,6 +447,7 @@ def save_package(model, out_dir, weights_dtype=None, **metadata):
     os.makedirs(out_dir, exist_ok=True)
     for name, data in ((WEIGHTS_NAME, weights), (METADATA_NAME, (json.dumps(meta, indent=2) + "\n").encode())):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files: a package is shared and shipped
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, os.path.join(out_dir, name))

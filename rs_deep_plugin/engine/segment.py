@@ -215,7 +215,10 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         result.device = device_description(dev)
         log(f"Device: {result.device}")
         prog.message(f"Loading model {pkg.name} on {result.device}")
-        runner = ModelRunner(pkg.load_model(), dev, pkg.activation)
+        if getattr(pkg, "backend", "torch") == "onnx":  # onnxruntime (engine/onnx_backend.py)
+            runner = pkg.make_runner(dev)
+        else:
+            runner = ModelRunner(pkg.load_model(), dev, pkg.activation)
         bs = int(batch_size) if batch_size else default_batch_size(dev)
         if bs < 1:
             raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")

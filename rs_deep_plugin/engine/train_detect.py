@@ -377,10 +377,12 @@ def _flip_boxes(boxes, size):
 
 
 class BoxCropSampler:
-    """Random augmented square crops with their boxes from in-memory images at the model's GSD."""
+    """Random augmented square crops with their boxes from in-memory images at the model's GSD.
+
+    Images are picked in proportion to their area, or to ``weights`` (one per image) when given."""
 
     def __init__(self, items, tile, rng, scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4,
-                 brightness=0.1, contrast=0.25, noise=0.03):
+                 brightness=0.1, contrast=0.25, noise=0.03, weights=None):
         self.items = items
         self.tile = tile
         self.rng = rng
@@ -392,6 +394,11 @@ class BoxCropSampler:
         self.min_visible = min_visible
         self.brightness, self.contrast, self.noise = brightness, contrast, noise
         area = np.array([it.valid.size for it in items], dtype=np.float64)
+        if weights is not None:
+            area = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if len(area) != len(items) or not np.all(np.isfinite(area)) or np.any(area < 0) or not area.sum() > 0:
+                raise InputError(f"sample_weights: expected {len(items)} non-negative numbers (one per training "
+                                 f"image), not all 0; got {list(weights)}")
         self.p = area / area.sum()
 
     def _crop(self):
@@ -628,8 +635,8 @@ def _set_training_sizes(model, proposals=256, roi_batch=64):
 def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), class_colors=None, val_samples=None,
                     bands=None, band_names=None, builder=None, gsd="auto", value_scaling=None, tile_size=256,
                     epochs=20, steps_per_epoch=None, batch_size=4, lr=2e-3, weight_decay=1e-4, seed=0,
-                    scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4, keep="best", device="auto",
-                    num_threads=None, progress=None, is_cancelled=None, log=None, name="detection-model",
+                    scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4, sample_weights=None, keep="best",
+                    device="auto", num_threads=None, progress=None, is_cancelled=None, log=None, name="detection-model",
                     description="", package_tile_size=512, package_overlap=64, score_threshold=None,
                     iou_threshold=None, max_detections=None, weights_dtype="float16", class_field="label",
                     proposals=256, roi_batch=64):
@@ -642,7 +649,9 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     ``keep="last"`` (or without validation samples) the last epoch. ``gsd``: the model's
     metres per pixel ("auto": the first georeferenced sample's; None: every image as it is);
     images of another known GSD are resampled to it. ``score_threshold``, ``iou_threshold``,
-    ``max_detections`` are stored in the package as its defaults.
+    ``max_detections`` are stored in the package as its defaults. ``sample_weights``: the share
+    of training crops taken from each sample (relative numbers, one per sample; default: in
+    proportion to the images' areas).
 
     Returns the training report. When ``is_cancelled()`` turns true after an epoch finished,
     that network is written before :class:`Cancelled` is raised.
@@ -752,7 +761,7 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
         sampler = BoxCropSampler(train_items, tile_size, rng, scale_range=scale_range, object_prob=object_prob,
-                                 min_visible=min_visible)
+                                 min_visible=min_visible, weights=sample_weights)
         log(f"Training {builder['architecture']} on {device_description(dev)}: {epochs} epochs x {steps_per_epoch} "
             f"steps x {batch_size} crops of {tile_size} px; {n_train_boxes} training boxes in {len(train_items)} "
             f"image(s), {sum(len(it.boxes) for it in val_items)} validation boxes")
@@ -762,6 +771,7 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
             "device": device_description(dev), "threads": torch.get_num_threads(), "tile_size": tile_size,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "epochs_planned": epochs,
             "steps_per_epoch": steps_per_epoch, "keep": keep if val_items else "last",
+            "sample_shares": [round(float(v), 4) for v in sampler.p],
             "thresholds": {"score_threshold": score_t, "iou_threshold": iou_t, "max_detections": max_d},
             "train_images": [{"name": it.name, "width": it.img.shape[2], "height": it.img.shape[1],
                               "boxes": int(len(it.boxes))} for it in train_items],

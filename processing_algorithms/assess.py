@@ -1,0 +1,334 @@
+"""rs_deep:assess_accuracy — accuracy of a class raster against reference polygons or a label raster."""
+import os
+
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsFeatureSink, QgsField,
+                       QgsFields, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterRasterLayer, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QIcon
+
+from .base import FeedbackBridge, gdal_path, layer_bounds, load_model_package, require_dependencies
+from .provider_icon import ICON
+
+OUTSIDE = ["background (class 0)", "ignore (not counted)"]
+OUTSIDE_VALUES = ["background", "ignore"]
+BACKGROUND_NAMES = ("background", "other", "none")
+
+
+def is_null(value):
+    return value is None or (hasattr(value, "isNull") and value.isNull())
+
+
+def class_value_or_name(value):
+    """An attribute as an int class value when it is one (3, 3.0, "3"), else its stripped text."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else str(value)
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            f = float(text)
+        except ValueError:
+            return text
+        return int(f) if f.is_integer() else text
+
+
+def read_labelled_polygons(source, field_name, target_crs, context, feedback, what):
+    """Features of ``source`` as ``[(shapely geometry in target_crs, attribute value or None)]``.
+
+    Features without a geometry, or whose ``field_name`` is NULL (reported), are left out."""
+    import shapely
+    if source is None:
+        raise QgsProcessingException(f"{what} is not a valid vector layer")
+    field_index = -1
+    if field_name:
+        field_index = source.fields().lookupField(field_name)
+        if field_index < 0:
+            names = ", ".join(f.name() for f in source.fields()) or "none"
+            raise QgsProcessingException(f"{what} has no field {field_name!r}; its fields: {names}")
+    xform = None
+    if source.sourceCrs().isValid() and target_crs.isValid() and source.sourceCrs() != target_crs:
+        xform = QgsCoordinateTransform(source.sourceCrs(), target_crs, context.transformContext())
+    out, nulls = [], 0
+    for f in source.getFeatures():
+        if feedback.isCanceled():
+            raise QgsProcessingException("Cancelled while reading the features; nothing was written.")
+        g = f.geometry()
+        if g is None or g.isNull() or g.isEmpty():
+            continue
+        if g.type() != QgsWkbTypes.PolygonGeometry:
+            continue
+        value = None
+        if field_index >= 0:
+            value = f.attributes()[field_index]
+            if is_null(value):
+                nulls += 1
+                continue
+        g = QgsGeometry(g)
+        if QgsWkbTypes.isCurvedType(g.wkbType()):
+            g = QgsGeometry(g.constGet().segmentize())
+        if xform is not None:
+            try:
+                g.transform(xform)
+            except Exception as exc:
+                raise QgsProcessingException(f"Cannot transform a feature of {what} to the raster's CRS "
+                                             f"({target_crs.authid()}): {exc}") from exc
+        geom = shapely.from_wkb(bytes(g.asWkb()))
+        if geom.is_empty:
+            continue
+        out.append((geom, value))
+    if nulls:
+        feedback.reportError(f"{nulls} feature(s) of {what} have no value in {field_name!r} and were left out",
+                             fatalError=False)
+    if not out:
+        raise QgsProcessingException(f"{what} has no polygon feature" + (f" with a value in {field_name!r}"
+                                                                        if field_name else "")
+                                     + "; give a layer with (multi)polygons")
+    return out
+
+
+def raster_extent_box(layer):
+    from shapely.geometry import box
+    e = layer.extent()
+    return box(e.xMinimum(), e.yMinimum(), e.xMaximum(), e.yMaximum())
+
+
+def check_overlap(pairs, layer, what):
+    """Stop with a clear message when no polygon overlaps the raster."""
+    area = raster_extent_box(layer)
+    if not any(g.intersects(area) for g, _ in pairs):
+        e = layer.extent()
+        raise QgsProcessingException(
+            f"None of the {len(pairs)} features of {what} overlaps the raster {layer.name()} (extent "
+            f"{e.xMinimum():.6g}, {e.yMinimum():.6g} : {e.xMaximum():.6g}, {e.yMaximum():.6g} in "
+            f"{layer.crs().authid() or 'no CRS'}); check that the features are in the raster's area and that "
+            "their layer's CRS is set correctly")
+
+
+class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
+    PREDICTION = "PREDICTION"
+    REFERENCE = "REFERENCE"
+    CLASS_FIELD = "CLASS_FIELD"
+    REFERENCE_RASTER = "REFERENCE_RASTER"
+    OUTSIDE = "OUTSIDE"
+    MODEL = "MODEL"
+    EXTENT = "EXTENT"
+    OUTPUT_HTML = "OUTPUT_HTML"
+    OUTPUT_TABLE = "OUTPUT_TABLE"
+    OVERALL_ACCURACY = "OVERALL_ACCURACY"
+    KAPPA = "KAPPA"
+    MEAN_IOU = "MEAN_IOU"
+
+    def name(self):
+        return "assess_accuracy"
+
+    def displayName(self):  # noqa: N802 (QGIS API)
+        return "Assess accuracy (segmentation)"
+
+    def group(self):
+        return "Train and assess"
+
+    def groupId(self):  # noqa: N802 (QGIS API)
+        return "train"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def shortHelpString(self):  # noqa: N802 (QGIS API)
+        return (
+            "Compares a class raster (for example the output of Semantic segmentation) with reference labels "
+            "pixel by pixel and reports the confusion matrix, per-class IoU, F1, precision, recall and support, "
+            "the overall accuracy, Cohen's kappa and the mean IoU.<br><br>"
+            "<b>Prediction</b>: a class raster (file), band 1 holding integer class values. Its nodata pixels "
+            "are not counted.<br>"
+            "<b>Reference polygons</b>: polygons of the true classes (reprojected to the prediction's CRS). "
+            "Give either these or a reference raster.<br>"
+            "<b>Class field</b>: the field of the reference polygons holding each polygon's class: a class value "
+            "(integer) or a class name, matched (case-insensitive) against the prediction's category names, its "
+            "style's labels or the model's classes. Without it, every polygon is the prediction's only "
+            "non-background class.<br>"
+            "<b>Reference raster</b>: a label raster of class values; resampled (nearest) onto the prediction's "
+            "grid when its grid differs. Its nodata pixels are not counted.<br>"
+            "<b>Outside the polygons</b>: pixels outside every reference polygon are the background (class 0) or "
+            "are not counted (when only part of the objects was labelled).<br>"
+            "<b>Model package</b>: optional; names the classes (for class names in the class field and the "
+            "report) when the prediction raster does not.<br>"
+            "<b>Extent</b>: assess only this area (default: the whole prediction).<br>"
+            "<b>Report</b>: a self-contained HTML page with the summary, the per-class table and the confusion "
+            "matrix (rows: reference, columns: prediction).<br>"
+            "<b>Per-class table</b>: a table without geometry, one row per class: class_id, class_name, iou, f1, "
+            "precision, recall, support (reference pixels). Metrics that are undefined (no pixel of the class) "
+            "are NULL.<br>"
+            "Also returned: OVERALL_ACCURACY, KAPPA and MEAN_IOU (the mean over the classes present in the "
+            "reference or the prediction)."
+        )
+
+    def createInstance(self):  # noqa: N802 (QGIS API)
+        return AssessAccuracyAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
+        self.addParameter(QgsProcessingParameterRasterLayer(self.PREDICTION, "Prediction (class raster)"))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.REFERENCE, "Reference polygons",
+                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (value or name)", None,
+                                                      self.REFERENCE, QgsProcessingParameterField.Any,
+                                                      optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.REFERENCE_RASTER, "Reference raster (class values)",
+                                                            optional=True))
+        self.addParameter(QgsProcessingParameterEnum(self.OUTSIDE, "Outside the reference polygons", OUTSIDE,
+                                                     defaultValue=0))
+        advanced = [
+            QgsProcessingParameterFile(self.MODEL, "Model package (names the classes; optional)",
+                                       behavior=QgsProcessingParameterFile.Folder, optional=True),
+            QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True),
+        ]
+        for p in advanced:
+            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(p)
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_HTML, "Accuracy report",
+                                                                "HTML files (*.html)", optional=True,
+                                                                createByDefault=True))
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_TABLE, "Per-class accuracy",
+                                                            QgsProcessing.TypeVector, optional=True,
+                                                            createByDefault=True))
+        self.addOutput(QgsProcessingOutputNumber(self.OVERALL_ACCURACY, "Overall accuracy"))
+        self.addOutput(QgsProcessingOutputNumber(self.KAPPA, "Cohen's kappa"))
+        self.addOutput(QgsProcessingOutputNumber(self.MEAN_IOU, "Mean IoU"))
+
+    # ----------------------------------------------------------------------------------------
+
+    def _class_names(self, parameters, context, layer, path, feedback):
+        """{value: name} from the model package, else the raster's category names, else its paletted style."""
+        from ..rs_deep_plugin.engine.accuracy import raster_category_names
+        model = self.parameterAsFile(parameters, self.MODEL, context) if parameters.get(self.MODEL) else ""
+        if model:
+            pkg = load_model_package(model, None)
+            feedback.pushInfo(f"Class names from the model package {pkg.name}")
+            return {c.value: c.name for c in pkg.classes}
+        names = raster_category_names(path)
+        if names:
+            return names
+        renderer = layer.renderer()
+        if isinstance(renderer, QgsPalettedRasterRenderer):
+            return {int(c.value): c.label for c in renderer.classes() if c.label}
+        return {}
+
+    @staticmethod
+    def _to_class_value(raw, names, field):
+        value = class_value_or_name(raw)
+        if isinstance(value, int):
+            return value
+        lookup = {n.strip().lower(): v for v, n in names.items()}
+        hit = lookup.get(value.lower())
+        if hit is None:
+            known = ", ".join(f"{v}={n}" for v, n in sorted(names.items())) or "none (the prediction names no classes)"
+            raise QgsProcessingException(
+                f"Class {value!r} in field {field!r} is neither a class value nor one of the prediction's class names "
+                f"({known}); use class values, or give the MODEL that names the classes")
+        return hit
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
+        require_dependencies()
+        from ..rs_deep_plugin.engine.accuracy import assess_segmentation, write_report
+        from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
+
+        layer = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException("PREDICTION is not a valid raster layer; choose the class raster to assess")
+        path = gdal_path(layer)
+        if path is None:
+            raise QgsProcessingException(f"PREDICTION {layer.name()} is not a raster file ({layer.providerType()}); "
+                                         "save it as a GeoTIFF first (Export > Save As...)")
+        source = self.parameterAsSource(parameters, self.REFERENCE, context)
+        ref_layer = self.parameterAsRasterLayer(parameters, self.REFERENCE_RASTER, context) \
+            if parameters.get(self.REFERENCE_RASTER) not in (None, "") else None
+        if (source is None) == (ref_layer is None):
+            raise QgsProcessingException("Give the reference as either REFERENCE (polygons with a class field) or "
+                                         "REFERENCE_RASTER (a label raster), not both and not neither")
+        field = self.parameterAsString(parameters, self.CLASS_FIELD, context) if source is not None else ""
+        outside = OUTSIDE_VALUES[self.parameterAsEnum(parameters, self.OUTSIDE, context)]
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+        bounds = layer_bounds(layer, extent)
+        names = self._class_names(parameters, context, layer, path, feedback)
+        html_path = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context) \
+            if parameters.get(self.OUTPUT_HTML) not in (None, "") else ""
+
+        if source is not None:
+            pairs = read_labelled_polygons(source, field, layer.crs(), context, feedback, "REFERENCE")
+            check_overlap(pairs, layer, "REFERENCE")
+            if field:
+                reference = [(g, self._to_class_value(v, names, field)) for g, v in pairs]
+            else:
+                fg = [v for v, n in names.items() if v != 0 and n.strip().lower() not in BACKGROUND_NAMES]
+                if len(fg) > 1:
+                    raise QgsProcessingException(
+                        f"The prediction has {len(fg)} non-background classes "
+                        f"({', '.join(names[v] for v in fg)}): choose the CLASS_FIELD that holds each polygon's "
+                        "class")
+                value = fg[0] if fg else 1
+                feedback.pushInfo(f"No class field: every polygon is class {value} ({names.get(value, 'class 1')})")
+                reference = [(g, value) for g, _ in pairs]
+            feedback.pushInfo(f"Reference: {len(reference)} polygons; outside them: {outside}")
+        else:
+            if not ref_layer.isValid():
+                raise QgsProcessingException("REFERENCE_RASTER is not a valid raster layer")
+            reference = gdal_path(ref_layer)
+            if reference is None:
+                raise QgsProcessingException(f"REFERENCE_RASTER {ref_layer.name()} is not a raster file; save it as "
+                                             "a GeoTIFF first")
+            feedback.pushInfo(f"Reference raster: {reference}")
+
+        bridge = FeedbackBridge(feedback, 0, 90)
+        try:
+            metrics = assess_segmentation(path, reference, class_names=names or None, bounds=bounds, outside=outside,
+                                          progress=bridge.progress, is_cancelled=bridge.is_cancelled)
+        except Cancelled as exc:
+            raise QgsProcessingException("Cancelled; nothing was written.") from exc
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+
+        feedback.pushInfo(f"{metrics['pixels']:,} pixels compared: overall accuracy {metrics['overall_accuracy']:.4f}, "
+                          f"kappa {metrics['kappa']:.4f}, mean IoU {_f(metrics['mean_iou'])}")
+        for c in metrics["classes"]:
+            feedback.pushInfo(f"  {c['value']} {c['name']}: IoU {_f(c['iou'])}, F1 {_f(c['f1'])}, precision "
+                              f"{_f(c['precision'])}, recall {_f(c['recall'])}, support {c['support']:,} px")
+        results = {self.OVERALL_ACCURACY: metrics["overall_accuracy"], self.KAPPA: metrics["kappa"],
+                   self.MEAN_IOU: metrics["mean_iou"]}
+        if html_path:
+            try:
+                write_report(metrics, html_path=html_path,
+                             title=f"Accuracy of {os.path.basename(path)}")
+            except (OSError, RSDeepError) as exc:
+                raise QgsProcessingException(f"Cannot write the report {html_path}: {exc}") from exc
+            results[self.OUTPUT_HTML] = html_path
+        if parameters.get(self.OUTPUT_TABLE) not in (None, ""):
+            fields = QgsFields()
+            fields.append(QgsField("class_id", QVariant.Int))
+            fields.append(QgsField("class_name", QVariant.String))
+            for n in ("iou", "f1", "precision", "recall"):
+                fields.append(QgsField(n, QVariant.Double))
+            fields.append(QgsField("support", QVariant.LongLong))
+            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry,
+                                              QgsCoordinateReferenceSystem())
+            if sink is None:
+                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_TABLE))
+            for c in metrics["classes"]:
+                feat = QgsFeature(fields)
+                feat.setAttributes([c["value"], c["name"], c["iou"], c["f1"], c["precision"], c["recall"],
+                                    c["support"]])
+                sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            results[self.OUTPUT_TABLE] = dest
+        feedback.setProgress(100)
+        return results
+
+
+def _f(v):
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,85 @@
+"""rs_deep:export_onnx — export a segmentation model package to one ONNX file (Deepness/GeoDeep metadata)."""
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
+                       QgsProcessingParameterNumber)
+from qgis.PyQt.QtGui import QIcon
+
+from .base import FeedbackBridge, bundled_models, require_dependencies, resolve_model_path
+from .provider_icon import ICON
+
+INPUT_HELP = ("The model package to export: a package folder, a .zip of one, its model.json, or the name of a "
+              "bundled model ({models}). Segmentation packages only.")
+OUTPUT_HELP = ("The .onnx file to write (one file, no external data). Its metadata_props hold the package's "
+               "model.json (rs_deep:model_json) and the Deepness/GeoDeep keys (model_type, class_names, resolution "
+               "in cm, tile_size, tiles_overlap in %, standardization_mean/std when the value scaling can be "
+               "written so).")
+OPSET_HELP = "ONNX opset version of the exported graph (default 17; onnxruntime 1.14 or newer runs it)."
+
+
+class ExportOnnxAlgorithm(QgsProcessingAlgorithm):
+    INPUT = "INPUT"
+    OUTPUT = "OUTPUT"
+    OPSET = "OPSET"
+
+    def name(self):
+        return "export_onnx"
+
+    def displayName(self):  # noqa: N802 (QGIS API)
+        return "Export model package to ONNX"
+
+    def group(self):
+        return "Train and assess"
+
+    def groupId(self):  # noqa: N802 (QGIS API)
+        return "train"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def shortHelpString(self):  # noqa: N802 (QGIS API)
+        models = ", ".join(bundled_models()) or "none"
+        return (
+            "Exports a segmentation model package to a single ONNX file that RS Deep, Deepness and GeoDeep can "
+            "run. The graph takes float32 tiles [batch, bands, tile, tile] (any batch size) and returns class "
+            "probabilities [batch, classes, tile, tile]. Needs the optional packages onnx and onnxruntime.<br><br>"
+            f"<b>Model package</b>: {INPUT_HELP.format(models=models)}<br>"
+            f"<b>ONNX file</b>: {OUTPUT_HELP}<br>"
+            f"<b>Opset</b>: {OPSET_HELP}"
+        )
+
+    def createInstance(self):  # noqa: N802 (QGIS API)
+        return ExportOnnxAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
+        models = ", ".join(bundled_models()) or "none"
+        inp = QgsProcessingParameterFile(self.INPUT, "Model package (folder, .zip, model.json or bundled name)",
+                                         behavior=QgsProcessingParameterFile.Folder, optional=False)
+        inp.setHelp(INPUT_HELP.format(models=models))
+        self.addParameter(inp)
+        out = QgsProcessingParameterFileDestination(self.OUTPUT, "ONNX file", "ONNX models (*.onnx)")
+        out.setHelp(OUTPUT_HELP)
+        self.addParameter(out)
+        opset = QgsProcessingParameterNumber(self.OPSET, "ONNX opset", QgsProcessingParameterNumber.Integer, 17,
+                                             optional=True, minValue=13, maxValue=21)
+        opset.setHelp(OPSET_HELP)
+        opset.setFlags(opset.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(opset)
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
+        require_dependencies()
+        from ..rs_deep_plugin.engine.errors import RSDeepError
+        from ..rs_deep_plugin.engine.onnx_backend import export_onnx
+
+        source = resolve_model_path(self.parameterAsFile(parameters, self.INPUT, context))
+        output = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        if not output.lower().endswith(".onnx"):
+            output += ".onnx"
+        opset = self.parameterAsInt(parameters, self.OPSET, context) if parameters.get(self.OPSET) not in (None, "") \
+            else 17
+        bridge = FeedbackBridge(feedback)
+        try:
+            path = export_onnx(source, output, opset=opset, log=bridge.log)
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        feedback.setProgress(100)
+        return {self.OUTPUT: path}

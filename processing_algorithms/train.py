@@ -1,0 +1,292 @@
+"""rs_deep:train — train a segmentation, detection or patch classification model from a raster and labels."""
+import os
+import re
+
+from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputFile,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
+                       QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
+from qgis.PyQt.QtGui import QIcon
+
+from .assess import BACKGROUND_NAMES, check_overlap, class_value_or_name, read_labelled_polygons
+from .base import DEVICES, FeedbackBridge, gdal_path, require_dependencies
+from .provider_icon import ICON
+
+TASKS = ["segmentation", "detection", "patch_classification"]
+TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification"]
+AUTO = "auto (the task's default)"
+# the allow-lists of rs_deep_plugin/engine/architectures.py (smp) and arch_torchvision.py (kept in step by a test)
+SEGMENTATION_ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "PAN", "MAnet", "DeepLabV3",
+                              "DeepLabV3Plus", "Segformer", "UPerNet"]
+DETECTION_ARCHITECTURES = ["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+                           "fcos_resnet50_fpn"]
+ARCHITECTURES = [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
+DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16}
+DEFAULT_ENCODER = "resnet18"
+
+
+class _Bridge(FeedbackBridge):
+    """FeedbackBridge that does not repeat a message the trainer has just logged (epoch summaries)."""
+
+    last = None
+
+    def log(self, message):
+        self.last = message
+        super().log(message)
+
+    def progress(self, fraction, message=None):
+        if message is not None and message == self.last:
+            message = None
+        super().progress(fraction, message)
+
+
+def _sorted_values(values):
+    ints = [v for v in values if isinstance(v, int)]
+    texts = [v for v in values if not isinstance(v, int)]
+    return sorted(ints) + sorted(texts, key=lambda t: t.lower())
+
+
+class TrainAlgorithm(QgsProcessingAlgorithm):
+    INPUT = "INPUT"
+    LABELS = "LABELS"
+    CLASS_FIELD = "CLASS_FIELD"
+    TASK = "TASK"
+    ARCHITECTURE = "ARCHITECTURE"
+    ENCODER = "ENCODER"
+    EPOCHS = "EPOCHS"
+    BATCH_SIZE = "BATCH_SIZE"
+    LEARNING_RATE = "LEARNING_RATE"
+    TILE_SIZE = "TILE_SIZE"
+    STEPS_PER_EPOCH = "STEPS_PER_EPOCH"
+    VALIDATION = "VALIDATION"
+    DEVICE = "DEVICE"
+    OUTPUT = "OUTPUT"
+    REPORT = "REPORT"
+
+    def name(self):
+        return "train"
+
+    def displayName(self):  # noqa: N802 (QGIS API)
+        return "Train a model"
+
+    def group(self):
+        return "Train and assess"
+
+    def groupId(self):  # noqa: N802 (QGIS API)
+        return "train"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def shortHelpString(self):  # noqa: N802 (QGIS API)
+        return (
+            "Trains a deep-learning model on your own labels and writes a model package that the RS Deep "
+            "algorithms apply (Semantic segmentation, Object detection, Patch classification). The loss and the "
+            "validation metrics of every epoch appear in the log; the package keeps the best network (segmentation) "
+            "or the last one (detection without validation, patch classification), with training_report.json.<br><br>"
+            "<b>Input raster</b>: a raster file (GeoTIFF...); it is read into memory, so use a scene or a clip of "
+            "one. Web and database layers must be saved as a file first.<br>"
+            "<b>Labels</b>: polygons in any CRS (reprojected to the raster's). Segmentation: the objects' outlines; "
+            "every pixel outside them is the background. Detection: each feature's bounding box is an object. "
+            "Patch classification: areas of each class; with one class, the pixels outside are a "
+            "'background' class, with several they are not labelled.<br>"
+            "<b>Class field</b>: optional; the class of each feature. Classes are the sorted unique values "
+            "(segmentation: values 1..K, 0 is the background; a value named 'background' marks background). "
+            "Without it: one class named after the labels layer.<br>"
+            "<b>Task</b>: segmentation, detection or patch classification.<br>"
+            "<b>Architecture</b>: auto = Unet (segmentation), Faster R-CNN MobileNetV3-FPN (detection), the encoder "
+            "network itself (patch classification). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: the "
+            "torchvision detectors listed.<br>"
+            "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
+            "mobilenet_v2, efficientnet-b0...); patch classification: a timm classifier (resnet18, "
+            "mobilenetv3_small_100, efficientnet_b0...); detection: not used (the backbone belongs to the "
+            "architecture). Weights start from scratch: nothing is downloaded.<br>"
+            "<b>Epochs, batch size, learning rate</b>: the training budget (batch size 0 = the task's default).<br>"
+            "<b>Tile size</b>: training crops in pixels (segmentation and detection: a multiple of 32, default 256; "
+            "patch classification: the patch size, default 16). 0 = the default.<br>"
+            "<b>Steps per epoch</b>: batches per epoch (0 = enough to see the training area about twice).<br>"
+            "<b>Validation</b>: the fraction of the raster's rows (at the bottom) held back to measure every "
+            "epoch; 0 = none.<br>"
+            "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU.<br>"
+            "<b>Model package</b>: the folder written (model.json, model.safetensors, training_report.json). "
+            "Cancelling keeps the best network trained so far, when an epoch has finished; the message says what "
+            "was written."
+        )
+
+    def createInstance(self):  # noqa: N802 (QGIS API)
+        return TrainAlgorithm()
+
+    def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.LABELS, "Labels (polygons)",
+                                                              [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", None, self.LABELS,
+                                                      QgsProcessingParameterField.Any, optional=True))
+        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", TASK_LABELS, defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES,
+                                                     defaultValue=0))
+        self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder", DEFAULT_ENCODER, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
+                                                       20, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = the task's default)",
+                                                       QgsProcessingParameterNumber.Integer, 0, optional=True,
+                                                       minValue=0))
+        self.addParameter(QgsProcessingParameterNumber(self.LEARNING_RATE, "Learning rate",
+                                                       QgsProcessingParameterNumber.Double, 0.002, minValue=1e-7,
+                                                       maxValue=1.0))
+        self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size (px; 0 = the task's default)",
+                                                       QgsProcessingParameterNumber.Integer, 0, optional=True,
+                                                       minValue=0))
+        advanced = [
+            QgsProcessingParameterNumber(self.STEPS_PER_EPOCH, "Steps per epoch (0 = auto)",
+                                         QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
+            QgsProcessingParameterNumber(self.VALIDATION, "Validation fraction (bottom rows held back; 0 = none)",
+                                         QgsProcessingParameterNumber.Double, 0.2, optional=True, minValue=0.0,
+                                         maxValue=0.5),
+            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+        ]
+        for p in advanced:
+            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(p)
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, "Model package"))
+        self.addOutput(QgsProcessingOutputFile(self.REPORT, "Training report (JSON)"))
+
+    # ----------------------------------------------------------------------------------------
+
+    def _builder(self, task, arch, encoder):
+        if task == "segmentation":
+            if arch != AUTO and arch not in SEGMENTATION_ARCHITECTURES:
+                raise QgsProcessingException(f"ARCHITECTURE {arch} is a detection network; for segmentation choose "
+                                             f"one of {', '.join(SEGMENTATION_ARCHITECTURES)} (or auto)")
+            return {"library": "smp", "architecture": "Unet" if arch == AUTO else arch, "encoder": encoder,
+                    "encoder_weights": None, "params": {}}
+        if task == "detection":
+            if arch != AUTO and arch not in DETECTION_ARCHITECTURES:
+                raise QgsProcessingException(f"ARCHITECTURE {arch} is a segmentation network; for detection choose "
+                                             f"one of {', '.join(DETECTION_ARCHITECTURES)} (or auto)")
+            if arch in (AUTO, DETECTION_ARCHITECTURES[0]):
+                return None  # the trainer's default: Faster R-CNN MobileNetV3-FPN sized for small objects
+            return {"library": "torchvision", "architecture": arch, "encoder_weights": None, "params": {}}
+        if arch != AUTO:
+            raise QgsProcessingException("For patch classification the network is the ENCODER (a timm classifier "
+                                         "such as resnet18); set ARCHITECTURE to auto")
+        params = {"drop_rate": 0.2}
+        if encoder.startswith("resnet"):
+            params["output_stride"] = 8  # small patches: keep some spatial resolution before pooling
+        return {"library": "timm", "architecture": encoder, "encoder_weights": None, "params": params}
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
+        require_dependencies()
+        from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
+
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
+        image = gdal_path(layer)
+        if image is None:
+            raise QgsProcessingException(
+                f"INPUT {layer.name()} is not a raster file ({layer.providerType()} layer): training reads the "
+                "pixels from a file. Save the layer as a GeoTIFF first (Export > Save As..., or Raster > "
+                "Conversion > Translate) over the area you labelled, and train on that file")
+        source = self.parameterAsSource(parameters, self.LABELS, context)
+        if source is None:
+            raise QgsProcessingException("LABELS is not a valid vector layer; choose a polygon layer")
+        field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
+        arch = ARCHITECTURES[self.parameterAsEnum(parameters, self.ARCHITECTURE, context)]
+        encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
+        epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
+        batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
+        lr = self.parameterAsDouble(parameters, self.LEARNING_RATE, context)
+        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or DEFAULT_TILE[task]
+        steps = self.parameterAsInt(parameters, self.STEPS_PER_EPOCH, context) or None
+        val = self.parameterAsDouble(parameters, self.VALIDATION, context) \
+            if parameters.get(self.VALIDATION) not in (None, "") else 0.2
+        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        if not out_dir:
+            raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
+        if os.path.isfile(out_dir):
+            raise QgsProcessingException(f"OUTPUT {out_dir} is a file; give a folder for the model package")
+        if task == "detection" and encoder != DEFAULT_ENCODER:
+            feedback.reportError(f"ENCODER {encoder!r} is not used for detection: the backbone belongs to the "
+                                 "architecture", fatalError=False)
+        builder = self._builder(task, arch, encoder)
+
+        # labels -> what the trainer takes
+        layer_name = source.sourceName() or "object"
+        pairs = read_labelled_polygons(source, field, layer.crs(), context, feedback, "LABELS")
+        check_overlap(pairs, layer, "LABELS")
+        values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
+        classes = _sorted_values(set(values))
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(out_dir))) or "model"
+        common = dict(epochs=epochs, steps_per_epoch=steps, lr=lr, device=device, name=name,
+                      description=f"Trained by RS Deep on {os.path.basename(image)} with {source.sourceName()} "
+                                  f"({len(pairs)} features)")
+        if batch:
+            common["batch_size"] = batch
+        bridge = _Bridge(feedback, 0, 100)
+        callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
+
+        try:
+            if task == "segmentation":
+                from ..rs_deep_plugin.engine.train import train_segmentation
+                fg = [c for c in classes if str(c).strip().lower() != "background"]
+                if not fg:
+                    raise QgsProcessingException("LABELS only holds 'background' polygons; label the objects to learn")
+                index = {c: i + 1 for i, c in enumerate(fg)}
+                class_names = ["background"] + [str(c) for c in fg]
+                labels = [(g, index.get(v, 0)) for (g, _), v in zip(pairs, values)]
+                feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
+                report = train_segmentation(image, labels, out_dir, class_names=class_names, builder=builder,
+                                            tile_size=tile, val_fraction=val, val_side="bottom", **common,
+                                            **callbacks)
+            elif task == "detection":
+                from ..rs_deep_plugin.engine.train_detect import DetectionSample, split_sample, train_detection
+                index = {c: i for i, c in enumerate(classes)}
+                class_names = [str(c) for c in classes]
+                e = layer.extent()
+                rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
+                boxes = []
+                for (g, _), v in zip(pairs, values):
+                    x0, y0, x1, y1 = g.bounds
+                    boxes.append(((x0 - e.xMinimum()) / rx, (e.yMaximum() - y1) / ry, (x1 - e.xMinimum()) / rx,
+                                  (e.yMaximum() - y0) / ry, index[v]))
+                feedback.pushInfo(f"{len(boxes)} boxes; classes: " + ", ".join(class_names))
+                sample = DetectionSample(image, boxes, name=os.path.basename(image))
+                samples, val_samples = [sample], None
+                if val > 0:
+                    train_part, held = split_sample(sample, val, "bottom", size=(layer.width(), layer.height()))
+                    samples, val_samples = [train_part], [held]
+                report = train_detection(samples, out_dir, class_names=class_names, val_samples=val_samples,
+                                         builder=builder, tile_size=tile, **common, **callbacks)
+            else:
+                from ..rs_deep_plugin.engine.train_patches import train_patches
+                if len(classes) == 1:
+                    class_names = ["background", str(classes[0])]
+                    labels = [(g, 1) for g, _ in pairs]
+                    background = 0
+                    feedback.pushInfo(f"One class ({classes[0]}): pixels outside the polygons are 'background'")
+                else:
+                    index = {c: i for i, c in enumerate(classes)}
+                    class_names = [str(c) for c in classes]
+                    labels = [(g, index[v]) for (g, _), v in zip(pairs, values)]
+                    background = None
+                    if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
+                        feedback.pushInfo("Pixels outside the polygons are not labelled")
+                feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
+                report = train_patches(image, labels, out_dir, class_names=class_names,
+                                       background_class=background, builder=builder, patch_size=tile,
+                                       val_fraction=val, val_side="bottom", **common, **callbacks)
+        except Cancelled as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+
+        best = report.get("best_epoch")
+        feedback.pushInfo(f"Training finished: {report['epochs_run']} epochs in {report['seconds']:.0f} s on "
+                          f"{report['device']}" + (f", the package holds epoch {best}" if best else "")
+                          + f"; report: {report['report_path']}")
+        feedback.setProgress(100)
+        return {self.OUTPUT: report["package"], self.REPORT: report["report_path"]}
