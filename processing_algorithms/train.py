@@ -19,8 +19,12 @@ AUTO = "auto (the task's default)"
 # the allow-lists of rs_deep_plugin/engine/architectures.py (smp) and arch_torchvision.py (kept in step by a test)
 SEGMENTATION_ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "PAN", "MAnet", "DeepLabV3",
                               "DeepLabV3Plus", "Segformer", "UPerNet"]
-DETECTION_ARCHITECTURES = ["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
-                           "fcos_resnet50_fpn"]
+# CenterNet (RS Deep's anchor-free head on an smp encoder, ENCODER) trains from scratch in CPU minutes: the default
+DETECTION_ARCHITECTURES = ["CenterNet", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
+                           "retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
+#: CenterNet as the bundled trees_demo is built (tools/make_trees_model.py): a light decoder, heatmap at 1/2
+CENTERNET_PARAMS = {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
+                    "head_channels": 64}
 ARCHITECTURES = [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
 DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16}
 DEFAULT_ENCODER = "resnet18"
@@ -95,13 +99,14 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             "(segmentation: values 1..K, 0 is the background; a value named 'background' marks background). "
             "Without it: one class named after the labels layer.<br>"
             "<b>Task</b>: segmentation, detection or patch classification.<br>"
-            "<b>Architecture</b>: auto = Unet (segmentation), Faster R-CNN MobileNetV3-FPN (detection), the encoder "
-            "network itself (patch classification). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: the "
+            "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
+            "network itself (patch classification). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: CenterNet "
+            "(RS Deep's anchor-free detector on the ENCODER; trains from scratch in CPU minutes) or the "
             "torchvision detectors listed.<br>"
             "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
             "mobilenet_v2, efficientnet-b0...); patch classification: a timm classifier (resnet18, "
-            "mobilenetv3_small_100, efficientnet_b0...); detection: not used (the backbone belongs to the "
-            "architecture). Weights start from scratch: nothing is downloaded.<br>"
+            "mobilenetv3_small_100, efficientnet_b0...); detection: CenterNet's encoder (an smp encoder), not "
+            "used by the torchvision detectors (their backbone belongs to the architecture). Weights start from scratch: nothing is downloaded.<br>"
             "<b>Epochs, batch size, learning rate</b>: the training budget (batch size 0 = the task's default).<br>"
             "<b>Tile size</b>: training crops in pixels (segmentation and detection: a multiple of 32, default 256; "
             "patch classification: the patch size, default 16). 0 = the default.<br>"
@@ -165,7 +170,10 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             if arch != AUTO and arch not in DETECTION_ARCHITECTURES:
                 raise QgsProcessingException(f"ARCHITECTURE {arch} is a segmentation network; for detection choose "
                                              f"one of {', '.join(DETECTION_ARCHITECTURES)} (or auto)")
-            if arch in (AUTO, DETECTION_ARCHITECTURES[0]):
+            if arch in (AUTO, "CenterNet"):
+                return {"library": "rs_deep", "architecture": "CenterNet", "encoder": encoder, "encoder_weights": None,
+                        "params": dict(CENTERNET_PARAMS)}
+            if arch == "fasterrcnn_mobilenet_v3_large_fpn":
                 return None  # the trainer's default: Faster R-CNN MobileNetV3-FPN sized for small objects
             return {"library": "torchvision", "architecture": arch, "encoder_weights": None, "params": {}}
         if arch != AUTO:
@@ -209,9 +217,9 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
         if os.path.isfile(out_dir):
             raise QgsProcessingException(f"OUTPUT {out_dir} is a file; give a folder for the model package")
-        if task == "detection" and encoder != DEFAULT_ENCODER:
-            feedback.reportError(f"ENCODER {encoder!r} is not used for detection: the backbone belongs to the "
-                                 "architecture", fatalError=False)
+        if task == "detection" and encoder != DEFAULT_ENCODER and arch not in (AUTO, "CenterNet"):
+            feedback.reportError(f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} belongs to "
+                                 "the architecture", fatalError=False)
         builder = self._builder(task, arch, encoder)
 
         # labels -> what the trainer takes

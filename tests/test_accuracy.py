@@ -371,7 +371,11 @@ def test_algorithms_are_registered_with_help(provider):
     from rs_deep.processing_algorithms.train import DETECTION_ARCHITECTURES, SEGMENTATION_ARCHITECTURES
     from rs_deep.rs_deep_plugin.engine.architectures import SMP_ARCHITECTURES, validate_builder
     assert SEGMENTATION_ARCHITECTURES == list(SMP_ARCHITECTURES)
-    for arch in DETECTION_ARCHITECTURES:
+    from rs_deep.processing_algorithms.train import CENTERNET_PARAMS
+    assert DETECTION_ARCHITECTURES[0] == "CenterNet"
+    validate_builder({"library": "rs_deep", "architecture": "CenterNet", "encoder": "resnet18", "in_channels": 1,
+                      "classes": 1, "encoder_weights": None, "params": CENTERNET_PARAMS})
+    for arch in DETECTION_ARCHITECTURES[1:]:
         validate_builder({"library": "torchvision", "architecture": arch, "in_channels": 1, "classes": 1,
                           "encoder_weights": None, "params": {}})
 
@@ -547,38 +551,36 @@ def test_train_bad_input_is_clear(provider, labels_with_class, footprints, tmp_p
     assert not (tmp_path / "pkg").exists()
 
 
-def test_train_detection_hands_the_trainer_pixel_boxes(provider, footprints, tmp_path, monkeypatch):
-    """Detection labels -> pixel boxes of each feature's envelope, as the engine reads GeoJSON boxes; classes are
-    the sorted field values. The trainer is replaced by a stub that checks its signature (a real detection run is
-    too slow for this suite on a busy CPU; tests/test_detect.py trains the detector)."""
-    import inspect
-    from rs_deep.rs_deep_plugin.engine import train_detect
+def test_train_detection_end_to_end(provider, footprints, tmp_path):
+    """Detection labels -> boxes of each feature's envelope, classes the sorted field values, bottom rows held out;
+    a real (tiny) CenterNet training run writes a detection package that rs_deep:detect runs."""
+    from rs_deep.rs_deep_plugin.engine.package import load_package
     from rs_deep.rs_deep_plugin.engine.train_detect import _map_to_pixels, read_geojson_boxes
-    real = train_detect.train_detection
-    calls = []
-
-    def stub(*args, **kwargs):
-        inspect.signature(real).bind(*args, **kwargs)
-        calls.append(kwargs | {"samples": args[0], "out_dir": args[1]})
-        return {"package": str(args[1]), "report_path": str(Path(args[1]) / "training_report.json"),
-                "epochs_run": 1, "seconds": 0.0, "device": "stub", "best_epoch": 1}
-
-    monkeypatch.setattr(train_detect, "train_detection", stub)
     feats = [(g, {"size": "big" if g.area > 200 else "small"}) for g, _ in footprints]
     labels = _geojson(tmp_path / "boxes.geojson", feats)
-    res = _run("rs_deep:train", dict(TINY, TASK=1, ARCHITECTURE=0, TILE_SIZE=128, INPUT=str(IMAGE), LABELS=labels,
-                                     CLASS_FIELD="size", VALIDATION=0.25, OUTPUT=str(tmp_path / "det")))
-    assert res["OUTPUT"] == str(tmp_path / "det") and len(calls) == 1
-    call = calls[0]
-    assert call["class_names"] == ["big", "small"] and call["builder"] is None and call["tile_size"] == 128
-    (train_part,), (held,) = call["samples"], call["val_samples"]
-    assert train_part.image == held.image == str(IMAGE)
-    assert train_part.window == (0, 0, 600, 675) and held.window == (0, 675, 600, 225)  # bottom 25 % held out
-    boxes = np.array([b[:4] for b in train_part.boxes])
+    fb = RecordingFeedback()
+    res = _run("rs_deep:train", dict(TINY, TASK=1, ARCHITECTURE=0, TILE_SIZE=64, INPUT=str(IMAGE), LABELS=labels,
+                                     CLASS_FIELD="size", VALIDATION=0.25, OUTPUT=str(tmp_path / "det")), fb)
+    assert res["OUTPUT"] == str(tmp_path / "det")
+    pkg = load_package(res["OUTPUT"], task="detection")
+    assert [c.name for c in pkg.classes] == ["big", "small"]
+    assert pkg.builder["library"] == "rs_deep" and pkg.builder["architecture"] == "CenterNet"
+    assert pkg.builder["encoder"] == "resnet18" and pkg.builder["in_channels"] == 1
+    report = json.loads(Path(res["REPORT"]).read_text())
+    assert report["task"] == "detection" and report["epochs_run"] == 2
+    # the boxes the trainer got: every footprint's envelope, split at the held-out row (bottom 25 % = 225 rows)
     with rasterio.open(IMAGE) as ds:
         expected = _map_to_pixels(read_geojson_boxes(FOOTPRINTS, dst_crs=ds.crs)[0], ds.transform)
-    np.testing.assert_allclose(boxes, expected, atol=1e-6)
-    assert [b[4] for b in train_part.boxes] == [0 if p["size"] == "big" else 1 for _, p in feats]
+    cut = 675
+    in_train = int(((expected[:, 1] + expected[:, 3]) / 2 < cut).sum())
+    assert report["train_images"][0]["height"] == cut and report["val_images"][0]["height"] == 900 - cut
+    assert 0 < report["train_images"][0]["boxes"] <= len(expected)
+    assert abs(report["train_images"][0]["boxes"] - in_train) <= 4  # boxes cut by the split may go either way
+    assert any(m.startswith("Epoch 2/2: loss") for m in fb.messages)
+    out = tmp_path / "found.gpkg"
+    found = _run("rs_deep:detect", {"INPUT": str(IMAGE), "MODEL": res["OUTPUT"], "OUTPUT": str(out),
+                                    "SCORE_THRESHOLD": 0.0})
+    assert Path(found["OUTPUT"]).exists()
 
 
 def test_train_patch_classification(provider, labels_with_class, tmp_path):
