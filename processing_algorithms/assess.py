@@ -1,4 +1,5 @@
-"""rs_deep:assess_accuracy — accuracy of a class raster against reference polygons or a label raster."""
+"""rs_deep:assess_accuracy — accuracy of a class (or change) raster against reference polygons or a label raster,
+or of detected boxes against reference boxes."""
 import os
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsFeatureSink, QgsField,
@@ -6,7 +7,8 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
                        QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterDefinition,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterRasterLayer, QgsWkbTypes)
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QIcon
 
@@ -15,7 +17,10 @@ from .provider_icon import ICON
 
 OUTSIDE = ["background (class 0)", "ignore (not counted)"]
 OUTSIDE_VALUES = ["background", "ignore"]
-BACKGROUND_NAMES = ("background", "other", "none")
+BACKGROUND_NAMES = ("background", "other", "none", "no change", "no_change", "unchanged")
+ASSESS_TASKS = ["segmentation", "detection", "change"]
+ASSESS_TASK_LABELS = ["Semantic segmentation (class raster)", "Object detection (boxes)",
+                      "Change detection (change raster)"]
 
 
 def is_null(value):
@@ -114,7 +119,17 @@ def check_overlap(pairs, layer, what):
 
 
 class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
+    TASK = "TASK"
     PREDICTION = "PREDICTION"
+    PREDICTION_BOXES = "PREDICTION_BOXES"
+    PREDICTION_CLASS_FIELD = "PREDICTION_CLASS_FIELD"
+    SCORE_FIELD = "SCORE_FIELD"
+    IOU_THRESHOLD = "IOU_THRESHOLD"
+    SCORE_THRESHOLD = "SCORE_THRESHOLD"
+    PRECISION = "PRECISION"
+    RECALL = "RECALL"
+    F1 = "F1"
+    AP = "AP"
     REFERENCE = "REFERENCE"
     CLASS_FIELD = "CLASS_FIELD"
     REFERENCE_RASTER = "REFERENCE_RASTER"
@@ -131,7 +146,7 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
         return "assess_accuracy"
 
     def displayName(self):  # noqa: N802 (QGIS API)
-        return "Assess accuracy (segmentation)"
+        return "Assess accuracy"
 
     def group(self):
         return "Train and assess"
@@ -144,11 +159,20 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         return (
-            "Compares a class raster (for example the output of Semantic segmentation) with reference labels "
-            "pixel by pixel and reports the confusion matrix, per-class IoU, F1, precision, recall and support, "
-            "the overall accuracy, Cohen's kappa and the mean IoU.<br><br>"
-            "<b>Prediction</b>: a class raster (file), band 1 holding integer class values. Its nodata pixels "
-            "are not counted.<br>"
+            "Measures a result against reference labels. <b>Segmentation</b> and <b>change detection</b>: a class "
+            "(or change) raster is compared pixel by pixel, giving the confusion matrix, per-class IoU, F1, "
+            "precision, recall and support, the overall accuracy, Cohen's kappa and the mean IoU (change: "
+            "PRECISION, RECALL and F1 of the change class). <b>Object detection</b>: detected boxes are matched "
+            "to reference boxes (greedily by score, IoU threshold), giving precision, recall, F1 and AP.<br><br>"
+            "<b>Task</b>: what is assessed.<br>"
+            "<b>Prediction</b>: segmentation and change: a class raster (file), band 1 holding integer class "
+            "values (the output of Semantic segmentation or Change detection). Its nodata pixels are not "
+            "counted.<br>"
+            "<b>Predicted boxes</b>: detection: the boxes layer (the output of Object detection); each feature's "
+            "bounding box is compared. <b>Score field</b> (default: score, if the layer has it) orders them and "
+            "<b>Score threshold</b> drops the weaker ones; <b>Predicted class field</b> (default: class_name) "
+            "is compared with the reference's class field. Without a reference class field the classes are "
+            "ignored. <b>IoU threshold</b>: the overlap a match needs (default 0.5).<br>"
             "<b>Reference polygons</b>: polygons of the true classes (reprojected to the prediction's CRS). "
             "Give either these or a reference raster.<br>"
             "<b>Class field</b>: the field of the reference polygons holding each polygon's class: a class value "
@@ -168,14 +192,19 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
             "precision, recall, support (reference pixels). Metrics that are undefined (no pixel of the class) "
             "are NULL.<br>"
             "Also returned: OVERALL_ACCURACY, KAPPA and MEAN_IOU (the mean over the classes present in the "
-            "reference or the prediction)."
+            "reference or the prediction); PRECISION, RECALL, F1 (change: of the change classes; detection: of "
+            "the boxes) and AP (detection). Detection writes one summary row."
         )
 
     def createInstance(self):  # noqa: N802 (QGIS API)
         return AssessAccuracyAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.PREDICTION, "Prediction (class raster)"))
+        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", ASSESS_TASK_LABELS, defaultValue=0))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.PREDICTION, "Prediction (class or change raster)",
+                                                            optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.PREDICTION_BOXES, "Predicted boxes (detection)",
+                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.REFERENCE, "Reference polygons",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (value or name)", None,
@@ -189,6 +218,16 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
             QgsProcessingParameterFile(self.MODEL, "Model package (names the classes; optional)",
                                        behavior=QgsProcessingParameterFile.Folder, optional=True),
             QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True),
+            QgsProcessingParameterField(self.SCORE_FIELD, "Score field of the predicted boxes", None,
+                                        self.PREDICTION_BOXES, QgsProcessingParameterField.Numeric, optional=True),
+            QgsProcessingParameterField(self.PREDICTION_CLASS_FIELD, "Class field of the predicted boxes", None,
+                                        self.PREDICTION_BOXES, QgsProcessingParameterField.Any, optional=True),
+            QgsProcessingParameterNumber(self.IOU_THRESHOLD, "IoU threshold (detection)",
+                                         QgsProcessingParameterNumber.Double, 0.5, optional=True, minValue=0.01,
+                                         maxValue=1.0),
+            QgsProcessingParameterNumber(self.SCORE_THRESHOLD, "Score threshold (detection)",
+                                         QgsProcessingParameterNumber.Double, 0.0, optional=True, minValue=0.0,
+                                         maxValue=1.0),
         ]
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -202,6 +241,10 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(self.OVERALL_ACCURACY, "Overall accuracy"))
         self.addOutput(QgsProcessingOutputNumber(self.KAPPA, "Cohen's kappa"))
         self.addOutput(QgsProcessingOutputNumber(self.MEAN_IOU, "Mean IoU"))
+        self.addOutput(QgsProcessingOutputNumber(self.PRECISION, "Precision"))
+        self.addOutput(QgsProcessingOutputNumber(self.RECALL, "Recall"))
+        self.addOutput(QgsProcessingOutputNumber(self.F1, "F1"))
+        self.addOutput(QgsProcessingOutputNumber(self.AP, "Average precision (detection)"))
 
     # ----------------------------------------------------------------------------------------
 
@@ -240,9 +283,16 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
         from ..rs_deep_plugin.engine.accuracy import assess_segmentation, write_report
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
 
+        task = ASSESS_TASKS[self.parameterAsEnum(parameters, self.TASK, context)] \
+            if parameters.get(self.TASK) not in (None, "") else "segmentation"
+        if task == "detection":
+            return self._assess_detection(parameters, context, feedback)
         layer = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
         if layer is None or not layer.isValid():
-            raise QgsProcessingException("PREDICTION is not a valid raster layer; choose the class raster to assess")
+            raise QgsProcessingException(f"PREDICTION is not set or not a valid raster layer; choose the "
+                                         f"{'change' if task == 'change' else 'class'} raster to assess"
+                                         + (" (for boxes, set TASK to Object detection and give PREDICTION_BOXES)"
+                                            if parameters.get(self.PREDICTION_BOXES) not in (None, "") else ""))
         path = gdal_path(layer)
         if path is None:
             raise QgsProcessingException(f"PREDICTION {layer.name()} is not a raster file ({layer.providerType()}); "
@@ -301,11 +351,19 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
             feedback.pushInfo(f"  {c['value']} {c['name']}: IoU {_f(c['iou'])}, F1 {_f(c['f1'])}, precision "
                               f"{_f(c['precision'])}, recall {_f(c['recall'])}, support {c['support']:,} px")
         results = {self.OVERALL_ACCURACY: metrics["overall_accuracy"], self.KAPPA: metrics["kappa"],
-                   self.MEAN_IOU: metrics["mean_iou"]}
+                   self.MEAN_IOU: metrics["mean_iou"], self.F1: metrics["mean_f1"]}
+        if task == "change":
+            change = _change_scores(metrics)
+            results.update({self.PRECISION: change["precision"], self.RECALL: change["recall"],
+                            self.F1: change["f1"]})
+            metrics["change"] = change
+            feedback.pushInfo(f"Change ({change['classes']}): precision {_f(change['precision'])}, recall "
+                              f"{_f(change['recall'])}, F1 {_f(change['f1'])}, IoU {_f(change['iou'])}")
         if html_path:
             try:
                 write_report(metrics, html_path=html_path,
-                             title=f"Accuracy of {os.path.basename(path)}")
+                             title=f"{'Change detection accuracy' if task == 'change' else 'Accuracy'} of "
+                                   f"{os.path.basename(path)}")
             except (OSError, RSDeepError) as exc:
                 raise QgsProcessingException(f"Cannot write the report {html_path}: {exc}") from exc
             results[self.OUTPUT_HTML] = html_path
@@ -329,6 +387,122 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
         feedback.setProgress(100)
         return results
 
+    def _assess_detection(self, parameters, context, feedback):
+        """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes)."""
+        from ..rs_deep_plugin.engine.accuracy import assess_detection, write_report
+        from ..rs_deep_plugin.engine.errors import RSDeepError
+        pred = self.parameterAsSource(parameters, self.PREDICTION_BOXES, context)
+        if pred is None:
+            raise QgsProcessingException("Detection: give PREDICTION_BOXES, the boxes layer written by Object "
+                                         "detection (or any polygon layer of boxes)")
+        source = self.parameterAsSource(parameters, self.REFERENCE, context)
+        if source is None:
+            raise QgsProcessingException("Detection: give REFERENCE, the polygons (or boxes) of the true objects")
+        crs = pred.sourceCrs()
+        ref_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        pred_fields = [f.name() for f in pred.fields()]
+        score_field = self.parameterAsString(parameters, self.SCORE_FIELD, context) or \
+            ("score" if "score" in pred_fields else "")
+        class_field = self.parameterAsString(parameters, self.PREDICTION_CLASS_FIELD, context) or \
+            ("class_name" if ref_field and "class_name" in pred_fields else "")
+        if ref_field and not class_field:
+            raise QgsProcessingException(f"CLASS_FIELD {ref_field!r} is set but the predicted boxes have no "
+                                         "class_name field: set PREDICTION_CLASS_FIELD, or leave CLASS_FIELD empty "
+                                         "to ignore the classes")
+        iou = self.parameterAsDouble(parameters, self.IOU_THRESHOLD, context) \
+            if parameters.get(self.IOU_THRESHOLD) not in (None, "") else 0.5
+        score_t = self.parameterAsDouble(parameters, self.SCORE_THRESHOLD, context) \
+            if parameters.get(self.SCORE_THRESHOLD) not in (None, "") else 0.0
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
+        area = None if extent is None or extent.isNull() or extent.isEmpty() else QgsRectangle(extent)
+
+        def label(value):
+            v = class_value_or_name(value)
+            return str(v).strip().lower()
+
+        def inside(b):
+            return area is None or area.contains((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+
+        refs = read_labelled_polygons(source, ref_field, crs, context, feedback, "REFERENCE")
+        reference = [tuple(g.bounds) + ((label(v) if ref_field else 0),) for g, v in refs]
+        reference = [r for r in reference if inside(r)]
+        predicted, missing_score = [], 0
+        for f in pred.getFeatures():
+            if feedback.isCanceled():
+                raise QgsProcessingException("Cancelled; nothing was written.")
+            g = f.geometry()
+            if g is None or g.isNull() or g.isEmpty():
+                continue
+            r = g.boundingBox()
+            b = (r.xMinimum(), r.yMinimum(), r.xMaximum(), r.yMaximum())
+            if not inside(b):
+                continue
+            score = f[score_field] if score_field else 1.0
+            if is_null(score):
+                missing_score += 1
+                continue
+            cls = (label(f[class_field]) if class_field and not is_null(f[class_field]) else 0) if ref_field else 0
+            predicted.append(b + (cls, float(score)))
+        if missing_score:
+            feedback.reportError(f"{missing_score} predicted box(es) have no {score_field!r} and were left out",
+                                 fatalError=False)
+        if not reference:
+            raise QgsProcessingException("REFERENCE has no box in the assessed area; check the extent and the "
+                                         "layer's CRS")
+        feedback.pushInfo(f"{len(predicted)} predicted boxes (score field: {score_field or 'none, all 1'}) against "
+                          f"{len(reference)} reference boxes; IoU >= {iou:g}, score >= {score_t:g}; classes "
+                          + ("compared" if ref_field else "ignored"))
+        try:
+            metrics = assess_detection(predicted, reference, iou=iou, score_threshold=score_t)
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        feedback.pushInfo(f"precision {_f(metrics['precision'])}, recall {_f(metrics['recall'])}, F1 "
+                          f"{_f(metrics['f1'])}, AP{int(round(iou * 100))} {_f(metrics['ap'])} "
+                          f"(TP {metrics['tp']}, FP {metrics['fp']}, FN {metrics['fn']})")
+        results = {self.PRECISION: metrics["precision"], self.RECALL: metrics["recall"], self.F1: metrics["f1"],
+                   self.AP: metrics["ap"]}
+        html_path = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context) \
+            if parameters.get(self.OUTPUT_HTML) not in (None, "") else ""
+        if html_path:
+            try:
+                write_report(metrics, html_path=html_path, title=f"Detection accuracy of {pred.sourceName()}")
+            except (OSError, RSDeepError) as exc:
+                raise QgsProcessingException(f"Cannot write the report {html_path}: {exc}") from exc
+            results[self.OUTPUT_HTML] = html_path
+        if parameters.get(self.OUTPUT_TABLE) not in (None, ""):
+            from ..rs_deep_plugin.engine.accuracy import DETECTION_FIELDS
+            fields = QgsFields()
+            for n in DETECTION_FIELDS:
+                fields.append(QgsField(n, QVariant.Int if n in ("tp", "fp", "fn", "truth", "predicted")
+                                       else QVariant.Double))
+            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry,
+                                              QgsCoordinateReferenceSystem())
+            if sink is None:
+                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_TABLE))
+            feat = QgsFeature(fields)
+            feat.setAttributes([metrics.get(n) for n in DETECTION_FIELDS])
+            sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            results[self.OUTPUT_TABLE] = dest
+        feedback.setProgress(100)
+        return results
+
 
 def _f(v):
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _change_scores(metrics):
+    """Precision, recall, F1, IoU of 'changed' (every class but 0) against 'not changed', from the confusion matrix."""
+    cm = metrics["confusion_matrix"]
+    n = len(cm)
+    tp = sum(cm[i][j] for i in range(1, n) for j in range(1, n))
+    fp = sum(cm[0][j] for j in range(1, n))
+    fn = sum(cm[i][0] for i in range(1, n))
+
+    def ratio(a, b):
+        return a / b if b else None
+
+    names = metrics.get("class_names") or []
+    return {"precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": ratio(tp, tp + fp + fn), "tp": tp, "fp": fp, "fn": fn,
+            "classes": ", ".join(names[1:]) or "change"}

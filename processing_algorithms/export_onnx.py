@@ -1,4 +1,5 @@
-"""rs_deep:export_onnx — export a segmentation model package to one ONNX file (Deepness/GeoDeep metadata)."""
+"""rs_deep:export_onnx — export a segmentation or detection model package to one ONNX file (Deepness/GeoDeep
+metadata)."""
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterDefinition,
                        QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
                        QgsProcessingParameterNumber)
@@ -8,7 +9,8 @@ from .base import FeedbackBridge, bundled_models, require_dependencies, resolve_
 from .provider_icon import ICON
 
 INPUT_HELP = ("The model package to export: a package folder, a .zip of one, its model.json, or the name of a "
-              "bundled model ({models}). Segmentation packages only.")
+              "bundled model ({models}). Segmentation packages, and detection packages with RS Deep's CenterNet (the "
+              "default of Train a model, and the bundled trees_demo).")
 OUTPUT_HELP = ("The .onnx file to write (one file, no external data). Its metadata_props hold the package's "
                "model.json (rs_deep:model_json) and the Deepness/GeoDeep keys (model_type, class_names, resolution "
                "in cm, tile_size, tiles_overlap in %, standardization_mean/std when the value scaling can be "
@@ -39,9 +41,11 @@ class ExportOnnxAlgorithm(QgsProcessingAlgorithm):
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
         return (
-            "Exports a segmentation model package to a single ONNX file that RS Deep, Deepness and GeoDeep can "
-            "run. The graph takes float32 tiles [batch, bands, tile, tile] (any batch size) and returns class "
-            "probabilities [batch, classes, tile, tile]. Needs the optional packages onnx and onnxruntime.<br><br>"
+            "Exports a segmentation or detection model package to a single ONNX file that RS Deep, Deepness and "
+            "GeoDeep can run. The graph takes float32 tiles [batch, bands, tile, tile] (any batch size). "
+            "Segmentation returns class probabilities [batch, classes, tile, tile]; detection returns YOLO v5-style "
+            "rows [batch, cells, 5 + classes] (centre x, centre y, width, height in tile pixels, score, class "
+            "scores; det_type YOLO_v5_or_v7_default). Needs the optional packages onnx and onnxruntime.<br><br>"
             f"<b>Model package</b>: {INPUT_HELP.format(models=models)}<br>"
             f"<b>ONNX file</b>: {OUTPUT_HELP}<br>"
             f"<b>Opset</b>: {OPSET_HELP}"

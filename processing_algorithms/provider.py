@@ -10,6 +10,7 @@ from .detect import DetectAlgorithm
 from .assess import AssessAccuracyAlgorithm
 from .train import TrainAlgorithm
 from .export_onnx import ExportOnnxAlgorithm
+from .export_training_data import ExportTrainingDataAlgorithm
 
 from .provider_icon import ICON
 
@@ -35,6 +36,7 @@ class RSDeepProvider(QgsProcessingProvider):
         self.addAlgorithm(ChangeAlgorithm())
         self.addAlgorithm(PatchClassificationAlgorithm())
         self.addAlgorithm(DetectAlgorithm())
+        self.addAlgorithm(ExportTrainingDataAlgorithm())
         self.addAlgorithm(TrainAlgorithm())
         self.addAlgorithm(AssessAccuracyAlgorithm())
         self.addAlgorithm(ExportOnnxAlgorithm())

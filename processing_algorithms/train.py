@@ -1,20 +1,24 @@
-"""rs_deep:train — train a segmentation, detection or patch classification model from a raster and labels."""
+"""rs_deep:train — train a segmentation, detection, patch classification or change model from a raster and
+labels, or from the chips of rs_deep:export_training_data."""
 import os
 import re
 
 from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputFile,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 from qgis.PyQt.QtGui import QIcon
 
 from .assess import BACKGROUND_NAMES, check_overlap, class_value_or_name, read_labelled_polygons
-from .base import DEVICES, FeedbackBridge, gdal_path, require_dependencies
+from .base import DEVICES, FeedbackBridge, require_dependencies
+from .export_training_data import map_classes, raster_file
 from .provider_icon import ICON
 
-TASKS = ["segmentation", "detection", "patch_classification"]
-TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification"]
+TASKS = ["segmentation", "detection", "patch_classification", "change"]
+TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification", "Change detection"]
+#: AUGMENT choices -> the trainers' augment switches
+AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUTO = "auto (the task's default)"
 # the allow-lists of rs_deep_plugin/engine/architectures.py (smp) and arch_torchvision.py (kept in step by a test)
 SEGMENTATION_ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "PAN", "MAnet", "DeepLabV3",
@@ -26,7 +30,9 @@ DETECTION_ARCHITECTURES = ["CenterNet", "fasterrcnn_mobilenet_v3_large_fpn", "fa
 CENTERNET_PARAMS = {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
                     "head_channels": 64}
 ARCHITECTURES = [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
-DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16}
+DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16, "change": 128}
+#: chips cut internally when change is trained from two rasters and polygons
+CHANGE_CHIP = 256
 DEFAULT_ENCODER = "resnet18"
 
 
@@ -65,8 +71,13 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
     STEPS_PER_EPOCH = "STEPS_PER_EPOCH"
     VALIDATION = "VALIDATION"
     DEVICE = "DEVICE"
+    CHIPS = "CHIPS"
+    INPUT_AFTER = "INPUT_AFTER"
+    AUGMENT = "AUGMENT"
+    PATIENCE = "PATIENCE"
     OUTPUT = "OUTPUT"
     REPORT = "REPORT"
+    CURVES = "CURVES"
 
     def name(self):
         return "train"
@@ -86,11 +97,17 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         return (
             "Trains a deep-learning model on your own labels and writes a model package that the RS Deep "
-            "algorithms apply (Semantic segmentation, Object detection, Patch classification). The loss and the "
-            "validation metrics of every epoch appear in the log; the package keeps the best network (segmentation) "
-            "or the last one (detection without validation, patch classification), with training_report.json.<br><br>"
+            "algorithms apply (Semantic segmentation, Object detection, Patch classification, Change detection). "
+            "The loss and the validation metrics of every epoch appear in the log; the package keeps the best "
+            "network by the validation metric (the last one without validation), with training_report.json and "
+            "training_curves.png.<br><br>"
             "<b>Input raster</b>: a raster file (GeoTIFF...); it is read into memory, so use a scene or a clip of "
-            "one. Web and database layers must be saved as a file first.<br>"
+            "one. Web and database layers must be saved as a file first. Change detection: the before image.<br>"
+            "<b>After raster</b>: change detection only: the after image (resampled onto the before grid if "
+            "needed); LABELS are then the changed areas.<br>"
+            "<b>Chips</b>: instead of INPUT and LABELS, a folder (or its manifest.json) written by 'Export "
+            "training data (chips)': segmentation, detection or change; its classes and its spatial-block "
+            "validation split are used.<br>"
             "<b>Labels</b>: polygons in any CRS (reprojected to the raster's). Segmentation: the objects' outlines; "
             "every pixel outside them is the background. Detection: each feature's bounding box is an object. "
             "Patch classification: areas of each class; with one class, the pixels outside are a "
@@ -100,7 +117,8 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             "Without it: one class named after the labels layer.<br>"
             "<b>Task</b>: segmentation, detection or patch classification.<br>"
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
-            "network itself (patch classification). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: CenterNet "
+            "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
+            "early fusion of both dates). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: CenterNet "
             "(RS Deep's anchor-free detector on the ENCODER; trains from scratch in CPU minutes) or the "
             "torchvision detectors listed.<br>"
             "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
@@ -112,9 +130,14 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             "patch classification: the patch size, default 16). 0 = the default.<br>"
             "<b>Steps per epoch</b>: batches per epoch (0 = enough to see the training area about twice).<br>"
             "<b>Validation</b>: the fraction of the raster's rows (at the bottom) held back to measure every "
-            "epoch; 0 = none.<br>"
+            "epoch (change: the share of 256 px blocks); 0 = none. Not used with CHIPS (their split is).<br>"
+            "<b>Augmentations</b>: random flips, 90-degree rotations and brightness/contrast jitter of the "
+            "training crops (all on by default; random rescaling is always on).<br>"
+            "<b>Early stopping patience</b>: stop after that many epochs without a better validation metric "
+            "(IoU, AP50 or accuracy); 0 = train every epoch. The best epoch is kept either way.<br>"
             "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU.<br>"
-            "<b>Model package</b>: the folder written (model.json, model.safetensors, training_report.json). "
+            "<b>Model package</b>: the folder written (model.json, model.safetensors, training_report.json, "
+            "training_curves.png). "
             "Cancelling keeps the best network trained so far, when an epoch has finished; the message says what "
             "was written."
         )
@@ -123,12 +146,17 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
         return TrainAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster (before, for change)",
+                                                            optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.LABELS, "Labels (polygons)",
-                                                              [QgsProcessing.TypeVectorPolygon]))
+                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", None, self.LABELS,
                                                       QgsProcessingParameterField.Any, optional=True))
         self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", TASK_LABELS, defaultValue=0))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
+                                                            optional=True))
+        self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
+                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES,
                                                      defaultValue=0))
         self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder", DEFAULT_ENCODER, optional=True))
@@ -151,11 +179,17 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
                                          maxValue=0.5),
             QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
         ]
+        self.addParameter(QgsProcessingParameterEnum(self.AUGMENT, "Augmentations", AUGMENTS, allowMultiple=True,
+                                                     defaultValue=[0, 1, 2], optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.PATIENCE, "Early stopping patience (epochs; 0 = off)",
+                                                       QgsProcessingParameterNumber.Integer, 8, optional=True,
+                                                       minValue=0))
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(p)
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, "Model package"))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Training report (JSON)"))
+        self.addOutput(QgsProcessingOutputFile(self.CURVES, "Training curves (PNG)"))
 
     # ----------------------------------------------------------------------------------------
 
@@ -176,6 +210,16 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             if arch == "fasterrcnn_mobilenet_v3_large_fpn":
                 return None  # the trainer's default: Faster R-CNN MobileNetV3-FPN sized for small objects
             return {"library": "torchvision", "architecture": arch, "encoder_weights": None, "params": {}}
+        if task == "change":
+            if arch in (AUTO,):
+                from ..rs_deep_plugin.engine.train_change import DEFAULT_CHANGE_BUILDER
+                return dict(DEFAULT_CHANGE_BUILDER, encoder=encoder, params=dict(DEFAULT_CHANGE_BUILDER["params"]))
+            if arch not in SEGMENTATION_ARCHITECTURES:
+                raise QgsProcessingException(f"ARCHITECTURE {arch} is a detection network; for change choose auto "
+                                             "(a Siamese U-Net) or a segmentation network (early fusion of both "
+                                             f"dates): {', '.join(SEGMENTATION_ARCHITECTURES)}")
+            return {"library": "rs_deep", "architecture": "EarlyFusion", "encoder": encoder, "encoder_weights": None,
+                    "params": {"base": arch}}
         if arch != AUTO:
             raise QgsProcessingException("For patch classification the network is the ENCODER (a timm classifier "
                                          "such as resnet18); set ARCHITECTURE to auto")
@@ -186,21 +230,9 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
+        from ..rs_deep_plugin.engine.chips import load_manifest
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
 
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
-        image = gdal_path(layer)
-        if image is None:
-            raise QgsProcessingException(
-                f"INPUT {layer.name()} is not a raster file ({layer.providerType()} layer): training reads the "
-                "pixels from a file. Save the layer as a GeoTIFF first (Export > Save As..., or Raster > "
-                "Conversion > Translate) over the area you labelled, and train on that file")
-        source = self.parameterAsSource(parameters, self.LABELS, context)
-        if source is None:
-            raise QgsProcessingException("LABELS is not a valid vector layer; choose a polygon layer")
-        field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
         task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
         arch = ARCHITECTURES[self.parameterAsEnum(parameters, self.ARCHITECTURE, context)]
         encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
@@ -212,6 +244,13 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
         val = self.parameterAsDouble(parameters, self.VALIDATION, context) \
             if parameters.get(self.VALIDATION) not in (None, "") else 0.2
         device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        chosen = self.parameterAsEnums(parameters, self.AUGMENT, context) \
+            if parameters.get(self.AUGMENT) is not None else [0, 1, 2]
+        augment = {"flip": 0 in chosen, "rotate": 1 in chosen}
+        if 2 not in chosen:
+            augment.update(brightness=0.0, contrast=0.0, gamma=0.0, noise=0.0)
+        patience = self.parameterAsInt(parameters, self.PATIENCE, context) \
+            if parameters.get(self.PATIENCE) not in (None, "") else 8
         out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not out_dir:
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
@@ -221,72 +260,31 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             feedback.reportError(f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} belongs to "
                                  "the architecture", fatalError=False)
         builder = self._builder(task, arch, encoder)
-
-        # labels -> what the trainer takes
-        layer_name = source.sourceName() or "object"
-        pairs = read_labelled_polygons(source, field, layer.crs(), context, feedback, "LABELS")
-        check_overlap(pairs, layer, "LABELS")
-        values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
-        classes = _sorted_values(set(values))
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(out_dir))) or "model"
-        common = dict(epochs=epochs, steps_per_epoch=steps, lr=lr, device=device, name=name,
-                      description=f"Trained by RS Deep on {os.path.basename(image)} with {source.sourceName()} "
-                                  f"({len(pairs)} features)")
+        common = dict(epochs=epochs, steps_per_epoch=steps, lr=lr, device=device, name=name, augment=augment)
         if batch:
             common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)
         callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
+        feedback.pushInfo("Augmentations: " + (", ".join(AUGMENTS[i] for i in sorted(chosen)) or "none")
+                          + f"; early stopping patience: {patience or 'off'}")
 
+        chips = (self.parameterAsFile(parameters, self.CHIPS, context) or "").strip()
         try:
-            if task == "segmentation":
-                from ..rs_deep_plugin.engine.train import train_segmentation
-                fg = [c for c in classes if str(c).strip().lower() != "background"]
-                if not fg:
-                    raise QgsProcessingException("LABELS only holds 'background' polygons; label the objects to learn")
-                index = {c: i + 1 for i, c in enumerate(fg)}
-                class_names = ["background"] + [str(c) for c in fg]
-                labels = [(g, index.get(v, 0)) for (g, _), v in zip(pairs, values)]
-                feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
-                report = train_segmentation(image, labels, out_dir, class_names=class_names, builder=builder,
-                                            tile_size=tile, val_fraction=val, val_side="bottom", **common,
-                                            **callbacks)
-            elif task == "detection":
-                from ..rs_deep_plugin.engine.train_detect import DetectionSample, split_sample, train_detection
-                index = {c: i for i, c in enumerate(classes)}
-                class_names = [str(c) for c in classes]
-                e = layer.extent()
-                rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
-                boxes = []
-                for (g, _), v in zip(pairs, values):
-                    x0, y0, x1, y1 = g.bounds
-                    boxes.append(((x0 - e.xMinimum()) / rx, (e.yMaximum() - y1) / ry, (x1 - e.xMinimum()) / rx,
-                                  (e.yMaximum() - y0) / ry, index[v]))
-                feedback.pushInfo(f"{len(boxes)} boxes; classes: " + ", ".join(class_names))
-                sample = DetectionSample(image, boxes, name=os.path.basename(image))
-                samples, val_samples = [sample], None
-                if val > 0:
-                    train_part, held = split_sample(sample, val, "bottom", size=(layer.width(), layer.height()))
-                    samples, val_samples = [train_part], [held]
-                report = train_detection(samples, out_dir, class_names=class_names, val_samples=val_samples,
-                                         builder=builder, tile_size=tile, **common, **callbacks)
+            if chips:
+                if task == "patch_classification":
+                    raise QgsProcessingException("CHIPS train segmentation, detection or change models; patch "
+                                                 "classification trains from INPUT and LABELS")
+                manifest = load_manifest(chips, task)  # clear errors: no manifest, another task, missing files
+                common["description"] = (f"Trained by RS Deep on {len(manifest['chips'])} chips of "
+                                         f"{manifest['source'].get('image')}")
+                feedback.pushInfo(f"Chips: {manifest['split']['train_chips']} for training, "
+                                  f"{manifest['split']['val_chips']} for validation ({manifest['root']})")
+                report = self._train_from_chips(task, manifest["root"], out_dir, builder, tile, patience, common,
+                                                callbacks)
             else:
-                from ..rs_deep_plugin.engine.train_patches import train_patches
-                if len(classes) == 1:
-                    class_names = ["background", str(classes[0])]
-                    labels = [(g, 1) for g, _ in pairs]
-                    background = 0
-                    feedback.pushInfo(f"One class ({classes[0]}): pixels outside the polygons are 'background'")
-                else:
-                    index = {c: i for i, c in enumerate(classes)}
-                    class_names = [str(c) for c in classes]
-                    labels = [(g, index[v]) for (g, _), v in zip(pairs, values)]
-                    background = None
-                    if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
-                        feedback.pushInfo("Pixels outside the polygons are not labelled")
-                feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
-                report = train_patches(image, labels, out_dir, class_names=class_names,
-                                       background_class=background, builder=builder, patch_size=tile,
-                                       val_fraction=val, val_side="bottom", **common, **callbacks)
+                report = self._train_from_layers(task, parameters, context, feedback, out_dir, builder, tile, val,
+                                                 patience, common, callbacks)
         except Cancelled as exc:
             raise QgsProcessingException(str(exc)) from exc
         except RSDeepError as exc:
@@ -295,6 +293,116 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
         best = report.get("best_epoch")
         feedback.pushInfo(f"Training finished: {report['epochs_run']} epochs in {report['seconds']:.0f} s on "
                           f"{report['device']}" + (f", the package holds epoch {best}" if best else "")
+                          + (" (stopped early)" if report.get("stopped_early") else "")
                           + f"; report: {report['report_path']}")
         feedback.setProgress(100)
-        return {self.OUTPUT: report["package"], self.REPORT: report["report_path"]}
+        return {self.OUTPUT: report["package"], self.REPORT: report["report_path"],
+                self.CURVES: report.get("curves_path")}
+
+    @staticmethod
+    def _train_from_chips(task, folder, out_dir, builder, tile, patience, common, callbacks):
+        if task == "segmentation":
+            from ..rs_deep_plugin.engine.train import train_segmentation
+            return train_segmentation(folder, None, out_dir, builder=builder, tile_size=tile, patience=patience,
+                                      **common, **callbacks)
+        if task == "detection":
+            from ..rs_deep_plugin.engine.train_detect import train_detection
+            return train_detection(folder, out_dir, builder=builder, tile_size=tile, patience=patience, **common,
+                                   **callbacks)
+        from ..rs_deep_plugin.engine.train_change import train_change
+        return train_change(folder, out_dir, builder=builder, tile_size=tile, patience=patience, **common,
+                            **callbacks)
+
+    def _train_from_layers(self, task, parameters, context, feedback, out_dir, builder, tile, val, patience, common,
+                           callbacks):
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException("Give INPUT (a raster layer or file) and LABELS, or CHIPS (a folder written "
+                                         "by 'Export training data (chips)')")
+        image = raster_file(layer, "INPUT")
+        source = self.parameterAsSource(parameters, self.LABELS, context)
+        if source is None:
+            raise QgsProcessingException("LABELS is not set or not a valid vector layer; choose a polygon layer (or "
+                                         "give CHIPS instead of INPUT and LABELS)")
+        field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        layer_name = source.sourceName() or "object"
+        pairs = read_labelled_polygons(source, field, layer.crs(), context, feedback, "LABELS")
+        check_overlap(pairs, layer, "LABELS")
+        common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} with "
+                                          f"{source.sourceName()} ({len(pairs)} features)")
+
+        if task == "segmentation":
+            from ..rs_deep_plugin.engine.train import train_segmentation
+            class_names, labels = map_classes(task, pairs, field, layer_name)
+            feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
+            return train_segmentation(image, labels, out_dir, class_names=class_names, builder=builder,
+                                      tile_size=tile, val_fraction=val, val_side="bottom", patience=patience,
+                                      **common, **callbacks)
+        if task == "detection":
+            from ..rs_deep_plugin.engine.train_detect import DetectionSample, split_sample, train_detection
+            class_names, labels = map_classes(task, pairs, field, layer_name)
+            e = layer.extent()
+            rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
+            boxes = []
+            for g, v in labels:
+                x0, y0, x1, y1 = g.bounds
+                boxes.append(((x0 - e.xMinimum()) / rx, (e.yMaximum() - y1) / ry, (x1 - e.xMinimum()) / rx,
+                              (e.yMaximum() - y0) / ry, v))
+            feedback.pushInfo(f"{len(boxes)} boxes; classes: " + ", ".join(class_names))
+            sample = DetectionSample(image, boxes, name=os.path.basename(image))
+            samples, val_samples = [sample], None
+            if val > 0:
+                train_part, held = split_sample(sample, val, "bottom", size=(layer.width(), layer.height()))
+                samples, val_samples = [train_part], [held]
+            return train_detection(samples, out_dir, class_names=class_names, val_samples=val_samples,
+                                   builder=builder, tile_size=tile, patience=patience, **common, **callbacks)
+        if task == "change":
+            return self._train_change(parameters, context, feedback, layer, image, pairs, field, out_dir, builder,
+                                      tile, val, patience, common, callbacks)
+
+        from ..rs_deep_plugin.engine.train_patches import train_patches
+        values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
+        classes = _sorted_values(set(values))
+        if len(classes) == 1:
+            class_names = ["background", str(classes[0])]
+            labels = [(g, 1) for g, _ in pairs]
+            background = 0
+            feedback.pushInfo(f"One class ({classes[0]}): pixels outside the polygons are 'background'")
+        else:
+            index = {c: i for i, c in enumerate(classes)}
+            class_names = [str(c) for c in classes]
+            labels = [(g, index[v]) for (g, _), v in zip(pairs, values)]
+            background = None
+            if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
+                feedback.pushInfo("Pixels outside the polygons are not labelled")
+        feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
+        return train_patches(image, labels, out_dir, class_names=class_names, background_class=background,
+                             builder=builder, patch_size=tile, val_fraction=val, val_side="bottom",
+                             patience=patience, **common, **callbacks)
+
+    def _train_change(self, parameters, context, feedback, layer, image, pairs, field, out_dir, builder, tile, val,
+                      patience, common, callbacks):
+        """Change from two rasters: chips of both dates and the change polygons (a temporary export), then
+        the change trainer on them; validation is the export's spatial-block split."""
+        import shutil
+        import tempfile
+        from ..rs_deep_plugin.engine.chips import export_training_data
+        from ..rs_deep_plugin.engine.train_change import train_change
+        from qgis.core import QgsProcessingUtils
+        after_layer = self.parameterAsRasterLayer(parameters, self.INPUT_AFTER, context)
+        if after_layer is None or not after_layer.isValid():
+            raise QgsProcessingException("Change detection needs two dates: set INPUT (before) and INPUT_AFTER "
+                                         "(after), with LABELS marking the changed areas")
+        after = raster_file(after_layer, "INPUT_AFTER")
+        class_names, labels = map_classes("change", pairs, field, "change")
+        feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
+        tmp = tempfile.mkdtemp(prefix="rs_deep_change_chips_", dir=QgsProcessingUtils.tempFolder())
+        try:
+            chip = max(CHANGE_CHIP, tile)
+            export_training_data(image, labels, os.path.join(tmp, "chips"), task="change", class_names=class_names,
+                                 after_path=after, tile_size=chip, only_labelled=False, val_fraction=val,
+                                 block_size=2 * chip, log=callbacks["log"], is_cancelled=callbacks["is_cancelled"])
+            return train_change(os.path.join(tmp, "chips"), out_dir, class_names=class_names, builder=builder,
+                                tile_size=tile, patience=patience, **common, **callbacks)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

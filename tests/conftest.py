@@ -47,6 +47,22 @@ def _delete_leaked_layers(qgis_app):
             sip.delete(layer)
 
 
+_PROVIDER = []
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_processing):
+    """The rs_deep Processing provider, registered when missing (a test module may unload the plugin, which
+    removes it); a reference is kept: the registry does not keep the Python object alive."""
+    from qgis.core import QgsApplication
+    from rs_deep.processing_algorithms.provider import RSDeepProvider
+    reg = QgsApplication.processingRegistry()
+    if reg.providerById("rs_deep") is None:
+        _PROVIDER.append(RSDeepProvider())
+        reg.addProvider(_PROVIDER[-1])
+    return reg.providerById("rs_deep")
+
+
 def make_package(path, in_channels=3, classes=("background", "building"), tile=64, overlap=16, gsd=None,
                  seed=0, scaling=None, bands=None):
     """A small untrained U-Net package (real weights, real format) for engine and QGIS tests."""

@@ -296,16 +296,6 @@ def test_category_names(prediction, tmp_path):
 # QGIS
 
 
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    from qgis.core import QgsApplication
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    reg = QgsApplication.processingRegistry()
-    if reg.providerById("rs_deep") is None:
-        reg.addProvider(RSDeepProvider())
-    yield reg.providerById("rs_deep")
-
-
 class RecordingFeedback:
     """A QgsProcessingFeedback that keeps the messages and can cancel when one matches."""
 

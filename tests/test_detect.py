@@ -641,16 +641,6 @@ def test_trees_demo_finds_held_out_trees():
 # QGIS: processing.run, a model with a native algorithm, qgis_process
 
 
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    from qgis.core import QgsApplication
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    reg = QgsApplication.processingRegistry()
-    if reg.providerById("rs_deep") is None:
-        reg.addProvider(RSDeepProvider())
-    yield reg.providerById("rs_deep")
-
-
 def _run(alg, params, feedback=None):
     import processing
     from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProject

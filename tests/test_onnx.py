@@ -31,15 +31,6 @@ from conftest import DEMO_MODEL, ROOT, SAMPLE, make_package, write_raster  # noq
 TREES_DEMO = ROOT / "resources" / "models" / "trees_demo"
 
 
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    reg = QgsApplication.processingRegistry()
-    if reg.providerById("rs_deep") is None:
-        reg.addProvider(RSDeepProvider())
-    yield reg.providerById("rs_deep")
-
-
 def _run(alg, params):
     import processing
     context = QgsProcessingContext()
@@ -202,13 +193,53 @@ def test_exported_file_reads_like_deepness_would(rgb_package, tmp_path):
 
 
 def test_export_errors(tmp_path, provider):
-    with pytest.raises(InputError, match="segmentation packages only"):
-        export_onnx(TREES_DEMO, tmp_path / "trees.onnx")
+    import torch
+    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.package import ModelClass, save_package
+    builder = dict(library="rs_deep", architecture="SiameseUnet", encoder="resnet18", in_channels=3, classes=2,
+                   encoder_weights=None, params={"encoder_depth": 3, "decoder_channels": [32, 16, 8]})
+    torch.manual_seed(0)
+    save_package(build_model(builder), tmp_path / "chg", name="chg", task="change", bands=["r", "g", "b"],
+                 classes=[ModelClass(0, "no change", "000000"), ModelClass(1, "change", "E31A1C")], builder=builder,
+                 tile_size=64, overlap=16, gsd=None, description="test change model",
+                 value_scaling=[{"type": "min-max", "minimum": 0, "maximum": 255}], extra={"rs_deep:dates": 2})
+    with pytest.raises(InputError, match="segmentation and detection packages"):
+        export_onnx(tmp_path / "chg", tmp_path / "chg.onnx")
     with pytest.raises(InputError, match=r"\.onnx"):
         export_onnx(DEMO_MODEL, tmp_path / "model.bin")
-    with pytest.raises(QgsProcessingException, match="segmentation packages only"):
-        _run("rs_deep:export_onnx", {"INPUT": "trees_demo", "OUTPUT": str(tmp_path / "t.onnx")})
-    assert not (tmp_path / "trees.onnx").exists() and not (tmp_path / "t.onnx").exists()
+    export_onnx(DEMO_MODEL, tmp_path / "b.onnx")
+    with pytest.raises(QgsProcessingException, match="already an ONNX model"):
+        _run("rs_deep:export_onnx", {"INPUT": str(tmp_path / "b.onnx"), "OUTPUT": str(tmp_path / "t.onnx")})
+    assert not (tmp_path / "chg.onnx").exists() and not (tmp_path / "t.onnx").exists()
+
+
+def test_export_tree_detector_gives_the_same_boxes(provider, tmp_path):
+    """The bundled CenterNet tree detector through ONNX (YOLO v5-style rows) finds the same trees on real NEON
+    imagery as PyTorch: same count, each box within 0.05 px and its score within 1e-4."""
+    from conftest import DATA
+    image = DATA / "trees_neon" / "OSBS_029.tif"
+    res = _run("rs_deep:export_onnx", {"INPUT": "trees_demo", "OUTPUT": str(tmp_path / "trees.onnx")})
+    props = _metadata_props(res["OUTPUT"])
+    assert json.loads(props["model_type"]) == "Detector" and json.loads(props["det_type"]) == "YOLO_v5_or_v7_default"
+    assert json.loads(props["class_names"]) == {"0": "tree"}
+    assert json.loads(props["resolution"]) == pytest.approx(20.0)  # 0.2 m in cm
+    ours = load_package(TREES_DEMO)
+    assert json.loads(props["det_conf"]) == pytest.approx(ours.metadata["properties"]["rs_deep:score_threshold"])
+    a = detect(image, res["OUTPUT"], device="cpu")
+    b = detect(image, TREES_DEMO, device="cpu")
+    assert len(b.detections) > 10 and len(a.detections) == len(b.detections)
+    boxes_a = np.array([(d.xmin, d.ymin, d.xmax, d.ymax) for d in a.detections])
+    for db in b.detections:
+        gap = np.abs(boxes_a - np.array([db.xmin, db.ymin, db.xmax, db.ymax])).max(axis=1)
+        da = a.detections[int(gap.argmin())]
+        assert gap.min() < 0.05 * 0.2  # map units: 0.05 px of 0.2 m
+        assert abs(da.score - db.score) < 1e-4 and da.class_name == db.class_name
+    # and through rs_deep:detect: the same number of features
+    out = _run("rs_deep:detect", {"INPUT": str(image), "MODEL": res["OUTPUT"], "OUTPUT": str(tmp_path / "o.gpkg"),
+                                  "DEVICE": 1})
+    layer = QgsVectorLayer(out["OUTPUT"], "o")
+    assert layer.featureCount() == len(b.detections)
+    del layer
 
 
 def test_export_algorithm_processing_run(provider, tmp_path):

@@ -210,16 +210,6 @@ def test_training_for_seconds_writes_a_patch_package(tmp_path):
 # QGIS
 
 
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    from qgis.core import QgsApplication
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    reg = QgsApplication.processingRegistry()
-    if reg.providerById("rs_deep") is None:
-        reg.addProvider(RSDeepProvider())
-    return reg.providerById("rs_deep")
-
-
 def _run(params, feedback=None):
     import processing
     from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProject

@@ -20,15 +20,6 @@ from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordina
 from conftest import DATA, ROOT, SAMPLE
 
 
-@pytest.fixture(scope="module")
-def provider(qgis_processing):
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    reg = QgsApplication.processingRegistry()
-    if reg.providerById("rs_deep") is None:
-        reg.addProvider(RSDeepProvider())
-    yield reg.providerById("rs_deep")
-
-
 def _run(params, feedback=None):
     import processing
     context = QgsProcessingContext()

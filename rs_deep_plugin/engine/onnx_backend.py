@@ -512,15 +512,20 @@ def deepness_standardization(value_scaling):
 
 
 def deepness_metadata(pkg):
-    """The Deepness/GeoDeep metadata_props (JSON-encoded values) for a segmentation package."""
+    """The Deepness/GeoDeep metadata_props (JSON-encoded values) for a segmentation or detection package."""
     props = {
-        "model_type": json.dumps("Segmentor"),
+        "model_type": json.dumps("Detector" if pkg.task == "detection" else "Segmentor"),
         "class_names": json.dumps({str(c.value): c.name for c in pkg.classes}),
         "tile_size": json.dumps(int(pkg.tile_size)),
         "tiles_overlap": json.dumps(int(round(100.0 * pkg.overlap / pkg.tile_size))),
     }
     if pkg.gsd:
         props["resolution"] = json.dumps(round(pkg.gsd * 100.0, 6))
+    if pkg.task == "detection":
+        meta = pkg.metadata.get("properties", {})
+        props["det_type"] = json.dumps("YOLO_v5_or_v7_default")
+        props["det_conf"] = json.dumps(float(meta.get("rs_deep:score_threshold", 0.3)))
+        props["det_iou_thresh"] = json.dumps(float(meta.get("rs_deep:iou_threshold", 0.5)))
     std = deepness_standardization(pkg.value_scaling)
     if std is not None:
         props["standardization_mean"] = json.dumps(std[0])
@@ -528,21 +533,65 @@ def deepness_metadata(pkg):
     return props
 
 
+def _centernet_as_yolo(net, tile):
+    """A module: CenterNet -> YOLO v5-style output [batch, cells, 5 + classes] (cx, cy, w, h, score, class scores).
+
+    Every heatmap cell is a row; its score is the class peak (sigmoid of the heatmap where it is the
+    3 x 3 maximum, else 0), so a YOLO decoder (score cut, class-wise NMS) finds exactly the peaks
+    that :meth:`CenterNet.decode` finds, with the same boxes, clamped to the tile."""
+    import torch
+    import torch.nn.functional as F
+
+    class CenterNetYolo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            heat, box = self.net.forward_maps(x)
+            prob = torch.sigmoid(heat)
+            peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob).to(prob.dtype)
+            b, k, h, w = prob.shape
+            s = float(self.net.stride)
+            xs = (torch.arange(w, dtype=prob.dtype, device=x.device) + 0.5).view(1, 1, w)
+            ys = (torch.arange(h, dtype=prob.dtype, device=x.device) + 0.5).view(1, h, 1)
+            cx = (xs + box[:, 0]) * s
+            cy = (ys + box[:, 1]) * s
+            wh = torch.exp(box[:, 2:4].clamp(-2.0, 9.0))
+            x0 = (cx - wh[:, 0] / 2).clamp(0.0, float(tile))
+            y0 = (cy - wh[:, 1] / 2).clamp(0.0, float(tile))
+            x1 = (cx + wh[:, 0] / 2).clamp(0.0, float(tile))
+            y1 = (cy + wh[:, 1] / 2).clamp(0.0, float(tile))
+            score = peaks.max(dim=1, keepdim=True).values
+            rows = torch.cat([((x0 + x1) / 2)[:, None], ((y0 + y1) / 2)[:, None], (x1 - x0)[:, None],
+                              (y1 - y0)[:, None], score, peaks], dim=1)
+            return rows.reshape(b, 5 + k, h * w).transpose(1, 2)
+
+    return CenterNetYolo()
+
+
 def export_onnx(package_path, out_path, opset=17, log=None):
-    """Export a segmentation package (folder, zip or ModelPackage) to one ONNX file.
+    """Export a segmentation or CenterNet detection package (folder, zip or ModelPackage) to one ONNX file.
 
     The graph takes float32 [batch, channels, tile, tile] (dynamic batch) scaled like the package's
-    value scaling and returns class probabilities [batch, classes, tile, tile] (softmax, or sigmoid
-    for a 1-channel model). ``metadata_props`` carry our model.json (``rs_deep:model_json``) and
-    the Deepness keys. Written to a temp file, then renamed. Returns the output path.
+    value scaling. Segmentation returns class probabilities [batch, classes, tile, tile] (softmax,
+    or sigmoid for a 1-channel model); detection returns YOLO v5-style rows [batch, cells, 5 +
+    classes] (``det_type`` ``YOLO_v5_or_v7_default``, see :func:`_centernet_as_yolo`), which RS Deep,
+    Deepness and GeoDeep decode alike. ``metadata_props`` carry our model.json
+    (``rs_deep:model_json``) and the Deepness keys. Written to a temp file, then renamed. Returns
+    the output path.
     """
     log = log or (lambda msg: None)
     pkg = package_path if isinstance(package_path, ModelPackage) else load_package(package_path)
     if getattr(pkg, "backend", "torch") == "onnx":
         raise InputError(f"{pkg.source} is already an ONNX model")
-    if pkg.task != "segmentation":
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; ONNX export supports segmentation packages only "
-                         "(detection, change and patch classification packages cannot be exported yet)")
+    if pkg.task not in ("segmentation", "detection"):
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; ONNX export supports segmentation and detection "
+                         "packages (change and patch classification packages cannot be exported yet)")
+    if pkg.task == "detection" and (pkg.builder.get("library"), pkg.builder.get("architecture")) != \
+            ("rs_deep", "CenterNet"):
+        raise InputError(f"'{pkg.name}' is a {pkg.builder.get('architecture')} detector; ONNX export supports "
+                         "RS Deep's CenterNet detectors (the default of rs_deep:train)")
     out_path = os.fspath(out_path)
     if not out_path.lower().endswith(".onnx"):
         raise InputError(f"OUTPUT must be a .onnx file; got {out_path}")
@@ -564,7 +613,7 @@ def export_onnx(package_path, out_path, opset=17, log=None):
             y = self.net(x)
             return torch.sigmoid(y) if activation == "sigmoid" else torch.softmax(y, dim=1)
 
-    wrapped = WithActivation(model).eval()
+    wrapped = (_centernet_as_yolo(model, pkg.tile_size) if pkg.task == "detection" else WithActivation(model)).eval()
     dummy = torch.zeros(1, pkg.in_channels, pkg.tile_size, pkg.tile_size, dtype=torch.float32)
     buf = io.BytesIO()
     log(f"Exporting {pkg.name} to ONNX (opset {opset})")
@@ -577,7 +626,8 @@ def export_onnx(package_path, out_path, opset=17, log=None):
     proto = onnx.load_from_string(buf.getvalue())
     props = deepness_metadata(pkg)
     props[MODEL_JSON_KEY] = json.dumps(pkg.metadata, separators=(",", ":"))
-    props[OUTPUT_KEY] = json.dumps("probabilities")
+    if pkg.task == "segmentation":
+        props[OUTPUT_KEY] = json.dumps("probabilities")
     del proto.metadata_props[:]
     for k, v in props.items():
         entry = proto.metadata_props.add()

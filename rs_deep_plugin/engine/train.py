@@ -32,6 +32,7 @@ from .raster import apply_scaling, pixel_size_metres
 
 IGNORE = 255  # label value ignored by the loss (nodata, outside the labelled area)
 REPORT_NAME = "training_report.json"
+CURVES_NAME = "training_curves.png"
 
 DEFAULT_BUILDER = {
     "library": "smp",
@@ -298,8 +299,9 @@ class CropSampler:
     """
 
     def __init__(self, img, lab, valid, tile, rng, scale_range=(0.8, 1.25), foreground_prob=0.5,
-                 brightness=0.1, contrast=0.25, gamma=0.25, noise=0.03):
+                 brightness=0.1, contrast=0.25, gamma=0.25, noise=0.03, flip=True, rotate=True):
         self.tile = tile
+        self.flip, self.rotate = bool(flip), bool(rotate)
         lo, hi = scale_range
         if not 0 < lo <= hi:
             raise InputError(f"scale_range must be (low, high) with 0 < low <= high; got {scale_range}")
@@ -335,14 +337,16 @@ class CropSampler:
     def sample(self):
         rng = self.rng
         img, lab, valid = self._crop()
-        k = int(rng.integers(4))
+        k = int(rng.integers(4)) if self.rotate else 0
         if k:
             img, lab, valid = np.rot90(img, k, axes=(1, 2)), np.rot90(lab, k), np.rot90(valid, k)
-        if rng.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             img, lab, valid = img[:, :, ::-1], lab[:, ::-1], valid[:, ::-1]
         img = np.array(img, dtype=np.float32)  # contiguous copies
         lab = np.array(lab, dtype=np.uint8)
         valid = np.array(valid, dtype=bool)
+        if not (self.gamma > 0 or self.contrast > 0 or self.brightness > 0 or self.noise > 0):
+            return img, lab
         # photometric jitter on the scaled values: gamma, contrast, brightness, noise
         if self.gamma > 0:
             g = math.exp(rng.uniform(-self.gamma, self.gamma))
@@ -367,6 +371,36 @@ class CropSampler:
     def batch(self, n):
         imgs, labs = zip(*(self.sample() for _ in range(n)))
         return np.stack(imgs), np.stack(labs)
+
+
+class MultiCropSampler:
+    """Crops from several regions (chips): a region is drawn in proportion to its area, then cropped
+    and augmented by its own :class:`CropSampler` (all share ``rng``)."""
+
+    def __init__(self, regions, tile, rng, **kwargs):
+        self.samplers = [CropSampler(img, lab, valid, tile, rng, **kwargs) for img, lab, valid in regions]
+        area = np.array([lab.size for _, lab, _ in regions], dtype=np.float64)
+        self.p = area / area.sum()
+        self.rng = rng
+
+    def sample(self):
+        return self.samplers[int(self.rng.choice(len(self.samplers), p=self.p))].sample()
+
+    def batch(self, n):
+        imgs, labs = zip(*(self.sample() for _ in range(n)))
+        return np.stack(imgs), np.stack(labs)
+
+
+AUGMENT_KEYS = ("flip", "rotate", "brightness", "contrast", "gamma", "noise")
+
+
+def check_augment(augment, keys=AUGMENT_KEYS):
+    """``augment`` as a dict, with a clear error for unknown keys."""
+    augment = dict(augment or {})
+    unknown = set(augment) - set(keys)
+    if unknown:
+        raise InputError(f"augment: unknown keys {sorted(unknown)}; use {', '.join(keys)}")
+    return augment
 
 
 def _resize(img, lab, valid, size):
@@ -509,6 +543,19 @@ def evaluate(model, img, lab, n_classes, device, memory_format=None):
     return cm, ce
 
 
+def evaluate_regions(model, regions, n_classes, device, memory_format=None):
+    """(summed confusion matrix, pixel-weighted mean cross-entropy) over several regions (chips)."""
+    total, loss_sum, n_px = None, 0.0, 0
+    for img, lab, _ in regions:
+        cm, ce = evaluate(model, img, lab, n_classes, device, memory_format=memory_format)
+        total = cm if total is None else total + cm
+        n = int((lab != IGNORE).sum())
+        if n and math.isfinite(ce):
+            loss_sum += ce * n
+            n_px += n
+    return total, (loss_sum / n_px if n_px else float("nan"))
+
+
 def _seed_everything(seed):
     import torch
     random.seed(seed)
@@ -519,6 +566,20 @@ def _seed_everything(seed):
 def _check_tile(value, name):
     if not isinstance(value, int) or value < 32 or value % 32:
         raise InputError(f"{name} must be a multiple of 32, at least 32; got {value!r}")
+
+
+def write_report(path, report, log=None):
+    """Write the training report (JSON) and, next to it, ``training_curves.png`` (when matplotlib is there)."""
+    _write_json(path, report)
+    from .curves import plot_training_curves
+    png = os.path.join(os.path.dirname(path), CURVES_NAME)
+    try:
+        written = plot_training_curves(report, png)
+    except Exception as exc:  # a plot must never lose a trained model
+        written = None
+        if log:
+            log(f"Warning: the training curves could not be drawn ({exc})")
+    return written
 
 
 def _write_json(path, obj):
@@ -533,60 +594,20 @@ def _write_json(path, obj):
 # training
 
 
-def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors=None, bands=None,
-                       band_names=None, builder=None, tile_size=256, epochs=30, steps_per_epoch=None,
-                       batch_size=8, lr=2e-3, weight_decay=1e-4, seed=0, val_fraction=0.2, val_side="bottom",
-                       patience=8, dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
-                       device="auto", num_threads=None, progress=None, is_cancelled=None, log=None,
-                       name="segmentation-model", description="", package_tile_size=512, package_overlap=64,
-                       weights_dtype="float16"):
-    """Train a segmentation network on ``image_path`` and write a model package to ``out_dir``.
+def _counts(train_labs, val_labs, class_names):
+    def px(labs):
+        return int(sum(int((lab != IGNORE).sum()) for lab in labs))
 
-    ``labels``: a label raster on the image grid (class values, 0 = background, 255 or nodata =
-    not labelled), or a list of ``(shapely geometry, class value)`` in the image CRS (rasterized;
-    everything outside the polygons is background). ``class_names`` names the classes 0..K-1
-    (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha band).
-    ``steps_per_epoch`` defaults to enough batches to see the training area about twice.
-    ``augment`` overrides the photometric jitter of the crops (scaled values): ``brightness``
-    (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma`` (log exponent, 0.25) and
-    ``noise`` (max Gaussian sigma, 0.03); geometric augmentation is always on (flips, 90 degree
-    rotations, rescaling by a factor in ``scale_range``).
+    def per_class(labs):
+        return {n: int(sum(int((lab == i).sum()) for lab in labs)) for i, n in enumerate(class_names)}
 
-    Returns the training report (also written to ``out_dir/training_report.json``). When
-    ``is_cancelled()`` turns true, the best network so far (if any epoch finished) is written
-    before :class:`Cancelled` is raised.
-    """
-    t0 = time.time()
-    prog = Progress(progress, is_cancelled)
-    log = log or (lambda msg: None)
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from .architectures import build_model
-    from .device import device_description, select_device
+    return {"train_pixels": px(train_labs), "train_class_pixels": per_class(train_labs),
+            "val_pixels": px(val_labs), "val_class_pixels": per_class(val_labs) if val_labs else {}}
 
-    class_names = [str(n) for n in (class_names or [])]
-    if len(class_names) < 2:
-        raise InputError("class_names: give at least two classes, the background first "
-                         "(e.g. ['background', 'building'])")
+
+def _image_data(image_path, labels, class_names, bands, band_names, seed, val_fraction, val_side, log, prog):
+    """One labelled image, cut into a training region and a validation strip (see :func:`_split`)."""
     k = len(class_names)
-    colors = list(class_colors) if class_colors else [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(k)]
-    if len(colors) != k:
-        raise InputError(f"class_colors: {len(colors)} colours for {k} classes")
-    classes = [ModelClass(i, n, str(c).lstrip("#").upper()) for i, (n, c) in enumerate(zip(class_names, colors))]
-    _check_tile(tile_size, "tile_size")
-    _check_tile(package_tile_size, "package_tile_size")
-    if not 0 <= package_overlap < package_tile_size // 2:
-        raise InputError(f"package_overlap must be in [0, {package_tile_size // 2}); got {package_overlap}")
-    augment = dict(augment or {})
-    unknown = set(augment) - {"brightness", "contrast", "gamma", "noise"}
-    if unknown:
-        raise InputError(f"augment: unknown keys {sorted(unknown)}; use brightness, contrast, gamma, noise")
-    if batch_size < 1 or epochs < 1:
-        raise InputError("batch_size and epochs must be at least 1")
-
-    # ---- data ---------------------------------------------------------------------------
     prog.message(f"Reading {image_path}")
     ds, bands, data, valid = _read_image(image_path, bands)
     try:
@@ -619,23 +640,119 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
     gsd = pixel_size_metres(crs, transform, w, h)
 
     (tr0, tr1, tc0, tc1), val_win = _split(h, w, val_fraction, val_side)
-    train_img, train_lab = data[:, tr0:tr1, tc0:tc1], lab[tr0:tr1, tc0:tc1]
+    train = [(data[:, tr0:tr1, tc0:tc1], lab[tr0:tr1, tc0:tc1], valid[tr0:tr1, tc0:tc1])]
+    val = []
     if val_win is not None:
         vr0, vr1, vc0, vc1 = val_win
-        val_img, val_lab = np.ascontiguousarray(data[:, vr0:vr1, vc0:vc1]), lab[vr0:vr1, vc0:vc1]
-    else:
-        val_img = val_lab = None
-    counts = {"train_pixels": int((train_lab != IGNORE).sum()),
-              "train_class_pixels": {n: int((train_lab == i).sum()) for i, n in enumerate(class_names)},
-              "val_pixels": int((val_lab != IGNORE).sum()) if val_lab is not None else 0,
-              "val_class_pixels": ({n: int((val_lab == i).sum()) for i, n in enumerate(class_names)}
-                                   if val_lab is not None else {})}
+        val = [(np.ascontiguousarray(data[:, vr0:vr1, vc0:vc1]), lab[vr0:vr1, vc0:vc1], valid[vr0:vr1, vc0:vc1])]
+    counts = _counts([t[1] for t in train], [v[1] for v in val], class_names)
     if not any(v for c, v in counts["train_class_pixels"].items() if c != class_names[0]):
         raise InputError(f"No labelled objects fall in the training part of the image (the {val_side} "
                          f"{val_fraction:.0%} is held back for validation); label objects elsewhere too, "
                          "or change val_side")
-    if val_lab is not None and not any(v for c, v in counts["val_class_pixels"].items() if c != class_names[0]):
+    if val and not any(v for c, v in counts["val_class_pixels"].items() if c != class_names[0]):
         log("Warning: the validation strip holds no labelled objects; validation IoU only counts false alarms")
+    validation = {"side": val_side if val_win else None, "fraction": val_fraction if val_win else 0.0,
+                  "window": ({"row_off": val_win[0], "col_off": val_win[2], "height": val_win[1] - val_win[0],
+                              "width": val_win[3] - val_win[2]} if val_win else None)}
+    return train, val, scaling, gsd, bands, band_names, counts, validation, {"width": w, "height": h}
+
+
+def _chip_data(manifest, class_names, bands, band_names, seed, log):
+    """The chips of an export (:mod:`.chips`): training and validation as they were split there."""
+    from .chips import segmentation_regions
+    if bands:
+        raise InputError("bands cannot be chosen when training from chips: the chips hold the bands they were "
+                         "exported with")
+    train, val = segmentation_regions(manifest)
+    if not train:
+        raise InputError(f"The chips in {manifest['root']} hold no training chip")
+    cols = [img[:, valid].reshape(img.shape[0], 1, -1) for img, _, valid in train]
+    pooled = np.concatenate(cols, axis=2)
+    scaling = compute_value_scaling(pooled, np.ones(pooled.shape[1:], bool), seed=seed)
+    for img, _, valid in train + val:
+        apply_scaling(img, scaling)
+        img[:, ~valid] = 0.0
+    counts = _counts([t[1] for t in train], [v[1] for v in val], class_names)
+    if not any(v for c, v in counts["train_class_pixels"].items() if c != class_names[0]):
+        raise InputError(f"The training chips in {manifest['root']} hold no labelled object")
+    names = band_names or manifest.get("band_names") or [f"b{b}" for b in manifest["bands"]]
+    split = manifest.get("split", {})
+    validation = {"chips": split.get("val_chips", len(val)), "block_size": split.get("block_size"),
+                  "fraction": split.get("val_fraction", 0.0), "method": "spatial blocks (chip export)"}
+    log(f"Training from {len(train)} chips, validating on {len(val)} ({manifest['root']})")
+    return (train, val, scaling, manifest.get("gsd"), list(manifest["bands"]), [str(n) for n in names], counts,
+            validation, {"width": manifest["source"].get("width"), "height": manifest["source"].get("height"),
+                         "chips": len(train) + len(val)})
+
+
+def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_colors=None, bands=None,
+                       band_names=None, builder=None, tile_size=256, epochs=30, steps_per_epoch=None,
+                       batch_size=8, lr=2e-3, weight_decay=1e-4, seed=0, val_fraction=0.2, val_side="bottom",
+                       patience=8, dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
+                       device="auto", num_threads=None, progress=None, is_cancelled=None, log=None,
+                       name="segmentation-model", description="", package_tile_size=512, package_overlap=64,
+                       weights_dtype="float16"):
+    """Train a segmentation network on ``image_path`` and write a model package to ``out_dir``.
+
+    ``labels``: a label raster on the image grid (class values, 0 = background, 255 or nodata =
+    not labelled), or a list of ``(shapely geometry, class value)`` in the image CRS (rasterized;
+    everything outside the polygons is background). ``class_names`` names the classes 0..K-1
+    (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha band).
+    ``steps_per_epoch`` defaults to enough batches to see the training area about twice.
+    ``augment`` overrides the photometric jitter of the crops (scaled values): ``brightness``
+    (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma`` (log exponent, 0.25) and
+    ``noise`` (max Gaussian sigma, 0.03); geometric augmentation is always on (flips, 90 degree
+    rotations, rescaling by a factor in ``scale_range``).
+
+    Returns the training report (also written to ``out_dir/training_report.json``). When
+    ``is_cancelled()`` turns true, the best network so far (if any epoch finished) is written
+    before :class:`Cancelled` is raised.
+    """
+    t0 = time.time()
+    prog = Progress(progress, is_cancelled)
+    log = log or (lambda msg: None)
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover
+        raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
+    from .architectures import build_model
+    from .device import device_description, select_device
+
+    from . import chips as chipsets
+    chipset = chipsets.load_manifest(image_path, "segmentation") if chipsets.is_chip_set(image_path) else None
+    if chipset is not None:
+        names, cols = chipsets.class_info(chipset)
+        if not class_names:
+            class_names, class_colors = names, class_colors or cols
+        elif [str(n) for n in class_names] != names:
+            raise InputError(f"class_names {list(class_names)} differ from the chips' classes {names}; leave "
+                             "class_names out to use the chips' classes")
+    class_names = [str(n) for n in (class_names or [])]
+    if len(class_names) < 2:
+        raise InputError("class_names: give at least two classes, the background first "
+                         "(e.g. ['background', 'building'])")
+    k = len(class_names)
+    colors = list(class_colors) if class_colors else [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(k)]
+    if len(colors) != k:
+        raise InputError(f"class_colors: {len(colors)} colours for {k} classes")
+    classes = [ModelClass(i, n, str(c).lstrip("#").upper()) for i, (n, c) in enumerate(zip(class_names, colors))]
+    _check_tile(tile_size, "tile_size")
+    _check_tile(package_tile_size, "package_tile_size")
+    if not 0 <= package_overlap < package_tile_size // 2:
+        raise InputError(f"package_overlap must be in [0, {package_tile_size // 2}); got {package_overlap}")
+    augment = check_augment(augment)
+    if batch_size < 1 or epochs < 1:
+        raise InputError("batch_size and epochs must be at least 1")
+
+    # ---- data ---------------------------------------------------------------------------
+    if chipset is not None:
+        data_info = _chip_data(chipset, class_names, bands, band_names, seed, log)
+    else:
+        data_info = _image_data(image_path, labels, class_names, bands, band_names, seed, val_fraction, val_side,
+                                log, prog)
+    (train_regions, val_regions, scaling, gsd, bands, band_names, counts, validation, image_size) = data_info
+    n_train_px = sum(lab.size for _, lab, _ in train_regions)
 
     # ---- model --------------------------------------------------------------------------
     old_threads = torch.get_num_threads()
@@ -650,7 +767,7 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
         fmt = torch.channels_last if dev.type in ("cpu", "cuda") else torch.contiguous_format
         model = build_model(builder).to(dev).to(memory_format=fmt)
         if steps_per_epoch is None:
-            area = (tr1 - tr0) * (tc1 - tc0)
+            area = n_train_px
             steps_per_epoch = max(4, int(math.ceil(2.0 * area / (tile_size * tile_size) / batch_size)))
         steps_per_epoch = int(steps_per_epoch)
         total_steps = epochs * steps_per_epoch
@@ -658,24 +775,23 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
-        sampler = CropSampler(train_img, train_lab, valid[tr0:tr1, tc0:tc1], tile_size, rng,
-                              scale_range=scale_range, foreground_prob=foreground_prob, **augment)
+        sampler = MultiCropSampler(train_regions, tile_size, rng, scale_range=scale_range,
+                                   foreground_prob=foreground_prob, **augment)
+        where = (f"validation {len(val_regions)} chips" if chipset is not None
+                 else f"validation {val_side} {val_fraction:.0%}" if val_regions else "no validation")
         log(f"Training {builder['architecture']}/{builder['encoder']} on {device_description(dev)}: "
             f"{epochs} epochs x {steps_per_epoch} steps x {batch_size} crops of {tile_size} px; "
-            f"train {tr1 - tr0}x{tc1 - tc0} px, validation {val_side} {val_fraction:.0%}")
+            f"{n_train_px} training px, {where}")
 
         report = {
             "name": name, "image": os.path.basename(os.fspath(image_path)),
-            "image_size": {"width": w, "height": h},
+            "image_size": image_size,
             "classes": class_names, "bands": band_names, "band_numbers": bands,
             "builder": builder, "value_scaling": scaling, "gsd": gsd,
             "seed": seed, "device": device_description(dev), "threads": torch.get_num_threads(),
             "tile_size": tile_size, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "epochs_planned": epochs, "steps_per_epoch": steps_per_epoch, "patience": patience,
-            "validation": {"side": val_side if val_win else None, "fraction": val_fraction if val_win else 0.0,
-                           "window": ({"row_off": val_win[0], "col_off": val_win[2],
-                                       "height": val_win[1] - val_win[0], "width": val_win[3] - val_win[2]}
-                                      if val_win else None)},
+            "validation": validation, "augment": augment,
             "samples": dict(counts, crops_seen=0),
             "train_loss": [], "val_loss": [], "val_iou": [], "lr_curve": [],
             "epochs_run": 0, "best_epoch": None, "best": None,
@@ -699,8 +815,9 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
                           seconds=round(time.time() - t0, 2))
             path = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            _write_json(path, report)  # no local paths in the file: it may be shipped with the package
-            return dict(report, package=os.path.abspath(os.fspath(out_dir)), report_path=path)
+            # no local paths in the file: it may be shipped with the package
+            curves = write_report(path, report, log)
+            return dict(report, package=os.path.abspath(os.fspath(out_dir)), report_path=path, curves_path=curves)
 
         train_prog = prog.sub(0.02, 0.97)
         since_best = 0
@@ -731,8 +848,8 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
                 report["lr_curve"].append(float(sched.get_last_lr()[0]))
                 report["epochs_run"] = epoch
                 model.eval()
-                if val_img is not None:
-                    cm, val_loss = evaluate(model, val_img, val_lab, k, dev, memory_format=fmt)
+                if val_regions:
+                    cm, val_loss = evaluate_regions(model, val_regions, k, dev, memory_format=fmt)
                     metrics = metrics_from_confusion(cm, class_names)
                     key = (round(metrics["iou"], 6), -val_loss)
                 else:
@@ -752,7 +869,7 @@ def train_segmentation(image_path, labels, out_dir, *, class_names, class_colors
                             f"(best {best['metrics']['iou']:.3f} at epoch {best['epoch']})")
                 log(msg)
                 train_prog.update(epoch / epochs, msg)
-                if val_img is not None and patience and since_best >= patience and epoch < epochs:
+                if val_regions and patience and since_best >= patience and epoch < epochs:
                     report["stopped_early"] = True
                     log(f"Stopping early: no better validation IoU for {patience} epochs")
                     break

@@ -28,8 +28,8 @@ from .errors import Cancelled, InputError, MissingDependency
 from .package import DEFAULT_COLORS, ModelClass, save_package
 from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
-from .train import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, _write_json,
-                    compute_value_scaling, confusion_matrix, evaluate, metrics_from_confusion, resolve_builder,
+from .train import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, check_augment,
+                    compute_value_scaling, write_report, confusion_matrix, evaluate, metrics_from_confusion, resolve_builder,
                     segmentation_loss)
 
 DEFAULT_CHANGE_BUILDER = {
@@ -167,7 +167,8 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
                  batch_size=8, lr=2e-3, weight_decay=1e-4, seed=0, patience=0, dice_weight=1.0,
                  foreground_prob=0.5, scale_range=(0.8, 1.25), swap_dates=True, date_jitter=0.1, pair_weights=None,
                  device="auto", num_threads=None, progress=None, is_cancelled=None, log=None, name="change-model",
-                 description="", gsd="auto", package_tile_size=256, package_overlap=32, weights_dtype="float16"):
+                 description="", gsd="auto", package_tile_size=256, package_overlap=32, weights_dtype="float16",
+                 augment=None):
     """Train a change network on ``pairs`` and write a ``change`` model package to ``out_dir``.
 
     ``pairs`` / ``val_pairs``: ``[(before, after, label)]`` raster paths, each triple on one pixel
@@ -176,6 +177,9 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     pairs' GSD when they all have the same one (within 10 %), else None (the model takes any
     resolution); or a number, or None. Without ``val_pairs`` the network of the last epoch is kept;
     with them, the best by validation IoU (``patience`` epochs without improvement stop early).
+    ``pairs`` may also be a chip folder of :func:`.chips.export_training_data` (task change): its
+    training chips are the pairs and its validation chips the validation pairs. ``augment``: see
+    :func:`.train.train_segmentation` (flip, rotate, brightness, contrast, gamma, noise).
 
     Returns the training report (also ``out_dir/training_report.json``). Cancelling keeps the
     best network so far, if an epoch finished, as :func:`.train.train_segmentation` does.
@@ -190,6 +194,16 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     from .architectures import build_model
     from .device import device_description, select_device
 
+    from . import chips as chipsets
+    if chipsets.is_chip_set(pairs):
+        manifest = chipsets.load_manifest(pairs, "change")
+        pairs, chip_val = chipsets.change_pairs(manifest)
+        val_pairs = val_pairs if val_pairs is not None else chip_val
+        names, cols = chipsets.class_info(manifest)
+        if tuple(class_names) == ("no change", "change"):
+            class_names, class_colors = names, class_colors or cols
+        log(f"Training from {len(pairs)} chip pairs, validating on {len(val_pairs or [])} ({manifest['root']})")
+    augment = check_augment(augment)
     class_names = [str(n) for n in class_names]
     if len(class_names) < 2:
         raise InputError("class_names: give 'no change' first and at least one change class")
@@ -255,8 +269,10 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
         sampler = PairSampler(images, [p["mask"] for p in train], [p["valid"] for p in train], tile_size, rng,
-                              weights=pair_weights, swap_dates=swap_dates and k == 2, date_jitter=date_jitter,
-                              scale_range=scale_range, foreground_prob=foreground_prob)
+                              weights=pair_weights, swap_dates=swap_dates and k == 2,
+                              date_jitter=0.0 if augment.get("brightness", 1) == 0 and augment.get("contrast", 1) == 0
+                              else date_jitter,
+                              scale_range=scale_range, foreground_prob=foreground_prob, **augment)
         log(f"Training {builder['architecture']}/{builder['encoder']} on {device_description(dev)}: {epochs} epochs "
             f"x {steps_per_epoch} steps x {batch_size} crops of {tile_size} px from {len(train)} pair(s)")
         report = {
@@ -291,7 +307,7 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
                           seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
             report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            _write_json(report["report_path"], report)
+            report["curves_path"] = write_report(report["report_path"], report, log)
             return report
 
         train_prog = prog.sub(0.02, 0.97)

@@ -34,7 +34,8 @@ from .errors import Cancelled, InputError, MissingDependency
 from .package import DEFAULT_COLORS, ModelClass, TASKS, save_package
 from .progress import Progress
 from .raster import GSD_TOLERANCE, apply_scaling, pixel_size_metres
-from .train import REPORT_NAME, _check_tile, _seed_everything, _write_json, compute_value_scaling
+from .train import (REPORT_NAME, _check_tile, _seed_everything, check_augment, compute_value_scaling,
+                    write_report)
 
 DEFAULT_BUILDER = {
     "library": "torchvision",
@@ -382,8 +383,9 @@ class BoxCropSampler:
     Images are picked in proportion to their area, or to ``weights`` (one per image) when given."""
 
     def __init__(self, items, tile, rng, scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4,
-                 brightness=0.1, contrast=0.25, noise=0.03, weights=None):
+                 brightness=0.1, contrast=0.25, noise=0.03, weights=None, flip=True, rotate=True, gamma=None):
         self.items = items
+        self.flip, self.rotate = bool(flip), bool(rotate)  # gamma: accepted for one augment dict, not used
         self.tile = tile
         self.rng = rng
         lo, hi = scale_range
@@ -439,11 +441,11 @@ class BoxCropSampler:
     def sample(self):
         rng, t = self.rng, self.tile
         img, valid, boxes, labels = self._crop()
-        k = int(rng.integers(4))
+        k = int(rng.integers(4)) if self.rotate else 0
         if k:
             img, valid = np.rot90(img, k, axes=(1, 2)), np.rot90(valid, k)
             boxes = _rot90_boxes(boxes, t, k)
-        if rng.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             img, valid = img[:, :, ::-1], valid[:, ::-1]
             boxes = _flip_boxes(boxes, t)
         img = np.array(img, dtype=np.float32)
@@ -639,7 +641,7 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                     device="auto", num_threads=None, progress=None, is_cancelled=None, log=None, name="detection-model",
                     description="", package_tile_size=512, package_overlap=64, score_threshold=None,
                     iou_threshold=None, max_detections=None, weights_dtype="float16", class_field="label",
-                    proposals=256, roi_batch=64):
+                    proposals=256, roi_batch=64, augment=None, patience=0):
     """Train a detection network and write a model package (+ ``training_report.json``) to ``out_dir``.
 
     ``samples``: an image path (with ``boxes``: GeoJSON, VOC .xml or pixel boxes) or a list of
@@ -651,7 +653,11 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     images of another known GSD are resampled to it. ``score_threshold``, ``iou_threshold``,
     ``max_detections`` are stored in the package as its defaults. ``sample_weights``: the share
     of training crops taken from each sample (relative numbers, one per sample; default: in
-    proportion to the images' areas).
+    proportion to the images' areas). ``samples`` may also be a chip folder of
+    :func:`.chips.export_training_data` (task detection): its training chips are the samples and
+    its validation chips the validation samples. ``augment``: flip, rotate, brightness, contrast,
+    noise (see :func:`.train.train_segmentation`). ``patience``: with validation samples, stop
+    after that many epochs without a better validation AP (0: never).
 
     Returns the training report. When ``is_cancelled()`` turns true after an epoch finished,
     that network is written before :class:`Cancelled` is raised.
@@ -667,6 +673,16 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     from .detect import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, check_thresholds
     from .device import device_description, select_device
 
+    from . import chips as chipsets
+    if chipsets.is_chip_set(samples):
+        manifest = chipsets.load_manifest(samples, "detection")
+        samples, chip_val = chipsets.detection_samples(manifest)
+        val_samples = val_samples if val_samples is not None else chip_val
+        names, cols = chipsets.class_info(manifest)
+        if not class_names or tuple(class_names) == ("object",):
+            class_names, class_colors = names, class_colors or cols
+        log(f"Training from {len(samples)} chips, validating on {len(val_samples or [])} ({manifest['root']})")
+    augment = check_augment(augment, ("flip", "rotate", "brightness", "contrast", "gamma", "noise"))
     class_names = [str(n) for n in (class_names or [])]
     if not class_names:
         raise InputError("class_names: give the object classes to detect, e.g. ['tree']")
@@ -761,7 +777,7 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
         sampler = BoxCropSampler(train_items, tile_size, rng, scale_range=scale_range, object_prob=object_prob,
-                                 min_visible=min_visible, weights=sample_weights)
+                                 min_visible=min_visible, weights=sample_weights, **augment)
         log(f"Training {builder['architecture']} on {device_description(dev)}: {epochs} epochs x {steps_per_epoch} "
             f"steps x {batch_size} crops of {tile_size} px; {n_train_boxes} training boxes in {len(train_items)} "
             f"image(s), {sum(len(it.boxes) for it in val_items)} validation boxes")
@@ -778,7 +794,8 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
             "val_images": [{"name": it.name, "width": it.img.shape[2], "height": it.img.shape[1],
                             "boxes": int(len(it.boxes))} for it in val_items],
             "crops_seen": 0, "train_loss": [], "loss_parts": [], "val": [], "epochs_run": 0, "best_epoch": None,
-            "best": None, "cancelled": False, "seconds": None,
+            "best": None, "cancelled": False, "seconds": None, "augment": augment, "patience": patience,
+            "stopped_early": False,
         }
         best = {"key": None, "state": None, "epoch": None, "metrics": None}
 
@@ -809,10 +826,11 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
                           seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
             report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            _write_json(report["report_path"], report)
+            report["curves_path"] = write_report(report["report_path"], report, log)
             return report
 
         train_prog = prog.sub(0.02, 0.97)
+        since_best = 0
         try:
             for epoch in range(1, epochs + 1):
                 model.train()
@@ -852,8 +870,15 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                 if best["key"] is None or key > best["key"]:
                     best.update(key=key, epoch=epoch, metrics=metrics,
                                 state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
+                    since_best = 0
+                else:
+                    since_best += 1
                 log(msg)
                 train_prog.update(epoch / epochs, msg)
+                if val_items and keep == "best" and patience and since_best >= patience and epoch < epochs:
+                    report["stopped_early"] = True
+                    log(f"Stopping early: no better validation AP for {patience} epochs")
+                    break
         except Cancelled:
             saved = finish(cancelled=True)
             if saved is not None:

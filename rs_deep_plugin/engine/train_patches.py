@@ -25,7 +25,7 @@ from .package import DEFAULT_COLORS, ModelClass, save_package
 from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
 from .train import (IGNORE, REPORT_NAME, CropSampler, _labels_from_geometries, _labels_from_raster, _read_image,
-                    _reproject_labels, _seed_everything, _split, _write_json, compute_value_scaling,
+                    _reproject_labels, _seed_everything, _split, check_augment, compute_value_scaling, write_report,
                     metrics_from_confusion, resolve_builder)
 
 DEFAULT_PATCH_BUILDER = {
@@ -201,15 +201,21 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                   lr=2e-3, weight_decay=1e-3, seed=0, val_fraction=0.25, val_side="right", min_purity=0.5,
                   scale_range=(0.8, 1.25), balance_classes=True, select_best=False, device="auto", num_threads=None,
                   progress=None, is_cancelled=None, log=None, name="patch-classifier", description="",
-                  weights_dtype="float16"):
+                  weights_dtype="float16", augment=None, patience=0):
     """Train a patch classifier on ``image_path`` and write a ``patch_classification`` package to ``out_dir``.
 
     ``labels``: a label raster on the image grid (class values; 255 / nodata = not labelled) or
     ``[(shapely geometry, class value)]`` in the image CRS. ``background_class``: the class of
     pixels outside every polygon (None: not labelled). ``patch_size``: px at the image's GSD,
-    stored as the package's patch size. Returns the training report (also in ``out_dir``).
+    stored as the package's patch size. ``augment``: flip, rotate, brightness, contrast, gamma,
+    noise (see :func:`.train.train_segmentation`). ``patience`` > 0 keeps the best epoch by
+    validation accuracy and stops after that many epochs without a better one.
+    Returns the training report (also in ``out_dir``).
     """
     t0 = time.time()
+    augment = check_augment(augment)
+    if patience:
+        select_best = True
     prog = Progress(progress, is_cancelled)
     log = log or (lambda msg: None)
     try:
@@ -311,7 +317,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
         sampler = PatchSampler(train_img, train_lab, valid[tr0:tr1, tc0:tc1], patch_size, k, rng,
-                               min_purity=min_purity, scale_range=scale_range)
+                               min_purity=min_purity, scale_range=scale_range, **augment)
         wt = torch.from_numpy(weights).to(dev) if weights is not None else None
         log(f"Training {builder['architecture']} on {device_description(dev)}: {epochs} epochs x {steps_per_epoch} "
             f"steps x {batch_size} patches of {patch_size} px; train {tr1 - tr0}x{tc1 - tc0} px, validation "
@@ -328,6 +334,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                                        "height": val_win[1] - val_win[0], "width": val_win[3] - val_win[2]}
                                       if val_win else None)},
             "samples": dict(counts, patches_seen=0), "train_loss": [], "val_accuracy": [],
+            "augment": augment, "patience": patience, "stopped_early": False,
             "epochs_run": 0, "best_epoch": None, "best": None, "cancelled": False, "seconds": None,
         }
         best = {"key": None, "state": None, "epoch": None, "metrics": None}
@@ -351,10 +358,11 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
                           seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
             report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            _write_json(report["report_path"], report)
+            report["curves_path"] = write_report(report["report_path"], report, log)
             return report
 
         train_prog = prog.sub(0.02, 0.97)
+        since_best = 0
         try:
             for epoch in range(1, epochs + 1):
                 model.train()
@@ -384,11 +392,18 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                 if best["key"] is None or key > best["key"]:
                     best.update(key=key, epoch=epoch, metrics=metrics,
                                 state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
+                    since_best = 0
+                else:
+                    since_best += 1
                 msg = f"Epoch {epoch}/{epochs}: loss {report['train_loss'][-1]:.4f}"
                 if metrics:
                     msg += f", held-out patch accuracy {metrics['accuracy']:.3f} ({metrics['patches']} patches)"
                 log(msg)
                 train_prog.update(epoch / epochs, msg)
+                if metrics and select_best and patience and since_best >= patience and epoch < epochs:
+                    report["stopped_early"] = True
+                    log(f"Stopping early: no better validation accuracy for {patience} epochs")
+                    break
         except Cancelled:
             saved = finish(cancelled=True)
             if saved is not None:
