@@ -151,13 +151,29 @@ def test_training_data_bad_input_is_clear(provider, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_export_training_data_through_qgis_process(tmp_path):
+def test_labels_to_accuracy_report_through_qgis_process(tmp_path):
+    """The whole batch workflow on real data, each step a qgis_process call: export chips -> train from them ->
+    segment a held-out area -> assess against the reference polygons."""
     from qgis_env import run_qgis_process
-    proc = run_qgis_process(["run", "rs_deep:export_training_data", "--json", "--",
-                             f"INPUT={ATLANTA / 'image.tif'}", f"LABELS={ATLANTA / 'buildings.geojson'}",
-                             "TASK=0", "TILE_SIZE=256", f"OUTPUT={tmp_path / 'chips'}"])
-    res = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
-    assert Path(res["MANIFEST"]).is_file() and res["CHIPS"] == res["TRAIN_CHIPS"] + res["VAL_CHIPS"] > 0
+
+    def run(alg, *params):
+        proc = run_qgis_process(["run", alg, "--json", "--"] + list(params))
+        return json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
+
+    chips = run("rs_deep:export_training_data", f"INPUT={ATLANTA / 'image.tif'}",
+                f"LABELS={ATLANTA / 'buildings.geojson'}", "TASK=0", "TILE_SIZE=128", "BLOCK_SIZE=256",
+                "VALIDATION=0.25", f"OUTPUT={tmp_path / 'chips'}")
+    assert Path(chips["MANIFEST"]).is_file() and chips["CHIPS"] == chips["TRAIN_CHIPS"] + chips["VAL_CHIPS"] > 0
+    model = run("rs_deep:train", f"CHIPS={chips['OUTPUT']}", "TASK=0", "ARCHITECTURE=1", "ENCODER=resnet18",
+                "EPOCHS=1", "STEPS_PER_EPOCH=2", "BATCH_SIZE=2", "TILE_SIZE=64", "DEVICE=1",
+                f"OUTPUT={tmp_path / 'model'}")
+    assert Path(model["REPORT"]).is_file() and Path(model["CURVES"]).is_file()
+    seg = run("rs_deep:segment", f"INPUT={ATLANTA / 'image.tif'}", f"MODEL={model['OUTPUT']}",
+              f"OUTPUT={tmp_path / 'seg.tif'}", "DEVICE=1", "EXTENT=733601,733901,3724689,3724800 [EPSG:32616]")
+    acc = run("rs_deep:assess_accuracy", f"PREDICTION={seg['OUTPUT']}", f"REFERENCE={ATLANTA / 'buildings.geojson'}",
+              f"MODEL={model['OUTPUT']}", f"OUTPUT_HTML={tmp_path / 'acc.html'}", f"OUTPUT_TABLE={tmp_path / 'acc.csv'}")
+    assert 0.0 <= acc["OVERALL_ACCURACY"] <= 1.0 and "Confusion matrix" in (tmp_path / "acc.html").read_text()
+    assert (tmp_path / "acc.csv").read_text().startswith("class_id")
 
 
 # --------------------------------------------------------------------------------------------
