@@ -3,17 +3,16 @@ or of detected boxes against reference boxes."""
 import os
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsFeatureSink, QgsField,
-                       QgsFields, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsFields, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing,
                        QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterDefinition,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QIcon
 
-from .base import FeedbackBridge, gdal_path, layer_bounds, load_model_package, require_dependencies
-from .provider_icon import ICON
+from .base import (FeedbackBridge, RSDeepAlgorithm, gdal_path, layer_bounds, load_model_package,
+                   require_dependencies)
 
 OUTSIDE = ["background (class 0)", "ignore (not counted)"]
 OUTSIDE_VALUES = ["background", "ignore"]
@@ -118,7 +117,8 @@ def check_overlap(pairs, layer, what):
             "their layer's CRS is set correctly")
 
 
-class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
+class AssessAccuracyAlgorithm(RSDeepAlgorithm):
+    GROUP_ID = "train"
     TASK = "TASK"
     PREDICTION = "PREDICTION"
     PREDICTION_BOXES = "PREDICTION_BOXES"
@@ -147,15 +147,6 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Assess accuracy"
-
-    def group(self):
-        return "Train and assess"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "train"
-
-    def icon(self):
-        return QIcon(ICON)
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         return (
@@ -195,9 +186,6 @@ class AssessAccuracyAlgorithm(QgsProcessingAlgorithm):
             "reference or the prediction); PRECISION, RECALL, F1 (change: of the change classes; detection: of "
             "the boxes) and AP (detection). Detection writes one summary row."
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return AssessAccuracyAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", ASSESS_TASK_LABELS, defaultValue=0))

@@ -1,16 +1,39 @@
-"""Helpers shared by the RS Deep algorithms: model lookup, layer access, feedback, errors."""
+"""Helpers shared by the RS Deep algorithms: their base class, model lookup, layer access, feedback, errors."""
 import math
 import os
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProcessingException, QgsProcessingUtils, QgsRasterBlockFeedback,
-                       QgsRasterFileWriter, QgsRasterPipe, QgsRectangle, QgsUnitTypes)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProcessingAlgorithm,
+                       QgsProcessingException, QgsProcessingUtils, QgsRasterBlockFeedback, QgsRasterFileWriter,
+                       QgsRasterPipe, QgsRectangle, QgsUnitTypes)
+from qgis.PyQt.QtGui import QIcon
 
 from ..rs_deep_plugin.deps import missing_dependencies, missing_message
+from .provider_icon import ICON
 
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(PLUGIN_DIR, "resources", "models")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 MAX_EXPORT_PIXELS = 40000 * 40000
+
+
+class RSDeepAlgorithm(QgsProcessingAlgorithm):
+    """What every RS Deep algorithm shares: the provider's icon, its toolbox group (``GROUP_ID``) and
+    ``createInstance``."""
+
+    GROUP_ID = "apply"
+    GROUPS = {"apply": "Apply models", "train": "Train and assess"}
+
+    def group(self):
+        return self.GROUPS[self.GROUP_ID]
+
+    def groupId(self):  # noqa: N802 (QGIS API)
+        return self.GROUP_ID
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def createInstance(self):  # noqa: N802 (QGIS API)
+        return type(self)()
 
 
 def require_dependencies():

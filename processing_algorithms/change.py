@@ -2,17 +2,16 @@
 import os
 
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessing,
-                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterBand,
+                       QgsProcessingException, QgsProcessingParameterBand,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer, QgsProcessingUtils,
                        QgsPalettedRasterRenderer, QgsRasterLayer, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QColor, QIcon
+from qgis.PyQt.QtGui import QColor
 
-from .base import (DEVICES, FeedbackBridge, bundled_models, export_raster_layer, gdal_path, layer_bounds,
-                   load_model_package, require_dependencies)
-from .provider_icon import ICON
+from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
+                   layer_bounds, load_model_package, require_dependencies)
 from .segment import _StyleClasses, paletted_renderer
 
 
@@ -38,7 +37,7 @@ class _StyleChange(_StyleClasses):
             super().postProcessLayer(layer, context, feedback)
 
 
-class ChangeAlgorithm(QgsProcessingAlgorithm):
+class ChangeAlgorithm(RSDeepAlgorithm):
     BEFORE = "BEFORE"
     AFTER = "AFTER"
     MODEL = "MODEL"
@@ -59,15 +58,6 @@ class ChangeAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Change detection"
-
-    def group(self):
-        return "Apply models"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "apply"
-
-    def icon(self):
-        return QIcon(ICON)
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
@@ -95,9 +85,6 @@ class ChangeAlgorithm(QgsProcessingAlgorithm):
             "<b>Minimum area</b>: change polygons smaller than this (m²) are dropped (-1 = 10 pixels).<br>"
             "<b>Simplify</b>: tolerance in map units for the polygons (-1 = one pixel; 0 = none)."
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return ChangeAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, "Before raster (earlier date)"))

@@ -1,16 +1,14 @@
 """rs_deep:detect — object detection in a raster layer with a detection model package."""
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsFillSymbol,
-                       QgsGeometry, QgsMarkerSymbol, QgsPointXY, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsGeometry, QgsMarkerSymbol, QgsPointXY, QgsProcessing,
                        QgsProcessingException, QgsProcessingLayerPostProcessorInterface, QgsProcessingParameterBand,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsRectangle, QgsRendererCategory, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QIcon
 
-from .base import (DEVICES, FeedbackBridge, bundled_models, export_raster_layer, gdal_path, layer_bounds,
-                   load_model_package, require_dependencies)
-from .provider_icon import ICON
+from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
+                   layer_bounds, load_model_package, require_dependencies)
 
 
 def outlined_renderer(classes, points=False):
@@ -68,7 +66,7 @@ HELP = {
 }
 
 
-class DetectAlgorithm(QgsProcessingAlgorithm):
+class DetectAlgorithm(RSDeepAlgorithm):
     INPUT = "INPUT"
     MODEL = "MODEL"
     BANDS = "BANDS"
@@ -89,15 +87,6 @@ class DetectAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Object detection"
 
-    def group(self):
-        return "Apply models"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "apply"
-
-    def icon(self):
-        return QIcon(ICON)
-
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
         labels = {
@@ -112,9 +101,6 @@ class DetectAlgorithm(QgsProcessingAlgorithm):
                  f"score. Bundled models: {models}.<br><br>"]
         parts += [f"<b>{labels[k]}</b>: {v}<br>" for k, v in HELP.items()]
         return "".join(parts)
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return DetectAlgorithm()
 
     def _add(self, param, advanced=False):
         if hasattr(param, "setHelp"):

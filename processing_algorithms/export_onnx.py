@@ -1,12 +1,10 @@
 """rs_deep:export_onnx — export a segmentation or detection model package to one ONNX file (Deepness/GeoDeep
 metadata)."""
-from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterDefinition,
+from qgis.core import (QgsProcessingException, QgsProcessingParameterDefinition,
                        QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
                        QgsProcessingParameterNumber)
-from qgis.PyQt.QtGui import QIcon
 
-from .base import FeedbackBridge, bundled_models, require_dependencies, resolve_model_path
-from .provider_icon import ICON
+from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models, require_dependencies, resolve_model_path
 
 INPUT_HELP = ("The model package to export: a package folder, a .zip of one, its model.json, or the name of a "
               "bundled model ({models}). Segmentation packages, and detection packages with RS Deep's CenterNet (the "
@@ -18,7 +16,8 @@ OUTPUT_HELP = ("The .onnx file to write (one file, no external data). Its metada
 OPSET_HELP = "ONNX opset version of the exported graph (default 17; onnxruntime 1.14 or newer runs it)."
 
 
-class ExportOnnxAlgorithm(QgsProcessingAlgorithm):
+class ExportOnnxAlgorithm(RSDeepAlgorithm):
+    GROUP_ID = "train"
     INPUT = "INPUT"
     OUTPUT = "OUTPUT"
     OPSET = "OPSET"
@@ -28,15 +27,6 @@ class ExportOnnxAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Export model package to ONNX"
-
-    def group(self):
-        return "Train and assess"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "train"
-
-    def icon(self):
-        return QIcon(ICON)
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
@@ -50,9 +40,6 @@ class ExportOnnxAlgorithm(QgsProcessingAlgorithm):
             f"<b>ONNX file</b>: {OUTPUT_HELP}<br>"
             f"<b>Opset</b>: {OPSET_HELP}"
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return ExportOnnxAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"

@@ -1,17 +1,15 @@
 """rs_deep:export_training_data — a raster and its labels as georeferenced chips with a manifest."""
 import os
 
-from qgis.core import (QgsCoordinateTransform, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+from qgis.core import (QgsCoordinateTransform, QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputFile, QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsRectangle)
-from qgis.PyQt.QtGui import QIcon
 
 from .assess import check_overlap, class_value_or_name, read_labelled_polygons
-from .base import FeedbackBridge, export_raster_layer, gdal_path, require_dependencies
-from .provider_icon import ICON
+from .base import FeedbackBridge, RSDeepAlgorithm, export_raster_layer, gdal_path, require_dependencies
 
 TASKS = ["segmentation", "detection", "change"]
 TASK_LABELS = ["Semantic segmentation", "Object detection", "Change detection"]
@@ -81,7 +79,8 @@ def label_raster_classes(path, task):
     return [names.get(0, "background")] + [names.get(v, f"class {v}") for v in range(1, top + 1)]
 
 
-class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
+class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
+    GROUP_ID = "train"
     INPUT = "INPUT"
     LABELS = "LABELS"
     CLASS_FIELD = "CLASS_FIELD"
@@ -107,15 +106,6 @@ class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Export training data (chips)"
 
-    def group(self):
-        return "Train and assess"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "train"
-
-    def icon(self):
-        return QIcon(ICON)
-
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         return (
             "Cuts a raster and its labels into square georeferenced chips (GeoTIFF) with a manifest.json, split "
@@ -139,9 +129,6 @@ class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
             "<b>Output folder</b>: images/, labels/ (and after/), manifest.json. An earlier export in the folder is "
             "replaced once the new one is complete; a cancelled run leaves nothing."
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return ExportTrainingDataAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster (before, for change)"))
@@ -224,8 +211,10 @@ class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
                 raise QgsProcessingException("Detection needs boxes: give LABELS (polygons), not LABEL_RASTER")
             labels = raster_file(label_layer, "LABEL_RASTER")
             class_names = label_raster_classes(labels, task)
-            area = QgsCoordinateTransform(label_layer.crs(), layer.crs(), context.transformContext()) \
-                .transformBoundingBox(label_layer.extent()) if label_layer.crs() != layer.crs() else label_layer.extent()
+            area = label_layer.extent()
+            if label_layer.crs() != layer.crs():
+                area = QgsCoordinateTransform(label_layer.crs(), layer.crs(),
+                                              context.transformContext()).transformBoundingBox(area)
         else:
             field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
             pairs = read_labelled_polygons(source, field, layer.crs(), context, feedback, "LABELS")

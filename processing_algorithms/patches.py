@@ -1,21 +1,19 @@
 """rs_deep:classify_patches — patch (scene) classification of a raster layer with a classifier package."""
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessing,
-                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingParameterBand,
+                       QgsProcessingException, QgsProcessingParameterBand,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QIcon
 
-from .base import (DEVICES, FeedbackBridge, bundled_models, export_raster_layer, gdal_path, layer_bounds,
-                   load_model_package, require_dependencies)
-from .provider_icon import ICON
+from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
+                   layer_bounds, load_model_package, require_dependencies)
 from .segment import _StyleClasses
 
 TOP = 3  # the best classes written per patch
 
 
-class PatchClassificationAlgorithm(QgsProcessingAlgorithm):
+class PatchClassificationAlgorithm(RSDeepAlgorithm):
     INPUT = "INPUT"
     MODEL = "MODEL"
     BANDS = "BANDS"
@@ -31,15 +29,6 @@ class PatchClassificationAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Patch classification"
-
-    def group(self):
-        return "Apply models"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "apply"
-
-    def icon(self):
-        return QIcon(ICON)
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
@@ -64,9 +53,6 @@ class PatchClassificationAlgorithm(QgsProcessingAlgorithm):
             "<b>Batch size</b>: patches run at once (0 = auto).<br>"
             "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU."
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return PatchClassificationAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))

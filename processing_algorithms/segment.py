@@ -2,7 +2,7 @@
 import os
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsFillSymbol,
-                       QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing,
                        QgsProcessingException, QgsProcessingLayerPostProcessorInterface,
                        QgsProcessingParameterBand, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
                        QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
@@ -11,11 +11,10 @@ from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterRasterLayer, QgsProcessingUtils, QgsRasterLayer, QgsRendererCategory,
                        QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QColor, QIcon
+from qgis.PyQt.QtGui import QColor
 
-from .base import (DEVICES, FeedbackBridge, bundled_models, export_raster_layer, gdal_path, layer_bounds,
-                   load_model_package, mask_geometries, require_dependencies)
-from .provider_icon import ICON
+from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
+                   layer_bounds, load_model_package, mask_geometries, require_dependencies)
 
 
 def paletted_renderer(provider, classes):
@@ -51,7 +50,7 @@ class _StyleClasses(QgsProcessingLayerPostProcessorInterface):
         layer.triggerRepaint()
 
 
-class SegmentAlgorithm(QgsProcessingAlgorithm):
+class SegmentAlgorithm(RSDeepAlgorithm):
     INPUT = "INPUT"
     MODEL = "MODEL"
     BANDS = "BANDS"
@@ -72,15 +71,6 @@ class SegmentAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Semantic segmentation"
-
-    def group(self):
-        return "Apply models"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "apply"
-
-    def icon(self):
-        return QIcon(ICON)
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
@@ -106,9 +96,6 @@ class SegmentAlgorithm(QgsProcessingAlgorithm):
             "<b>Minimum area</b>: polygons smaller than this (m²) are dropped (default: 10 pixels).<br>"
             "<b>Simplify</b>: tolerance in map units for the polygons (default: one pixel; 0 = none)."
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return SegmentAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))

@@ -3,17 +3,15 @@ labels, or from the chips of rs_deep:export_training_data."""
 import os
 import re
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingOutputFile,
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputFile,
                        QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
-from qgis.PyQt.QtGui import QIcon
 
 from .assess import BACKGROUND_NAMES, check_overlap, class_value_or_name, read_labelled_polygons
-from .base import DEVICES, FeedbackBridge, require_dependencies
+from .base import DEVICES, FeedbackBridge, RSDeepAlgorithm, require_dependencies
 from .export_training_data import map_classes, raster_file
-from .provider_icon import ICON
 
 TASKS = ["segmentation", "detection", "patch_classification", "change"]
 TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification", "Change detection"]
@@ -57,7 +55,8 @@ def _sorted_values(values):
     return sorted(ints) + sorted(texts, key=lambda t: t.lower())
 
 
-class TrainAlgorithm(QgsProcessingAlgorithm):
+class TrainAlgorithm(RSDeepAlgorithm):
+    GROUP_ID = "train"
     INPUT = "INPUT"
     LABELS = "LABELS"
     CLASS_FIELD = "CLASS_FIELD"
@@ -84,15 +83,6 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 (QGIS API)
         return "Train a model"
-
-    def group(self):
-        return "Train and assess"
-
-    def groupId(self):  # noqa: N802 (QGIS API)
-        return "train"
-
-    def icon(self):
-        return QIcon(ICON)
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         return (
@@ -141,9 +131,6 @@ class TrainAlgorithm(QgsProcessingAlgorithm):
             "Cancelling keeps the best network trained so far, when an epoch has finished; the message says what "
             "was written."
         )
-
-    def createInstance(self):  # noqa: N802 (QGIS API)
-        return TrainAlgorithm()
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster (before, for change)",
