@@ -251,6 +251,16 @@ def _read_image(image_path, bands):
     return ds, bands, data, valid
 
 
+def _band_names(ds, bands, band_names=None):
+    """``band_names`` checked against ``bands``, or the bands' descriptions (``b<N>`` where there is none)."""
+    if band_names:
+        band_names = [str(b) for b in band_names]
+        if len(band_names) != len(bands):
+            raise InputError(f"band_names: {len(band_names)} names for {len(bands)} bands")
+        return band_names
+    return [ds.descriptions[b - 1] or f"b{b}" for b in bands]
+
+
 def _split(height, width, val_fraction, side):
     """(train window, val window or None) as (row0, row1, col0, col1)."""
     full = (0, height, 0, width)
@@ -613,13 +623,7 @@ def _image_data(image_path, labels, class_names, bands, band_names, seed, val_fr
     try:
         h, w = ds.height, ds.width
         crs, transform = ds.crs, ds.transform
-        if band_names:
-            band_names = [str(b) for b in band_names]
-            if len(band_names) != len(bands):
-                raise InputError(f"band_names: {len(band_names)} names for {len(bands)} bands")
-        else:
-            descs = [ds.descriptions[b - 1] for b in bands]
-            band_names = [d if d else f"b{b}" for d, b in zip(descs, bands)]
+        band_names = _band_names(ds, bands, band_names)
         if isinstance(labels, (str, os.PathLike)) and str(labels).lower().endswith((".geojson", ".json")):
             labels = read_vector_labels(labels, class_value=1, dst_crs=crs)
         if isinstance(labels, (str, os.PathLike)):

@@ -29,8 +29,8 @@ from .package import DEFAULT_COLORS, ModelClass, save_package
 from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
 from .train import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, check_augment,
-                    compute_value_scaling, write_report, confusion_matrix, evaluate, metrics_from_confusion, resolve_builder,
-                    segmentation_loss)
+                    compute_value_scaling, confusion_matrix, evaluate, metrics_from_confusion, resolve_builder,
+                    segmentation_loss, write_report)
 
 DEFAULT_CHANGE_BUILDER = {
     "library": "rs_deep",

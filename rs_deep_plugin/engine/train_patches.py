@@ -24,9 +24,9 @@ from .errors import Cancelled, InputError, MissingDependency
 from .package import DEFAULT_COLORS, ModelClass, save_package
 from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
-from .train import (IGNORE, REPORT_NAME, CropSampler, _labels_from_geometries, _labels_from_raster, _read_image,
-                    _reproject_labels, _seed_everything, _split, check_augment, compute_value_scaling, write_report,
-                    metrics_from_confusion, resolve_builder)
+from .train import (IGNORE, REPORT_NAME, CropSampler, _band_names, _labels_from_geometries, _labels_from_raster,
+                    _read_image, _reproject_labels, _seed_everything, _split, check_augment, compute_value_scaling,
+                    metrics_from_confusion, resolve_builder, write_report)
 
 DEFAULT_PATCH_BUILDER = {
     "library": "timm",
@@ -246,12 +246,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     try:
         h, w = ds.height, ds.width
         crs, transform = ds.crs, ds.transform
-        if band_names:
-            band_names = [str(b) for b in band_names]
-            if len(band_names) != len(bands):
-                raise InputError(f"band_names: {len(band_names)} names for {len(bands)} bands")
-        else:
-            band_names = [ds.descriptions[b - 1] or f"b{b}" for b in bands]
+        band_names = _band_names(ds, bands, band_names)
         if isinstance(labels, (str, os.PathLike)):
             lab = _labels_from_raster(labels, ds, k)
         else:
