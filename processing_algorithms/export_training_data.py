@@ -45,6 +45,31 @@ def map_classes(task, pairs, field, layer_name):
     return [first] + [str(c) for c in fg], [(g, index.get(v, 0)) for (g, _), v in zip(pairs, values)]
 
 
+def label_colors(layer, field, class_names, task):
+    """Class colours from the labels layer's style, when it has one: a categorized renderer on ``field`` (its
+    categories' colours, matched by value or name), or, without a class field, a single-symbol renderer (the
+    one labelled class). Classes the style does not name keep RS Deep's default colours; None without a style."""
+    from qgis.core import QgsCategorizedSymbolRenderer, QgsSingleSymbolRenderer
+    from ..rs_deep_plugin.engine.package import DEFAULT_COLORS
+    renderer = layer.renderer() if layer is not None and hasattr(layer, "renderer") else None
+    found = {}
+    if isinstance(renderer, QgsCategorizedSymbolRenderer) and field and renderer.classAttribute() == field:
+        for cat in renderer.categories():
+            if cat.symbol() is not None and cat.value() is not None:
+                found[str(class_value_or_name(cat.value())).strip().lower()] = cat.symbol().color().name()
+    elif isinstance(renderer, QgsSingleSymbolRenderer) and not field and renderer.symbol() is not None:
+        found = {str(n).strip().lower(): renderer.symbol().color().name() for n in class_names
+                 if str(n).strip().lower() not in BACKGROUND.get(task, ())}
+    if not found:
+        return None
+    offset = 1 if task in ("detection", "patch_classification") else 0
+    colors = []
+    for i, name in enumerate(class_names):
+        c = found.get(str(name).strip().lower())
+        colors.append(c[1:].upper() if c else DEFAULT_COLORS[(i + offset) % len(DEFAULT_COLORS)])
+    return colors
+
+
 def raster_file(layer, what):
     """The file behind a raster layer; web and database layers must be saved as a file first."""
     path = gdal_path(layer)
@@ -211,6 +236,7 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
                 raise QgsProcessingException("Detection needs boxes: give LABELS (polygons), not LABEL_RASTER")
             labels = raster_file(label_layer, "LABEL_RASTER")
             class_names = label_raster_classes(labels, task)
+            class_colors = None
             area = label_layer.extent()
             if label_layer.crs() != layer.crs():
                 area = QgsCoordinateTransform(label_layer.crs(), layer.crs(),
@@ -220,6 +246,10 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
             pairs = read_labelled_polygons(source, field, layer.crs(), context, feedback, "LABELS")
             check_overlap(pairs, layer, "LABELS")
             class_names, labels = map_classes(task, pairs, field, source.sourceName() or "object")
+            class_colors = label_colors(self.parameterAsVectorLayer(parameters, self.LABELS, context), field,
+                                        class_names, task)
+            if class_colors:
+                feedback.pushInfo("Class colours from the labels layer's style")
             import shapely
             x0, y0, x1, y1 = shapely.GeometryCollection([g for g, _ in pairs]).bounds
             area = QgsRectangle(x0, y0, x1, y1)
@@ -240,7 +270,8 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
         bridge = FeedbackBridge(feedback)
         try:
             m = export_training_data(
-                image, labels, out_dir, task=task, class_names=class_names, after_path=after, tile_size=tile,
+                image, labels, out_dir, task=task, class_names=class_names, class_colors=class_colors,
+                after_path=after, tile_size=tile,
                 stride=stride, only_labelled=self.parameterAsBoolean(parameters, self.ONLY_LABELLED, context),
                 val_fraction=self.parameterAsDouble(parameters, self.VALIDATION, context),
                 block_size=self.parameterAsInt(parameters, self.BLOCK_SIZE, context) or None,

@@ -11,7 +11,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
 
 from .assess import BACKGROUND_NAMES, check_overlap, class_value_or_name, read_labelled_polygons
 from .base import DEVICES, FeedbackBridge, RSDeepAlgorithm, require_dependencies
-from .export_training_data import map_classes, raster_file
+from .export_training_data import label_colors, map_classes, raster_file
 
 TASKS = ["segmentation", "detection", "patch_classification", "change"]
 TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification", "Change detection"]
@@ -317,12 +317,21 @@ class TrainAlgorithm(RSDeepAlgorithm):
         check_overlap(pairs, layer, "LABELS")
         common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} with "
                                           f"{source.sourceName()} ({len(pairs)} features)")
+        styled = self.parameterAsVectorLayer(parameters, self.LABELS, context)
+
+        def colors_for(class_names, kind):
+            colors = label_colors(styled, field, class_names, kind)
+            if colors:
+                feedback.pushInfo("Class colours from the labels layer's style: " + ", ".join(
+                    f"{n} #{c}" for n, c in zip(class_names, colors)))
+            return colors
 
         if task == "segmentation":
             from ..rs_deep_plugin.engine.train import train_segmentation
             class_names, labels = map_classes(task, pairs, field, layer_name)
             feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
-            return train_segmentation(image, labels, out_dir, class_names=class_names, builder=builder,
+            return train_segmentation(image, labels, out_dir, class_names=class_names,
+                                      class_colors=colors_for(class_names, task), builder=builder,
                                       tile_size=tile, val_fraction=val, val_side="bottom", patience=patience,
                                       **common, **callbacks)
         if task == "detection":
@@ -341,11 +350,12 @@ class TrainAlgorithm(RSDeepAlgorithm):
             if val > 0:
                 train_part, held = split_sample(sample, val, "bottom", size=(layer.width(), layer.height()))
                 samples, val_samples = [train_part], [held]
-            return train_detection(samples, out_dir, class_names=class_names, val_samples=val_samples,
+            return train_detection(samples, out_dir, class_names=class_names,
+                                   class_colors=colors_for(class_names, task), val_samples=val_samples,
                                    builder=builder, tile_size=tile, patience=patience, **common, **callbacks)
         if task == "change":
             return self._train_change(parameters, context, feedback, layer, image, pairs, field, out_dir, builder,
-                                      tile, val, patience, common, callbacks)
+                                      tile, val, patience, common, callbacks, colors_for)
 
         from ..rs_deep_plugin.engine.train_patches import train_patches
         values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
@@ -363,12 +373,13 @@ class TrainAlgorithm(RSDeepAlgorithm):
             if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
                 feedback.pushInfo("Pixels outside the polygons are not labelled")
         feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
-        return train_patches(image, labels, out_dir, class_names=class_names, background_class=background,
+        return train_patches(image, labels, out_dir, class_names=class_names,
+                             class_colors=colors_for(class_names, task), background_class=background,
                              builder=builder, patch_size=tile, val_fraction=val, val_side="bottom",
                              patience=patience, **common, **callbacks)
 
     def _train_change(self, parameters, context, feedback, layer, image, pairs, field, out_dir, builder, tile, val,
-                      patience, common, callbacks):
+                      patience, common, callbacks, colors_for):
         """Change from two rasters: chips of both dates and the change polygons (a temporary export), then
         the change trainer on them; validation is the export's spatial-block split."""
         import shutil
@@ -386,10 +397,13 @@ class TrainAlgorithm(RSDeepAlgorithm):
         tmp = tempfile.mkdtemp(prefix="rs_deep_change_chips_", dir=QgsProcessingUtils.tempFolder())
         try:
             chip = max(CHANGE_CHIP, tile)
+            colors = colors_for(class_names, "change")
             export_training_data(image, labels, os.path.join(tmp, "chips"), task="change", class_names=class_names,
+                                 class_colors=colors,
                                  after_path=after, tile_size=chip, only_labelled=False, val_fraction=val,
                                  block_size=2 * chip, log=callbacks["log"], is_cancelled=callbacks["is_cancelled"])
-            return train_change(os.path.join(tmp, "chips"), out_dir, class_names=class_names, builder=builder,
+            return train_change(os.path.join(tmp, "chips"), out_dir, class_names=class_names, class_colors=colors,
+                                builder=builder,
                                 tile_size=tile, patience=patience, **common, **callbacks)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

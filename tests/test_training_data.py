@@ -311,3 +311,37 @@ def test_export_training_data_from_an_xyz_layer(provider, tmp_path):
         assert 370 < ground < 430
         assert chip.read(1).max() > 0  # real imagery, not an empty fetch
     assert sum(e["class_pixels"]["fields"] for e in manifest["chips"]) > 0
+
+
+def test_class_colours_come_from_the_labels_style(provider, tmp_path):
+    """A labels layer styled by category in QGIS: the trained package and the exported chips use its colours."""
+    from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsProject, QgsRendererCategory,
+                           QgsVectorLayer)
+    from shapely.geometry import mapping, shape
+    from rs_deep.rs_deep_plugin.engine.package import load_package
+    feats = json.loads((ATLANTA / "buildings.geojson").read_text())
+    for i, f in enumerate(feats["features"]):
+        f["properties"] = {"kind": "house" if i % 2 else "shed"}
+        f["geometry"] = mapping(shape(f["geometry"]))
+    path = tmp_path / "kinds.geojson"
+    path.write_text(json.dumps(feats))
+    layer = QgsVectorLayer(str(path), "kinds", "ogr")
+    assert layer.isValid()
+    cats = [QgsRendererCategory(v, QgsFillSymbol.createSimple({"color": c}), v)
+            for v, c in (("house", "#123456"), ("shed", "#abcdef"))]
+    layer.setRenderer(QgsCategorizedSymbolRenderer("kind", cats))
+    QgsProject.instance().addMapLayer(layer)
+    try:
+        trained = _run("rs_deep:train", dict(TINY, TASK=0, EPOCHS=1, INPUT=str(ATLANTA / "image.tif"),
+                                             LABELS=layer.id(), CLASS_FIELD="kind", OUTPUT=str(tmp_path / "m")))
+        chips = _run("rs_deep:export_training_data", {"INPUT": str(ATLANTA / "image.tif"), "LABELS": layer.id(),
+                                                      "CLASS_FIELD": "kind", "TILE_SIZE": 128,
+                                                      "OUTPUT": str(tmp_path / "chips")})
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+    pkg = load_package(trained["OUTPUT"], task="segmentation")
+    assert [(c.name, c.color) for c in pkg.classes] == [("background", "000000"), ("house", "123456"),
+                                                         ("shed", "ABCDEF")]
+    manifest = json.loads(Path(chips["MANIFEST"]).read_text())
+    assert [(c["name"], c["color"]) for c in manifest["classes"]] == [("background", "000000"), ("house", "123456"),
+                                                                       ("shed", "ABCDEF")]
