@@ -1,6 +1,7 @@
 """Engine segmentation on real rasters: georeferencing, nodata, extents, bad input, cancel, GSD, memory bands."""
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,57 @@ def test_full_disk_is_reported_and_loses_nothing(rgb_package, rgb_raster, tmp_pa
     assert "disk full" in proc.stdout
     assert out.read_bytes() == b"previous result"
     assert sorted(os.listdir(tmp_path)) == ["o.tif", "rgb.tif"]
+
+
+def test_colour_table_survives_a_raster_larger_than_gdals_cache(tmp_path):
+    """With GDAL's block cache smaller than the class raster, blocks reach the disk before the file is closed;
+    the colour table (a TIFF tag) must be set before that, or it is lost."""
+    import subprocess
+    import sys
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "build" / "dev-plugins")!r})
+from rs_deep.rs_deep_plugin.engine.writer import GeoTiffWriter
+from rasterio.transform import from_origin
+w = GeoTiffWriter({str(tmp_path / "big.tif")!r}, 2048, 2048, 1, "uint8", from_origin(0, 2048, 1, 1), "EPSG:32616", 255,
+                  colormap={{0: (0, 0, 0, 255), 1: (227, 26, 28, 255)}})
+rng = np.random.default_rng(0)
+for y in range(0, 2048, 256):
+    w.write(rng.integers(0, 2, (256, 2048), dtype=np.uint8), 0, y)
+w.close()
+"""
+    env = dict(os.environ, GDAL_CACHEMAX="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Cannot modify tag" not in proc.stderr
+    with rasterio.open(tmp_path / "big.tif") as ds:
+        assert ds.colorinterp[0].name == "palette" and ds.colormap(1)[1] == (227, 26, 28, 255)
+
+
+def test_runner_folds_batch_norm_into_the_convolutions(tmp_path):
+    """The inference runner folds BatchNorm into the convolutions (the bundled buildings model and a Siamese change
+    network): no BatchNorm left where tracing works, the same probabilities as the network as it was written."""
+    import torch
+    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.device import ModelRunner, fuse_for_inference, select_device
+    from conftest import DEMO_MODEL
+    pkg = load_package(DEMO_MODEL)
+    x = np.random.default_rng(0).random((2, 1, 128, 128), np.float32)
+    plain = ModelRunner(pkg.load_model(), select_device("cpu"), pkg.activation, fuse=False)
+    fused = ModelRunner(pkg.load_model(), select_device("cpu"), pkg.activation)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.modules())
+    assert np.abs(plain(x) - fused(x)).max() < 1e-5
+    torch.manual_seed(0)
+    siamese = build_model({"library": "rs_deep", "architecture": "SiameseUnet", "encoder": "resnet18",
+                           "in_channels": 3, "classes": 2, "encoder_weights": None,
+                           "params": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}}).eval()
+    for m in siamese.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded, n = fuse_for_inference(siamese)
+    assert n >= 1 and any(isinstance(m, torch.nn.BatchNorm2d) for m in siamese.modules())  # the original is kept
+    x6 = torch.from_numpy(np.random.default_rng(1).random((2, 6, 64, 64), np.float32))
+    with torch.inference_mode():
+        assert (siamese(x6) - folded(x6)).abs().max().item() < 1e-4

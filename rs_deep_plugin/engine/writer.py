@@ -96,6 +96,10 @@ class GeoTiffWriter:
         if band_descriptions:
             for i, d in enumerate(band_descriptions, start=1):
                 self.ds.set_band_description(i, d)
+        if colormap:
+            # before any pixel: once GDAL's block cache has flushed a block to disk, the TIFF's photometric
+            # tag can no longer change (rasters larger than the cache lost their colour table)
+            self.ds.write_colormap(1, colormap)
 
     def write(self, array, x, y):
         from rasterio.windows import Window
@@ -111,8 +115,6 @@ class GeoTiffWriter:
         from rasterio.enums import Resampling
         ds = self.ds
         try:
-            if self.colormap:
-                ds.write_colormap(1, self.colormap)
             ds.close()
             if overviews:
                 factors = _overview_factors(ds.width, ds.height)
