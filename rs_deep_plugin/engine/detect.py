@@ -358,7 +358,8 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
     score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
     tile, ov = resolve_options(pkg, tile_size, overlap)
     pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
-    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    # zeros beyond the raster, as the training crops have (a mirror doubles the objects cut by the edge)
+    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd, pad="zeros")
     result = DetectionResult(score_threshold=score, iou_threshold=iou, max_detections=maxd)
     try:
         if reader.crs is None:

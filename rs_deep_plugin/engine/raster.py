@@ -119,7 +119,7 @@ def resolve_bands(count, colorinterp, requested, package):
 class RasterReader:
     """Reads model-ready tiles from one raster. Not thread-safe: one reader per thread."""
 
-    def __init__(self, path, package, bands=None, match_gsd=True):
+    def __init__(self, path, package, bands=None, match_gsd=True, pad="reflect"):
         rasterio = _rasterio()
         self.rasterio = rasterio
         try:
@@ -128,6 +128,9 @@ class RasterReader:
             raise InputError(f"Cannot open the input raster {path}: {exc}") from exc
         ds = self.ds
         self.path = path
+        if pad not in ("reflect", "zeros"):
+            raise ValueError(f"pad must be 'reflect' or 'zeros', got {pad!r}")
+        self.pad = pad
         self.width, self.height = ds.width, ds.height
         self.transform, self.crs = ds.transform, ds.crs
         self.bands = resolve_bands(ds.count, ds.colorinterp, bands, package)
@@ -157,8 +160,9 @@ class RasterReader:
     def read_tile(self, x, y):
         """Native window (x, y, native_tile^2) -> (scaled float32 [C, T, T], valid bool [T, T]).
 
-        Parts outside the raster are filled by mirroring the image (better context than zeros)
-        and marked invalid.
+        Parts outside the raster are filled by mirroring the image (``pad="reflect"``: better context
+        than zeros for segmentation) or with zeros (``pad="zeros"``: detection, whose training crops are
+        zero beyond the image; a mirror would double the objects cut by the edge), and marked invalid.
         """
         from rasterio.enums import Resampling
         from rasterio.windows import Window
@@ -187,7 +191,10 @@ class RasterReader:
         apply_scaling(arr, self.scaling)
         if not v.all():
             arr[:, ~v] = 0.0
-        if shape != (t, t):
+        if shape != (t, t) and self.pad == "zeros":
+            data[:, oy0:oy1, ox0:ox1] = arr
+            valid[oy0:oy1, ox0:ox1] = v
+        elif shape != (t, t):
             pad = ((0, 0), (oy0, t - oy1), (ox0, t - ox1))
             mode = "reflect" if min(shape) > 1 else "edge"
             try:
