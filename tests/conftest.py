@@ -24,6 +24,14 @@ LANDSAT = DATA / "landsat_smoke" / "RGB.byte.tif"
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _shared_data():
+    """The tests run on the real samples of ../shared/data; without them they fail here, once, with the fix."""
+    if not (DATA / "buildings_atlanta" / "image.tif").is_file():
+        pytest.fail(f"The sample data are missing: {DATA} (buildings_atlanta, trees_neon, change_levir...). "
+                    "Put the shared/ folder beside this checkout (../shared/data).", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _delete_leaked_layers(qgis_app):
     """Delete, while QGIS is still up, the layers that Python still holds at the end of the session.
 

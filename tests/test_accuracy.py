@@ -24,9 +24,6 @@ IMAGE = ATLANTA / "image.tif"
 FOOTPRINTS = ATLANTA / "buildings.geojson"
 NODATA = 255
 
-pytestmark = pytest.mark.skipif(not (IMAGE.is_file() and FOOTPRINTS.is_file()),
-                                reason=f"sample not found in {ATLANTA}")
-
 
 # --------------------------------------------------------------------------------------------
 # fixtures: a prediction made from the real footprints (eroded, shifted, missed, false alarms, nodata)

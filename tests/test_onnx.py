@@ -9,24 +9,22 @@ import sqlite3
 import warnings
 
 import numpy as np
+import onnx  # optional for users; pinned in requirements.txt, so the tests always have it (and onnxruntime)
 import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingException,  # noqa: E402
+from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsVectorLayer)
 
-from rs_deep.rs_deep_plugin.engine.detect import detect  # noqa: E402
-from rs_deep.rs_deep_plugin.engine.errors import InputError, MissingDependency, ModelPackageError  # noqa: E402
-from rs_deep.rs_deep_plugin.engine.onnx_backend import (MODEL_JSON_KEY, decode_yolo, export_onnx,  # noqa: E402
+from rs_deep.rs_deep_plugin.engine.detect import detect
+from rs_deep.rs_deep_plugin.engine.errors import InputError, MissingDependency, ModelPackageError
+from rs_deep.rs_deep_plugin.engine.onnx_backend import (MODEL_JSON_KEY, decode_yolo, export_onnx,
                                                          load_onnx_package)
-from rs_deep.rs_deep_plugin.engine.package import load_package  # noqa: E402
-from rs_deep.rs_deep_plugin.engine.segment import segment  # noqa: E402
+from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.segment import segment
 
-from conftest import DEMO_MODEL, ROOT, SAMPLE, make_package, write_raster  # noqa: E402
+from conftest import DEMO_MODEL, ROOT, SAMPLE, make_package, write_raster
 
 TREES_DEMO = ROOT / "resources" / "models" / "trees_demo"
 

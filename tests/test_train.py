@@ -16,9 +16,6 @@ ATLANTA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "buil
 IMAGE = ATLANTA / "image.tif"
 FOOTPRINTS = ATLANTA / "buildings.geojson"
 
-needs_data = pytest.mark.skipif(not (IMAGE.is_file() and FOOTPRINTS.is_file()),
-                                reason=f"training sample not found in {ATLANTA}")
-
 TINY = dict(class_names=["background", "building"], class_colors=["000000", "e31a1c"], band_names=["pan"],
             tile_size=96, batch_size=2, steps_per_epoch=2, epochs=2, seed=0, num_threads=2,
             package_tile_size=256, package_overlap=32, name="tiny_buildings")
@@ -26,8 +23,6 @@ TINY = dict(class_names=["background", "building"], class_colors=["000000", "e31
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    if not IMAGE.is_file():
-        pytest.skip(f"training sample not found in {ATLANTA}")
     out = tmp_path_factory.mktemp("train") / "pkg"
     labels = read_vector_labels(FOOTPRINTS, class_value=1)
     messages = []
@@ -35,7 +30,6 @@ def trained(tmp_path_factory):
     return out, report, messages
 
 
-@needs_data
 def test_read_vector_labels():
     labels = read_vector_labels(FOOTPRINTS, class_value=1)
     assert len(labels) == 32
@@ -48,7 +42,6 @@ def test_read_vector_labels():
     assert b.left <= minx and maxx <= b.right and b.bottom <= miny and maxy <= b.top
 
 
-@needs_data
 def test_training_writes_a_loadable_package_with_data_scaling(trained):
     out, report, messages = trained
     pkg = load_package(out, task="segmentation")
@@ -74,7 +67,6 @@ def test_training_writes_a_loadable_package_with_data_scaling(trained):
     assert messages[-1][0] == pytest.approx(1.0)
 
 
-@needs_data
 def test_training_report(trained):
     out, report, _ = trained
     on_disk = json.loads((out / "training_report.json").read_text())
@@ -96,7 +88,6 @@ def test_training_report(trained):
     assert not on_disk["cancelled"]
 
 
-@needs_data
 def test_segment_runs_with_the_trained_package(trained, tmp_path):
     out, _, _ = trained
     result = segment(str(IMAGE), str(out), str(tmp_path / "classes.tif"))
@@ -108,7 +99,6 @@ def test_segment_runs_with_the_trained_package(trained, tmp_path):
     assert sum(result.class_pixels.values()) == 600 * 900
 
 
-@needs_data
 def test_cancel_after_the_first_epoch_keeps_the_best_model(tmp_path):
     out = tmp_path / "cancelled"
     state = {"epochs": 0}
@@ -128,7 +118,6 @@ def test_cancel_after_the_first_epoch_keeps_the_best_model(tmp_path):
     assert report["cancelled"] and report["epochs_run"] == 1 and report["best_epoch"] == 1
 
 
-@needs_data
 def test_cancel_before_any_epoch_writes_nothing(tmp_path):
     out = tmp_path / "nothing"
     with pytest.raises(Cancelled):
@@ -136,7 +125,6 @@ def test_cancel_before_any_epoch_writes_nothing(tmp_path):
     assert not (out / "model.json").exists()
 
 
-@needs_data
 def test_label_raster_input_and_its_checks(tmp_path):
     from rasterio.features import rasterize
     with rasterio.open(IMAGE) as ds:

@@ -17,12 +17,12 @@ import html
 import io
 import math
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 
 import numpy as np
 
 from .errors import InputError, MissingDependency
+from .files import write_atomic
 from .progress import Progress
 
 OUTSIDE_CHOICES = ("background", "ignore")
@@ -402,17 +402,7 @@ def _atomic_write(path, text):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"Cannot write {path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_atomic(path, text)
 
 
 CSV_FIELDS = ("class_id", "class_name", "iou", "f1", "precision", "recall", "support", "predicted")

@@ -25,7 +25,6 @@ cancelled or failed export leaves nothing behind, and an earlier export in ``out
 replaced once the new one is complete.
 """
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -165,6 +164,7 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
     from rasterio.features import rasterize
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
+    from shapely.geometry import box as sbox
 
     ds = _open(image_path, "image")
     closers = [ds]
@@ -212,22 +212,11 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                 closers.append(lab_ds)
         else:
             from shapely import STRtree
-            shapes = []
-            n_values = len(class_names)
-            for i, item in enumerate(labels or []):
-                try:
-                    geom, value = item
-                except (TypeError, ValueError):
-                    raise InputError(f"labels[{i}]: expected a (geometry, class value) pair, got {item!r}") from None
-                value = int(value)
-                if not 0 <= value < n_values:
-                    raise InputError(f"labels[{i}]: class value {value} is out of range (0..{n_values - 1})")
-                if geom is not None and not geom.is_empty:
-                    shapes.append((geom, value))
+            from .train import label_shapes
+            shapes = label_shapes(labels, len(class_names))
             if not shapes:
                 raise InputError("labels: no geometries given; label the objects to learn")
             tree = STRtree([g for g, _ in shapes])
-            from shapely.geometry import box as sbox
             if not len(tree.query(sbox(*ds.bounds))):
                 raise InputError(f"None of the {len(shapes)} label geometries overlaps the image "
                                  f"{os.path.basename(os.fspath(image_path))}; check that the labels cover the image "
@@ -270,7 +259,6 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                     b = rasterio.windows.bounds(win, ds.transform)
                     entry["bounds"] = [round(float(v), 6) for v in b]
                     if task == "detection":
-                        from shapely.geometry import box as sbox
                         chip_box = sbox(*b)
                         boxes = []
                         for j in tree.query(chip_box):
@@ -306,7 +294,6 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                                                  f"named (0..{len(class_names) - 1}; 255 = not labelled)")
                             lab = np.where(lmask, raw, IGNORE).astype(np.uint8)
                         else:
-                            from shapely.geometry import box as sbox
                             hits = [shapes[int(j)] for j in tree.query(sbox(*b))]
                             lab = (rasterize(hits, out_shape=(ch, cw), transform=wt, fill=0, dtype="uint8")
                                    if hits else np.zeros((ch, cw), np.uint8))

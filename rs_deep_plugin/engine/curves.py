@@ -3,8 +3,9 @@
 Matplotlib comes with QGIS's Python on every platform (Debian's python3-qgis-common depends on
 it); where it is missing the curves are skipped and the JSON report still has every number.
 """
-import os
-import tempfile
+import io
+
+from .files import write_atomic
 
 # the validation metrics a report may carry, per trainer: key -> label
 _METRICS = (("val_iou", "validation IoU"), ("val_accuracy", "validation accuracy"))
@@ -75,18 +76,9 @@ def plot_training_curves(report, path):
         extra.append("cancelled")
     fig.suptitle(title + (f" ({', '.join(extra)})" if extra else ""), fontsize=10)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return write_atomic(path, buf.getvalue())
 
 
 __all__ = ["plot_training_curves"]

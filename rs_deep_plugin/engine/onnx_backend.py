@@ -23,12 +23,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError, MissingDependency, ModelPackageError
+from .files import write_atomic
 from .package import DEFAULT_COLORS, METADATA_NAME, ModelClass, ModelPackage, load_package, parse_metadata
 
 ONNXRUNTIME_PIN = "onnxruntime==1.32.0"
@@ -635,16 +635,7 @@ def export_onnx(package_path, out_path, opset=17, log=None):
     proto.producer_name = "rs_deep"
     proto.doc_string = f"RS Deep package {pkg.name} ({pkg.task}); {METADATA_NAME} in metadata_props {MODEL_JSON_KEY}"
     data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".rs_deep_export.", suffix=".onnx.tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(out_path, data)
     log(f"Wrote {out_path} ({len(data) / 1e6:.1f} MB)")
     return out_path
 

@@ -13,12 +13,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
 from .architectures import validate_builder
 from .errors import MissingDependency, ModelPackageError
+from .files import write_atomic
 
 FORMAT_VERSION = 1
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
@@ -445,12 +445,8 @@ def save_package(model, out_dir, weights_dtype=None, **metadata):
     parse_metadata(meta)  # never write a package we could not read back
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    for name, data in ((WEIGHTS_NAME, weights), (METADATA_NAME, (json.dumps(meta, indent=2) + "\n").encode())):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files: a package is shared and shipped
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(out_dir, name))
+    for name, data in ((WEIGHTS_NAME, weights), (METADATA_NAME, json.dumps(meta, indent=2) + "\n")):
+        write_atomic(os.path.join(out_dir, name), data)  # readable by all: a package is shared and shipped
     return out_dir
 
 

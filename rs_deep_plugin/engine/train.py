@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .errors import Cancelled, InputError, MissingDependency
+from .files import write_atomic
 from .package import DEFAULT_COLORS, ModelClass, save_package
 from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
@@ -186,10 +187,10 @@ def _labels_from_raster(path, ds, n_classes):
     return lab
 
 
-def _labels_from_geometries(pairs, ds, n_classes):
-    from rasterio.features import rasterize
+def label_shapes(pairs, n_classes):
+    """``[(geometry, class value)]`` checked (pairs, values 0..n_classes-1), without empty geometries."""
     shapes = []
-    for i, item in enumerate(pairs):
+    for i, item in enumerate(pairs or []):
         try:
             geom, value = item
         except (TypeError, ValueError):
@@ -197,10 +198,16 @@ def _labels_from_geometries(pairs, ds, n_classes):
         value = int(value)
         if not 0 <= value < n_classes:
             raise InputError(f"labels[{i}]: class value {value} is out of range; {n_classes} classes are named "
-                             f"(0..{n_classes - 1}, 0 = background)")
+                             f"(0..{n_classes - 1})")
         if geom is None or getattr(geom, "is_empty", False):
             continue
         shapes.append((geom, value))
+    return shapes
+
+
+def _labels_from_geometries(pairs, ds, n_classes):
+    from rasterio.features import rasterize
+    shapes = label_shapes(pairs, n_classes)
     if not shapes:
         raise InputError("labels: no geometries given; give polygons of the objects to learn")
     return rasterize(shapes, out_shape=(ds.height, ds.width), transform=ds.transform, fill=0,
@@ -593,11 +600,7 @@ def write_report(path, report, log=None):
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from .errors import Cancelled, InputError, MissingDependency
-from .package import DEFAULT_COLORS, ModelClass, save_package
+from .package import ModelClass, save_package
 from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
 from .train import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, check_augment,

@@ -15,7 +15,6 @@ uses. The network of the last epoch is kept (the strip only measures), unless ``
 import math
 import os
 import sqlite3
-import struct
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ from .progress import Progress
 from .raster import apply_scaling, pixel_size_metres
 from .train import (IGNORE, REPORT_NAME, CropSampler, _band_names, _labels_from_geometries, _labels_from_raster,
                     _read_image, _reproject_labels, _seed_everything, _split, check_augment, compute_value_scaling,
-                    metrics_from_confusion, resolve_builder, write_report)
+                    resolve_builder, write_report)
 
 DEFAULT_PATCH_BUILDER = {
     "library": "timm",
