@@ -10,11 +10,15 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models compare-rf screenshot test bench package clean help
+.PHONY: setup qgis demo demo-model eval-models compare-rf screenshot test test-qgis344 qt6-check eval bench package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
-	@echo "make test        run the test suite"
+	@echo "make test        run the test suite (on the samples in tests/data; needs nothing beside the checkout)"
+	@echo "make test-qgis344 the same suite on QGIS 3.44 LTR (Python 3.13, numpy 2, GDAL 3.10) in a Debian trixie chroot"
+	@echo "                 that it builds once (root, ~10 min; RS_DEEP_CHROOT, default /var/cache/rs_deep/trixie-qgis344)"
+	@echo "make qt6-check   static QGIS 4 / Qt6 check of the code against PyQt6 (also part of make test)"
+	@echo "make eval        run tests/eval: change detection on the research-only LEVIR-CD samples (../shared/data)"
 	@echo "make setup       install QGIS (if missing, as root) and the pinned Python packages into .venv"
 	@echo "make bench       benchmark detection (4096^2) and segmentation (8192^2) on generated rasters (CPU)"
 	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
@@ -56,7 +60,16 @@ screenshot: setup
 	$(PY) tools/screenshot.py
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-qgis344:
+	bash tools/qgis_chroot.sh test
+
+qt6-check: qgis
+	$(SYS_PY) tools/qt6_check.py
+
+eval: setup
+	$(PY) -m pytest tests/eval
 
 bench: setup
 	$(PY) tools/bench_detect.py

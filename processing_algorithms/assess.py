@@ -2,17 +2,19 @@
 or of detected boxes against reference boxes."""
 import os
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsFeatureSink, QgsField,
-                       QgsFields, QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing,
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsFeatureSink,
+                       QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing,
                        QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingParameterDefinition,
-                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
-from .base import (FeedbackBridge, RSDeepAlgorithm, gdal_path, layer_bounds, load_model_package,
+from ..rs_deep_plugin.compat import make_fields, push_warning
+from .base import (FeedbackBridge, NamedEnum, RSDeepAlgorithm, gdal_path, layer_bounds, load_model_package,
                    require_dependencies)
+from .outputs import RunOutputs
+from .sinks import FeatureSinks
 
 OUTSIDE = ["background (class 0)", "ignore (not counted)"]
 OUTSIDE_VALUES = ["background", "ignore"]
@@ -90,8 +92,7 @@ def read_labelled_polygons(source, field_name, target_crs, context, feedback, wh
             continue
         out.append((geom, value))
     if nulls:
-        feedback.reportError(f"{nulls} feature(s) of {what} have no value in {field_name!r} and were left out",
-                             fatalError=False)
+        push_warning(feedback, f"{nulls} feature(s) of {what} have no value in {field_name!r} and were left out")
     if not out:
         raise QgsProcessingException(f"{what} has no polygon feature" + (f" with a value in {field_name!r}"
                                                                         if field_name else "")
@@ -188,7 +189,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", ASSESS_TASK_LABELS, defaultValue=0))
+        self.addParameter(NamedEnum(self.TASK, "Task", ASSESS_TASK_LABELS, ASSESS_TASKS, defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(self.PREDICTION, "Prediction (class or change raster)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.PREDICTION_BOXES, "Predicted boxes (detection)",
@@ -200,8 +201,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                                                       optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.REFERENCE_RASTER, "Reference raster (class values)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.OUTSIDE, "Outside the reference polygons", OUTSIDE,
-                                                     defaultValue=0))
+        self.addParameter(NamedEnum(self.OUTSIDE, "Outside the reference polygons", OUTSIDE, OUTSIDE_VALUES,
+                                    defaultValue=0))
         advanced = [
             QgsProcessingParameterFile(self.MODEL, "Model package (names the classes; optional)",
                                        behavior=QgsProcessingParameterFile.Folder, optional=True),
@@ -268,13 +269,16 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
+        task = self.parameterAsEnumName(parameters, self.TASK, context) \
+            if parameters.get(self.TASK) not in (None, "") else "segmentation"
+        with RunOutputs(self, parameters, context, feedback) as outputs:  # the report and table, both or none
+            if task == "detection":
+                return self._assess_detection(parameters, context, feedback, outputs)
+            return self._assess_raster(task, parameters, context, feedback, outputs)
+
+    def _assess_raster(self, task, parameters, context, feedback, outputs):
         from ..rs_deep_plugin.engine.accuracy import assess_segmentation, write_report
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
-
-        task = ASSESS_TASKS[self.parameterAsEnum(parameters, self.TASK, context)] \
-            if parameters.get(self.TASK) not in (None, "") else "segmentation"
-        if task == "detection":
-            return self._assess_detection(parameters, context, feedback)
         layer = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException(f"PREDICTION is not set or not a valid raster layer; choose the "
@@ -292,7 +296,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException("Give the reference as either REFERENCE (polygons with a class field) or "
                                          "REFERENCE_RASTER (a label raster), not both and not neither")
         field = self.parameterAsString(parameters, self.CLASS_FIELD, context) if source is not None else ""
-        outside = OUTSIDE_VALUES[self.parameterAsEnum(parameters, self.OUTSIDE, context)]
+        outside = self.parameterAsEnumName(parameters, self.OUTSIDE, context)
         extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
         bounds = layer_bounds(layer, extent)
         names = self._class_names(parameters, context, layer, path, feedback)
@@ -349,33 +353,27 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                               f"{_f(change['recall'])}, F1 {_f(change['f1'])}, IoU {_f(change['iou'])}")
         if html_path:
             try:
-                write_report(metrics, html_path=html_path,
+                write_report(metrics, html_path=html_path, transaction=outputs.transaction,
                              title=f"{'Change detection accuracy' if task == 'change' else 'Accuracy'} of "
                                    f"{os.path.basename(path)}")
             except (OSError, RSDeepError) as exc:
                 raise QgsProcessingException(f"Cannot write the report {html_path}: {exc}") from exc
             results[self.OUTPUT_HTML] = html_path
         if parameters.get(self.OUTPUT_TABLE) not in (None, ""):
-            fields = QgsFields()
-            fields.append(QgsField("class_id", QVariant.Int))
-            fields.append(QgsField("class_name", QVariant.String))
-            for n in ("iou", "f1", "precision", "recall"):
-                fields.append(QgsField(n, QVariant.Double))
-            fields.append(QgsField("support", QVariant.LongLong))
-            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry,
-                                              QgsCoordinateReferenceSystem())
-            if sink is None:
-                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_TABLE))
-            for c in metrics["classes"]:
-                feat = QgsFeature(fields)
-                feat.setAttributes([c["value"], c["name"], c["iou"], c["f1"], c["precision"], c["recall"],
-                                    c["support"]])
-                sink.addFeature(feat, QgsFeatureSink.FastInsert)
-            results[self.OUTPUT_TABLE] = dest
+            fields = make_fields(("class_id", "int"), ("class_name", "string"),
+                                 *[(n, "double") for n in ("iou", "f1", "precision", "recall")], ("support", "int64"))
+            with FeatureSinks(self, parameters, context, outputs.transaction) as sinks:  # committed with the rest
+                sink = sinks.create(self.OUTPUT_TABLE, fields, QgsWkbTypes.NoGeometry, QgsCoordinateReferenceSystem())
+                for c in metrics["classes"]:
+                    feat = QgsFeature(fields)
+                    feat.setAttributes([c["value"], c["name"], c["iou"], c["f1"], c["precision"], c["recall"],
+                                        c["support"]])
+                    sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            results.update(sinks.results)
         feedback.setProgress(100)
         return results
 
-    def _assess_detection(self, parameters, context, feedback):
+    def _assess_detection(self, parameters, context, feedback, outputs):
         """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes)."""
         from ..rs_deep_plugin.engine.accuracy import assess_detection, write_report
         from ..rs_deep_plugin.engine.errors import RSDeepError
@@ -432,8 +430,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             cls = (label(f[class_field]) if class_field and not is_null(f[class_field]) else 0) if ref_field else 0
             predicted.append(b + (cls, float(score)))
         if missing_score:
-            feedback.reportError(f"{missing_score} predicted box(es) have no {score_field!r} and were left out",
-                                 fatalError=False)
+            push_warning(feedback, f"{missing_score} predicted box(es) have no {score_field!r} and were left out")
         if not reference:
             raise QgsProcessingException("REFERENCE has no box in the assessed area; check the extent and the "
                                          "layer's CRS")
@@ -453,24 +450,21 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             if parameters.get(self.OUTPUT_HTML) not in (None, "") else ""
         if html_path:
             try:
-                write_report(metrics, html_path=html_path, title=f"Detection accuracy of {pred.sourceName()}")
+                write_report(metrics, html_path=html_path, title=f"Detection accuracy of {pred.sourceName()}",
+                             transaction=outputs.transaction)
             except (OSError, RSDeepError) as exc:
                 raise QgsProcessingException(f"Cannot write the report {html_path}: {exc}") from exc
             results[self.OUTPUT_HTML] = html_path
         if parameters.get(self.OUTPUT_TABLE) not in (None, ""):
             from ..rs_deep_plugin.engine.accuracy import DETECTION_FIELDS
-            fields = QgsFields()
-            for n in DETECTION_FIELDS:
-                fields.append(QgsField(n, QVariant.Int if n in ("tp", "fp", "fn", "truth", "predicted")
-                                       else QVariant.Double))
-            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_TABLE, context, fields, QgsWkbTypes.NoGeometry,
-                                              QgsCoordinateReferenceSystem())
-            if sink is None:
-                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_TABLE))
-            feat = QgsFeature(fields)
-            feat.setAttributes([metrics.get(n) for n in DETECTION_FIELDS])
-            sink.addFeature(feat, QgsFeatureSink.FastInsert)
-            results[self.OUTPUT_TABLE] = dest
+            fields = make_fields(*[(n, "int" if n in ("tp", "fp", "fn", "truth", "predicted") else "double")
+                                   for n in DETECTION_FIELDS])
+            with FeatureSinks(self, parameters, context, outputs.transaction) as sinks:  # committed with the rest
+                sink = sinks.create(self.OUTPUT_TABLE, fields, QgsWkbTypes.NoGeometry, QgsCoordinateReferenceSystem())
+                feat = QgsFeature(fields)
+                feat.setAttributes([metrics.get(n) for n in DETECTION_FIELDS])
+                sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            results.update(sinks.results)
         feedback.setProgress(100)
         return results
 

@@ -1,40 +1,17 @@
 """rs_deep:detect_change — change detection between two raster layers with a change model package."""
-import os
 
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessing,
-                       QgsProcessingException, QgsProcessingParameterBand,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingParameterBand,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer, QgsProcessingUtils,
-                       QgsPalettedRasterRenderer, QgsRasterLayer, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QColor
+                       QgsProcessingParameterRasterDestination, QgsProcessingUtils)
 
-from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
-                   layer_bounds, load_model_package, require_dependencies)
-from .segment import _StyleClasses, paletted_renderer
-
-
-def change_renderer(provider, classes):
-    """The model's class colours, with "no change" (class 0) transparent so the imagery shows through."""
-    items = paletted_renderer(provider, classes).classes()
-    for item in items:
-        if item.value == 0:
-            color = QColor(item.color)
-            color.setAlpha(0)
-            item.color = color
-    return QgsPalettedRasterRenderer(provider, 1, items)
-
-
-class _StyleChange(_StyleClasses):
-    """As segmentation's styling, with the change raster's "no change" transparent."""
-
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
-        if isinstance(layer, QgsRasterLayer):
-            layer.setRenderer(change_renderer(layer.dataProvider(), self.classes))
-            layer.triggerRepaint()
-        else:
-            super().postProcessLayer(layer, context, feedback)
+from ..rs_deep_plugin.compat import push_warning
+from .base import (DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, RasterInput, bundled_models,
+                   export_raster_layer, file_extent, layer_bounds, load_model_package, max_pixels_parameter,
+                   max_pixels_value, raster_input, report_class_areas, require_dependencies)
+from .outputs import RunOutputs, remove_files
+from .sinks import write_class_polygons
+from .styles import StyleClasses, style_class_raster
 
 
 class ChangeAlgorithm(RSDeepAlgorithm):
@@ -87,8 +64,8 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, "Before raster (earlier date)"))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.AFTER, "After raster (later date)"))
+        self.addParameter(RasterInput(self.BEFORE, "Before raster (earlier date)"))
+        self.addParameter(RasterInput(self.AFTER, "After raster (later date)"))
         self.addParameter(QgsProcessingParameterFile(self.MODEL, "Change model package (folder, .zip, model.json or "
                                                                  "bundled name)",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=False))
@@ -108,7 +85,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
                                          QgsProcessingParameterNumber.Integer, -1, optional=True, minValue=-1),
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = auto)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
-            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
             QgsProcessingParameterNumber(self.MIN_AREA, "Minimum polygon area (m²; -1 = 10 pixels)",
                                          QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1),
             QgsProcessingParameterNumber(self.SIMPLIFY, "Simplify tolerance (map units; -1 = one pixel)",
@@ -117,22 +94,23 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(p)
+        self.addParameter(max_pixels_parameter())
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
-        from ..rs_deep_plugin.engine.change import change_polygons, detect_change
+        from ..rs_deep_plugin.engine.change import detect_change
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
-        before = self.parameterAsRasterLayer(parameters, self.BEFORE, context)
-        after = self.parameterAsRasterLayer(parameters, self.AFTER, context)
-        for key, layer in ((self.BEFORE, before), (self.AFTER, after)):
-            if layer is None or not layer.isValid():
-                raise QgsProcessingException(f"{key} is not a valid raster layer; choose a raster layer or file")
+        # paths are never loaded as QGIS layers (RasterInput); layers are None then
+        before, src_before, crs = raster_input(self, parameters, self.BEFORE, context)
+        after, src_after, after_crs = raster_input(self, parameters, self.AFTER, context)
+        outputs = RunOutputs(self, parameters, context, feedback, rasters=(self.OUTPUT, self.PROBABILITIES))
         pkg = load_model_package(self.parameterAsFile(parameters, self.MODEL, context), "change")
         feedback.pushInfo(f"Model: {pkg.name}")
         bands = self.parameterAsInts(parameters, self.BANDS, context) or None
-        extent = self.parameterAsExtent(parameters, self.EXTENT, context, before.crs())
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
         bounds = layer_bounds(before, extent)
+        max_pixels = max_pixels_value(self, parameters, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         probs = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None
         want_vector = parameters.get(self.OUTPUT_VECTOR) not in (None, "")
@@ -140,96 +118,58 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         overlap = self.parameterAsInt(parameters, self.OVERLAP, context) if parameters.get(self.OVERLAP) \
             not in (None, "") else -1
         batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
-        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        device = self.parameterAsEnumName(parameters, self.DEVICE, context)
         min_area = self.parameterAsDouble(parameters, self.MIN_AREA, context) \
             if parameters.get(self.MIN_AREA) not in (None, "") else -1
         simplify = self.parameterAsDouble(parameters, self.SIMPLIFY, context) \
             if parameters.get(self.SIMPLIFY) not in (None, "") else -1
 
-        src_before, src_after = gdal_path(before), gdal_path(after)
         if src_before is None:
             src_before = export_raster_layer(before, extent if bounds else None, pkg.gsd, context, feedback)
             bounds = None  # the export already covers EXTENT only
         if src_after is None:  # fetched over BEFORE's area, then warped onto BEFORE's grid like any raster
             from qgis.core import QgsCoordinateTransform
-            area = extent if extent is not None and not extent.isEmpty() else before.extent()
-            xf = QgsCoordinateTransform(before.crs(), after.crs(), context.transformContext())
+            area = extent if extent is not None and not extent.isNull() else \
+                (before.extent() if before is not None else file_extent(src_before))
+            xf = QgsCoordinateTransform(crs, after_crs, context.transformContext())
             src_after = export_raster_layer(after, xf.transformBoundingBox(area), pkg.gsd, context, feedback)
         bridge = FeedbackBridge(feedback, 0, 80 if want_vector else 100)
         confidence = QgsProcessingUtils.generateTempFilename("rs_deep_change_confidence.tif") if want_vector else None
         try:
-            result = detect_change(src_before, src_after, pkg, output, probabilities=probs, confidence=confidence,
-                                   bands=bands, bounds=bounds, tile_size=tile, overlap=overlap, batch_size=batch,
-                                   device=device, progress=bridge.progress, is_cancelled=bridge.is_cancelled,
-                                   log=bridge.log)
+            with outputs:  # every output renamed into place at the end of the block, or none
+                result = detect_change(src_before, src_after, pkg, output, probabilities=probs,
+                                       confidence=confidence, bands=bands, bounds=bounds, tile_size=tile,
+                                       overlap=overlap, batch_size=batch, device=device, progress=bridge.progress,
+                                       is_cancelled=bridge.is_cancelled, log=bridge.log,
+                                       transaction=outputs.transaction, max_pixels=max_pixels)
+                results = self._finish(result, outputs, pkg, output, probs, confidence, want_vector, min_area,
+                                       simplify, bridge, crs, parameters, context, feedback)
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
+        finally:
+            remove_files(confidence)
+        feedback.setProgress(100)
+        return results
+
+    def _finish(self, result, outputs, pkg, output, probs, confidence, want_vector, min_area, simplify, bridge,
+                crs, parameters, context, feedback):
+        """Style the change raster, report, write the polygons (all into the run's transaction)."""
+        from ..rs_deep_plugin.engine.change import change_polygons
         for w in result.warnings:
-            feedback.reportError(w, fatalError=False)
-        self._style_raster(output, pkg.classes, context)
-        feedback.pushInfo(f"{result.width} x {result.height} px, {result.tiles_run}/{result.tiles} tiles run on "
-                          f"{result.device} in {result.seconds:.1f} s")
-        for c in pkg.classes:
-            feedback.pushInfo(f"  {c.name}: {result.class_pixels.get(c.value, 0) * result.pixel_area_m2:,.1f} m²")
+            push_warning(feedback, w)
+        style_class_raster(output, pkg.classes, context, result.output_file, transparent_background=True)
+        report_class_areas(feedback, result, pkg.classes)
         results = {self.OUTPUT: output}
         if probs:
             results[self.PROBABILITIES] = probs
         if want_vector:
-            try:
-                records = change_polygons(result, confidence, pkg.classes, min_area_m2=min_area, simplify=simplify,
-                                          progress=FeedbackBridge(feedback, 80, 99).progress,
-                                          is_cancelled=bridge.is_cancelled)
-            except RSDeepError as exc:
-                _remove(output)
-                if probs:
-                    _remove(probs)
-                raise QgsProcessingException(str(exc)) from exc
-            finally:
-                _remove(confidence)
-            fields = QgsFields()
-            fields.append(QgsField("class_id", QVariant.Int))
-            fields.append(QgsField("class_name", QVariant.String))
-            fields.append(QgsField("area_m2", QVariant.Double))
-            fields.append(QgsField("mean_prob", QVariant.Double))
-            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_VECTOR, context, fields,
-                                              QgsWkbTypes.Polygon, before.crs())
-            if sink is None:
-                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_VECTOR))
-            for rec in records:
-                if feedback.isCanceled():
-                    raise QgsProcessingException("Cancelled; the polygon layer was not completed.")
-                feat = QgsFeature(fields)
-                geom = QgsGeometry()
-                geom.fromWkb(rec["geometry"].wkb)
-                feat.setGeometry(geom)
-                feat.setAttributes([rec["class_id"], rec["class_name"], round(rec["area_m2"], 3),
-                                    rec["mean_probability"]])
-                sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            records = change_polygons(result, confidence, pkg.classes, min_area_m2=min_area, simplify=simplify,
+                                      progress=FeedbackBridge(feedback, 80, 99).progress,
+                                      is_cancelled=bridge.is_cancelled)
+            vectors = write_class_polygons(self, parameters, context, feedback, outputs.transaction,
+                                           self.OUTPUT_VECTOR, records, crs, lambda: StyleClasses(pkg.classes, True))
             feedback.pushInfo(f"{len(records)} change polygons, "
                               f"{sum(r['area_m2'] for r in records):,.1f} m² in all")
-            results[self.OUTPUT_VECTOR] = dest
-            if context.willLoadLayerOnCompletion(dest):
-                context.layerToLoadOnCompletionDetails(dest).setPostProcessor(_StyleChange(pkg.classes))
-        feedback.setProgress(100)
+            results.update(vectors)
         return results
 
-    def _style_raster(self, path, classes, context):
-        """Class colours and names: a .qml beside the file (any later load) and on the loaded layer."""
-        layer = QgsRasterLayer(path, os.path.basename(path), "gdal")
-        if layer.isValid():
-            layer.setRenderer(change_renderer(layer.dataProvider(), classes))
-            layer.saveDefaultStyle()
-        if context.willLoadLayerOnCompletion(path):
-            context.layerToLoadOnCompletionDetails(path).setPostProcessor(_StyleChange(classes))
-
-
-def _remove(path):
-    """A file and the sidecars GDAL and QGIS put beside it."""
-    if not path:
-        return
-    for p in (path, path + ".aux.xml", os.path.splitext(path)[0] + ".qml", path + ".ovr"):
-        if os.path.exists(p):
-            try:
-                os.remove(p)
-            except OSError:
-                pass

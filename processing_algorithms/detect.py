@@ -1,14 +1,17 @@
 """rs_deep:detect — object detection in a raster layer with a detection model package."""
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsFillSymbol,
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink, QgsFillSymbol,
                        QgsGeometry, QgsMarkerSymbol, QgsPointXY, QgsProcessing,
                        QgsProcessingException, QgsProcessingLayerPostProcessorInterface, QgsProcessingParameterBand,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsRectangle, QgsRendererCategory, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
+                       QgsRectangle, QgsRendererCategory, QgsWkbTypes)
 
-from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
-                   layer_bounds, load_model_package, require_dependencies)
+from ..rs_deep_plugin.compat import make_fields, push_warning
+from .base import (DEVICES, FeedbackBridge, NamedEnum, RasterInput, RSDeepAlgorithm, bundled_models,
+                   export_raster_layer, layer_bounds, load_model_package, max_pixels_parameter, max_pixels_value,
+                   raster_input, require_dependencies)
+from .outputs import RunOutputs
+from .sinks import FeatureSinks
 
 
 def outlined_renderer(classes, points=False):
@@ -110,7 +113,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         self.addParameter(param)
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self._add(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+        self._add(RasterInput(self.INPUT, "Input raster"))
         self._add(QgsProcessingParameterFile(self.MODEL, "Model package (folder, .zip, model.json or bundled name)",
                                              behavior=QgsProcessingParameterFile.Folder, optional=False))
         self._add(QgsProcessingParameterBand(self.BANDS, "Bands (in the model's order)", None, self.INPUT,
@@ -129,7 +132,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         self._add(QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = auto)",
                                                QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
                   advanced=True)
-        self._add(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0), advanced=True)
+        self._add(NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0), advanced=True)
         self._add(QgsProcessingParameterNumber(self.SCORE_THRESHOLD, "Score threshold (0..1; -1 = package)",
                                                QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1,
                                                maxValue=1), advanced=True)
@@ -139,6 +142,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         self._add(QgsProcessingParameterNumber(self.MAX_DETECTIONS, "Maximum objects per tile (0 = package)",
                                                QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
                   advanced=True)
+        self.addParameter(max_pixels_parameter())
 
     def _number(self, parameters, name, context, unset, integer=False):
         """The parameter's value, or None (= the package's) when it is unset or ``unset``."""
@@ -152,67 +156,60 @@ class DetectAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.detect import detect
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
+        layer, source, crs = raster_input(self, parameters, self.INPUT, context)  # a path is never loaded as a layer
+        outputs = RunOutputs(self, parameters, context, feedback)
         pkg = load_model_package(self.parameterAsFile(parameters, self.MODEL, context), "detection")
         feedback.pushInfo(f"Model: {pkg.name}")
         bands = self.parameterAsInts(parameters, self.BANDS, context) or None
-        extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
         bounds = layer_bounds(layer, extent)
+        max_pixels = max_pixels_value(self, parameters, context)
         tile = self._number(parameters, self.TILE_SIZE, context, 0, integer=True)
         overlap = self._number(parameters, self.OVERLAP, context, -1, integer=True)
         batch = self._number(parameters, self.BATCH_SIZE, context, 0, integer=True)
-        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        device = self.parameterAsEnumName(parameters, self.DEVICE, context)
         score = self._number(parameters, self.SCORE_THRESHOLD, context, -1)
         iou = self._number(parameters, self.IOU_THRESHOLD, context, -1)
         max_det = self._number(parameters, self.MAX_DETECTIONS, context, 0, integer=True)
 
-        source = gdal_path(layer)
         bridge = FeedbackBridge(feedback, 0, 95)
         if source is None:
             source = export_raster_layer(layer, extent if bounds else None, pkg.gsd, context, feedback)
             bounds = None  # the export already covers EXTENT only
-        try:
-            result = detect(source, pkg, bands=bands, bounds=bounds, tile_size=tile, overlap=overlap,
-                            batch_size=batch, device=device, score_threshold=score, iou_threshold=iou,
-                            max_detections=max_det, progress=bridge.progress, is_cancelled=bridge.is_cancelled,
-                            log=bridge.log)
-        except RSDeepError as exc:  # Cancelled included: nothing was written
-            raise QgsProcessingException(str(exc)) from exc
-        for w in result.warnings:
-            feedback.reportError(w, fatalError=False)
-        feedback.pushInfo(f"{len(result)} objects from {result.tiles_run}/{result.tiles} tiles on {result.device} "
-                          f"in {result.seconds:.1f} s (score >= {result.score_threshold:g}, IoU "
-                          f"{result.iou_threshold:g}, at most {result.max_detections} per tile)")
-        for cname, count in sorted(result.class_counts().items()):
-            feedback.pushInfo(f"  {cname}: {count}")
+        with outputs:  # every output renamed into place at the end of the block, or none
+            try:
+                result = detect(source, pkg, bands=bands, bounds=bounds, tile_size=tile, overlap=overlap,
+                                batch_size=batch, device=device, score_threshold=score, iou_threshold=iou,
+                                max_detections=max_det, progress=bridge.progress,
+                                is_cancelled=bridge.is_cancelled, log=bridge.log, max_pixels=max_pixels)
+            except RSDeepError as exc:  # Cancelled included: nothing was written
+                raise QgsProcessingException(str(exc)) from exc
+            for w in result.warnings:
+                push_warning(feedback, w)
+            feedback.pushInfo(f"{len(result)} objects from {result.tiles_run}/{result.tiles} tiles on "
+                              f"{result.device} in {result.seconds:.1f} s (score >= {result.score_threshold:g}, IoU "
+                              f"{result.iou_threshold:g}, at most {result.max_detections} per tile)")
+            for cname, count in sorted(result.class_counts().items()):
+                feedback.pushInfo(f"  {cname}: {count}")
 
-        fields = QgsFields()
-        fields.append(QgsField("class_id", QVariant.Int))
-        fields.append(QgsField("class_name", QVariant.String))
-        fields.append(QgsField("score", QVariant.Double))
-        results = {}
-        outputs = [(self.OUTPUT, QgsWkbTypes.Polygon)]
-        if parameters.get(self.OUTPUT_CENTROIDS) not in (None, ""):
-            outputs.append((self.OUTPUT_CENTROIDS, QgsWkbTypes.Point))
-        for name, wkb in outputs:
-            sink, dest = self.parameterAsSink(parameters, name, context, fields, wkb, layer.crs())
-            if sink is None:
-                if name == self.OUTPUT:
-                    raise QgsProcessingException(self.invalidSinkError(parameters, name))
-                continue
-            for d in result.detections:
-                feat = QgsFeature(fields)
-                if wkb == QgsWkbTypes.Polygon:
-                    feat.setGeometry(QgsGeometry.fromRect(QgsRectangle(d.xmin, d.ymin, d.xmax, d.ymax)))
-                else:
-                    cx, cy = d.centroid
-                    feat.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(cx, cy)))
-                feat.setAttributes([d.class_id, d.class_name, round(d.score, 4)])
-                sink.addFeature(feat, QgsFeatureSink.FastInsert)
-            results[name] = dest
-            if context.willLoadLayerOnCompletion(dest):
-                context.layerToLoadOnCompletionDetails(dest).setPostProcessor(_StyleDetections(pkg.classes))
+            fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"))
+            wanted = [(self.OUTPUT, QgsWkbTypes.Polygon)]
+            if parameters.get(self.OUTPUT_CENTROIDS) not in (None, ""):
+                wanted.append((self.OUTPUT_CENTROIDS, QgsWkbTypes.Point))
+            with FeatureSinks(self, parameters, context, outputs.transaction) as sinks:  # committed with the rest
+                for name, wkb in wanted:
+                    sink = sinks.create(name, fields, wkb, crs,
+                                        style=lambda: _StyleDetections(pkg.classes), required=(name == self.OUTPUT))
+                    if sink is None:
+                        continue
+                    for d in result.detections:
+                        feat = QgsFeature(fields)
+                        if wkb == QgsWkbTypes.Polygon:
+                            feat.setGeometry(QgsGeometry.fromRect(QgsRectangle(d.xmin, d.ymin, d.xmax, d.ymax)))
+                        else:
+                            cx, cy = d.centroid
+                            feat.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(cx, cy)))
+                        feat.setAttributes([d.class_id, d.class_name, round(d.score, 4)])
+                        sink.addFeature(feat, QgsFeatureSink.FastInsert)
         feedback.setProgress(100)
-        return results
+        return sinks.results

@@ -5,6 +5,7 @@ from qgis.core import (QgsProcessingException, QgsProcessingParameterDefinition,
                        QgsProcessingParameterNumber)
 
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models, require_dependencies, resolve_model_path
+from .outputs import RunOutputs
 
 INPUT_HELP = ("The model package to export: a package folder, a .zip of one, its model.json, or the name of a "
               "bundled model ({models}). Segmentation packages, and detection packages with RS Deep's CenterNet (the "
@@ -61,6 +62,7 @@ class ExportOnnxAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.errors import RSDeepError
         from ..rs_deep_plugin.engine.onnx_backend import export_onnx
 
+        outputs = RunOutputs(self, parameters, context, feedback)  # OUTPUT is not the model; SIGTERM cancels
         source = resolve_model_path(self.parameterAsFile(parameters, self.INPUT, context))
         output = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not output.lower().endswith(".onnx"):
@@ -69,7 +71,8 @@ class ExportOnnxAlgorithm(RSDeepAlgorithm):
             else 17
         bridge = FeedbackBridge(feedback)
         try:
-            path = export_onnx(source, output, opset=opset, log=bridge.log)
+            with outputs:  # one file, written to a hidden temporary file and renamed (a full disk: a clear error)
+                path = export_onnx(source, output, opset=opset, log=bridge.log)
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         feedback.setProgress(100)

@@ -1,15 +1,15 @@
 """rs_deep:export_training_data — a raster and its labels as georeferenced chips with a manifest."""
 import os
 
-from qgis.core import (QgsCoordinateTransform, QgsProcessing, QgsProcessingException,
-                       QgsProcessingOutputFile, QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+from qgis.core import (QgsCoordinateTransform, QgsProcessing, QgsProcessingException, QgsProcessingOutputFile,
+                       QgsProcessingOutputNumber, QgsProcessingParameterBoolean, QgsProcessingParameterDefinition,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsRectangle)
 
 from .assess import check_overlap, class_value_or_name, read_labelled_polygons
-from .base import FeedbackBridge, RSDeepAlgorithm, export_raster_layer, gdal_path, require_dependencies
+from .base import FeedbackBridge, NamedEnum, RSDeepAlgorithm, export_raster_layer, gdal_path, require_dependencies
+from .outputs import RunOutputs
 
 TASKS = ["segmentation", "detection", "change"]
 TASK_LABELS = ["Semantic segmentation", "Object detection", "Change detection"]
@@ -163,7 +163,7 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
                                                       QgsProcessingParameterField.Any, optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.LABEL_RASTER, "Label raster (instead of polygons)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", TASK_LABELS, defaultValue=0))
+        self.addParameter(NamedEnum(self.TASK, "Task", TASK_LABELS, TASKS, defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size (px)",
@@ -210,16 +210,22 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
-        from ..rs_deep_plugin.engine.chips import export_training_data
+        from ..rs_deep_plugin.engine.chips import check_output_folder, export_training_data
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
+        outputs = RunOutputs(self, parameters, context, feedback)
+        try:  # before any work: a folder that is not an earlier export is never used
+            if self.parameterAsFileOutput(parameters, self.OUTPUT, context):
+                check_output_folder(self.parameterAsFileOutput(parameters, self.OUTPUT, context))
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
         if not layer.crs().isValid():
             raise QgsProcessingException(f"INPUT {layer.name()} has no CRS; set it (Layer Properties > Source) "
                                          "so the labels and chips can be placed")
-        task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
+        task = self.parameterAsEnumName(parameters, self.TASK, context)
         after_layer = None
         if task == "change":
             after_layer = self.parameterAsRasterLayer(parameters, self.INPUT_AFTER, context)
@@ -269,14 +275,16 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
                                          "would be lost; use a stride up to the tile size")
         bridge = FeedbackBridge(feedback)
         try:
-            m = export_training_data(
-                image, labels, out_dir, task=task, class_names=class_names, class_colors=class_colors,
-                after_path=after, tile_size=tile,
-                stride=stride, only_labelled=self.parameterAsBoolean(parameters, self.ONLY_LABELLED, context),
-                val_fraction=self.parameterAsDouble(parameters, self.VALIDATION, context),
-                block_size=self.parameterAsInt(parameters, self.BLOCK_SIZE, context) or None,
-                seed=self.parameterAsInt(parameters, self.SEED, context),
-                progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
+            with outputs:  # the folder is put in place at the end of the block, or nothing is
+                m = export_training_data(
+                    image, labels, out_dir, task=task, class_names=class_names, class_colors=class_colors,
+                    after_path=after, tile_size=tile,
+                    stride=stride, only_labelled=self.parameterAsBoolean(parameters, self.ONLY_LABELLED, context),
+                    val_fraction=self.parameterAsDouble(parameters, self.VALIDATION, context),
+                    block_size=self.parameterAsInt(parameters, self.BLOCK_SIZE, context) or None,
+                    seed=self.parameterAsInt(parameters, self.SEED, context),
+                    progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log,
+                    transaction=outputs.transaction)
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         split = m["split"]

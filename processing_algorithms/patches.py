@@ -1,14 +1,16 @@
 """rs_deep:classify_patches — patch (scene) classification of a raster layer with a classifier package."""
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsGeometry, QgsProcessing,
-                       QgsProcessingException, QgsProcessingParameterBand,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsProcessing, QgsProcessingException,
+                       QgsProcessingParameterBand, QgsProcessingParameterDefinition, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
+                       QgsWkbTypes)
 
-from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
-                   layer_bounds, load_model_package, require_dependencies)
-from .segment import _StyleClasses
+from ..rs_deep_plugin.compat import make_fields, push_warning
+from .base import (DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, RasterInput, bundled_models,
+                   export_raster_layer, layer_bounds, load_model_package, max_pixels_parameter, max_pixels_value,
+                   raster_input, require_dependencies)
+from .outputs import RunOutputs
+from .sinks import FeatureSinks
+from .styles import StyleClasses
 
 TOP = 3  # the best classes written per patch
 
@@ -55,7 +57,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+        self.addParameter(RasterInput(self.INPUT, "Input raster"))
         self.addParameter(QgsProcessingParameterFile(self.MODEL, "Patch classifier package (folder, .zip, "
                                                                  "model.json or bundled name)",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=False))
@@ -73,75 +75,70 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         advanced = [
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = auto)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
-            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
         ]
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(p)
+        self.addParameter(max_pixels_parameter())
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
         from ..rs_deep_plugin.engine.errors import RSDeepError
         from ..rs_deep_plugin.engine.patches import classify_patches
 
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
+        layer, source, crs = raster_input(self, parameters, self.INPUT, context)  # a path is never loaded as a layer
+        outputs = RunOutputs(self, parameters, context, feedback)
         pkg = load_model_package(self.parameterAsFile(parameters, self.MODEL, context), "patch_classification")
         feedback.pushInfo(f"Model: {pkg.name}")
         bands = self.parameterAsInts(parameters, self.BANDS, context) or None
-        extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
         bounds = layer_bounds(layer, extent)
+        max_pixels = max_pixels_value(self, parameters, context)
         patch = self.parameterAsInt(parameters, self.PATCH_SIZE, context) or None
         stride = self.parameterAsInt(parameters, self.STRIDE, context) or None
         batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
-        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        device = self.parameterAsEnumName(parameters, self.DEVICE, context)
 
-        source = gdal_path(layer)
         if source is None:
             source = export_raster_layer(layer, extent if bounds else None, pkg.gsd, context, feedback)
             bounds = None  # the export already covers EXTENT only
         bridge = FeedbackBridge(feedback, 0, 95)
-        try:
-            result = classify_patches(source, pkg, patch_size=patch, stride=stride, bands=bands, bounds=bounds,
-                                      batch_size=batch, device=device, top_k=TOP, progress=bridge.progress,
-                                      is_cancelled=bridge.is_cancelled, log=bridge.log)
-        except RSDeepError as exc:
-            raise QgsProcessingException(str(exc)) from exc
-        for w in result.warnings:
-            feedback.reportError(w, fatalError=False)
-        # the sink is created only now: a cancelled or failed run leaves no layer behind
-        fields = QgsFields()
-        fields.append(QgsField("class_id", QVariant.Int))
-        fields.append(QgsField("class_name", QVariant.String))
-        fields.append(QgsField("score", QVariant.Double))
-        for i in range(2, TOP + 1):
-            fields.append(QgsField(f"class_{i}", QVariant.String))
-            fields.append(QgsField(f"score_{i}", QVariant.Double))
-        sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, layer.crs())
-        if sink is None:
-            raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
-        for rec in result.features:
-            if feedback.isCanceled():
-                raise QgsProcessingException("Cancelled; the patch layer was not completed.")
-            feat = QgsFeature(fields)
-            geom = QgsGeometry()
-            geom.fromWkb(rec["geometry"].wkb)
-            feat.setGeometry(geom)
-            attrs = [rec["class_id"], rec["class_name"], round(rec["score"], 4)]
-            for i in range(1, TOP):
-                if i < len(rec["top"]):
-                    attrs += [rec["top"][i][1], round(rec["top"][i][2], 4)]
-                else:
-                    attrs += [None, None]
-            feat.setAttributes(attrs)
-            sink.addFeature(feat, QgsFeatureSink.FastInsert)
-        feedback.pushInfo(f"{result.patches_run} of {result.patches} patches classified ({result.native_patch} px, "
-                          f"stride {result.native_stride} px of the raster) on {result.device} in "
-                          f"{result.seconds:.1f} s")
-        for name, count in sorted(result.class_counts().items(), key=lambda kv: -kv[1]):
-            feedback.pushInfo(f"  {name}: {count} patches")
-        if context.willLoadLayerOnCompletion(dest):
-            context.layerToLoadOnCompletionDetails(dest).setPostProcessor(_StyleClasses(pkg.classes))
+        with outputs:  # every output renamed into place at the end of the block, or none
+            try:
+                result = classify_patches(source, pkg, patch_size=patch, stride=stride, bands=bands, bounds=bounds,
+                                          batch_size=batch, device=device, top_k=TOP, progress=bridge.progress,
+                                          is_cancelled=bridge.is_cancelled, log=bridge.log, max_pixels=max_pixels)
+            except RSDeepError as exc:
+                raise QgsProcessingException(str(exc)) from exc
+            for w in result.warnings:
+                push_warning(feedback, w)
+            # the sink is created only now: a cancelled or failed run leaves no layer behind
+            fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"),
+                                 *[(f"{kind}_{i}", t) for i in range(2, TOP + 1)
+                                   for kind, t in (("class", "string"), ("score", "double"))])
+            with FeatureSinks(self, parameters, context, outputs.transaction) as sinks:  # committed with the rest
+                sink = sinks.create(self.OUTPUT, fields, QgsWkbTypes.Polygon, crs,
+                                    style=lambda: StyleClasses(pkg.classes))
+                for rec in result.features:
+                    if feedback.isCanceled():
+                        raise QgsProcessingException("Cancelled; the patch layer was not completed.")
+                    feat = QgsFeature(fields)
+                    geom = QgsGeometry()
+                    geom.fromWkb(rec["geometry"].wkb)
+                    feat.setGeometry(geom)
+                    attrs = [rec["class_id"], rec["class_name"], round(rec["score"], 4)]
+                    for i in range(1, TOP):
+                        if i < len(rec["top"]):
+                            attrs += [rec["top"][i][1], round(rec["top"][i][2], 4)]
+                        else:
+                            attrs += [None, None]
+                    feat.setAttributes(attrs)
+                    sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            feedback.pushInfo(f"{result.patches_run} of {result.patches} patches classified ({result.native_patch} "
+                              f"px, stride {result.native_stride} px of the raster) on {result.device} in "
+                              f"{result.seconds:.1f} s")
+            for name, count in sorted(result.class_counts().items(), key=lambda kv: -kv[1]):
+                feedback.pushInfo(f"  {name}: {count} patches")
         feedback.setProgress(100)
-        return {self.OUTPUT: dest}
+        return sinks.results

@@ -1,53 +1,18 @@
 """rs_deep:segment — semantic segmentation of a raster layer with a model package."""
-import os
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink, QgsField, QgsFields, QgsFillSymbol,
-                       QgsGeometry, QgsPalettedRasterRenderer, QgsProcessing,
-                       QgsProcessingException, QgsProcessingLayerPostProcessorInterface,
-                       QgsProcessingParameterBand, QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
-                       QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
-                       QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
-                       QgsProcessingParameterRasterLayer, QgsProcessingUtils, QgsRasterLayer, QgsRendererCategory,
-                       QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QColor
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingParameterBand,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFeatureSource,
+                       QgsProcessingParameterFile, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination, QgsProcessingUtils)
 
-from .base import (DEVICES, FeedbackBridge, RSDeepAlgorithm, bundled_models, export_raster_layer, gdal_path,
-                   layer_bounds, load_model_package, mask_geometries, require_dependencies)
-
-
-def paletted_renderer(provider, classes):
-    items = [QgsPalettedRasterRenderer.Class(c.value, QColor("#" + c.color), c.name) for c in classes]
-    return QgsPalettedRasterRenderer(provider, 1, items)
-
-
-def categorized_renderer(classes, geometry="polygon"):
-    cats = []
-    for c in classes:
-        sym = QgsFillSymbol.createSimple({"color": "#" + c.color, "outline_color": "#" + c.color,
-                                          "style": "solid", "outline_width": "0.4"})
-        sym.setOpacity(0.6)
-        cats.append(QgsRendererCategory(c.value, sym, c.name))
-    return QgsCategorizedSymbolRenderer("class_id", cats)
-
-
-class _StyleClasses(QgsProcessingLayerPostProcessorInterface):
-    """Applies class colours and names to a result layer once Processing has loaded it."""
-
-    keep = []  # Processing does not own post-processors: keep them alive
-
-    def __init__(self, classes):
-        super().__init__()
-        self.classes = classes
-        _StyleClasses.keep.append(self)
-
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
-        if isinstance(layer, QgsRasterLayer):
-            layer.setRenderer(paletted_renderer(layer.dataProvider(), self.classes))
-        elif layer.geometryType() == QgsWkbTypes.PolygonGeometry:
-            layer.setRenderer(categorized_renderer(self.classes))
-        layer.triggerRepaint()
+from ..rs_deep_plugin.compat import push_warning
+from .base import (DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, RasterInput, bundled_models,
+                   export_raster_layer, layer_bounds, load_model_package, mask_geometries, max_pixels_parameter,
+                   max_pixels_value, raster_input, report_class_areas, require_dependencies)
+from .outputs import RunOutputs, remove_files
+from .sinks import write_class_polygons
+from .styles import StyleClasses, style_class_raster
 
 
 class SegmentAlgorithm(RSDeepAlgorithm):
@@ -98,7 +63,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
+        self.addParameter(RasterInput(self.INPUT, "Input raster"))
         model = QgsProcessingParameterFile(self.MODEL, "Model package (folder, .zip, model.json or bundled name)",
                                            behavior=QgsProcessingParameterFile.Folder,
                                            optional=False)
@@ -121,7 +86,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
                                          QgsProcessingParameterNumber.Integer, -1, optional=True, minValue=-1),
             QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = auto)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
-            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
             QgsProcessingParameterNumber(self.MIN_AREA, "Minimum polygon area (m²; -1 = 10 pixels)",
                                          QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1),
             QgsProcessingParameterNumber(self.SIMPLIFY, "Simplify tolerance (map units; -1 = one pixel)",
@@ -130,24 +95,22 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(p)
+        self.addParameter(max_pixels_parameter())
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
-        from ..rs_deep_plugin.engine.raster import area_factor_m2
-        from ..rs_deep_plugin.engine.segment import segment
-        from ..rs_deep_plugin.engine.vectorize import vectorize
 
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
+        layer, source, crs = raster_input(self, parameters, self.INPUT, context)  # a path is never loaded as a layer
+        outputs = RunOutputs(self, parameters, context, feedback, rasters=(self.OUTPUT, self.PROBABILITIES))
         pkg = load_model_package(self.parameterAsFile(parameters, self.MODEL, context), "segmentation")
         feedback.pushInfo(f"Model: {pkg.name}")
         bands = self.parameterAsInts(parameters, self.BANDS, context) or None
-        extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+        extent = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
         bounds = layer_bounds(layer, extent)
         mask_source = self.parameterAsSource(parameters, self.MASK, context)
-        mask = mask_geometries(mask_source, layer.crs(), context)
+        mask = mask_geometries(mask_source, crs, context)
+        max_pixels = max_pixels_value(self, parameters, context)
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         probs = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None
         want_vector = parameters.get(self.OUTPUT_VECTOR) not in (None, "")
@@ -155,13 +118,12 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         overlap = self.parameterAsInt(parameters, self.OVERLAP, context) if parameters.get(self.OVERLAP) \
             not in (None, "") else -1
         batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
-        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        device = self.parameterAsEnumName(parameters, self.DEVICE, context)
         min_area = self.parameterAsDouble(parameters, self.MIN_AREA, context) \
             if parameters.get(self.MIN_AREA) not in (None, "") else -1
         simplify = self.parameterAsDouble(parameters, self.SIMPLIFY, context) \
             if parameters.get(self.SIMPLIFY) not in (None, "") else -1
 
-        source = gdal_path(layer)
         bridge = FeedbackBridge(feedback, 0, 80 if want_vector else 100)
         if source is None:
             source = export_raster_layer(layer, extent if bounds else None, pkg.gsd, context, feedback)
@@ -169,21 +131,32 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         confidence = QgsProcessingUtils.generateTempFilename("rs_deep_confidence.tif") if want_vector else None
         background = [c.value for c in pkg.classes if c.name.strip().lower() in ("background", "other", "none")]
         try:
-            result = segment(source, pkg, output, bands=bands, bounds=bounds, mask_geometries=mask,
-                             probabilities=probs, confidence=confidence, skip_classes=background,
-                             tile_size=tile, overlap=overlap, batch_size=batch, device=device,
-                             progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
-        except Cancelled as exc:
+            with outputs:  # every output renamed into place at the end of the block, or none
+                results = self._run(outputs, source, pkg, output, probs, confidence, background, bands, bounds,
+                                    mask, tile, overlap, batch, device, want_vector, min_area, simplify, bridge,
+                                    crs, parameters, context, feedback, max_pixels)
+        except (Cancelled, RSDeepError) as exc:
             raise QgsProcessingException(str(exc)) from exc
-        except RSDeepError as exc:
-            raise QgsProcessingException(str(exc)) from exc
+        finally:
+            remove_files(confidence)
+        feedback.setProgress(100)
+        return results
+
+    def _run(self, outputs, source, pkg, output, probs, confidence, background, bands, bounds, mask, tile, overlap,
+             batch, device, want_vector, min_area, simplify, bridge, crs, parameters, context, feedback,
+             max_pixels=None):
+        from ..rs_deep_plugin.engine.raster import area_factor_m2
+        from ..rs_deep_plugin.engine.segment import segment
+        from ..rs_deep_plugin.engine.vectorize import vectorize
+        result = segment(source, pkg, output, bands=bands, bounds=bounds, mask_geometries=mask,
+                         probabilities=probs, confidence=confidence, skip_classes=background,
+                         tile_size=tile, overlap=overlap, batch_size=batch, device=device,
+                         progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log,
+                         transaction=outputs.transaction, max_pixels=max_pixels)
         for w in result.warnings:
-            feedback.reportError(w, fatalError=False)
-        self._style_raster(output, pkg.classes, context)
-        feedback.pushInfo(f"{result.width} x {result.height} px, {result.tiles_run}/{result.tiles} tiles run on "
-                          f"{result.device} in {result.seconds:.1f} s")
-        for c in pkg.classes:
-            feedback.pushInfo(f"  {c.name}: {result.class_pixels.get(c.value, 0) * result.pixel_area_m2:,.1f} m²")
+            push_warning(feedback, w)
+        style_class_raster(output, pkg.classes, context, result.output_file)
+        report_class_areas(feedback, result, pkg.classes)
         results = {self.OUTPUT: output}
         if probs:
             results[self.PROBABILITIES] = probs
@@ -194,55 +167,13 @@ class SegmentAlgorithm(RSDeepAlgorithm):
                 min_area = 10 * result.pixel_area_m2
             if simplify < 0:
                 simplify = px
-            try:
-                records = vectorize(output, confidence, pkg.classes, min_area_m2=min_area, simplify=simplify,
-                                    area_factor=area_f,
-                                    progress=FeedbackBridge(feedback, 80, 99).progress,
-                                    is_cancelled=bridge.is_cancelled)
-            except Cancelled as exc:
-                _remove(output)
-                raise QgsProcessingException(str(exc)) from exc
-            finally:
-                _remove(confidence)
-            fields = QgsFields()
-            fields.append(QgsField("class_id", QVariant.Int))
-            fields.append(QgsField("class_name", QVariant.String))
-            fields.append(QgsField("area_m2", QVariant.Double))
-            fields.append(QgsField("mean_prob", QVariant.Double))
-            sink, dest = self.parameterAsSink(parameters, self.OUTPUT_VECTOR, context, fields,
-                                              QgsWkbTypes.Polygon, layer.crs())
-            if sink is None:
-                raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT_VECTOR))
-            for rec in records:
-                if feedback.isCanceled():
-                    raise QgsProcessingException("Cancelled; the polygon layer was not completed.")
-                feat = QgsFeature(fields)
-                geom = QgsGeometry()
-                geom.fromWkb(rec["geometry"].wkb)
-                feat.setGeometry(geom)
-                feat.setAttributes([rec["class_id"], rec["class_name"], round(rec["area_m2"], 3),
-                                    rec["mean_probability"]])
-                sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            records = vectorize(result.output_file, confidence, pkg.classes, min_area_m2=min_area,
+                                simplify=simplify, area_factor=area_f,
+                                progress=FeedbackBridge(feedback, 80, 99).progress,
+                                is_cancelled=bridge.is_cancelled)
+            vectors = write_class_polygons(self, parameters, context, feedback, outputs.transaction,
+                                           self.OUTPUT_VECTOR, records, crs, lambda: StyleClasses(pkg.classes))
             feedback.pushInfo(f"{len(records)} polygons")
-            results[self.OUTPUT_VECTOR] = dest
-            if context.willLoadLayerOnCompletion(dest):
-                context.layerToLoadOnCompletionDetails(dest).setPostProcessor(_StyleClasses(pkg.classes))
-        feedback.setProgress(100)
+            results.update(vectors)
         return results
 
-    def _style_raster(self, path, classes, context):
-        """Class colours and names: a .qml beside the file (any later load) and on the loaded layer."""
-        layer = QgsRasterLayer(path, os.path.basename(path), "gdal")
-        if layer.isValid():
-            layer.setRenderer(paletted_renderer(layer.dataProvider(), classes))
-            layer.saveDefaultStyle()
-        if context.willLoadLayerOnCompletion(path):
-            context.layerToLoadOnCompletionDetails(path).setPostProcessor(_StyleClasses(classes))
-
-
-def _remove(path):
-    if path and os.path.exists(path):
-        try:
-            os.remove(path)
-        except OSError:
-            pass

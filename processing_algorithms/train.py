@@ -3,20 +3,22 @@ labels, or from the chips of rs_deep:export_training_data."""
 import os
 import re
 
-from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputFile,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum,
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterDefinition,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from .assess import BACKGROUND_NAMES, check_overlap, class_value_or_name, read_labelled_polygons
-from .base import DEVICES, FeedbackBridge, RSDeepAlgorithm, require_dependencies
+from ..rs_deep_plugin.compat import push_warning
+from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
 from .export_training_data import label_colors, map_classes, raster_file
+from .outputs import RunOutputs
 
 TASKS = ["segmentation", "detection", "patch_classification", "change"]
 TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification", "Change detection"]
 #: AUGMENT choices -> the trainers' augment switches
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
+AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
 # the allow-lists of rs_deep_plugin/engine/architectures.py (smp) and arch_torchvision.py (kept in step by a test)
 SEGMENTATION_ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "PAN", "MAnet", "DeepLabV3",
@@ -32,6 +34,21 @@ DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 1
 #: chips cut internally when change is trained from two rasters and polygons
 CHANGE_CHIP = 256
 DEFAULT_ENCODER = "resnet18"
+
+
+PACKAGE_FILES = ("model.json", "model.safetensors", "training_report.json", "training_curves.png")
+
+
+def _rs_deep_package(path):
+    """An earlier package written by RS Deep (before the folder marker): its model.json has rs_deep: keys."""
+    p = os.path.join(path, "model.json")
+    try:
+        if os.path.getsize(p) > 16 << 20:
+            return False
+        with open(p, encoding="utf-8") as f:
+            return '"rs_deep:' in f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 class _Bridge(FeedbackBridge):
@@ -105,7 +122,10 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Class field</b>: optional; the class of each feature. Classes are the sorted unique values "
             "(segmentation: values 1..K, 0 is the background; a value named 'background' marks background). "
             "Without it: one class named after the labels layer.<br>"
-            "<b>Task</b>: segmentation, detection or patch classification.<br>"
+            "<b>Task</b>: segmentation, detection, patch classification or change. From the command line by "
+            "index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
+            "<code>patch_classification</code>, <code>change</code>; the other choices likewise, e.g. "
+            "<code>DEVICE=cpu</code>, <code>AUGMENT=flips,rotations</code>.<br>"
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
             "early fusion of both dates). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: CenterNet "
@@ -120,7 +140,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "patch classification: the patch size, default 16). 0 = the default.<br>"
             "<b>Steps per epoch</b>: batches per epoch (0 = enough to see the training area about twice).<br>"
             "<b>Validation</b>: the fraction of the raster's rows (at the bottom) held back to measure every "
-            "epoch (change: the share of 256 px blocks); 0 = none. Not used with CHIPS (their split is).<br>"
+            "epoch (change: the share of square blocks two chips wide, 512 px by default, so a pair needs "
+            "at least two blocks to be validated); 0 = none. Not used with CHIPS (their split is).<br>"
             "<b>Augmentations</b>: random flips, 90-degree rotations and brightness/contrast jitter of the "
             "training crops (all on by default; random rescaling is always on).<br>"
             "<b>Early stopping patience</b>: stop after that many epochs without a better validation metric "
@@ -139,13 +160,12 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", None, self.LABELS,
                                                       QgsProcessingParameterField.Any, optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", TASK_LABELS, defaultValue=0))
+        self.addParameter(NamedEnum(self.TASK, "Task", TASK_LABELS, TASKS, defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES,
-                                                     defaultValue=0))
+        self.addParameter(NamedEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES, defaultValue=0))
         self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder", DEFAULT_ENCODER, optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
                                                        20, minValue=1))
@@ -164,10 +184,10 @@ class TrainAlgorithm(RSDeepAlgorithm):
             QgsProcessingParameterNumber(self.VALIDATION, "Validation fraction (bottom rows held back; 0 = none)",
                                          QgsProcessingParameterNumber.Double, 0.2, optional=True, minValue=0.0,
                                          maxValue=0.5),
-            QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
         ]
-        self.addParameter(QgsProcessingParameterEnum(self.AUGMENT, "Augmentations", AUGMENTS, allowMultiple=True,
-                                                     defaultValue=[0, 1, 2], optional=True))
+        self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
+                                    defaultValue=[0, 1, 2], optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.PATIENCE, "Early stopping patience (epochs; 0 = off)",
                                                        QgsProcessingParameterNumber.Integer, 8, optional=True,
                                                        minValue=0))
@@ -217,11 +237,10 @@ class TrainAlgorithm(RSDeepAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
-        from ..rs_deep_plugin.engine.chips import load_manifest
-        from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
+        from ..rs_deep_plugin.engine.errors import RSDeepError
 
-        task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
-        arch = ARCHITECTURES[self.parameterAsEnum(parameters, self.ARCHITECTURE, context)]
+        task = self.parameterAsEnumName(parameters, self.TASK, context)
+        arch = ARCHITECTURES[self._enum_index(parameters, self.ARCHITECTURE, context)]
         encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
         batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
@@ -230,11 +249,11 @@ class TrainAlgorithm(RSDeepAlgorithm):
         steps = self.parameterAsInt(parameters, self.STEPS_PER_EPOCH, context) or None
         val = self.parameterAsDouble(parameters, self.VALIDATION, context) \
             if parameters.get(self.VALIDATION) not in (None, "") else 0.2
-        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
-        chosen = self.parameterAsEnums(parameters, self.AUGMENT, context) \
-            if parameters.get(self.AUGMENT) is not None else [0, 1, 2]
-        augment = {"flip": 0 in chosen, "rotate": 1 in chosen}
-        if 2 not in chosen:
+        device = self.parameterAsEnumName(parameters, self.DEVICE, context)
+        chosen = self.parameterAsEnumNames(parameters, self.AUGMENT, context) \
+            if parameters.get(self.AUGMENT) is not None else AUGMENT_NAMES
+        augment = {"flip": "flips" in chosen, "rotate": "rotations" in chosen}
+        if "brightness" not in chosen:
             augment.update(brightness=0.0, contrast=0.0, gamma=0.0, noise=0.0)
         patience = self.parameterAsInt(parameters, self.PATIENCE, context) \
             if parameters.get(self.PATIENCE) not in (None, "") else 8
@@ -243,20 +262,53 @@ class TrainAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
         if os.path.isfile(out_dir):
             raise QgsProcessingException(f"OUTPUT {out_dir} is a file; give a folder for the model package")
+        outputs = RunOutputs(self, parameters, context, feedback)
+        final_dir = os.path.abspath(out_dir)
+        try:  # trained into a hidden folder beside OUTPUT; our files moved into OUTPUT at the end
+            staged = outputs.transaction.folder(final_dir, PACKAGE_FILES, "OUTPUT", ours=_rs_deep_package)
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        out_dir = staged.tmp
         if task == "detection" and encoder != DEFAULT_ENCODER and arch not in (AUTO, "CenterNet"):
-            feedback.reportError(f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} belongs to "
-                                 "the architecture", fatalError=False)
+            push_warning(feedback, f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} "
+                                   "belongs to the architecture")
         builder = self._builder(task, arch, encoder)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(out_dir))) or "model"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
         common = dict(epochs=epochs, steps_per_epoch=steps, lr=lr, device=device, name=name, augment=augment)
         if batch:
             common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)
         callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
-        feedback.pushInfo("Augmentations: " + (", ".join(AUGMENTS[i] for i in sorted(chosen)) or "none")
+        feedback.pushInfo("Augmentations: " + (", ".join(AUGMENTS[AUGMENT_NAMES.index(n)] for n in chosen) or "none")
                           + f"; early stopping patience: {patience or 'off'}")
 
         chips = (self.parameterAsFile(parameters, self.CHIPS, context) or "").strip()
+        try:
+            with outputs:
+                report = self._train(task, chips, parameters, context, feedback, out_dir, builder, tile, val,
+                                     patience, common, callbacks, outputs, final_dir)
+        except RSDeepError as exc:  # raised before the block
+            raise QgsProcessingException(str(exc).replace(out_dir, final_dir)) from exc
+
+        for key in ("package", "report_path", "curves_path"):  # where they are now
+            if report.get(key):
+                report[key] = report[key].replace(out_dir, final_dir)
+        best = report.get("best_epoch")
+
+        feedback.pushInfo(f"Training finished: {report['epochs_run']} epochs in {report['seconds']:.0f} s on "
+                          f"{report['device']}" + (f", the package holds epoch {best}" if best else "")
+                          + (" (stopped early)" if report.get("stopped_early") else "")
+                          + f"; report: {report['report_path']}")
+        feedback.setProgress(100)
+        return {self.OUTPUT: report["package"], self.REPORT: report["report_path"],
+                self.CURVES: report.get("curves_path")}
+
+    def _train(self, task, chips, parameters, context, feedback, out_dir, builder, tile, val, patience, common,
+               callbacks, outputs, final_dir):
+        """Train into ``out_dir`` (the hidden folder of the run's transaction). A cancel after an epoch keeps the
+        best model so far, as the engine does: the transaction is committed, then the cancel reported."""
+        from ..rs_deep_plugin.engine.chips import load_manifest
+        from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         try:
             if chips:
                 if task == "patch_classification":
@@ -272,19 +324,16 @@ class TrainAlgorithm(RSDeepAlgorithm):
             else:
                 report = self._train_from_layers(task, parameters, context, feedback, out_dir, builder, tile, val,
                                                  patience, common, callbacks)
+            if feedback.isCanceled() and os.path.isfile(os.path.join(out_dir, "model.json")):
+                outputs.transaction.commit()  # cancelled while the package was written: it is whole, keep it
         except Cancelled as exc:
-            raise QgsProcessingException(str(exc)) from exc
+            message = str(exc).replace(out_dir, final_dir)
+            if os.path.isfile(os.path.join(out_dir, "model.json")):  # the best model so far: kept, as documented
+                outputs.transaction.commit()
+            raise QgsProcessingException(message) from exc
         except RSDeepError as exc:
-            raise QgsProcessingException(str(exc)) from exc
-
-        best = report.get("best_epoch")
-        feedback.pushInfo(f"Training finished: {report['epochs_run']} epochs in {report['seconds']:.0f} s on "
-                          f"{report['device']}" + (f", the package holds epoch {best}" if best else "")
-                          + (" (stopped early)" if report.get("stopped_early") else "")
-                          + f"; report: {report['report_path']}")
-        feedback.setProgress(100)
-        return {self.OUTPUT: report["package"], self.REPORT: report["report_path"],
-                self.CURVES: report.get("curves_path")}
+            raise QgsProcessingException(str(exc).replace(out_dir, final_dir)) from exc
+        return report
 
     @staticmethod
     def _train_from_chips(task, folder, out_dir, builder, tile, patience, common, callbacks):

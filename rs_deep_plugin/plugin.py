@@ -67,7 +67,7 @@ class RSDeepPlugin:
         from .gui.dock import RSDeepDock
         main = self.iface.mainWindow()
         self.dock = RSDeepDock(self.iface, main)
-        self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.hide()
         action = QAction(QIcon(ICON), "RS Deep", main)
         action.setObjectName("RSDeepDockAction")

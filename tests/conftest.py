@@ -17,18 +17,29 @@ if not (DEV_PLUGINS / "rs_deep").exists():
 sys.path.insert(0, str(DEV_PLUGINS))
 sys.path.insert(0, str(ROOT / "tools"))
 
-DATA = ROOT.parent / "shared" / "data"
+# Real samples that may ship, in the repo (tests/data/*/ATTRIBUTION.md). The two images the plugin bundles as
+# samples are not duplicated: the Atlanta image and the NEON tree image are those of resources/sample.
+DATA = ROOT / "tests" / "data"
 DEMO_MODEL = ROOT / "resources" / "models" / "buildings_demo"
 SAMPLE = ROOT / "resources" / "sample" / "atlanta_pan.tif"
+ATLANTA_IMAGE = SAMPLE  # SpaceNet Atlanta, 600 x 900 px, 0.5 m, EPSG:32616, UInt16
+ATLANTA_LABELS = DATA / "buildings_atlanta" / "buildings.geojson"  # 32 building footprints, same CRS
+TREES_IMAGE = ROOT / "resources" / "sample" / "osbs_029.tif"  # NEON OSBS_029, 400 x 400 RGB, 0.1 m, EPSG:32617
+TREES = DATA / "trees_neon"  # OSBS_029_boxes.geojson (map coordinates) and OSBS_029.xml (Pascal VOC)
 LANDSAT = DATA / "landsat_smoke" / "RGB.byte.tif"
+CHANGE = DATA / "change_atlanta"  # change pairs simulated from the Atlanta image (tools/make_change_pair.py)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _shared_data():
-    """The tests run on the real samples of ../shared/data; without them they fail here, once, with the fix."""
-    if not (DATA / "buildings_atlanta" / "image.tif").is_file():
-        pytest.fail(f"The sample data are missing: {DATA} (buildings_atlanta, trees_neon, change_levir...). "
-                    "Put the shared/ folder beside this checkout (../shared/data).", pytrace=False)
+class ChangePair:
+    """A before/after pair with its change mask (0/255) and change polygons: ``<stem>_A.tif``, ``<stem>_B.tif``,
+    ``<stem>_label.tif``, ``<stem>_change.geojson`` in ``folder``."""
+
+    def __init__(self, folder, stem):
+        self.before, self.after = folder / f"{stem}_A.tif", folder / f"{stem}_B.tif"
+        self.label, self.polygons = folder / f"{stem}_label.tif", folder / f"{stem}_change.geojson"
+
+
+ATLANTA_EAST, ATLANTA_WEST = ChangePair(CHANGE, "east"), ChangePair(CHANGE, "west")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -130,3 +141,13 @@ def rgb_raster(tmp_path):
         arr = src.read(window=win)
         return write_raster(tmp_path / "rgb.tif", arr, transform=src.window_transform(win), crs=src.crs,
                             nodata=0)
+
+
+def model_output(model, name):
+    """The parameter (and result) name of a model's output ``name``: ``child:name`` up to QGIS 3.24, ``name`` from
+    3.26 on; taken from the model itself, so a test of the model builder runs on every QGIS version."""
+    names = [d.name() for d in model.destinationParameterDefinitions()]
+    for n in names:
+        if n == name or n.endswith(":" + name):
+            return n
+    raise KeyError(f"model output {name!r} not in {names}")

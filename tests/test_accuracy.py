@@ -19,9 +19,10 @@ from rs_deep.rs_deep_plugin.engine.train import read_vector_labels
 from rs_deep.rs_deep_plugin.engine.train_detect import detection_metrics
 from rs_deep.rs_deep_plugin.engine.writer import write_category_names
 
-ATLANTA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "buildings_atlanta"
-IMAGE = ATLANTA / "image.tif"
-FOOTPRINTS = ATLANTA / "buildings.geojson"
+from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
+
+IMAGE = ATLANTA_IMAGE
+FOOTPRINTS = ATLANTA_LABELS
 NODATA = 255
 
 
@@ -309,6 +310,10 @@ class RecordingFeedback:
                 if cancel_on and cancel_on in info:
                     self.cancel()
                 super().pushInfo(info)
+
+            def pushWarning(self, warning):  # noqa: N802 (QGIS API)
+                self.messages.append(warning)
+                super().pushWarning(warning)
 
             def reportError(self, error, fatalError=False):  # noqa: N802,N803 (QGIS API)
                 self.messages.append(error)

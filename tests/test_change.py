@@ -16,7 +16,7 @@ from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPac
 from rs_deep.rs_deep_plugin.engine.package import ModelClass, load_package, parse_metadata, save_package
 from rs_deep.rs_deep_plugin.engine.change import PairReader, change_polygons, detect_change, inspect_pair
 
-from conftest import LANDSAT, write_raster
+from conftest import LANDSAT, model_output, write_raster
 
 CHANGED = (slice(60, 100), slice(80, 130))  # rows, cols of the changed square in AFTER
 CLASSES = [ModelClass(0, "no change", "000000"), ModelClass(1, "change", "E31A1C")]
@@ -456,9 +456,9 @@ def test_model_builder_chain_with_native_algorithm(provider, change_package, pai
     dis.setModelOutputs({"dissolved": out})
     model.addChildAlgorithm(dis)
     res = processing.run(model, {"before": str(before), "after": str(after), "model": str(change_package),
-                                 "dissolve:dissolved": str(tmp_path / "dissolved.gpkg")},
+                                 model_output(model, "dissolved"): str(tmp_path / "dissolved.gpkg")},
                          feedback=QgsProcessingFeedback())
-    vec = QgsVectorLayer(res["dissolve:dissolved"], "d")
+    vec = QgsVectorLayer(res[model_output(model, "dissolved")], "d")
     assert vec.isValid() and vec.featureCount() == 1
     assert next(vec.getFeatures())["class_name"] == "change"
 

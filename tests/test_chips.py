@@ -13,20 +13,17 @@ from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
 from rs_deep.rs_deep_plugin.engine.package import load_package
 from rs_deep.rs_deep_plugin.engine.train import read_vector_labels, train_segmentation
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ATLANTA = DATA / "buildings_atlanta"
-TREES = DATA / "trees_neon"
-LEVIR = DATA / "change_levir"
+from conftest import ATLANTA_EAST, ATLANTA_IMAGE, ATLANTA_LABELS, CHANGE, TREES, TREES_IMAGE
 
 
 def _atlanta_labels():
-    return read_vector_labels(ATLANTA / "buildings.geojson", class_value=1)
+    return read_vector_labels(ATLANTA_LABELS, class_value=1)
 
 
 @pytest.fixture(scope="module")
 def atlanta_chips(tmp_path_factory):
     out = tmp_path_factory.mktemp("chips") / "atlanta"
-    m = export_training_data(ATLANTA / "image.tif", _atlanta_labels(), out, task="segmentation",
+    m = export_training_data(ATLANTA_IMAGE, _atlanta_labels(), out, task="segmentation",
                              class_names=["background", "building"], tile_size=128, stride=128, only_labelled=True,
                              val_fraction=0.25, block_size=256, seed=3)
     return out, m
@@ -41,7 +38,7 @@ def test_segmentation_chips_are_georeferenced_and_match_the_source(atlanta_chips
     assert on_disk["gsd"] == pytest.approx(0.5)
     chips = on_disk["chips"]
     assert len(chips) >= 4
-    with rasterio.open(ATLANTA / "image.tif") as src:
+    with rasterio.open(ATLANTA_IMAGE) as src:
         for e in chips[:6]:
             with rasterio.open(out / e["image"]) as chip, rasterio.open(out / e["label"]) as lab:
                 assert (chip.width, chip.height) == (128, 128) and chip.crs == src.crs
@@ -81,13 +78,13 @@ def test_split_is_by_spatial_blocks_without_shared_pixels(atlanta_chips):
 def test_export_is_reproducible_and_replaces_an_earlier_export(tmp_path):
     kw = dict(task="segmentation", class_names=["background", "building"], tile_size=128, val_fraction=0.25,
               block_size=256, seed=3)
-    a = export_training_data(ATLANTA / "image.tif", _atlanta_labels(), tmp_path / "a", **kw)
-    b = export_training_data(ATLANTA / "image.tif", _atlanta_labels(), tmp_path / "a", **kw)  # over itself
+    a = export_training_data(ATLANTA_IMAGE, _atlanta_labels(), tmp_path / "a", **kw)
+    b = export_training_data(ATLANTA_IMAGE, _atlanta_labels(), tmp_path / "a", **kw)  # over itself
     assert [(e["row"], e["col"], e["split"]) for e in a["chips"]] == [(e["row"], e["col"], e["split"])
                                                                       for e in b["chips"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left
     # all chips (also those without buildings) when only_labelled is off
-    c = export_training_data(ATLANTA / "image.tif", _atlanta_labels(), tmp_path / "c", **dict(kw, seed=0),
+    c = export_training_data(ATLANTA_IMAGE, _atlanta_labels(), tmp_path / "c", **dict(kw, seed=0),
                              only_labelled=False)
     assert len(c["chips"]) + c["split"]["dropped_on_block_edges"] == 5 * 8  # 600x900 px in 128 px chips
     assert len(c["chips"]) > len(a["chips"])
@@ -98,17 +95,17 @@ def test_export_refuses_a_foreign_folder_and_a_cancel_leaves_nothing(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(InputError, match="not empty"):
-        export_training_data(ATLANTA / "image.tif", _atlanta_labels(), other, class_names=["background", "b"])
+        export_training_data(ATLANTA_IMAGE, _atlanta_labels(), other, class_names=["background", "b"])
     assert (other / "notes.txt").read_text() == "keep me"
     calls = []
     with pytest.raises(Cancelled):
-        export_training_data(ATLANTA / "image.tif", _atlanta_labels(), tmp_path / "cut",
+        export_training_data(ATLANTA_IMAGE, _atlanta_labels(), tmp_path / "cut",
                              class_names=["background", "building"], tile_size=64,
                              is_cancelled=lambda: len(calls) > 5, progress=lambda f, m: calls.append(f))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     with pytest.raises(InputError, match="overlap"):
         far = [(sbox(0, 0, 10, 10), 1)]
-        export_training_data(ATLANTA / "image.tif", far, tmp_path / "far", class_names=["background", "building"])
+        export_training_data(ATLANTA_IMAGE, far, tmp_path / "far", class_names=["background", "building"])
     assert not (tmp_path / "far").exists()
 
 
@@ -134,11 +131,11 @@ def test_train_segmentation_from_chips(atlanta_chips, tmp_path):
 
 def test_detection_chips_hold_the_boxes_and_train(tmp_path):
     from rs_deep.rs_deep_plugin.engine.train_detect import train_detection
-    with rasterio.open(TREES / "OSBS_029.tif") as ds:
+    with rasterio.open(TREES_IMAGE) as ds:
         crs = ds.crs
     feats = json.loads((TREES / "OSBS_029_boxes.geojson").read_text())["features"]
     labels = [(sbox(*_bounds(f["geometry"])), 0) for f in feats]
-    m = export_training_data(TREES / "OSBS_029.tif", labels, tmp_path / "trees", task="detection",
+    m = export_training_data(TREES_IMAGE, labels, tmp_path / "trees", task="detection",
                              class_names=["tree"], tile_size=128, stride=128, val_fraction=0.25, block_size=128,
                              seed=1)
     assert crs is not None
@@ -178,14 +175,21 @@ def _bounds(geom):
 
 
 def test_change_chips_from_a_label_raster_train_a_change_model(tmp_path):
+    """A change pair simulated from the real Atlanta image (buildings removed in the after date; a 0/255 mask, as
+    LEVIR-CD's): 256 x 768 px, a removed building in each 256 px block. tests/eval/test_levir.py: the same on
+    LEVIR-CD."""
+    check_change_chips_train_a_change_model(tmp_path, ATLANTA_EAST)
+
+
+def check_change_chips_train_a_change_model(tmp_path, pair):
     from rs_deep.rs_deep_plugin.engine.train_change import train_change
-    m = export_training_data(LEVIR / "test_7_A.tif", str(LEVIR / "test_7_label.tif"), tmp_path / "chg",
-                             task="change", after_path=LEVIR / "test_7_B.tif", class_names=["no change", "change"],
+    m = export_training_data(pair.before, str(pair.label), tmp_path / "chg",
+                             task="change", after_path=pair.after, class_names=["no change", "change"],
                              tile_size=256, val_fraction=0.25, block_size=256, seed=0)
     train, val = split_chips(m)
     assert train and val
     e = m["chips"][0]
-    with rasterio.open(tmp_path / "chg" / e["after"]) as a, rasterio.open(LEVIR / "test_7_B.tif") as src:
+    with rasterio.open(tmp_path / "chg" / e["after"]) as a, rasterio.open(pair.after) as src:
         win = rasterio.windows.Window(e["col"], e["row"], e["width"], e["height"])
         np.testing.assert_array_equal(a.read(), src.read(window=win))
     with rasterio.open(tmp_path / "chg" / e["label"]) as lab:
@@ -201,7 +205,12 @@ def test_change_chips_from_a_label_raster_train_a_change_model(tmp_path):
 
 
 def test_non_overlapping_change_pair_is_refused(tmp_path):
+    # another place in the same CRS (the west crop of the Atlanta image, 12 m beside the east one)
     with pytest.raises(InputError, match="do not overlap"):
-        export_training_data(ATLANTA / "image.tif", str(LEVIR / "test_7_label.tif"), tmp_path / "x", task="change",
-                             after_path=LEVIR / "test_7_B.tif", class_names=["no change", "change"])
+        export_training_data(CHANGE / "west_A.tif", str(CHANGE / "east_label.tif"), tmp_path / "x", task="change",
+                             after_path=CHANGE / "east_B.tif", class_names=["no change", "change"])
+    # another CRS (the NEON image, EPSG:32617 in Florida; the pair is EPSG:32616 in Atlanta)
+    with pytest.raises(InputError, match="do not overlap"):
+        export_training_data(TREES_IMAGE, str(CHANGE / "east_label.tif"), tmp_path / "x", task="change",
+                             after_path=CHANGE / "east_B.tif", class_names=["no change", "change"], bands=[1])
     assert not (tmp_path / "x").exists()

@@ -2,6 +2,7 @@
 the rs_deep:detect algorithm (processing.run, a model, qgis_process) and the bundled trees demo model."""
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from rs_deep.rs_deep_plugin.engine.detect import (detect, edge_cut_flags, merge_
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPackageError
 from rs_deep.rs_deep_plugin.engine.package import ModelClass, load_package, save_package
 
-from conftest import DATA, ROOT, make_package, write_raster
+from conftest import DATA, ROOT, make_package, model_output, write_raster
 
 TREES_DEMO = ROOT / "resources" / "models" / "trees_demo"
 TREES_SAMPLE = ROOT / "resources" / "sample" / "osbs_029.tif"
@@ -420,9 +421,9 @@ def test_training_writes_a_package_the_engine_runs(tmp_path):
 def test_voc_and_geojson_boxes_agree():
     from rs_deep.rs_deep_plugin.engine.train_detect import DetectionSample, _load_sample
     d = DATA / "trees_neon"
-    a = _load_sample(DetectionSample(str(d / "OSBS_029.tif"), str(d / "OSBS_029_boxes.geojson")), ["tree"], None,
+    a = _load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029_boxes.geojson")), ["tree"], None,
                      "label", "x")
-    b = _load_sample(DetectionSample(str(d / "OSBS_029.tif"), str(d / "OSBS_029.xml")), ["tree"], None, "label", "x")
+    b = _load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029.xml")), ["tree"], None, "label", "x")
     assert len(a.boxes) == len(b.boxes) == 61
     np.testing.assert_allclose(sorted(map(tuple, a.boxes)), sorted(map(tuple, b.boxes)), atol=1e-6)
 
@@ -675,7 +676,7 @@ def test_detect_algorithm_is_registered_with_help(provider):
     assert alg is not None and alg.group() == "Apply models"
     names = [p.name() for p in alg.parameterDefinitions()]
     assert names == ["INPUT", "MODEL", "BANDS", "EXTENT", "OUTPUT", "OUTPUT_CENTROIDS", "TILE_SIZE", "OVERLAP",
-                     "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS"]
+                     "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS", "MAX_PIXELS"]
     helptext = alg.shortHelpString()
     for p in alg.parameterDefinitions():
         assert p.description()
@@ -685,7 +686,7 @@ def test_detect_algorithm_is_registered_with_help(provider):
         assert label in helptext
     adv = {p.name() for p in alg.parameterDefinitions() if p.flags() & QgsProcessingParameterDefinition.FlagAdvanced}
     assert adv == {"TILE_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD",
-                   "MAX_DETECTIONS"}
+                   "MAX_DETECTIONS", "MAX_PIXELS"}
 
 
 def test_detect_through_processing_run(provider, tmp_path, det_package, square_finder):
@@ -768,8 +769,9 @@ def test_model_builder_chain_with_native_algorithm(provider, tmp_path, det_packa
     cen.setModelOutputs({"points": out})
     model.addChildAlgorithm(cen)
     res = processing.run(model, {"raster": str(raster), "model": str(det_package),
-                                 "centroids:points": str(tmp_path / "points.gpkg")}, feedback=QgsProcessingFeedback())
-    vec = QgsVectorLayer(res["centroids:points"], "p")
+                                 model_output(model, "points"): str(tmp_path / "points.gpkg")},
+                         feedback=QgsProcessingFeedback())
+    vec = QgsVectorLayer(res[model_output(model, "points")], "p")
     assert vec.isValid() and vec.featureCount() == len(boxes)
     want = sorted(((a + c) / 2, (b + d) / 2) for a, b, c, d in _expected_map_boxes(TRANSFORM, boxes))
     got = sorted((f.geometry().asPoint().x(), f.geometry().asPoint().y()) for f in vec.getFeatures())
@@ -787,6 +789,16 @@ def test_qgis_process_runs_the_bundled_trees_model(tmp_path, seg_package):
     from qgis.core import QgsVectorLayer
     vec = QgsVectorLayer(str(out), "trees")
     assert vec.isValid() and vec.featureCount() > 20 and vec.crs().authid() == "EPSG:32617"
+    # a raster at another GSD than the model's: the resampling note is a warning, never an ERROR: line
+    fine = tmp_path / "fine.tif"  # 0.05 m pixels; the model works at 0.2 m
+    subprocess.run(["gdal_translate", "-q", "-outsize", "200%", "200%", str(TREES_SAMPLE), str(fine)], check=True)
+    # (the package by path: QGIS 3.44's qgis_process prints "ERROR: ... File trees_demo could not be found" for a
+    # bundled model's name after the run, which still succeeds)
+    proc = run_qgis_process(["run", "rs_deep:detect", "--", f"INPUT={fine}",
+                             f"MODEL={ROOT / 'resources' / 'models' / 'trees_demo'}", f"OUTPUT={tmp_path / 'fine.gpkg'}"])
+    log = proc.stdout + proc.stderr
+    assert "tiles are resampled to the model's GSD" in log  # "WARNING:" (3.28+) or "Warning:" (3.22) line
+    assert not [line for line in log.splitlines() if line.startswith("ERROR")], log
     bad = run_qgis_process(["run", "rs_deep:detect", "--", f"INPUT={TREES_SAMPLE}", f"MODEL={seg_package}",
                             f"OUTPUT={tmp_path / 'bad.gpkg'}"], check=False)
     assert bad.returncode != 0 and "needs a detection model" in (bad.stdout + bad.stderr)

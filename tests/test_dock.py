@@ -197,6 +197,31 @@ def test_runs_queue_and_a_queued_run_can_be_cancelled(dock, rgb_raster, rgb_pack
         dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("layer"))
 
 
+def test_a_large_run_asks_first_and_no_means_no_run(dock, rgb_raster, rgb_package, monkeypatch):
+    """Above the confirm_pixels setting the dock asks (with the size and a time estimate) before it queues a run;
+    declining queues nothing. The rgb_raster is 300 x 260 px; the package has no GSD, so pixels are the layer's."""
+    from qgis.PyQt.QtWidgets import QMessageBox
+    from rs_deep.rs_deep_plugin.gui.dock import set_setting
+    layer = add_raster(rgb_raster, "scene")
+    choose(dock, layer, rgb_package)
+    asked = []
+
+    def answer(parent, title, text, buttons, default):
+        asked.append(text)
+        return QMessageBox.StandardButton.No
+    monkeypatch.setattr(QMessageBox, "question", answer)
+    before = len(dock.runs)
+    set_setting("confirm_pixels", 50_000.0)
+    try:
+        assert dock.run_pixels({}) == pytest.approx(300 * 260)
+        assert dock.start_run() is None and len(dock.runs) == before
+        assert len(asked) == 1 and "about 0.078 million pixels" in asked[0] and "minutes on a CPU" in asked[0]
+        set_setting("confirm_pixels", 1e9)  # below the threshold: no question
+        assert dock.confirm_size({}) and len(asked) == 1
+    finally:
+        set_setting("confirm_pixels", 400_000_000.0)
+
+
 def test_algorithm_error_goes_to_the_message_bar(dock, qgis_iface, rgb_raster, gray_package):
     layer = add_raster(rgb_raster, "scene")
     choose(dock, layer, gray_package)  # a 1-band model on a 3-band raster: BANDS must be given
@@ -381,7 +406,7 @@ def test_detection_run_adds_boxes_outlined_by_class(dock, tmp_path):
     assert len(boxes) == 1 and boxes[0].featureCount() > 0
     renderer = boxes[0].renderer()
     assert renderer.type() == "categorizedSymbol" and [c.label() for c in renderer.categories()] == ["tree"]
-    assert renderer.categories()[0].symbol().symbolLayer(0).brushStyle() == Qt.NoBrush
+    assert renderer.categories()[0].symbol().symbolLayer(0).brushStyle() == Qt.BrushStyle.NoBrush
     assert boxes[0].crs() == layer.crs()
     ext = layer.extent()
     ext.grow(1.0)  # boxes are clipped to the raster (1 m of slack for rounding)

@@ -214,8 +214,8 @@ def test_export_errors(tmp_path, provider):
 def test_export_tree_detector_gives_the_same_boxes(provider, tmp_path):
     """The bundled CenterNet tree detector through ONNX (YOLO v5-style rows) finds the same trees on real NEON
     imagery as PyTorch: same count, each box within 0.05 px and its score within 1e-4."""
-    from conftest import DATA
-    image = DATA / "trees_neon" / "OSBS_029.tif"
+    from conftest import TREES_IMAGE
+    image = TREES_IMAGE
     res = _run("rs_deep:export_onnx", {"INPUT": "trees_demo", "OUTPUT": str(tmp_path / "trees.onnx")})
     props = _metadata_props(res["OUTPUT"])
     assert json.loads(props["model_type"]) == "Detector" and json.loads(props["det_type"]) == "YOLO_v5_or_v7_default"

@@ -14,7 +14,7 @@ from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPac
 from rs_deep.rs_deep_plugin.engine.package import ModelClass, load_package, parse_metadata, save_package
 from rs_deep.rs_deep_plugin.engine.patches import classify_patches
 
-from conftest import DATA, write_raster
+from conftest import DATA, model_output, write_raster
 
 FIELDS = DATA / "fields_denmark"
 IMAGE = FIELDS / "image.tif"  # 452 x 276 px, 10 m, EPSG:32632, UInt16
@@ -293,9 +293,9 @@ def test_model_builder_chain_with_native_algorithm(provider, patch_package, tmp_
     dis.setModelOutputs({"dissolved": out})
     model.addChildAlgorithm(dis)
     res = processing.run(model, {"raster": str(IMAGE), "model": str(patch_package),
-                                 "dissolve:dissolved": str(tmp_path / "dissolved.gpkg")},
+                                 model_output(model, "dissolved"): str(tmp_path / "dissolved.gpkg")},
                          feedback=QgsProcessingFeedback())
-    vec = QgsVectorLayer(res["dissolve:dissolved"], "d")
+    vec = QgsVectorLayer(res[model_output(model, "dissolved")], "d")
     engine = classify_patches(str(IMAGE), str(patch_package))
     assert vec.isValid() and vec.featureCount() == len(engine.class_counts())
     total = sum(f.geometry().area() for f in vec.getFeatures())

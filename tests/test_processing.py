@@ -17,7 +17,7 @@ from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordina
                        QgsProcessingParameterFile, QgsProcessingParameterRasterLayer, QgsProject, QgsRasterLayer,
                        QgsVectorLayer)
 
-from conftest import DATA, ROOT, SAMPLE
+from conftest import DATA, ROOT, SAMPLE, model_output
 
 
 def _run(params, feedback=None):
@@ -115,9 +115,9 @@ def test_model_builder_chain_with_native_algorithm(provider, rgb_package, rgb_ra
     model.addChildAlgorithm(dis)
     import processing
     res = processing.run(model, {"raster": str(rgb_raster), "model": str(rgb_package),
-                                 "dissolve:dissolved": str(tmp_path / "dissolved.gpkg")},
+                                 model_output(model, "dissolved"): str(tmp_path / "dissolved.gpkg")},
                          feedback=QgsProcessingFeedback())
-    vec = QgsVectorLayer(res["dissolve:dissolved"], "d")
+    vec = QgsVectorLayer(res[model_output(model, "dissolved")], "d")
     assert vec.isValid() and vec.featureCount() == 1
     assert next(vec.getFeatures())["class_name"] == "building"
 
@@ -160,7 +160,7 @@ def test_zip_installs_into_a_clean_profile_and_runs(gray_package, tmp_path):
 def test_qgis_and_rasterio_agree_in_one_process():
     """CRS transforms and pixel values are the same through QGIS and rasterio (same GDAL/PROJ)."""
     from rasterio.warp import transform as rio_transform
-    path = DATA / "buildings_atlanta" / "image.tif"
+    path = SAMPLE
     layer = QgsRasterLayer(str(path), "atlanta")
     assert layer.isValid()
     with rasterio.open(path) as ds:

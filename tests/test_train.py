@@ -1,6 +1,5 @@
 """Training a segmentation model on the real Atlanta sample (tiny runs): package, report, inference, cancel."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ from rs_deep.rs_deep_plugin.engine.segment import segment
 from rs_deep.rs_deep_plugin.engine.train import (IGNORE, confusion_matrix, metrics_from_confusion,
                                                  read_vector_labels, train_segmentation)
 
-ATLANTA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "buildings_atlanta"
-IMAGE = ATLANTA / "image.tif"
-FOOTPRINTS = ATLANTA / "buildings.geojson"
+from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
+
+IMAGE = ATLANTA_IMAGE
+FOOTPRINTS = ATLANTA_LABELS
 
 TINY = dict(class_names=["background", "building"], class_colors=["000000", "e31a1c"], band_names=["pan"],
             tile_size=96, batch_size=2, steps_per_epoch=2, epochs=2, seed=0, num_threads=2,

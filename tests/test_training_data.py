@@ -1,17 +1,13 @@
 """rs_deep:export_training_data and rs_deep:train from chips, change training from two rasters, augmentation and
-early-stopping parameters, the curves PNG; through QGIS Processing on the real shared data."""
+early-stopping parameters, the curves PNG; through QGIS Processing on the real samples of tests/data."""
 import json
 from pathlib import Path
 
 import pytest
 import rasterio
 
-from conftest import DATA
+from conftest import ATLANTA_EAST, ATLANTA_IMAGE, ATLANTA_LABELS, ATLANTA_WEST, CHANGE, LANDSAT, TREES, TREES_IMAGE
 from test_accuracy import RecordingFeedback, _run
-
-ATLANTA = DATA / "buildings_atlanta"
-TREES = DATA / "trees_neon"
-LEVIR = DATA / "change_levir"
 
 TINY = {"ARCHITECTURE": 1, "ENCODER": "resnet18", "EPOCHS": 2, "BATCH_SIZE": 2, "LEARNING_RATE": 0.002,
         "TILE_SIZE": 64, "STEPS_PER_EPOCH": 2, "DEVICE": 1}
@@ -37,7 +33,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
     from rs_deep.rs_deep_plugin.engine.package import load_package
     fb = RecordingFeedback()
     res = _run("rs_deep:export_training_data", {
-        "INPUT": str(ATLANTA / "image.tif"), "LABELS": str(ATLANTA / "buildings.geojson"), "TASK": 0,
+        "INPUT": str(ATLANTA_IMAGE), "LABELS": str(ATLANTA_LABELS), "TASK": 0,
         "TILE_SIZE": 128, "STRIDE": 0, "ONLY_LABELLED": True, "VALIDATION": 0.25, "BLOCK_SIZE": 256,
         "OUTPUT": str(tmp_path / "chips")}, fb)
     manifest = json.loads(Path(res["MANIFEST"]).read_text())
@@ -46,7 +42,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
     # no class field: one class named after the layer, background first
     assert [c["name"] for c in manifest["classes"]] == ["background", "buildings"]
     assert any(m.startswith("Classes: 0=background, 1=buildings") for m in fb.messages)
-    with rasterio.open(ATLANTA / "image.tif") as src, rasterio.open(Path(res["OUTPUT"]) / manifest["chips"][0]["image"]) as c:
+    with rasterio.open(ATLANTA_IMAGE) as src, rasterio.open(Path(res["OUTPUT"]) / manifest["chips"][0]["image"]) as c:
         assert c.crs == src.crs and c.res == src.res
 
     fb = RecordingFeedback()
@@ -61,7 +57,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
                                  "noise": 0.0}
     assert Path(trained["CURVES"]).read_bytes()[:4] == b"\x89PNG"
     assert any("Augmentations: 90-degree rotations; early stopping patience: 3" in m for m in fb.messages)
-    seg = _run("rs_deep:segment", {"INPUT": str(ATLANTA / "image.tif"), "MODEL": trained["OUTPUT"],
+    seg = _run("rs_deep:segment", {"INPUT": str(ATLANTA_IMAGE), "MODEL": trained["OUTPUT"],
                                    "OUTPUT": str(tmp_path / "seg.tif"), "OUTPUT_VECTOR": None, "DEVICE": 1})
     with rasterio.open(seg["OUTPUT"]) as ds:
         assert (ds.width, ds.height) == (600, 900)
@@ -70,7 +66,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
 def test_detection_chips_through_processing(provider, tmp_path):
     from rs_deep.rs_deep_plugin.engine.package import load_package
     res = _run("rs_deep:export_training_data", {
-        "INPUT": str(TREES / "OSBS_029.tif"), "LABELS": str(TREES / "OSBS_029_boxes.geojson"), "CLASS_FIELD": "label",
+        "INPUT": str(TREES_IMAGE), "LABELS": str(TREES / "OSBS_029_boxes.geojson"), "CLASS_FIELD": "label",
         "TASK": 1, "TILE_SIZE": 128, "VALIDATION": 0.25, "BLOCK_SIZE": 128, "OUTPUT": str(tmp_path / "trees")})
     manifest = json.loads(Path(res["MANIFEST"]).read_text())
     assert [c["name"] for c in manifest["classes"]] == ["Tree"]
@@ -84,58 +80,66 @@ def test_detection_chips_through_processing(provider, tmp_path):
 
 
 def test_change_trains_from_two_rasters_and_polygons(provider, tmp_path):
-    """LEVIR-CD pair + the change polygons (WGS 84): the algorithm exports chips itself, trains a Siamese U-Net,
-    and rs_deep:detect_change runs the package."""
+    """A change pair simulated from the real Atlanta image (EPSG:32616) + the change polygons in WGS 84 (another
+    CRS): the algorithm exports chips itself, trains a Siamese U-Net, and rs_deep:detect_change runs the package
+    on a pair of another area. tests/eval/test_levir.py: the same on LEVIR-CD."""
+    check_change_trains_from_two_rasters_and_polygons(tmp_path, ATLANTA_EAST, ATLANTA_WEST, (320, 384))
+
+
+def check_change_trains_from_two_rasters_and_polygons(tmp_path, train, apply, shape):
     from rs_deep.rs_deep_plugin.engine.package import load_package
     fb = RecordingFeedback()
-    trained = _run("rs_deep:train", dict(TINY, TASK=3, ARCHITECTURE=0, EPOCHS=1, INPUT=str(LEVIR / "test_7_A.tif"),
-                                         INPUT_AFTER=str(LEVIR / "test_7_B.tif"),
-                                         LABELS=str(LEVIR / "test_7_change.geojson"), VALIDATION=0.25,
-                                         OUTPUT=str(tmp_path / "chg")), fb)
+    trained = _run("rs_deep:train", dict(TINY, TASK=3, ARCHITECTURE=0, EPOCHS=1, INPUT=str(train.before),
+                                         INPUT_AFTER=str(train.after), LABELS=str(train.polygons),
+                                         VALIDATION=0.25, OUTPUT=str(tmp_path / "chg")), fb)
     pkg = load_package(trained["OUTPUT"], task="change")
     assert [c.name for c in pkg.classes] == ["no change", "change"] and pkg.builder["architecture"] == "SiameseUnet"
     report = json.loads(Path(trained["REPORT"]).read_text())
     assert report["val_iou"][0] is not None  # the spatial-block validation chips were scored
-    out = _run("rs_deep:detect_change", {"BEFORE": str(LEVIR / "test_12_A.tif"), "AFTER": str(LEVIR / "test_12_B.tif"),
+    out = _run("rs_deep:detect_change", {"BEFORE": str(apply.before), "AFTER": str(apply.after),
                                          "MODEL": trained["OUTPUT"], "OUTPUT": str(tmp_path / "c.tif"),
                                          "OUTPUT_VECTOR": None, "DEVICE": 1})
     with rasterio.open(out["OUTPUT"]) as ds:
-        assert (ds.width, ds.height) == (1024, 1024)
+        assert (ds.width, ds.height) == shape
     # the temporary chips are gone
     assert not any("rs_deep_change_chips_" in p.name for p in tmp_path.iterdir())
 
 
 def test_change_chips_from_a_label_raster(provider, tmp_path):
+    check_change_chips_from_a_label_raster(tmp_path, ATLANTA_EAST, 3)  # 256 x 768 px in 256 px chips, all kept
+
+
+def check_change_chips_from_a_label_raster(tmp_path, pair, chips):
     res = _run("rs_deep:export_training_data", {
-        "INPUT": str(LEVIR / "test_7_A.tif"), "INPUT_AFTER": str(LEVIR / "test_7_B.tif"),
-        "LABEL_RASTER": str(LEVIR / "test_7_label.tif"), "TASK": 2, "TILE_SIZE": 256, "ONLY_LABELLED": False,
-        "VALIDATION": 0.25, "OUTPUT": str(tmp_path / "chg")})
+        "INPUT": str(pair.before), "INPUT_AFTER": str(pair.after), "LABEL_RASTER": str(pair.label), "TASK": 2,
+        "TILE_SIZE": 256, "ONLY_LABELLED": False, "VALIDATION": 0.25, "OUTPUT": str(tmp_path / "chg")})
     manifest = json.loads(Path(res["MANIFEST"]).read_text())
-    assert res["CHIPS"] == 16 and manifest["task"] == "change"  # 1024 px in 256 px chips, all kept
+    assert res["CHIPS"] == chips and manifest["task"] == "change"
     assert all("after" in e and "label" in e for e in manifest["chips"])
     changed = sum(e["class_pixels"]["change"] for e in manifest["chips"])
-    with rasterio.open(LEVIR / "test_7_label.tif") as ds:
-        assert changed == int((ds.read(1) > 0).sum())
+    with rasterio.open(pair.label) as ds:
+        assert changed == int((ds.read(1) > 0).sum()) > 0
 
 
 def test_training_data_bad_input_is_clear(provider, tmp_path):
     from qgis.core import QgsProcessingException
-    base = {"INPUT": str(ATLANTA / "image.tif"), "OUTPUT": str(tmp_path / "x")}
+    base = {"INPUT": str(ATLANTA_IMAGE), "OUTPUT": str(tmp_path / "x")}
     with pytest.raises(QgsProcessingException, match="Give the labels"):
         _run("rs_deep:export_training_data", base)
     with pytest.raises(QgsProcessingException, match="not both"):
-        _run("rs_deep:export_training_data", dict(base, LABELS=str(ATLANTA / "buildings.geojson"),
-                                                  LABEL_RASTER=str(LEVIR / "test_7_label.tif")))
+        _run("rs_deep:export_training_data", dict(base, LABELS=str(ATLANTA_LABELS),
+                                                  LABEL_RASTER=str(CHANGE / "east_label.tif")))
     with pytest.raises(QgsProcessingException, match="needs boxes"):
-        _run("rs_deep:export_training_data", dict(base, TASK=1, LABEL_RASTER=str(LEVIR / "test_7_label.tif")))
+        _run("rs_deep:export_training_data", dict(base, TASK=1, LABEL_RASTER=str(CHANGE / "east_label.tif")))
     with pytest.raises(QgsProcessingException, match="INPUT_AFTER"):
-        _run("rs_deep:export_training_data", dict(base, TASK=2, LABELS=str(ATLANTA / "buildings.geojson")))
+        _run("rs_deep:export_training_data", dict(base, TASK=2, LABELS=str(ATLANTA_LABELS)))
     with pytest.raises(QgsProcessingException, match="do not overlap"):
-        _run("rs_deep:export_training_data", dict(base, TASK=2, INPUT_AFTER=str(LEVIR / "test_7_B.tif"),
-                                                  LABEL_RASTER=str(LEVIR / "test_7_label.tif")))
+        _run("rs_deep:export_training_data", dict(base, TASK=2, INPUT=str(CHANGE / "west_A.tif"),
+                                                  INPUT_AFTER=str(CHANGE / "east_B.tif"),
+                                                  LABEL_RASTER=str(CHANGE / "east_label.tif")))
     assert not (tmp_path / "x").exists()
     chips = _run("rs_deep:export_training_data", {
-        "INPUT": str(TREES / "OSBS_029.tif"), "LABELS": str(TREES / "OSBS_029_boxes.geojson"), "TASK": 1,
+        "INPUT": str(TREES_IMAGE), "LABELS": str(TREES / "OSBS_029_boxes.geojson"), "TASK": 1,
         "TILE_SIZE": 128, "OUTPUT": str(tmp_path / "trees")})
     with pytest.raises(QgsProcessingException, match="for detection, not segmentation"):
         _run("rs_deep:train", dict(TINY, TASK=0, CHIPS=chips["OUTPUT"], OUTPUT=str(tmp_path / "m")))
@@ -146,8 +150,8 @@ def test_training_data_bad_input_is_clear(provider, tmp_path):
     with pytest.raises(QgsProcessingException, match="Give INPUT .* or CHIPS"):
         _run("rs_deep:train", dict(TINY, TASK=0, OUTPUT=str(tmp_path / "m")))
     with pytest.raises(QgsProcessingException, match="two dates"):
-        _run("rs_deep:train", dict(TINY, TASK=3, ARCHITECTURE=0, INPUT=str(LEVIR / "test_7_A.tif"),
-                                   LABELS=str(LEVIR / "test_7_change.geojson"), OUTPUT=str(tmp_path / "m")))
+        _run("rs_deep:train", dict(TINY, TASK=3, ARCHITECTURE=0, INPUT=str(CHANGE / "east_A.tif"),
+                                   LABELS=str(CHANGE / "east_change.geojson"), OUTPUT=str(tmp_path / "m")))
     assert not (tmp_path / "m").exists()
 
 
@@ -160,17 +164,21 @@ def test_labels_to_accuracy_report_through_qgis_process(tmp_path):
         proc = run_qgis_process(["run", alg, "--json", "--"] + list(params))
         return json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
 
-    chips = run("rs_deep:export_training_data", f"INPUT={ATLANTA / 'image.tif'}",
-                f"LABELS={ATLANTA / 'buildings.geojson'}", "TASK=0", "TILE_SIZE=128", "BLOCK_SIZE=256",
+    chips = run("rs_deep:export_training_data", f"INPUT={ATLANTA_IMAGE}",
+                f"LABELS={ATLANTA_LABELS}", "TASK=0", "TILE_SIZE=128", "BLOCK_SIZE=256",
                 "VALIDATION=0.25", f"OUTPUT={tmp_path / 'chips'}")
     assert Path(chips["MANIFEST"]).is_file() and chips["CHIPS"] == chips["TRAIN_CHIPS"] + chips["VAL_CHIPS"] > 0
-    model = run("rs_deep:train", f"CHIPS={chips['OUTPUT']}", "TASK=0", "ARCHITECTURE=1", "ENCODER=resnet18",
-                "EPOCHS=1", "STEPS_PER_EPOCH=2", "BATCH_SIZE=2", "TILE_SIZE=64", "DEVICE=1",
-                f"OUTPUT={tmp_path / 'model'}")
+    # choices by name (TASK=segmentation, DEVICE=cpu, AUGMENT=flips,rotations) as well as by index (TASK=0 above)
+    model = run("rs_deep:train", f"CHIPS={chips['OUTPUT']}", "TASK=segmentation", "ARCHITECTURE=Unet",
+                "ENCODER=resnet18", "EPOCHS=1", "STEPS_PER_EPOCH=2", "BATCH_SIZE=2", "TILE_SIZE=64", "DEVICE=cpu",
+                "AUGMENT=flips,rotations", f"OUTPUT={tmp_path / 'model'}")
     assert Path(model["REPORT"]).is_file() and Path(model["CURVES"]).is_file()
-    seg = run("rs_deep:segment", f"INPUT={ATLANTA / 'image.tif'}", f"MODEL={model['OUTPUT']}",
+    report = json.loads(Path(model["REPORT"]).read_text())
+    assert report["builder"]["architecture"] == "Unet" and report["device"].startswith("CPU"), report
+    assert report["augment"]["flip"] and report["augment"]["rotate"] and report["augment"]["brightness"] == 0.0
+    seg = run("rs_deep:segment", f"INPUT={ATLANTA_IMAGE}", f"MODEL={model['OUTPUT']}",
               f"OUTPUT={tmp_path / 'seg.tif'}", "DEVICE=1", "EXTENT=733601,733901,3724689,3724800 [EPSG:32616]")
-    acc = run("rs_deep:assess_accuracy", f"PREDICTION={seg['OUTPUT']}", f"REFERENCE={ATLANTA / 'buildings.geojson'}",
+    acc = run("rs_deep:assess_accuracy", f"PREDICTION={seg['OUTPUT']}", f"REFERENCE={ATLANTA_LABELS}",
               f"MODEL={model['OUTPUT']}", f"OUTPUT_HTML={tmp_path / 'acc.html'}", f"OUTPUT_TABLE={tmp_path / 'acc.csv'}")
     assert 0.0 <= acc["OVERALL_ACCURACY"] <= 1.0 and "Confusion matrix" in (tmp_path / "acc.html").read_text()
     assert (tmp_path / "acc.csv").read_text().startswith("class_id")
@@ -204,7 +212,7 @@ def test_assess_detection_of_the_bundled_tree_detector(provider, tmp_path):
     boxes, a copy of the reference scores 1 and boxes moved off the crowns score 0."""
     from shapely.geometry import shape
     from rs_deep.rs_deep_plugin.engine.accuracy import assess_detection
-    found = _run("rs_deep:detect", {"INPUT": str(TREES / "OSBS_029.tif"), "MODEL": "trees_demo",
+    found = _run("rs_deep:detect", {"INPUT": str(TREES_IMAGE), "MODEL": "trees_demo",
                                     "OUTPUT": str(tmp_path / "found.gpkg"), "DEVICE": 1})
     html, table = tmp_path / "det.html", tmp_path / "det.csv"
     fb = RecordingFeedback()
@@ -226,7 +234,7 @@ def test_assess_detection_of_the_bundled_tree_detector(provider, tmp_path):
         assert res[key.upper()] == pytest.approx(expected[key], abs=1e-9)
     assert 0 < res["RECALL"] <= 1 and html.is_file() and "Detection metrics" in html.read_text()
     assert "precision" in table.read_text().splitlines()[0]
-    with rasterio.open(TREES / "OSBS_029.tif") as src:
+    with rasterio.open(TREES_IMAGE) as src:
         wkt = src.crs.to_wkt()
     same = _boxes_gpkg(tmp_path / "same.gpkg", [b + ("Tree", 0.9) for b in ref], wkt)
     res = _run("rs_deep:assess_accuracy", {"TASK": 1, "PREDICTION_BOXES": same, "CLASS_FIELD": "label",
@@ -241,9 +249,14 @@ def test_assess_detection_of_the_bundled_tree_detector(provider, tmp_path):
 
 
 def test_assess_change_raster(provider, tmp_path):
-    """The LEVIR-CD mask as the change raster, scored against its own change polygons (WGS 84) and raster."""
+    """The change mask of the simulated Atlanta pair (0/255, EPSG:32616) as the change raster, scored against its own
+    change polygons (WGS 84: reprojected) and raster. tests/eval/test_levir.py: the same on LEVIR-CD."""
+    check_assess_change_raster(tmp_path, ATLANTA_EAST)
+
+
+def check_assess_change_raster(tmp_path, pair):
     import numpy as np
-    with rasterio.open(LEVIR / "test_7_label.tif") as src:
+    with rasterio.open(pair.label) as src:
         prof = src.profile.copy()
         mask = (src.read(1) > 0).astype("uint8")
     prof.update(dtype="uint8", nodata=255)
@@ -251,21 +264,21 @@ def test_assess_change_raster(provider, tmp_path):
     with rasterio.open(pred, "w", **prof) as dst:
         dst.write(mask, 1)
     res = _run("rs_deep:assess_accuracy", {"TASK": 2, "PREDICTION": str(pred),
-                                            "REFERENCE_RASTER": str(LEVIR / "test_7_label.tif"),
+                                            "REFERENCE_RASTER": str(pair.label),
                                             "OUTPUT_HTML": str(tmp_path / "c.html"), "OUTPUT_TABLE": None})
     assert res["F1"] == res["PRECISION"] == res["RECALL"] == 1.0
     assert "Change detection accuracy" in (tmp_path / "c.html").read_text()
     res = _run("rs_deep:assess_accuracy", {"TASK": 2, "PREDICTION": str(pred),
-                                            "REFERENCE": str(LEVIR / "test_7_change.geojson"),
+                                            "REFERENCE": str(pair.polygons),
                                             "OUTPUT_HTML": None, "OUTPUT_TABLE": None})
     assert res["F1"] > 0.9  # polygon edges vs pixels
     # half the change missed: recall about 1/2, precision stays 1
     half = mask.copy()
-    half[:, 512:] = 0
+    half[:, mask.shape[1] // 2:] = 0
     with rasterio.open(pred, "w", **prof) as dst:
         dst.write(half, 1)
     res = _run("rs_deep:assess_accuracy", {"TASK": 2, "PREDICTION": str(pred),
-                                            "REFERENCE_RASTER": str(LEVIR / "test_7_label.tif"),
+                                            "REFERENCE_RASTER": str(pair.label),
                                             "OUTPUT_HTML": None, "OUTPUT_TABLE": None})
     assert res["PRECISION"] == 1.0
     assert res["RECALL"] == pytest.approx(half.sum() / mask.sum(), abs=1e-12) and np.any(half)
@@ -279,7 +292,7 @@ def test_export_training_data_from_an_xyz_layer(provider, tmp_path):
     from qgis.core import QgsProject, QgsRasterLayer
     from shapely.geometry import box, mapping
     merc = tmp_path / "merc.tif"
-    subprocess.run(["gdalwarp", "-q", "-t_srs", "EPSG:3857", "-dstalpha", str(DATA / "landsat_smoke" / "RGB.byte.tif"),
+    subprocess.run(["gdalwarp", "-q", "-t_srs", "EPSG:3857", "-dstalpha", str(LANDSAT),
                     str(merc)], check=True)
     subprocess.run([shutil.which("gdal2tiles.py"), "-q", "--xyz", "-z", "7-9", "-w", "none", str(merc),
                     str(tmp_path / "tiles")], check=True)
@@ -319,7 +332,7 @@ def test_class_colours_come_from_the_labels_style(provider, tmp_path):
                            QgsVectorLayer)
     from shapely.geometry import mapping, shape
     from rs_deep.rs_deep_plugin.engine.package import load_package
-    feats = json.loads((ATLANTA / "buildings.geojson").read_text())
+    feats = json.loads((ATLANTA_LABELS).read_text())
     for i, f in enumerate(feats["features"]):
         f["properties"] = {"kind": "house" if i % 2 else "shed"}
         f["geometry"] = mapping(shape(f["geometry"]))
@@ -332,9 +345,9 @@ def test_class_colours_come_from_the_labels_style(provider, tmp_path):
     layer.setRenderer(QgsCategorizedSymbolRenderer("kind", cats))
     QgsProject.instance().addMapLayer(layer)
     try:
-        trained = _run("rs_deep:train", dict(TINY, TASK=0, EPOCHS=1, INPUT=str(ATLANTA / "image.tif"),
+        trained = _run("rs_deep:train", dict(TINY, TASK=0, EPOCHS=1, INPUT=str(ATLANTA_IMAGE),
                                              LABELS=layer.id(), CLASS_FIELD="kind", OUTPUT=str(tmp_path / "m")))
-        chips = _run("rs_deep:export_training_data", {"INPUT": str(ATLANTA / "image.tif"), "LABELS": layer.id(),
+        chips = _run("rs_deep:export_training_data", {"INPUT": str(ATLANTA_IMAGE), "LABELS": layer.id(),
                                                       "CLASS_FIELD": "kind", "TILE_SIZE": 128,
                                                       "OUTPUT": str(tmp_path / "chips")})
     finally:

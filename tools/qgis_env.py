@@ -26,7 +26,9 @@ def qgis_env(plugin_path=None, profile=None):
     return env
 
 
-def run_qgis_process(args, plugin_path=None, profile=None, check=True, timeout=900):
+def run_qgis_process(args, plugin_path=None, profile=None, check=True, timeout=900, wrapper=()):
+    """Run ``qgis_process ARGS`` on this checkout (the plugin enabled first); ``wrapper``: a command line that runs
+    it, e.g. a Python script that sets resource limits and execs its arguments."""
     env = qgis_env(plugin_path, profile)
     os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
     exe = qgis_process_cmd()
@@ -34,7 +36,8 @@ def run_qgis_process(args, plugin_path=None, profile=None, check=True, timeout=9
                             timeout=300)
     if enable.returncode != 0 and "already enabled" not in enable.stdout + enable.stderr:
         raise RuntimeError(f"qgis_process could not enable rs_deep:\n{enable.stdout}\n{enable.stderr}")
-    proc = subprocess.run([exe] + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(wrapper) + [exe] + list(args), env=env, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise RuntimeError(f"qgis_process failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -168,7 +168,7 @@ def in_qgis():
             dock = plugin.dock
             if dock.isHidden():
                 plugin.dock_action.trigger()
-            win.resizeDocks([dock], [440], Qt.Horizontal)
+            win.resizeDocks([dock], [440], Qt.Orientation.Horizontal)
             dock.set_model(os.environ["RS_DEEP_SCREENSHOT_MODEL"])
             dock.layer_combos["INPUT"].setLayer(layer)
             iface.mapCanvas().setExtent(layer.extent())

@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 from .errors import RSDeepError
+from .files import write_atomic
 from .progress import terminal_progress
 
 
@@ -58,8 +59,7 @@ def main(argv=None):
                                for r in recs]}
             if res.crs is not None:
                 fc["crs"] = {"type": "name", "properties": {"name": res.crs.to_string()}}
-            with open(args.vector, "w") as f:
-                json.dump(fc, f)
+            write_atomic(args.vector, json.dumps(fc))  # a full disk: an error, and the earlier file untouched
             print(f"{len(recs)} polygons -> {args.vector}")
     except RSDeepError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -489,16 +489,25 @@ def _html_text(metrics, title):
     return "".join(parts)
 
 
-def write_report(metrics, html_path=None, csv_path=None, title="Accuracy assessment"):
+def write_report(metrics, html_path=None, csv_path=None, title="Accuracy assessment", transaction=None):
     """Write ``metrics`` (from :func:`assess_segmentation` or :func:`assess_detection`) as a
     self-contained HTML page and/or a CSV table. Each file is written to a temporary file beside
-    it and renamed, so a failure never leaves a partial report. Returns ``{"html": path,
-    "csv": path}`` for the files written."""
+    it and renamed, so a failure never leaves a partial report; with ``transaction`` (an
+    :class:`.outputs.OutputTransaction`) they are renamed when it commits. Returns ``{"html": path,
+    "csv": path}`` for the files written (their final paths)."""
     out = {}
-    if html_path:
-        out["html"] = _atomic_write(html_path, _html_text(metrics, title))
-    if csv_path:
-        out["csv"] = _atomic_write(csv_path, _csv_text(metrics))
+    for key, path, text in (("html", html_path, lambda: _html_text(metrics, title)),
+                            ("csv", csv_path, lambda: _csv_text(metrics))):
+        if not path:
+            continue
+        if transaction is None:
+            out[key] = _atomic_write(path, text())
+        else:
+            folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+            if not os.path.isdir(folder):
+                raise InputError(f"Cannot write {path}: the folder {folder} does not exist")
+            transaction.write(path, text())
+            out[key] = os.fspath(path)
     return out
 
 

@@ -87,12 +87,8 @@ def validate(builder, where="rs_deep:builder"):
     if not isinstance(encoder, str) or not encoder:
         raise ModelPackageError(f"{where}.encoder: expected an smp encoder name such as 'resnet18', 'mobilenet_v2' "
                                 f"or 'efficientnet-b0', got {encoder!r}")
-    names = _smp().encoders.get_encoder_names()
-    if encoder not in names and not encoder.startswith("tu-"):
-        raise ModelPackageError(
-            f"{where}.encoder: unknown smp encoder {encoder!r}; valid names include: "
-            f"{', '.join(sorted(n for n in names if not n.startswith('timm-'))[:40])} ... (or any timm model as "
-            "'tu-NAME')")
+    from .architectures import check_encoder
+    check_encoder(encoder, where, "smp encoder")
     params = builder.get("params", {}) or {}
     if not isinstance(params, dict):
         raise ModelPackageError(f"{where}.params: expected an object, got {type(params).__name__}")

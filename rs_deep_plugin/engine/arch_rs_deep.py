@@ -115,8 +115,10 @@ def build(builder, where="rs_deep:builder"):
 def _build_siamese(builder, where):
     import torch
     from .architectures import _import_smp
+    from .architectures import check_encoder
 
     smp = _import_smp()
+    check_encoder(builder["encoder"], where, "smp encoder")
     from segmentation_models_pytorch.base import SegmentationHead
     from segmentation_models_pytorch.base import initialization as init
     from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder

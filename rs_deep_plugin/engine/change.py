@@ -186,6 +186,9 @@ class PairReader:
     def window_transform(self, x, y):
         return self.before.window_transform(x, y)
 
+    def value_warnings(self):
+        return self.before.value_warnings("BEFORE") + self.after.value_warnings("AFTER")
+
     def read_tile(self, x, y):
         a, va = self.before.read_tile(x, y)
         b, vb = self.after.read_tile(x, y)
@@ -224,13 +227,14 @@ def check_change_package(pkg):
 
 def detect_change(before, after, package, output, *, probabilities=None, confidence=None, bands=None, bounds=None,
                   mask_geometries=None, tile_size=None, overlap=None, batch_size=None, device="auto", progress=None,
-                  is_cancelled=None, match_gsd=True, max_band_width=8192, log=None):
+                  is_cancelled=None, match_gsd=True, max_band_width=8192, log=None, transaction=None,
+                  max_pixels=None):
     """Change between ``before`` and ``after`` with the change model ``package``, on BEFORE's grid.
 
     ``output``: Byte class raster (0 = no change, 1.. = change classes, 255 = nodata or outside
     the area both dates cover). ``probabilities``: float32, one band per class. ``confidence``
     (internal, for :func:`change_polygons`): the winning probability x 255, 0 where no change or
-    nodata. ``bounds``: (xmin, ymin, xmax, ymax) in BEFORE's CRS. Other options as
+    nodata. ``bounds``: (xmin, ymin, xmax, ymax) in BEFORE's CRS. Other options (``transaction`` too) as
     :func:`.segment.segment`. Returns a :class:`.segment.SegmentationResult`.
     """
     log = log or (lambda msg: None)
@@ -248,8 +252,8 @@ def detect_change(before, after, package, output, *, probabilities=None, confide
                      probabilities=probabilities, confidence=confidence, skip_classes=[NO_CHANGE],
                      tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, progress=progress,
                      is_cancelled=is_cancelled, match_gsd=match_gsd, max_band_width=max_band_width, log=log,
-                     task=TASK, open_reader=lambda p: PairReader(before, after, p, bands=bands, match_gsd=match_gsd,
-                                                                 pair=pair))
+                     task=TASK, transaction=transaction, max_pixels=max_pixels,
+                     open_reader=lambda p: PairReader(before, after, p, bands=bands, match_gsd=match_gsd, pair=pair))
     result.warnings = list(pair.warnings) + list(result.warnings)
     return result
 
@@ -267,7 +271,8 @@ def change_polygons(result, confidence, classes, *, min_area_m2=None, simplify=N
         min_area_m2 = 10 * px_area
     if simplify is None or simplify < 0:
         simplify = math.hypot(result.transform.a, result.transform.d)
-    return vectorize(result.output, confidence, classes, min_area_m2=min_area_m2, simplify=simplify,
+    return vectorize(result.output_file or result.output, confidence, classes, min_area_m2=min_area_m2,
+                     simplify=simplify,
                      area_factor=area_factor_m2(result.crs, result.transform, result.width, result.height),
                      progress=progress, is_cancelled=is_cancelled)
 

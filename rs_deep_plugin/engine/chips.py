@@ -26,16 +26,18 @@ replaced once the new one is complete.
 """
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 
 from .errors import InputError
+from .files import write_atomic
+from .limits import loads_json
+from .outputs import StagedFolder, check_folder_output, json_has
 from .package import DEFAULT_COLORS
 from .progress import Progress
-from .raster import pixel_size_metres
+from .raster import apply_affine, pixel_size_metres
+from .writer import write_geotiff
 
 MANIFEST = "manifest.json"
 FORMAT = "rs_deep-chips"
@@ -87,36 +89,36 @@ def _split_blocks(blocks, val_fraction, seed):
     return {blocks[i] for i in order[:n]}
 
 
-def _prepare_out(out_dir):
-    """A fresh temporary folder beside ``out_dir`` (same file system: the final rename is atomic)."""
+ENTRIES = (MANIFEST, "images", "labels", "after")  # what an export writes in its folder
+
+
+def _earlier_export(path):
+    """An export of an RS Deep version before the folder marker: its manifest names the chip format."""
+    return json_has(os.path.join(path, MANIFEST), "format", FORMAT)
+
+
+def check_output_folder(out_dir):
+    """Refuse (InputError) an ``out_dir`` that exists and is not an earlier RS Deep export nor empty."""
+    check_folder_output(os.path.abspath(os.fspath(out_dir)), ENTRIES, "OUTPUT", ours=_earlier_export)
+
+
+def _stage_out(out_dir, transaction):
+    """The :class:`.outputs.StagedFolder` the chips are written into: a hidden folder beside ``out_dir`` (same file
+    system: the final renames are atomic). An existing ``out_dir`` is used only when RS Deep wrote it (its marker,
+    or the manifest of an earlier export), and then only our own entries in it are replaced."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isfile(out_dir):
         raise InputError(f"{out_dir} is a file; give a folder for the chips")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-        raise InputError(f"The folder {out_dir} is not empty and holds no earlier chip export; choose an empty "
-                         "or new folder (nothing in it was changed)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    return out_dir, tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-
-
-def _commit(tmp, out_dir):
-    """Put the finished export in place; an earlier export there is removed only after that."""
-    old = None
-    if os.path.isdir(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    os.chmod(out_dir, 0o755)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    staged = StagedFolder(out_dir, ENTRIES, "OUTPUT", ours=_earlier_export)
+    if transaction is not None:
+        transaction.add(staged)
+    return out_dir, staged
 
 
 def export_training_data(image_path, labels, out_dir, *, task="segmentation", class_names, class_colors=None,
                          after_path=None, bands=None, tile_size=256, stride=None, only_labelled=True,
                          val_fraction=0.2, block_size=None, seed=0, min_visible=0.4, progress=None,
-                         is_cancelled=None, log=None):
+                         is_cancelled=None, log=None, transaction=None):
     """Cut ``image_path`` (+ ``after_path`` for change) and ``labels`` into chips in ``out_dir``.
 
     ``labels``: ``[(shapely geometry, class value)]`` in the image CRS, or (segmentation,
@@ -130,6 +132,9 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
     (bilinear) when it is on another one. ``only_labelled``: keep only chips that hold a
     labelled object (segmentation, change: a non-background pixel; detection: a box).
     ``block_size`` (px, default 4 x tile size): the side of the split blocks.
+    ``transaction``: an :class:`.outputs.OutputTransaction` the folder joins (committed by the caller);
+    without one the folder is put in place at the end. An existing ``out_dir`` must be an earlier RS Deep export
+    (or empty); only its chips and manifest are replaced.
 
     Returns the manifest (a dict, also written to ``out_dir/manifest.json``) with ``path``.
     """
@@ -224,7 +229,8 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
 
         xs, ys = _offsets(w, tile_size, stride), _offsets(h, tile_size, stride)
         n_total = len(xs) * len(ys)
-        out_dir, tmp = _prepare_out(out_dir)
+        out_dir, staged = _stage_out(out_dir, transaction)
+        tmp = staged.tmp
         try:
             sub = {"images": os.path.join(tmp, "images"), "labels": os.path.join(tmp, "labels"),
                    "after": os.path.join(tmp, "after")}
@@ -269,8 +275,8 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                             ix1, iy1 = min(gx1, b[2]), min(gy1, b[3])
                             if ix1 <= ix0 or iy1 <= iy0 or (ix1 - ix0) * (iy1 - iy0) / full < min_visible:
                                 continue
-                            px0, py0 = ~wt * (ix0, iy1)
-                            px1, py1 = ~wt * (ix1, iy0)
+                            px0, py0 = apply_affine(~wt, ix0, iy1)
+                            px1, py1 = apply_affine(~wt, ix1, iy0)
                             boxes.append([round(float(max(0.0, px0)), 2), round(float(max(0.0, py0)), 2),
                                           round(float(min(cw, px1)), 2), round(float(min(ch, py1)), 2), int(value)])
                         if only_labelled and not boxes:
@@ -307,18 +313,18 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                     chip_prof = dict(prof, width=cw, height=ch, transform=wt)
                     entry["id"] = cid
                     entry["image"] = f"images/{cid}.tif"
-                    with rasterio.open(os.path.join(tmp, entry["image"]), "w", **chip_prof) as dst:
-                        dst.write(ds.read(use, window=win))
+                    # each chip is checked as written: GDAL reports a full disk without an exception
+                    write_geotiff(os.path.join(tmp, entry["image"]), ds.read(use, window=win),
+                                  os.path.join(out_dir, entry["image"]), sync=False, **chip_prof)
                     if after is not None:
                         entry["after"] = f"after/{cid}.tif"
-                        with rasterio.open(os.path.join(tmp, entry["after"]), "w",
-                                           **dict(chip_prof, dtype=after.dtypes[0])) as dst:
-                            dst.write(after.read(use, window=win))
+                        write_geotiff(os.path.join(tmp, entry["after"]), after.read(use, window=win),
+                                      os.path.join(out_dir, entry["after"]), sync=False,
+                                      **dict(chip_prof, dtype=after.dtypes[0]))
                     if lab is not None:
                         entry["label"] = f"labels/{cid}.tif"
-                        with rasterio.open(os.path.join(tmp, entry["label"]), "w",
-                                           **dict(lab_prof, width=cw, height=ch, transform=wt)) as dst:
-                            dst.write(lab, 1)
+                        write_geotiff(os.path.join(tmp, entry["label"]), lab, os.path.join(out_dir, entry["label"]),
+                                      sync=False, **dict(lab_prof, width=cw, height=ch, transform=wt))
                     chips.append(entry)
             if not chips:
                 raise InputError(("No chip holds labelled objects" if only_labelled and skipped_empty else
@@ -380,14 +386,13 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
             if task == "detection":
                 manifest["boxes"] = {"train": sum(len(e["boxes"]) for e in chips if e["split"] == "train"),
                                      "val": sum(len(e["boxes"]) for e in chips if e["split"] == "val")}
-            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1)
+            write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1),
+                         name=os.path.join(out_dir, MANIFEST))
             prog.update(0.98, "Moving the chips into place")
-            _commit(tmp, out_dir)
-            tmp = None
+            if transaction is None:
+                staged.commit()
         except BaseException:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+            staged.discard()
             raise
     finally:
         for c in reversed(closers):
@@ -430,15 +435,23 @@ def load_manifest(path, task=None):
         raise InputError(f"{path} is not a chip folder: it holds no {MANIFEST} (export one with "
                          "rs_deep:export_training_data)")
     try:
-        with open(p, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError) as exc:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as exc:
         raise InputError(f"Cannot read the chip manifest {p}: {exc}") from exc
+    m = loads_json(data, f"The chip manifest {p}", error=InputError,
+                   fix="export the chips again with rs_deep:export_training_data")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise InputError(f"{p} is not an RS Deep chip manifest (format {FORMAT!r} expected)")
-    if int(m.get("version", 0)) > VERSION:
+    version = m.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{p}: version is {version!r}; expected a whole number (this RS Deep reads version "
+                         f"{'1' if VERSION == 1 else f'1 to {VERSION}'}). Export the chips again with "
+                         "rs_deep:export_training_data")
+    if version > VERSION:
         raise InputError(f"{p} is chip format version {m.get('version')}; this RS Deep reads up to {VERSION}: "
                          "update the plugin")
+    _check_manifest(m, p)
     if task and m.get("task") != task:
         raise InputError(f"The chips in {os.path.dirname(p)} are for {m.get('task')}, not {task}; choose the "
                          f"task {m.get('task')} or export chips for {task}")
@@ -456,6 +469,53 @@ def load_manifest(path, task=None):
         raise InputError(f"{p} lists no chips")
     m["root"] = root
     return m
+
+
+def _check_manifest(m, p):
+    """The types of the manifest fields the trainers read (a hand-edited manifest gets a message, not a
+    traceback)."""
+    def bad(key, expected):
+        return InputError(f"{p}: {key} is {_short(m, key)}; expected {expected}. Export the chips again with "
+                          "rs_deep:export_training_data")
+
+    if m.get("task") not in TASKS:
+        raise bad("task", f"one of {', '.join(TASKS)}")
+    classes = m.get("classes")
+    if not isinstance(classes, list) or not classes or not all(
+            isinstance(c, dict) and isinstance(c.get("value"), int) and not isinstance(c.get("value"), bool)
+            and isinstance(c.get("name"), str) for c in classes):
+        raise bad("classes", "a non-empty list of {value, name, color}")
+    bands = m.get("bands")
+    if not isinstance(bands, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bands):
+        raise bad("bands", "a list of band numbers")
+    for key in ("source", "split"):
+        if not isinstance(m.get(key), dict):
+            raise bad(key, "an object")
+    for key in ("train_chips", "val_chips"):
+        v = m["split"].get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InputError(f"{p}: split.{key} is {v!r}; expected a number of chips. Export the chips again")
+    chips = m.get("chips")
+    if not isinstance(chips, list):
+        raise bad("chips", "a list of chip entries")
+    files = {"segmentation": ("image", "label"), "detection": ("image",), "change": ("image", "after", "label")}
+    for i, e in enumerate(chips):
+        ok = isinstance(e, dict) and all(isinstance(e.get(k), str) for k in files[m["task"]]) \
+            and e.get("split", "train") in ("train", "val")
+        if ok and m["task"] == "detection":
+            boxes = e.get("boxes")
+            ok = isinstance(boxes, list) and all(
+                isinstance(b, list) and len(b) == 5 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in b) for b in boxes)
+        if not ok:
+            raise InputError(f"{p}: chip entry {i} is {str(e)[:200]}; expected an object with "
+                             f"{', '.join(files[m['task']])} (relative paths), split 'train' or 'val'"
+                             f"{' and boxes [[xmin, ymin, xmax, ymax, class]]' if m['task'] == 'detection' else ''}. "
+                             "Export the chips again with rs_deep:export_training_data")
+
+
+def _short(m, key):
+    return repr(m[key])[:100] if key in m else "missing"
 
 
 def class_info(manifest):

@@ -27,9 +27,9 @@ import numpy as np
 from .device import default_batch_size, device_description, select_device
 from .errors import InputError, ModelPackageError
 from .package import ModelPackage, load_package
-from .pipeline import batched, prefetch
+from .pipeline import Estimate, batched, prefetch
 from .progress import Progress
-from .raster import RasterReader, region_window
+from .raster import RasterReader, apply_affine, check_size, input_warnings, region_window
 from .segment import _with_tiling, read_tiles, resolve_options
 from .tiling import TileGrid
 
@@ -331,7 +331,7 @@ def _map_boxes(transform, cols0, rows0, cols1, rows1):
     """Axis-aligned map boxes of pixel boxes (all four corners through the affine transform)."""
     xs, ys = [], []
     for c, r in ((cols0, rows0), (cols1, rows0), (cols1, rows1), (cols0, rows1)):
-        x, y = transform * (c, r)
+        x, y = apply_affine(transform, c, r)
         xs.append(np.asarray(x, dtype=np.float64))
         ys.append(np.asarray(y, dtype=np.float64))
     xs, ys = np.stack(xs), np.stack(ys)
@@ -340,7 +340,7 @@ def _map_boxes(transform, cols0, rows0, cols1, rows1):
 
 def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None, batch_size=None,
            device="auto", score_threshold=None, iou_threshold=None, max_detections=None, progress=None,
-           is_cancelled=None, log=None, match_gsd=True):
+           is_cancelled=None, log=None, match_gsd=True, max_pixels=None):
     """Detect objects in ``input_path`` (any size) with a detection ``package`` (path or ModelPackage).
 
     ``bounds``: (xmin, ymin, xmax, ymax) in the raster's CRS to process only that area (objects
@@ -356,7 +356,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
         raise InputError(f"'{pkg.name}' is a {pkg.task} model; object detection needs a detection model "
                          f"(rs_deep:task 'detection')")
     score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
-    tile, ov = resolve_options(pkg, tile_size, overlap)
+    tile, ov = resolve_options(pkg, tile_size, overlap, batch_size, device)
     pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
     # zeros beyond the raster, as the training crops have (a mirror doubles the objects cut by the edge)
     reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd, pad="zeros")
@@ -374,6 +374,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
         for w in result.warnings:
             log(w)
         x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
+        check_size(x1 - x0, y1 - y0, max_pixels)  # before any work (None: no limit)
         result.crs, result.transform, result.region = reader.crs, reader.transform, (x0, y0, x1, y1)
         dev = select_device(device)
         result.device = device_description(dev)
@@ -395,6 +396,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                      f"batch {bs}; score >= {score:g}, NMS IoU {iou:g}, at most {maxd} objects per tile")
         all_boxes, all_scores, all_labels, all_tiles, all_cut = [], [], [], [], []
         done = 0
+        estimate = Estimate(len(seq), "tiles", prog.message)
         tile_no = 0
         for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, b, None), batched(seq, bs)):
             prog.check()
@@ -431,6 +433,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                 all_cut.append(cut[inside])
             done += len(batch)
             prog.update(0.97 * done / len(seq))
+            estimate.after(done)
         prog.check()
         if all_boxes:
             boxes = np.concatenate(all_boxes)
@@ -451,6 +454,10 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                           names.get(int(labels[k]), str(int(labels[k]))), float(scores[k]),
                           tuple(float(v) for v in boxes[k]))
                 for k in range(len(boxes))]
+        said = input_warnings(reader, result.tiles_run == 0)
+        for w in said:
+            log(w)
+        result.warnings += said
         result.seconds = time.time() - t_start
         prog.update(1.0, f"{len(result.detections)} objects ({result.raw_detections} boxes from the tiles before "
                          f"merging), {result.tiles_run}/{result.tiles} tiles on {result.device} in "
@@ -461,18 +468,11 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
 
 
 def write_geojson(result, path):
-    """Write ``result.to_geojson()`` to ``path`` atomically (temp file + rename)."""
-    from .writer import AtomicFile, check_writable
-    final = check_writable(path, "OUTPUT")
-    af = AtomicFile(final)
-    try:
-        with open(af.tmp, "w", encoding="utf-8") as fh:
-            json.dump(result.to_geojson(), fh)
-        af.commit()
-    except BaseException:
-        af.discard()
-        raise
-    return final
+    """Write ``result.to_geojson()`` to ``path`` atomically (temp file, synced, renamed; a full disk raises
+    InputError and leaves no temp file and the earlier file untouched)."""
+    from .files import write_atomic
+    from .writer import check_writable
+    return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 
 __all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags",

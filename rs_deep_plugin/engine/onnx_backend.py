@@ -23,12 +23,15 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError, MissingDependency, ModelPackageError
 from .files import write_atomic
+from .limits import (MAX_CLASSES, MAX_DETECTION_CLASSES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_ONNX_WORKING_BYTES,
+                     json_depth, loads_json, size_text)
 from .package import DEFAULT_COLORS, METADATA_NAME, ModelClass, ModelPackage, load_package, parse_metadata
 
 ONNXRUNTIME_PIN = "onnxruntime==1.32.0"
@@ -43,6 +46,10 @@ DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics")
 UNSUPPORTED_DET_TYPES = ("YOLO_Ultralytics_segmentation", "YOLO_Ultralytics_obb")
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP_PCT = 10.0
+#: graph optimisers never run: constant folding would compute (and keep) tensors the graph declares, at any
+#: size, while the session is created, outside the working-memory limit
+DISABLED_OPTIMIZERS = ("ConstantFolding",)
+_ARENA = {}  # "registered": whether the process-wide CPU arena with the working-memory limit is in place
 
 
 def _ort():
@@ -124,9 +131,7 @@ class OnnxPackage(ModelPackage):
 
     def session(self, device=None):
         ort = _ort()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = _session_options(ort)
         threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
         if threads > 0:
             opts.intra_op_num_threads = threads
@@ -148,10 +153,47 @@ class OnnxPackage(ModelPackage):
         return OnnxDetectionRunner(self, device, score_threshold, iou_threshold, max_detections)
 
 
+def bounded_arena(ort):
+    """Register, once per process, onnxruntime's CPU arena allocator with a limit of
+    :data:`.limits.MAX_ONNX_WORKING_BYTES` for the sessions of RS Deep (``session.use_env_allocators``):
+    a graph that asks for more (e.g. ConstantOfShape [30000, 30000]) fails at that node instead of
+    taking the machine's memory. Returns False when it cannot be registered (an allocator registered
+    by other code in the process); the sessions then use onnxruntime's own, unbounded, arenas."""
+    if "registered" not in _ARENA:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            # max_mem, extend strategy kSameAsRequested, default initial chunk and dead bytes per chunk
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(MAX_ONNX_WORKING_BYTES, 1, -1, -1))
+            _ARENA["registered"] = True
+        except Exception:  # pragma: no cover - registered already by other code, or an old onnxruntime
+            _ARENA["registered"] = False
+    return _ARENA["registered"]
+
+
+def _session_options(ort):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if bounded_arena(ort):
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return opts
+
+
+def run_options(ort):
+    """Run options: the bounded arena hands its memory back after every run (nothing stays held); errors
+    are reported by the runner's exception, not logged by onnxruntime as well."""
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4
+    if bounded_arena(ort):
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro
+
+
 def _session(ort, data, source, opts=None, providers=("CPUExecutionProvider",)):
     try:
         # from bytes: external data files can never be resolved (and are refused)
-        return ort.InferenceSession(data, sess_options=opts, providers=list(providers))
+        return ort.InferenceSession(data, sess_options=opts or _session_options(ort), providers=list(providers),
+                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
     except Exception as exc:
         msg = str(exc)
         if "xternal data" in msg:
@@ -213,8 +255,10 @@ def load_onnx_package(path, task=None):
         raise ModelPackageError(f"{source}: the model takes {fixed[1]} x {fixed[0]} px inputs; only square tiles "
                                 "are supported")
     meta = dict(sess.get_modelmeta().custom_metadata_map)
+    for key, value in meta.items():
+        _check_metadata_value(key, value, source)
     common = dict(source=source, input_name=inputs[0].name, fixed_size=fixed, fixed_batch=_dim(shape[0]),
-                  onnx_metadata=meta, _model_bytes=data, _weights_bytes=None)
+                  onnx_metadata=meta, _model_bytes=data, _weights=None)
     if MODEL_JSON_KEY in meta:
         pkg = _from_model_json(meta, source, common)
     else:
@@ -227,11 +271,28 @@ def load_onnx_package(path, task=None):
     return pkg
 
 
-def _from_model_json(meta, source, common):
+def _check_metadata_value(key, value, source):
+    """A metadata_props value is at most :data:`.limits.MAX_JSON_BYTES` long and, when it is JSON, nested at
+    most :data:`.limits.MAX_JSON_DEPTH` levels deep (deeper JSON exhausts the parser's recursion)."""
+    if isinstance(value, str) and len(value) > MAX_JSON_BYTES:
+        raise ModelPackageError(f"{source}: metadata_props {key!r} is {size_text(len(value))} long, more than the "
+                                f"limit of {size_text(MAX_JSON_BYTES)}; this is not metadata RS Deep can use: remove "
+                                "it or re-export the model")
     try:
-        model_json = json.loads(meta[MODEL_JSON_KEY])
-    except (TypeError, ValueError) as exc:
-        raise ModelPackageError(f"{source}: metadata_props {MODEL_JSON_KEY!r} is not valid JSON ({exc})") from exc
+        depth = json_depth(json.loads(value))
+    except RecursionError:
+        depth = None
+    except (TypeError, ValueError):
+        return  # not JSON: a Python literal (parsed with a bounded depth) or a plain string
+    if depth is None or depth > MAX_JSON_DEPTH:
+        raise ModelPackageError(f"{source}: metadata_props {key!r} is not valid JSON for RS Deep: arrays or objects "
+                                f"are nested more than {MAX_JSON_DEPTH} levels deep (the limit); remove it or "
+                                "re-export the model")
+
+
+def _from_model_json(meta, source, common):
+    model_json = loads_json(meta[MODEL_JSON_KEY], f"{source}: metadata_props {MODEL_JSON_KEY!r}",
+                            fix="re-export the model")
     fields = parse_metadata(model_json, source=f"{source} ({MODEL_JSON_KEY})")
     kind = _value(meta.get(OUTPUT_KEY, '"auto"'))
     det = _value(meta.get("det_type", '"YOLO_v5_or_v7_default"'))
@@ -302,6 +363,10 @@ def _from_deepness(meta, source, shape, outputs, common):
         if k is None:
             raise ModelPackageError(f"{source}: the number of output channels is not fixed and no class_names given")
         n_classes = 2 if k == 1 else k
+        if n_classes > MAX_CLASSES:
+            raise ModelPackageError(f"{source}: the segmentation model has {n_classes} classes; at most {MAX_CLASSES} "
+                                    "are supported (the class raster is Byte, 255 is nodata). Use a model with "
+                                    f"{MAX_CLASSES} classes or fewer")
         if names is None:
             names = ["background", "foreground"] if k == 1 else [f"class_{i}" for i in range(k)]
         elif k == 1 and len(names) == 1:
@@ -322,6 +387,10 @@ def _from_deepness(meta, source, shape, outputs, common):
                                     f"values, boxes] for {det_type}); the first output is {out_shape}")
         width = _dim(out_shape[1] if det_type in ("YOLO_Ultralytics", "YOLO_v9") else out_shape[2])
         k = None if width is None else width - (4 if det_type in ("YOLO_Ultralytics", "YOLO_v9") else 5)
+        n = k if names is None else len(names)
+        if n is not None and n > MAX_DETECTION_CLASSES:
+            raise ModelPackageError(f"{source}: the detector has {n} classes, more than the limit of "
+                                    f"{MAX_DETECTION_CLASSES}; this is not a model RS Deep can run")
         if names is None:
             if not k or k < 1:
                 raise ModelPackageError(f"{source}: cannot tell the number of classes; add class_names to the "
@@ -369,6 +438,25 @@ class _OnnxRunner:
         self.pkg = pkg
         self.session = pkg.session(device)
         self.input_name = pkg.input_name
+        self.run_options = run_options(_ort())
+
+    def _run_session(self, batch):
+        try:
+            return self.session.run(None, {self.input_name: batch}, self.run_options)[0]
+        except Exception as exc:
+            msg = str(exc).strip()
+            if any(s in msg for s in ("Available memory of", "Failed to allocate", "bad_alloc")):
+                asked = re.search(r"requested bytes of (\d+)", msg)
+                node = re.search(r"while running (\w+) node", msg)
+                what = f" (its {node.group(1)} node asks for {size_text(int(asked.group(1)))} at once)" \
+                    if asked and node else ""
+                raise ModelPackageError(
+                    f"{self.pkg.source}: running the ONNX model on {len(batch)} tile(s) of {batch.shape[-1]} px needs "
+                    f"more working memory than the limit of {size_text(MAX_ONNX_WORKING_BYTES)}{what}. Use "
+                    "BATCH_SIZE 1 or a smaller TILE_SIZE; a graph that needs more at its own tile size is "
+                    "refused") from exc
+            raise ModelPackageError(f"{self.pkg.source}: onnxruntime cannot run the model on tiles of "
+                                    f"{list(batch.shape)} ({msg[-300:]})") from exc
 
     def _run(self, batch):
         """Raw first output for batch [B, C, T, T] (chunks of the model's fixed batch size)."""
@@ -379,14 +467,14 @@ class _OnnxRunner:
                              f"package's value (0), got {batch.shape[2]}")
         fb = self.pkg.fixed_batch
         if not fb or fb == len(batch):
-            return self.session.run(None, {self.input_name: batch})[0]
+            return self._run_session(batch)
         outs = []
         for i in range(0, len(batch), fb):
             chunk = batch[i:i + fb]
             n = len(chunk)
             if n < fb:
                 chunk = np.concatenate([chunk, np.zeros((fb - n,) + chunk.shape[1:], np.float32)])
-            outs.append(self.session.run(None, {self.input_name: chunk})[0][:n])
+            outs.append(self._run_session(chunk)[:n])
         return np.concatenate(outs)
 
 

@@ -9,16 +9,21 @@ A package is a folder (or a ``.zip`` of one) holding
 
 See docs/model_package.md for the full description.
 """
+import contextlib
 import hashlib
 import json
 import math
 import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
-from .architectures import validate_builder
+from .architectures import force_offline, validate_builder
 from .errors import MissingDependency, ModelPackageError
 from .files import write_atomic
+from .limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
+                     MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO, ZIP_RATIO_MIN_BYTES, count_text, loads_json, size_text)
 
 FORMAT_VERSION = 1
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
@@ -35,8 +40,12 @@ TASKS = {
 }
 ACTIVATIONS = ("softmax", "sigmoid")
 SCALING_TYPES = ("min-max", "z-score", "clip", "clip-min", "clip-max", "offset", "scale")
-MAX_JSON_BYTES = 1 << 20
-MAX_WEIGHTS_BYTES = 4 << 30
+#: safetensors dtypes -> bytes per element
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+#: zip compression methods Python reads (others, e.g. deflate64 or AES, are refused by name)
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+               zipfile.ZIP_LZMA: "lzma"}
 
 
 @dataclass
@@ -68,7 +77,7 @@ class ModelPackage:
     weights_sha256: str
     description: str = ""
     metadata: dict = field(default_factory=dict, repr=False)
-    _weights_bytes: bytes = field(default=None, repr=False)
+    _weights: object = field(default=None, repr=False)  # a WeightsFile (read when the model is loaded)
 
     @property
     def in_channels(self):
@@ -82,24 +91,33 @@ class ModelPackage:
         return {c.value: c.name for c in self.classes}
 
     def load_model(self):
-        """Build the allow-listed network and load the weights (safetensors only)."""
-        from .architectures import build_model
+        """Build the allow-listed network and load the weights (safetensors only).
+
+        The network is first described on torch's ``meta`` device (shapes, no memory): it is refused
+        when it has more than :data:`.limits.MAX_PARAMETERS` parameters or does not match the tensors
+        the weights file declares, before anything is allocated; the weights are then read, checked
+        against ``rs_deep:weights_sha256`` again, and loaded strictly."""
+        from .architectures import build_model, network_tensors
         try:
             from safetensors.torch import load as load_safetensors
         except ImportError as exc:  # pragma: no cover
             raise MissingDependency(f"safetensors is not installed ({exc}); run 'make setup'") from exc
-        model = build_model(self.builder)
-        try:
-            state = load_safetensors(self._weights_bytes)
-        except Exception as exc:
+        if self._weights is None:
+            raise ModelPackageError(f"{self.source}: this package holds no weights; load it with load_package()")
+        b = self.builder
+        net = f"{b['architecture']}/{b['encoder']}, in_channels={b['in_channels']}, classes={b['classes']}"
+        where = f"{self.source}: rs_deep:builder"
+        shapes = network_tensors(b, where)
+        n = sum(math.prod(s) for s in shapes.values())
+        if n > MAX_PARAMETERS:
             raise ModelPackageError(
-                f"{self.source}: {WEIGHTS_NAME} is not a valid safetensors file ({exc}). "
-                "Re-export the weights with safetensors.torch.save_file; pickled checkpoints "
-                "(.pt/.pth/.ckpt) are never loaded.") from exc
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+                f"{self.source}: the network described in rs_deep:builder ({net}, params {b.get('params')}) has "
+                f"{count_text(n)} parameters, more than the limit of {count_text(MAX_PARAMETERS)}; it is not built. "
+                "Check rs_deep:builder (e.g. params.decoder_channels) or re-export the package.")
+        in_file = {k: tuple(shape) for k, (_, shape) in self._weights.tensors.items()}
+        missing = sorted(set(shapes) - set(in_file))
+        unexpected = sorted(set(in_file) - set(shapes))
+        wrong = sorted(k for k in set(shapes) & set(in_file) if shapes[k] != in_file[k])
         if missing or unexpected or wrong:
             parts = []
             if missing:
@@ -109,11 +127,21 @@ class ModelPackage:
             if wrong:
                 k = wrong[0]
                 parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {k}: "
-                             f"{tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} expected)")
+                             f"{in_file[k]} in the file, {shapes[k]} expected)")
             raise ModelPackageError(
                 f"{self.source}: the weights do not match the network described in rs_deep:builder "
-                f"({self.builder['architecture']}/{self.builder['encoder']}, in_channels="
-                f"{self.builder['in_channels']}, classes={self.builder['classes']}): " + "; ".join(parts))
+                f"({net}): " + "; ".join(parts))
+        data = self._weights.read(self.weights_sha256, self.source)
+        model = build_model(b, where)
+        try:
+            state = load_safetensors(data)
+        except Exception as exc:
+            raise ModelPackageError(
+                f"{self.source}: {WEIGHTS_NAME} is not a valid safetensors file ({exc}). "
+                "Re-export the weights with safetensors.torch.save_file; pickled checkpoints "
+                "(.pt/.pth/.ckpt) are never loaded.") from exc
+        del data
+        expected = model.state_dict()
         # weights may be stored in half precision to keep packages small
         state = {k: v.to(expected[k].dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=True)
@@ -125,8 +153,227 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _not_safetensors(where, why):
+    return ModelPackageError(
+        f"{where} is not a valid safetensors file ({why}). Re-export the weights with "
+        "safetensors.torch.save_file; pickled checkpoints (.pt/.pth/.ckpt) are never loaded.")
+
+
+def _zip_damaged(path, exc):
+    return ModelPackageError(f"{path}: the zip is damaged and cannot be read ({type(exc).__name__}: {exc}); "
+                             "zip the package folder again (or give the folder)")
+
+
+#: what reading a damaged zip member raises (bad CRC, truncated or corrupt data, unknown methods)
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError,
+                   struct.error)
+try:
+    import lzma
+    ZIP_READ_ERRORS += (lzma.LZMAError,)
+except ImportError:  # pragma: no cover - Python built without lzma
+    pass
+
+
+@dataclass
+class WeightsFile:
+    """``model.safetensors`` of a package: a file, or a member of a zip. Its header is checked against
+    the file size and the limits as soon as the package is loaded; its bytes are only ever streamed
+    (checksum) or read whole once those checks passed, when the model is loaded."""
+
+    path: str  # the file, or the zip holding it
+    member: str = None  # the member of the zip
+    size: int = 0
+    tensors: dict = field(default_factory=dict, repr=False)  # name -> (dtype, shape), from the header
+
+    @property
+    def where(self):
+        """The weights file, for messages: its path, or the zip and the member."""
+        return self.path if self.member is None else f"{self.path} ({self.member})"
+
+    def _open(self):
+        if self.member is None:
+            return open(self.path, "rb"), None
+        zf = zipfile.ZipFile(self.path)
+        try:
+            return zf.open(self.member), zf
+        except BaseException:
+            zf.close()
+            raise
+
+    def _read_error(self, exc):
+        if self.member is None:
+            return ModelPackageError(f"{self.path}: cannot read {WEIGHTS_NAME} ({exc})")
+        return _zip_damaged(self.path, exc)
+
+    def _too_long(self):
+        return ModelPackageError(f"{self.where} is longer than its declared size ({self.size} bytes): the "
+                                 "package is damaged or was changed; re-export it")
+
+    def chunks(self, first=None):
+        """The bytes, in chunks of at most :data:`.limits.CHUNK_BYTES` (``first``: size of the first one)."""
+        with self._stream() as stream:
+            n = 0
+            while True:
+                chunk = stream.read(first or CHUNK_BYTES)
+                first = None
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > self.size:
+                    raise self._too_long()
+                yield chunk
+
+    @contextlib.contextmanager
+    def _stream(self):
+        """The open bytes (a file, or the zip member); read errors become a ModelPackageError."""
+        try:
+            stream, zf = self._open()
+        except ZIP_READ_ERRORS as exc:
+            raise self._read_error(exc) from exc
+        try:
+            yield stream
+        except ZIP_READ_ERRORS as exc:
+            raise self._read_error(exc) from exc
+        finally:
+            stream.close()
+            if zf is not None:
+                zf.close()
+
+    def _prefix(self, n):
+        """The first ``n`` bytes (fewer when the file is shorter)."""
+        chunks = self.chunks(first=n)
+        try:
+            return next(chunks, b"")
+        finally:
+            chunks.close()
+
+    def check_header(self):
+        """Read and check the safetensors header: its length, every tensor's dtype, shape and byte range
+        against the file size, and the parameter count; sets :attr:`tensors`. Nothing else is read."""
+        where = self.where
+        if self.size < 8:
+            raise _not_safetensors(where, f"{self.size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", self._prefix(8))
+        if n < 2 or n > MAX_SAFETENSORS_HEADER_BYTES or 8 + n > self.size:
+            raise _not_safetensors(where, f"its header length is {n} bytes; it must be 2 bytes to "
+                                   f"{size_text(MAX_SAFETENSORS_HEADER_BYTES)} (the limit) and fit in the file "
+                                   f"({self.size} bytes)")
+        text = self._prefix(8 + n)[8:]
+        if len(text) != n:
+            raise _not_safetensors(where, "the file ends inside its header")
+        header = loads_json(text, f"{where}: the safetensors header", fix="re-export the weights")
+        if not isinstance(header, dict):
+            raise _not_safetensors(where, "its header is not a JSON object")
+        data_len = self.size - 8 - n
+        tensors, ranges, params = {}, [], 0
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(t, dict) or t.get("dtype") not in SAFETENSORS_DTYPES:
+                dtype = t.get("dtype") if isinstance(t, dict) else t
+                raise _not_safetensors(where, f"tensor {name!r}: dtype {dtype!r} unknown; expected one of "
+                                       f"{', '.join(SAFETENSORS_DTYPES)}")
+            shape, offsets = t.get("shape"), t.get("data_offsets")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise _not_safetensors(where, f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                    isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+                raise _not_safetensors(where, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+            count = math.prod(shape)
+            if count * SAFETENSORS_DTYPES[t["dtype"]] != offsets[1] - offsets[0]:
+                raise _not_safetensors(where, f"tensor {name!r}: {t['dtype']} {shape} does not fill its "
+                                       f"{offsets[1] - offsets[0]} bytes")
+            params += count
+            tensors[name] = (t["dtype"], tuple(shape))
+            ranges.append(offsets)
+        if params > MAX_PARAMETERS:
+            raise ModelPackageError(f"{where} declares {count_text(params)} parameters, more than the limit of "
+                                    f"{count_text(MAX_PARAMETERS)}; RS Deep does not load models this large")
+        end = 0
+        for begin, stop in sorted(ranges):
+            if begin != end:
+                raise _not_safetensors(where, "its tensors overlap or leave gaps in the data")
+            end = stop
+        if end != data_len:
+            raise _not_safetensors(where, f"its tensors hold {end} bytes but the file has {data_len} bytes of data")
+        self.tensors = tensors
+        return tensors
+
+    def sha256(self):
+        """SHA-256 of the bytes, streamed: memory stays at one chunk whatever the size."""
+        h = hashlib.sha256()
+        for chunk in self.chunks():
+            h.update(chunk)
+        return h.hexdigest()
+
+    def read(self, sha256, source):
+        """All the bytes (at most the declared size, checked when the package was loaded), checked against
+        ``sha256`` again: the file may have changed since."""
+        with self._stream() as stream:
+            data = stream.read(self.size + 1)
+        if len(data) > self.size:
+            raise self._too_long()
+        actual = _sha256(data)
+        if len(data) != self.size or actual != sha256:
+            raise _checksum_error(source, sha256, actual)
+        return data
+
+
+def _checksum_error(source, expected, actual):
+    return ModelPackageError(
+        f"{source}: model.safetensors does not match its checksum (rs_deep:weights_sha256 is "
+        f"{expected[:12]}..., the file hashes to {actual[:12]}...). The weights were "
+        "changed or corrupted; re-export the package.")
+
+
+def _check_zip_member(path, info, limit):
+    """Refuse an encrypted member, an unknown method, or one inflating beyond ``limit`` or the zip-bomb ratio."""
+    name = os.path.basename(info.filename)
+    if info.flag_bits & 0x1:
+        raise ModelPackageError(f"{path}: {name} is encrypted (the zip is password-protected); RS Deep reads "
+                                "plain zips only: unzip it with its password and give the folder, or zip it "
+                                "again without a password")
+    if info.compress_type not in ZIP_METHODS:
+        raise ModelPackageError(f"{path}: {name} is compressed with zip method {info.compress_type}, which RS Deep "
+                                f"cannot read; zip the package again with one of: {', '.join(ZIP_METHODS.values())}")
+    if info.file_size > limit:
+        raise ModelPackageError(f"{path}: {name} inflates to {size_text(info.file_size)}, more than the limit of "
+                                f"{size_text(limit)} for {name}; this is not a model package RS Deep can load")
+    if info.file_size > ZIP_RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
+        raise ModelPackageError(f"{path}: {name} inflates from {size_text(info.compress_size)} to "
+                                f"{size_text(info.file_size)}, more than {MAX_ZIP_RATIO} times (the limit; real "
+                                "weights barely compress): refused as a zip bomb. Zip the package folder again "
+                                "(or give the folder)")
+
+
+def _read_zip_package(path):
+    try:
+        zf = zipfile.ZipFile(path)
+    except ZIP_READ_ERRORS as exc:
+        raise _zip_damaged(path, exc) from exc
+    with zf:
+        infos = {os.path.basename(i.filename): i for i in zf.infolist() if not i.is_dir()}
+        for name in (METADATA_NAME, WEIGHTS_NAME):
+            if name not in infos:
+                raise ModelPackageError(f"{path}: the zip has no {name}; a model package holds "
+                                        f"{METADATA_NAME} and {WEIGHTS_NAME}")
+        _check_zip_member(path, infos[METADATA_NAME], MAX_JSON_BYTES)
+        _check_zip_member(path, infos[WEIGHTS_NAME], MAX_WEIGHTS_BYTES)
+        try:
+            with zf.open(infos[METADATA_NAME]) as f:
+                meta = f.read(MAX_JSON_BYTES + 1)
+        except ZIP_READ_ERRORS as exc:
+            raise _zip_damaged(path, exc) from exc
+    if len(meta) > MAX_JSON_BYTES:  # pragma: no cover - the declared size was checked
+        raise ModelPackageError(f"{path}: {METADATA_NAME} is larger than {size_text(MAX_JSON_BYTES)}; this is not "
+                                "a model.json")
+    info = infos[WEIGHTS_NAME]
+    return meta, WeightsFile(path, member=info.filename, size=info.file_size)
+
+
 def _read_package_files(path):
-    """Return (metadata bytes, weights bytes) from a folder or zip."""
+    """Return (metadata bytes, :class:`WeightsFile` with its header checked) from a folder or zip."""
     if path is None or str(path).strip() == "":
         raise ModelPackageError("No model package given: pass a folder or .zip containing model.json "
                                 "and model.safetensors")
@@ -144,26 +391,23 @@ def _read_package_files(path):
                 raise ModelPackageError(f"{path}: {os.path.basename(p)} is missing; a model package folder "
                                         f"holds {METADATA_NAME} and {WEIGHTS_NAME}")
         if os.path.getsize(meta_path) > MAX_JSON_BYTES:
-            raise ModelPackageError(f"{meta_path}: larger than 1 MiB; this is not a model.json")
-        if os.path.getsize(weights_path) > MAX_WEIGHTS_BYTES:
-            raise ModelPackageError(f"{weights_path}: larger than 4 GiB; not supported")
+            raise ModelPackageError(f"{meta_path}: larger than {size_text(MAX_JSON_BYTES)} (the limit); this is not "
+                                    "a model.json")
+        size = os.path.getsize(weights_path)
+        if size > MAX_WEIGHTS_BYTES:
+            raise ModelPackageError(f"{weights_path}: {size_text(size)}, larger than the limit of "
+                                    f"{size_text(MAX_WEIGHTS_BYTES)} for the weights; RS Deep does not load models "
+                                    "this large")
         with open(meta_path, "rb") as f:
-            meta = f.read()
-        with open(weights_path, "rb") as f:
-            weights = f.read()
-        return meta, weights
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            infos = {os.path.basename(i.filename): i for i in zf.infolist() if not i.is_dir()}
-            for name in (METADATA_NAME, WEIGHTS_NAME):
-                if name not in infos:
-                    raise ModelPackageError(f"{path}: the zip has no {name}; a model package holds "
-                                            f"{METADATA_NAME} and {WEIGHTS_NAME}")
-            if infos[METADATA_NAME].file_size > MAX_JSON_BYTES or infos[WEIGHTS_NAME].file_size > MAX_WEIGHTS_BYTES:
-                raise ModelPackageError(f"{path}: members are too large to be a model package")
-            return zf.read(infos[METADATA_NAME]), zf.read(infos[WEIGHTS_NAME])
-    raise ModelPackageError(f"{path}: not a model package (expected a folder or .zip with {METADATA_NAME} "
+            meta = f.read(MAX_JSON_BYTES + 1)
+        weights = WeightsFile(weights_path, size=size)
+    elif zipfile.is_zipfile(path):
+        meta, weights = _read_zip_package(path)
+    else:
+        raise ModelPackageError(f"{path}: not a model package (expected a folder or .zip with {METADATA_NAME} "
                             f"and {WEIGHTS_NAME})")
+    weights.check_header()
+    return meta, weights
 
 
 def _req(obj, key, where, kind=None):
@@ -286,9 +530,9 @@ def parse_metadata(meta, source="model.json"):
         cname = _req(c, "name", w, str)
         color = _parse_color(c.get("color_hint", DEFAULT_COLORS[i % len(DEFAULT_COLORS)]), w + ".color_hint")
         classes.append(ModelClass(value, cname, color))
-    if len(classes) > 254:
-        raise ModelPackageError("model.json: at most 254 classes are supported (the class raster is Byte, "
-                                "255 is nodata)")
+    if len(classes) > MAX_CLASSES:
+        raise ModelPackageError(f"model.json: at most {MAX_CLASSES} classes are supported (the class raster is "
+                                "Byte, 255 is nodata)")
     builder = validate_builder(_req(props, "rs_deep:builder", "properties", dict),
                                "model.json: properties.rs_deep:builder")
     if builder["in_channels"] != len(bands):
@@ -339,24 +583,24 @@ def parse_metadata(meta, source="model.json"):
 
 def load_package(path, task=None):
     """Read and validate a package folder or zip. ``task`` checks it is the right kind of model."""
+    force_offline()  # loading a model never causes network traffic (see architectures.force_offline)
     if path is not None and os.fspath(path).lower().endswith(".onnx"):  # optional ONNX backend
         from .onnx_backend import load_onnx_package
         return load_onnx_package(path, task=task)
     meta_bytes, weights = _read_package_files(path)
+    meta = loads_json(meta_bytes, f"{path}: model.json", fix="re-export the package")
     try:
-        meta = json.loads(meta_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelPackageError(f"{path}: model.json is not valid JSON ({exc})") from exc
-    fields = parse_metadata(meta)
-    actual = _sha256(weights)
+        fields = parse_metadata(meta)
+    except ModelPackageError as exc:
+        if os.fspath(path) in str(exc):
+            raise
+        raise ModelPackageError(f"{path}: {exc}") from None  # every refusal names the file
+    actual = weights.sha256()  # streamed: memory stays small whatever the size
     if actual != fields["weights_sha256"]:
-        raise ModelPackageError(
-            f"{path}: model.safetensors does not match its checksum (rs_deep:weights_sha256 is "
-            f"{fields['weights_sha256'][:12]}..., the file hashes to {actual[:12]}...). The weights were "
-            "changed or corrupted; re-export the package.")
+        raise _checksum_error(path, fields["weights_sha256"], actual)
     if task is not None and fields["task"] != task:
         raise ModelPackageError(f"{path}: this is a {fields['task']} model; this tool needs a {task} model")
-    return ModelPackage(source=os.fspath(path), metadata=meta, _weights_bytes=weights, **fields)
+    return ModelPackage(source=os.fspath(path), metadata=meta, _weights=weights, **fields)
 
 
 def build_metadata(*, name, task, bands, classes, builder, tile_size, overlap, gsd, value_scaling,

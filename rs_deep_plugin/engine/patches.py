@@ -16,10 +16,11 @@ import numpy as np
 
 from .device import ModelRunner, default_batch_size, device_description, select_device
 from .errors import InputError, ModelPackageError
+from .limits import check_tile_memory
 from .package import ModelPackage, load_package
-from .pipeline import batched, prefetch
+from .pipeline import Estimate, batched, prefetch
 from .progress import Progress
-from .raster import RasterReader, region_window
+from .raster import RasterReader, apply_affine, check_size, input_warnings, region_window
 
 TASK = "patch_classification"
 MIN_PATCH = 8
@@ -77,7 +78,7 @@ def patch_starts(start, end, stride):
 
 def classify_patches(input_path, package, *, patch_size=None, stride=None, bands=None, bounds=None, batch_size=None,
                      device="auto", top_k=3, progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
-                     log=None):
+                     log=None, max_pixels=None):
     """Classify the patches of ``input_path`` with the patch classifier ``package``.
 
     ``patch_size`` / ``stride``: px at the model's GSD (default: the package's patch size, and
@@ -112,6 +113,7 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
             log(w)
         result.gsd_scale = reader.scale
         x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
+        check_size(x1 - x0, y1 - y0, max_pixels)  # before any work (None: no limit)
         from rasterio.windows import Window
         result.transform = reader.ds.window_transform(Window(x0, y0, x1 - x0, y1 - y0))
         result.crs, result.width, result.height = reader.crs, x1 - x0, y1 - y0
@@ -129,10 +131,22 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
         bs = int(batch_size) if batch_size else max(default_batch_size(dev), 16)
         if bs < 1:
             raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        check_tile_memory(patch, bs, pkg.in_channels, 0,
+                          "PATCH_SIZE" if patch_size else f"{pkg.source}: the package's patch size",
+                          "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
+                          error=InputError if patch_size or batch_size else ModelPackageError)
         prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, batch {bs}")
         t = reader.tile
         f = t / n
         full = min(n, x1 - x0) * min(n, y1 - y0) * f * f  # most pixels a patch can have inside the area
+        if n > x1 - x0 or n > y1 - y0:
+            w = (f"PATCH_SIZE ({patch} px at the model's GSD, {n} px of the raster) is larger than the area "
+                 f"classified ({x1 - x0} x {y1 - y0} px): the patches reach beyond it and are filled by mirroring "
+                 "the image, so each class describes partly invented content. Choose a smaller PATCH_SIZE or a "
+                 "larger area.")
+            result.warnings.append(w)
+            log(w)
+        any_valid = [False]
 
         def read(batch):
             arrays, keep = [], []
@@ -142,6 +156,7 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
                 cx0, cy0 = int(round((max(x, x0) - x) * f)), int(round((max(y, y0) - y) * f))
                 cx1, cy1 = int(round((min(x + n, x1) - x) * f)), int(round((min(y + n, y1) - y) * f))
                 inside = int(valid[cy0:cy1, cx0:cx1].sum())
+                any_valid[0] = any_valid[0] or inside > 0
                 ok = inside > 0 and inside >= min_valid * full - 1e-6
                 keep.append(ok)
                 if ok:
@@ -150,6 +165,7 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
 
         names = pkg.class_names()
         done = 0
+        estimate = Estimate(len(seq), "patches", prog.message)
         for batch, (data, keep) in prefetch(read, batched(seq, bs)):
             prog.check()
             probs = runner(data) if data is not None else None
@@ -172,7 +188,12 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
                     "window": (max(x, x0), max(y, y0), min(x + n, x1) - max(x, x0), min(y + n, y1) - max(y, y0))})
             done += len(batch)
             prog.update(done / max(1, len(seq)))
+            estimate.after(done)
         result.patches_run = len(result.features)
+        said = input_warnings(reader, result.patches_run == 0 and not any_valid[0])
+        for w in said:
+            log(w)
+        result.warnings += said
         result.seconds = time.time() - t_start
         prog.update(1.0)
         return result
@@ -183,7 +204,7 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
 def _patch_polygon(transform, px0, py0, px1, py1):
     """The pixel rectangle [px0, px1) x [py0, py1) as a polygon in map coordinates."""
     from shapely.geometry import Polygon
-    corners = [transform * (px0, py0), transform * (px1, py0), transform * (px1, py1), transform * (px0, py1)]
+    corners = [apply_affine(transform, x, y) for x, y in ((px0, py0), (px1, py0), (px1, py1), (px0, py1))]
     poly = Polygon(corners)
     return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
 

@@ -3,6 +3,7 @@
 Detection, change detection and patch classification use these with their own read and
 consume steps, so no task has its own copy of the tile loop.
 """
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -25,3 +26,31 @@ def prefetch(read, batches):
             if i + 1 < len(batches):
                 pending = pool.submit(read, batches[i + 1])
             yield batch, result
+
+
+def rough_duration(seconds):
+    """``seconds`` in words, to about two significant figures: "40 s", "12 min", "3.5 h"."""
+    if seconds < 90:
+        return f"{max(1, round(seconds, -1 if seconds >= 20 else 0)):.0f} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60):.0f} min"
+    hours = seconds / 3600
+    return f"{hours:.1f} h" if hours < 10 else f"{round(hours):,.0f} h"
+
+
+class Estimate:
+    """Says, once the first batch has run, roughly how long the run will take: the first batch's time (model
+    warm-up included, so rather more than less) times the number of batches."""
+
+    def __init__(self, total, what, message):
+        self.total, self.what, self.message = total, what, message
+        self.t0 = time.time()
+        self.said = False
+
+    def after(self, done):
+        if self.said or done <= 0 or done >= self.total:
+            return
+        self.said = True
+        took = time.time() - self.t0
+        self.message(f"The first {done:,} {self.what} took {took:.1f} s: the {self.total:,} {self.what} will take "
+                     f"about {rough_duration(took * self.total / done)} on this machine")

@@ -9,6 +9,12 @@ from .errors import InputError, MissingDependency
 GSD_TOLERANCE = 0.10  # resample only when the raster's GSD differs from the model's by more than 10 %
 
 
+def apply_affine(transform, x, y):
+    """``transform`` applied to pixel coordinates (scalars or numpy arrays) -> map coordinates; the same on every
+    affine version (``transform * (x, y)`` is deprecated from affine 3 and ``@`` is missing before it)."""
+    return (transform.a * x + transform.b * y + transform.c, transform.d * x + transform.e * y + transform.f)
+
+
 def _rasterio():
     try:
         import rasterio
@@ -25,7 +31,7 @@ def pixel_size_metres(crs, transform, width, height):
     py = math.hypot(transform.b, transform.e)
     res = (px + py) / 2.0
     if crs.is_geographic:
-        cx, cy = transform * (width / 2.0, height / 2.0)
+        cx, cy = apply_affine(transform, width / 2.0, height / 2.0)
         lat = max(-89.0, min(89.0, cy))
         return res * 111_320.0 * math.sqrt(abs(math.cos(math.radians(lat))))  # geometric mean of x and y
     try:
@@ -46,7 +52,7 @@ def is_web_mercator(crs):
 
 def mercator_scale(crs, transform, width, height):
     from rasterio.warp import transform as warp
-    cx, cy = transform * (width / 2.0, height / 2.0)
+    cx, cy = apply_affine(transform, width / 2.0, height / 2.0)
     _, lat = warp(crs, "EPSG:4326", [cx], [cy])
     return math.cos(math.radians(lat[0]))
 
@@ -56,7 +62,7 @@ def area_factor_m2(crs, transform, width, height):
     if crs is None:
         return 1.0
     if crs.is_geographic:
-        cx, cy = transform * (width / 2.0, height / 2.0)
+        cx, cy = apply_affine(transform, width / 2.0, height / 2.0)
         return 111_320.0 * math.cos(math.radians(max(-89.0, min(89.0, cy)))) * 110_574.0
     try:
         f = crs.linear_units_factor[1]
@@ -116,6 +122,115 @@ def resolve_bands(count, colorinterp, requested, package):
                      f"made for {count}-band imagery.")
 
 
+def read_error(path, window, exc):
+    """The :class:`InputError` for pixels that cannot be read: a damaged or truncated file, or a VRT whose
+    source is missing. Names the file, the window and the fix."""
+    x0, y0 = int(window.col_off), int(window.row_off)
+    where = f"pixels {x0}..{x0 + int(window.width)} x {y0}..{y0 + int(window.height)}"
+    return InputError(f"Cannot read {path} ({where}): {exc}. The file is damaged or incomplete (or, for a VRT, "
+                      "a file it refers to is missing or unreadable); re-export or re-download it, or open it in "
+                      "QGIS to check it.")
+
+
+def input_ranges(scaling, count):
+    """Per band, the (low, high) raw values the model was made for, from its value scaling, or None: min-max
+    and clip give their limits, z-score mean +- 3 stddev."""
+    out = []
+    for i in range(count):
+        s = scaling[i] if scaling and i < len(scaling) else None
+        t = (s or {}).get("type")
+        try:
+            if t in ("min-max", "clip"):
+                lo, hi = float(s["minimum"]), float(s["maximum"])
+            elif t == "z-score":
+                lo = float(s["mean"]) - 3 * float(s["stddev"])
+                hi = float(s["mean"]) + 3 * float(s["stddev"])
+            else:
+                lo = hi = None
+        except (KeyError, TypeError, ValueError):
+            lo = hi = None
+        out.append((lo, hi) if lo is not None and hi > lo else None)
+    return out
+
+
+#: a pixel is "far outside" the model's input range beyond this share of the range's width on either side
+RANGE_MARGIN = 0.5
+#: the share of valid pixels far outside the range from which a run warns
+RANGE_WARN_SHARE = 0.05
+
+
+class ReadCounts:
+    """Pixel counts gathered while tiles are read (overlapping tiles count their shared pixels more than once,
+    so the shares are approximate): every pixel read, NaN/Inf pixels, valid pixels, valid pixels far outside
+    the model's input range."""
+
+    def __init__(self):
+        self.read = self.nonfinite = self.valid = self.out_of_range = 0
+        self.ranges = None
+
+    def add(self, arr, valid, is_float, ranges):
+        self.read += valid.size
+        ok = valid
+        if is_float:
+            finite = np.isfinite(arr).all(axis=0)
+            self.nonfinite += int(valid.size - np.count_nonzero(finite))
+            ok = valid & finite
+        self.valid += int(np.count_nonzero(ok))
+        if any(ranges):
+            self.ranges = ranges
+            out = np.zeros(ok.shape, dtype=bool)
+            with np.errstate(invalid="ignore"):
+                for band, r in zip(arr, ranges):
+                    if r is not None:
+                        margin = (r[1] - r[0]) * RANGE_MARGIN
+                        out |= (band < r[0] - margin) | (band > r[1] + margin)
+            self.out_of_range += int(np.count_nonzero(out & ok))
+
+    def merge(self, other):
+        self.read += other.read
+        self.nonfinite += other.nonfinite
+        self.valid += other.valid
+        self.out_of_range += other.out_of_range
+        self.ranges = self.ranges or other.ranges
+
+    def warnings(self, what="the input raster"):
+        """Warnings for NaN/Inf pixels and for values far outside the model's input range."""
+        out = []
+        if self.nonfinite:
+            out.append(f"{_share(self.nonfinite, self.read)} of the pixels of {what} are NaN or infinite: they are "
+                       "treated as nodata (no class, no probability, no object there).")
+        if self.valid and self.out_of_range >= RANGE_WARN_SHARE * self.valid:
+            ranges = ", ".join(f"{r[0]:g}..{r[1]:g}" for r in self.ranges if r is not None)
+            out.append(f"{_share(self.out_of_range, self.valid)} of the pixels of {what} are far outside the "
+                       f"model's input range {ranges}; the results may be meaningless — check the bands (BANDS) "
+                       "and that the raster holds the values the model was made for (its value scaling).")
+        return out
+
+
+def _share(part, whole):
+    pct = 100.0 * part / max(1, whole)
+    return f"{pct:.0f} %" if pct >= 1 else f"{pct:.2g} %"
+
+
+def check_size(width, height, max_pixels):
+    """Refuse, before any work, an area of more than ``max_pixels`` pixels (None or 0: no limit)."""
+    if max_pixels and width * height > max_pixels:
+        raise InputError(f"The area to process is {width:,} x {height:,} px ({width * height / 1e6:,.0f} million "
+                         f"pixels), more than MAX_PIXELS ({int(max_pixels):,}). Set EXTENT to the area you need, "
+                         "or raise MAX_PIXELS (0 = no limit) if you mean to process all of it.")
+
+
+def input_warnings(reader, nothing_valid, masked=False):
+    """The warnings on the values read (NaN/Inf, far outside the model's range) and on an area without a valid
+    pixel, from the counts the reader gathered (:class:`.raster.ReadCounts`)."""
+    out = list(reader.value_warnings()) if hasattr(reader, "value_warnings") else []
+    if nothing_valid:
+        why = "nodata or outside MASK" if masked else "nodata"
+        out.append(f"There is no valid pixel in the processed area (it is all {why}): the outputs hold nothing. "
+                   "Check the raster's nodata value, EXTENT and MASK.")
+    return out
+
+
 class RasterReader:
     """Reads model-ready tiles from one raster. Not thread-safe: one reader per thread."""
 
@@ -149,9 +264,17 @@ class RasterReader:
         self.has_mask = not all(
             len(f) == 1 and f[0].name == "all_valid" for f in flags)
         self.nodata = ds.nodata
+        self.is_float = any(ds.dtypes[b - 1].startswith(("float", "complex")) for b in self.bands)
+        self.ranges = input_ranges(self.scaling, len(self.bands))
+        self.counts = ReadCounts()
 
     def close(self):
         self.ds.close()
+
+    def value_warnings(self, what=None):
+        """Warnings on the values read so far (NaN/Inf, far outside the model's input range)."""
+        import os
+        return self.counts.warnings(what or os.path.basename(os.fspath(self.path)) or "the input raster")
 
     def window_transform(self, x, y):
         from rasterio.windows import Window
@@ -180,14 +303,20 @@ class RasterReader:
         win = Window(ix0, iy0, ix1 - ix0, iy1 - iy0)
         shape = (oy1 - oy0, ox1 - ox0)
         resampling = Resampling.nearest if n == t else (Resampling.average if n > t else Resampling.bilinear)
-        arr = self.ds.read(self.bands, window=win, out_shape=(c,) + shape, resampling=resampling,
-                           out_dtype="float32")
-        if self.has_mask:
-            m = self.ds.read_masks(self.bands, window=win, out_shape=(c,) + shape,
-                                   resampling=Resampling.nearest)
-            v = np.any(m > 0, axis=0)  # nodata only where every band is nodata: a dark band is data
-        else:
-            v = np.ones(shape, dtype=bool)
+        try:
+            arr = self.ds.read(self.bands, window=win, out_shape=(c,) + shape, resampling=resampling,
+                               out_dtype="float32")
+            if self.has_mask:
+                m = self.ds.read_masks(self.bands, window=win, out_shape=(c,) + shape,
+                                       resampling=Resampling.nearest)
+                v = np.any(m > 0, axis=0)  # nodata only where every band is nodata: a dark band is data
+            else:
+                v = np.ones(shape, dtype=bool)
+        except (OSError, self.rasterio.errors.RasterioError) as exc:
+            raise read_error(self.path, win, exc) from exc
+        self.counts.add(arr, v, self.is_float, self.ranges)
+        if self.is_float:  # NaN and +-Inf are nodata (they would poison the whole tile through the network)
+            v &= np.isfinite(arr).all(axis=0)
         apply_scaling(arr, self.scaling)
         if not v.all():
             arr[:, ~v] = 0.0
@@ -224,8 +353,8 @@ def region_window(width, height, transform, bounds=None):
     x1 = min(width, int(math.ceil(w.col_off + w.width - 1e-6)))
     y1 = min(height, int(math.ceil(w.row_off + w.height - 1e-6)))
     if x1 <= x0 or y1 <= y0:
-        left, top = transform * (0, 0)
-        right, bottom = transform * (width, height)
+        left, top = apply_affine(transform, 0, 0)
+        right, bottom = apply_affine(transform, width, height)
         raise InputError(f"EXTENT ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) does not overlap the raster "
                          f"({min(left, right):g}, {min(top, bottom):g}, {max(left, right):g}, "
                          f"{max(top, bottom):g}); choose an extent inside the layer, in the layer's CRS")

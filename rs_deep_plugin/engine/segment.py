@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .device import ModelRunner, default_batch_size, device_description, select_device
-from .errors import InputError
+from .errors import InputError, ModelPackageError
+from .limits import check_tile_memory
+from .outputs import sweep_stale
 from .package import ModelPackage, load_package
-from .pipeline import batched, prefetch
+from .pipeline import Estimate, batched, prefetch
 from .progress import Progress
-from .raster import RasterReader, area_factor_m2, region_window
+from .raster import RasterReader, area_factor_m2, check_size, input_warnings, region_window
 from .tiling import TileGrid, blend_weights, column_bands
 from .writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                      colormap_for)
@@ -33,6 +35,7 @@ class SegmentationResult:
     output: str
     probabilities: str = None
     confidence: str = None
+    output_file: str = None  # where the class raster is now: its temporary file while a transaction is open
     width: int = 0
     height: int = 0
     crs: object = None
@@ -53,21 +56,37 @@ class SegmentationResult:
 TASK_LABELS = {"segmentation": "segmentation", "change": "change detection"}
 
 
-def resolve_options(package, tile_size=None, overlap=None):
+def resolve_options(package, tile_size=None, overlap=None, batch_size=None, device="auto"):
+    """(tile, overlap) in model pixels, from the parameters or the package. The one memory check of the
+    tiled pipelines (segmentation, change, detection): a tile or a batch of tiles larger than the limits
+    (:func:`.limits.check_tile_memory`) is refused here, before anything is read or allocated."""
     tile = int(tile_size) if tile_size else package.tile_size
     if tile < 32 or tile % 32:
         raise InputError(f"TILE_SIZE must be a multiple of 32 (the network halves the image 5 times); got {tile}")
     ov = package.overlap if overlap is None or overlap < 0 else int(overlap)
     if ov * 2 >= tile:
         raise InputError(f"OVERLAP must be less than half of TILE_SIZE ({tile // 2}); got {ov}")
+    batch = int(batch_size) if batch_size else default_batch_size(select_device(device))
+    bands = package.in_channels * (2 if package.task == "change" else 1)
+    classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
+    check_tile_memory(tile, batch, bands, classes,
+                      "TILE_SIZE" if tile_size else f"{package.source}: the package's tile size",
+                      "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
+                      error=InputError if tile_size or batch_size else ModelPackageError)
     return tile, ov
 
 
 def _mask_index(mask_geometries):
-    if not mask_geometries:
+    """None without a MASK (``mask_geometries`` None); an empty MASK or one without polygons is refused (an
+    empty list is a MASK that covers nothing, not "no MASK")."""
+    if mask_geometries is None:
         return None
     from shapely import STRtree
     geoms = [g for g in mask_geometries if g is not None and not g.is_empty]
+    other = sorted({g.geom_type for g in geoms if g.geom_type not in ("Polygon", "MultiPolygon")})
+    if other:
+        raise InputError(f"MASK must hold polygons; it holds {', '.join(other)} geometries. Give a polygon layer, "
+                         "or no MASK")
     if not geoms:
         raise InputError("MASK has no polygons; give a polygon layer with at least one feature, or no MASK")
     return geoms, STRtree(geoms)
@@ -154,7 +173,8 @@ def _plan(grid, bands_cols):
 def segment(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None,
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
-            max_band_width=8192, log=None, task="segmentation", open_reader=None):
+            max_band_width=8192, log=None, task="segmentation", open_reader=None, transaction=None,
+            max_pixels=None):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
@@ -164,6 +184,11 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     Other dense tasks reuse this pipeline: ``task`` is the package task required (e.g. "change"),
     ``open_reader(package)`` returns a reader duck-typed like :class:`.raster.RasterReader`
     (default: a RasterReader of ``input_path``); the package it gets carries the tile options.
+    ``max_pixels``: an area of more pixels is refused before any work (None: no limit).
+
+    ``transaction``: an :class:`.outputs.OutputTransaction` that ``output`` and ``probabilities`` join (committed
+    by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
+    then). Without one, every output is renamed into place when the run succeeds.
     """
     t_start = time.time()
     prog = Progress(progress, is_cancelled)
@@ -180,7 +205,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             if in_abs and finals[key] == in_abs:
                 raise InputError(f"{key.upper()} is the input raster; choose another file name (inputs are "
                                  "never modified)")
-    tile, ov = resolve_options(pkg, tile_size, overlap)
+    tile, ov = resolve_options(pkg, tile_size, overlap, batch_size, device)
     pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
     if open_reader is None:
         reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
@@ -188,6 +213,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         reader = open_reader(pkg_opts)
     result = SegmentationResult(output=finals["output"])
     atomic = {}
+    pending = set()  # outputs committed by the caller's transaction
     writers = {}
     bg = None
     try:
@@ -204,13 +230,14 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         for w in result.warnings:
             log(w)
         x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
+        check_size(x1 - x0, y1 - y0, max_pixels)
+        mask = _mask_index(mask_geometries)
         from rasterio.windows import Window
         out_transform = reader.ds.window_transform(Window(x0, y0, x1 - x0, y1 - y0))
         width, height = x1 - x0, y1 - y0
         result.width, result.height, result.crs, result.transform = width, height, reader.crs, out_transform
         result.pixel_area_m2 = abs(out_transform.a * out_transform.e - out_transform.b * out_transform.d) * \
             area_factor_m2(reader.crs, reader.transform, reader.width, reader.height)
-        mask = _mask_index(mask_geometries)
         dev = select_device(device)
         result.device = device_description(dev)
         log(f"Device: {result.device}")
@@ -227,19 +254,24 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         skip = set(skip_classes or [])
 
         for key, final in finals.items():
-            atomic[key] = AtomicFile(final)
+            if transaction is not None and key != "confidence":  # confidence: internal, the caller removes it
+                atomic[key] = transaction.file(final)
+                pending.add(key)
+            else:
+                sweep_stale(os.path.dirname(final))
+                atomic[key] = AtomicFile(final)
         writers["output"] = GeoTiffWriter(atomic["output"].tmp, width, height, 1, "uint8", out_transform,
                                           reader.crs, CLASS_NODATA, colormap=colormap_for(pkg.classes),
                                           category_names=names, band_descriptions=["class"],
-                                          overview_resampling="mode")
+                                          overview_resampling="mode", name=finals["output"])
         if "probabilities" in atomic:
             writers["probabilities"] = GeoTiffWriter(atomic["probabilities"].tmp, width, height, k, "float32",
                                                      out_transform, reader.crs, PROB_NODATA,
                                                      band_descriptions=[f"p({n})" for n in names],
-                                                     overview_resampling="average")
+                                                     overview_resampling="average", name=finals["probabilities"])
         if "confidence" in atomic:
             writers["confidence"] = GeoTiffWriter(atomic["confidence"].tmp, width, height, 1, "uint8",
-                                                  out_transform, reader.crs, None)
+                                                  out_transform, reader.crs, None, name=finals["confidence"])
         bg = BackgroundWriter()
         counts = np.zeros(k, dtype=np.int64)
 
@@ -275,6 +307,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         blender = None
         band_now = -1
         done = 0
+        estimate = Estimate(len(seq), "tiles", prog.message)
         for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y, _ in b], mask),
                                              batched(seq, bs)):
             prog.check()
@@ -305,6 +338,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                         write_rows(out[0], out[1], out[2], blender.bx0)
                 done += 1
             prog.update(done / max(1, len(seq)) * 0.95, None)
+            estimate.after(done)
         if blender is not None:
             out = blender.finish(y1)
             if out:
@@ -317,8 +351,14 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             w.close(overviews=(key != "confidence"))
         prog.check()
         for key, a in atomic.items():
-            a.commit()
+            if key not in pending:
+                a.commit()
+        result.output_file = atomic["output"].tmp if "output" in pending else finals["output"]
         result.class_pixels = {c.value: int(counts[c.value]) for c in pkg.classes}
+        said = input_warnings(reader, int(counts.sum()) == 0, mask is not None)
+        for w in said:
+            log(w)
+        result.warnings += said
         result.probabilities = finals.get("probabilities")
         result.confidence = finals.get("confidence")
         result.seconds = time.time() - t_start

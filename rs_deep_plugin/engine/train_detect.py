@@ -33,7 +33,7 @@ import numpy as np
 from .errors import Cancelled, InputError, MissingDependency
 from .package import DEFAULT_COLORS, ModelClass, TASKS, save_package
 from .progress import Progress
-from .raster import GSD_TOLERANCE, apply_scaling, pixel_size_metres
+from .raster import GSD_TOLERANCE, apply_affine, apply_scaling, pixel_size_metres
 from .train import (REPORT_NAME, _check_tile, _seed_everything, check_augment, compute_value_scaling,
                     write_report)
 
@@ -299,7 +299,7 @@ def _map_to_pixels(mboxes, transform):
     inv = ~transform
     xs, ys = [], []
     for cx, cy in ((0, 1), (2, 1), (2, 3), (0, 3)):
-        c, r = inv * (mboxes[:, cx], mboxes[:, cy])
+        c, r = apply_affine(inv, mboxes[:, cx], mboxes[:, cy])
         xs.append(np.asarray(c, dtype=np.float64))
         ys.append(np.asarray(r, dtype=np.float64))
     xs, ys = np.stack(xs), np.stack(ys)

@@ -5,6 +5,7 @@ import numpy as np
 
 from .errors import InputError
 from .progress import Progress
+from .raster import apply_affine
 
 
 def vectorize(class_path, confidence_path, classes, *, min_area_m2=0.0, simplify=0.0, progress=None,
@@ -53,8 +54,8 @@ def vectorize(class_path, confidence_path, classes, *, min_area_m2=0.0, simplify
                 h = min(block_rows, cds.height - r0)
                 win = Window(0, r0, cds.width, h)
                 wt = cds.window_transform(win)
-                xa, ya = wt * (0, 0)
-                xb, yb = wt * (cds.width, h)
+                xa, ya = apply_affine(wt, 0, 0)
+                xb, yb = apply_affine(wt, cds.width, h)
                 hits = tree.query(box(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
                 if len(hits) == 0:
                     continue

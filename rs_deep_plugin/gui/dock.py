@@ -9,21 +9,24 @@ import os
 import re
 import time
 
-from qgis.core import (Qgis, QgsApplication, QgsMapLayerProxyModel, QgsMessageLog,
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsMessageLog,
                        QgsProcessing, QgsProcessingAlgRunnerTask, QgsProcessingContext,
                        QgsProcessingFeatureSourceDefinition, QgsProcessingFeedback,
                        QgsProcessingOutputLayerDefinition, QgsProcessingParameterDefinition, QgsProcessingUtils,
-                       QgsProject, QgsReferencedRectangle, QgsSettings, QgsVectorLayer, QgsWkbTypes)
+                       QgsProject, QgsReferencedRectangle, QgsSettings, QgsUnitTypes, QgsVectorLayer, QgsWkbTypes)
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
 from qgis.PyQt.QtCore import QObject, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
-                                 QHBoxLayout, QLabel, QLineEdit, QMenu, QProgressBar, QPushButton, QScrollArea,
-                                 QSpinBox, QToolButton, QVBoxLayout, QWidget)
+                                 QHBoxLayout, QLabel, QLineEdit, QMenu, QMessageBox, QProgressBar, QPushButton,
+                                 QScrollArea, QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
 TAG = "RS Deep"
 PREFIX = "rs_deep/"
 MAX_RECENT = 8
+#: runs larger than this (pixels at the model's GSD; setting rs_deep/confirm_pixels) ask before they start
+CONFIRM_PIXELS = 400_000_000
+CPU_MPIX_PER_S = 1.0  # a rough CPU rate (make bench: 1.1-1.9 Mpix/s on 2 cores) for the estimate shown
 
 #: model task -> Processing algorithm that runs it
 TASK_ALGORITHMS = {
@@ -53,6 +56,11 @@ def settings_value(key, default=None, type_=None):
 
 def set_setting(key, value):
     QgsSettings().setValue(PREFIX + key, value)
+
+
+def _round(x):
+    """A figure for a person: two significant digits, thousands separated (0.078, 4.2, 1,300)."""
+    return f"{float(f'{x:.2g}'):,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def _slug(text):
@@ -307,7 +315,7 @@ class RunWidget(QFrame):
     def __init__(self, run, parent=None):
         super().__init__(parent)
         self.run = run
-        self.setFrameShape(QFrame.StyledPanel)
+        self.setFrameShape(QFrame.Shape.StyledPanel)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         top = QHBoxLayout()
@@ -396,13 +404,13 @@ class RSDeepDock(QgsDockWidget):
         mform = QVBoxLayout(model_box)
         row = QHBoxLayout()
         self.model_combo = QComboBox()
-        self.model_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.model_combo.setMinimumContentsLength(16)
         row.addWidget(self.model_combo, 1)
         self.browse_button = QToolButton()
         self.browse_button.setText("…")
         self.browse_button.setToolTip("Open a model package (folder, .zip or model.json)")
-        self.browse_button.setPopupMode(QToolButton.InstantPopup)
+        self.browse_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         menu = QMenu(self.browse_button)
         menu.addAction("Package folder…", self.browse_folder)
         menu.addAction("Package .zip or model.json…", self.browse_file)
@@ -411,7 +419,7 @@ class RSDeepDock(QgsDockWidget):
         mform.addLayout(row)
         self.card = QLabel()
         self.card.setWordWrap(True)
-        self.card.setTextFormat(Qt.RichText)
+        self.card.setTextFormat(Qt.TextFormat.RichText)
         mform.addWidget(self.card)
         main.addWidget(model_box)
 
@@ -449,7 +457,7 @@ class RSDeepDock(QgsDockWidget):
         self.options_box = QgsCollapsibleGroupBox("Options")
         self.options_box.setCollapsed(True)
         self.options_form = QFormLayout(self.options_box)
-        self.options_form.setRowWrapPolicy(QFormLayout.WrapLongRows)
+        self.options_form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         main.addWidget(self.options_box)
 
         # outputs
@@ -781,6 +789,8 @@ class RSDeepDock(QgsDockWidget):
         except ValueError as exc:
             self._message(str(exc), Qgis.Warning)
             return None
+        if not self.confirm_size(params):
+            return None
         self._remember_model(self.model_combo.currentData())
         run = Run(run_name, alg.id(), params, QgsProject.instance(), self.iface, self)
         run.finished.connect(self._run_finished)
@@ -789,6 +799,42 @@ class RSDeepDock(QgsDockWidget):
         self.runs.append(run)
         self._start_next()
         return run
+
+    def run_pixels(self, params):
+        """About how many pixels the run processes at the model's GSD (the input layer over EXTENT), or None."""
+        layers = [c.currentLayer() for c in self.layer_combos.values() if c.currentLayer() is not None]
+        layer = layers[0] if layers else None
+        if layer is None or not hasattr(layer, "rasterUnitsPerPixelX") or layer.width() <= 0:
+            return None
+        extent = layer.extent()
+        area = params.get("EXTENT")
+        if area is not None and not area.isEmpty():
+            try:
+                rect = QgsCoordinateTransform(area.crs(), layer.crs(), QgsProject.instance()).transformBoundingBox(area)
+                extent = extent.intersect(rect)
+            except Exception:  # a bad transform: estimate on the whole layer
+                pass
+        px = layer.rasterUnitsPerPixelX() or 1.0
+        pixels = (extent.width() / px) * (extent.height() / (layer.rasterUnitsPerPixelY() or px))
+        pkg = self.model_info.pkg if self.model_info else None
+        if pkg is not None and pkg.gsd and layer.crs().isValid() and not layer.crs().isGeographic():
+            metres = px * QgsUnitTypes.fromUnitToUnitFactor(layer.crs().mapUnits(), QgsUnitTypes.DistanceMeters)
+            pixels *= (metres / pkg.gsd) ** 2
+        return pixels
+
+    def confirm_size(self, params):
+        """Above ``confirm_pixels`` (setting; CONFIRM_PIXELS by default) ask before a long run; True = go."""
+        pixels = self.run_pixels(params)
+        limit = settings_value("confirm_pixels", CONFIRM_PIXELS, float)
+        if pixels is None or not limit or pixels <= limit:
+            return True
+        minutes = pixels / (CPU_MPIX_PER_S * 1e6) / 60
+        answer = QMessageBox.question(
+            self, "RS Deep: a large run",
+            f"This run covers about {_round(pixels / 1e6)} million pixels at the model's resolution: roughly "
+            f"{_round(minutes)} minutes on a CPU (a GPU is much faster). Run it? (Set a smaller area to go faster.)",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
 
     def _start_next(self):
         if any(r.status == Run.RUNNING for r in self.runs):
@@ -913,8 +959,8 @@ def _option_widget(p, saved=None):
     if t in ("number", "distance", "duration", "scale"):
         is_int = t == "number" and p.dataType() == p.Integer
         w = QSpinBox() if is_int else QDoubleSpinBox()
-        lo = p.minimum() if p.minimum() > -1e15 else -1e9
-        hi = p.maximum() if p.maximum() < 1e15 else 1e9
+        lo = p.minimum() if p.minimum() > -1e15 else -1e12
+        hi = p.maximum() if p.maximum() < 1e15 else 1e12
         if is_int:
             w.setRange(int(max(lo, -2 ** 31 + 1)), int(min(hi, 2 ** 31 - 1)))
         else:

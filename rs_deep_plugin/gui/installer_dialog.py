@@ -39,7 +39,7 @@ class InstallerDialog(QDialog):
         layout = QVBoxLayout(self)
         self.intro = QLabel(self._intro_html())
         self.intro.setWordWrap(True)
-        self.intro.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.intro.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.intro)
 
         form = QFormLayout()
@@ -62,7 +62,7 @@ class InstallerDialog(QDialog):
 
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
-        self.log.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
+        self.log.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         self.log.setMinimumHeight(220)
         self.log.setPlaceholderText("pip's output appears here while it installs.")
         layout.addWidget(self.log)
@@ -78,11 +78,11 @@ class InstallerDialog(QDialog):
         buttons = QDialogButtonBox()
         self.install_button = QPushButton("Install")
         self.install_button.setDefault(True)
-        buttons.addButton(self.install_button, QDialogButtonBox.AcceptRole)
+        buttons.addButton(self.install_button, QDialogButtonBox.ButtonRole.AcceptRole)
         self.cancel_button = QPushButton("Stop")
         self.cancel_button.setEnabled(False)
-        buttons.addButton(self.cancel_button, QDialogButtonBox.ActionRole)
-        self.close_button = buttons.addButton(QDialogButtonBox.Close)
+        buttons.addButton(self.cancel_button, QDialogButtonBox.ButtonRole.ActionRole)
+        self.close_button = buttons.addButton(QDialogButtonBox.StandardButton.Close)
         self.install_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.stop)
         self.close_button.clicked.connect(self.reject)
@@ -154,7 +154,7 @@ class InstallerDialog(QDialog):
         for k, v in step.env.items():
             env.insert(k, v)
         proc.setProcessEnvironment(env)
-        proc.setProcessChannelMode(QProcess.MergedChannels)
+        proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         proc.readyReadStandardOutput.connect(self._read)
         proc.finished.connect(self._step_finished)
         proc.errorOccurred.connect(self._error)
@@ -168,7 +168,7 @@ class InstallerDialog(QDialog):
                 self.append(data)
 
     def _error(self, error):
-        if error == QProcess.FailedToStart and self.process is not None:
+        if error == QProcess.ProcessError.FailedToStart and self.process is not None:
             proc, self.process = self.process, None
             proc.deleteLater()
             self._finish(installer.Result(False, f"Could not start {self.step.args[0]}: {proc.errorString()}"))
@@ -179,7 +179,7 @@ class InstallerDialog(QDialog):
         self._read()
         proc, self.process = self.process, None
         proc.deleteLater()
-        rc = code if status == QProcess.NormalExit else -1
+        rc = code if status == QProcess.ExitStatus.NormalExit else -1
         step = self.installer.next_step(self.step, rc)
         if step is None:
             self._finish(self.installer.result(self.step, rc))

@@ -1,0 +1,64 @@
+"""Class colours and names on the RS Deep result layers, shared by the algorithms: a paletted class raster (with a
+``.qml`` written beside it, so any later load is styled) and categorized polygons, applied once Processing has
+loaded the layers."""
+import os
+
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsPalettedRasterRenderer,
+                       QgsProcessingLayerPostProcessorInterface, QgsRasterLayer, QgsRendererCategory, QgsWkbTypes)
+from qgis.PyQt.QtGui import QColor
+
+from ..rs_deep_plugin.compat import save_default_style
+
+
+def paletted_renderer(provider, classes, transparent_background=False):
+    """The model's class colours and names; ``transparent_background``: class 0 transparent (change rasters: "no
+    change" lets the imagery show through)."""
+    items = []
+    for c in classes:
+        color = QColor("#" + c.color)
+        if transparent_background and c.value == 0:
+            color.setAlpha(0)
+        items.append(QgsPalettedRasterRenderer.Class(c.value, color, c.name))
+    return QgsPalettedRasterRenderer(provider, 1, items)
+
+
+def categorized_renderer(classes):
+    cats = []
+    for c in classes:
+        sym = QgsFillSymbol.createSimple({"color": "#" + c.color, "outline_color": "#" + c.color,
+                                          "style": "solid", "outline_width": "0.4"})
+        sym.setOpacity(0.6)
+        cats.append(QgsRendererCategory(c.value, sym, c.name))
+    return QgsCategorizedSymbolRenderer("class_id", cats)
+
+
+class StyleClasses(QgsProcessingLayerPostProcessorInterface):
+    """Applies class colours and names to a result layer once Processing has loaded it."""
+
+    keep = []  # Processing does not own post-processors: keep them alive
+
+    def __init__(self, classes, transparent_background=False):
+        super().__init__()
+        self.classes = classes
+        self.transparent_background = transparent_background
+        StyleClasses.keep.append(self)
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
+        if isinstance(layer, QgsRasterLayer):
+            layer.setRenderer(paletted_renderer(layer.dataProvider(), self.classes, self.transparent_background))
+        elif layer.geometryType() == QgsWkbTypes.PolygonGeometry:
+            layer.setRenderer(categorized_renderer(self.classes))
+        layer.triggerRepaint()
+
+
+def style_class_raster(path, classes, context, written=None, transparent_background=False):
+    """Class colours and names of the class raster ``path``: a .qml beside the file and on the layer Processing
+    loads. ``written``: where the raster is now (its temporary file: the style is written beside it and moves with
+    it when the run's outputs are committed)."""
+    styled = QgsRasterLayer(written or path, os.path.basename(path), "gdal")
+    if styled.isValid():
+        styled.setRenderer(paletted_renderer(styled.dataProvider(), classes, transparent_background))
+        save_default_style(styled)
+    del styled
+    if context.willLoadLayerOnCompletion(path):
+        context.layerToLoadOnCompletionDetails(path).setPostProcessor(StyleClasses(classes, transparent_background))
