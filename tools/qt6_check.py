@@ -90,8 +90,10 @@ def check_file(path, rel):
                     problems.append((node.lineno, f"{alias.name} is not in PyQt6.{sub}"))
                     continue
                 qt_names[alias.asname or alias.name] = obj
+    # check each dotted chain once, whole: the inner ``a.b`` of ``a.b.c`` is not a place of its own
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and id(node) not in inner:
             chain = _chain(node)
             if not chain or chain[0] not in qt_names:
                 continue
@@ -101,7 +103,6 @@ def check_file(path, rel):
                 problems.append((node.lineno, f"QVariant.{chain[1]} as a type is deprecated from QGIS 3.38 and "
                                               "not in Qt6: use rs_deep_plugin.compat"))
                 continue
-            # only the longest chain at this place: the parent Attribute node covers it
             if not _resolve(qt_names[chain[0]], chain[1:]):
                 problems.append((node.lineno, f"{'.'.join(chain)} does not exist in PyQt6 (unscoped enum? "
                                               "use the scoped form, e.g. Qt.AlignmentFlag.AlignLeft)"))
@@ -109,8 +110,7 @@ def check_file(path, rel):
             problems.append((node.lineno, "exec_() is gone in PyQt6: use exec()"))
         elif isinstance(node, ast.Name) and node.id in ("qApp",):
             problems.append((node.lineno, REMOVED["qApp"]))
-    # report one line per place (a.b.c and a.b both resolve-fail at the same spot)
-    return sorted(set(problems))
+    return sorted(problems)
 
 
 def python_files(paths):
@@ -139,12 +139,7 @@ def main(argv):
         if path.endswith(".ui"):
             print(f"{rel}: .ui files: make sure they load with uic on Qt6 (not checked)")
             continue
-        problems = check_file(path, rel)
-        seen = set()
-        for line, msg in problems:
-            if (line, msg.split(" ")[0].rsplit(".", 1)[0]) in seen:
-                continue
-            seen.add((line, msg.split(" ")[0].rsplit(".", 1)[0]))
+        for line, msg in check_file(path, rel):
             print(f"{rel}:{line}: {msg}")
             total += 1
     print(f"qt6_check: {total} place(s) to change" if total else "qt6_check: nothing left to change for Qt6")

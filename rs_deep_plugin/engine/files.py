@@ -1,4 +1,5 @@
-"""Small files (JSON, HTML, CSV, PNG, ONNX, package members) written atomically (QGIS-free)."""
+"""Small files (JSON, HTML, CSV, PNG, ONNX, package members) written atomically, and RS Deep's temporary names
+(QGIS-free)."""
 import errno
 import os
 import uuid
@@ -8,31 +9,56 @@ from .errors import InputError
 DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+def temp_path(final, ext=None):
+    """A hidden temporary path beside ``final``: ``.<stem>.rsdeep-<hex><ext>`` (``ext``: default final's). A later
+    run into the same folder removes such names left by a killed run (``outputs.sweep_stale``)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(final)))
+    stem, own = os.path.splitext(name)
+    return os.path.join(folder, f".{stem}.rsdeep-{uuid.uuid4().hex[:8]}{own if ext is None else ext}")
+
+
+class StagedFile:
+    """A small file (bytes) written to a hidden temporary file beside ``final``, synced; renamed by commit()."""
+
+    def __init__(self, final, data, name=None):
+        self.final = os.path.abspath(os.fspath(final))
+        self.tmp = temp_path(self.final)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        try:
+            with open(self.tmp, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as exc:
+            self.discard()
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise InputError(f"Writing {name or self.final} failed ({exc.strerror}); disk full? Free space or "
+                                 "choose another output folder (earlier outputs were left untouched)") from exc
+            if isinstance(exc, OSError):
+                raise InputError(f"Cannot write {name or self.final}: {exc.strerror or exc}") from exc
+            raise
+
+    def commit(self):
+        os.replace(self.tmp, self.final)
+
+    def discard(self):
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
 def write_atomic(path, data, name=None):
     """Write ``data`` (bytes, or str as UTF-8) to ``path`` through a hidden temporary file beside it, synced to
     disk and renamed over ``path`` at the end: a failure never leaves a partial file nor clobbers an earlier one;
     a full disk raises :class:`InputError` naming ``name`` (default ``path``). The file is readable by all (0644:
     mkstemp's 0600 would hide shared packages and reports). Returns ``path``."""
-    path = os.fspath(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    folder, base = os.path.split(os.path.abspath(path))
-    stem, ext = os.path.splitext(base)
-    # RS Deep's temporary name (.<stem>.rsdeep-<hex><ext>): a later run removes it if this process is killed
-    tmp = os.path.join(folder, f".{stem}.rsdeep-{uuid.uuid4().hex[:8]}{ext}")
+    staged = StagedFile(path, data, name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # a network or quota-limited disk may report a full disk only here
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-            raise InputError(f"Writing {name or path} failed ({exc.strerror}); disk full? Free space or choose "
-                             "another output folder (an earlier file there was left untouched)") from exc
+        staged.commit()
+    except BaseException:
+        staged.discard()
         raise
-    return path
+    return os.fspath(path)

@@ -22,22 +22,14 @@ import shutil
 import signal
 import threading
 import time
-import uuid
 
 from .errors import InputError
-from .files import DISK_ERRNOS
+from .files import StagedFile, temp_path
 
 STALE_SECONDS = 3600
 # our temporary names: .<stem>.rsdeep-<8 hex>[<ext>] (files, folders, their sidecars)
 TEMP_NAME = re.compile(r"^\..+\.rsdeep-[0-9a-f]{8}(\..*)?$")
 FOLDER_MARKER = ".rs_deep-output"  # a hidden file in every folder RS Deep writes as one output
-
-
-def temp_path(final, ext=None):
-    """A hidden temporary path beside ``final``: ``.<stem>.rsdeep-<hex><ext>`` (``ext``: default final's)."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(final)))
-    stem, own = os.path.splitext(name)
-    return os.path.join(folder, f".{stem}.rsdeep-{uuid.uuid4().hex[:8]}{own if ext is None else ext}")
 
 
 def is_temp_name(name):
@@ -77,40 +69,8 @@ def _remove(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
-    except FileNotFoundError:
+    except OSError:  # missing, or already gone with its folder
         pass
-    except OSError:
-        pass
-
-
-class StagedFile:
-    """A small file (bytes) written to a hidden temporary file beside ``final``, synced; renamed by commit()."""
-
-    def __init__(self, final, data, name=None):
-        self.final = os.path.abspath(os.fspath(final))
-        self.tmp = temp_path(self.final)
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        try:
-            with open(self.tmp, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as exc:
-            self.discard()
-            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-                raise InputError(f"Writing {name or self.final} failed ({exc.strerror}); disk full? Free space or "
-                                 "choose another output folder (earlier outputs were left untouched)") from exc
-            if isinstance(exc, OSError):
-                raise InputError(f"Cannot write {name or self.final}: {exc.strerror or exc}") from exc
-            raise
-
-    def commit(self):
-        os.replace(self.tmp, self.final)
-
-    def discard(self):
-        _remove(self.tmp)
 
 
 class StagedFolder:

@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from .errors import InputError
-from .files import DISK_ERRNOS
+from .files import DISK_ERRNOS, temp_path
 
 CLASS_NODATA = 255
 PROB_NODATA = -1.0
@@ -280,7 +280,6 @@ class AtomicFile:
     SIDECARS = (".aux.xml", ".ovr")
 
     def __init__(self, final):
-        from .outputs import temp_path
         self.final = os.path.abspath(final)
         self.tmp = temp_path(self.final, ext=os.path.splitext(self.final)[1] or ".tif")
 
