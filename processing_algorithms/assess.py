@@ -239,7 +239,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
 
     def _class_names(self, parameters, context, layer, path, feedback):
         """{value: name} from the model package, else the raster's category names, else its paletted style."""
-        from ..rs_deep_plugin.engine.accuracy import raster_category_names
+        from ..rs_deep_plugin.engine.evaluation.accuracy import raster_category_names
         model = self.parameterAsFile(parameters, self.MODEL, context) if parameters.get(self.MODEL) else ""
         if model:
             pkg = load_model_package(model, None)
@@ -277,7 +277,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             return self._assess_raster(task, parameters, context, feedback, outputs)
 
     def _assess_raster(self, task, parameters, context, feedback, outputs):
-        from ..rs_deep_plugin.engine.accuracy import assess_segmentation, write_report
+        from ..rs_deep_plugin.engine.evaluation.accuracy import assess_segmentation, write_report
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         layer = self.parameterAsRasterLayer(parameters, self.PREDICTION, context)
         if layer is None or not layer.isValid():
@@ -375,7 +375,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
 
     def _assess_detection(self, parameters, context, feedback, outputs):
         """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes)."""
-        from ..rs_deep_plugin.engine.accuracy import assess_detection, write_report
+        from ..rs_deep_plugin.engine.evaluation.accuracy import assess_detection, write_report
         from ..rs_deep_plugin.engine.errors import RSDeepError
         pred = self.parameterAsSource(parameters, self.PREDICTION_BOXES, context)
         if pred is None:
@@ -456,7 +456,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                 raise QgsProcessingException(f"Cannot write the report {html_path}: {exc}") from exc
             results[self.OUTPUT_HTML] = html_path
         if parameters.get(self.OUTPUT_TABLE) not in (None, ""):
-            from ..rs_deep_plugin.engine.accuracy import DETECTION_FIELDS
+            from ..rs_deep_plugin.engine.evaluation.accuracy import DETECTION_FIELDS
             fields = make_fields(*[(n, "int" if n in ("tp", "fp", "fn", "truth", "predicted") else "double")
                                    for n in DETECTION_FIELDS])
             with FeatureSinks(self, parameters, context, outputs.transaction) as sinks:  # committed with the rest

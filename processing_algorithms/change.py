@@ -98,7 +98,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
-        from ..rs_deep_plugin.engine.change import detect_change
+        from ..rs_deep_plugin.engine.inference.change import detect_change
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
         # paths are never loaded as QGIS layers (RasterInput); layers are None then
@@ -154,7 +154,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
     def _finish(self, result, outputs, pkg, output, probs, confidence, want_vector, min_area, simplify, bridge,
                 crs, parameters, context, feedback):
         """Style the change raster, report, write the polygons (all into the run's transaction)."""
-        from ..rs_deep_plugin.engine.change import change_polygons
+        from ..rs_deep_plugin.engine.inference.change import change_polygons
         for w in result.warnings:
             push_warning(feedback, w)
         style_class_raster(output, pkg.classes, context, result.output_file, transparent_background=True)

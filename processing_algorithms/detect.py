@@ -153,7 +153,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
-        from ..rs_deep_plugin.engine.detect import detect
+        from ..rs_deep_plugin.engine.inference.detect import detect
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
         layer, source, crs = raster_input(self, parameters, self.INPUT, context)  # a path is never loaded as a layer

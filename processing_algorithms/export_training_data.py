@@ -50,7 +50,7 @@ def label_colors(layer, field, class_names, task):
     categories' colours, matched by value or name), or, without a class field, a single-symbol renderer (the
     one labelled class). Classes the style does not name keep RS Deep's default colours; None without a style."""
     from qgis.core import QgsCategorizedSymbolRenderer, QgsSingleSymbolRenderer
-    from ..rs_deep_plugin.engine.package import DEFAULT_COLORS
+    from ..rs_deep_plugin.engine.models.package import DEFAULT_COLORS
     renderer = layer.renderer() if layer is not None and hasattr(layer, "renderer") else None
     found = {}
     if isinstance(renderer, QgsCategorizedSymbolRenderer) and field and renderer.classAttribute() == field:
@@ -86,7 +86,7 @@ def label_raster_classes(path, task):
     """Class names of a label raster: its category names, else 'class N' for each value up to the largest."""
     import numpy as np
     import rasterio
-    from ..rs_deep_plugin.engine.accuracy import raster_category_names
+    from ..rs_deep_plugin.engine.evaluation.accuracy import raster_category_names
     if task == "change":
         return ["no change", "change"]
     top = 0
@@ -210,7 +210,7 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
-        from ..rs_deep_plugin.engine.chips import check_output_folder, export_training_data
+        from ..rs_deep_plugin.engine.training.chips import check_output_folder, export_training_data
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
         outputs = RunOutputs(self, parameters, context, feedback)

@@ -24,7 +24,7 @@ from qgis.core import (QgsMapLayer, QgsProcessingException, QgsProcessingFeature
                        QgsProcessingUtils, QgsProperty)
 
 from ..rs_deep_plugin.engine.errors import RSDeepError
-from ..rs_deep_plugin.engine.outputs import OutputTransaction, sigterm_cancels, sweep_stale
+from ..rs_deep_plugin.engine.geo.outputs import OutputTransaction, sigterm_cancels, sweep_stale
 from .sinks import file_destination
 
 RASTER_EXTENSIONS = (".tif", ".tiff")

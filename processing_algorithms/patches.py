@@ -85,7 +85,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
         from ..rs_deep_plugin.engine.errors import RSDeepError
-        from ..rs_deep_plugin.engine.patches import classify_patches
+        from ..rs_deep_plugin.engine.inference.patches import classify_patches
 
         layer, source, crs = raster_input(self, parameters, self.INPUT, context)  # a path is never loaded as a layer
         outputs = RunOutputs(self, parameters, context, feedback)

@@ -145,9 +145,9 @@ class SegmentAlgorithm(RSDeepAlgorithm):
     def _run(self, outputs, source, pkg, output, probs, confidence, background, bands, bounds, mask, tile, overlap,
              batch, device, want_vector, min_area, simplify, bridge, crs, parameters, context, feedback,
              max_pixels=None):
-        from ..rs_deep_plugin.engine.raster import area_factor_m2
-        from ..rs_deep_plugin.engine.segment import segment
-        from ..rs_deep_plugin.engine.vectorize import vectorize
+        from ..rs_deep_plugin.engine.geo.raster import area_factor_m2
+        from ..rs_deep_plugin.engine.inference.segment import segment
+        from ..rs_deep_plugin.engine.geo.vectorize import vectorize
         result = segment(source, pkg, output, bands=bands, bounds=bounds, mask_geometries=mask,
                          probabilities=probs, confidence=confidence, skip_classes=background,
                          tile_size=tile, overlap=overlap, batch_size=batch, device=device,

@@ -219,7 +219,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             return {"library": "torchvision", "architecture": arch, "encoder_weights": None, "params": {}}
         if task == "change":
             if arch in (AUTO,):
-                from ..rs_deep_plugin.engine.train_change import DEFAULT_CHANGE_BUILDER
+                from ..rs_deep_plugin.engine.training.change import DEFAULT_CHANGE_BUILDER
                 return dict(DEFAULT_CHANGE_BUILDER, encoder=encoder, params=dict(DEFAULT_CHANGE_BUILDER["params"]))
             if arch not in SEGMENTATION_ARCHITECTURES:
                 raise QgsProcessingException(f"ARCHITECTURE {arch} is a detection network; for change choose auto "
@@ -307,7 +307,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
                callbacks, outputs, final_dir):
         """Train into ``out_dir`` (the hidden folder of the run's transaction). A cancel after an epoch keeps the
         best model so far, as the engine does: the transaction is committed, then the cancel reported."""
-        from ..rs_deep_plugin.engine.chips import load_manifest
+        from ..rs_deep_plugin.engine.training.chips import load_manifest
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         try:
             if chips:
@@ -338,14 +338,14 @@ class TrainAlgorithm(RSDeepAlgorithm):
     @staticmethod
     def _train_from_chips(task, folder, out_dir, builder, tile, patience, common, callbacks):
         if task == "segmentation":
-            from ..rs_deep_plugin.engine.train import train_segmentation
+            from ..rs_deep_plugin.engine.training.segmentation import train_segmentation
             return train_segmentation(folder, None, out_dir, builder=builder, tile_size=tile, patience=patience,
                                       **common, **callbacks)
         if task == "detection":
-            from ..rs_deep_plugin.engine.train_detect import train_detection
+            from ..rs_deep_plugin.engine.training.detection import train_detection
             return train_detection(folder, out_dir, builder=builder, tile_size=tile, patience=patience, **common,
                                    **callbacks)
-        from ..rs_deep_plugin.engine.train_change import train_change
+        from ..rs_deep_plugin.engine.training.change import train_change
         return train_change(folder, out_dir, builder=builder, tile_size=tile, patience=patience, **common,
                             **callbacks)
 
@@ -376,7 +376,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             return colors
 
         if task == "segmentation":
-            from ..rs_deep_plugin.engine.train import train_segmentation
+            from ..rs_deep_plugin.engine.training.segmentation import train_segmentation
             class_names, labels = map_classes(task, pairs, field, layer_name)
             feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
             return train_segmentation(image, labels, out_dir, class_names=class_names,
@@ -384,7 +384,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                       tile_size=tile, val_fraction=val, val_side="bottom", patience=patience,
                                       **common, **callbacks)
         if task == "detection":
-            from ..rs_deep_plugin.engine.train_detect import DetectionSample, split_sample, train_detection
+            from ..rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
             class_names, labels = map_classes(task, pairs, field, layer_name)
             e = layer.extent()
             rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
@@ -406,7 +406,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             return self._train_change(parameters, context, feedback, layer, image, pairs, field, out_dir, builder,
                                       tile, val, patience, common, callbacks, colors_for)
 
-        from ..rs_deep_plugin.engine.train_patches import train_patches
+        from ..rs_deep_plugin.engine.training.patches import train_patches
         values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
         classes = _sorted_values(set(values))
         if len(classes) == 1:
@@ -433,8 +433,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         the change trainer on them; validation is the export's spatial-block split."""
         import shutil
         import tempfile
-        from ..rs_deep_plugin.engine.chips import export_training_data
-        from ..rs_deep_plugin.engine.train_change import train_change
+        from ..rs_deep_plugin.engine.training.chips import export_training_data
+        from ..rs_deep_plugin.engine.training.change import train_change
         from qgis.core import QgsProcessingUtils
         after_layer = self.parameterAsRasterLayer(parameters, self.INPUT_AFTER, context)
         if after_layer is None or not after_layer.isValid():

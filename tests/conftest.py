@@ -86,8 +86,8 @@ def make_package(path, in_channels=3, classes=("background", "building"), tile=6
                  seed=0, scaling=None, bands=None):
     """A small untrained U-Net package (real weights, real format) for engine and QGIS tests."""
     import torch
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
-    from rs_deep.rs_deep_plugin.engine.package import ModelClass, save_package
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, save_package
     torch.manual_seed(seed)
     builder = dict(library="smp", architecture="Unet", encoder="resnet18", in_channels=in_channels,
                    classes=len(classes), encoder_weights=None,

@@ -13,8 +13,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.package import ModelClass, load_package, parse_metadata, save_package
-from rs_deep.rs_deep_plugin.engine.change import PairReader, change_polygons, detect_change, inspect_pair
+from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, load_package, parse_metadata, save_package
+from rs_deep.rs_deep_plugin.engine.inference.change import PairReader, change_polygons, detect_change, inspect_pair
 
 from conftest import LANDSAT, model_output, write_raster
 
@@ -26,7 +26,7 @@ def make_change_package(path, architecture="SiameseUnet", in_channels=3, classes
                         gsd=None, seed=0):
     """A small untrained change package (real weights, real format)."""
     import torch
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
     torch.manual_seed(seed)
     params = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
     builder = dict(library="rs_deep", architecture=architecture, encoder="resnet18", in_channels=in_channels,
@@ -254,7 +254,7 @@ def test_outputs_never_overwrite_an_input(change_package, pair):
 
 
 def test_task_mismatch_is_refused_both_ways(change_package, rgb_package, pair, tmp_path):
-    from rs_deep.rs_deep_plugin.engine.segment import segment
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     before, after = pair
     with pytest.raises(InputError, match="is a segmentation model; change detection needs a change model"):
         detect_change(str(before), str(after), str(rgb_package), str(tmp_path / "o.tif"))
@@ -319,7 +319,7 @@ def test_both_architectures_run_and_round_trip(tmp_path):
 
 
 def test_cva_otsu_finds_a_known_square():
-    from rs_deep.rs_deep_plugin.engine.cva import change_magnitude, cva_otsu, otsu_threshold
+    from rs_deep.rs_deep_plugin.engine.evaluation.baselines import change_magnitude, cva_otsu, otsu_threshold
     rng = np.random.default_rng(0)
     before = rng.normal(100, 10, (3, 120, 150))
     after = before * 1.3 + 20 + rng.normal(0, 2, before.shape)  # other exposure, same scene
@@ -338,7 +338,7 @@ def test_cva_otsu_finds_a_known_square():
 
 
 def test_training_for_seconds_writes_a_change_package(tmp_path, scene):
-    from rs_deep.rs_deep_plugin.engine.train_change import cva_baseline, evaluate_pairs, train_change
+    from rs_deep.rs_deep_plugin.engine.training.change import cva_baseline, evaluate_pairs, train_change
     arr, t, crs = scene
     after = arr.copy()
     after[:, CHANGED[0], CHANGED[1]] = 240

@@ -7,11 +7,11 @@ import pytest
 import rasterio
 from shapely.geometry import box as sbox
 
-from rs_deep.rs_deep_plugin.engine.chips import (MANIFEST, export_training_data, is_chip_set, load_manifest,
+from rs_deep.rs_deep_plugin.engine.training.chips import (MANIFEST, export_training_data, is_chip_set, load_manifest,
                                                  split_chips)
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
-from rs_deep.rs_deep_plugin.engine.package import load_package
-from rs_deep.rs_deep_plugin.engine.train import read_vector_labels, train_segmentation
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.training.segmentation import read_vector_labels, train_segmentation
 
 from conftest import ATLANTA_EAST, ATLANTA_IMAGE, ATLANTA_LABELS, CHANGE, TREES, TREES_IMAGE
 
@@ -125,12 +125,12 @@ def test_train_segmentation_from_chips(atlanta_chips, tmp_path):
     assert png.name == "training_curves.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 5000
     with pytest.raises(InputError, match="for segmentation, not detection"):
-        from rs_deep.rs_deep_plugin.engine.train_detect import train_detection
+        from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
         train_detection(out, tmp_path / "det", epochs=1)
 
 
 def test_detection_chips_hold_the_boxes_and_train(tmp_path):
-    from rs_deep.rs_deep_plugin.engine.train_detect import train_detection
+    from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
     with rasterio.open(TREES_IMAGE) as ds:
         crs = ds.crs
     feats = json.loads((TREES / "OSBS_029_boxes.geojson").read_text())["features"]
@@ -182,7 +182,7 @@ def test_change_chips_from_a_label_raster_train_a_change_model(tmp_path):
 
 
 def check_change_chips_train_a_change_model(tmp_path, pair):
-    from rs_deep.rs_deep_plugin.engine.train_change import train_change
+    from rs_deep.rs_deep_plugin.engine.training.change import train_change
     m = export_training_data(pair.before, str(pair.label), tmp_path / "chg",
                              task="change", after_path=pair.after, class_names=["no change", "change"],
                              tile_size=256, val_fraction=0.25, block_size=256, seed=0)

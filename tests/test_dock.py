@@ -353,8 +353,8 @@ def test_change_model_gets_before_and_after_layers(dock, tmp_path):
     import rasterio
     import torch
     from rasterio.windows import Window
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
-    from rs_deep.rs_deep_plugin.engine.package import ModelClass, save_package
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, save_package
     from conftest import write_raster
     if QgsApplication.processingRegistry().algorithmById("rs_deep:detect_change") is None:
         pytest.fail("rs_deep:detect_change is not registered")

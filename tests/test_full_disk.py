@@ -29,7 +29,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 SEGMENT = FULL_DISK + r"""
 sys.path.insert(0, sys.argv[1])
 from rs_deep.rs_deep_plugin.engine.errors import InputError
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 try:
     segment(sys.argv[2], sys.argv[3], sys.argv[4], probabilities=sys.argv[5] if len(sys.argv) > 5 else None)
     print("SUCCEEDED")
@@ -61,7 +61,7 @@ def _snapshot(folder):
     ((256, 256), 30_000, True, "p.tif"),  # the probability tile is cut, GDAL keeps going and rewrites the directory
 ], ids=["probabilities-with-overviews", "class-raster-no-overviews", "probabilities-no-overviews"])
 def test_engine_raster_on_a_full_disk(rgb_package, tmp_path, size, limit, probabilities, lost):
-    from rs_deep.rs_deep_plugin.engine.segment import segment
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     image = _landsat_crop(tmp_path / "in.tif", *size)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -79,7 +79,7 @@ def test_verify_raster_finds_blocks_past_the_end_of_the_file(tmp_path):
     """The cheap check behind every engine raster: a GeoTIFF whose last bytes never reached the disk is refused."""
     import numpy as np
     from rs_deep.rs_deep_plugin.engine.errors import InputError
-    from rs_deep.rs_deep_plugin.engine.writer import tiff_problem, verify_raster
+    from rs_deep.rs_deep_plugin.engine.geo.writer import tiff_problem, verify_raster
     path = write_raster(tmp_path / "r.tif", np.arange(2 * 300 * 300, dtype=np.float32).reshape(2, 300, 300))
     verify_raster(str(path))  # whole: passes
     assert tiff_problem(str(path)) is None

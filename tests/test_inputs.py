@@ -11,8 +11,8 @@ import pytest
 import rasterio
 
 from rs_deep.rs_deep_plugin.engine.errors import InputError
-from rs_deep.rs_deep_plugin.engine.patches import classify_patches
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.inference.patches import classify_patches
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 
 from conftest import DATA, SAMPLE, write_raster
 from test_patches import make_patch_package

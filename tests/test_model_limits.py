@@ -20,11 +20,11 @@ import zlib
 import numpy as np
 import pytest
 
-from rs_deep.rs_deep_plugin.engine.chips import load_manifest
+from rs_deep.rs_deep_plugin.engine.training.chips import load_manifest
 from rs_deep.rs_deep_plugin.engine.errors import InputError, ModelPackageError
 from rs_deep.rs_deep_plugin.engine.limits import (MAX_CLASSES, MAX_JSON_DEPTH, MAX_ONNX_WORKING_BYTES,
                                                   MAX_PARAMETERS, MAX_TILE_SIZE, MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO)
-from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
 
 from conftest import DEMO_MODEL, DEV_PLUGINS, SAMPLE
 
@@ -193,7 +193,7 @@ def hub(name):
     except Exception as exc:
         return type(exc).__name__
 out["control"] = hub("control-model")  # before the engine: the hub is reachable (the recorder sees it)
-from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
 try:
     load_package({str(d)!r}).load_model()
 finally:
@@ -222,7 +222,7 @@ def test_encoders_are_allow_listed_by_exact_name(rgb_package, tmp_path):
         with pytest.raises(ModelPackageError, match=re.escape(f"unknown encoder {bad!r}")):
             load_package(d).load_model()
     # the rs_deep builders check their encoders against the same list
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
     for arch in ("SiameseUnet", "EarlyFusion", "CenterNet"):
         with pytest.raises(ModelPackageError, match="unknown (smp )?encoder 'tu-hf-hub:evil-org/beacon-model'"):
             build_model({"library": "rs_deep", "architecture": arch, "encoder": "tu-hf-hub:evil-org/beacon-model",
@@ -238,7 +238,7 @@ def test_package_tile_size_too_large_is_refused(rgb_package, tmp_path, rgb_raste
     out = tmp_path / "out"
     out.mkdir()
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 segment({str(rgb_raster)!r}, {str(d)!r}, {str(out / 'o.tif')!r}, device="cpu")
 """)
     assert_refused(res, "ModelPackageError", f"{d}: the package's tile size is 65536 px",
@@ -250,7 +250,7 @@ def test_tile_size_parameter_too_large_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 segment({str(SAMPLE)!r}, {str(DEMO_MODEL)!r}, {str(out / 'o.tif')!r}, tile_size=65536, device="cpu")
 """)
     assert_refused(res, "InputError", "TILE_SIZE is 65536 px", f"({MAX_TILE_SIZE} px, the limit)",
@@ -259,7 +259,7 @@ segment({str(SAMPLE)!r}, {str(DEMO_MODEL)!r}, {str(out / 'o.tif')!r}, tile_size=
 
 
 def test_tile_and_batch_memory_is_checked_before_allocating(rgb_package, rgb_raster, tmp_path):
-    from rs_deep.rs_deep_plugin.engine.segment import segment
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     # 4096 px tiles are allowed, but not 64 of them at once (64 x 4096^2 x (3 bands + 2 classes) x 4 bytes = 20 GiB)
     with pytest.raises(InputError, match=r"TILE_SIZE 4096 px with BATCH_SIZE 64: .* needs 20 GiB, more than the "
                                          r"limit of 4 GiB\. Set BATCH_SIZE to 12 or less"):
@@ -272,7 +272,7 @@ def test_onnx_tile_size_too_large_is_refused(tmp_path, rgb_raster):
     out = tmp_path / "out"
     out.mkdir()
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 segment({str(rgb_raster)!r}, {str(path)!r}, {str(out / 'o.tif')!r}, device="cpu")
 """)
     assert_refused(res, "ModelPackageError", f"{path}: the package's tile size is 1048576 px",
@@ -289,7 +289,7 @@ def test_huge_network_is_refused_before_it_is_built(rgb_package, tmp_path):
         params={"encoder_depth": 5, "decoder_channels": [16384] * 5}))
     assert (d / "model.json").stat().st_size < 4096
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
 load_package({str(d)!r}).load_model()
 """)
     assert_refused(res, "ModelPackageError", str(d), "the network described in rs_deep:builder",
@@ -312,7 +312,7 @@ def test_sparse_4gib_weights_are_refused_in_small_memory(rgb_package, tmp_path):
     with open(d / "model.safetensors", "wb") as f:
         f.truncate(GIB4)
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
 load_package({str(d)!r})
 """)
     assert_refused(res, "ModelPackageError", f"{d / 'model.safetensors'} is not a valid safetensors file",
@@ -328,7 +328,7 @@ load_package({str(d)!r})
         f.write(struct.pack("<Q", n) + header)
         f.truncate(8 + n + data)
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
 load_package({str(d2)!r})
 """)
     assert_refused(res, "ModelPackageError", str(d2), "model.safetensors does not match its checksum",
@@ -357,7 +357,7 @@ def test_zip_bomb_is_refused_without_inflating_it(rgb_package, tmp_path):
             f.write(bytes(GIB4 & ((1 << 20) - 1)))
     assert z.stat().st_size < 8 << 20
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
 load_package({str(z)!r})
 """)
     assert_refused(res, "ModelPackageError", f"{z}: model.safetensors inflates from", "to 4 GiB",
@@ -461,7 +461,7 @@ def test_onnx_graph_memory_bomb_is_refused_in_bounded_memory(tmp_path, rgb_raste
     out = tmp_path / "out"
     out.mkdir()
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 segment({str(rgb_raster)!r}, {str(path)!r}, {str(out / 'o.tif')!r}, device="cpu")
 """)
     limit = f"{MAX_ONNX_WORKING_BYTES >> 30} GiB"
@@ -470,7 +470,7 @@ segment({str(rgb_raster)!r}, {str(path)!r}, {str(out / 'o.tif')!r}, device="cpu"
                    "Use BATCH_SIZE 1 or a smaller TILE_SIZE")
     assert os.listdir(out) == []
     # the same graph with a small constant runs
-    from rs_deep.rs_deep_plugin.engine.segment import segment
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     small = onnx_segmentor(tmp_path / "small.onnx", bomb_shape=[100, 100])
     res = segment(rgb_raster, small, tmp_path / "small.tif", device="cpu")
     assert os.path.exists(res.output)

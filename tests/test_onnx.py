@@ -17,12 +17,12 @@ from rasterio.transform import from_origin
 from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsVectorLayer)
 
-from rs_deep.rs_deep_plugin.engine.detect import detect
+from rs_deep.rs_deep_plugin.engine.inference.detect import detect
 from rs_deep.rs_deep_plugin.engine.errors import InputError, MissingDependency, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.onnx_backend import (MODEL_JSON_KEY, decode_yolo, export_onnx,
+from rs_deep.rs_deep_plugin.engine.models.onnx import (MODEL_JSON_KEY, decode_yolo, export_onnx,
                                                          load_onnx_package)
-from rs_deep.rs_deep_plugin.engine.package import load_package
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 
 from conftest import DEMO_MODEL, ROOT, SAMPLE, make_package, write_raster
 
@@ -184,7 +184,7 @@ def test_exported_file_reads_like_deepness_would(rgb_package, tmp_path):
     assert pkg.value_scaling == [{"type": "z-score", "mean": 0.0, "stddev": 255.0}] * 3
     assert pkg.output_kind == "auto"
     data = np.random.default_rng(0).integers(0, 255, (2, 3, 64, 64)).astype(np.float32) / 255
-    from rs_deep.rs_deep_plugin.engine.device import ModelRunner, select_device
+    from rs_deep.rs_deep_plugin.engine.models.runners import ModelRunner, select_device
     expected = ModelRunner(ours.load_model(), select_device("cpu"), ours.activation)(data)
     got = pkg.make_runner(select_device("cpu"))(data)
     assert np.abs(got - expected).max() < 1e-4
@@ -192,8 +192,8 @@ def test_exported_file_reads_like_deepness_would(rgb_package, tmp_path):
 
 def test_export_errors(tmp_path, provider):
     import torch
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
-    from rs_deep.rs_deep_plugin.engine.package import ModelClass, save_package
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, save_package
     builder = dict(library="rs_deep", architecture="SiameseUnet", encoder="resnet18", in_channels=3, classes=2,
                    encoder_weights=None, params={"encoder_depth": 3, "decoder_channels": [32, 16, 8]})
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import pytest
 import rasterio
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.package import ModelClass, load_package, parse_metadata, save_package
-from rs_deep.rs_deep_plugin.engine.patches import classify_patches
+from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, load_package, parse_metadata, save_package
+from rs_deep.rs_deep_plugin.engine.inference.patches import classify_patches
 
 from conftest import DATA, model_output, write_raster
 
@@ -26,7 +26,7 @@ def make_patch_package(path, patch=16, gsd=10.0, in_channels=3, classes=CLASSES,
                        scaling=None, seed=0):
     """A small untrained timm classifier package (real weights, real format)."""
     import torch
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
     torch.manual_seed(seed)
     builder = dict(library="timm", architecture=architecture, in_channels=in_channels, classes=len(classes),
                    encoder_weights=None, params={})
@@ -133,7 +133,7 @@ def test_cancel_raises_and_returns_nothing(patch_package):
 
 
 def test_task_mismatch_is_refused_both_ways(patch_package, rgb_package, rgb_raster, tmp_path):
-    from rs_deep.rs_deep_plugin.engine.segment import segment
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     with pytest.raises(InputError, match="is a segmentation model; patch classification needs a "
                                          "patch_classification model"):
         classify_patches(str(rgb_raster), str(rgb_package))
@@ -172,7 +172,7 @@ def test_package_validation_names_the_field(patch_package):
 
 def test_field_register_is_read_without_qgis():
     from osgeo import ogr
-    from rs_deep.rs_deep_plugin.engine.train_patches import read_gpkg_polygons
+    from rs_deep.rs_deep_plugin.engine.training.patches import read_gpkg_polygons
     fields = read_gpkg_polygons(str(FIELDS / "fields.gpkg"), "fields", "Afgroede", dst_crs="EPSG:32632")
     ds = ogr.Open(str(FIELDS / "fields.gpkg"))
     lyr = ds.GetLayer("fields")
@@ -188,7 +188,7 @@ def test_training_for_seconds_writes_a_patch_package(tmp_path):
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from make_eval_models import CROP_CLASSES, OTHER, crop_group
-    from rs_deep.rs_deep_plugin.engine.train_patches import evaluate_patches, read_gpkg_polygons, train_patches
+    from rs_deep.rs_deep_plugin.engine.training.patches import evaluate_patches, read_gpkg_polygons, train_patches
     fields = [(g, crop_group(v)) for g, v in read_gpkg_polygons(str(FIELDS / "fields.gpkg"), "fields", "Afgroede")]
     assert {crop_group("Vårbyg"), crop_group("Silomajs"), crop_group("Græs med kløver/lucerne"),
             crop_group("Kartofler, stivelses-")} == {0, 2, 1, 3}

@@ -9,8 +9,8 @@ import rasterio
 from shapely.geometry import box
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
-from rs_deep.rs_deep_plugin.engine.package import load_package
-from rs_deep.rs_deep_plugin.engine.segment import segment
+from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 
 from conftest import LANDSAT, make_package, write_raster
 
@@ -190,7 +190,7 @@ def test_full_landsat_scene(rgb_package, tmp_path):
 def test_device_choice(rgb_package, rgb_raster, tmp_path):
     """auto picks the GPU when there is one; asking for a missing GPU is a clear error."""
     import torch
-    from rs_deep.rs_deep_plugin.engine.device import select_device
+    from rs_deep.rs_deep_plugin.engine.models.runners import select_device
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else
                                           "mps" if torch.backends.mps.is_available() else "cpu")
     with pytest.raises(InputError, match="unknown"):
@@ -216,7 +216,7 @@ def test_colour_table_survives_a_raster_larger_than_gdals_cache(tmp_path):
     code = f"""
 import sys, numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "build" / "dev-plugins")!r})
-from rs_deep.rs_deep_plugin.engine.writer import GeoTiffWriter
+from rs_deep.rs_deep_plugin.engine.geo.writer import GeoTiffWriter
 from rasterio.transform import from_origin
 w = GeoTiffWriter({str(tmp_path / "big.tif")!r}, 2048, 2048, 1, "uint8", from_origin(0, 2048, 1, 1), "EPSG:32616", 255,
                   colormap={{0: (0, 0, 0, 255), 1: (227, 26, 28, 255)}})
@@ -237,8 +237,8 @@ def test_runner_folds_batch_norm_into_the_convolutions(tmp_path):
     """The inference runner folds BatchNorm into the convolutions (the bundled buildings model and a Siamese change
     network): no BatchNorm left where tracing works, the same probabilities as the network as it was written."""
     import torch
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
-    from rs_deep.rs_deep_plugin.engine.device import ModelRunner, fuse_for_inference, select_device
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.runners import ModelRunner, fuse_for_inference, select_device
     from conftest import DEMO_MODEL
     pkg = load_package(DEMO_MODEL)
     x = np.random.default_rng(0).random((2, 1, 128, 128), np.float32)

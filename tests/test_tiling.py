@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from rs_deep.rs_deep_plugin.engine.segment import StripBlender
-from rs_deep.rs_deep_plugin.engine.tiling import TileGrid, blend_weights, column_bands, ramp_1d, tile_starts
+from rs_deep.rs_deep_plugin.engine.inference.segment import StripBlender
+from rs_deep.rs_deep_plugin.engine.inference.tiling import TileGrid, blend_weights, column_bands, ramp_1d, tile_starts
 
 
 @pytest.mark.parametrize("length,tile,stride", [(1, 64, 48), (64, 64, 48), (65, 64, 48), (1000, 256, 192),

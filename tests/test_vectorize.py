@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from rs_deep.rs_deep_plugin.engine.package import ModelClass
-from rs_deep.rs_deep_plugin.engine.segment import segment
-from rs_deep.rs_deep_plugin.engine.vectorize import vectorize
+from rs_deep.rs_deep_plugin.engine.models.package import ModelClass
+from rs_deep.rs_deep_plugin.engine.inference.segment import segment
+from rs_deep.rs_deep_plugin.engine.geo.vectorize import vectorize
 
 from conftest import write_raster
 

@@ -68,8 +68,8 @@ def bench_package():
     if os.path.exists(os.path.join(path, "model.json")):
         return path
     import torch
-    from rs_deep.rs_deep_plugin.engine.architectures import build_model
-    from rs_deep.rs_deep_plugin.engine.package import load_package, save_package
+    from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
+    from rs_deep.rs_deep_plugin.engine.models.package import load_package, save_package
     demo = load_package(DEMO)
     builder = dict(demo.builder, in_channels=3)
     torch.manual_seed(0)
@@ -83,9 +83,9 @@ def child(raster, out_prefix):
     """One segmentation in this (fresh) process: prints a JSON dict."""
     import numpy as np
     import torch
-    from rs_deep.rs_deep_plugin.engine.package import load_package
-    from rs_deep.rs_deep_plugin.engine.segment import segment
-    from rs_deep.rs_deep_plugin.engine.device import ModelRunner, select_device
+    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
+    from rs_deep.rs_deep_plugin.engine.models.runners import ModelRunner, select_device
     pkg = load_package(bench_package())
     t_imp = time.perf_counter()
     import segmentation_models_pytorch  # noqa: F401 (the one-off import, timed on its own)
@@ -112,8 +112,8 @@ def child(raster, out_prefix):
 
 
 def vectorise_compare(prefix):
-    from rs_deep.rs_deep_plugin.engine.package import load_package
-    from rs_deep.rs_deep_plugin.engine.vectorize import vectorize
+    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.geo.vectorize import vectorize
     pkg = load_package(bench_package())
     t0 = time.perf_counter()
     polys = vectorize(prefix + "_classes.tif", prefix + "_conf.tif", pkg.classes, min_area_m2=0, simplify=0)

@@ -77,11 +77,11 @@ def bench_detection(size=4096, model=MODEL, batch_size=None):
     """Time detection on a generated ``size``^2 raster; returns (and prints) the JSON line as a dict."""
     import numpy as np
     import torch
-    from rs_deep.rs_deep_plugin.engine.detect import DetectionRunner, detect, resolve_detection_options
-    from rs_deep.rs_deep_plugin.engine.device import default_batch_size, select_device
-    from rs_deep.rs_deep_plugin.engine.package import load_package
-    from rs_deep.rs_deep_plugin.engine.raster import RasterReader
-    from rs_deep.rs_deep_plugin.engine.tiling import TileGrid
+    from rs_deep.rs_deep_plugin.engine.inference.detect import DetectionRunner, detect, resolve_detection_options
+    from rs_deep.rs_deep_plugin.engine.models.runners import default_batch_size, select_device
+    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.geo.raster import RasterReader
+    from rs_deep.rs_deep_plugin.engine.inference.tiling import TileGrid
     os.makedirs(OUT, exist_ok=True)
     raster = make_raster(os.path.join(OUT, f"trees_{size}.tif"), size)
     pkg = load_package(model, task="detection")

@@ -125,8 +125,8 @@ def held_out_score(image, boxes_geojson, package, fraction=HELD_OUT):
     ``ap_all`` of every detection scoring at least 0.05 (the whole precision-recall curve)."""
     import numpy as np
     import rasterio
-    from rs_deep.rs_deep_plugin.engine.detect import detect
-    from rs_deep.rs_deep_plugin.engine.train_detect import detection_metrics, read_geojson_boxes
+    from rs_deep.rs_deep_plugin.engine.inference.detect import detect
+    from rs_deep.rs_deep_plugin.engine.training.detection import detection_metrics, read_geojson_boxes
     with rasterio.open(image) as ds:
         t, w, h = ds.transform, ds.width, ds.height
     n = int(round(h * fraction))
@@ -154,10 +154,10 @@ def pick_threshold(yell, yell_boxes, osbs, osbs_boxes, settings, out, log=print)
     """Train with ``settings`` on part of the training images and return the score threshold of best F1
     (IoU 0.5) on the rest: the right ``YELL_TUNE`` of the YELL crop and OSBS rows ``OSBS_TUNE_ROWS``."""
     import numpy as np
-    from rs_deep.rs_deep_plugin.engine.device import select_device
-    from rs_deep.rs_deep_plugin.engine.package import load_package
-    from rs_deep.rs_deep_plugin.engine.raster import apply_scaling
-    from rs_deep.rs_deep_plugin.engine.train_detect import (DetectionSample, _load_sample, _resample,
+    from rs_deep.rs_deep_plugin.engine.models.runners import select_device
+    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.geo.raster import apply_scaling
+    from rs_deep.rs_deep_plugin.engine.training.detection import (DetectionSample, _load_sample, _resample,
                                                               detection_metrics, predict_image, split_sample,
                                                               train_detection)
     r0, r1 = OSBS_TUNE_ROWS
@@ -206,10 +206,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     ensure_dev_link()
-    from rs_deep.rs_deep_plugin.engine.package import load_package, package_summary
+    from rs_deep.rs_deep_plugin.engine.models.package import load_package, package_summary
     from rs_deep.rs_deep_plugin.engine.progress import terminal_progress
-    from rs_deep.rs_deep_plugin.engine.train import REPORT_NAME, _write_json
-    from rs_deep.rs_deep_plugin.engine.train_detect import DetectionSample, split_sample, train_detection
+    from rs_deep.rs_deep_plugin.engine.training.segmentation import REPORT_NAME, _write_json
+    from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
 
     data = Path(args.data)
     osbs, osbs_boxes = data / "OSBS_029.tif", data / "OSBS_029_boxes.geojson"

@@ -28,10 +28,10 @@ def main(argv=None):
     s.add_argument("--min-area", type=float, default=None, help="m² (default 10 pixels)")
     s.add_argument("--simplify", type=float, default=None, help="map units (default one pixel)")
     args = ap.parse_args(argv)
-    from .package import load_package
-    from .raster import area_factor_m2
-    from .segment import segment
-    from .vectorize import vectorize
+    from .models.package import load_package
+    from .geo.raster import area_factor_m2
+    from .inference.segment import segment
+    from .geo.vectorize import vectorize
     try:
         pkg = load_package(args.model, task="segmentation")
         conf = None

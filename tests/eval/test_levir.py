@@ -6,7 +6,7 @@ pairs in EPSG:4326 with their 0/255 change masks and change polygons, read from 
 beside this checkout. Without them these tests fail (they do not skip)."""
 import pytest
 
-from rs_deep.rs_deep_plugin.engine.chips import export_training_data
+from rs_deep.rs_deep_plugin.engine.training.chips import export_training_data
 from rs_deep.rs_deep_plugin.engine.errors import InputError
 
 from conftest import ATLANTA_IMAGE, ATLANTA_LABELS, ROOT, ChangePair

@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 
-from .errors import InputError, MissingDependency
+from ..errors import InputError, MissingDependency
 
 GSD_TOLERANCE = 0.10  # resample only when the raster's GSD differs from the model's by more than 10 %
 

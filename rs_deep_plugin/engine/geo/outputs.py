@@ -23,8 +23,8 @@ import signal
 import threading
 import time
 
-from .errors import InputError
-from .files import StagedFile, temp_path
+from ..errors import InputError
+from ..files import StagedFile, temp_path
 
 STALE_SECONDS = 3600
 # our temporary names: .<stem>.rsdeep-<8 hex>[<ext>] (files, folders, their sidecars)

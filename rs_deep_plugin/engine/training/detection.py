@@ -30,11 +30,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import Cancelled, InputError, MissingDependency
-from .package import DEFAULT_COLORS, ModelClass, TASKS, save_package
-from .progress import Progress
-from .raster import GSD_TOLERANCE, apply_affine, apply_scaling, pixel_size_metres
-from .train import (REPORT_NAME, _check_tile, _seed_everything, check_augment, compute_value_scaling,
+from ..errors import Cancelled, InputError, MissingDependency
+from ..models.package import DEFAULT_COLORS, ModelClass, TASKS, save_package
+from ..progress import Progress
+from ..geo.raster import GSD_TOLERANCE, apply_affine, apply_scaling, pixel_size_metres
+from .segmentation import (REPORT_NAME, _check_tile, _seed_everything, check_augment, compute_value_scaling,
                     write_report)
 
 DEFAULT_BUILDER = {
@@ -156,7 +156,7 @@ def read_geojson_boxes(path, class_field="label", dst_crs=None):
     class is the property ``class_field`` (name or 0-based number; absent = the first class).
     Reprojected like :func:`.train.read_vector_labels` when the file declares another CRS."""
     from shapely.geometry import shape
-    from .train import _crs_from_geojson, _reproject_labels
+    from .segmentation import _crs_from_geojson, _reproject_labels
     path = os.fspath(path)
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -479,8 +479,8 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
     """Boxes of an in-memory scaled image [C, H, W], tiled and merged exactly as :func:`.detect.detect` does.
 
     Returns (boxes [N, 4] pixels, scores [N], labels [N])."""
-    from .detect import DetectionRunner, edge_cut_flags, merge_detections
-    from .tiling import TileGrid
+    from ..inference.detect import DetectionRunner, edge_cut_flags, merge_detections
+    from ..inference.tiling import TileGrid
     c, h, w = img.shape
     grid = TileGrid(0, 0, w, h, tile, overlap)
     runner = DetectionRunner(model, device, score_threshold, iou_threshold, max_detections)
@@ -599,7 +599,7 @@ def _average_precision(recs, n_truth):
 
 
 def resolve_detection_builder(builder, in_channels, n_classes):
-    from .architectures import validate_builder
+    from ..models.architectures import validate_builder
     b = copy.deepcopy(DEFAULT_BUILDER if builder is None else builder)
     b.setdefault("library", "torchvision")
     b["encoder_weights"] = None
@@ -669,9 +669,9 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
         import torch
     except ImportError as exc:  # pragma: no cover
         raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from .architectures import build_model
-    from .detect import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, check_thresholds
-    from .device import device_description, select_device
+    from ..models.architectures import build_model
+    from ..inference.detect import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, check_thresholds
+    from ..models.runners import device_description, select_device
 
     from . import chips as chipsets
     if chipsets.is_chip_set(samples):

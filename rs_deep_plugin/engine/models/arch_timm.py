@@ -5,7 +5,7 @@
 plus allow-listed keyword arguments from ``params``. The model pools globally, so it takes
 patches of any size; it returns class logits ``[B, K]``.
 """
-from .errors import MissingDependency, ModelPackageError
+from ..errors import MissingDependency, ModelPackageError
 
 #: timm models a package may name: small CNNs that run well on a CPU
 TIMM_MODELS = (

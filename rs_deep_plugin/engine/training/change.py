@@ -24,11 +24,11 @@ import time
 
 import numpy as np
 
-from .errors import Cancelled, InputError, MissingDependency
-from .package import ModelClass, save_package
-from .progress import Progress
-from .raster import apply_scaling, pixel_size_metres
-from .train import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, check_augment,
+from ..errors import Cancelled, InputError, MissingDependency
+from ..models.package import ModelClass, save_package
+from ..progress import Progress
+from ..geo.raster import apply_scaling, pixel_size_metres
+from .segmentation import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, check_augment,
                     compute_value_scaling, confusion_matrix, evaluate, metrics_from_confusion, resolve_builder,
                     segmentation_loss, write_report)
 
@@ -191,8 +191,8 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
         import torch
     except ImportError as exc:  # pragma: no cover
         raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from .architectures import build_model
-    from .device import device_description, select_device
+    from ..models.architectures import build_model
+    from ..models.runners import device_description, select_device
 
     from . import chips as chipsets
     if chipsets.is_chip_set(pairs):
@@ -405,8 +405,8 @@ def evaluate_pairs(package, pairs, *, bands=None, device="auto", batch_size=None
     :func:`.train.metrics_from_confusion`, pixels pooled over the pairs; nodata not counted).
     """
     import rasterio
-    from .change import detect_change
-    from .package import ModelPackage, load_package
+    from ..inference.change import detect_change
+    from ..models.package import ModelPackage, load_package
     pkg = package if isinstance(package, ModelPackage) else load_package(package, task="change")
     k = len(pkg.classes)
     names = [c.name for c in pkg.classes]
@@ -436,7 +436,7 @@ def evaluate_pairs(package, pairs, *, bands=None, device="auto", batch_size=None
 def cva_baseline(pairs, *, bands=None, normalize=True):
     """Change vector analysis + Otsu (:mod:`.cva`) on ``pairs``, scored like :func:`evaluate_pairs`
     (binary: any change class counts as change). The threshold is chosen per pair, unsupervised."""
-    from .cva import cva_otsu
+    from ..evaluation.baselines import cva_otsu
     total = np.zeros((2, 2), dtype=np.int64)
     out = []
     for before, after, label in pairs:

@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 
-from .errors import InputError
-from .progress import Progress
+from ..errors import InputError
+from ..progress import Progress
 from .raster import apply_affine
 
 

@@ -1,7 +1,7 @@
 """Device choice and the model runner (batching, autocast, inference mode)."""
 import os
 
-from .errors import InputError, MissingDependency
+from ..errors import InputError, MissingDependency
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

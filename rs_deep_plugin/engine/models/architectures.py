@@ -7,7 +7,7 @@ from safetensors. Nothing is downloaded: encoder weights are always ``None``.
 import os
 import sys
 
-from .errors import MissingDependency, ModelPackageError
+from ..errors import MissingDependency, ModelPackageError
 
 #: environment variables that keep the Hugging Face hub (used by timm) and friends offline; set for the
 #: whole process as soon as the engine loads or builds a model (:func:`force_offline`)

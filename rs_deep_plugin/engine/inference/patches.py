@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .device import ModelRunner, default_batch_size, device_description, select_device
-from .errors import InputError, ModelPackageError
-from .limits import check_tile_memory
-from .package import ModelPackage, load_package
+from ..models.runners import ModelRunner, default_batch_size, device_description, select_device
+from ..errors import InputError, ModelPackageError
+from ..limits import check_tile_memory
+from ..models.package import ModelPackage, load_package
 from .pipeline import Estimate, batched, prefetch
-from .progress import Progress
-from .raster import RasterReader, apply_affine, check_size, input_warnings, region_window
+from ..progress import Progress
+from ..geo.raster import RasterReader, apply_affine, check_size, input_warnings, region_window
 
 TASK = "patch_classification"
 MIN_PATCH = 8

@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 
-from .errors import Cancelled, InputError, MissingDependency
-from .files import write_atomic
-from .package import DEFAULT_COLORS, ModelClass, save_package
-from .progress import Progress
-from .raster import apply_scaling, pixel_size_metres
+from ..errors import Cancelled, InputError, MissingDependency
+from ..files import write_atomic
+from ..models.package import DEFAULT_COLORS, ModelClass, save_package
+from ..progress import Progress
+from ..geo.raster import apply_scaling, pixel_size_metres
 
 IGNORE = 255  # label value ignored by the loss (nodata, outside the labelled area)
 REPORT_NAME = "training_report.json"
@@ -588,7 +588,7 @@ def _check_tile(value, name):
 def write_report(path, report, log=None):
     """Write the training report (JSON) and, next to it, ``training_curves.png`` (when matplotlib is there)."""
     _write_json(path, report)
-    from .curves import plot_training_curves
+    from .report import plot_training_curves
     png = os.path.join(os.path.dirname(path), CURVES_NAME)
     try:
         written = plot_training_curves(report, png)
@@ -723,8 +723,8 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
         import torch
     except ImportError as exc:  # pragma: no cover
         raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from .architectures import build_model
-    from .device import device_description, select_device
+    from ..models.architectures import build_model
+    from ..models.runners import device_description, select_device
 
     from . import chips as chipsets
     chipset = chipsets.load_manifest(image_path, "segmentation") if chipsets.is_chip_set(image_path) else None

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, MissingDependency, ModelPackageError
-from .files import write_atomic
-from .limits import (MAX_CLASSES, MAX_DETECTION_CLASSES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_ONNX_WORKING_BYTES,
+from ..errors import InputError, MissingDependency, ModelPackageError
+from ..files import write_atomic
+from ..limits import (MAX_CLASSES, MAX_DETECTION_CLASSES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_ONNX_WORKING_BYTES,
                      json_depth, loads_json, size_text)
 from .package import DEFAULT_COLORS, METADATA_NAME, ModelClass, ModelPackage, load_package, parse_metadata
 

@@ -30,14 +30,14 @@ import time
 
 import numpy as np
 
-from .errors import InputError
-from .files import write_atomic
-from .limits import loads_json
-from .outputs import StagedFolder, check_folder_output, json_has
-from .package import DEFAULT_COLORS
-from .progress import Progress
-from .raster import apply_affine, pixel_size_metres
-from .writer import write_geotiff
+from ..errors import InputError
+from ..files import write_atomic
+from ..limits import loads_json
+from ..geo.outputs import StagedFolder, check_folder_output, json_has
+from ..models.package import DEFAULT_COLORS
+from ..progress import Progress
+from ..geo.raster import apply_affine, pixel_size_metres
+from ..geo.writer import write_geotiff
 
 MANIFEST = "manifest.json"
 FORMAT = "rs_deep-chips"
@@ -217,7 +217,7 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                 closers.append(lab_ds)
         else:
             from shapely import STRtree
-            from .train import label_shapes
+            from .segmentation import label_shapes
             shapes = label_shapes(labels, len(class_names))
             if not shapes:
                 raise InputError("labels: no geometries given; label the objects to learn")
@@ -534,7 +534,7 @@ def split_chips(manifest):
 
 def detection_samples(manifest):
     """(training samples, validation samples or None) for :func:`train_detect.train_detection`."""
-    from .train_detect import DetectionSample
+    from .detection import DetectionSample
     train, val = split_chips(manifest)
 
     def samples(chips, edge):

@@ -13,7 +13,7 @@ weights come from the package's safetensors. Differences from torchvision's own 
 """
 import math
 
-from .errors import MissingDependency, ModelPackageError
+from ..errors import MissingDependency, ModelPackageError
 
 #: architecture -> (backbone name reported as ``encoder``, allowed params)
 _MOBILENET_PARAMS = ("fpn_channels", "representation_size", "returned_layers", "anchor_sizes", "aspect_ratios",

@@ -31,7 +31,7 @@ Gaussian, each object weighing the same) with a GIoU loss plus an L1 loss on the
 """
 import math
 
-from .errors import MissingDependency, ModelPackageError
+from ..errors import MissingDependency, ModelPackageError
 
 ARCHITECTURE = "CenterNet"
 BASES = ("Unet", "FPN")

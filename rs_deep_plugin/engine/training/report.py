@@ -5,7 +5,7 @@ it); where it is missing the curves are skipped and the JSON report still has ev
 """
 import io
 
-from .files import write_atomic
+from ..files import write_atomic
 
 # the validation metrics a report may carry, per trainer: key -> label
 _METRICS = (("val_iou", "validation IoU"), ("val_accuracy", "validation accuracy"))

@@ -21,8 +21,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from .errors import InputError
-from .files import DISK_ERRNOS, temp_path
+from ..errors import InputError
+from ..files import DISK_ERRNOS, temp_path
 
 CLASS_NODATA = 255
 PROB_NODATA = -1.0

@@ -19,11 +19,11 @@ import time
 
 import numpy as np
 
-from .errors import Cancelled, InputError, MissingDependency
-from .package import DEFAULT_COLORS, ModelClass, save_package
-from .progress import Progress
-from .raster import apply_scaling, pixel_size_metres
-from .train import (IGNORE, REPORT_NAME, CropSampler, _band_names, _labels_from_geometries, _labels_from_raster,
+from ..errors import Cancelled, InputError, MissingDependency
+from ..models.package import DEFAULT_COLORS, ModelClass, save_package
+from ..progress import Progress
+from ..geo.raster import apply_scaling, pixel_size_metres
+from .segmentation import (IGNORE, REPORT_NAME, CropSampler, _band_names, _labels_from_geometries, _labels_from_raster,
                     _read_image, _reproject_labels, _seed_everything, _split, check_augment, compute_value_scaling,
                     resolve_builder, write_report)
 
@@ -222,8 +222,8 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
         import torch.nn.functional as F
     except ImportError as exc:  # pragma: no cover
         raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from .architectures import build_model
-    from .device import device_description, select_device
+    from ..models.architectures import build_model
+    from ..models.runners import device_description, select_device
 
     class_names = [str(n) for n in (class_names or [])]
     k = len(class_names)
@@ -433,8 +433,8 @@ def evaluate_patches(package, image_path, labels, class_names=None, *, bounds=No
     import rasterio
     from rasterio.features import rasterize
     from shapely import STRtree, points
-    from .package import ModelPackage, load_package
-    from .patches import classify_patches
+    from ..models.package import ModelPackage, load_package
+    from ..inference.patches import classify_patches
     pkg = package if isinstance(package, ModelPackage) else load_package(package, task="patch_classification")
     names = class_names or [c.name for c in pkg.classes]
     k = len(pkg.classes)

@@ -17,7 +17,7 @@ bands, as :class:`.change.PairReader` reads them), and return change logits ``[B
 
 Nothing is downloaded: encoder weights are always ``None``.
 """
-from .errors import ModelPackageError
+from ..errors import ModelPackageError
 
 ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet")
 FUSIONS = ("absdiff", "concat")

@@ -20,9 +20,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from .architectures import force_offline, validate_builder
-from .errors import MissingDependency, ModelPackageError
-from .files import write_atomic
-from .limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
+from ..errors import MissingDependency, ModelPackageError
+from ..files import write_atomic
+from ..limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
                      MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO, ZIP_RATIO_MIN_BYTES, count_text, loads_json, size_text)
 
 FORMAT_VERSION = 1
@@ -549,7 +549,7 @@ def parse_metadata(meta, source="model.json"):
             raise ModelPackageError(f"model.json: properties.rs_deep:builder.classes is {n_out} but "
                                     f"classification:classes lists {len(classes)} classes")
     if task == "detection":  # object classes only (no background) + rs_deep:score_threshold & co
-        from .detect import validate_detection_metadata
+        from ..inference.detect import validate_detection_metadata
         validate_detection_metadata(props, len(classes), n_out)
     tile = _req(props, "rs_deep:tile_size", "properties", int)
     if task == "patch_classification":  # a classifier pools globally: the patch size is free (>= 8 px)
@@ -585,7 +585,7 @@ def load_package(path, task=None):
     """Read and validate a package folder or zip. ``task`` checks it is the right kind of model."""
     force_offline()  # loading a model never causes network traffic (see architectures.force_offline)
     if path is not None and os.fspath(path).lower().endswith(".onnx"):  # optional ONNX backend
-        from .onnx_backend import load_onnx_package
+        from .onnx import load_onnx_package
         return load_onnx_package(path, task=task)
     meta_bytes, weights = _read_package_files(path)
     meta = loads_json(meta_bytes, f"{path}: model.json", fix="re-export the package")

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .device import default_batch_size, device_description, select_device
-from .errors import InputError, ModelPackageError
-from .package import ModelPackage, load_package
+from ..models.runners import default_batch_size, device_description, select_device
+from ..errors import InputError, ModelPackageError
+from ..models.package import ModelPackage, load_package
 from .pipeline import Estimate, batched, prefetch
-from .progress import Progress
-from .raster import RasterReader, apply_affine, check_size, input_warnings, region_window
+from ..progress import Progress
+from ..geo.raster import RasterReader, apply_affine, check_size, input_warnings, region_window
 from .segment import _with_tiling, read_tiles, resolve_options
 from .tiling import TileGrid
 
@@ -188,7 +188,7 @@ class DetectionRunner:
 
     def __init__(self, model, device, score_threshold, iou_threshold, max_detections):
         import torch
-        from .arch_torchvision import configure_inference
+        from ..models.arch_torchvision import configure_inference
         self.torch = torch
         self.device = device
         if device.type == "cpu":
@@ -470,8 +470,8 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
 def write_geojson(result, path):
     """Write ``result.to_geojson()`` to ``path`` atomically (temp file, synced, renamed; a full disk raises
     InputError and leaves no temp file and the earlier file untouched)."""
-    from .files import write_atomic
-    from .writer import check_writable
+    from ..files import write_atomic
+    from ..geo.writer import check_writable
     return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 

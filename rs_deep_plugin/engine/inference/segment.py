@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .device import ModelRunner, default_batch_size, device_description, select_device
-from .errors import InputError, ModelPackageError
-from .limits import check_tile_memory
-from .outputs import sweep_stale
-from .package import ModelPackage, load_package
+from ..models.runners import ModelRunner, default_batch_size, device_description, select_device
+from ..errors import InputError, ModelPackageError
+from ..limits import check_tile_memory
+from ..geo.outputs import sweep_stale
+from ..models.package import ModelPackage, load_package
 from .pipeline import Estimate, batched, prefetch
-from .progress import Progress
-from .raster import RasterReader, area_factor_m2, check_size, input_warnings, region_window
+from ..progress import Progress
+from ..geo.raster import RasterReader, area_factor_m2, check_size, input_warnings, region_window
 from .tiling import TileGrid, blend_weights, column_bands
-from .writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
+from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                      colormap_for)
 
 

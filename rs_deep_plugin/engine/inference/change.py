@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
-from .package import ModelPackage, load_package
-from .raster import RasterReader, area_factor_m2, pixel_size_metres
+from ..errors import InputError
+from ..models.package import ModelPackage, load_package
+from ..geo.raster import RasterReader, area_factor_m2, pixel_size_metres
 from .segment import TASK_LABELS, segment
 
 TASK = "change"
@@ -265,7 +265,7 @@ def change_polygons(result, confidence, classes, *, min_area_m2=None, simplify=N
     Defaults: polygons under 10 pixels are dropped, simplified by one pixel. Returns the records of
     :func:`.vectorize.vectorize` (geometry, class_id, class_name, area_m2, mean_probability).
     """
-    from .vectorize import vectorize
+    from ..geo.vectorize import vectorize
     px_area = result.pixel_area_m2
     if min_area_m2 is None or min_area_m2 < 0:
         min_area_m2 = 10 * px_area

@@ -21,9 +21,9 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from .errors import InputError, MissingDependency
-from .files import write_atomic
-from .progress import Progress
+from ..errors import InputError, MissingDependency
+from ..files import write_atomic
+from ..progress import Progress
 
 OUTSIDE_CHOICES = ("background", "ignore")
 DEFAULT_BLOCK = 1024
@@ -369,7 +369,7 @@ def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=
     class])`` or geometries, in the same coordinates. Matching is
     :func:`.train_detect.detection_metrics` (greedy by score, one match per reference box).
     """
-    from .train_detect import detection_metrics
+    from ..training.detection import detection_metrics
     if not 0 < float(iou) <= 1:
         raise InputError(f"iou must be in (0, 1]; got {iou}")
     pb, pl, ps = _rows(predicted_boxes, "predicted_boxes", True)
