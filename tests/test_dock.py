@@ -201,7 +201,7 @@ def test_a_large_run_asks_first_and_no_means_no_run(dock, rgb_raster, rgb_packag
     """Above the confirm_pixels setting the dock asks (with the size and a time estimate) before it queues a run;
     declining queues nothing. The rgb_raster is 300 x 260 px; the package has no GSD, so pixels are the layer's."""
     from qgis.PyQt.QtWidgets import QMessageBox
-    from rs_deep.rs_deep_plugin.gui.dock import set_setting
+    from rs_deep.rs_deep_plugin.gui.settings import set_setting
     layer = add_raster(rgb_raster, "scene")
     choose(dock, layer, rgb_package)
     asked = []
@@ -280,14 +280,14 @@ def test_drawn_rectangle_and_selected_features_limit_the_area(dock, rgb_raster, 
 
 
 def test_task_follows_the_model_and_unavailable_tasks_are_disabled(dock, rgb_package, tmp_path, monkeypatch):
-    from rs_deep.rs_deep_plugin.gui import dock as dock_module
+    from rs_deep.rs_deep_plugin.gui import model_card
     pkg = tmp_path / "patches"
     shutil.copytree(rgb_package, pkg)
     meta = json.loads((pkg / "model.json").read_text())
     meta["properties"]["rs_deep:task"] = "patch_classification"
     meta["properties"]["mlm:tasks"] = ["scene-classification"]
     (pkg / "model.json").write_text(json.dumps(meta))
-    monkeypatch.setitem(dock_module.TASK_ALGORITHMS, "patch_classification", "rs_deep:not_registered")
+    monkeypatch.setitem(model_card.TASK_ALGORITHMS, "patch_classification", "rs_deep:not_registered")
     dock.set_model(str(pkg))
     assert "Patch classification" in dock.card.text() and "cannot run" in dock.card.text()
     assert not dock.run_button.isEnabled()

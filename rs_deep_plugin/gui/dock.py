@@ -1,7 +1,7 @@
 """The RS Deep dock panel: pick a raster layer and a model, run, get styled layers in a group.
 
 It drives the same Processing algorithms as the toolbox (rs_deep:segment, rs_deep:detect, ...) through
-QgsProcessingAlgRunnerTask in QGIS's task manager, so QGIS stays responsive. Runs queue up and execute one
+QgsProcessingAlgRunnerTask in QGIS's task manager, so QGIS stays responsive. Runs (runs.py) queue up and run one
 after another; each shows a progress bar, the elapsed time and a Cancel button.
 """
 import html
@@ -10,52 +10,28 @@ import re
 import time
 
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsMessageLog,
-                       QgsProcessing, QgsProcessingAlgRunnerTask, QgsProcessingContext,
-                       QgsProcessingFeatureSourceDefinition, QgsProcessingFeedback,
-                       QgsProcessingOutputLayerDefinition, QgsProcessingParameterDefinition, QgsProcessingUtils,
-                       QgsProject, QgsReferencedRectangle, QgsSettings, QgsUnitTypes, QgsVectorLayer, QgsWkbTypes)
+                       QgsProcessing, QgsProcessingFeatureSourceDefinition, QgsProcessingOutputLayerDefinition,
+                       QgsProject, QgsReferencedRectangle, QgsUnitTypes, QgsWkbTypes)
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
-from qgis.PyQt.QtCore import QObject, Qt, QTimer, pyqtSignal
+from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
-                                 QHBoxLayout, QLabel, QLineEdit, QMenu, QMessageBox, QProgressBar, QPushButton,
-                                 QScrollArea, QSpinBox, QToolButton, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QMenu,
+                                 QMessageBox, QPushButton, QScrollArea, QToolButton, QVBoxLayout, QWidget)
 
-TAG = "RS Deep"
-PREFIX = "rs_deep/"
+from .model_card import ModelInfo, device_choices
+from .param_widgets import is_hidden, is_optional, option_widget, widget_value
+from .runs import TAG, Run, RunWidget
+from .settings import set_setting, settings_value
+
 MAX_RECENT = 8
 #: runs larger than this (pixels at the model's GSD; setting rs_deep/confirm_pixels) ask before they start
 CONFIRM_PIXELS = 400_000_000
 CPU_MPIX_PER_S = 1.0  # a rough CPU rate (make bench: 1.1-1.9 Mpix/s on 2 cores) for the estimate shown
 
-#: model task -> Processing algorithm that runs it
-TASK_ALGORITHMS = {
-    "segmentation": "rs_deep:segment",
-    "detection": "rs_deep:detect",
-    "change": "rs_deep:detect_change",
-    "patch_classification": "rs_deep:classify_patches",
-}
-TASK_NAMES = {
-    "segmentation": "Semantic segmentation",
-    "detection": "Object detection",
-    "change": "Change detection",
-    "patch_classification": "Patch classification",
-}
 #: parameters the dock fills itself (everything else of supported types becomes an option widget)
 HANDLED = {"MODEL", "EXTENT", "MASK", "DEVICE"}
 EXTENT_MODES = [("layer", "Whole layer"), ("canvas", "Current map canvas"),
                 ("selected", "Selected features of a polygon layer"), ("drawn", "Rectangle drawn on the map")]
-
-
-def settings_value(key, default=None, type_=None):
-    s = QgsSettings()
-    if type_ is not None:
-        return s.value(PREFIX + key, default, type=type_)
-    return s.value(PREFIX + key, default)
-
-
-def set_setting(key, value):
-    QgsSettings().setValue(PREFIX + key, value)
 
 
 def _round(x):
@@ -65,304 +41,6 @@ def _round(x):
 
 def _slug(text):
     return re.sub(r"[^\w.-]+", "_", text).strip("_")[:80] or "run"
-
-
-def _is_advanced(p):
-    return bool(p.flags() & QgsProcessingParameterDefinition.FlagAdvanced)
-
-
-def _is_hidden(p):
-    return bool(p.flags() & QgsProcessingParameterDefinition.FlagHidden)
-
-
-def _is_optional(p):
-    return bool(p.flags() & QgsProcessingParameterDefinition.FlagOptional)
-
-
-# --------------------------------------------------------------------------------------------- models
-class ModelInfo:
-    """A model package's card, read once per path and modification time."""
-
-    _cache = {}
-
-    def __init__(self, path, pkg=None, error=None):
-        self.path, self.pkg, self.error = path, pkg, error
-
-    @classmethod
-    def load(cls, path):
-        try:
-            key = (path, os.path.getmtime(path))
-        except OSError:
-            key = (path, None)
-        if key not in cls._cache:
-            from ..engine.models.package import load_package
-            try:
-                cls._cache[key] = cls(path, load_package(path))
-            except Exception as exc:  # a broken package: show why
-                cls._cache[key] = cls(path, error=str(exc))
-        return cls._cache[key]
-
-    @property
-    def algorithm_id(self):
-        return TASK_ALGORITHMS.get(self.pkg.task) if self.pkg else None
-
-    def card_html(self):
-        if self.pkg is None:
-            return f"<b>Cannot use this model package</b><br>{html.escape(self.error or '')}"
-        pkg = self.pkg
-        gsd = f"{pkg.gsd:g} m" if pkg.gsd else "any"
-        rows = [f"<b>{html.escape(pkg.name)}</b>"]
-        if pkg.description:
-            rows.append(f"<i>{html.escape(pkg.description)}</i>")
-        rows.append(f"Task: {html.escape(TASK_NAMES.get(pkg.task, pkg.task))}")
-        rows.append(f"Bands: {html.escape(', '.join(pkg.bands))}")
-        rows.append(f"GSD: {gsd} &nbsp; Tile: {pkg.tile_size} px")
-        swatches = "".join(
-            f"<tr><td style='background-color:#{c.color}' width='18'>&nbsp;</td>"
-            f"<td>&nbsp;{html.escape(c.name)}</td></tr>" for c in pkg.classes)
-        return "<br>".join(rows) + f"<table cellspacing='2'>{swatches}</table>"
-
-
-def bundled_model_paths():
-    from ...processing_algorithms.base import MODELS_DIR, bundled_models
-    return [(name, os.path.join(MODELS_DIR, name)) for name in bundled_models()]
-
-
-# ------------------------------------------------------------------------------------------ device list
-def device_choices():
-    """[(label, DEVICE value)]: automatic, the CPU, and every accelerator torch finds (with its name)."""
-    try:
-        import torch
-    except Exception:
-        return [("CPU (PyTorch is not installed)", "cpu")]
-    items = []
-    try:
-        if torch.cuda.is_available():
-            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            items.append((f"GPU: {', '.join(names)} (CUDA)", "cuda"))
-    except Exception:
-        pass
-    mps = getattr(torch.backends, "mps", None)
-    try:
-        if mps is not None and mps.is_available():
-            items.append(("Apple GPU (MPS)", "mps"))
-    except Exception:
-        pass
-    cpu = f"CPU ({torch.get_num_threads()} threads)"
-    auto = f"Automatic: {items[0][0] if items else cpu}"
-    return [(auto, "auto")] + items + [(cpu, "cpu")]
-
-
-# -------------------------------------------------------------------------------------------- the runs
-class _Feedback(QgsProcessingFeedback):
-    """Keeps the algorithm's error messages (reported from the worker thread) for the message bar."""
-
-    def __init__(self):
-        super().__init__()
-        self.errors = []
-
-    def reportError(self, error, fatalError=False):  # noqa: N802,N803 (QGIS API)
-        self.errors.append(error)
-        super().reportError(error, fatalError)
-
-
-class Run(QObject):
-    """One run of an algorithm from the dock: queued -> running -> done / failed / cancelled."""
-
-    QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-    changed = pyqtSignal()
-    finished = pyqtSignal(object)
-
-    def __init__(self, name, algorithm_id, parameters, project, iface=None, parent=None):
-        super().__init__(parent)
-        self.name, self.algorithm_id, self.parameters = name, algorithm_id, parameters
-        self.project, self.iface = project, iface
-        self.status = self.QUEUED
-        self.feedback = _Feedback()
-        self.context = None
-        self.task = None
-        self.started = self.ended = None
-        self.layers = []
-        self.group = None
-        self.message = ""
-        self.results = {}
-
-    # -- state
-    def is_active(self):
-        return self.status in (self.QUEUED, self.RUNNING)
-
-    def elapsed(self):
-        if self.started is None:
-            return 0.0
-        return (self.ended or time.monotonic()) - self.started
-
-    def progress(self):
-        return self.feedback.progress()
-
-    # -- running
-    def start(self):
-        alg = QgsApplication.processingRegistry().algorithmById(self.algorithm_id)
-        self.started = time.monotonic()
-        self.status = self.RUNNING
-        self.changed.emit()
-        if alg is None:
-            self._finish(False, {}, f"The algorithm {self.algorithm_id} is not available")
-            return
-        context = QgsProcessingContext()
-        context.setProject(self.project)
-        context.setFeedback(self.feedback)
-        context.setTransformContext(self.project.transformContext())
-        context.setEllipsoid(self.project.ellipsoid())
-        self.context = context
-        QgsMessageLog.logMessage(f"{self.name}: {alg.asPythonCommand(self.parameters, context)}", TAG, Qgis.Info)
-        task = QgsProcessingAlgRunnerTask(alg, self.parameters, context, self.feedback)
-        task.setDescription(f"RS Deep: {self.name}")
-        task.executed.connect(self._executed)
-        self.task = task
-        if task.isCanceled():  # prepare() failed (e.g. a layer vanished): never reaches the task manager
-            self.task = None
-            self._executed(False, {})
-            return
-        QgsApplication.taskManager().addTask(task)
-
-    def cancel(self):
-        if self.status == self.QUEUED:
-            self.status = self.CANCELLED
-            self.message = "Cancelled before it started."
-            self.changed.emit()
-            self.finished.emit(self)
-        elif self.status == self.RUNNING:
-            self.feedback.cancel()
-            if self.task is not None:
-                try:
-                    self.task.cancel()
-                except RuntimeError:  # the task manager already deleted it
-                    pass
-
-    def _executed(self, successful, results):
-        self.task = None  # the task manager deletes it
-        if self.feedback.isCanceled():
-            self._finish(False, {}, None, cancelled=True)
-        elif successful:
-            self._finish(True, results)
-        else:
-            error = self.feedback.errors[-1] if self.feedback.errors else "The algorithm failed; see the log."
-            self._finish(False, {}, error)
-
-    def _finish(self, ok, results, error=None, cancelled=False):
-        self.ended = time.monotonic()
-        took = f"{self.elapsed():.1f} s"
-        if ok:
-            self.results = dict(results)
-            try:
-                self._load_layers()
-                self.status = self.DONE
-                self.message = f"Done in {took}: {len(self.layers)} layer(s) in group “{self.name}”."
-            except Exception as exc:
-                self.status = self.FAILED
-                self.message = f"The run finished but its layers could not be loaded: {exc}"
-        elif cancelled:
-            self.status = self.CANCELLED
-            self.message = f"Cancelled after {took}; nothing was added."
-        else:
-            self.status = self.FAILED
-            self.message = error or "Failed."
-        log = self.feedback.textLog() if hasattr(self.feedback, "textLog") else ""
-        level = {self.DONE: Qgis.Success, self.FAILED: Qgis.Critical}.get(self.status, Qgis.Info)
-        QgsMessageLog.logMessage(f"{self.name}: {self.status} ({took}). {self.message}\n{log}".rstrip(), TAG, level)
-        if self.iface is not None:
-            bar = self.iface.messageBar()
-            if self.status == self.DONE:
-                bar.pushMessage(TAG, f"{self.name}: {self.message}", Qgis.Success, 6)
-            elif self.status == self.FAILED:
-                bar.pushMessage(TAG, f"{self.name} failed: {self.message}", Qgis.Critical, 0)
-            else:
-                bar.pushMessage(TAG, f"{self.name}: {self.message}", Qgis.Info, 4)
-        self.context = None if not ok else self.context
-        self.changed.emit()
-        self.finished.emit(self)
-
-    def _load_layers(self):
-        """Load the outputs into a group named after the run, styled by the algorithm's post-processors
-        (the same steps as Processing's own result handling, into our group)."""
-        context = self.context
-        root = self.project.layerTreeRoot()
-        loaded = []
-        for source, details in context.layersToLoadOnCompletion().items():
-            layer = QgsProcessingUtils.mapLayerFromString(source, context, typeHint=details.layerTypeHint)
-            if layer is None or not layer.isValid():
-                raise RuntimeError(f"cannot open {source}")
-            details.setOutputLayerName(layer)
-            taken = context.temporaryLayerStore().takeMapLayer(layer)
-            loaded.append((taken or layer, details))
-        if not loaded:
-            return
-        self.group = root.insertGroup(0, self.name)
-        # vectors above rasters
-        loaded.sort(key=lambda ld: 0 if isinstance(ld[0], QgsVectorLayer) else 1)
-        for layer, details in loaded:
-            self.project.addMapLayer(layer, False)
-            self.group.addLayer(layer)
-            if details.postProcessor():
-                details.postProcessor().postProcessLayer(layer, context, self.feedback)
-            self.layers.append(layer)
-        self.group.setExpanded(True)
-
-
-class RunWidget(QFrame):
-    """Progress bar, elapsed time and Cancel button of one run."""
-
-    def __init__(self, run, parent=None):
-        super().__init__(parent)
-        self.run = run
-        self.setFrameShape(QFrame.Shape.StyledPanel)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(4, 4, 4, 4)
-        top = QHBoxLayout()
-        self.title = QLabel(f"<b>{html.escape(run.name)}</b>")
-        self.title.setWordWrap(True)
-        top.addWidget(self.title, 1)
-        self.cancel_button = QToolButton()
-        self.cancel_button.setText("Cancel")
-        self.cancel_button.setToolTip("Cancel this run")
-        self.cancel_button.clicked.connect(run.cancel)
-        top.addWidget(self.cancel_button)
-        layout.addLayout(top)
-        row = QHBoxLayout()
-        self.bar = QProgressBar()
-        self.bar.setRange(0, 100)
-        row.addWidget(self.bar, 1)
-        self.elapsed = QLabel("queued")
-        self.elapsed.setMinimumWidth(60)
-        row.addWidget(self.elapsed)
-        layout.addLayout(row)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        self.status.setVisible(False)
-        layout.addWidget(self.status)
-        run.changed.connect(self.refresh)
-        self.refresh()
-
-    def refresh(self):
-        run = self.run
-        if run.status == Run.RUNNING:
-            self.bar.setValue(int(run.progress()))
-            self.elapsed.setText(_fmt_time(run.elapsed()))
-        elif run.status == Run.QUEUED:
-            self.elapsed.setText("queued")
-        else:
-            if run.status == Run.DONE:
-                self.bar.setValue(100)
-            self.elapsed.setText(_fmt_time(run.elapsed()))
-            self.cancel_button.setVisible(False)
-            colour = {Run.DONE: "#2e7d32", Run.FAILED: "#c62828"}.get(run.status, "#555555")
-            self.status.setText(f"<span style='color:{colour}'>{html.escape(run.message)}</span>")
-            self.status.setVisible(True)
-
-
-def _fmt_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
 # -------------------------------------------------------------------------------------------- the dock
@@ -600,13 +278,13 @@ class RSDeepDock(QgsDockWidget):
             self.inputs_form.addRow(QLabel("<i>Choose a model this version can run.</i>"))
             self._update_run_button()
             return
-        rasters = [p for p in alg.parameterDefinitions() if p.type() == "raster" and not _is_hidden(p)]
+        rasters = [p for p in alg.parameterDefinitions() if p.type() == "raster" and not is_hidden(p)]
         layers = QgsProject.instance().mapLayers().values()
         used = []
         for p in rasters:
             combo = QgsMapLayerComboBox()
             combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
-            combo.setAllowEmptyLayer(_is_optional(p))
+            combo.setAllowEmptyLayer(is_optional(p))
             # BEFORE/AFTER: start on different layers
             for layer in layers:
                 if layer.type() == layer.RasterLayer and layer.id() not in used and len(rasters) > 1:
@@ -619,23 +297,23 @@ class RSDeepDock(QgsDockWidget):
             self.layer_combos[p.name()] = combo
         saved = f"options/{alg.id().replace(':', '_')}/"
         for p in alg.parameterDefinitions():
-            if p.name() in HANDLED or p.name() in self.layer_combos or _is_hidden(p) or p.isDestination():
+            if p.name() in HANDLED or p.name() in self.layer_combos or is_hidden(p) or p.isDestination():
                 continue
-            widget = _option_widget(p, settings_value(saved + p.name()))
+            widget = option_widget(p, settings_value(saved + p.name()))
             if widget is None:
-                if not _is_optional(p):
+                if not is_optional(p):
                     self.options_form.addRow(QLabel(f"{p.description()}: not settable here; use the toolbox"))
                 continue
             self.options_form.addRow(p.description(), widget)
             self.option_widgets[p.name()] = (p, widget)
         for p in alg.destinationParameterDefinitions():
-            if _is_hidden(p):
+            if is_hidden(p):
                 continue
             check = QCheckBox(p.description())
             default = settings_value(saved + "out_" + p.name(), None)
             on = p.createByDefault() if default is None else str(default).lower() in ("true", "1")
-            check.setChecked(on or not _is_optional(p))
-            check.setEnabled(_is_optional(p))
+            check.setChecked(on or not is_optional(p))
+            check.setEnabled(is_optional(p))
             self.outputs_checks_row.addWidget(check)
             self.destination_checks[p.name()] = (p, check)
         self.mask_param = next((p for p in alg.parameterDefinitions() if p.name() == "MASK"), None)
@@ -742,7 +420,7 @@ class RSDeepDock(QgsDockWidget):
             params["DEVICE"] = options.index(dev) if dev in options else dev
         saved = f"options/{alg.id().replace(':', '_')}/"
         for name, (p, widget) in self.option_widgets.items():
-            value = _widget_value(widget)
+            value = widget_value(widget)
             params[name] = value
             set_setting(saved + name, value)
         folder = self.output_dir.filePath().strip()
@@ -927,6 +605,11 @@ def _missing_dependencies():
     return missing_dependencies()
 
 
+def bundled_model_paths():
+    from ...processing_algorithms.base import MODELS_DIR, bundled_models
+    return [(name, os.path.join(MODELS_DIR, name)) for name in bundled_models()]
+
+
 def _icon():
     from ...processing_algorithms.provider_icon import ICON
     return ICON
@@ -951,58 +634,4 @@ def _clear_layout(layout):
             item.widget().deleteLater()
 
 
-def _option_widget(p, saved=None):
-    """A widget for a parameter definition, set to the saved value or the definition's default."""
-    t = p.type()
-    default = p.defaultValue()
-    value = saved if saved not in (None, "") else default
-    if t in ("number", "distance", "duration", "scale"):
-        is_int = t == "number" and p.dataType() == p.Integer
-        w = QSpinBox() if is_int else QDoubleSpinBox()
-        lo = p.minimum() if p.minimum() > -1e15 else -1e12
-        hi = p.maximum() if p.maximum() < 1e15 else 1e12
-        if is_int:
-            w.setRange(int(max(lo, -2 ** 31 + 1)), int(min(hi, 2 ** 31 - 1)))
-        else:
-            w.setDecimals(4)
-            w.setRange(lo, hi)
-        try:
-            w.setValue(int(float(value)) if is_int else float(value))
-        except (TypeError, ValueError):
-            pass
-        w.setToolTip(p.description())
-        w.setProperty("rs_deep_default", default)
-        return w
-    if t == "enum":
-        w = QComboBox()
-        for opt in p.options():
-            w.addItem(opt)
-        try:
-            w.setCurrentIndex(int(value) if value is not None else 0)
-        except (TypeError, ValueError):
-            pass
-        return w
-    if t == "boolean":
-        w = QCheckBox()
-        w.setChecked(str(value).lower() in ("true", "1") if value is not None else False)
-        return w
-    if t == "string":
-        w = QLineEdit()
-        w.setText("" if value is None else str(value))
-        return w
-    return None
-
-
-def _widget_value(w):
-    if isinstance(w, (QSpinBox, QDoubleSpinBox)):
-        return w.value()
-    if isinstance(w, QComboBox):
-        return w.currentIndex()
-    if isinstance(w, QCheckBox):
-        return w.isChecked()
-    if isinstance(w, QLineEdit):
-        return w.text()
-    return None
-
-
-__all__ = ["RSDeepDock", "Run", "RunWidget", "ModelInfo", "TASK_ALGORITHMS", "device_choices"]
+__all__ = ["RSDeepDock"]

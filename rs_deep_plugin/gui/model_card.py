@@ -1,0 +1,88 @@
+"""A model package's card for the dock (name, task, bands, GSD, classes) and the devices a run can use."""
+import html
+import os
+
+#: model task -> Processing algorithm that runs it
+TASK_ALGORITHMS = {
+    "segmentation": "rs_deep:segment",
+    "detection": "rs_deep:detect",
+    "change": "rs_deep:detect_change",
+    "patch_classification": "rs_deep:classify_patches",
+}
+TASK_NAMES = {
+    "segmentation": "Semantic segmentation",
+    "detection": "Object detection",
+    "change": "Change detection",
+    "patch_classification": "Patch classification",
+}
+
+
+class ModelInfo:
+    """A model package's card, read once per path and modification time."""
+
+    _cache = {}
+
+    def __init__(self, path, pkg=None, error=None):
+        self.path, self.pkg, self.error = path, pkg, error
+
+    @classmethod
+    def load(cls, path):
+        try:
+            key = (path, os.path.getmtime(path))
+        except OSError:
+            key = (path, None)
+        if key not in cls._cache:
+            from ..engine.models.package import load_package
+            try:
+                cls._cache[key] = cls(path, load_package(path))
+            except Exception as exc:  # a broken package: show why
+                cls._cache[key] = cls(path, error=str(exc))
+        return cls._cache[key]
+
+    @property
+    def algorithm_id(self):
+        return TASK_ALGORITHMS.get(self.pkg.task) if self.pkg else None
+
+    def card_html(self):
+        if self.pkg is None:
+            return f"<b>Cannot use this model package</b><br>{html.escape(self.error or '')}"
+        pkg = self.pkg
+        gsd = f"{pkg.gsd:g} m" if pkg.gsd else "any"
+        rows = [f"<b>{html.escape(pkg.name)}</b>"]
+        if pkg.description:
+            rows.append(f"<i>{html.escape(pkg.description)}</i>")
+        rows.append(f"Task: {html.escape(TASK_NAMES.get(pkg.task, pkg.task))}")
+        rows.append(f"Bands: {html.escape(', '.join(pkg.bands))}")
+        rows.append(f"GSD: {gsd} &nbsp; Tile: {pkg.tile_size} px")
+        swatches = "".join(
+            f"<tr><td style='background-color:#{c.color}' width='18'>&nbsp;</td>"
+            f"<td>&nbsp;{html.escape(c.name)}</td></tr>" for c in pkg.classes)
+        return "<br>".join(rows) + f"<table cellspacing='2'>{swatches}</table>"
+
+
+# ------------------------------------------------------------------------------------------ device list
+def device_choices():
+    """[(label, DEVICE value)]: automatic, the CPU, and every accelerator torch finds (with its name)."""
+    try:
+        import torch
+    except Exception:
+        return [("CPU (PyTorch is not installed)", "cpu")]
+    items = []
+    try:
+        if torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            items.append((f"GPU: {', '.join(names)} (CUDA)", "cuda"))
+    except Exception:
+        pass
+    mps = getattr(torch.backends, "mps", None)
+    try:
+        if mps is not None and mps.is_available():
+            items.append(("Apple GPU (MPS)", "mps"))
+    except Exception:
+        pass
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    auto = f"Automatic: {items[0][0] if items else cpu}"
+    return [(auto, "auto")] + items + [(cpu, "cpu")]
+
+
+__all__ = ["ModelInfo", "TASK_ALGORITHMS", "TASK_NAMES", "device_choices"]

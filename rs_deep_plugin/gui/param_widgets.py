@@ -1,0 +1,69 @@
+"""Option widgets built from Processing parameter definitions, the values read back from them, and the
+definitions' flags."""
+from qgis.core import QgsProcessingParameterDefinition
+from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
+
+
+def is_hidden(p):
+    return bool(p.flags() & QgsProcessingParameterDefinition.FlagHidden)
+
+
+def is_optional(p):
+    return bool(p.flags() & QgsProcessingParameterDefinition.FlagOptional)
+
+
+def option_widget(p, saved=None):
+    """A widget for a parameter definition, set to the saved value or the definition's default."""
+    t = p.type()
+    default = p.defaultValue()
+    value = saved if saved not in (None, "") else default
+    if t in ("number", "distance", "duration", "scale"):
+        is_int = t == "number" and p.dataType() == p.Integer
+        w = QSpinBox() if is_int else QDoubleSpinBox()
+        lo = p.minimum() if p.minimum() > -1e15 else -1e12
+        hi = p.maximum() if p.maximum() < 1e15 else 1e12
+        if is_int:
+            w.setRange(int(max(lo, -2 ** 31 + 1)), int(min(hi, 2 ** 31 - 1)))
+        else:
+            w.setDecimals(4)
+            w.setRange(lo, hi)
+        try:
+            w.setValue(int(float(value)) if is_int else float(value))
+        except (TypeError, ValueError):
+            pass
+        w.setToolTip(p.description())
+        w.setProperty("rs_deep_default", default)
+        return w
+    if t == "enum":
+        w = QComboBox()
+        for opt in p.options():
+            w.addItem(opt)
+        try:
+            w.setCurrentIndex(int(value) if value is not None else 0)
+        except (TypeError, ValueError):
+            pass
+        return w
+    if t == "boolean":
+        w = QCheckBox()
+        w.setChecked(str(value).lower() in ("true", "1") if value is not None else False)
+        return w
+    if t == "string":
+        w = QLineEdit()
+        w.setText("" if value is None else str(value))
+        return w
+    return None
+
+
+def widget_value(w):
+    if isinstance(w, (QSpinBox, QDoubleSpinBox)):
+        return w.value()
+    if isinstance(w, QComboBox):
+        return w.currentIndex()
+    if isinstance(w, QCheckBox):
+        return w.isChecked()
+    if isinstance(w, QLineEdit):
+        return w.text()
+    return None
+
+
+__all__ = ["option_widget", "widget_value", "is_hidden", "is_optional"]
