@@ -195,7 +195,7 @@ def resolve_model_path(value):
 
 def load_model_package(value, task):
     from ..rs_deep_plugin.engine.errors import RSDeepError
-    from ..rs_deep_plugin.engine.models.package import load_package
+    from ..rs_deep_plugin.engine.models.loading import load_package
     try:
         return load_package(resolve_model_path(value), task=task)
     except RSDeepError as exc:

@@ -60,7 +60,7 @@ class ExportOnnxAlgorithm(RSDeepAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
         from ..rs_deep_plugin.engine.errors import RSDeepError
-        from ..rs_deep_plugin.engine.models.onnx import export_onnx
+        from ..rs_deep_plugin.engine.models.onnx.export import export_onnx
 
         outputs = RunOutputs(self, parameters, context, feedback)  # OUTPUT is not the model; SIGTERM cancels
         source = resolve_model_path(self.parameterAsFile(parameters, self.INPUT, context))

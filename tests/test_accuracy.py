@@ -361,7 +361,8 @@ def test_algorithms_are_registered_with_help(provider):
         assert len(alg.shortHelpString()) > 500
     # every ARCHITECTURE choice is on the engine's allow-lists
     from rs_deep.processing_algorithms.train import DETECTION_ARCHITECTURES, SEGMENTATION_ARCHITECTURES
-    from rs_deep.rs_deep_plugin.engine.models.architectures import SMP_ARCHITECTURES, validate_builder
+    from rs_deep.rs_deep_plugin.engine.models.arch_smp import SMP_ARCHITECTURES
+    from rs_deep.rs_deep_plugin.engine.models.architectures import validate_builder
     assert SEGMENTATION_ARCHITECTURES == list(SMP_ARCHITECTURES)
     from rs_deep.processing_algorithms.train import CENTERNET_PARAMS
     assert DETECTION_ARCHITECTURES[0] == "CenterNet"
@@ -459,7 +460,7 @@ def labels_with_class(tmp_path_factory, footprints):
 
 def test_train_segment_assess_chain(provider, labels_with_class, tmp_path):
     """Raster + labels -> model package -> class raster -> accuracy report, all through Processing."""
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     fb = RecordingFeedback()
     out = tmp_path / "pkg"
     res = _run("rs_deep:train", dict(TINY, INPUT=str(IMAGE), LABELS=labels_with_class, CLASS_FIELD="kind",
@@ -546,7 +547,7 @@ def test_train_bad_input_is_clear(provider, labels_with_class, footprints, tmp_p
 def test_train_detection_end_to_end(provider, footprints, tmp_path):
     """Detection labels -> boxes of each feature's envelope, classes the sorted field values, bottom rows held out;
     a real (tiny) CenterNet training run writes a detection package that rs_deep:detect runs."""
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.training.detection import _map_to_pixels, read_geojson_boxes
     feats = [(g, {"size": "big" if g.area > 200 else "small"}) for g, _ in footprints]
     labels = _geojson(tmp_path / "boxes.geojson", feats)
@@ -576,7 +577,7 @@ def test_train_detection_end_to_end(provider, footprints, tmp_path):
 
 
 def test_train_patch_classification(provider, labels_with_class, tmp_path):
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     fb = RecordingFeedback()
     res = _run("rs_deep:train", dict(TINY, TASK=2, ARCHITECTURE=0, TILE_SIZE=16, EPOCHS=1, BATCH_SIZE=4,
                                      INPUT=str(IMAGE), LABELS=labels_with_class, CLASS_FIELD="kind",

@@ -13,8 +13,10 @@ import rasterio
 from rasterio.transform import from_origin
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, load_package, parse_metadata, save_package
-from rs_deep.rs_deep_plugin.engine.inference.change import PairReader, change_polygons, detect_change, inspect_pair
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, parse_metadata, save_package
+from rs_deep.rs_deep_plugin.engine.geo.pair import PairReader, inspect_pair
+from rs_deep.rs_deep_plugin.engine.inference.change import change_polygons, detect_change
 
 from conftest import LANDSAT, model_output, write_raster
 

@@ -10,7 +10,7 @@ from shapely.geometry import box as sbox
 from rs_deep.rs_deep_plugin.engine.training.chips import (MANIFEST, export_training_data, is_chip_set, load_manifest,
                                                  split_chips)
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 from rs_deep.rs_deep_plugin.engine.training.segmentation import read_vector_labels, train_segmentation
 
 from conftest import ATLANTA_EAST, ATLANTA_IMAGE, ATLANTA_LABELS, CHANGE, TREES, TREES_IMAGE

@@ -10,12 +10,13 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from rs_deep.rs_deep_plugin.engine.inference import detect as detect_mod
+from rs_deep.rs_deep_plugin.engine.models import detection_options, runners
 from rs_deep.rs_deep_plugin.engine.models.architectures import build_model, validate_builder
-from rs_deep.rs_deep_plugin.engine.inference.detect import (detect, edge_cut_flags, merge_detections, package_defaults,
-                                                   write_geojson)
+from rs_deep.rs_deep_plugin.engine.inference.detect import detect, edge_cut_flags, merge_detections, write_geojson
+from rs_deep.rs_deep_plugin.engine.models.detection_options import package_defaults
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, load_package, save_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, save_package
 
 from conftest import DATA, ROOT, make_package, model_output, write_raster
 
@@ -115,7 +116,7 @@ class SquareFinder:
 
 @pytest.fixture
 def square_finder(monkeypatch):
-    monkeypatch.setattr(detect_mod, "DetectionRunner", SquareFinder)
+    monkeypatch.setattr(runners, "DetectionRunner", SquareFinder)  # what packages make
     SquareFinder.calls = 0
     return SquareFinder
 
@@ -172,7 +173,8 @@ def test_package_round_trip_and_validation_errors(tmp_path, det_package):
     model = pkg.load_model()  # float16 weights back into the float32 network
     assert next(model.parameters()).dtype.is_floating_point
     bare = load_package(make_detection_package(tmp_path / "bare", thresholds=False))
-    assert package_defaults(bare) == (detect_mod.SCORE_THRESHOLD, detect_mod.IOU_THRESHOLD, detect_mod.MAX_DETECTIONS)
+    assert package_defaults(bare) == (detection_options.SCORE_THRESHOLD, detection_options.IOU_THRESHOLD,
+                                    detection_options.MAX_DETECTIONS)
     with pytest.raises(ModelPackageError, match="this is a detection model; this tool needs a segmentation model"):
         load_package(det_package, task="segmentation")
 
@@ -554,7 +556,7 @@ def test_centernet_decode_finds_a_bright_square():
 
 
 def test_centernet_training_writes_a_package_the_engine_runs(tmp_path):
-    from rs_deep.rs_deep_plugin.engine.inference.detect import DetectionRunner
+    from rs_deep.rs_deep_plugin.engine.models.runners import DetectionRunner
     from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
     raster, boxes = squares_raster(tmp_path / "train.tif", size=(200, 160), n=10)
     tr, va = split_sample(DetectionSample(str(raster), [b + ("car",) for b in boxes]), 0.3)

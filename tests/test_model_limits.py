@@ -24,7 +24,7 @@ from rs_deep.rs_deep_plugin.engine.training.chips import load_manifest
 from rs_deep.rs_deep_plugin.engine.errors import InputError, ModelPackageError
 from rs_deep.rs_deep_plugin.engine.limits import (MAX_CLASSES, MAX_JSON_DEPTH, MAX_ONNX_WORKING_BYTES,
                                                   MAX_PARAMETERS, MAX_TILE_SIZE, MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO)
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 
 from conftest import DEMO_MODEL, DEV_PLUGINS, SAMPLE
 
@@ -193,7 +193,7 @@ def hub(name):
     except Exception as exc:
         return type(exc).__name__
 out["control"] = hub("control-model")  # before the engine: the hub is reachable (the recorder sees it)
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 try:
     load_package({str(d)!r}).load_model()
 finally:
@@ -289,7 +289,7 @@ def test_huge_network_is_refused_before_it_is_built(rgb_package, tmp_path):
         params={"encoder_depth": 5, "decoder_channels": [16384] * 5}))
     assert (d / "model.json").stat().st_size < 4096
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 load_package({str(d)!r}).load_model()
 """)
     assert_refused(res, "ModelPackageError", str(d), "the network described in rs_deep:builder",
@@ -312,7 +312,7 @@ def test_sparse_4gib_weights_are_refused_in_small_memory(rgb_package, tmp_path):
     with open(d / "model.safetensors", "wb") as f:
         f.truncate(GIB4)
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 load_package({str(d)!r})
 """)
     assert_refused(res, "ModelPackageError", f"{d / 'model.safetensors'} is not a valid safetensors file",
@@ -328,7 +328,7 @@ load_package({str(d)!r})
         f.write(struct.pack("<Q", n) + header)
         f.truncate(8 + n + data)
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 load_package({str(d2)!r})
 """)
     assert_refused(res, "ModelPackageError", str(d2), "model.safetensors does not match its checksum",
@@ -357,7 +357,7 @@ def test_zip_bomb_is_refused_without_inflating_it(rgb_package, tmp_path):
             f.write(bytes(GIB4 & ((1 << 20) - 1)))
     assert z.stat().st_size < 8 << 20
     res = run_case(f"""
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 load_package({str(z)!r})
 """)
     assert_refused(res, "ModelPackageError", f"{z}: model.safetensors inflates from", "to 4 GiB",

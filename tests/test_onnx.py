@@ -19,9 +19,10 @@ from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingExcept
 
 from rs_deep.rs_deep_plugin.engine.inference.detect import detect
 from rs_deep.rs_deep_plugin.engine.errors import InputError, MissingDependency, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.models.onnx import (MODEL_JSON_KEY, decode_yolo, export_onnx,
-                                                         load_onnx_package)
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.onnx.export import export_onnx
+from rs_deep.rs_deep_plugin.engine.models.onnx.package import MODEL_JSON_KEY, load_onnx_package
+from rs_deep.rs_deep_plugin.engine.models.onnx.runners import decode_yolo
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 
 from conftest import DEMO_MODEL, ROOT, SAMPLE, make_package, write_raster

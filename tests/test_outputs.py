@@ -203,7 +203,7 @@ def test_export_refuses_a_folder_with_an_unrelated_manifest(provider, tmp_path):
 
 
 def test_cancelled_training_leaves_the_earlier_package(provider, tmp_path, inputs):
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     chips = inputs / "chips"
     _run("rs_deep:export_training_data", _export_params(chips))
     out = tmp_path / "model"

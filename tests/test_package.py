@@ -7,7 +7,8 @@ import zipfile
 import pytest
 
 from rs_deep.rs_deep_plugin.engine.errors import ModelPackageError
-from rs_deep.rs_deep_plugin.engine.models.package import load_package, package_summary
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import package_summary
 
 from conftest import DEMO_MODEL, make_package
 

@@ -11,7 +11,8 @@ import pytest
 import rasterio
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPackageError
-from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, load_package, parse_metadata, save_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, parse_metadata, save_package
 from rs_deep.rs_deep_plugin.engine.inference.patches import classify_patches
 
 from conftest import DATA, model_output, write_raster

@@ -9,7 +9,7 @@ import rasterio
 from shapely.geometry import box
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 
 from conftest import LANDSAT, make_package, write_raster

@@ -6,7 +6,7 @@ import pytest
 import rasterio
 
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
-from rs_deep.rs_deep_plugin.engine.models.package import load_package
+from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 from rs_deep.rs_deep_plugin.engine.inference.segment import segment
 from rs_deep.rs_deep_plugin.engine.training.segmentation import (IGNORE, confusion_matrix, metrics_from_confusion,
                                                  read_vector_labels, train_segmentation)

@@ -30,7 +30,7 @@ def test_export_algorithm_is_registered_with_help(provider):
 
 def test_export_then_train_from_chips_then_segment(provider, tmp_path):
     """Buildings polygons in their own CRS -> chips with a block split -> rs_deep:train CHIPS -> rs_deep:segment."""
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     fb = RecordingFeedback()
     res = _run("rs_deep:export_training_data", {
         "INPUT": str(ATLANTA_IMAGE), "LABELS": str(ATLANTA_LABELS), "TASK": 0,
@@ -64,7 +64,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
 
 
 def test_detection_chips_through_processing(provider, tmp_path):
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     res = _run("rs_deep:export_training_data", {
         "INPUT": str(TREES_IMAGE), "LABELS": str(TREES / "OSBS_029_boxes.geojson"), "CLASS_FIELD": "label",
         "TASK": 1, "TILE_SIZE": 128, "VALIDATION": 0.25, "BLOCK_SIZE": 128, "OUTPUT": str(tmp_path / "trees")})
@@ -87,7 +87,7 @@ def test_change_trains_from_two_rasters_and_polygons(provider, tmp_path):
 
 
 def check_change_trains_from_two_rasters_and_polygons(tmp_path, train, apply, shape):
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     fb = RecordingFeedback()
     trained = _run("rs_deep:train", dict(TINY, TASK=3, ARCHITECTURE=0, EPOCHS=1, INPUT=str(train.before),
                                          INPUT_AFTER=str(train.after), LABELS=str(train.polygons),
@@ -331,7 +331,7 @@ def test_class_colours_come_from_the_labels_style(provider, tmp_path):
     from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsProject, QgsRendererCategory,
                            QgsVectorLayer)
     from shapely.geometry import mapping, shape
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     feats = json.loads((ATLANTA_LABELS).read_text())
     for i, f in enumerate(feats["features"]):
         f["properties"] = {"kind": "house" if i % 2 else "shed"}

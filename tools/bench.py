@@ -69,7 +69,8 @@ def bench_package():
         return path
     import torch
     from rs_deep.rs_deep_plugin.engine.models.architectures import build_model
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package, save_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    from rs_deep.rs_deep_plugin.engine.models.package import save_package
     demo = load_package(DEMO)
     builder = dict(demo.builder, in_channels=3)
     torch.manual_seed(0)
@@ -83,7 +84,7 @@ def child(raster, out_prefix):
     """One segmentation in this (fresh) process: prints a JSON dict."""
     import numpy as np
     import torch
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     from rs_deep.rs_deep_plugin.engine.models.runners import ModelRunner, select_device
     pkg = load_package(bench_package())
@@ -112,7 +113,7 @@ def child(raster, out_prefix):
 
 
 def vectorise_compare(prefix):
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.geo.vectorize import vectorize
     pkg = load_package(bench_package())
     t0 = time.perf_counter()

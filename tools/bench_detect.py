@@ -77,9 +77,11 @@ def bench_detection(size=4096, model=MODEL, batch_size=None):
     """Time detection on a generated ``size``^2 raster; returns (and prints) the JSON line as a dict."""
     import numpy as np
     import torch
-    from rs_deep.rs_deep_plugin.engine.inference.detect import DetectionRunner, detect, resolve_detection_options
+    from rs_deep.rs_deep_plugin.engine.inference.detect import detect
+    from rs_deep.rs_deep_plugin.engine.models.detection_options import resolve_detection_options
+    from rs_deep.rs_deep_plugin.engine.models.runners import DetectionRunner
     from rs_deep.rs_deep_plugin.engine.models.runners import default_batch_size, select_device
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.geo.raster import RasterReader
     from rs_deep.rs_deep_plugin.engine.inference.tiling import TileGrid
     os.makedirs(OUT, exist_ok=True)

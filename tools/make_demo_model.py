@@ -104,7 +104,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     ensure_dev_link()
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package, package_summary
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    from rs_deep.rs_deep_plugin.engine.models.package import package_summary
     from rs_deep.rs_deep_plugin.engine.progress import terminal_progress
     from rs_deep.rs_deep_plugin.engine.training.segmentation import read_vector_labels, report_summary, train_segmentation
 

@@ -155,7 +155,7 @@ def pick_threshold(yell, yell_boxes, osbs, osbs_boxes, settings, out, log=print)
     (IoU 0.5) on the rest: the right ``YELL_TUNE`` of the YELL crop and OSBS rows ``OSBS_TUNE_ROWS``."""
     import numpy as np
     from rs_deep.rs_deep_plugin.engine.models.runners import select_device
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.geo.raster import apply_scaling
     from rs_deep.rs_deep_plugin.engine.training.detection import (DetectionSample, _load_sample, _resample,
                                                               detection_metrics, predict_image, split_sample,
@@ -206,7 +206,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     ensure_dev_link()
-    from rs_deep.rs_deep_plugin.engine.models.package import load_package, package_summary
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    from rs_deep.rs_deep_plugin.engine.models.package import package_summary
     from rs_deep.rs_deep_plugin.engine.progress import terminal_progress
     from rs_deep.rs_deep_plugin.engine.training.segmentation import REPORT_NAME, _write_json
     from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection

@@ -28,7 +28,7 @@ def main(argv=None):
     s.add_argument("--min-area", type=float, default=None, help="m² (default 10 pixels)")
     s.add_argument("--simplify", type=float, default=None, help="map units (default one pixel)")
     args = ap.parse_args(argv)
-    from .models.package import load_package
+    from .models.loading import load_package
     from .geo.raster import area_factor_m2
     from .inference.segment import segment
     from .geo.vectorize import vectorize

@@ -32,7 +32,7 @@ class ModelInfo:
         except OSError:
             key = (path, None)
         if key not in cls._cache:
-            from ..engine.models.package import load_package
+            from ..engine.models.loading import load_package
             try:
                 cls._cache[key] = cls(path, load_package(path))
             except Exception as exc:  # a broken package: show why

@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import InputError, MissingDependency
+from ..errors import InputError, require
 
 GSD_TOLERANCE = 0.10  # resample only when the raster's GSD differs from the model's by more than 10 %
 
@@ -16,11 +16,7 @@ def apply_affine(transform, x, y):
 
 
 def _rasterio():
-    try:
-        import rasterio
-    except ImportError as exc:
-        raise MissingDependency(f"rasterio is not installed ({exc}); run 'make setup'") from exc
-    return rasterio
+    return require("rasterio")
 
 
 def pixel_size_metres(crs, transform, width, height):

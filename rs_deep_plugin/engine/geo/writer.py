@@ -451,7 +451,3 @@ def colormap_for(classes):
     cmap = {c.value: c.rgb + (255,) for c in classes}
     cmap[CLASS_NODATA] = (0, 0, 0, 0)
     return cmap
-
-
-def class_counts(classes_block, n):
-    return np.bincount(classes_block.ravel(), minlength=256)[:n]

@@ -1,7 +1,7 @@
 """Object detection on a raster of any size with a detection model package.
 
-The same tile loop as segmentation (:mod:`.raster`, :mod:`.tiling`, :mod:`.pipeline`,
-:mod:`.device`), with another consume step:
+The same tile loop as segmentation (:mod:`..geo.raster`, :mod:`.tiling`, :mod:`.pipeline`,
+:mod:`..models.runners`), with another consume step:
 
 * every tile (model resolution) goes through the network, which returns boxes in tile
   pixels after its own score cut, class-wise NMS and per-tile cap;
@@ -17,34 +17,20 @@ x batch size plus the number of objects. Nothing is written to disk: a cancelled
 nothing (:func:`write_geojson` writes a result atomically when asked).
 """
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..models.runners import default_batch_size, device_description, select_device
-from ..errors import InputError, ModelPackageError
-from ..models.package import ModelPackage, load_package
-from .pipeline import Estimate, batched, prefetch
-from ..progress import Progress
-from ..geo.raster import RasterReader, apply_affine, check_size, input_warnings, region_window
-from .segment import _with_tiling, read_tiles, resolve_options
+from ..geo.raster import RasterReader, apply_affine, input_warnings
+from ..models.detection_options import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, resolve_detection_options
+from .pipeline import Estimate, batched, open_device, open_region, prefetch, read_tiles, resolve_options, start_run
 from .tiling import TileGrid
 
-#: defaults when a package does not store its own (``rs_deep:score_threshold`` ...)
-SCORE_THRESHOLD = 0.3
-IOU_THRESHOLD = 0.5
-MAX_DETECTIONS = 300
 #: a box within this many model pixels of an interior tile edge may have been cut by it
 EDGE_MARGIN = 3.0
 #: a cut box is dropped when this share of it lies inside a whole box of another tile
 EDGE_IOA = 0.6
-
-PROP_KEYS = {"score_threshold": "rs_deep:score_threshold", "iou_threshold": "rs_deep:iou_threshold",
-             "max_detections": "rs_deep:max_detections"}
-
 
 @dataclass
 class Detection:
@@ -67,9 +53,6 @@ class Detection:
     def centroid(self):
         return ((self.xmin + self.xmax) / 2.0, (self.ymin + self.ymax) / 2.0)
 
-    def as_dict(self):
-        return {"xmin": self.xmin, "ymin": self.ymin, "xmax": self.xmax, "ymax": self.ymax,
-                "class_id": self.class_id, "class_name": self.class_name, "score": self.score}
 
 
 @dataclass
@@ -112,101 +95,6 @@ class DetectionResult:
         if self.crs is not None:
             fc["crs"] = {"type": "name", "properties": {"name": self.crs.to_string()}}
         return fc
-
-
-# --------------------------------------------------------------------------------------------
-# options
-
-
-def _number(value, integer=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    if integer and value != int(value):
-        return None
-    return value
-
-
-def validate_detection_metadata(props, n_classes, builder_classes, where="model.json: properties"):
-    """Checks of model.json specific to detection packages (called by :func:`.package.parse_metadata`)."""
-    if builder_classes != n_classes:
-        raise ModelPackageError(f"{where}.rs_deep:builder.classes is {builder_classes} but "
-                                f"mlm:output[0].classification:classes lists {n_classes} object classes (for "
-                                "detection both count the objects only; the background is implicit)")
-    for key, lo, hi, integer in (("rs_deep:score_threshold", 0.0, 1.0, False),
-                                 ("rs_deep:iou_threshold", 0.0, 1.0, False),
-                                 ("rs_deep:max_detections", 1, 100_000, True)):
-        if key not in props or props[key] is None:
-            continue
-        v = _number(props[key], integer)
-        if v is None or not lo <= v <= hi or (key == "rs_deep:iou_threshold" and v == 0):
-            kind = "an integer" if integer else "a number"
-            raise ModelPackageError(f"{where}.{key}: expected {kind} in {lo}..{hi}"
-                                    f"{' (above 0)' if key == 'rs_deep:iou_threshold' else ''}, got {props[key]!r}")
-
-
-def package_defaults(pkg):
-    """(score_threshold, iou_threshold, max_detections) stored in the package, or the engine's defaults."""
-    props = (pkg.metadata or {}).get("properties", pkg.metadata or {})
-    score = props.get(PROP_KEYS["score_threshold"])
-    iou = props.get(PROP_KEYS["iou_threshold"])
-    maxd = props.get(PROP_KEYS["max_detections"])
-    return (float(score) if score is not None else SCORE_THRESHOLD,
-            float(iou) if iou is not None else IOU_THRESHOLD,
-            int(maxd) if maxd is not None else MAX_DETECTIONS)
-
-
-def check_thresholds(score, iou, maxd):
-    """Validated (score_threshold, iou_threshold, max_detections), or an InputError naming the fix."""
-    if _number(score) is None or not 0.0 <= score <= 1.0:
-        raise InputError(f"SCORE_THRESHOLD must be between 0 and 1 (boxes scoring less are dropped); got {score!r}")
-    if _number(iou) is None or not 0.0 < iou <= 1.0:
-        raise InputError(f"IOU_THRESHOLD must be above 0 and at most 1 (overlapping boxes of one class with a "
-                         f"larger intersection over union are merged); got {iou!r}")
-    if _number(maxd, integer=True) is None or not 1 <= maxd <= 100_000:
-        raise InputError(f"MAX_DETECTIONS must be a whole number from 1 to 100000 (objects kept per tile); "
-                         f"got {maxd!r}")
-    return float(score), float(iou), int(maxd)
-
-
-def resolve_detection_options(pkg, score_threshold=None, iou_threshold=None, max_detections=None):
-    """The thresholds to use: the arguments where given (None = the package's), validated."""
-    d_score, d_iou, d_max = package_defaults(pkg)
-    return check_thresholds(d_score if score_threshold is None else score_threshold,
-                            d_iou if iou_threshold is None else iou_threshold,
-                            d_max if max_detections is None else max_detections)
-
-
-# --------------------------------------------------------------------------------------------
-# the network on tiles
-
-
-class DetectionRunner:
-    """Runs a torchvision detection network on batches of float32 tiles [B, C, T, T].
-
-    Returns, per tile, (boxes [n, 4] float64 in tile pixels x0, y0, x1, y1; labels [n] as
-    0-based object classes; scores [n])."""
-
-    def __init__(self, model, device, score_threshold, iou_threshold, max_detections):
-        import torch
-        from ..models.arch_torchvision import configure_inference
-        self.torch = torch
-        self.device = device
-        if device.type == "cpu":
-            threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
-            if threads > 0:
-                torch.set_num_threads(threads)
-        # channels_last is faster for (depthwise) convolutions on CPU (oneDNN) and on tensor-core GPUs
-        fmt = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-        self.model = configure_inference(model, score_threshold, iou_threshold, max_detections).to(device).eval()
-        self.model = self.model.to(memory_format=fmt)
-
-    def __call__(self, batch):
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            out = self.model(list(x.unbind(0)))
-        return [(o["boxes"].double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
-                 o["scores"].double().cpu().numpy()) for o in out]
 
 
 def edge_cut_flags(boxes, size, interior, margin=EDGE_MARGIN):
@@ -327,6 +215,46 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
 # entry point
 
 
+def tile_boxes(boxes, labels, scores, valid, tile, interior):
+    """One tile's boxes (tile pixels) that are objects: those centred on a valid pixel (not padding or nodata),
+    with their :func:`edge_cut_flags` (``interior``: whether each edge has a neighbouring tile).
+    Returns (boxes, labels, scores, cut)."""
+    if len(boxes):
+        cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, tile - 1)
+        cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, tile - 1)
+        ok = valid[cy, cx]
+        boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
+    return boxes, labels, scores, edge_cut_flags(boxes, tile, interior)
+
+
+class BoxMerger:
+    """Collects the boxes of every tile (in one pixel grid) and merges them across tile edges
+    (:func:`merge_detections`): the one box pipeline of inference (:func:`detect`) and of detection training's
+    validation."""
+
+    def __init__(self):
+        self.parts = []
+        self.count = 0
+
+    def add(self, boxes, scores, labels, tile_no, cut):
+        if len(boxes):
+            self.parts.append((boxes, scores, labels, np.full(len(boxes), tile_no, dtype=np.int64), cut))
+            self.count += len(boxes)
+
+    def merge(self, iou_threshold, width, height):
+        """(boxes [N, 4], scores [N], labels [N]) after the merge, clipped to ``width`` x ``height`` px; boxes
+        left empty by the clip are dropped."""
+        if not self.parts:
+            return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
+        boxes, scores, labels, tiles, cut = (np.concatenate(k) for k in zip(*self.parts))
+        keep = merge_detections(boxes, scores, labels, tiles, cut, iou_threshold)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return boxes[ok], scores[ok], labels[ok]
+
+
 def _map_boxes(transform, cols0, rows0, cols1, rows1):
     """Axis-aligned map boxes of pixel boxes (all four corners through the affine transform)."""
     xs, ys = [], []
@@ -348,45 +276,20 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
     ``score_threshold``, ``iou_threshold`` and ``max_detections`` (per tile) default to the
     package's values. Returns a :class:`DetectionResult` (no detections is a valid result).
     """
-    t_start = time.time()
-    prog = Progress(progress, is_cancelled)
-    log = log or (lambda msg: None)
-    pkg = package if isinstance(package, ModelPackage) else load_package(package)
-    if pkg.task != "detection":
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; object detection needs a detection model "
-                         f"(rs_deep:task 'detection')")
+    t_start, prog, log, pkg = start_run(package, "detection", progress, is_cancelled, log)
     score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
-    tile, ov = resolve_options(pkg, tile_size, overlap, batch_size, device)
-    pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
+    pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
     # zeros beyond the raster, as the training crops have (a mirror doubles the objects cut by the edge)
     reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd, pad="zeros")
     result = DetectionResult(score_threshold=score, iou_threshold=iou, max_detections=maxd)
     try:
-        if reader.crs is None:
-            result.warnings.append("The input raster has no CRS: boxes are in its pixel/georeferencing units and "
-                                   "the model's GSD cannot be checked, so the raster is used at its own "
-                                   "resolution. Assign a CRS for georeferenced results.")
-        elif reader.scale != 1.0:
-            result.warnings.append(f"The raster's pixels are {reader.gsd:.3g} m and the model expects "
-                                   f"{pkg.gsd:.3g} m: tiles are resampled to the model's GSD and the boxes "
-                                   "mapped back to the raster.")
+        result.warnings, (x0, y0, x1, y1) = open_region(
+            reader, pkg, bounds, max_pixels, log, georef="boxes are in its pixel/georeferencing units",
+            resampled="the boxes")
         result.gsd_scale = reader.scale
-        for w in result.warnings:
-            log(w)
-        x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
-        check_size(x1 - x0, y1 - y0, max_pixels)  # before any work (None: no limit)
         result.crs, result.transform, result.region = reader.crs, reader.transform, (x0, y0, x1, y1)
-        dev = select_device(device)
-        result.device = device_description(dev)
-        log(f"Device: {result.device}")
-        prog.message(f"Loading model {pkg.name} on {result.device}")
-        if getattr(pkg, "backend", "torch") == "onnx":  # onnxruntime (engine/onnx_backend.py)
-            runner = pkg.make_detection_runner(dev, score, iou, maxd)
-        else:
-            runner = DetectionRunner(pkg.load_model(), dev, score, iou, maxd)
-        bs = int(batch_size) if batch_size else default_batch_size(dev)
-        if bs < 1:
-            raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
+        runner = pkg.make_detection_runner(dev, score, iou, maxd)
         n, t = reader.native_tile, reader.tile
         f = n / t  # native pixels per model pixel
         grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
@@ -394,7 +297,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
         result.tiles = len(seq)
         prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} px, "
                      f"batch {bs}; score >= {score:g}, NMS IoU {iou:g}, at most {maxd} objects per tile")
-        all_boxes, all_scores, all_labels, all_tiles, all_cut = [], [], [], [], []
+        merger = BoxMerger()
         done = 0
         estimate = Estimate(len(seq), "tiles", prog.message)
         tile_no = 0
@@ -409,44 +312,27 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                 boxes, labels, scores = outs[j]
                 j += 1
                 result.tiles_run += 1
+                boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, valid, t,
+                                                        (x > x0, y > y0, x + n < x1, y + n < y1))
                 if not len(boxes):
                     continue
-                # boxes centred on padding (mirrored beyond the raster) or nodata are not objects
-                cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, t - 1)
-                cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, t - 1)
-                ok = valid[cy, cx]
-                if not ok.any():
-                    continue
-                boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
-                interior = (x > x0, y > y0, x + n < x1, y + n < y1)
-                cut = edge_cut_flags(boxes, t, interior)
                 native = boxes * f
                 native[:, [0, 2]] += x - x0
                 native[:, [1, 3]] += y - y0
                 # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
                 mx, my = (native[:, 0] + native[:, 2]) / 2, (native[:, 1] + native[:, 3]) / 2
                 inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
-                all_boxes.append(native[inside])
-                all_scores.append(scores[inside])
-                all_labels.append(labels[inside])
-                all_tiles.append(np.full(int(inside.sum()), tile_no, dtype=np.int64))
-                all_cut.append(cut[inside])
+                merger.add(native[inside], scores[inside], labels[inside], tile_no, cut[inside])
             done += len(batch)
             prog.update(0.97 * done / len(seq))
             estimate.after(done)
         prog.check()
-        if all_boxes:
-            boxes = np.concatenate(all_boxes)
-            scores = np.concatenate(all_scores)
-            labels = np.concatenate(all_labels)
-            keep = merge_detections(boxes, scores, labels, np.concatenate(all_tiles), np.concatenate(all_cut), iou)
-            result.raw_detections = len(boxes)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            # clip to the processed region, back to raster pixels
-            boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, x1 - x0) + x0
-            boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, y1 - y0) + y0
-            ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+        if merger.count:
+            result.raw_detections = merger.count
+            # clipped to the processed region, back to raster pixels
+            boxes, scores, labels = merger.merge(iou, x1 - x0, y1 - y0)
+            boxes[:, [0, 2]] += x0
+            boxes[:, [1, 3]] += y0
             mx0, my0, mx1, my1 = _map_boxes(reader.transform, boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
             names = pkg.class_names()
             result.detections = [
@@ -475,6 +361,5 @@ def write_geojson(result, path):
     return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 
-__all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags",
-           "resolve_detection_options", "check_thresholds", "package_defaults", "validate_detection_metadata", "write_geojson",
-           "DetectionRunner", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS"]
+__all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes",
+           "BoxMerger", "write_geojson"]

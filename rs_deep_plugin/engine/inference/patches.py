@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..models.runners import ModelRunner, default_batch_size, device_description, select_device
 from ..errors import InputError, ModelPackageError
+from ..geo.raster import RasterReader, apply_affine, input_warnings
 from ..limits import check_tile_memory
-from ..models.package import ModelPackage, load_package
-from .pipeline import Estimate, batched, prefetch
-from ..progress import Progress
-from ..geo.raster import RasterReader, apply_affine, check_size, input_warnings, region_window
+from .pipeline import Estimate, batched, open_device, open_region, prefetch, start_run
 
 TASK = "patch_classification"
 MIN_PATCH = 8
@@ -85,10 +82,7 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
     stride = patch size: patches side by side). ``bounds``: (xmin, ymin, xmax, ymax) in the
     raster's CRS. Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
     """
-    t_start = time.time()
-    prog = Progress(progress, is_cancelled)
-    log = log or (lambda msg: None)
-    pkg = package if isinstance(package, ModelPackage) else load_package(package)
+    t_start, prog, log, pkg = start_run(package, TASK, progress, is_cancelled, log)
     check_patch_package(pkg)
     patch = int(patch_size) if patch_size else pkg.tile_size
     if patch < MIN_PATCH:
@@ -103,17 +97,9 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
     reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
     result = PatchClassificationResult(patch_size=patch, stride=step)
     try:
-        if reader.crs is None:
-            result.warnings.append("The input raster has no CRS: patches get its pixel coordinates and the "
-                                   "model's GSD cannot be checked, so the raster is used at its own resolution.")
-        elif reader.scale != 1.0:
-            result.warnings.append(f"The raster's pixels are {reader.gsd:.3g} m and the model expects "
-                                   f"{pkg.gsd:.3g} m: patches are resampled to the model's GSD.")
-        for w in result.warnings:
-            log(w)
+        result.warnings, (x0, y0, x1, y1) = open_region(
+            reader, pkg, bounds, max_pixels, log, georef="patches get its pixel coordinates", resampled="the patches")
         result.gsd_scale = reader.scale
-        x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
-        check_size(x1 - x0, y1 - y0, max_pixels)  # before any work (None: no limit)
         from rasterio.windows import Window
         result.transform = reader.ds.window_transform(Window(x0, y0, x1 - x0, y1 - y0))
         result.crs, result.width, result.height = reader.crs, x1 - x0, y1 - y0
@@ -123,14 +109,8 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
         ys, xs = patch_starts(y0, y1, sn), patch_starts(x0, x1, sn)
         seq = [(r, c, x, y) for r, y in enumerate(ys) for c, x in enumerate(xs)]
         result.patches = len(seq)
-        dev = select_device(device)
-        result.device = device_description(dev)
-        log(f"Device: {result.device}")
-        prog.message(f"Loading model {pkg.name} on {result.device}")
-        runner = ModelRunner(pkg.load_model(), dev, pkg.activation)
-        bs = int(batch_size) if batch_size else max(default_batch_size(dev), 16)
-        if bs < 1:
-            raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log, min_batch=16)
+        runner = pkg.make_runner(dev)
         check_tile_memory(patch, bs, pkg.in_channels, 0,
                           "PATCH_SIZE" if patch_size else f"{pkg.source}: the package's patch size",
                           "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",

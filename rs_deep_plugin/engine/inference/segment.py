@@ -2,7 +2,7 @@
 
 The work is split so that it can be distributed later without changing the algorithms:
 
-* :func:`read_tiles` is a pure function of a batch of windows (read, scale, mask), and the
+* :func:`.pipeline.read_tiles` is a pure function of a batch of windows (read, scale, mask), and the
   model runner a pure function of the batch (tiles -> probabilities);
 * a :class:`StripBlender` sums the weighted tiles of one column band and hands finished
   rows to the writer;
@@ -17,17 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..models.runners import ModelRunner, default_batch_size, device_description, select_device
-from ..errors import InputError, ModelPackageError
-from ..limits import check_tile_memory
+from ..errors import InputError
 from ..geo.outputs import sweep_stale
-from ..models.package import ModelPackage, load_package
-from .pipeline import Estimate, batched, prefetch
-from ..progress import Progress
-from ..geo.raster import RasterReader, area_factor_m2, check_size, input_warnings, region_window
-from .tiling import TileGrid, blend_weights, column_bands
+from ..geo.raster import RasterReader, area_factor_m2, input_warnings
 from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
-                     colormap_for)
+                          colormap_for)
+from .pipeline import (Estimate, batched, mask_index, open_device, open_region, prefetch, read_tiles,
+                       resolve_options, start_run)
+from .tiling import TileGrid, blend_weights, column_bands
 
 
 @dataclass
@@ -48,76 +45,6 @@ class SegmentationResult:
     seconds: float = 0.0
     gsd_scale: float = 1.0
     warnings: list = field(default_factory=list)
-
-    def class_areas_m2(self):
-        return {k: v * self.pixel_area_m2 for k, v in self.class_pixels.items()}
-
-
-TASK_LABELS = {"segmentation": "segmentation", "change": "change detection"}
-
-
-def resolve_options(package, tile_size=None, overlap=None, batch_size=None, device="auto"):
-    """(tile, overlap) in model pixels, from the parameters or the package. The one memory check of the
-    tiled pipelines (segmentation, change, detection): a tile or a batch of tiles larger than the limits
-    (:func:`.limits.check_tile_memory`) is refused here, before anything is read or allocated."""
-    tile = int(tile_size) if tile_size else package.tile_size
-    if tile < 32 or tile % 32:
-        raise InputError(f"TILE_SIZE must be a multiple of 32 (the network halves the image 5 times); got {tile}")
-    ov = package.overlap if overlap is None or overlap < 0 else int(overlap)
-    if ov * 2 >= tile:
-        raise InputError(f"OVERLAP must be less than half of TILE_SIZE ({tile // 2}); got {ov}")
-    batch = int(batch_size) if batch_size else default_batch_size(select_device(device))
-    bands = package.in_channels * (2 if package.task == "change" else 1)
-    classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
-    check_tile_memory(tile, batch, bands, classes,
-                      "TILE_SIZE" if tile_size else f"{package.source}: the package's tile size",
-                      "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
-                      error=InputError if tile_size or batch_size else ModelPackageError)
-    return tile, ov
-
-
-def _mask_index(mask_geometries):
-    """None without a MASK (``mask_geometries`` None); an empty MASK or one without polygons is refused (an
-    empty list is a MASK that covers nothing, not "no MASK")."""
-    if mask_geometries is None:
-        return None
-    from shapely import STRtree
-    geoms = [g for g in mask_geometries if g is not None and not g.is_empty]
-    other = sorted({g.geom_type for g in geoms if g.geom_type not in ("Polygon", "MultiPolygon")})
-    if other:
-        raise InputError(f"MASK must hold polygons; it holds {', '.join(other)} geometries. Give a polygon layer, "
-                         "or no MASK")
-    if not geoms:
-        raise InputError("MASK has no polygons; give a polygon layer with at least one feature, or no MASK")
-    return geoms, STRtree(geoms)
-
-
-def read_tiles(reader, tiles, mask):
-    """Pure read step: tiles [(x, y)] -> (data [B, C, T, T] of the tiles with valid pixels, or None;
-    [(x, y, valid)] for every tile)."""
-    from rasterio.features import geometry_mask
-    from shapely.geometry import box
-    arrays, metas = [], []
-    n = reader.native_tile
-    for x, y in tiles:
-        data, valid = reader.read_tile(x, y)
-        if mask is not None and valid.any():
-            geoms, tree = mask
-            t = reader.window_transform(x, y)
-            x0, y0 = t * (0, 0)
-            x1, y1 = t * (n, n)
-            hits = [geoms[i] for i in tree.query(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))]
-            if hits:
-                tt = t * t.scale(n / reader.tile)  # mask at model resolution
-                inside = geometry_mask(hits, out_shape=valid.shape, transform=tt, invert=True)
-                valid &= inside
-            else:
-                valid[:] = False
-        metas.append((x, y, valid))
-        if valid.any():
-            arrays.append(data)
-    batch = np.stack(arrays) if arrays else None
-    return batch, metas
 
 
 class StripBlender:
@@ -190,12 +117,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
     then). Without one, every output is renamed into place when the run succeeds.
     """
-    t_start = time.time()
-    prog = Progress(progress, is_cancelled)
-    log = log or (lambda msg: None)
-    pkg = package if isinstance(package, ModelPackage) else load_package(package)
-    if pkg.task != task:
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASK_LABELS.get(task, task)} needs a {task} model")
+    t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log)
     outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
     finals = {}
     in_abs = os.path.abspath(os.fspath(input_path)) if os.path.exists(os.fspath(input_path)) else None
@@ -205,8 +127,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             if in_abs and finals[key] == in_abs:
                 raise InputError(f"{key.upper()} is the input raster; choose another file name (inputs are "
                                  "never modified)")
-    tile, ov = resolve_options(pkg, tile_size, overlap, batch_size, device)
-    pkg_opts = pkg if (tile == pkg.tile_size and ov == pkg.overlap) else _with_tiling(pkg, tile, ov)
+    pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
     if open_reader is None:
         reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
     else:
@@ -217,38 +138,19 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     writers = {}
     bg = None
     try:
-        if reader.crs is None:
-            result.warnings.append("The input raster has no CRS: outputs get its pixel grid but no CRS, and "
-                                   "the model's GSD cannot be checked, so the raster is used at its own "
-                                   "resolution. Assign a CRS (Raster > Projections > Assign Projection) "
-                                   "for georeferenced results.")
-        elif reader.scale != 1.0:
-            result.warnings.append(f"The raster's pixels are {reader.gsd:.3g} m and the model expects "
-                                   f"{pkg.gsd:.3g} m: tiles are resampled to the model's GSD and the results "
-                                   "mapped back to the raster's grid.")
+        result.warnings, (x0, y0, x1, y1) = open_region(
+            reader, pkg, bounds, max_pixels, log, georef="outputs get its pixel grid but no CRS",
+            resampled="the results")
         result.gsd_scale = reader.scale
-        for w in result.warnings:
-            log(w)
-        x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds)
-        check_size(x1 - x0, y1 - y0, max_pixels)
-        mask = _mask_index(mask_geometries)
+        mask = mask_index(mask_geometries)
         from rasterio.windows import Window
         out_transform = reader.ds.window_transform(Window(x0, y0, x1 - x0, y1 - y0))
         width, height = x1 - x0, y1 - y0
         result.width, result.height, result.crs, result.transform = width, height, reader.crs, out_transform
         result.pixel_area_m2 = abs(out_transform.a * out_transform.e - out_transform.b * out_transform.d) * \
             area_factor_m2(reader.crs, reader.transform, reader.width, reader.height)
-        dev = select_device(device)
-        result.device = device_description(dev)
-        log(f"Device: {result.device}")
-        prog.message(f"Loading model {pkg.name} on {result.device}")
-        if getattr(pkg, "backend", "torch") == "onnx":  # onnxruntime (engine/onnx_backend.py)
-            runner = pkg.make_runner(dev)
-        else:
-            runner = ModelRunner(pkg.load_model(), dev, pkg.activation)
-        bs = int(batch_size) if batch_size else default_batch_size(dev)
-        if bs < 1:
-            raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
+        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
+        runner = pkg.make_runner(dev)
         k = len(pkg.classes)
         names = [c.name for c in pkg.classes]
         skip = set(skip_classes or [])
@@ -386,8 +288,3 @@ def _upsample(p, n):
     with torch.inference_mode():
         t = torch.from_numpy(p)[None]
         return F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False)[0].numpy()
-
-
-def _with_tiling(pkg, tile, overlap):
-    import dataclasses
-    return dataclasses.replace(pkg, tile_size=tile, overlap=overlap)

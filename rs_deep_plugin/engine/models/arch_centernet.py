@@ -31,7 +31,7 @@ Gaussian, each object weighing the same) with a GIoU loss plus an L1 loss on the
 """
 import math
 
-from ..errors import MissingDependency, ModelPackageError
+from ..errors import ModelPackageError, require
 
 ARCHITECTURE = "CenterNet"
 BASES = ("Unet", "FPN")
@@ -65,8 +65,7 @@ def _positive_int(v):
 
 
 def _smp():
-    from .architectures import _import_smp
-    return _import_smp()
+    return require("segmentation_models_pytorch", "segmentation-models-pytorch")
 
 
 def unet_blocks(depth, stride):
@@ -87,7 +86,7 @@ def validate(builder, where="rs_deep:builder"):
     if not isinstance(encoder, str) or not encoder:
         raise ModelPackageError(f"{where}.encoder: expected an smp encoder name such as 'resnet18', 'mobilenet_v2' "
                                 f"or 'efficientnet-b0', got {encoder!r}")
-    from .architectures import check_encoder
+    from .arch_smp import check_encoder
     check_encoder(encoder, where, "smp encoder")
     params = builder.get("params", {}) or {}
     if not isinstance(params, dict):
@@ -187,11 +186,8 @@ def _prune_unused(module, probe):
 
 def build(builder, where="rs_deep:builder"):
     """Construct the (untrained) CenterNet of a validated builder."""
-    try:
-        import torch
-        import torch.nn as nn
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
+    torch = require("torch", "PyTorch")
+    nn = torch.nn
     smp = _smp()
     from segmentation_models_pytorch.base import initialization as init
 

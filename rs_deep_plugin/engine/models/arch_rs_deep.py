@@ -17,7 +17,7 @@ bands, as :class:`.change.PairReader` reads them), and return change logits ``[B
 
 Nothing is downloaded: encoder weights are always ``None``.
 """
-from ..errors import ModelPackageError
+from ..errors import ModelPackageError, require
 
 ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet")
 FUSIONS = ("absdiff", "concat")
@@ -60,8 +60,8 @@ def validate(builder, where="rs_deep:builder"):
     if not isinstance(params, dict):
         raise ModelPackageError(f"{where}.params: expected an object, got {type(params).__name__}")
     if arch == "EarlyFusion":
-        from .architectures import SMP_ARCHITECTURES
-        from .architectures import validate as validate_smp
+        from .arch_smp import SMP_ARCHITECTURES
+        from .arch_smp import validate as validate_smp
         base = params.get("base", "Unet")
         if base not in SMP_ARCHITECTURES:
             raise ModelPackageError(f"{where}.params.base: {base!r} is not on the allow-list; valid names: "
@@ -92,7 +92,7 @@ def validate(builder, where="rs_deep:builder"):
 
 def build(builder, where="rs_deep:builder"):
     import torch
-    from .architectures import build as build_smp
+    from .arch_smp import build as build_smp
 
     if builder["architecture"] == "CenterNet":
         from .arch_centernet import build as build_centernet
@@ -114,10 +114,9 @@ def build(builder, where="rs_deep:builder"):
 
 def _build_siamese(builder, where):
     import torch
-    from .architectures import _import_smp
-    from .architectures import check_encoder
+    from .arch_smp import check_encoder
 
-    smp = _import_smp()
+    smp = require("segmentation_models_pytorch", "segmentation-models-pytorch")
     check_encoder(builder["encoder"], where, "smp encoder")
     from segmentation_models_pytorch.base import SegmentationHead
     from segmentation_models_pytorch.base import initialization as init

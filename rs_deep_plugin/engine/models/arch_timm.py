@@ -5,7 +5,7 @@
 plus allow-listed keyword arguments from ``params``. The model pools globally, so it takes
 patches of any size; it returns class logits ``[B, K]``.
 """
-from ..errors import MissingDependency, ModelPackageError
+from ..errors import ModelPackageError, require
 
 #: timm models a package may name: small CNNs that run well on a CPU
 TIMM_MODELS = (
@@ -23,15 +23,6 @@ TIMM_PARAMS = {
     "output_stride": int,
 }
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
-
-
-def _import_timm():
-    try:
-        import timm  # noqa: WPS433
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingDependency(f"timm is not installed ({exc}); install the plugin's dependencies "
-                                "(README, 'make setup')") from exc
-    return timm
 
 
 def validate(builder, where="rs_deep:builder"):
@@ -69,7 +60,7 @@ def validate(builder, where="rs_deep:builder"):
 
 
 def build(builder, where="rs_deep:builder"):
-    timm = _import_timm()
+    timm = require("timm")
     try:
         return timm.create_model(builder["architecture"], pretrained=False, in_chans=builder["in_channels"],
                                  num_classes=builder["classes"], **builder["params"])

@@ -13,7 +13,7 @@ weights come from the package's safetensors. Differences from torchvision's own 
 """
 import math
 
-from ..errors import MissingDependency, ModelPackageError
+from ..errors import ModelPackageError, require
 
 #: architecture -> (backbone name reported as ``encoder``, allowed params)
 _MOBILENET_PARAMS = ("fpn_channels", "representation_size", "returned_layers", "anchor_sizes", "aspect_ratios",
@@ -112,13 +112,7 @@ def validate(builder, where="rs_deep:builder"):
 
 
 def _torchvision():
-    try:
-        import torchvision  # noqa: F401
-        from torchvision.models.detection import transform as tv_transform
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise MissingDependency(f"torchvision is not installed ({exc}); install the plugin's dependencies "
-                                "(README, 'make setup')") from exc
-    return tv_transform
+    return require("torchvision.models.detection.transform", "torchvision")
 
 
 def _tile_transform_class():

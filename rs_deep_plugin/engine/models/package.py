@@ -10,6 +10,7 @@ A package is a folder (or a ``.zip`` of one) holding
 See docs/model_package.md for the full description.
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,7 +20,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 
-from .architectures import force_offline, validate_builder
+from .architectures import validate_builder
+from .detection_options import validate_detection_metadata
 from ..errors import MissingDependency, ModelPackageError
 from ..files import write_atomic
 from ..limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
@@ -78,6 +80,7 @@ class ModelPackage:
     description: str = ""
     metadata: dict = field(default_factory=dict, repr=False)
     _weights: object = field(default=None, repr=False)  # a WeightsFile (read when the model is loaded)
+    backend = "torch"  # "onnx" for an :class:`.onnx.package.OnnxPackage`
 
     @property
     def in_channels(self):
@@ -89,6 +92,22 @@ class ModelPackage:
 
     def class_names(self):
         return {c.value: c.name for c in self.classes}
+
+    def with_tiling(self, tile_size, overlap):
+        """This package with another tile size and overlap (model pixels); itself when they are unchanged."""
+        if (tile_size, overlap) == (self.tile_size, self.overlap):
+            return self
+        return dataclasses.replace(self, tile_size=tile_size, overlap=overlap)
+
+    def make_runner(self, device):
+        """The runner of this segmentation-type network on ``device``: batches of tiles -> probabilities."""
+        from .runners import ModelRunner
+        return ModelRunner(self.load_model(), device, self.activation)
+
+    def make_detection_runner(self, device, score_threshold, iou_threshold, max_detections):
+        """The runner of this detection network on ``device``: batches of tiles -> boxes, labels, scores."""
+        from .runners import DetectionRunner
+        return DetectionRunner(self.load_model(), device, score_threshold, iou_threshold, max_detections)
 
     def load_model(self):
         """Build the allow-listed network and load the weights (safetensors only).
@@ -549,7 +568,6 @@ def parse_metadata(meta, source="model.json"):
             raise ModelPackageError(f"model.json: properties.rs_deep:builder.classes is {n_out} but "
                                     f"classification:classes lists {len(classes)} classes")
     if task == "detection":  # object classes only (no background) + rs_deep:score_threshold & co
-        from ..inference.detect import validate_detection_metadata
         validate_detection_metadata(props, len(classes), n_out)
     tile = _req(props, "rs_deep:tile_size", "properties", int)
     if task == "patch_classification":  # a classifier pools globally: the patch size is free (>= 8 px)
@@ -581,12 +599,9 @@ def parse_metadata(meta, source="model.json"):
                 description=str(props.get("description", meta.get("description", ""))))
 
 
-def load_package(path, task=None):
-    """Read and validate a package folder or zip. ``task`` checks it is the right kind of model."""
-    force_offline()  # loading a model never causes network traffic (see architectures.force_offline)
-    if path is not None and os.fspath(path).lower().endswith(".onnx"):  # optional ONNX backend
-        from .onnx import load_onnx_package
-        return load_onnx_package(path, task=task)
+def read_package(path, task=None):
+    """Read and validate a package folder or zip. ``task`` checks it is the right kind of model.
+    (:func:`.loading.load_package` reads any model file: this, or an ONNX model.)"""
     meta_bytes, weights = _read_package_files(path)
     meta = loads_json(meta_bytes, f"{path}: model.json", fix="re-export the package")
     try:
@@ -703,5 +718,5 @@ def package_summary(pkg):
             f"classes: {classes})")
 
 
-__all__ = ["ModelPackage", "ModelClass", "load_package", "save_package", "build_metadata", "parse_metadata",
+__all__ = ["ModelPackage", "ModelClass", "read_package", "save_package", "build_metadata", "parse_metadata",
            "package_summary", "FORMAT_VERSION"]

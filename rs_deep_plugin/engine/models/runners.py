@@ -1,18 +1,18 @@
-"""Device choice and the model runner (batching, autocast, inference mode)."""
+"""Device choice and the model runners: class probabilities (:class:`ModelRunner`) and boxes
+(:class:`DetectionRunner`) from batches of tiles (inference mode, channels-last, autocast on CUDA).
+ONNX packages have runners with the same call (:mod:`.onnx.runners`); a package makes its own
+(``ModelPackage.make_runner`` / ``make_detection_runner``)."""
 import os
 
-from ..errors import InputError, MissingDependency
+import numpy as np
+
+from ..errors import InputError, require
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise MissingDependency(f"PyTorch is not installed ({exc}); install the plugin's dependencies "
-                                "(README, 'make setup')") from exc
-    return torch
+    return require("torch", "PyTorch")
 
 
 def select_device(requested="auto"):
@@ -92,20 +92,24 @@ def fuse_for_inference(model):
     return (out, count) if count else (model, 0)
 
 
+def prepare_device(torch, device):
+    """Apply ``RS_DEEP_THREADS`` (CPU threads, when set) and return the memory format for ``device``:
+    channels_last is faster for convolutions on the CPU (oneDNN) and on tensor-core GPUs."""
+    if device.type == "cpu":
+        threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+
+
 class ModelRunner:
     """Runs a network on batches of float32 numpy tiles; returns class probabilities as numpy."""
 
     def __init__(self, model, device, activation="softmax", half=None, fuse=True):
-        torch = _torch()
-        self.torch = torch
+        torch = self.torch = _torch()
         self.device = device
         self.activation = activation
-        if device.type == "cpu":
-            threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
-            if threads > 0:
-                torch.set_num_threads(threads)
-        # channels_last is faster for convolutions on CPU (oneDNN) and on tensor-core GPUs
-        self.memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+        self.memory_format = prepare_device(torch, device)
         if fuse:
             model, _ = fuse_for_inference(model.eval())
         self.model = model.to(device).eval().to(memory_format=self.memory_format)
@@ -130,3 +134,26 @@ class ModelRunner:
             else:
                 p = torch.softmax(logits, dim=1)
             return p.contiguous().cpu().numpy()
+
+
+class DetectionRunner:
+    """Runs a torchvision detection network on batches of float32 tiles [B, C, T, T].
+
+    Returns, per tile, (boxes [n, 4] float64 in tile pixels x0, y0, x1, y1; labels [n] as
+    0-based object classes; scores [n])."""
+
+    def __init__(self, model, device, score_threshold, iou_threshold, max_detections):
+        from .arch_torchvision import configure_inference
+        torch = self.torch = _torch()
+        self.device = device
+        fmt = prepare_device(torch, device)
+        self.model = configure_inference(model, score_threshold, iou_threshold, max_detections).to(device).eval()
+        self.model = self.model.to(memory_format=fmt)
+
+    def __call__(self, batch):
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            out = self.model(list(x.unbind(0)))
+        return [(o["boxes"].double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
+                 o["scores"].double().cpu().numpy()) for o in out]

@@ -406,7 +406,8 @@ def evaluate_pairs(package, pairs, *, bands=None, device="auto", batch_size=None
     """
     import rasterio
     from ..inference.change import detect_change
-    from ..models.package import ModelPackage, load_package
+    from ..models.loading import load_package
+    from ..models.package import ModelPackage
     pkg = package if isinstance(package, ModelPackage) else load_package(package, task="change")
     k = len(pkg.classes)
     names = [c.name for c in pkg.classes]

@@ -479,7 +479,8 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
     """Boxes of an in-memory scaled image [C, H, W], tiled and merged exactly as :func:`.detect.detect` does.
 
     Returns (boxes [N, 4] pixels, scores [N], labels [N])."""
-    from ..inference.detect import DetectionRunner, edge_cut_flags, merge_detections
+    from ..inference.detect import edge_cut_flags, merge_detections
+    from ..models.runners import DetectionRunner
     from ..inference.tiling import TileGrid
     c, h, w = img.shape
     grid = TileGrid(0, 0, w, h, tile, overlap)
@@ -670,7 +671,7 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     except ImportError as exc:  # pragma: no cover
         raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
     from ..models.architectures import build_model
-    from ..inference.detect import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, check_thresholds
+    from ..models.detection_options import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, check_thresholds
     from ..models.runners import device_description, select_device
 
     from . import chips as chipsets

@@ -433,7 +433,8 @@ def evaluate_patches(package, image_path, labels, class_names=None, *, bounds=No
     import rasterio
     from rasterio.features import rasterize
     from shapely import STRtree, points
-    from ..models.package import ModelPackage, load_package
+    from ..models.loading import load_package
+    from ..models.package import ModelPackage
     from ..inference.patches import classify_patches
     pkg = package if isinstance(package, ModelPackage) else load_package(package, task="patch_classification")
     names = class_names or [c.name for c in pkg.classes]

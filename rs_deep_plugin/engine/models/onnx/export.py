@@ -1,0 +1,163 @@
+"""Export of RS Deep packages to single-file ONNX models that RS Deep, Deepness and GeoDeep run
+(:func:`export_onnx`), with Deepness's metadata (:func:`deepness_metadata`)."""
+import io
+import json
+import os
+
+from ...errors import InputError
+from ...files import write_atomic
+from ..loading import load_package
+from ..package import METADATA_NAME, ModelPackage
+from .package import MODEL_JSON_KEY, OUTPUT_KEY
+from .session import require_onnx
+
+
+def deepness_standardization(value_scaling):
+    """(mean, std) lists such that Deepness's ``(x / 255 - mean) / std`` equals our value scaling, or None
+    when a band's scaling cannot be written so (clipping, several steps)."""
+    mean, std = [], []
+    for s in value_scaling:
+        if s is None:
+            m, d = 0.0, 1.0
+        elif s["type"] == "min-max":
+            m, d = s["minimum"], s["maximum"] - s["minimum"]
+        elif s["type"] == "z-score":
+            m, d = s["mean"], s["stddev"]
+        elif s["type"] == "scale":
+            m, d = 0.0, s["value"]
+        elif s["type"] == "offset":
+            m, d = s["value"], 1.0
+        else:
+            return None
+        mean.append(float(m) / 255.0)
+        std.append(float(d) / 255.0)
+    return mean, std
+
+
+def deepness_metadata(pkg):
+    """The Deepness/GeoDeep metadata_props (JSON-encoded values) for a segmentation or detection package."""
+    props = {
+        "model_type": json.dumps("Detector" if pkg.task == "detection" else "Segmentor"),
+        "class_names": json.dumps({str(c.value): c.name for c in pkg.classes}),
+        "tile_size": json.dumps(int(pkg.tile_size)),
+        "tiles_overlap": json.dumps(int(round(100.0 * pkg.overlap / pkg.tile_size))),
+    }
+    if pkg.gsd:
+        props["resolution"] = json.dumps(round(pkg.gsd * 100.0, 6))
+    if pkg.task == "detection":
+        meta = pkg.metadata.get("properties", {})
+        props["det_type"] = json.dumps("YOLO_v5_or_v7_default")
+        props["det_conf"] = json.dumps(float(meta.get("rs_deep:score_threshold", 0.3)))
+        props["det_iou_thresh"] = json.dumps(float(meta.get("rs_deep:iou_threshold", 0.5)))
+    std = deepness_standardization(pkg.value_scaling)
+    if std is not None:
+        props["standardization_mean"] = json.dumps(std[0])
+        props["standardization_std"] = json.dumps(std[1])
+    return props
+
+
+def _centernet_as_yolo(net, tile):
+    """A module: CenterNet -> YOLO v5-style output [batch, cells, 5 + classes] (cx, cy, w, h, score, class scores).
+
+    Every heatmap cell is a row; its score is the class peak (sigmoid of the heatmap where it is the
+    3 x 3 maximum, else 0), so a YOLO decoder (score cut, class-wise NMS) finds exactly the peaks
+    that :meth:`CenterNet.decode` finds, with the same boxes, clamped to the tile."""
+    import torch
+    import torch.nn.functional as F
+
+    class CenterNetYolo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            heat, box = self.net.forward_maps(x)
+            prob = torch.sigmoid(heat)
+            peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob).to(prob.dtype)
+            b, k, h, w = prob.shape
+            s = float(self.net.stride)
+            xs = (torch.arange(w, dtype=prob.dtype, device=x.device) + 0.5).view(1, 1, w)
+            ys = (torch.arange(h, dtype=prob.dtype, device=x.device) + 0.5).view(1, h, 1)
+            cx = (xs + box[:, 0]) * s
+            cy = (ys + box[:, 1]) * s
+            wh = torch.exp(box[:, 2:4].clamp(-2.0, 9.0))
+            x0 = (cx - wh[:, 0] / 2).clamp(0.0, float(tile))
+            y0 = (cy - wh[:, 1] / 2).clamp(0.0, float(tile))
+            x1 = (cx + wh[:, 0] / 2).clamp(0.0, float(tile))
+            y1 = (cy + wh[:, 1] / 2).clamp(0.0, float(tile))
+            score = peaks.max(dim=1, keepdim=True).values
+            rows = torch.cat([((x0 + x1) / 2)[:, None], ((y0 + y1) / 2)[:, None], (x1 - x0)[:, None],
+                              (y1 - y0)[:, None], score, peaks], dim=1)
+            return rows.reshape(b, 5 + k, h * w).transpose(1, 2)
+
+    return CenterNetYolo()
+
+
+def export_onnx(package_path, out_path, opset=17, log=None):
+    """Export a segmentation or CenterNet detection package (folder, zip or ModelPackage) to one ONNX file.
+
+    The graph takes float32 [batch, channels, tile, tile] (dynamic batch) scaled like the package's
+    value scaling. Segmentation returns class probabilities [batch, classes, tile, tile] (softmax,
+    or sigmoid for a 1-channel model); detection returns YOLO v5-style rows [batch, cells, 5 +
+    classes] (``det_type`` ``YOLO_v5_or_v7_default``, see :func:`_centernet_as_yolo`), which RS Deep,
+    Deepness and GeoDeep decode alike. ``metadata_props`` carry our model.json
+    (``rs_deep:model_json``) and the Deepness keys. Written to a temp file, then renamed. Returns
+    the output path.
+    """
+    log = log or (lambda msg: None)
+    pkg = package_path if isinstance(package_path, ModelPackage) else load_package(package_path)
+    if getattr(pkg, "backend", "torch") == "onnx":
+        raise InputError(f"{pkg.source} is already an ONNX model")
+    if pkg.task not in ("segmentation", "detection"):
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; ONNX export supports segmentation and detection "
+                         "packages (change and patch classification packages cannot be exported yet)")
+    if pkg.task == "detection" and (pkg.builder.get("library"), pkg.builder.get("architecture")) != \
+            ("rs_deep", "CenterNet"):
+        raise InputError(f"'{pkg.name}' is a {pkg.builder.get('architecture')} detector; ONNX export supports "
+                         "RS Deep's CenterNet detectors (the default of rs_deep:train)")
+    out_path = os.fspath(out_path)
+    if not out_path.lower().endswith(".onnx"):
+        raise InputError(f"OUTPUT must be a .onnx file; got {out_path}")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"OUTPUT folder does not exist: {out_dir}")
+    onnx = require_onnx()
+    import torch
+
+    model = pkg.load_model().float().eval()
+    activation = pkg.activation
+
+    class WithActivation(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            y = self.net(x)
+            return torch.sigmoid(y) if activation == "sigmoid" else torch.softmax(y, dim=1)
+
+    wrapped = (_centernet_as_yolo(model, pkg.tile_size) if pkg.task == "detection" else WithActivation(model)).eval()
+    dummy = torch.zeros(1, pkg.in_channels, pkg.tile_size, pkg.tile_size, dtype=torch.float32)
+    buf = io.BytesIO()
+    log(f"Exporting {pkg.name} to ONNX (opset {opset})")
+    import warnings
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, dummy, buf, dynamo=False, opset_version=int(opset), input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    props = deepness_metadata(pkg)
+    props[MODEL_JSON_KEY] = json.dumps(pkg.metadata, separators=(",", ":"))
+    if pkg.task == "segmentation":
+        props[OUTPUT_KEY] = json.dumps("probabilities")
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "rs_deep"
+    proto.doc_string = f"RS Deep package {pkg.name} ({pkg.task}); {METADATA_NAME} in metadata_props {MODEL_JSON_KEY}"
+    data = proto.SerializeToString()
+    write_atomic(out_path, data)
+    log(f"Wrote {out_path} ({len(data) / 1e6:.1f} MB)")
+    return out_path

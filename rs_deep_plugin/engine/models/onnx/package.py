@@ -1,0 +1,336 @@
+"""ONNX models: run Deepness/GeoDeep-style ``.onnx`` files through the engine, export packages to ONNX.
+
+QGIS-free. ``onnxruntime`` (running) and ``onnx`` (export, and an early check for external data)
+are optional dependencies: without them an ONNX model gets a :class:`MissingDependency` error
+naming the package to install; everything else in RS Deep works as before.
+
+Metadata is read from the ONNX ``metadata_props`` (values are JSON text, as Deepness writes
+them; Python literals and plain strings are accepted too):
+
+* ``rs_deep:model_json``: our full ``model.json`` (written by :func:`export_onnx`); when present it
+  is used entirely (exact round trip) and the keys below are ignored;
+* otherwise the Deepness keys: ``model_type`` (``Segmentor`` or ``Detector``), ``class_names``
+  (``{0: 'name', ...}``), ``resolution`` (cm per pixel), ``tile_size``, ``tiles_overlap`` (percent
+  of the tile), ``standardization_mean``/``standardization_std`` (applied after dividing the
+  pixel values by 255, as Deepness does), ``det_conf``, ``det_iou_thresh``, ``det_type``
+  (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
+
+Only single-file models are accepted (no external data), and nothing is ever unpickled: an ONNX
+file is a protobuf graph run by onnxruntime.
+"""
+import ast
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from ...errors import ModelPackageError
+from ...limits import (MAX_CLASSES, MAX_DETECTION_CLASSES, MAX_JSON_BYTES, MAX_JSON_DEPTH, json_depth, loads_json,
+                      size_text)
+from ..package import DEFAULT_COLORS, ModelClass, ModelPackage, parse_metadata
+from .session import create_session, external_data_message, require_onnx, require_onnxruntime, session_options
+
+MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: larger models need external data, which we refuse
+MODEL_JSON_KEY = "rs_deep:model_json"
+OUTPUT_KEY = "rs_deep:output"
+#: Deepness model types -> our tasks (None: known but not supported here)
+MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": None, "recognition": None,
+               "superresolution": None}
+DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics")
+UNSUPPORTED_DET_TYPES = ("YOLO_Ultralytics_segmentation", "YOLO_Ultralytics_obb")
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP_PCT = 10.0
+
+
+def _value(text):
+    """A metadata_props value: JSON (Deepness), else a Python literal, else the plain string."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        pass
+    if len(text) < 100_000:
+        try:
+            return ast.literal_eval(text)  # literals only: never evaluates code
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return text
+
+
+def _number(meta, key, source, kind=float):
+    if key not in meta:
+        return None
+    v = _value(meta[key])
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            v = None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a number, got {meta[key]!r}")
+    return kind(v)
+
+
+def _dim(d):
+    return d if isinstance(d, int) and d > 0 else None
+
+
+@dataclass
+class OnnxPackage(ModelPackage):
+    """A ModelPackage read from a single-file ONNX model; ``backend`` is ``"onnx"``."""
+
+    backend: str = "onnx"
+    output_kind: str = "auto"  # probabilities | logits | auto (segmentation)
+    det_type: str = "YOLO_v5_or_v7_default"
+    input_name: str = "input"
+    fixed_size: tuple = None  # (height, width) when the model's input size is fixed
+    fixed_batch: int = None
+    onnx_metadata: dict = field(default_factory=dict, repr=False)
+    _model_bytes: bytes = field(default=None, repr=False)
+
+    def session(self, device=None):
+        ort = require_onnxruntime()
+        opts = session_options(ort)
+        threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device is not None and getattr(device, "type", "cpu") == "cuda" and \
+                "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        return create_session(ort, self._model_bytes, self.source, opts, providers)
+
+    def load_model(self):
+        return self.session()
+
+    def make_runner(self, device=None):
+        """The segmentation runner (same call as :class:`..runners.ModelRunner`)."""
+        from .runners import OnnxSegmentationRunner
+        return OnnxSegmentationRunner(self, device)
+
+    def make_detection_runner(self, device, score_threshold, iou_threshold, max_detections):
+        """The detection runner (same call as :class:`..runners.DetectionRunner`)."""
+        from .runners import OnnxDetectionRunner
+        return OnnxDetectionRunner(self, device, score_threshold, iou_threshold, max_detections)
+
+
+def check_single_file(data, source):
+    onnx = require_onnx(required=False)
+    if onnx is None:
+        return  # onnxruntime refuses external data from bytes anyway (see _session)
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as exc:
+        raise ModelPackageError(f"{source}: not a valid ONNX file (the protobuf cannot be parsed: {exc})") from exc
+    from onnx.external_data_helper import uses_external_data
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                tensors.append(a.t)
+    if any(uses_external_data(t) for t in tensors):
+        raise ModelPackageError(external_data_message(source))
+
+
+def load_onnx_package(path, task=None):
+    """Read a single-file ONNX model and its metadata_props into an :class:`OnnxPackage`."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise ModelPackageError(f"ONNX model not found: {source}")
+    if os.path.getsize(source) > MAX_ONNX_BYTES:
+        raise ModelPackageError(f"{source}: larger than 2 GB; an ONNX file this large keeps its weights as external "
+                                "data, which is not supported")
+    ort = require_onnxruntime()  # early, so a missing onnxruntime is reported before anything else
+    with open(source, "rb") as fh:
+        data = fh.read()
+    check_single_file(data, source)
+    sess = create_session(ort, data, source)
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1:
+        raise ModelPackageError(f"{source}: the model has {len(inputs)} inputs; RS Deep runs models with one image "
+                                "input [batch, channels, height, width]")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4:
+        raise ModelPackageError(f"{source}: input {inputs[0].name!r} has shape {shape}; expected 4 dimensions "
+                                "[batch, channels, height, width]")
+    if _dim(shape[1]) is None:
+        raise ModelPackageError(f"{source}: the input's channel count (dimension 1 of {shape}) is not fixed")
+    fixed = (_dim(shape[2]), _dim(shape[3]))
+    fixed = fixed if all(fixed) else None
+    if fixed and fixed[0] != fixed[1]:
+        raise ModelPackageError(f"{source}: the model takes {fixed[1]} x {fixed[0]} px inputs; only square tiles "
+                                "are supported")
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    for key, value in meta.items():
+        _check_metadata_value(key, value, source)
+    common = dict(source=source, input_name=inputs[0].name, fixed_size=fixed, fixed_batch=_dim(shape[0]),
+                  onnx_metadata=meta, _model_bytes=data, _weights=None)
+    if MODEL_JSON_KEY in meta:
+        pkg = _from_model_json(meta, source, common)
+    else:
+        pkg = _from_deepness(meta, source, shape, outputs, common)
+    if fixed and pkg.tile_size != fixed[0]:
+        raise ModelPackageError(f"{source}: the metadata says tile size {pkg.tile_size} but the model takes "
+                                f"{fixed[0]} px inputs")
+    if task is not None and pkg.task != task:
+        raise ModelPackageError(f"{source}: this is a {pkg.task} model; this tool needs a {task} model")
+    return pkg
+
+
+def _check_metadata_value(key, value, source):
+    """A metadata_props value is at most :data:`.limits.MAX_JSON_BYTES` long and, when it is JSON, nested at
+    most :data:`.limits.MAX_JSON_DEPTH` levels deep (deeper JSON exhausts the parser's recursion)."""
+    if isinstance(value, str) and len(value) > MAX_JSON_BYTES:
+        raise ModelPackageError(f"{source}: metadata_props {key!r} is {size_text(len(value))} long, more than the "
+                                f"limit of {size_text(MAX_JSON_BYTES)}; this is not metadata RS Deep can use: remove "
+                                "it or re-export the model")
+    try:
+        depth = json_depth(json.loads(value))
+    except RecursionError:
+        depth = None
+    except (TypeError, ValueError):
+        return  # not JSON: a Python literal (parsed with a bounded depth) or a plain string
+    if depth is None or depth > MAX_JSON_DEPTH:
+        raise ModelPackageError(f"{source}: metadata_props {key!r} is not valid JSON for RS Deep: arrays or objects "
+                                f"are nested more than {MAX_JSON_DEPTH} levels deep (the limit); remove it or "
+                                "re-export the model")
+
+
+def _from_model_json(meta, source, common):
+    model_json = loads_json(meta[MODEL_JSON_KEY], f"{source}: metadata_props {MODEL_JSON_KEY!r}",
+                            fix="re-export the model")
+    fields = parse_metadata(model_json, source=f"{source} ({MODEL_JSON_KEY})")
+    kind = _value(meta.get(OUTPUT_KEY, '"auto"'))
+    det = _value(meta.get("det_type", '"YOLO_v5_or_v7_default"'))
+    return OnnxPackage(metadata=model_json, output_kind=kind if kind in ("probabilities", "logits") else "auto",
+                       det_type=det, **fields, **common)
+
+
+def _class_names(meta, source):
+    for key in ("class_names", "names"):
+        if key in meta:
+            v = _value(meta[key])
+            if isinstance(v, (list, tuple)):
+                v = dict(enumerate(v))
+            if not isinstance(v, dict):
+                raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a dict {{0: 'name', ...}}, got "
+                                        f"{meta[key]!r}")
+            try:
+                items = sorted(((int(k), str(n)) for k, n in v.items()), key=lambda kv: kv[0])
+            except (TypeError, ValueError) as exc:
+                raise ModelPackageError(f"{source}: metadata_props {key!r}: keys must be class numbers") from exc
+            if [k for k, _ in items] != list(range(len(items))):
+                raise ModelPackageError(f"{source}: metadata_props {key!r}: classes must be numbered 0, 1, 2... "
+                                        f"without gaps, got {[k for k, _ in items]}")
+            return [n for _, n in items]
+    return None
+
+
+def _from_deepness(meta, source, shape, outputs, common):
+    raw_type = meta.get("model_type")
+    out_shape = list(outputs[0].shape) if outputs else []
+    if raw_type is None:  # like GeoDeep: infer from the output
+        model_type = "segmentor" if len(out_shape) == 4 else "detector"
+    else:
+        model_type = str(_value(raw_type)).strip().lower()
+    if model_type not in MODEL_TYPES:
+        raise ModelPackageError(f"{source}: metadata_props 'model_type' is {raw_type!r}; RS Deep runs 'Segmentor' "
+                                "and 'Detector' models")
+    task = MODEL_TYPES[model_type]
+    if task is None:
+        raise ModelPackageError(f"{source}: a {model_type.capitalize()} model (metadata_props 'model_type'); RS Deep "
+                                "runs ONNX 'Segmentor' and 'Detector' models only")
+    channels = shape[1]
+    fixed = common["fixed_size"]
+    tile = fixed[0] if fixed else (_number(meta, "tile_size", source, int) or DEFAULT_TILE)
+    pct = _number(meta, "tiles_overlap", source)
+    pct = DEFAULT_OVERLAP_PCT if pct is None else pct
+    if not 0 <= pct < 100:
+        raise ModelPackageError(f"{source}: metadata_props 'tiles_overlap': expected a percentage 0..100, got {pct}")
+    overlap = min(int(round(tile * pct / 100.0)), max(0, (tile - 1) // 2))
+    res = _number(meta, "resolution", source)
+    gsd = res / 100.0 if res and res > 0 else None
+    mean, std = (_value(meta[k]) if k in meta else None for k in ("standardization_mean", "standardization_std"))
+    scaling = []
+    for i in range(channels):
+        m = _pick(mean, i, 0.0, source, "standardization_mean")
+        s = _pick(std, i, 1.0, source, "standardization_std")
+        if s <= 0:
+            raise ModelPackageError(f"{source}: metadata_props 'standardization_std' must be positive, got {s}")
+        scaling.append({"type": "z-score", "mean": 255.0 * m, "stddev": 255.0 * s})
+    names = _class_names(meta, source)
+    props = {}
+    det_type = "YOLO_v5_or_v7_default"
+    if task == "segmentation":
+        if len(outputs) != 1 or len(out_shape) != 4:
+            raise ModelPackageError(f"{source}: a segmentation model needs one output [batch, classes, height, "
+                                    f"width]; this one has {len(outputs)} output(s), the first {out_shape}")
+        k = _dim(out_shape[1]) or (len(names) if names else None)
+        if k is None:
+            raise ModelPackageError(f"{source}: the number of output channels is not fixed and no class_names given")
+        n_classes = 2 if k == 1 else k
+        if n_classes > MAX_CLASSES:
+            raise ModelPackageError(f"{source}: the segmentation model has {n_classes} classes; at most {MAX_CLASSES} "
+                                    "are supported (the class raster is Byte, 255 is nodata). Use a model with "
+                                    f"{MAX_CLASSES} classes or fewer")
+        if names is None:
+            names = ["background", "foreground"] if k == 1 else [f"class_{i}" for i in range(k)]
+        elif k == 1 and len(names) == 1:
+            names = ["background"] + names
+        if len(names) != n_classes:
+            raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(names)} classes but the model "
+                                    f"outputs {k} channel(s)")
+    else:
+        det_type = str(_value(meta.get("det_type", '"YOLO_v5_or_v7_default"')))
+        if det_type in UNSUPPORTED_DET_TYPES:
+            raise ModelPackageError(f"{source}: det_type {det_type!r} is not supported; RS Deep decodes "
+                                    f"{', '.join(DET_TYPES)} outputs")
+        if det_type not in DET_TYPES:
+            raise ModelPackageError(f"{source}: metadata_props 'det_type' {det_type!r} is unknown; use one of "
+                                    f"{', '.join(DET_TYPES)}")
+        if len(out_shape) != 3:
+            raise ModelPackageError(f"{source}: a YOLO detector needs an output [batch, boxes, values] (or [batch, "
+                                    f"values, boxes] for {det_type}); the first output is {out_shape}")
+        width = _dim(out_shape[1] if det_type in ("YOLO_Ultralytics", "YOLO_v9") else out_shape[2])
+        k = None if width is None else width - (4 if det_type in ("YOLO_Ultralytics", "YOLO_v9") else 5)
+        n = k if names is None else len(names)
+        if n is not None and n > MAX_DETECTION_CLASSES:
+            raise ModelPackageError(f"{source}: the detector has {n} classes, more than the limit of "
+                                    f"{MAX_DETECTION_CLASSES}; this is not a model RS Deep can run")
+        if names is None:
+            if not k or k < 1:
+                raise ModelPackageError(f"{source}: cannot tell the number of classes; add class_names to the "
+                                        "metadata_props")
+            names = [f"class_{i}" for i in range(k)]
+        elif k is not None and k != len(names):
+            raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(names)} classes but the "
+                                    f"{det_type} output has {k}")
+        n_classes = len(names)
+        conf = _number(meta, "det_conf", source)
+        iou = _number(meta, "det_iou_thresh", source)
+        if conf is not None:
+            props["rs_deep:score_threshold"] = conf
+        if iou is not None:
+            props["rs_deep:iou_threshold"] = iou
+    classes = [ModelClass(i, n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, n in enumerate(names)]
+    name = os.path.splitext(os.path.basename(source))[0]
+    builder = {"library": "onnx", "architecture": f"ONNX {model_type.capitalize()}", "encoder": "onnx",
+               "in_channels": channels, "classes": n_classes}
+    return OnnxPackage(name=name, task=task, bands=[f"b{i + 1}" for i in range(channels)], value_scaling=scaling,
+                       classes=classes, tile_size=tile, overlap=overlap, gsd=gsd, builder=builder,
+                       activation="softmax", weights_sha256="", description=str(_value(meta.get("description", '""'))),
+                       metadata={"properties": props}, output_kind="auto", det_type=det_type, **common)
+
+
+def _pick(values, i, default, source, key):
+    if values is None:
+        return default
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return float(values)
+    if isinstance(values, (list, tuple)) and values:
+        v = values[i] if len(values) > i else values[-1] if len(values) == 1 else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a number or one number per input channel, "
+                            f"got {values!r}")

@@ -1,0 +1,149 @@
+"""Runners of ONNX models, with the call of :class:`..runners.ModelRunner` (probabilities) and
+:class:`..runners.DetectionRunner` (boxes; YOLO outputs decoded by :func:`decode_yolo`)."""
+import re
+
+import numpy as np
+
+from ...errors import InputError, ModelPackageError
+from ...limits import MAX_ONNX_WORKING_BYTES, size_text
+from .session import require_onnxruntime, run_options
+
+
+class OnnxRunner:
+    def __init__(self, pkg, device):
+        self.pkg = pkg
+        self.session = pkg.session(device)
+        self.input_name = pkg.input_name
+        self.run_options = run_options(require_onnxruntime())
+
+    def _run_session(self, batch):
+        try:
+            return self.session.run(None, {self.input_name: batch}, self.run_options)[0]
+        except Exception as exc:
+            msg = str(exc).strip()
+            if any(s in msg for s in ("Available memory of", "Failed to allocate", "bad_alloc")):
+                asked = re.search(r"requested bytes of (\d+)", msg)
+                node = re.search(r"while running (\w+) node", msg)
+                what = f" (its {node.group(1)} node asks for {size_text(int(asked.group(1)))} at once)" \
+                    if asked and node else ""
+                raise ModelPackageError(
+                    f"{self.pkg.source}: running the ONNX model on {len(batch)} tile(s) of {batch.shape[-1]} px needs "
+                    f"more working memory than the limit of {size_text(MAX_ONNX_WORKING_BYTES)}{what}. Use "
+                    "BATCH_SIZE 1 or a smaller TILE_SIZE; a graph that needs more at its own tile size is "
+                    "refused") from exc
+            raise ModelPackageError(f"{self.pkg.source}: onnxruntime cannot run the model on tiles of "
+                                    f"{list(batch.shape)} ({msg[-300:]})") from exc
+
+    def _run(self, batch):
+        """Raw first output for batch [B, C, T, T] (chunks of the model's fixed batch size)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        fixed = self.pkg.fixed_size
+        if fixed and tuple(batch.shape[2:]) != tuple(fixed):
+            raise InputError(f"This ONNX model takes tiles of exactly {fixed[0]} px; leave TILE_SIZE at the "
+                             f"package's value (0), got {batch.shape[2]}")
+        fb = self.pkg.fixed_batch
+        if not fb or fb == len(batch):
+            return self._run_session(batch)
+        outs = []
+        for i in range(0, len(batch), fb):
+            chunk = batch[i:i + fb]
+            n = len(chunk)
+            if n < fb:
+                chunk = np.concatenate([chunk, np.zeros((fb - n,) + chunk.shape[1:], np.float32)])
+            outs.append(self._run_session(chunk)[:n])
+        return np.concatenate(outs)
+
+
+class OnnxSegmentationRunner(OnnxRunner):
+    """batch float32 [B, C, T, T] -> class probabilities float32 [B, K, T, T] (like ModelRunner)."""
+
+    def __init__(self, pkg, device=None):
+        super().__init__(pkg, device)
+        self.kind = pkg.output_kind
+        self.activation = pkg.activation
+
+    def __call__(self, batch):
+        out = np.asarray(self._run(batch), dtype=np.float32)
+        k = len(self.pkg.classes)
+        if out.ndim != 4 or out.shape[1] not in (k, 1) or (out.shape[1] == 1 and k != 2):
+            raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; expected "
+                                    f"[batch, {k}, height, width] for its {k} classes")
+        t = batch.shape[2:]
+        if tuple(out.shape[2:]) != tuple(t):  # a model predicting at a coarser resolution
+            import torch
+            import torch.nn.functional as F
+            out = F.interpolate(torch.from_numpy(out), size=tuple(t), mode="bilinear", align_corners=False).numpy()
+        kind = self.kind
+        if kind == "auto":
+            lo, hi = float(out.min()), float(out.max())
+            probs = lo >= -1e-4 and hi <= 1 + 1e-4 and (
+                out.shape[1] == 1 or bool(np.allclose(out.sum(axis=1), 1.0, atol=1e-3)))
+            kind = "probabilities" if probs else "logits"
+        if kind == "logits":
+            if out.shape[1] == 1 or self.activation == "sigmoid":
+                out = 1.0 / (1.0 + np.exp(-out))
+            else:
+                out = out - out.max(axis=1, keepdims=True)
+                np.exp(out, out=out)
+                out /= out.sum(axis=1, keepdims=True)
+        if out.shape[1] == 1:
+            p = np.clip(out, 0.0, 1.0)
+            out = np.concatenate([1.0 - p, p], axis=1)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n_classes=None):
+    """One image's raw YOLO output -> (boxes [n, 4] x0, y0, x1, y1 float64, labels [n] 0-based, scores [n]).
+
+    * ``YOLO_v5_or_v7_default``: [N, 5 + C] (cx, cy, w, h, objectness, class scores); the score is the
+      objectness and the class the best class score (as Deepness decodes it);
+    * ``YOLO_v6``: [N, 5 + C]; the score is the best class score (the objectness slot is ignored);
+    * ``YOLO_Ultralytics`` / ``YOLO_v9`` (v8+): [4 + C, N] (cx, cy, w, h, class scores; no objectness).
+
+    Boxes scoring at least ``score_threshold`` go through class-wise NMS (``batched_nms``); the
+    ``max_detections`` best are kept.
+    """
+    import torch
+    from torchvision.ops import batched_nms
+    a = np.asarray(raw, dtype=np.float64)
+    if det_type in ("YOLO_Ultralytics", "YOLO_v9"):
+        a = a.T
+        cls = a[:, 4:]
+        scores = cls.max(axis=1) if cls.shape[1] else np.zeros(len(a))
+    elif det_type == "YOLO_v6":
+        cls = a[:, 5:]
+        scores = cls.max(axis=1) if cls.shape[1] else a[:, 4]
+    else:
+        cls = a[:, 5:]
+        scores = a[:, 4]
+    labels = cls.argmax(axis=1) if cls.shape[1] else np.zeros(len(a), dtype=np.int64)
+    keep = scores >= score_threshold
+    if n_classes:
+        keep &= labels < n_classes
+    a, scores, labels = a[keep], scores[keep], labels[keep].astype(np.int64)
+    boxes = np.stack([a[:, 0] - a[:, 2] / 2, a[:, 1] - a[:, 3] / 2, a[:, 0] + a[:, 2] / 2, a[:, 1] + a[:, 3] / 2],
+                     axis=1) if len(a) else np.zeros((0, 4))
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(boxes).all(axis=1)
+    boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+    if len(boxes):
+        k = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels),
+                        float(iou_threshold)).numpy()[:int(max_detections)]
+        boxes, scores, labels = boxes[k], scores[k], labels[k]
+    return boxes.reshape(-1, 4), labels, scores
+
+
+class OnnxDetectionRunner(OnnxRunner):
+    """batch float32 [B, C, T, T] -> per tile (boxes [n, 4] tile pixels, labels 0-based, scores), like
+    :class:`.detect.DetectionRunner`."""
+
+    def __init__(self, pkg, device, score_threshold, iou_threshold, max_detections):
+        super().__init__(pkg, device)
+        self.score, self.iou, self.maxd = score_threshold, iou_threshold, max_detections
+
+    def __call__(self, batch):
+        out = np.asarray(self._run(batch))
+        if out.ndim != 3 or len(out) != len(batch):
+            raise ModelPackageError(f"{self.pkg.source}: the detector returned shape {list(out.shape)}; expected "
+                                    f"[batch, boxes, values] ({self.pkg.det_type})")
+        return [decode_yolo(o, self.pkg.det_type, self.score, self.iou, self.maxd, len(self.pkg.classes))
+                for o in out]
