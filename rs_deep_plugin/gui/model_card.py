@@ -62,27 +62,9 @@ class ModelInfo:
 
 # ------------------------------------------------------------------------------------------ device list
 def device_choices():
-    """[(label, DEVICE value)]: automatic, the CPU, and every accelerator torch finds (with its name)."""
-    try:
-        import torch
-    except Exception:
-        return [("CPU (PyTorch is not installed)", "cpu")]
-    items = []
-    try:
-        if torch.cuda.is_available():
-            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            items.append((f"GPU: {', '.join(names)} (CUDA)", "cuda"))
-    except Exception:
-        pass
-    mps = getattr(torch.backends, "mps", None)
-    try:
-        if mps is not None and mps.is_available():
-            items.append(("Apple GPU (MPS)", "mps"))
-    except Exception:
-        pass
-    cpu = f"CPU ({torch.get_num_threads()} threads)"
-    auto = f"Automatic: {items[0][0] if items else cpu}"
-    return [(auto, "auto")] + items + [(cpu, "cpu")]
+    """[(label, DEVICE value)] for the dock's device list (:func:`..engine.models.runners.available_devices`)."""
+    from ..engine.models.runners import available_devices
+    return available_devices()
 
 
 __all__ = ["ModelInfo", "TASK_ALGORITHMS", "TASK_NAMES", "device_choices"]

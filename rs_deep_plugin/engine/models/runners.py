@@ -41,6 +41,30 @@ def select_device(requested="auto"):
     raise InputError(f"DEVICE {requested!r} is unknown; use one of {', '.join(DEVICE_CHOICES)}")
 
 
+def available_devices():
+    """[(label, DEVICE value)]: automatic, the CPU, and every accelerator torch finds (with its name)."""
+    try:
+        import torch
+    except Exception:
+        return [("CPU (PyTorch is not installed)", "cpu")]
+    items = []
+    try:
+        if torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            items.append((f"GPU: {', '.join(names)} (CUDA)", "cuda"))
+    except Exception:
+        pass
+    mps = getattr(torch.backends, "mps", None)
+    try:
+        if mps is not None and mps.is_available():
+            items.append(("Apple GPU (MPS)", "mps"))
+    except Exception:
+        pass
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    auto = f"Automatic: {items[0][0] if items else cpu}"
+    return [(auto, "auto")] + items + [(cpu, "cpu")]
+
+
 def device_description(device):
     torch = _torch()
     if device.type == "cuda":
