@@ -384,7 +384,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                       tile_size=tile, val_fraction=val, val_side="bottom", patience=patience,
                                       **common, **callbacks)
         if task == "detection":
-            from ..rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
+            from ..rs_deep_plugin.engine.training.data import DetectionSample, split_sample
+            from ..rs_deep_plugin.engine.training.detection import train_detection
             class_names, labels = map_classes(task, pairs, field, layer_name)
             e = layer.extent()
             rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()

@@ -12,11 +12,11 @@ import rasterio
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 
-from rs_deep.rs_deep_plugin.engine.evaluation.accuracy import (assess_detection, assess_segmentation, metrics_from_confusion,
-                                                    raster_category_names, write_report)
+from rs_deep.rs_deep_plugin.engine.evaluation.accuracy import (assess_detection, assess_segmentation, raster_category_names,
+                                                               write_report)
+from rs_deep.rs_deep_plugin.engine.evaluation.metrics import detection_metrics, metrics_from_confusion
 from rs_deep.rs_deep_plugin.engine.errors import InputError
-from rs_deep.rs_deep_plugin.engine.training.segmentation import read_vector_labels
-from rs_deep.rs_deep_plugin.engine.training.detection import detection_metrics
+from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
 from rs_deep.rs_deep_plugin.engine.geo.writer import write_category_names
 
 from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
@@ -226,7 +226,7 @@ def test_no_overlap_and_bad_reference_are_clear(prediction, footprints, tmp_path
 
 
 def test_kappa_and_accuracy_by_hand():
-    m = metrics_from_confusion([[50, 10], [5, 35]], [0, 1], {0: "a", 1: "b"})
+    m = metrics_from_confusion([[50, 10], [5, 35]], {0: "a", 1: "b"}, values=[0, 1])
     assert m["overall_accuracy"] == pytest.approx(0.85)
     pe = (60 * 55 + 40 * 45) / 100 ** 2
     assert m["kappa"] == pytest.approx((0.85 - pe) / (1 - pe))
@@ -548,7 +548,7 @@ def test_train_detection_end_to_end(provider, footprints, tmp_path):
     """Detection labels -> boxes of each feature's envelope, classes the sorted field values, bottom rows held out;
     a real (tiny) CenterNet training run writes a detection package that rs_deep:detect runs."""
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
-    from rs_deep.rs_deep_plugin.engine.training.detection import _map_to_pixels, read_geojson_boxes
+    from rs_deep.rs_deep_plugin.engine.geo.labels import map_to_pixels, read_geojson_boxes
     feats = [(g, {"size": "big" if g.area > 200 else "small"}) for g, _ in footprints]
     labels = _geojson(tmp_path / "boxes.geojson", feats)
     fb = RecordingFeedback()
@@ -563,7 +563,7 @@ def test_train_detection_end_to_end(provider, footprints, tmp_path):
     assert report["task"] == "detection" and report["epochs_run"] == 2
     # the boxes the trainer got: every footprint's envelope, split at the held-out row (bottom 25 % = 225 rows)
     with rasterio.open(IMAGE) as ds:
-        expected = _map_to_pixels(read_geojson_boxes(FOOTPRINTS, dst_crs=ds.crs)[0], ds.transform)
+        expected = map_to_pixels(read_geojson_boxes(FOOTPRINTS, dst_crs=ds.crs)[0], ds.transform)
     cut = 675
     in_train = int(((expected[:, 1] + expected[:, 3]) / 2 < cut).sum())
     assert report["train_images"][0]["height"] == cut and report["val_images"][0]["height"] == 900 - cut

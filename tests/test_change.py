@@ -340,7 +340,8 @@ def test_cva_otsu_finds_a_known_square():
 
 
 def test_training_for_seconds_writes_a_change_package(tmp_path, scene):
-    from rs_deep.rs_deep_plugin.engine.training.change import cva_baseline, evaluate_pairs, train_change
+    from rs_deep.rs_deep_plugin.engine.evaluation.baselines import cva_baseline, evaluate_pairs
+    from rs_deep.rs_deep_plugin.engine.training.change import train_change
     arr, t, crs = scene
     after = arr.copy()
     after[:, CHANGED[0], CHANGED[1]] = 240

@@ -11,7 +11,8 @@ from rs_deep.rs_deep_plugin.engine.training.chips import (MANIFEST, export_train
                                                  split_chips)
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
 from rs_deep.rs_deep_plugin.engine.models.loading import load_package
-from rs_deep.rs_deep_plugin.engine.training.segmentation import read_vector_labels, train_segmentation
+from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
+from rs_deep.rs_deep_plugin.engine.training.segmentation import train_segmentation
 
 from conftest import ATLANTA_EAST, ATLANTA_IMAGE, ATLANTA_LABELS, CHANGE, TREES, TREES_IMAGE
 

@@ -382,7 +382,7 @@ def test_task_mismatch_and_bad_options_are_clear(tmp_path, det_package, seg_pack
 
 
 def test_metrics_match_by_iou_and_score():
-    from rs_deep.rs_deep_plugin.engine.training.detection import detection_metrics
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import detection_metrics
     truth = (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], float), np.array([0, 0, 0]))
     pred = (np.array([[0, 0, 10, 11], [0, 0, 10, 10], [21, 21, 31, 31], [80, 80, 90, 90]], float),
             np.array([0.9, 0.8, 0.7, 0.2]), np.array([0, 0, 0, 0]))
@@ -395,7 +395,8 @@ def test_metrics_match_by_iou_and_score():
 
 
 def test_training_writes_a_package_the_engine_runs(tmp_path):
-    from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, split_sample
+    from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
     raster, boxes = squares_raster(tmp_path / "train.tif", size=(200, 160), n=10)
     tr, va = split_sample(DetectionSample(str(raster), [b + ("car",) for b in boxes]), 0.3)
     report = train_detection([tr], tmp_path / "model", val_samples=[va], class_names=["car"],
@@ -421,11 +422,11 @@ def test_training_writes_a_package_the_engine_runs(tmp_path):
 
 
 def test_voc_and_geojson_boxes_agree():
-    from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, _load_sample
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, load_sample
     d = DATA / "trees_neon"
-    a = _load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029_boxes.geojson")), ["tree"], None,
+    a = load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029_boxes.geojson")), ["tree"], None,
                      "label", "x")
-    b = _load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029.xml")), ["tree"], None, "label", "x")
+    b = load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029.xml")), ["tree"], None, "label", "x")
     assert len(a.boxes) == len(b.boxes) == 61
     np.testing.assert_allclose(sorted(map(tuple, a.boxes)), sorted(map(tuple, b.boxes)), atol=1e-6)
 
@@ -473,13 +474,13 @@ def test_centernet_allow_list_and_errors_name_the_field():
 def test_centernet_has_the_torchvision_interface():
     import torch
     from rs_deep.rs_deep_plugin.engine.models.arch_torchvision import configure_inference
-    from rs_deep.rs_deep_plugin.engine.training.detection import _set_training_sizes
+    from rs_deep.rs_deep_plugin.engine.training.detection import set_training_sizes
     torch.manual_seed(0)
     model = build_model(dict(CENTERNET_SMALL, in_channels=5, classes=2))
     # the encoder's stages deeper than encoder_depth are dropped: no dead weights in the package
     assert not any(k.startswith("encoder.layer3") or k.startswith("encoder.layer4") for k in model.state_dict())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    _set_training_sizes(model)  # Faster R-CNN settings: nothing to set here
+    set_training_sizes(model)  # Faster R-CNN settings: nothing to set here
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     model.train()
     images = [torch.rand(5, 64, 64), torch.rand(5, 64, 64)]
@@ -557,7 +558,8 @@ def test_centernet_decode_finds_a_bright_square():
 
 def test_centernet_training_writes_a_package_the_engine_runs(tmp_path):
     from rs_deep.rs_deep_plugin.engine.models.runners import DetectionRunner
-    from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, split_sample
+    from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
     raster, boxes = squares_raster(tmp_path / "train.tif", size=(200, 160), n=10)
     tr, va = split_sample(DetectionSample(str(raster), [b + ("car",) for b in boxes]), 0.3)
     report = train_detection([tr], tmp_path / "model", val_samples=[va], class_names=["car"],
@@ -590,7 +592,9 @@ def test_centernet_training_writes_a_package_the_engine_runs(tmp_path):
 
 def test_centernet_learns_bright_squares(tmp_path):
     """A few hundred crops are enough for CenterNet to find bright squares it was not trained on."""
-    from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, detection_metrics, train_detection
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import detection_metrics
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample
+    from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
     raster, boxes = squares_raster(tmp_path / "train.tif", size=(256, 256), n=24, square=16)
     test_raster, test_boxes = squares_raster(tmp_path / "test.tif", size=(200, 200), n=12, square=16, seed=5)
     train_detection([DetectionSample(str(raster), [b + ("car",) for b in boxes])], tmp_path / "model",
@@ -609,7 +613,7 @@ def test_centernet_learns_bright_squares(tmp_path):
 
 
 def _held_out_truth():
-    from rs_deep.rs_deep_plugin.engine.training.detection import read_geojson_boxes
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_geojson_boxes
     with rasterio.open(TREES_SAMPLE) as ds:
         t, w, h = ds.transform, ds.width, ds.height
     n = int(round(h * HELD_OUT_FRACTION))
@@ -623,7 +627,7 @@ def _held_out_truth():
 
 
 def test_trees_demo_finds_held_out_trees():
-    from rs_deep.rs_deep_plugin.engine.training.detection import detection_metrics
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import detection_metrics
     pkg = load_package(TREES_DEMO, task="detection")
     assert sum((TREES_DEMO / n).stat().st_size for n in ("model.json", "model.safetensors")) <= 10_000_000
     report = json.loads((TREES_DEMO / "training_report.json").read_text())

@@ -173,7 +173,7 @@ def test_package_validation_names_the_field(patch_package):
 
 def test_field_register_is_read_without_qgis():
     from osgeo import ogr
-    from rs_deep.rs_deep_plugin.engine.training.patches import read_gpkg_polygons
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_gpkg_polygons
     fields = read_gpkg_polygons(str(FIELDS / "fields.gpkg"), "fields", "Afgroede", dst_crs="EPSG:32632")
     ds = ogr.Open(str(FIELDS / "fields.gpkg"))
     lyr = ds.GetLayer("fields")
@@ -189,7 +189,9 @@ def test_training_for_seconds_writes_a_patch_package(tmp_path):
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from make_eval_models import CROP_CLASSES, OTHER, crop_group
-    from rs_deep.rs_deep_plugin.engine.training.patches import evaluate_patches, read_gpkg_polygons, train_patches
+    from rs_deep.rs_deep_plugin.engine.evaluation.baselines import evaluate_patches
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_gpkg_polygons
+    from rs_deep.rs_deep_plugin.engine.training.patches import train_patches
     fields = [(g, crop_group(v)) for g, v in read_gpkg_polygons(str(FIELDS / "fields.gpkg"), "fields", "Afgroede")]
     assert {crop_group("Vårbyg"), crop_group("Silomajs"), crop_group("Græs med kløver/lucerne"),
             crop_group("Kartofler, stivelses-")} == {0, 2, 1, 3}

@@ -8,8 +8,9 @@ import rasterio
 from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError
 from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 from rs_deep.rs_deep_plugin.engine.inference.segment import segment
-from rs_deep.rs_deep_plugin.engine.training.segmentation import (IGNORE, confusion_matrix, metrics_from_confusion,
-                                                 read_vector_labels, train_segmentation)
+from rs_deep.rs_deep_plugin.engine.evaluation.metrics import confusion_matrix, metrics_from_confusion
+from rs_deep.rs_deep_plugin.engine.geo.labels import IGNORE, read_vector_labels
+from rs_deep.rs_deep_plugin.engine.training.segmentation import train_segmentation
 
 from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
 
@@ -78,7 +79,8 @@ def test_training_report(trained):
     best = on_disk["best"]
     for key in ("iou", "f1", "precision", "recall"):
         assert 0.0 <= best[key] <= 1.0
-    assert best["classes"]["building"]["truth_pixels"] > 0  # the held-out strip has buildings
+    assert best["classes"][1]["name"] == "building" and best["classes"][1]["support"] > 0  # the held-out strip
+    # has buildings
     assert on_disk["seed"] == 0 and on_disk["seconds"] > 0
     s = on_disk["samples"]
     assert s["train_pixels"] + s["val_pixels"] == 600 * 900
@@ -164,4 +166,4 @@ def test_metrics_from_confusion():
     assert m["iou"] == pytest.approx(2 / 4)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3)
-    assert m["classes"]["background"]["iou"] == pytest.approx(3 / 5)
+    assert m["classes"][0]["name"] == "background" and m["classes"][0]["iou"] == pytest.approx(3 / 5)

@@ -107,7 +107,9 @@ def main(argv=None):
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.models.package import package_summary
     from rs_deep.rs_deep_plugin.engine.progress import terminal_progress
-    from rs_deep.rs_deep_plugin.engine.training.segmentation import read_vector_labels, report_summary, train_segmentation
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
+    from rs_deep.rs_deep_plugin.engine.training.report import report_summary
+    from rs_deep.rs_deep_plugin.engine.training.segmentation import train_segmentation
 
     data = Path(args.data)
     image, footprints = data / "image.tif", data / "buildings.geojson"

@@ -105,7 +105,8 @@ def _write_json(path, obj):
 
 
 def make_change(data, out, threads):
-    from rs_deep.rs_deep_plugin.engine.training.change import cva_baseline, evaluate_pairs, train_change
+    from rs_deep.rs_deep_plugin.engine.evaluation.baselines import cva_baseline, evaluate_pairs
+    from rs_deep.rs_deep_plugin.engine.training.change import train_change
     train = [_dsifn(data, n) for n in DSIFN_TRAIN] + [_levir(data, n) for n in LEVIR_TRAIN]
     test = [_dsifn(data, n) for n in DSIFN_TEST] + [_levir(data, n) for n in LEVIR_TEST]
     t0 = time.time()
@@ -135,7 +136,9 @@ def make_change(data, out, threads):
 
 
 def make_patches(data, out, threads):
-    from rs_deep.rs_deep_plugin.engine.training.patches import evaluate_patches, read_gpkg_polygons, train_patches
+    from rs_deep.rs_deep_plugin.engine.evaluation.baselines import evaluate_patches
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_gpkg_polygons
+    from rs_deep.rs_deep_plugin.engine.training.patches import train_patches
     image = data / "fields_denmark" / "image.tif"
     import rasterio
     with rasterio.open(image) as ds:

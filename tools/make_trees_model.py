@@ -126,7 +126,8 @@ def held_out_score(image, boxes_geojson, package, fraction=HELD_OUT):
     import numpy as np
     import rasterio
     from rs_deep.rs_deep_plugin.engine.inference.detect import detect
-    from rs_deep.rs_deep_plugin.engine.training.detection import detection_metrics, read_geojson_boxes
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import detection_metrics
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_geojson_boxes
     with rasterio.open(image) as ds:
         t, w, h = ds.transform, ds.width, ds.height
     n = int(round(h * fraction))
@@ -157,9 +158,9 @@ def pick_threshold(yell, yell_boxes, osbs, osbs_boxes, settings, out, log=print)
     from rs_deep.rs_deep_plugin.engine.models.runners import select_device
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.geo.raster import apply_scaling
-    from rs_deep.rs_deep_plugin.engine.training.detection import (DetectionSample, _load_sample, _resample,
-                                                              detection_metrics, predict_image, split_sample,
-                                                              train_detection)
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import detection_metrics
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, load_sample, resample_to_gsd, split_sample
+    from rs_deep.rs_deep_plugin.engine.training.detection import predict_image, train_detection
     r0, r1 = OSBS_TUNE_ROWS
     y_train, y_tune = split_sample(DetectionSample(str(yell), str(yell_boxes), gsd=0.1, name=yell.name), YELL_TUNE,
                                    "right")
@@ -172,8 +173,8 @@ def pick_threshold(yell, yell_boxes, osbs, osbs_boxes, settings, out, log=print)
     model = pkg.load_model()
     preds, truths = [], []
     for s in (y_tune, o_tune):
-        it = _load_sample(s, ["tree"], None, "label", s.name)
-        it = _resample(it, it.gsd / pkg.gsd) if it.gsd and pkg.gsd and it.gsd != pkg.gsd else it
+        it = load_sample(s, ["tree"], None, "label", s.name)
+        it = resample_to_gsd(it, pkg.gsd) if it.gsd and pkg.gsd and it.gsd != pkg.gsd else it
         apply_scaling(it.img, pkg.value_scaling)
         it.img[:, ~it.valid] = 0.0
         preds.append(predict_image(model, it.img, it.valid, pkg.tile_size, pkg.overlap, 0.05,
@@ -209,8 +210,10 @@ def main(argv=None):
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.models.package import package_summary
     from rs_deep.rs_deep_plugin.engine.progress import terminal_progress
-    from rs_deep.rs_deep_plugin.engine.training.segmentation import REPORT_NAME, _write_json
-    from rs_deep.rs_deep_plugin.engine.training.detection import DetectionSample, split_sample, train_detection
+    from rs_deep.rs_deep_plugin.engine.files import write_json
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, split_sample
+    from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
+    from rs_deep.rs_deep_plugin.engine.training.report import REPORT_NAME
 
     data = Path(args.data)
     osbs, osbs_boxes = data / "OSBS_029.tif", data / "OSBS_029_boxes.geojson"
@@ -245,7 +248,7 @@ def main(argv=None):
     scores = held_out_score(sample / "osbs_029.tif", osbs_boxes, out)
     report["held_out_engine"] = scores
     report["training_seconds"] = round(seconds, 1)
-    _write_json(str(out / REPORT_NAME), report)
+    write_json(str(out / REPORT_NAME), report)
     pkg = load_package(out)
     size = sum((out / n).stat().st_size for n in ("model.json", "model.safetensors"))
     print()

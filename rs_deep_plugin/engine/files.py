@@ -1,6 +1,7 @@
 """Small files (JSON, HTML, CSV, PNG, ONNX, package members) written atomically, and RS Deep's temporary names
 (QGIS-free)."""
 import errno
+import json
 import os
 import uuid
 
@@ -62,3 +63,8 @@ def write_atomic(path, data, name=None):
         staged.discard()
         raise
     return os.fspath(path)
+
+
+def write_json(path, obj):
+    """``obj`` as indented JSON, written atomically (:func:`write_atomic`). Returns ``path``."""
+    return write_atomic(path, json.dumps(obj, indent=2) + "\n")

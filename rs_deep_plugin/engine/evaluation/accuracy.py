@@ -6,7 +6,7 @@
   Reading is block-wise, so memory is bounded by the block size, not by the raster's size.
   Pixels that are nodata in either raster are not counted.
 * :func:`assess_detection` scores boxes against reference boxes with
-  :func:`.train_detect.detection_metrics` (precision, recall, F1, AP at an IoU threshold).
+  :func:`.metrics.detection_metrics` (precision, recall, F1, AP at an IoU threshold).
 * :func:`write_report` writes the metrics as a self-contained HTML page and/or a CSV table.
 
 Conventions: the confusion matrix has the reference in its rows and the prediction in its
@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InputError, MissingDependency
 from ..files import write_atomic
 from ..progress import Progress
+from .metrics import detection_metrics, metrics_from_confusion
 
 OUTSIDE_CHOICES = ("background", "ignore")
 DEFAULT_BLOCK = 1024
@@ -286,8 +287,8 @@ def assess_segmentation(predicted_raster, reference, *, class_names=None, bounds
         cm = np.zeros((len(values), len(values)), dtype=np.int64)
         for (a, b), cnt in pairs.items():
             cm[index[a], index[b]] += cnt
-        result = metrics_from_confusion(cm, values, names)
-        result.update(reference=ref_kind, prediction=os.path.basename(path),
+        result = metrics_from_confusion(cm, names, values)
+        result.update(task="segmentation", reference=ref_kind, prediction=os.path.basename(path),
                       window={"col_off": int(area.col_off), "row_off": int(area.row_off),
                               "width": int(area.width), "height": int(area.height)})
         return result
@@ -295,43 +296,6 @@ def assess_segmentation(predicted_raster, reference, *, class_names=None, bounds
         if ref is not None:
             ref.close()
         pred.close()
-
-
-def _ratio(a, b):
-    return float(a) / float(b) if b else None
-
-
-def metrics_from_confusion(cm, values=None, names=None):
-    """Per-class and overall metrics from a confusion matrix (rows reference, columns prediction)."""
-    cm = np.asarray(cm, dtype=np.int64)
-    k = cm.shape[0]
-    values = list(range(k)) if values is None else [int(v) for v in values]
-    names = names or {}
-    total = int(cm.sum())
-    classes = []
-    for i, v in enumerate(values):
-        tp = int(cm[i, i])
-        support, predicted = int(cm[i, :].sum()), int(cm[:, i].sum())
-        fp, fn = predicted - tp, support - tp
-        present = support + predicted > 0
-        classes.append({"value": v, "name": names.get(v, f"class {v}"),
-                        "iou": _ratio(tp, tp + fp + fn) if present else None,
-                        "f1": _ratio(2 * tp, 2 * tp + fp + fn) if present else None,
-                        "precision": _ratio(tp, predicted), "recall": _ratio(tp, support),
-                        "support": support, "predicted": predicted, "tp": tp, "fp": fp, "fn": fn})
-    po = float(np.trace(cm)) / total if total else 0.0
-    if total:
-        pe = float((cm.sum(axis=1).astype(np.float64) * cm.sum(axis=0)).sum()) / (float(total) ** 2)
-    else:
-        pe = 0.0
-    kappa = (po - pe) / (1.0 - pe) if pe < 1.0 else (1.0 if po == 1.0 else 0.0)
-    ious = [c["iou"] for c in classes if c["iou"] is not None]
-    f1s = [c["f1"] for c in classes if c["f1"] is not None]
-    return {"task": "segmentation", "classes": classes, "class_values": values,
-            "class_names": [c["name"] for c in classes], "confusion_matrix": cm.tolist(),
-            "overall_accuracy": po, "kappa": kappa,
-            "mean_iou": float(np.mean(ious)) if ious else None, "mean_f1": float(np.mean(f1s)) if f1s else None,
-            "pixels": total}
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,9 +331,8 @@ def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=
     ``predicted_boxes``: rows ``(xmin, ymin, xmax, ymax[, class[, score]])`` or shapely geometries
     (their envelope; class 0, score 1); ``reference_boxes``: rows ``(xmin, ymin, xmax, ymax[,
     class])`` or geometries, in the same coordinates. Matching is
-    :func:`.train_detect.detection_metrics` (greedy by score, one match per reference box).
+    :func:`.metrics.detection_metrics` (greedy by score, one match per reference box).
     """
-    from ..training.detection import detection_metrics
     if not 0 < float(iou) <= 1:
         raise InputError(f"iou must be in (0, 1]; got {iou}")
     pb, pl, ps = _rows(predicted_boxes, "predicted_boxes", True)
@@ -511,5 +474,5 @@ def write_report(metrics, html_path=None, csv_path=None, title="Accuracy assessm
     return out
 
 
-__all__ = ["assess_segmentation", "assess_detection", "write_report", "metrics_from_confusion",
-           "raster_category_names", "table_rows", "OUTSIDE_CHOICES"]
+__all__ = ["assess_segmentation", "assess_detection", "write_report", "raster_category_names", "table_rows",
+           "OUTSIDE_CHOICES"]

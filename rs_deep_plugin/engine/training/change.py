@@ -19,18 +19,22 @@ measure what the model does on scenes it never saw (:func:`evaluate_pairs`, :fun
 """
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 
 from ..errors import Cancelled, InputError, MissingDependency
+from ..evaluation.metrics import metrics_from_confusion
+from ..geo.labels import IGNORE
+from ..geo.raster import pixel_size_metres
 from ..models.package import ModelClass, save_package
 from ..progress import Progress
-from ..geo.raster import apply_scaling, pixel_size_metres
-from .segmentation import (IGNORE, REPORT_NAME, CropSampler, _check_tile, _seed_everything, check_augment,
-                    compute_value_scaling, confusion_matrix, evaluate, metrics_from_confusion, resolve_builder,
-                    segmentation_loss, write_report)
+from .augment import check_augment
+from .data import check_band_names, compute_value_scaling, scale_image, select_bands
+from .loop import check_tile, seed_everything
+from .report import REPORT_NAME, write_training_report
+from .samplers import PairSampler
+from .segmentation import evaluate, resolve_builder, segmentation_loss
 
 DEFAULT_CHANGE_BUILDER = {
     "library": "rs_deep",
@@ -46,7 +50,7 @@ CHANGE_COLORS = ["000000", "E31A1C", "FF7F00", "1F78B4", "33A02C", "6A3D9A", "B1
 # data
 
 
-def _read(path, what, bands=None):
+def _open(path, what):
     import rasterio
     import warnings
     try:
@@ -65,22 +69,15 @@ def read_pair(before, after, label, bands=None, n_classes=2):
     The three rasters must be on the same pixel grid (same size); ``bands`` are 1-based band numbers
     read from both dates (default: every non-alpha band).
     """
-    a, b, lab_ds = _read(before, "before", bands), _read(after, "after", bands), _read(label, "label")
+    a, b, lab_ds = _open(before, "before"), _open(after, "after"), _open(label, "label")
     try:
         sizes = {(d.width, d.height) for d in (a, b, lab_ds)}
         if len(sizes) != 1:
             raise InputError(f"The pair {before} / {after} / {label} is not on one pixel grid (sizes "
                              f"{a.width}x{a.height}, {b.width}x{b.height}, {lab_ds.width}x{lab_ds.height}); "
                              "resample the three rasters onto one grid for training")
-        if bands:
-            use = [int(x) for x in bands]
-        else:
-            alpha = [i + 1 for i, ci in enumerate(a.colorinterp) if getattr(ci, "name", str(ci)) == "alpha"]
-            use = [x for x in range(1, a.count + 1) if x not in alpha] or list(range(1, a.count + 1))
-        for what, ds in (("before", a), ("after", b)):
-            bad = [x for x in use if x < 1 or x > ds.count]
-            if bad:
-                raise InputError(f"bands {bad} do not exist in the {what} raster {ds.name} ({ds.count} bands)")
+        use = select_bands(a, bands, f"the before raster {a.name}")
+        select_bands(b, use, f"the after raster {b.name}")
         da = a.read(use, out_dtype="float32")
         db = b.read(use, out_dtype="float32")
         valid = np.all(a.read_masks(use) > 0, axis=0) & np.all(b.read_masks(use) > 0, axis=0)
@@ -118,44 +115,7 @@ def _scaling_for(pairs, seed):
 
 
 def _scaled(pair, scaling):
-    img = pair["image"].copy()
-    apply_scaling(img, scaling + scaling)  # the same scaling for both dates
-    img[:, ~pair["valid"]] = 0.0
-    return img
-
-
-class PairSampler:
-    """Augmented crops from several pairs; a pair is drawn with probability ``weights`` (default: its area)."""
-
-    def __init__(self, images, labels, valids, tile, rng, weights=None, swap_dates=True, date_jitter=0.1,
-                 **crop_options):
-        self.samplers = [CropSampler(img, lab, v, tile, rng, **crop_options)
-                         for img, lab, v in zip(images, labels, valids)]
-        w = np.asarray(weights if weights is not None else [lab.size for lab in labels], dtype=np.float64)
-        self.p = w / w.sum()
-        self.rng = rng
-        self.swap = swap_dates
-        self.date_jitter = date_jitter
-
-    def batch(self, n):
-        rng = self.rng
-        imgs, labs = [], []
-        for _ in range(n):
-            img, lab = self.samplers[int(rng.choice(len(self.samplers), p=self.p))].sample()
-            c = img.shape[0] // 2
-            if self.date_jitter > 0:  # each date its own exposure: seasons, sensors, sun
-                for d in (0, 1):
-                    part = img[d * c:(d + 1) * c]
-                    m = float(part.mean())
-                    g = math.exp(rng.uniform(-self.date_jitter, self.date_jitter) * 2)
-                    part -= m
-                    part *= g
-                    part += m + rng.uniform(-self.date_jitter, self.date_jitter)
-            if self.swap and rng.random() < 0.5:
-                img = np.concatenate([img[c:], img[:c]], axis=0)
-            imgs.append(img)
-            labs.append(lab)
-        return np.stack(imgs), np.stack(labs)
+    return scale_image(pair["image"].copy(), pair["valid"], scaling + scaling)  # the same scaling for both dates
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +174,8 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     classes = [ModelClass(i, n, str(c).lstrip("#").upper()) for i, (n, c) in enumerate(zip(class_names, colors))]
     if not pairs:
         raise InputError("pairs: give at least one (before, after, label) triple to learn from")
-    _check_tile(tile_size, "tile_size")
-    _check_tile(package_tile_size, "package_tile_size")
+    check_tile(tile_size, "tile_size")
+    check_tile(package_tile_size, "package_tile_size")
     if not 0 <= package_overlap < package_tile_size // 2:
         raise InputError(f"package_overlap must be in [0, {package_tile_size // 2}); got {package_overlap}")
     if batch_size < 1 or epochs < 1:
@@ -229,12 +189,7 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
         if p["image"].shape[0] // 2 != n_bands:
             raise InputError(f"{p['before']}: {p['image'].shape[0] // 2} bands per date, the first pair has "
                              f"{n_bands}; every pair must have the same bands")
-    if band_names:
-        band_names = [str(b) for b in band_names]
-        if len(band_names) != n_bands:
-            raise InputError(f"band_names: {len(band_names)} names for {n_bands} bands")
-    else:
-        band_names = train[0]["band_names"]
+    band_names = check_band_names(band_names, n_bands) if band_names else train[0]["band_names"]
     changed = sum(int(((p["mask"] > 0) & (p["mask"] != IGNORE)).sum()) for p in train)
     if changed == 0:
         raise InputError("The training labels mark no change anywhere; give masks with changed pixels > 0")
@@ -253,7 +208,7 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     if num_threads:
         torch.set_num_threads(int(num_threads))
     try:
-        _seed_everything(seed)
+        seed_everything(seed)
         rng = np.random.default_rng(seed)
         dev = select_device(device)
         builder = resolve_builder(builder or DEFAULT_CHANGE_BUILDER, n_bands, k)
@@ -307,7 +262,7 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
                           seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
             report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            report["curves_path"] = write_report(report["report_path"], report, log)
+            report["curves_path"] = write_training_report(report["report_path"], report, log)
             return report
 
         train_prog = prog.sub(0.02, 0.97)
@@ -380,80 +335,4 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
             torch.set_num_threads(old_threads)
 
 
-# --------------------------------------------------------------------------------------------
-# evaluation on held-out pairs
-
-
-def _label_array(label, n_classes):
-    import rasterio
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with rasterio.open(label) as ds:
-            raw = ds.read(1)
-            ok = ds.read_masks(1) > 0
-    lab = (raw > 0).astype(np.uint8) if n_classes == 2 else raw.astype(np.uint8)
-    lab[~ok] = IGNORE
-    return lab
-
-
-def evaluate_pairs(package, pairs, *, bands=None, device="auto", batch_size=None, tile_size=None, overlap=None,
-                   progress=None, is_cancelled=None):
-    """Run :func:`.change.detect_change` (the engine, on the files) on held-out ``pairs`` and score it.
-
-    Returns ``{"pairs": [{before, after, label, metrics}], "overall": metrics}`` (metrics as
-    :func:`.train.metrics_from_confusion`, pixels pooled over the pairs; nodata not counted).
-    """
-    import rasterio
-    from ..inference.change import detect_change
-    from ..models.loading import load_package
-    from ..models.package import ModelPackage
-    pkg = package if isinstance(package, ModelPackage) else load_package(package, task="change")
-    k = len(pkg.classes)
-    names = [c.name for c in pkg.classes]
-    total = np.zeros((k, k), dtype=np.int64)
-    out = []
-    prog = Progress(progress, is_cancelled)
-    with tempfile.TemporaryDirectory(prefix="rs_deep_eval_") as tmp:
-        for i, (before, after, label) in enumerate(pairs):
-            path = os.path.join(tmp, f"change_{i}.tif")
-            detect_change(before, after, pkg, path, bands=bands, device=device, batch_size=batch_size,
-                          tile_size=tile_size, overlap=overlap, is_cancelled=is_cancelled)
-            with rasterio.open(path) as ds:
-                pred = ds.read(1)
-            lab = _label_array(label, k)
-            if pred.shape != lab.shape:
-                raise InputError(f"{label}: {lab.shape} labels for a {pred.shape} change raster; the label must be "
-                                 "on BEFORE's grid")
-            lab = np.where(pred == 255, IGNORE, lab)
-            cm = confusion_matrix(np.minimum(pred, k - 1), lab, k)
-            total += cm
-            out.append({"before": os.fspath(before), "after": os.fspath(after), "label": os.fspath(label),
-                        "metrics": _short(metrics_from_confusion(cm, names))})
-            prog.update((i + 1) / len(pairs))
-    return {"pairs": out, "overall": _short(metrics_from_confusion(total, names))}
-
-
-def cva_baseline(pairs, *, bands=None, normalize=True):
-    """Change vector analysis + Otsu (:mod:`.cva`) on ``pairs``, scored like :func:`evaluate_pairs`
-    (binary: any change class counts as change). The threshold is chosen per pair, unsupervised."""
-    from ..evaluation.baselines import cva_otsu
-    total = np.zeros((2, 2), dtype=np.int64)
-    out = []
-    for before, after, label in pairs:
-        p = read_pair(before, after, label, bands=bands, n_classes=2)
-        c = p["image"].shape[0] // 2
-        change, _, t = cva_otsu(p["image"][:c], p["image"][c:], p["valid"], normalize=normalize)
-        cm = confusion_matrix(change.astype(np.uint8), p["mask"], 2)
-        total += cm
-        out.append({"before": os.fspath(before), "after": os.fspath(after), "label": os.fspath(label),
-                    "threshold": float(t), "metrics": _short(metrics_from_confusion(cm, ["no change", "change"]))})
-    return {"pairs": out, "overall": _short(metrics_from_confusion(total, ["no change", "change"]))}
-
-
-def _short(m):
-    return {key: round(m[key], 4) for key in ("f1", "iou", "precision", "recall", "pixel_accuracy")} | \
-        {"pixels": m["pixels"]}
-
-
-__all__ = ["train_change", "read_pair", "evaluate_pairs", "cva_baseline", "DEFAULT_CHANGE_BUILDER", "PairSampler"]
+__all__ = ["train_change", "read_pair", "DEFAULT_CHANGE_BUILDER"]

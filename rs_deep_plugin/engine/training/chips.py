@@ -17,8 +17,9 @@ of the blocks that hold chips is held back for validation, and a chip that would
 training and a validation block is dropped, so no pixel is seen by both sides.
 
 Every trainer accepts the folder (or its ``manifest.json``) instead of an image and labels:
-:func:`train.train_segmentation`, :func:`train_detect.train_detection` through
-:func:`detection_samples`, :func:`train_change.train_change` through :func:`change_pairs`.
+:func:`.segmentation.train_segmentation` through :func:`segmentation_regions`,
+:func:`.detection.train_detection` through :func:`detection_samples`, :func:`.change.train_change` through
+:func:`change_pairs`.
 
 The chips are written to a temporary folder beside ``out_dir`` and renamed at the end: a
 cancelled or failed export leaves nothing behind, and an earlier export in ``out_dir`` is only
@@ -32,32 +33,24 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import write_atomic
-from ..limits import loads_json
+from ..geo.labels import IGNORE, label_shapes
 from ..geo.outputs import StagedFolder, check_folder_output, json_has
-from ..models.package import DEFAULT_COLORS
-from ..progress import Progress
 from ..geo.raster import apply_affine, pixel_size_metres
 from ..geo.writer import write_geotiff
+from ..inference.tiling import tile_starts
+from ..limits import loads_json
+from ..models.package import DEFAULT_COLORS
+from ..progress import Progress
+from .data import DetectionSample, select_bands
 
 MANIFEST = "manifest.json"
 FORMAT = "rs_deep-chips"
 VERSION = 1
 TASKS = ("segmentation", "detection", "change")
-IGNORE = 255
 
 
 # --------------------------------------------------------------------------------------------
 # export
-
-
-def _offsets(size, tile, stride):
-    """Chip origins along one axis: every ``stride`` px, the last one moved in so it ends at the edge."""
-    if size <= tile:
-        return [0]
-    out = list(range(0, size - tile + 1, stride))
-    if out[-1] + tile < size:
-        out.append(size - tile)
-    return out
 
 
 def _open(path, what):
@@ -66,17 +59,6 @@ def _open(path, what):
         return rasterio.open(path)
     except Exception as exc:
         raise InputError(f"Cannot open the {what} raster {path}: {exc}") from exc
-
-
-def _bands(ds, bands):
-    if bands:
-        use = [int(b) for b in bands]
-        bad = [b for b in use if b < 1 or b > ds.count]
-        if bad:
-            raise InputError(f"bands {bad} do not exist: {ds.name} has {ds.count} band(s)")
-        return use
-    alpha = [i + 1 for i, ci in enumerate(ds.colorinterp) if getattr(ci, "name", str(ci)) == "alpha"]
-    return [b for b in range(1, ds.count + 1) if b not in alpha] or list(range(1, ds.count + 1))
 
 
 def _split_blocks(blocks, val_fraction, seed):
@@ -177,14 +159,14 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
         if ds.crs is None and ds.transform.is_identity:
             raise InputError(f"The image {image_path} has no georeferencing (no CRS); assign one first "
                              "(Raster > Projections > Assign Projection)")
-        use = _bands(ds, bands)
+        use = select_bands(ds, bands, ds.name)
         w, h = ds.width, ds.height
         grid = dict(crs=ds.crs, transform=ds.transform, width=w, height=h)
         after = None
         if task == "change":
             a = _open(after_path, "after")
             closers.append(a)
-            _bands(a, use)
+            select_bands(a, use, a.name)
             if a.crs is not None and ds.crs is not None and (a.crs != ds.crs or a.transform != ds.transform
                                                               or (a.width, a.height) != (w, h)):
                 from rasterio.warp import transform_bounds
@@ -217,7 +199,6 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                 closers.append(lab_ds)
         else:
             from shapely import STRtree
-            from .segmentation import label_shapes
             shapes = label_shapes(labels, len(class_names))
             if not shapes:
                 raise InputError("labels: no geometries given; label the objects to learn")
@@ -227,7 +208,7 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                                  f"{os.path.basename(os.fspath(image_path))}; check that the labels cover the image "
                                  "and are in its CRS")
 
-        xs, ys = _offsets(w, tile_size, stride), _offsets(h, tile_size, stride)
+        xs, ys = tile_starts(w, tile_size, stride), tile_starts(h, tile_size, stride)
         n_total = len(xs) * len(ys)
         out_dir, staged = _stage_out(out_dir, transaction)
         tmp = staged.tmp
@@ -533,8 +514,7 @@ def split_chips(manifest):
 
 
 def detection_samples(manifest):
-    """(training samples, validation samples or None) for :func:`train_detect.train_detection`."""
-    from .detection import DetectionSample
+    """(training samples, validation samples or None) for :func:`.detection.train_detection`."""
     train, val = split_chips(manifest)
 
     def samples(chips, edge):
@@ -545,7 +525,7 @@ def detection_samples(manifest):
 
 
 def change_pairs(manifest):
-    """(training pairs, validation pairs or None) for :func:`train_change.train_change`."""
+    """(training pairs, validation pairs or None) for :func:`.change.train_change`."""
     train, val = split_chips(manifest)
     return ([(e["image"], e["after"], e["label"]) for e in train],
             [(e["image"], e["after"], e["label"]) for e in val] or None)

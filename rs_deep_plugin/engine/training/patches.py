@@ -14,18 +14,23 @@ uses. The network of the last epoch is kept (the strip only measures), unless ``
 """
 import math
 import os
-import sqlite3
 import time
 
 import numpy as np
 
 from ..errors import Cancelled, InputError, MissingDependency
+from ..evaluation.metrics import classification_metrics
+from ..geo.labels import IGNORE, labels_from_geometries, labels_from_raster
+from ..geo.raster import pixel_size_metres
 from ..models.package import DEFAULT_COLORS, ModelClass, save_package
 from ..progress import Progress
-from ..geo.raster import apply_scaling, pixel_size_metres
-from .segmentation import (IGNORE, REPORT_NAME, CropSampler, _band_names, _labels_from_geometries, _labels_from_raster,
-                    _read_image, _reproject_labels, _seed_everything, _split, check_augment, compute_value_scaling,
-                    resolve_builder, write_report)
+from .augment import check_augment
+from .data import (band_names as image_band_names, compute_value_scaling, grid_patches, read_image, scale_image,
+                   validation_split, window_dict, window_slices)
+from .loop import seed_everything
+from .report import REPORT_NAME, write_training_report
+from .samplers import PatchSampler
+from .segmentation import resolve_builder
 
 DEFAULT_PATCH_BUILDER = {
     "library": "timm",
@@ -36,122 +41,7 @@ DEFAULT_PATCH_BUILDER = {
 
 
 # --------------------------------------------------------------------------------------------
-# labels
-
-
-def _gpkg_wkb(blob):
-    """Standard WKB from a GeoPackage geometry blob (strips the 'GP' header and its envelope)."""
-    blob = bytes(blob)
-    if blob[:2] != b"GP":
-        raise InputError("not a GeoPackage geometry (no 'GP' magic)")
-    flags = blob[3]
-    envelope = (flags >> 1) & 0x07
-    size = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}.get(envelope)
-    if size is None:
-        raise InputError(f"GeoPackage geometry with an invalid envelope indicator {envelope}")
-    return blob[8 + size:]
-
-
-def read_gpkg_polygons(path, layer=None, field=None, dst_crs=None):
-    """Polygons of a GeoPackage layer as ``[(shapely geometry, value of field)]`` (sqlite3 + shapely).
-
-    ``layer`` defaults to the only feature table; ``dst_crs`` reprojects when the layer's CRS differs.
-    """
-    import shapely
-    if not os.path.isfile(path):
-        raise InputError(f"Label file not found: {path}")
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise InputError(f"{path}: cannot open as a GeoPackage ({exc})") from exc
-    try:
-        try:
-            tables = [r[0] for r in con.execute("select table_name from gpkg_contents where data_type='features'")]
-        except sqlite3.Error as exc:
-            raise InputError(f"{path}: not a GeoPackage ({exc})") from exc
-        if layer is None:
-            if len(tables) != 1:
-                raise InputError(f"{path}: holds the layers {tables}; name the one to use")
-            layer = tables[0]
-        if layer not in tables:
-            raise InputError(f"{path}: no layer {layer!r}; layers: {', '.join(tables)}")
-        geom_col, srs_id = con.execute("select column_name, srs_id from gpkg_geometry_columns where table_name=?",
-                                       (layer,)).fetchone()
-        org = con.execute("select organization, organization_coordsys_id from gpkg_spatial_ref_sys "
-                          "where srs_id=?", (srs_id,)).fetchone()
-        columns = [r[1] for r in con.execute(f'pragma table_info("{layer}")')]
-        if field is not None and field not in columns:
-            raise InputError(f"{path}: layer {layer!r} has no field {field!r}; fields: "
-                             f"{', '.join(c for c in columns if c != geom_col)}")
-        sel = f'"{geom_col}"' + (f', "{field}"' if field else "")
-        rows = con.execute(f'select {sel} from "{layer}"').fetchall()
-    finally:
-        con.close()
-    out = []
-    for row in rows:
-        if row[0] is None:
-            continue
-        g = shapely.from_wkb(_gpkg_wkb(row[0]))
-        if g.is_empty or g.geom_type not in ("Polygon", "MultiPolygon"):
-            continue
-        if not g.is_valid:
-            g = g.buffer(0)
-        out.append((g, row[1] if field else None))
-    src_crs = f"{org[0].upper()}:{org[1]}" if org and org[0] and org[0].lower() == "epsg" else None
-    if dst_crs is not None and src_crs is not None and out:
-        out = _reproject_labels(out, src_crs, dst_crs, path)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# patches
-
-
-def patch_label(lab, n_classes, min_labelled=0.5):
-    """(majority class, purity) of a label patch, or (None, 0) when too little of it is labelled."""
-    ok = lab != IGNORE
-    if ok.sum() < max(1, min_labelled * lab.size):
-        return None, 0.0
-    counts = np.bincount(lab[ok].ravel(), minlength=n_classes)
-    c = int(np.argmax(counts))
-    return c, float(counts[c] / ok.sum())
-
-
-def grid_patches(lab, patch, stride, n_classes, min_purity):
-    """Labels of the patches of a regular grid (as :func:`.patches.classify_patches` lays it):
-    ``[(row0, col0, class, purity)]`` for patches entirely inside and pure enough."""
-    h, w = lab.shape
-    out = []
-    for r in range(0, h - patch + 1, stride):
-        for c in range(0, w - patch + 1, stride):
-            k, purity = patch_label(lab[r:r + patch, c:c + patch], n_classes)
-            if k is not None and purity >= min_purity:
-                out.append((r, c, k, purity))
-    return out
-
-
-class PatchSampler:
-    """Random augmented patches with their majority label (see :func:`patch_label`)."""
-
-    def __init__(self, img, lab, valid, patch, n_classes, rng, min_purity=0.5, **crop_options):
-        self.crops = CropSampler(img, lab, valid, patch, rng, foreground_prob=0.0, **crop_options)
-        self.k = n_classes
-        self.min_purity = min_purity
-
-    def batch(self, n, max_tries=200):
-        imgs, labels = [], []
-        while len(imgs) < n:
-            for _ in range(max_tries):
-                img, lab = self.crops.sample()
-                k, purity = patch_label(lab, self.k)
-                if k is not None and purity >= self.min_purity:
-                    break
-            else:
-                raise InputError("No training patch is labelled and pure enough: check that the labels cover the "
-                                 "image, or lower min_purity")
-            imgs.append(img)
-            labels.append(k)
-        return np.stack(imgs), np.asarray(labels, dtype=np.int64)
+# validation
 
 
 def _predict(model, batch, device, memory_format):
@@ -173,22 +63,6 @@ def evaluate_grid(model, img, lab, patch, stride, n_classes, device, min_purity=
         for (_, _, k, _), p in zip(part, pred):
             cm[k, p] += 1
     return cm
-
-
-def classification_metrics(cm, class_names):
-    """Overall accuracy, macro F1 and per-class precision/recall/F1 from a patch confusion matrix."""
-    total = int(cm.sum())
-    per = {}
-    for i, name in enumerate(class_names):
-        tp = float(cm[i, i])
-        fp, fn = float(cm[:, i].sum() - tp), float(cm[i, :].sum() - tp)
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-        per[name] = {"precision": precision, "recall": recall, "f1": f1, "patches": int(cm[i, :].sum())}
-    present = [v["f1"] for v in per.values() if v["patches"]] or [0.0]
-    return {"accuracy": float(np.trace(cm) / total) if total else 0.0, "macro_f1": float(np.mean(present)),
-            "patches": total, "classes": per, "confusion": cm.tolist()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,13 +115,13 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
         raise InputError(f"background_class {background_class} is not one of the classes 0..{k - 1}")
 
     prog.message(f"Reading {image_path}")
-    ds, bands, data, valid = _read_image(image_path, bands)
+    ds, bands, data, valid = read_image(image_path, bands)
     try:
         h, w = ds.height, ds.width
         crs, transform = ds.crs, ds.transform
-        band_names = _band_names(ds, bands, band_names)
+        band_names = image_band_names(ds, bands, band_names)
         if isinstance(labels, (str, os.PathLike)):
-            lab = _labels_from_raster(labels, ds, k)
+            lab = labels_from_raster(labels, ds, k)
         else:
             pairs = list(labels)
             for i, item in enumerate(pairs):
@@ -260,21 +134,21 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                                      f"(0..{k - 1})")
             # rasterize burns 0 outside the polygons: shift the classes by one, then map 0 to the background
             shifted = [(g, int(v) + 1) for g, v in pairs]
-            lab = _labels_from_geometries(shifted, ds, k + 1).astype(np.int16) - 1
+            lab = labels_from_geometries(shifted, ds, k + 1).astype(np.int16) - 1
             outside = IGNORE if background_class is None else int(background_class)
             lab = np.where(lab < 0, outside, lab).astype(np.uint8)
     finally:
         ds.close()
     lab[~valid] = IGNORE
     scaling = compute_value_scaling(data, valid, seed=seed)
-    apply_scaling(data, scaling)
-    data[:, ~valid] = 0.0
+    scale_image(data, valid, scaling)
     gsd = pixel_size_metres(crs, transform, w, h)
-    (tr0, tr1, tc0, tc1), val_win = _split(h, w, val_fraction, val_side)
-    train_img, train_lab = data[:, tr0:tr1, tc0:tc1], lab[tr0:tr1, tc0:tc1]
+    train_win, val_win = validation_split(w, h, val_fraction, val_side)
+    rows, cols = window_slices(train_win)
+    train_img, train_lab, train_valid = data[:, rows, cols], lab[rows, cols], valid[rows, cols]
     if val_win is not None:
-        vr0, vr1, vc0, vc1 = val_win
-        val_img, val_lab = np.ascontiguousarray(data[:, vr0:vr1, vc0:vc1]), lab[vr0:vr1, vc0:vc1]
+        vrows, vcols = window_slices(val_win)
+        val_img, val_lab = np.ascontiguousarray(data[:, vrows, vcols]), lab[vrows, vcols]
     else:
         val_img = val_lab = None
     train_cells = grid_patches(train_lab, patch_size, max(1, patch_size // 2), k, min_purity)
@@ -296,7 +170,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     if num_threads:
         torch.set_num_threads(int(num_threads))
     try:
-        _seed_everything(seed)
+        seed_everything(seed)
         rng = np.random.default_rng(seed)
         dev = select_device(device)
         builder = resolve_builder(builder or DEFAULT_PATCH_BUILDER, len(bands), k)
@@ -310,11 +184,11 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                     pct_start=min(0.3, max(0.05, 2.0 / epochs)),
                                                     div_factor=10.0, final_div_factor=100.0)
-        sampler = PatchSampler(train_img, train_lab, valid[tr0:tr1, tc0:tc1], patch_size, k, rng,
+        sampler = PatchSampler(train_img, train_lab, train_valid, patch_size, k, rng,
                                min_purity=min_purity, scale_range=scale_range, **augment)
         wt = torch.from_numpy(weights).to(dev) if weights is not None else None
         log(f"Training {builder['architecture']} on {device_description(dev)}: {epochs} epochs x {steps_per_epoch} "
-            f"steps x {batch_size} patches of {patch_size} px; train {tr1 - tr0}x{tc1 - tc0} px, validation "
+            f"steps x {batch_size} patches of {patch_size} px; train {train_win[3]}x{train_win[2]} px, validation "
             f"{val_side} {val_fraction:.0%}")
         report = {
             "name": name, "task": "patch_classification", "image": os.fspath(image_path),
@@ -324,9 +198,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
             "lr": lr, "weight_decay": weight_decay, "epochs_planned": epochs, "steps_per_epoch": steps_per_epoch,
             "min_purity": min_purity, "class_weights": weights.tolist() if weights is not None else None,
             "validation": {"side": val_side if val_win else None, "fraction": val_fraction if val_win else 0.0,
-                           "window": ({"row_off": val_win[0], "col_off": val_win[2],
-                                       "height": val_win[1] - val_win[0], "width": val_win[3] - val_win[2]}
-                                      if val_win else None)},
+                           "window": window_dict(val_win)},
             "samples": dict(counts, patches_seen=0), "train_loss": [], "val_accuracy": [],
             "augment": augment, "patience": patience, "stopped_early": False,
             "epochs_run": 0, "best_epoch": None, "best": None, "cancelled": False, "seconds": None,
@@ -352,7 +224,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
             report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
                           seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
             report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            report["curves_path"] = write_report(report["report_path"], report, log)
+            report["curves_path"] = write_training_report(report["report_path"], report, log)
             return report
 
         train_prog = prog.sub(0.02, 0.97)
@@ -415,68 +287,4 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
 
 
 
-# --------------------------------------------------------------------------------------------
-# evaluation through the engine
-
-
-def evaluate_patches(package, image_path, labels, class_names=None, *, bounds=None, background_class=None,
-                     stride=None, field_stride=None, min_purity=0.5, bands=None, device="auto", batch_size=None):
-    """Score a patch classifier on ``image_path`` through :func:`.patches.classify_patches` (the engine).
-
-    ``labels``: ``[(shapely geometry, class value)]`` in the image CRS (e.g. held-out fields);
-    pixels outside them are ``background_class`` (None: not labelled). ``bounds`` limits the area.
-    Returns ``{"grid": metrics of the pure patches of the regular grid (stride = patch size unless
-    ``stride``), "fields": accuracy per field: the majority class of the patches whose centre lies in
-    the field (grid stride ``field_stride``, default a quarter patch), fields no centre falls in are
-    counted in ``fields_skipped``}``.
-    """
-    import rasterio
-    from rasterio.features import rasterize
-    from shapely import STRtree, points
-    from ..models.loading import load_package
-    from ..models.package import ModelPackage
-    from ..inference.patches import classify_patches
-    pkg = package if isinstance(package, ModelPackage) else load_package(package, task="patch_classification")
-    names = class_names or [c.name for c in pkg.classes]
-    k = len(pkg.classes)
-    with rasterio.open(image_path) as ds:
-        shape, transform = (ds.height, ds.width), ds.transform
-    labels = [(g, int(v)) for g, v in labels]
-    lab = rasterize([(g, v + 1) for g, v in labels], out_shape=shape, transform=transform, fill=0,
-                    dtype="int16") - 1
-    lab = np.where(lab < 0, IGNORE if background_class is None else int(background_class), lab).astype(np.uint8)
-    res = classify_patches(image_path, pkg, stride=stride, bands=bands, bounds=bounds, device=device,
-                           batch_size=batch_size)
-    cm = np.zeros((k, k), dtype=np.int64)
-    for f in res.features:
-        x, y, w, h = f["window"]
-        truth, purity = patch_label(lab[y:y + h, x:x + w], k)
-        if truth is not None and purity >= min_purity:
-            cm[truth, f["class_id"]] += 1
-    out = {"grid": classification_metrics(cm, names)}
-    dense = classify_patches(image_path, pkg, stride=field_stride or max(1, pkg.tile_size // 4), bands=bands,
-                             bounds=bounds, device=device, batch_size=batch_size)
-    if dense.features:
-        centres = points([f["geometry"].centroid.coords[0] for f in dense.features])
-        tree = STRtree(centres)
-        region = None
-        if bounds is not None:
-            from shapely.geometry import box
-            region = box(*bounds)
-        fcm = np.zeros((k, k), dtype=np.int64)
-        skipped = 0
-        for g, v in labels:
-            if region is not None and not region.contains(g.representative_point()):
-                continue
-            hits = [int(i) for i in tree.query(g, predicate="contains")]
-            if not hits:
-                skipped += 1
-                continue
-            votes = np.bincount([dense.features[i]["class_id"] for i in hits], minlength=k)
-            fcm[v, int(np.argmax(votes))] += 1
-        out["fields"] = classification_metrics(fcm, names)
-        out["fields_skipped"] = skipped
-    return out
-
-__all__ = ["train_patches", "read_gpkg_polygons", "patch_label", "grid_patches", "evaluate_grid", "evaluate_patches",
-           "classification_metrics", "DEFAULT_PATCH_BUILDER"]
+__all__ = ["train_patches", "evaluate_grid", "DEFAULT_PATCH_BUILDER"]

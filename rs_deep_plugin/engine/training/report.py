@@ -4,8 +4,12 @@ Matplotlib comes with QGIS's Python on every platform (Debian's python3-qgis-com
 it); where it is missing the curves are skipped and the JSON report still has every number.
 """
 import io
+import os
 
-from ..files import write_atomic
+from ..files import write_atomic, write_json
+
+REPORT_NAME = "training_report.json"
+CURVES_NAME = "training_curves.png"
 
 # the validation metrics a report may carry, per trainer: key -> label
 _METRICS = (("val_iou", "validation IoU"), ("val_accuracy", "validation accuracy"))
@@ -81,4 +85,43 @@ def plot_training_curves(report, path):
     return write_atomic(path, buf.getvalue())
 
 
-__all__ = ["plot_training_curves"]
+def write_training_report(path, report, log=None):
+    """Write the training report (JSON) and, next to it, ``training_curves.png`` (when matplotlib is there).
+    Returns the path of the curves, or None."""
+    write_json(path, report)
+    png = os.path.join(os.path.dirname(path), CURVES_NAME)
+    try:
+        written = plot_training_curves(report, png)
+    except Exception as exc:  # a plot must never lose a trained model
+        written = None
+        if log:
+            log(f"Warning: the training curves could not be drawn ({exc})")
+    return written
+
+
+def report_summary(report):
+    """A few lines describing a segmentation training report (for logs and scripts)."""
+    lines = [f"{report['name']}: {report['epochs_run']} epochs"
+             + (" (stopped early)" if report.get("stopped_early") else "")
+             + (" (cancelled)" if report.get("cancelled") else "")
+             + f", {report['seconds']:.0f} s on {report['device']}, seed {report['seed']}"]
+    s = report["samples"]
+    lines.append(f"training pixels {s['train_pixels']}, validation pixels {s['val_pixels']}, "
+                 f"crops seen {s['crops_seen']}")
+    best = report.get("best")
+    if best:
+        lines.append(f"best epoch {report['best_epoch']}: validation IoU {best['iou']:.3f}, F1 {best['f1']:.3f}, "
+                     f"precision {best['precision']:.3f}, recall {best['recall']:.3f}")
+        for m in best["classes"]:
+            if m["value"] > 0:
+                lines.append(f"  {m['name']}: IoU {_f(m['iou'])}, F1 {_f(m['f1'])}, precision {_f(m['precision'])}, "
+                             f"recall {_f(m['recall'])} ({m['support']} labelled px)")
+    lines.append("val IoU by epoch: " + " ".join("-" if v is None else f"{v:.2f}" for v in report["val_iou"]))
+    return "\n".join(lines)
+
+
+def _f(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+__all__ = ["plot_training_curves", "write_training_report", "report_summary", "REPORT_NAME", "CURVES_NAME"]

@@ -1,0 +1,439 @@
+"""Training data in memory: images, bands, value scaling, spatial splits, counts, detection samples (QGIS-free).
+
+Training images are small (scenes or clips of them), so they are read into memory once.
+
+* :func:`read_image`, :func:`select_bands`, :func:`band_names`: an image and the bands to learn from
+  (default: every non-alpha band);
+* :func:`compute_value_scaling` and :func:`scale_image`: the MLM ``value_scaling`` computed from the training
+  pixels and applied with :func:`.raster.apply_scaling`, the function inference uses; nodata is 0 after it;
+* :func:`split_strip`: the spatial validation split, a strip of the image held out (windows are
+  ``(col_off, row_off, width, height)``, as rasterio's ``Window``);
+* :func:`pad_to`, :func:`class_counts`, :func:`patch_label`, :func:`grid_patches`;
+* :class:`DetectionSample`, :func:`split_sample`, :func:`load_sample`, :func:`resample_to_gsd`: detection
+  images with their boxes, loaded in pixels at the model's ground sampling distance.
+"""
+import os
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..errors import InputError, MissingDependency
+from ..geo.labels import IGNORE, clip_boxes, map_to_pixels, read_geojson_boxes, read_voc_boxes
+from ..geo.raster import apply_scaling, pixel_size_metres
+
+VAL_SIDES = ("bottom", "top", "left", "right")
+MIN_TRAIN_PX = 32  # the training part of a split image keeps at least this many rows (or columns)
+
+
+def _rasterio():
+    try:
+        import rasterio
+    except ImportError as exc:  # pragma: no cover
+        raise MissingDependency(f"rasterio is not installed ({exc}); run 'make setup'") from exc
+    return rasterio
+
+
+# --------------------------------------------------------------------------------------------
+# images and bands
+
+
+def select_bands(ds, bands, where):
+    """``bands`` (1-based) checked against the open raster ``ds``, or every non-alpha band (all when every band
+    is alpha). ``where`` names the raster in the error."""
+    if bands:
+        use = [int(b) for b in bands]
+        bad = [b for b in use if b < 1 or b > ds.count]
+        if bad:
+            raise InputError(f"bands {bad} do not exist: {where} has {ds.count} band(s) (1..{ds.count})")
+        return use
+    alpha = [i + 1 for i, ci in enumerate(ds.colorinterp) if getattr(ci, "name", str(ci)) == "alpha"]
+    return [b for b in range(1, ds.count + 1) if b not in alpha] or list(range(1, ds.count + 1))
+
+
+def read_image(image_path, bands):
+    """(open dataset, band numbers, data float32 [C, H, W] raw, valid bool [H, W]) of a training image; the
+    caller closes the dataset. A pixel is valid when every band is."""
+    rasterio = _rasterio()
+    try:
+        ds = rasterio.open(image_path)
+    except Exception as exc:
+        raise InputError(f"Cannot open the training image {image_path}: {exc}") from exc
+    try:
+        bands = select_bands(ds, bands, "the image")
+    except InputError:
+        ds.close()
+        raise
+    data = ds.read(bands, out_dtype="float32")
+    valid = np.all(ds.read_masks(bands) > 0, axis=0)
+    return ds, bands, data, valid
+
+
+def check_band_names(band_names, n_bands):
+    """``band_names`` as strings, one per band."""
+    band_names = [str(b) for b in band_names]
+    if len(band_names) != n_bands:
+        raise InputError(f"band_names: {len(band_names)} names for {n_bands} bands")
+    return band_names
+
+
+def band_names(ds, bands, names=None):
+    """``names`` checked against ``bands``, or the bands' descriptions (``b<N>`` where there is none)."""
+    if names:
+        return check_band_names(names, len(bands))
+    return [ds.descriptions[b - 1] or f"b{b}" for b in bands]
+
+
+def compute_value_scaling(data, valid, low=1.0, high=99.0, max_samples=2_000_000, seed=0):
+    """Per-band MLM min-max scaling from the ``low``..``high`` percentiles of the valid pixels."""
+    out = []
+    idx = np.flatnonzero(valid.ravel())
+    if idx.size == 0:
+        raise InputError("The training image has no valid pixels (all nodata)")
+    if idx.size > max_samples:
+        idx = np.random.default_rng(seed).choice(idx, max_samples, replace=False)
+    for band in data:
+        vals = band.ravel()[idx].astype(np.float64)
+        lo, hi = np.percentile(vals, [low, high])
+        lo, hi = float(lo), float(hi)
+        if not hi > lo:
+            lo, hi = float(vals.min()), float(vals.max())
+        if not hi > lo:
+            hi = lo + 1.0
+        out.append({"type": "min-max", "minimum": lo, "maximum": hi})
+    return out
+
+
+def scale_image(img, valid, scaling):
+    """Apply ``scaling`` to ``img`` [C, H, W] in place and set the invalid pixels to 0 (as inference reads them)."""
+    apply_scaling(img, scaling)
+    img[:, ~valid] = 0.0
+    return img
+
+
+# --------------------------------------------------------------------------------------------
+# spatial split, padding, counts
+
+
+def split_strip(width, height, fraction, side="bottom", min_train=0):
+    """(training window, held-out window), each ``(col_off, row_off, width, height)``: the ``side`` strip
+    holding ``fraction`` of the rows (bottom, top) or columns (left, right) of a ``width`` x ``height``
+    image is held out. The training part keeps at least ``min_train`` rows (columns)."""
+    if side not in VAL_SIDES:
+        raise InputError(f"side must be one of {', '.join(VAL_SIDES)}; got {side!r}")
+    along = height if side in ("bottom", "top") else width
+    n = max(1, int(round(along * fraction)))
+    if along - n < min_train:
+        raise InputError(f"The image is too small to hold back {fraction:.0%} of it for validation "
+                         f"({along} px); use a larger image or val_fraction=0")
+    if side == "bottom":
+        return (0, 0, width, height - n), (0, height - n, width, n)
+    if side == "top":
+        return (0, n, width, height - n), (0, 0, width, n)
+    if side == "right":
+        return (0, 0, width - n, height), (width - n, 0, n, height)
+    return (n, 0, width - n, height), (0, 0, n, height)
+
+
+def validation_split(width, height, val_fraction, val_side):
+    """(training window, validation window or None) of an image that trains segmentation or patches:
+    :func:`split_strip` with ``val_fraction`` in [0, 0.9) (0: no validation) and at least 32 px left to train."""
+    if not val_fraction or val_fraction <= 0:
+        return (0, 0, width, height), None
+    if not 0 < val_fraction < 0.9:
+        raise InputError(f"val_fraction must be in [0, 0.9); got {val_fraction}")
+    if val_side not in VAL_SIDES:
+        raise InputError(f"val_side must be one of {', '.join(VAL_SIDES)}; got {val_side!r}")
+    return split_strip(width, height, val_fraction, val_side, MIN_TRAIN_PX)
+
+
+def window_slices(window):
+    """``(rows, cols)`` slices of a ``(col_off, row_off, width, height)`` window."""
+    col, row, w, h = window
+    return slice(row, row + h), slice(col, col + w)
+
+
+def window_dict(window):
+    """A window as the report writes it: ``{row_off, col_off, height, width}``, or None."""
+    if window is None:
+        return None
+    col, row, w, h = window
+    return {"row_off": row, "col_off": col, "height": h, "width": w}
+
+
+def pad_to(img, lab, valid, min_h, min_w):
+    """Pad the training region so that any crop fits; padding is mirrored image, ignored label."""
+    h, w = lab.shape
+    ph, pw = max(0, min_h - h), max(0, min_w - w)
+    if not ph and not pw:
+        return img, lab, valid
+    pad = ((0, ph), (0, pw))
+    try:
+        img = np.pad(img, ((0, 0),) + pad, mode="reflect")
+        valid = np.pad(valid, pad, mode="reflect")
+    except ValueError:
+        img = np.pad(img, ((0, 0),) + pad, mode="edge")
+        valid = np.pad(valid, pad, mode="edge")
+    lab = np.pad(lab, pad, mode="constant", constant_values=IGNORE)
+    return img, lab, valid
+
+
+def class_counts(train_labs, val_labs, class_names):
+    """Labelled pixels, in all and per class, of the training and the validation label arrays."""
+    def px(labs):
+        return int(sum(int((lab != IGNORE).sum()) for lab in labs))
+
+    def per_class(labs):
+        return {n: int(sum(int((lab == i).sum()) for lab in labs)) for i, n in enumerate(class_names)}
+
+    return {"train_pixels": px(train_labs), "train_class_pixels": per_class(train_labs),
+            "val_pixels": px(val_labs), "val_class_pixels": per_class(val_labs) if val_labs else {}}
+
+
+def patch_label(lab, n_classes, min_labelled=0.5):
+    """(majority class, purity) of a label patch, or (None, 0) when too little of it is labelled."""
+    ok = lab != IGNORE
+    if ok.sum() < max(1, min_labelled * lab.size):
+        return None, 0.0
+    counts = np.bincount(lab[ok].ravel(), minlength=n_classes)
+    c = int(np.argmax(counts))
+    return c, float(counts[c] / ok.sum())
+
+
+def grid_patches(lab, patch, stride, n_classes, min_purity):
+    """Labels of the patches of a regular grid (as :func:`.patches.classify_patches` lays it):
+    ``[(row0, col0, class, purity)]`` for patches entirely inside and pure enough."""
+    h, w = lab.shape
+    out = []
+    for r in range(0, h - patch + 1, stride):
+        for c in range(0, w - patch + 1, stride):
+            k, purity = patch_label(lab[r:r + patch, c:c + patch], n_classes)
+            if k is not None and purity >= min_purity:
+                out.append((r, c, k, purity))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# detection samples
+
+
+@dataclass
+class DetectionSample:
+    """One training or validation image with its boxes.
+
+    ``image``: a raster path or a float array [C, H, W]; ``boxes``: a GeoJSON path (map
+    coordinates), a Pascal VOC .xml path or a list of boxes ``(xmin, ymin, xmax, ymax[, class])``:
+    pixels (column/row, origin at the top-left corner), or map coordinates of the image's CRS with
+    ``coords="map"`` (converted with the image's inverse affine transform, so rotated grids are right too);
+    ``gsd``: metres per pixel (default: from the georeferencing; None = unknown, used as it is);
+    ``window``: ``(col_off, row_off, width, height)`` to use only part of the image;
+    ``boxes_at_window_edge``: ``"clip"`` keeps the visible part of boxes cut by the window (training),
+    ``"centre"`` keeps the boxes whose centre lies inside (evaluation)."""
+
+    image: object
+    boxes: object
+    gsd: float = None
+    window: tuple = None
+    name: str = None
+    boxes_at_window_edge: str = "clip"
+    coords: str = "pixel"
+
+
+def as_sample(item, i):
+    """``item`` (a :class:`DetectionSample`, a dict of its fields or an ``(image, boxes[, gsd])`` tuple) as a
+    :class:`DetectionSample`; ``i`` is its index for the error."""
+    if isinstance(item, DetectionSample):
+        return item
+    if isinstance(item, dict):
+        return DetectionSample(**item)
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        return DetectionSample(*item)
+    raise InputError(f"samples[{i}]: expected a DetectionSample or an (image, boxes) pair, got {type(item).__name__}")
+
+
+def split_sample(sample, fraction=0.3, side="bottom", size=None):
+    """(training part, held-out part) of one image: a spatial split along ``side`` (:func:`split_strip`).
+
+    Boxes cut by the split line are clipped into the training part (when mostly visible) and
+    counted in the held-out part only when their centre lies inside it. ``size`` (width,
+    height) avoids opening the image to learn its size."""
+    s = as_sample(sample, 0)
+    if size is None:
+        if isinstance(s.image, np.ndarray):
+            size = (s.image.shape[2], s.image.shape[1])
+        else:
+            rasterio = _rasterio()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with rasterio.open(s.image) as ds:
+                    size = (ds.width, ds.height)
+    w, h = size
+    if not 0 < fraction < 1:
+        raise InputError(f"fraction must be between 0 and 1; got {fraction}")
+    train, held = split_strip(w, h, fraction, side)
+    name = s.name or (os.path.basename(os.fspath(s.image)) if not isinstance(s.image, np.ndarray) else "image")
+    return (replace(s, window=train, name=f"{name} (training part, {side} {fraction:.0%} held out)",
+                    boxes_at_window_edge="clip"),
+            replace(s, window=held, name=f"{name} ({side} {fraction:.0%} held out)", boxes_at_window_edge="centre"))
+
+
+def class_indices(names, class_names, where):
+    """0-based class numbers of box class names (or numbers); with one class every box is of it."""
+    if len(class_names) == 1:
+        return np.zeros(len(names), dtype=np.int64)
+    lookup = {n.lower(): i for i, n in enumerate(class_names)}
+    out = []
+    for n in names:
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 0 <= n < len(class_names):
+            out.append(int(n))
+        elif isinstance(n, str) and n.strip().lower() in lookup:
+            out.append(lookup[n.strip().lower()])
+        else:
+            raise InputError(f"{where}: class {n!r} is not one of the classes given ({', '.join(class_names)}); "
+                             "name each box's class, or give class_names that include it")
+    return np.array(out, dtype=np.int64)
+
+
+@dataclass
+class LoadedSample:
+    """A detection sample in memory (:func:`load_sample`)."""
+
+    name: str
+    img: np.ndarray  # float32 [C, H, W] (raw values, later scaled)
+    valid: np.ndarray  # bool [H, W]
+    boxes: np.ndarray  # float64 [N, 4] pixel boxes in img
+    labels: np.ndarray  # int64 [N] 0-based object classes
+    gsd: float
+    band_names: list
+
+
+def _box_rows(rows, where):
+    boxes, names = [], []
+    for k, r in enumerate(rows):
+        if len(r) not in (4, 5):
+            raise InputError(f"{where}.boxes[{k}]: expected (xmin, ymin, xmax, ymax[, class]), got {r!r}")
+        boxes.append([float(v) for v in r[:4]])
+        names.append(r[4] if len(r) == 5 else 0)
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4), names
+
+
+def load_sample(s, class_names, bands, class_field, where):
+    """A :class:`DetectionSample` read into a :class:`LoadedSample`: the image (``bands``), its valid pixels
+    (nodata where every band is, as the engine reads), its boxes in pixels (GeoJSON class property
+    ``class_field``), cut to its window and clipped to the image."""
+    rasterio = _rasterio()
+    transform = crs = None
+    descriptions = None
+    if isinstance(s.image, np.ndarray):
+        img = np.asarray(s.image, dtype=np.float32)
+        if img.ndim == 2:
+            img = img[None]
+        if img.ndim != 3:
+            raise InputError(f"{where}.image: expected an array [bands, height, width], got shape {img.shape}")
+        if bands:
+            img = img[[b - 1 for b in bands]]
+        valid = np.isfinite(img).all(axis=0)
+        img = np.where(np.isfinite(img), img, 0).astype(np.float32)
+        gsd = s.gsd
+        name = s.name or "array"
+    else:
+        path = os.fspath(s.image)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PNG/JPEG without georeferencing
+                ds = rasterio.open(path)
+        except Exception as exc:
+            raise InputError(f"Cannot open the training image {path}: {exc}") from exc
+        with ds:
+            use = select_bands(ds, bands, path)
+            img = ds.read(use, out_dtype="float32")
+            valid = np.any(ds.read_masks(use) > 0, axis=0)  # as the engine: nodata where every band is
+            georef = ds.crs is not None
+            transform, crs = ds.transform, ds.crs
+            gsd = s.gsd if s.gsd is not None else (pixel_size_metres(crs, transform, ds.width, ds.height)
+                                                   if georef else None)
+            descriptions = [ds.descriptions[b - 1] for b in use]
+        name = s.name or os.path.basename(path)
+    # boxes in pixels of the full image
+    bx = s.boxes
+    if s.coords not in ("pixel", "map"):
+        raise InputError(f"{where}.coords: expected 'pixel' or 'map', got {s.coords!r}")
+    map_boxes = isinstance(bx, (str, os.PathLike)) and not os.fspath(bx).lower().endswith(".xml") \
+        or s.coords == "map"
+    if map_boxes and (transform is None or crs is None):
+        what = os.fspath(bx) if isinstance(bx, (str, os.PathLike)) else "boxes"
+        raise InputError(f"{where}: {what} holds map coordinates but the image {name} is not georeferenced; "
+                         "give pixel boxes (Pascal VOC .xml or a list) for it")
+    if isinstance(bx, (str, os.PathLike)):
+        p = os.fspath(bx)
+        if p.lower().endswith(".xml"):
+            boxes, names = read_voc_boxes(p)
+        else:
+            mboxes, names = read_geojson_boxes(p, class_field=class_field, dst_crs=crs)
+            boxes = map_to_pixels(mboxes, transform)
+    else:
+        boxes, names = _box_rows(list(bx or []), where)
+        if s.coords == "map":
+            boxes = map_to_pixels(boxes, transform)
+    labels = class_indices(names, class_names, f"{where} ({name})")
+    x0 = np.minimum(boxes[:, 0], boxes[:, 2])
+    x1 = np.maximum(boxes[:, 0], boxes[:, 2])
+    y0 = np.minimum(boxes[:, 1], boxes[:, 3])
+    y1 = np.maximum(boxes[:, 1], boxes[:, 3])
+    boxes = np.stack([x0, y0, x1, y1], axis=1)
+    if s.window is not None:
+        img, valid, boxes, labels = apply_window(img, valid, boxes, labels, s.window, s.boxes_at_window_edge,
+                                                 where)
+    h, w = valid.shape
+    boxes, labels = clip_boxes(boxes, labels, w, h, min_visible=0.5)
+    band_names = [d if d else f"b{i + 1}" for i, d in enumerate(descriptions or [None] * img.shape[0])]
+    return LoadedSample(name, img, valid, boxes, labels, gsd, band_names)
+
+
+def apply_window(img, valid, boxes, labels, window, policy, where):
+    """Image, validity and boxes cut to ``window`` (col_off, row_off, width, height); boxes cut by its edge are
+    clipped (``policy`` "clip") or kept when their centre is inside ("centre")."""
+    try:
+        col, row, w, h = (int(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}.window: expected (col_off, row_off, width, height), got {window!r}") from None
+    H, W = valid.shape
+    if w < 1 or h < 1 or col < 0 or row < 0 or col + w > W or row + h > H:
+        raise InputError(f"{where}.window {window} is not inside the image ({W} x {H} px)")
+    img = img[:, row:row + h, col:col + w]
+    valid = valid[row:row + h, col:col + w]
+    b = boxes - np.array([col, row, col, row], dtype=np.float64)
+    if policy == "centre":
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        ok = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+        b, labels = b[ok], labels[ok]
+        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, w)
+        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, h)
+        return img, valid, b, labels
+    if policy != "clip":
+        raise InputError(f"{where}.boxes_at_window_edge: expected 'clip' or 'centre', got {policy!r}")
+    b, labels = clip_boxes(b, labels, w, h, min_visible=0.5)
+    return img, valid, b, labels
+
+
+def resample_to_gsd(item, gsd):
+    """A :class:`LoadedSample` (image, validity and boxes) brought from its own GSD to ``gsd`` metres per pixel."""
+    import torch
+    import torch.nn.functional as F
+    factor = item.gsd / gsd  # new pixels per old pixel
+    c, h, w = item.img.shape
+    nh, nw = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+    with torch.no_grad():
+        t = torch.from_numpy(np.ascontiguousarray(item.img))[None]
+        img = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=factor < 1)[0].numpy()
+        v = torch.from_numpy(item.valid.astype(np.float32))[None, None]
+        valid = F.interpolate(v, size=(nh, nw), mode="nearest")[0, 0].numpy() > 0.5
+    sx, sy = nw / w, nh / h
+    boxes = item.boxes * np.array([sx, sy, sx, sy])
+    return replace(item, img=np.ascontiguousarray(img), valid=valid, boxes=boxes)
+
+
+__all__ = ["VAL_SIDES", "select_bands", "read_image", "check_band_names", "band_names", "compute_value_scaling",
+           "scale_image", "split_strip", "validation_split", "window_slices", "window_dict", "pad_to",
+           "class_counts", "patch_label", "grid_patches", "DetectionSample", "as_sample", "split_sample",
+           "class_indices", "LoadedSample", "load_sample", "apply_window", "resample_to_gsd"]
