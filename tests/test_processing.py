@@ -38,6 +38,18 @@ def test_provider_and_algorithm_are_registered(provider):
     assert "Model package" in alg.shortHelpString()
 
 
+def test_the_task_table_names_the_algorithms_and_the_model_format(provider):
+    """engine/tasks.py: each task's algorithm is registered under its label; its MLM name is the package format's."""
+    from rs_deep.rs_deep_plugin.engine.models.package import TASKS as PACKAGE_TASKS
+    from rs_deep.rs_deep_plugin.engine.tasks import TASKS, is_background
+    assert list(TASKS) == ["segmentation", "detection", "patch_classification", "change"]
+    for task in TASKS.values():
+        alg = QgsApplication.processingRegistry().algorithmById(task.algorithm)
+        assert alg is not None and alg.displayName() == task.label, task
+        assert PACKAGE_TASKS[task.name] == task.mlm, task
+    assert is_background(" Background") and is_background("no change") and not is_background("building")
+
+
 def test_segment_through_processing_run(provider, rgb_package, rgb_raster, tmp_path):
     out, gpkg, probs = tmp_path / "c.tif", tmp_path / "c.gpkg", tmp_path / "p.tif"
     res = _run({"INPUT": str(rgb_raster), "MODEL": str(rgb_package), "OUTPUT": str(out),

@@ -11,6 +11,7 @@ import tempfile
 from .errors import RSDeepError
 from .files import write_atomic
 from .progress import terminal_progress
+from .tasks import SEGMENTATION, is_background
 
 
 def main(argv=None):
@@ -33,12 +34,12 @@ def main(argv=None):
     from .inference.segment import segment
     from .geo.vectorize import vectorize
     try:
-        pkg = load_package(args.model, task="segmentation")
+        pkg = load_package(args.model, task=SEGMENTATION.name)
         conf = None
         if args.vector:
             fd, conf = tempfile.mkstemp(suffix=".tif", prefix="rs_deep_conf_")
             os.close(fd)
-        background = [c.value for c in pkg.classes if c.name.lower() in ("background", "other", "none")]
+        background = [c.value for c in pkg.classes if is_background(c.name)]
         res = segment(args.input, pkg, args.output, probabilities=args.probabilities, confidence=conf,
                       skip_classes=background, device=args.device, batch_size=args.batch_size,
                       bands=[int(b) for b in args.bands.split(",")] if args.bands else None,

@@ -1,0 +1,47 @@
+"""The four tasks of RS Deep in one table: how the code, model packages (MLM), users and Processing name each, and
+which class names mean "nothing here". Plain data, no import: every layer of the engine, the algorithms and the GUI
+may read it."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task. ``background``: the label values that mark background polygons when labels become classes (the
+    first is the name of class 0); ``first_color``: the index of ``DEFAULT_COLORS`` the first class takes by default
+    (0: the black background first; 1: no background class, the first class gets the first colour)."""
+
+    name: str  # rs_deep:task in model.json, TASK=... of the algorithms
+    mlm: str  # the MLM task name (mlm:tasks)
+    label: str  # shown to users
+    algorithm: str  # the Processing algorithm that applies a model of this task
+    background: tuple = ()
+    first_color: int = 0
+
+    @property
+    def algorithm_name(self):
+        """The algorithm's name within the provider ("segment" of "rs_deep:segment")."""
+        return self.algorithm.partition(":")[2]
+
+
+SEGMENTATION = Task("segmentation", "semantic-segmentation", "Semantic segmentation", "rs_deep:segment",
+                    ("background",))
+DETECTION = Task("detection", "object-detection", "Object detection", "rs_deep:detect", first_color=1)
+PATCH_CLASSIFICATION = Task("patch_classification", "scene-classification", "Patch classification",
+                            "rs_deep:classify_patches", first_color=1)
+CHANGE = Task("change", "segmentation", "Change detection", "rs_deep:detect_change",
+              ("no change", "no_change", "unchanged", "background"))
+
+#: name -> task, in the order the toolbox lists them
+TASKS = {t.name: t for t in (SEGMENTATION, DETECTION, PATCH_CLASSIFICATION, CHANGE)}
+
+#: class names of a model that mean "nothing here": not vectorised, not a foreground class when assessing
+BACKGROUND_NAMES = ("background", "other", "none", "no change", "no_change", "unchanged")
+
+
+def is_background(name):
+    """Whether a model class of this name is the background (:data:`BACKGROUND_NAMES`, any case)."""
+    return str(name).strip().lower() in BACKGROUND_NAMES
+
+
+__all__ = ["Task", "TASKS", "SEGMENTATION", "DETECTION", "PATCH_CLASSIFICATION", "CHANGE", "BACKGROUND_NAMES",
+           "is_background"]
