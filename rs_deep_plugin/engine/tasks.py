@@ -18,6 +18,11 @@ class Task:
     first_color: int = 0
 
     @property
+    def short(self):
+        """The label in a sentence: "segmentation", "object detection" ..."""
+        return self.label.lower().replace("semantic segmentation", "segmentation")
+
+    @property
     def algorithm_name(self):
         """The algorithm's name within the provider ("segment" of "rs_deep:segment")."""
         return self.algorithm.partition(":")[2]

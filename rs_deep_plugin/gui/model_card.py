@@ -2,19 +2,11 @@
 import html
 import os
 
-#: model task -> Processing algorithm that runs it
-TASK_ALGORITHMS = {
-    "segmentation": "rs_deep:segment",
-    "detection": "rs_deep:detect",
-    "change": "rs_deep:detect_change",
-    "patch_classification": "rs_deep:classify_patches",
-}
-TASK_NAMES = {
-    "segmentation": "Semantic segmentation",
-    "detection": "Object detection",
-    "change": "Change detection",
-    "patch_classification": "Patch classification",
-}
+from ..engine.tasks import TASKS
+
+#: model task -> Processing algorithm that runs it, and the task's name for users (the engine's task table)
+TASK_ALGORITHMS = {name: task.algorithm for name, task in TASKS.items()}
+TASK_NAMES = {name: task.label for name, task in TASKS.items()}
 
 
 class ModelInfo:

@@ -20,7 +20,7 @@ from ..geo.pair import PairReader, inspect_pair, intersect_region
 from ..geo.raster import area_factor_m2
 from ..models.loading import load_package
 from ..models.package import ModelPackage
-from .pipeline import TASK_LABELS
+from ..tasks import TASKS
 from .segment import segment
 
 TASK = "change"
@@ -29,7 +29,7 @@ NO_CHANGE = 0  # class value of "no change" in every change model
 
 def check_change_package(pkg):
     if pkg.task != TASK:
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASK_LABELS[TASK]} needs a {TASK} model")
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[TASK].short} needs a {TASK} model")
     if len(pkg.classes) < 2:
         raise InputError(f"'{pkg.name}' has {len(pkg.classes)} class; a change model has 'no change' (0) and at "
                          "least one change class")

@@ -18,10 +18,8 @@ from ..models.loading import load_package
 from ..models.package import ModelPackage
 from ..models.runners import default_batch_size, device_description, select_device
 from ..progress import Progress
+from ..tasks import TASKS
 
-#: what each task is called in messages
-TASK_LABELS = {"segmentation": "segmentation", "change": "change detection", "detection": "object detection",
-               "patch_classification": "patch classification"}
 
 
 def start_run(package, task, progress=None, is_cancelled=None, log=None):
@@ -30,7 +28,7 @@ def start_run(package, task, progress=None, is_cancelled=None, log=None):
     t_start = time.time()
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
     if pkg.task != task:
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASK_LABELS.get(task, task)} needs a {task} model")
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[task].short} needs a {task} model")
     return t_start, Progress(progress, is_cancelled), log or (lambda msg: None), pkg
 
 

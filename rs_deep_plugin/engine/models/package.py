@@ -24,6 +24,7 @@ from .architectures import validate_builder
 from .detection_options import validate_detection_metadata
 from ..errors import MissingDependency, ModelPackageError
 from ..files import write_atomic
+from ..tasks import TASKS as TASK_TABLE
 from ..limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
                      MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO, ZIP_RATIO_MIN_BYTES, count_text, loads_json, size_text)
 
@@ -34,12 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "model.json"
 
 #: our task names -> MLM task names
-TASKS = {
-    "segmentation": "semantic-segmentation",
-    "detection": "object-detection",
-    "change": "segmentation",
-    "patch_classification": "scene-classification",
-}
+TASKS = {name: task.mlm for name, task in TASK_TABLE.items()}  # rs_deep:task -> MLM task
 ACTIVATIONS = ("softmax", "sigmoid")
 SCALING_TYPES = ("min-max", "z-score", "clip", "clip-min", "clip-max", "offset", "scale")
 #: safetensors dtypes -> bytes per element
