@@ -3,7 +3,7 @@ metadata)."""
 from qgis.core import QgsProcessingParameterFileDestination, QgsProcessingParameterNumber
 
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
-from .outputs import RunOutputs
+from .outputs import RunOutputs, StagedOutput
 from .params import INPUT, OUTPUT, add, model_parameter, number_or, resolve_model_path
 
 OPSET = "OPSET"
@@ -51,6 +51,8 @@ class ExportOnnxAlgorithm(RSDeepAlgorithm):
         if not output.lower().endswith(".onnx"):
             output += ".onnx"
         opset = number_or(self, parameters, OPSET, context, 17, integer=True)
-        with outputs:  # one file, written to a hidden temporary file and renamed (a full disk: a clear error)
-            path = export_onnx(source, output, opset=opset, log=FeedbackBridge(feedback).log)
-        return {OUTPUT: path}
+        log = FeedbackBridge(feedback).log
+        with outputs:  # one file, written to a hidden temporary file and renamed with the commit (or removed)
+            staged = outputs.transaction.add(StagedOutput(output))
+            export_onnx(source, staged.tmp, opset=opset, log=lambda message: log(message.replace(staged.tmp, output)))
+        return {OUTPUT: output}

@@ -27,6 +27,7 @@ from qgis.core import (QgsMapLayer, QgsProcessingException, QgsProcessingFeature
                        QgsProcessingUtils, QgsProperty)
 
 from ..rs_deep_plugin.compat import push_warning
+from ..rs_deep_plugin.engine.files import temp_path
 from ..rs_deep_plugin.engine.geo.outputs import OutputTransaction, sigterm_cancels, sweep_stale
 from .base import FeedbackBridge, report_class_areas
 from .params import MIN_AREA, OUTPUT, OUTPUT_VECTOR, PROBABILITIES, SIMPLIFY, number_or
@@ -81,6 +82,22 @@ def _value_paths(value, context):
         if s and os.path.exists(s):
             paths.append(s)
     return paths
+
+
+class StagedOutput:
+    """A file an engine call writes whole by itself (no ``transaction`` argument) to the path it is given: ``tmp``,
+    a hidden name beside ``final``; renamed over ``final`` when the run's transaction commits, removed when it is
+    discarded (a failure, a cancel). Register it with ``transaction.add``."""
+
+    def __init__(self, final):
+        self.final = os.path.abspath(final)
+        self.tmp = temp_path(self.final)
+
+    def commit(self):
+        os.replace(self.tmp, self.final)
+
+    def discard(self):
+        remove_files(self.tmp)
 
 
 class RunOutputs:
@@ -193,6 +210,8 @@ class RunOutputs:
             if exc_type is None and self.feedback.isCanceled() and self.transaction.state == "open":
                 exc = QgsProcessingException("The run was cancelled; no output was written.")
             if exc_type is None and exc is None:
+                if self.transaction.state == "committed":  # by the algorithm itself (train keeps a whole package)
+                    return False
                 try:
                     self.transaction.commit()
                 except BaseException:  # an RSDeepError (a full disk...) is mapped by RSDeepAlgorithm.processAlgorithm
