@@ -5,50 +5,48 @@ from ..rs_deep_plugin.engine.tasks import CHANGE
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .layers import export_raster_layer, file_extent
 from .outputs import ClassOutputs, RunOutputs
-from .params import (OUTPUT, PROBABILITIES, add_class_outputs, add_input_block, add_max_pixels, add_polygon_block,
-                     add_tiling_block, read_area, read_model, read_raster, read_tiling)
+from .params import (BANDS, CLASS_RASTER_HELP, EXTENT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES, add_class_outputs,
+                     add_input_block, add_max_pixels, add_polygon_block, add_tiling_block, help_string, read_area,
+                     read_model, read_raster, read_tiling)
 
 BEFORE = "BEFORE"
 AFTER = "AFTER"
+HELP = {
+    BEFORE: "The earlier image. The results are on its pixel grid and in its CRS.",
+    AFTER: "The later image, with the same bands as the before raster. When its CRS, resolution or grid differ it is "
+           "warped onto the before raster's grid on the fly (nothing is written), and only the area both images "
+           "cover is processed.",
+    MODEL: "A change model (rs_deep:task \"change\"): a folder or .zip with model.json and model.safetensors, its "
+           "model.json, or the name of a bundled model.",
+    BANDS: "The band numbers to compare, read from both images, in the model's order. Leave empty when the images "
+           "have exactly the bands the model needs.",
+    EXTENT: "Process only this area (default: everything both images cover).",
+    OUTPUT: "Byte GeoTIFF on the before raster's grid: 0 = no change, 1.. = the change classes (change, or from-to "
+            "classes), 255 = nodata or not covered by both images.",
+    OUTPUT_VECTOR: "One polygon per connected patch of change, with class_id, class_name, area_m2 and mean_prob.",
+    PROBABILITIES: "Float32 GeoTIFF, one band per class.",
+    **CLASS_RASTER_HELP,
+}
+LABELS = {BEFORE: "Before raster", AFTER: "After raster", OUTPUT: "Change raster", OUTPUT_VECTOR: "Change polygons",
+          PROBABILITIES: "Probabilities"}
 
 
 class ChangeAlgorithm(RSDeepAlgorithm):
     NAME, DISPLAY_NAME = CHANGE.algorithm_name, CHANGE.label
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
-        models = ", ".join(bundled_models()) or "none"
-        return (
-            "Finds what changed between two images of the same area with a deep-learning change model "
-            "package, and returns a change raster styled with the model's classes, optional change "
-            "probabilities and optional change polygons with their area.<br><br>"
-            "<b>Before raster</b>: the earlier image. The results are on its pixel grid and in its CRS.<br>"
-            "<b>After raster</b>: the later image, with the same bands as the before raster. When its CRS, "
-            "resolution or grid differ it is warped onto the before raster's grid on the fly (nothing is "
-            "written), and only the area both images cover is processed.<br>"
-            "<b>Model package</b>: a change model (rs_deep:task \"change\"): a folder or .zip with model.json and "
-            f"model.safetensors, its model.json, or the name of a bundled model ({models}).<br>"
-            "<b>Bands</b>: the band numbers to compare, read from both images, in the model's order. Leave empty "
-            "when the images have exactly the bands the model needs.<br>"
-            "<b>Extent</b>: process only this area (default: everything both images cover).<br>"
-            "<b>Change raster</b>: Byte GeoTIFF on the before raster's grid: 0 = no change, 1.. = the change "
-            "classes (change, or from-to classes), 255 = nodata or not covered by both images.<br>"
-            "<b>Change polygons</b>: one polygon per connected patch of change, with class_id, class_name, "
-            "area_m2 and mean_prob.<br>"
-            "<b>Probabilities</b>: float32 GeoTIFF, one band per class.<br>"
-            "<b>Tile size / overlap / batch size</b>: default from the model package (0 = the package's value; "
-            "overlap -1 = the package's value). Overlapping tiles are blended so no seams show.<br>"
-            "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU.<br>"
-            "<b>Minimum area</b>: change polygons smaller than this (m²) are dropped (-1 = 10 pixels).<br>"
-            "<b>Simplify</b>: tolerance in map units for the polygons (-1 = one pixel; 0 = none)."
-        )
+        return help_string("Finds what changed between two images of the same area with a deep-learning change model "
+                           "package, and returns a change raster styled with the model's classes, optional change "
+                           "probabilities and optional change polygons with their area. Bundled models: "
+                           f"{', '.join(bundled_models()) or 'none'}.", HELP, LABELS)
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         add_input_block(self, rasters=((BEFORE, "Before raster (earlier date)"), (AFTER, "After raster (later date)")),
                         model="Change model package (folder, .zip, model.json or bundled name)",
-                        bands="Bands of both dates (in the model's order)")
-        add_class_outputs(self, "Change raster", "Change polygons", "Change probabilities")
-        add_tiling_block(self)
-        add_polygon_block(self)
+                        bands="Bands of both dates (in the model's order)", help=HELP)
+        add_class_outputs(self, "Change raster", "Change polygons", "Change probabilities", help=HELP)
+        add_tiling_block(self, help=HELP)
+        add_polygon_block(self, help=HELP)
         add_max_pixels(self)
 
     def process(self, parameters, context, feedback):

@@ -8,8 +8,8 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import DETECTION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (INPUT, add, add_input_block, add_max_pixels, add_tiling_block, optional_number, read_area,
-                     read_model, read_raster, read_tiling)
+from .params import (INPUT, add, add_input_block, add_max_pixels, add_tiling_block, help_string, optional_number,
+                     read_area, read_model, read_raster, read_tiling)
 from .sinks import FeatureSinks
 
 OUTPUT = "OUTPUT"
@@ -78,19 +78,12 @@ class DetectAlgorithm(RSDeepAlgorithm):
     NAME, DISPLAY_NAME = DETECTION.algorithm_name, DETECTION.label
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
-        models = ", ".join(bundled_models()) or "none"
-        labels = {
-            "INPUT": "Input raster", "MODEL": "Model package", "BANDS": "Bands", "EXTENT": "Extent",
-            "OUTPUT": "Objects (boxes)", "OUTPUT_CENTROIDS": "Object centres", "TILE_SIZE": "Tile size",
-            "OVERLAP": "Tile overlap", "BATCH_SIZE": "Batch size", "DEVICE": "Device",
-            "SCORE_THRESHOLD": "Score threshold", "IOU_THRESHOLD": "Overlap (IoU) threshold",
-            "MAX_DETECTIONS": "Maximum objects per tile",
-        }
-        parts = ["Finds objects (trees, vehicles, buildings...) in a raster layer with a deep-learning detection "
-                 "model package and returns one rectangle per object, outlined by class, with its class and "
-                 f"score. Bundled models: {models}.<br><br>"]
-        parts += [f"<b>{labels[k]}</b>: {v}<br>" for k, v in HELP.items()]
-        return "".join(parts)
+        return help_string("Finds objects (trees, vehicles, buildings...) in a raster layer with a deep-learning "
+                           "detection model package and returns one rectangle per object, outlined by class, with its "
+                           f"class and score. Bundled models: {', '.join(bundled_models()) or 'none'}.", HELP,
+                           {OUTPUT: "Objects (boxes)", OUTPUT_CENTROIDS: "Object centres",
+                            SCORE_THRESHOLD: "Score threshold", IOU_THRESHOLD: "Overlap (IoU) threshold",
+                            MAX_DETECTIONS: "Maximum objects per tile"})
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         add_input_block(self, help=HELP)

@@ -299,3 +299,30 @@ def add_training_data_block(alg, tasks, input_optional=False, label_raster=True)
     alg.addParameter(NamedEnum(TASK, "Task", [t.label for t in tasks], [t.name for t in tasks], defaultValue=0))
     alg.addParameter(QgsProcessingParameterRasterLayer(INPUT_AFTER, "After raster (change detection)", optional=True))
 
+
+# -- help ------------------------------------------------------------------------------------------------------------
+
+#: the bold names of the blocks' parameters in an algorithm's help
+HELP_LABELS = {INPUT: "Input raster", MODEL: "Model package", BANDS: "Bands", EXTENT: "Extent", TILE_SIZE: "Tile size",
+               OVERLAP: "Tile overlap", BATCH_SIZE: "Batch size", DEVICE: "Device", MIN_AREA: "Minimum area",
+               SIMPLIFY: "Simplify"}
+BANDS_HELP = ("The raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
+              "bands the model needs.")
+DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU."
+#: the help of the tiling and polygon blocks of a class or change raster
+CLASS_RASTER_HELP = {
+    TILE_SIZE: "Tile size in pixels at the model's GSD (a multiple of 32); 0 = the package's value.",
+    OVERLAP: "Overlap of neighbouring tiles in pixels; -1 = the package's value. Overlapping tiles are blended so no "
+             "seams show.",
+    BATCH_SIZE: "Tiles per forward pass; 0 = automatic (larger on a GPU).",
+    DEVICE: DEVICE_HELP,
+    MIN_AREA: "Polygons smaller than this (m²) are dropped; -1 = 10 pixels.",
+    SIMPLIFY: "Tolerance in map units for the polygons; -1 = one pixel, 0 = none.",
+}
+
+
+def help_string(intro, help, labels=None):
+    """An algorithm's help: ``intro``, then each parameter of ``help`` ({name: text}, in dialog order) with its name
+    in bold (``labels``, then :data:`HELP_LABELS`)."""
+    labels = dict(HELP_LABELS, **(labels or {}))
+    return intro + "<br><br>" + "".join(f"<b>{labels[k]}</b>: {v}<br>" for k, v in help.items())

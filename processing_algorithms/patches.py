@@ -6,7 +6,8 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (INPUT, OUTPUT, add_input_block, add_max_pixels, add_tiling_block, read_area, read_model,
+from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, add,
+                     add_input_block, add_max_pixels, add_tiling_block, help_string, read_area, read_model,
                      read_raster, read_tiling)
 from .sinks import FeatureSinks
 from .styles import StyleClasses
@@ -14,44 +15,42 @@ from .styles import StyleClasses
 TOP = 3  # the best classes written per patch
 PATCH_SIZE = "PATCH_SIZE"
 STRIDE = "STRIDE"
+HELP = {
+    INPUT: "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are read patch by patch.",
+    MODEL: "A patch classifier (rs_deep:task \"patch_classification\"): a folder or .zip with model.json and "
+           "model.safetensors, its model.json, or the name of a bundled model.",
+    BANDS: BANDS_HELP,
+    EXTENT: "Classify only this area (default: the whole layer). Patches are laid from its top-left corner.",
+    PATCH_SIZE: "Side of a patch in pixels at the model's ground sampling distance (0 = the model's patch size). "
+                "Rasters at another resolution are resampled to the model's.",
+    STRIDE: "Distance between patch starts, in pixels at the model's GSD (0 = the patch size: patches side by side; "
+            "smaller = overlapping patches).",
+    OUTPUT: "One polygon per patch with enough valid pixels, with class_id, class_name, score (probability of the "
+            "winning class), and class_2/score_2, class_3/score_3 (the next best).",
+    BATCH_SIZE: "Patches run at once (0 = auto).",
+    DEVICE: DEVICE_HELP,
+}
+LABELS = {PATCH_SIZE: "Patch size", STRIDE: "Stride", OUTPUT: "Patches"}
 
 
 class PatchClassificationAlgorithm(RSDeepAlgorithm):
     NAME, DISPLAY_NAME = PATCH_CLASSIFICATION.algorithm_name, PATCH_CLASSIFICATION.label
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
-        models = ", ".join(bundled_models()) or "none"
-        return (
-            "Labels every square patch of a raster layer with a deep-learning scene classifier (for example the "
-            "dominant crop or land cover of each cell) and returns the patches as polygons with the winning "
-            "class, its score and the next best classes.<br><br>"
-            "<b>Input raster</b>: any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are "
-            "read patch by patch.<br>"
-            "<b>Model package</b>: a patch classifier (rs_deep:task \"patch_classification\"): a folder or .zip "
-            f"with model.json and model.safetensors, its model.json, or the name of a bundled model ({models}).<br>"
-            "<b>Bands</b>: the raster bands to feed the model, in the model's order. Leave empty when the raster "
-            "has exactly the bands the model needs.<br>"
-            "<b>Extent</b>: classify only this area (default: the whole layer). Patches are laid from its "
-            "top-left corner.<br>"
-            "<b>Patch size</b>: side of a patch in pixels at the model's ground sampling distance (0 = the "
-            "model's patch size). Rasters at another resolution are resampled to the model's.<br>"
-            "<b>Stride</b>: distance between patch starts, in pixels at the model's GSD (0 = the patch size: "
-            "patches side by side; smaller = overlapping patches).<br>"
-            "<b>Patches</b>: one polygon per patch with enough valid pixels, with class_id, class_name, score "
-            "(probability of the winning class), and class_2/score_2, class_3/score_3 (the next best).<br>"
-            "<b>Batch size</b>: patches run at once (0 = auto).<br>"
-            "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU."
-        )
+        return help_string("Labels every square patch of a raster layer with a deep-learning scene classifier (for "
+                           "example the dominant crop or land cover of each cell) and returns the patches as polygons "
+                           "with the winning class, its score and the next best classes. Bundled models: "
+                           f"{', '.join(bundled_models()) or 'none'}.", HELP, LABELS)
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        add_input_block(self, model="Patch classifier package (folder, .zip, model.json or bundled name)")
+        add_input_block(self, model="Patch classifier package (folder, .zip, model.json or bundled name)", help=HELP)
         integer = QgsProcessingParameterNumber.Integer
-        self.addParameter(QgsProcessingParameterNumber(PATCH_SIZE, "Patch size (px at the model's GSD; 0 = package)",
-                                                       integer, 0, optional=True, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber(STRIDE, "Stride (px at the model's GSD; 0 = patch size)",
-                                                       integer, 0, optional=True, minValue=0))
-        self.addParameter(QgsProcessingParameterFeatureSink(OUTPUT, "Patches", QgsProcessing.TypeVectorPolygon))
-        add_tiling_block(self, tiles=False)
+        add(self, QgsProcessingParameterNumber(PATCH_SIZE, "Patch size (px at the model's GSD; 0 = package)", integer,
+                                               0, optional=True, minValue=0), HELP)
+        add(self, QgsProcessingParameterNumber(STRIDE, "Stride (px at the model's GSD; 0 = patch size)", integer, 0,
+                                               optional=True, minValue=0), HELP)
+        add(self, QgsProcessingParameterFeatureSink(OUTPUT, "Patches", QgsProcessing.TypeVectorPolygon), HELP)
+        add_tiling_block(self, tiles=False, help=HELP)
         add_max_pixels(self)
 
     def process(self, parameters, context, feedback):

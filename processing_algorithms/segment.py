@@ -6,47 +6,42 @@ from ..rs_deep_plugin.engine.tasks import SEGMENTATION, is_background
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .layers import mask_geometries
 from .outputs import ClassOutputs, RunOutputs
-from .params import (INPUT, OUTPUT, PROBABILITIES, add_class_outputs, add_input_block, add_max_pixels,
-                     add_polygon_block, add_tiling_block, read_area, read_model, read_raster, read_tiling)
+from .params import (BANDS, BANDS_HELP, CLASS_RASTER_HELP, EXTENT, INPUT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES,
+                     add, add_class_outputs, add_input_block, add_max_pixels, add_polygon_block, add_tiling_block,
+                     help_string, read_area, read_model, read_raster, read_tiling)
 
 MASK = "MASK"
+HELP = {
+    INPUT: "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile.",
+    MODEL: "A folder or .zip with model.json and model.safetensors, its model.json, or the name of a bundled model.",
+    BANDS: BANDS_HELP,
+    EXTENT: "Process only this area (default: the whole layer).",
+    MASK: "Process only pixels inside these polygons; others become nodata.",
+    OUTPUT: "Byte GeoTIFF on the input's grid; 255 is nodata.",
+    OUTPUT_VECTOR: "One polygon per connected patch of each class (background is left out), with class_id, "
+                   "class_name, area_m2 and mean_prob.",
+    PROBABILITIES: "Float32 GeoTIFF, one band per class.",
+    **CLASS_RASTER_HELP,
+}
+LABELS = {MASK: "Mask", OUTPUT: "Class raster", OUTPUT_VECTOR: "Class polygons", PROBABILITIES: "Probabilities"}
 
 
 class SegmentAlgorithm(RSDeepAlgorithm):
     NAME, DISPLAY_NAME = SEGMENTATION.algorithm_name, SEGMENTATION.label
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
-        models = ", ".join(bundled_models()) or "none"
-        return (
-            "Classifies every pixel of a raster layer with a deep-learning model package and returns a "
-            "class raster styled with the model's class names and colours, optional per-class probabilities, "
-            "and optional polygons of each class.<br><br>"
-            "<b>Input raster</b>: any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are "
-            "processed tile by tile.<br>"
-            "<b>Model package</b>: a folder or .zip with model.json and model.safetensors, its model.json, or "
-            f"the name of a bundled model ({models}).<br>"
-            "<b>Bands</b>: the raster bands to feed the model, in the model's order. Leave empty when the "
-            "raster has exactly the bands the model needs.<br>"
-            "<b>Extent</b>: process only this area (default: the whole layer).<br>"
-            "<b>Mask</b>: process only pixels inside these polygons; others become nodata.<br>"
-            "<b>Class raster</b>: Byte GeoTIFF on the input's grid; 255 is nodata.<br>"
-            "<b>Class polygons</b>: one polygon per connected patch of each class (background is left out), "
-            "with class_id, class_name, area_m2 and mean_prob.<br>"
-            "<b>Probabilities</b>: float32 GeoTIFF, one band per class.<br>"
-            "<b>Tile size / overlap / batch size</b>: default from the model package (0 = the package's value). "
-            "Overlapping tiles are blended so no seams show.<br>"
-            "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU.<br>"
-            "<b>Minimum area</b>: polygons smaller than this (m²) are dropped (default: 10 pixels).<br>"
-            "<b>Simplify</b>: tolerance in map units for the polygons (default: one pixel; 0 = none)."
-        )
+        return help_string("Classifies every pixel of a raster layer with a deep-learning model package and returns a "
+                           "class raster styled with the model's class names and colours, optional per-class "
+                           "probabilities, and optional polygons of each class. Bundled models: "
+                           f"{', '.join(bundled_models()) or 'none'}.", HELP, LABELS)
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        add_input_block(self)
-        self.addParameter(QgsProcessingParameterFeatureSource(MASK, "Mask (polygons)",
-                                                              [QgsProcessing.TypeVectorPolygon], optional=True))
-        add_class_outputs(self, "Class raster", "Class polygons", "Probabilities")
-        add_tiling_block(self)
-        add_polygon_block(self)
+        add_input_block(self, help=HELP)
+        add(self, QgsProcessingParameterFeatureSource(MASK, "Mask (polygons)", [QgsProcessing.TypeVectorPolygon],
+                                                      optional=True), HELP)
+        add_class_outputs(self, "Class raster", "Class polygons", "Probabilities", help=HELP)
+        add_tiling_block(self, help=HELP)
+        add_polygon_block(self, help=HELP)
         add_max_pixels(self)
 
     def process(self, parameters, context, feedback):
