@@ -1,11 +1,12 @@
 """rs_deep:export_onnx — export a segmentation or detection model package to one ONNX file (Deepness/GeoDeep
 metadata)."""
-from qgis.core import (QgsProcessingException, QgsProcessingParameterDefinition,
-                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
-                       QgsProcessingParameterNumber)
+from qgis.core import QgsProcessingParameterFileDestination, QgsProcessingParameterNumber
 
-from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models, require_dependencies, resolve_model_path
-from .outputs import RunOutputs
+from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
+from .outputs import RunOutputs, StagedOutput
+from .params import INPUT, OUTPUT, add, model_parameter, number_or, resolve_model_path
+
+OPSET = "OPSET"
 
 INPUT_HELP = ("The model package to export: a package folder, a .zip of one, its model.json, or the name of a "
               "bundled model ({models}). Segmentation packages, and detection packages with RS Deep's CenterNet (the "
@@ -18,16 +19,7 @@ OPSET_HELP = "ONNX opset version of the exported graph (default 17; onnxruntime 
 
 
 class ExportOnnxAlgorithm(RSDeepAlgorithm):
-    GROUP_ID = "train"
-    INPUT = "INPUT"
-    OUTPUT = "OUTPUT"
-    OPSET = "OPSET"
-
-    def name(self):
-        return "export_onnx"
-
-    def displayName(self):  # noqa: N802 (QGIS API)
-        return "Export model package to ONNX"
+    NAME, DISPLAY_NAME, GROUP_ID = "export_onnx", "Export model package to ONNX", "train"
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
@@ -44,36 +36,23 @@ class ExportOnnxAlgorithm(RSDeepAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         models = ", ".join(bundled_models()) or "none"
-        inp = QgsProcessingParameterFile(self.INPUT, "Model package (folder, .zip, model.json or bundled name)",
-                                         behavior=QgsProcessingParameterFile.Folder, optional=False)
-        inp.setHelp(INPUT_HELP.format(models=models))
-        self.addParameter(inp)
-        out = QgsProcessingParameterFileDestination(self.OUTPUT, "ONNX file", "ONNX models (*.onnx)")
-        out.setHelp(OUTPUT_HELP)
-        self.addParameter(out)
-        opset = QgsProcessingParameterNumber(self.OPSET, "ONNX opset", QgsProcessingParameterNumber.Integer, 17,
-                                             optional=True, minValue=13, maxValue=21)
-        opset.setHelp(OPSET_HELP)
-        opset.setFlags(opset.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-        self.addParameter(opset)
+        add(self, model_parameter(name=INPUT), {INPUT: INPUT_HELP.format(models=models)})
+        add(self, QgsProcessingParameterFileDestination(OUTPUT, "ONNX file", "ONNX models (*.onnx)"),
+            {OUTPUT: OUTPUT_HELP})
+        add(self, QgsProcessingParameterNumber(OPSET, "ONNX opset", QgsProcessingParameterNumber.Integer, 17,
+                                               optional=True, minValue=13, maxValue=21), {OPSET: OPSET_HELP},
+            advanced=True)
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
-        require_dependencies()
-        from ..rs_deep_plugin.engine.errors import RSDeepError
+    def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.models.onnx.export import export_onnx
-
         outputs = RunOutputs(self, parameters, context, feedback)  # OUTPUT is not the model; SIGTERM cancels
-        source = resolve_model_path(self.parameterAsFile(parameters, self.INPUT, context))
-        output = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        source = resolve_model_path(self.parameterAsFile(parameters, INPUT, context))
+        output = self.parameterAsFileOutput(parameters, OUTPUT, context)
         if not output.lower().endswith(".onnx"):
             output += ".onnx"
-        opset = self.parameterAsInt(parameters, self.OPSET, context) if parameters.get(self.OPSET) not in (None, "") \
-            else 17
-        bridge = FeedbackBridge(feedback)
-        try:
-            with outputs:  # one file, written to a hidden temporary file and renamed (a full disk: a clear error)
-                path = export_onnx(source, output, opset=opset, log=bridge.log)
-        except RSDeepError as exc:
-            raise QgsProcessingException(str(exc)) from exc
-        feedback.setProgress(100)
-        return {self.OUTPUT: path}
+        opset = number_or(self, parameters, OPSET, context, 17, integer=True)
+        log = FeedbackBridge(feedback).log
+        with outputs:  # one file, written to a hidden temporary file and renamed with the commit (or removed)
+            staged = outputs.transaction.add(StagedOutput(output))
+            export_onnx(source, staged.tmp, opset=opset, log=lambda message: log(message.replace(staged.tmp, output)))
+        return {OUTPUT: output}

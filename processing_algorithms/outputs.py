@@ -15,6 +15,9 @@ an input folder, two outputs that are the same file, and a raster output (``rast
 While the block runs in the main thread (``qgis_process``), a SIGTERM cancels the run instead of killing it, so
 its temporary files are removed; temporary files left by killed runs (older than an hour) are removed from the
 output folders.
+
+:class:`ClassOutputs` is the class (or change) raster of segmentation and change detection with its probabilities
+and polygons: read from the parameters, styled, reported and written into the run's transaction.
 """
 import os
 
@@ -23,9 +26,13 @@ from qgis.core import (QgsMapLayer, QgsProcessingException, QgsProcessingFeature
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterRasterDestination,
                        QgsProcessingUtils, QgsProperty)
 
-from ..rs_deep_plugin.engine.errors import RSDeepError
+from ..rs_deep_plugin.compat import push_warning
+from ..rs_deep_plugin.engine.files import temp_path
 from ..rs_deep_plugin.engine.geo.outputs import OutputTransaction, sigterm_cancels, sweep_stale
-from .sinks import file_destination
+from .base import FeedbackBridge, report_class_areas
+from .params import MIN_AREA, OUTPUT, OUTPUT_VECTOR, PROBABILITIES, SIMPLIFY, number_or
+from .sinks import file_destination, write_class_polygons
+from .styles import StyleClasses, style_class_raster
 
 RASTER_EXTENSIONS = (".tif", ".tiff")
 # what writing a raster / vector file also writes beside it
@@ -75,6 +82,22 @@ def _value_paths(value, context):
         if s and os.path.exists(s):
             paths.append(s)
     return paths
+
+
+class StagedOutput:
+    """A file an engine call writes whole by itself (no ``transaction`` argument) to the path it is given: ``tmp``,
+    a hidden name beside ``final``; renamed over ``final`` when the run's transaction commits, removed when it is
+    discarded (a failure, a cancel). Register it with ``transaction.add``."""
+
+    def __init__(self, final):
+        self.final = os.path.abspath(final)
+        self.tmp = temp_path(self.final)
+
+    def commit(self):
+        os.replace(self.tmp, self.final)
+
+    def discard(self):
+        remove_files(self.tmp)
 
 
 class RunOutputs:
@@ -187,20 +210,17 @@ class RunOutputs:
             if exc_type is None and self.feedback.isCanceled() and self.transaction.state == "open":
                 exc = QgsProcessingException("The run was cancelled; no output was written.")
             if exc_type is None and exc is None:
+                if self.transaction.state == "committed":  # by the algorithm itself (train keeps a whole package)
+                    return False
                 try:
                     self.transaction.commit()
-                except RSDeepError as error:
-                    self.transaction.discard()
-                    raise QgsProcessingException(str(error)) from error
-                except BaseException:
+                except BaseException:  # an RSDeepError (a full disk...) is mapped by RSDeepAlgorithm.processAlgorithm
                     self.transaction.discard()
                     raise
                 return False
             self.transaction.discard()
             if exc_type is None:
                 raise exc
-            if isinstance(exc, RSDeepError):
-                raise QgsProcessingException(str(exc)) from exc
             return False
         finally:
             guard, self._guard = self._guard, None
@@ -209,3 +229,47 @@ class RunOutputs:
             if self._signals:
                 self.feedback.pushInfo("Stopped by SIGTERM: the run was cancelled, its temporary files removed; "
                                        "no output was written")
+
+
+class ClassOutputs:
+    """The class (or change) raster outputs of a run: ``raster`` and ``probabilities`` (paths; None when not
+    wanted), ``vector`` (whether polygons are wanted), ``min_area`` and ``simplify`` (-1: the defaults),
+    ``confidence`` (the temporary raster the polygons' mean probability is read from; None without polygons).
+    Leaving the ``with`` block removes that raster, whatever happened."""
+
+    def __init__(self, alg, parameters, context, confidence_name):
+        """OUTPUT, PROBABILITIES, OUTPUT_VECTOR, MIN_AREA and SIMPLIFY (``params.add_class_outputs`` and
+        ``add_polygon_block``) of ``alg``; ``confidence_name``: the name of the temporary confidence raster."""
+        self.alg, self.parameters, self.context = alg, parameters, context
+        self.raster = alg.parameterAsOutputLayer(parameters, OUTPUT, context)
+        self.probabilities = alg.parameterAsOutputLayer(parameters, PROBABILITIES, context) or None
+        self.vector = parameters.get(OUTPUT_VECTOR) not in (None, "")
+        self.min_area = number_or(alg, parameters, MIN_AREA, context, -1)
+        self.simplify = number_or(alg, parameters, SIMPLIFY, context, -1)
+        self.confidence = QgsProcessingUtils.generateTempFilename(confidence_name) if self.vector else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        remove_files(self.confidence)
+        return False
+
+    def results(self, feedback, outputs, pkg, result, crs, polygons, change=False):
+        """Style the class raster of ``result`` (the engine's), report its class areas and write its polygons in
+        ``crs`` (``polygons(progress)`` gives their records), all into the transaction of ``outputs``; ``change``:
+        class 0 ("no change") transparent, the change area reported. Returns the run's results."""
+        for w in result.warnings:
+            push_warning(feedback, w)
+        style_class_raster(self.raster, pkg.classes, self.context, result.output_file, transparent_background=change)
+        report_class_areas(feedback, result, pkg.classes)
+        results = {OUTPUT: self.raster}
+        if self.probabilities:
+            results[PROBABILITIES] = self.probabilities
+        if self.vector:
+            records = polygons(FeedbackBridge(feedback, 80, 99).progress)
+            results.update(write_class_polygons(self.alg, self.parameters, self.context, feedback, outputs.transaction,
+                                                OUTPUT_VECTOR, records, crs, lambda: StyleClasses(pkg.classes, change)))
+            feedback.pushInfo(f"{len(records)} change polygons, {sum(r['area_m2'] for r in records):,.1f} m² in all"
+                              if change else f"{len(records)} polygons")
+        return results

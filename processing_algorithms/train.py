@@ -8,10 +8,11 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
-from .assess import BACKGROUND_NAMES, check_overlap, class_value_or_name, read_labelled_polygons
 from ..rs_deep_plugin.compat import push_warning
+from ..rs_deep_plugin.engine.tasks import BACKGROUND_NAMES
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
-from .export_training_data import label_colors, map_classes, raster_file
+from .labels import label_colors, map_classes
+from .layers import check_overlap, class_value_or_name, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
 
 TASKS = ["segmentation", "detection", "patch_classification", "change"]

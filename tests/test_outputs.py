@@ -145,15 +145,20 @@ def test_cancelled_classify_patches_leaves_the_earlier_output(provider, patch_pa
         assert _snapshot(out_dir) == earlier, cancel_on
 
 
-def test_cancelled_detect_change_leaves_the_earlier_outputs(provider, change_package, inputs, tmp_path):
+def _change_pair(folder):
+    """A before/after pair cut from the Landsat sample, with a bright block added after."""
     from rasterio.windows import Window
     with rasterio.open(LANDSAT) as src:
         win = Window(300, 250, 200, 160)
         arr, transform, crs = np.maximum(src.read(window=win), 1), src.window_transform(win), src.crs
     after = arr.copy()
     after[:, 40:90, 50:120] = np.array([250, 240, 230], np.uint8)[:, None, None]
-    b = write_raster(inputs / "before.tif", arr, transform=transform, crs=crs)
-    a = write_raster(inputs / "after.tif", after, transform=transform, crs=crs)
+    return (write_raster(folder / "before.tif", arr, transform=transform, crs=crs),
+            write_raster(folder / "after.tif", after, transform=transform, crs=crs))
+
+
+def test_cancelled_detect_change_leaves_the_earlier_outputs(provider, change_package, inputs, tmp_path):
+    b, a = _change_pair(inputs)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     params = {"BEFORE": str(b), "AFTER": str(a), "MODEL": str(change_package), "OUTPUT": str(out_dir / "c.tif"),
@@ -228,6 +233,109 @@ def test_train_refuses_a_folder_with_someone_elses_model_json(provider, tmp_path
     before = _snapshot(tmp_path)
     _fails("rs_deep:train", dict(TINY, TASK=0, CHIPS=str(chips), OUTPUT=str(out)), match="not written by RS Deep")
     assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# every algorithm that writes files, cancelled at every step of a run: no file of the run is left
+
+
+def _step_feedback(cancel_at=None):
+    """A feedback that counts the steps of a run (each progress report and each message), remembers the steps
+    that were messages (the starts of stages) and cancels at step ``cancel_at``."""
+    from qgis.core import QgsProcessingFeedback
+
+    class _Feedback(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.steps, self.message_steps = 0, []
+            self.progressChanged.connect(self.step)
+
+        def step(self, *_):
+            self.steps += 1
+            if cancel_at is not None and self.steps >= cancel_at:
+                self.cancel()
+
+        def pushInfo(self, info):  # noqa: N802 (QGIS API)
+            self.step()
+            self.message_steps.append(self.steps)
+            super().pushInfo(info)
+
+    return _Feedback()
+
+
+def _cancel_points(feedback, most=12):
+    """Steps to cancel at: every stage start and steps in between, ``most`` of them spread over the run."""
+    points = sorted(set(feedback.message_steps) | set(range(1, feedback.steps + 1, max(1, feedback.steps // most)))
+                    | {feedback.steps})
+    if len(points) > most:
+        points = [points[round(i * (len(points) - 1) / (most - 1))] for i in range(most)]
+    return sorted(set(points))
+
+
+def _file_writing_runs(name, inputs, out, packages):
+    """The parameters of a run of algorithm ``name`` that writes every file output it has into ``out``."""
+    if name == "segment":
+        raster = write_raster(inputs / "rgb.tif", rasterio.open(LANDSAT).read(window=((0, 160), (0, 200))),
+                              transform=rasterio.open(LANDSAT).transform, crs="EPSG:32618", nodata=0)
+        return {"INPUT": str(raster), "MODEL": str(packages["rgb"]), "OUTPUT": str(out / "o.tif"),
+                "OUTPUT_VECTOR": str(out / "o.gpkg"), "PROBABILITIES": str(out / "p.tif"), "MIN_AREA": 0}
+    if name == "detect_change":
+        b, a = _change_pair(inputs)
+        return {"BEFORE": str(b), "AFTER": str(a), "MODEL": str(packages["change"]), "OUTPUT": str(out / "c.tif"),
+                "OUTPUT_VECTOR": str(out / "c.gpkg"), "PROBABILITIES": str(out / "p.tif"), "MIN_AREA": 0}
+    if name == "detect":
+        raster = write_raster(inputs / "rgb.tif", rasterio.open(LANDSAT).read(window=((0, 160), (0, 200))),
+                              transform=rasterio.open(LANDSAT).transform, crs="EPSG:32618", nodata=0)
+        return {"INPUT": str(raster), "MODEL": str(packages["det"]), "OUTPUT": str(out / "b.gpkg"),
+                "OUTPUT_CENTROIDS": str(out / "c.gpkg"), "SCORE_THRESHOLD": 0.0}
+    if name == "classify_patches":
+        return {"INPUT": str(FIELDS_IMAGE), "MODEL": str(packages["patch"]), "OUTPUT": str(out / "p.gpkg")}
+    if name == "export_training_data":
+        return _export_params(out / "chips")
+    if name == "assess_accuracy":
+        with rasterio.open(ATLANTA_IMAGE) as ds:
+            classes = (ds.read(1) > np.percentile(ds.read(1), 70)).astype(np.uint8)
+            pred = write_raster(inputs / "pred.tif", classes[None], transform=ds.transform, crs=ds.crs)
+        return {"PREDICTION": str(pred), "REFERENCE": str(ATLANTA_LABELS), "OUTPUT_HTML": str(out / "a.html"),
+                "OUTPUT_TABLE": str(out / "a.gpkg")}
+    if name == "export_onnx":
+        return {"INPUT": str(packages["rgb"]), "OUTPUT": str(out / "m.onnx")}
+    assert name == "train"
+    return dict(TINY, TASK=0, INPUT=str(ATLANTA_IMAGE), LABELS=str(ATLANTA_LABELS), OUTPUT=str(out / "model"))
+
+
+@pytest.mark.parametrize("name", ["segment", "detect_change", "detect", "classify_patches", "export_training_data",
+                                  "assess_accuracy", "export_onnx", "train"])
+def test_a_cancel_at_any_step_leaves_no_file_of_the_run(provider, name, rgb_package, det_package, patch_package,
+                                                        change_package, inputs, tmp_path):
+    import glob
+    import shutil
+    from qgis.core import QgsProcessingException, QgsProcessingUtils
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    out = tmp_path / "out"
+    out.mkdir()
+    packages = {"rgb": rgb_package, "det": det_package, "patch": patch_package, "change": change_package}
+    params = _file_writing_runs(name, inputs, out, packages)
+    full = _step_feedback()
+    _run(f"rs_deep:{name}", params, full)
+    written = sorted(os.listdir(out))
+    assert written and not [n for n in written if n.startswith(".")], written
+    temp = os.path.join(QgsProcessingUtils.tempFolder(), "**", "rs_deep_*confidence*")
+    for at in _cancel_points(full):
+        shutil.rmtree(out)
+        out.mkdir()
+        try:
+            _run(f"rs_deep:{name}", params, _step_feedback(cancel_at=at))
+        except QgsProcessingException as exc:
+            assert "cancel" in str(exc).lower(), (at, str(exc))
+            if name == "train" and "so far" in str(exc):  # after an epoch the best model is kept, whole (documented)
+                assert load_package(str(out / "model")).name == "model"
+                assert not [n for n in os.listdir(out) if n.startswith(".")], (at, os.listdir(out))
+            else:
+                assert os.listdir(out) == [], (at, str(exc), os.listdir(out))
+        else:  # cancelled after the outputs were committed: the run is complete
+            assert sorted(os.listdir(out)) == written, (at, os.listdir(out))
+        assert not glob.glob(temp, recursive=True), at  # the temporary confidence rasters are gone too
 
 
 # --------------------------------------------------------------------------------------------
