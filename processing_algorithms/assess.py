@@ -146,6 +146,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
 
     def _assess_raster(self, task, parameters, context, feedback, outputs):
         from ..rs_deep_plugin.engine.evaluation.accuracy import assess_segmentation
+        from ..rs_deep_plugin.engine.evaluation.metrics import change_scores
         layer = self.parameterAsRasterLayer(parameters, PREDICTION, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException(f"PREDICTION is not set or not a valid raster layer; choose the "
@@ -183,7 +184,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         results = dict(OVERALL_ACCURACY=metrics["overall_accuracy"], KAPPA=metrics["kappa"],
                        MEAN_IOU=metrics["mean_iou"], F1=metrics["mean_f1"])
         if task == CHANGE.name:
-            change = metrics["change"] = _change_scores(metrics)
+            change = metrics["change"] = change_scores(metrics["confusion_matrix"], metrics.get("class_names"))
             results.update(PRECISION=change["precision"], RECALL=change["recall"], F1=change["f1"])
             feedback.pushInfo(f"Change ({change['classes']}): precision {_f(change['precision'])}, recall "
                               f"{_f(change['recall'])}, F1 {_f(change['f1'])}, IoU {_f(change['iou'])}")
@@ -293,20 +294,3 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
 
 def _f(v):
     return "n/a" if v is None else f"{v:.4f}"
-
-
-def _change_scores(metrics):
-    """Precision, recall, F1, IoU of 'changed' (every class but 0) against 'not changed', from the confusion matrix."""
-    cm = metrics["confusion_matrix"]
-    n = len(cm)
-    tp = sum(cm[i][j] for i in range(1, n) for j in range(1, n))
-    fp = sum(cm[0][j] for j in range(1, n))
-    fn = sum(cm[i][0] for i in range(1, n))
-
-    def ratio(a, b):
-        return a / b if b else None
-
-    names = metrics.get("class_names") or []
-    return {"precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
-            "iou": ratio(tp, tp + fp + fn), "tp": tp, "fp": fp, "fn": fn,
-            "classes": ", ".join(names[1:]) or "change"}

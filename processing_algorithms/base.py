@@ -8,11 +8,12 @@ from qgis.PyQt.QtGui import QIcon
 
 from ..rs_deep_plugin.deps import missing_dependencies, missing_message
 from ..rs_deep_plugin.engine.errors import RSDeepError
+from ..rs_deep_plugin.engine.models.runners import DEVICE_CHOICES
 from .provider_icon import ICON
 
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(PLUGIN_DIR, "resources", "models")
-DEVICES = ["auto", "cpu", "cuda", "mps"]
+DEVICES = list(DEVICE_CHOICES)  # the DEVICE choices: the engine's
 
 
 class RSDeepAlgorithm(QgsProcessingAlgorithm):

@@ -50,7 +50,8 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         add_max_pixels(self)
 
     def process(self, parameters, context, feedback):
-        from ..rs_deep_plugin.engine.inference.change import change_polygons, detect_change
+        from ..rs_deep_plugin.engine.inference.change import detect_change
+        from ..rs_deep_plugin.engine.inference.segment import class_polygons
         # paths are never loaded as QGIS layers (RasterInput); layers are None then
         before = read_raster(self, parameters, BEFORE, context)
         after = read_raster(self, parameters, AFTER, context)
@@ -71,6 +72,6 @@ class ChangeAlgorithm(RSDeepAlgorithm):
                                    confidence=dest.confidence, bands=before.bands, bounds=before.bounds,
                                    transaction=outputs.transaction, max_pixels=before.max_pixels, **tiling,
                                    **bridge.callbacks)
-            return dest.results(feedback, outputs, pkg, result, before.crs, lambda progress: change_polygons(
+            return dest.results(feedback, outputs, pkg, result, before.crs, lambda progress: class_polygons(
                 result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,
                 progress=progress, is_cancelled=bridge.is_cancelled), change=True)

@@ -45,7 +45,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         add_max_pixels(self)
 
     def process(self, parameters, context, feedback):
-        from ..rs_deep_plugin.engine.inference.segment import segment
+        from ..rs_deep_plugin.engine.inference.segment import class_polygons, segment
         raster = read_raster(self, parameters, INPUT, context)  # a path is never loaded as a layer
         outputs = RunOutputs(self, parameters, context, feedback, rasters=(OUTPUT, PROBABILITIES))
         pkg = read_model(self, parameters, context, feedback, SEGMENTATION)
@@ -62,15 +62,6 @@ class SegmentAlgorithm(RSDeepAlgorithm):
                              skip_classes=background, transaction=outputs.transaction, max_pixels=raster.max_pixels,
                              **tiling, **bridge.callbacks)
             return dest.results(feedback, outputs, pkg, result, raster.crs,
-                                lambda progress: self._polygons(result, dest, pkg, progress, bridge.is_cancelled))
-
-    @staticmethod
-    def _polygons(result, dest, pkg, progress, is_cancelled):
-        """The polygons of each class but the background (MIN_AREA default 10 pixels, SIMPLIFY one pixel)."""
-        from ..rs_deep_plugin.engine.geo.raster import area_factor_m2
-        from ..rs_deep_plugin.engine.geo.vectorize import vectorize
-        min_area = 10 * result.pixel_area_m2 if dest.min_area < 0 else dest.min_area
-        simplify = abs(result.transform.a) if dest.simplify < 0 else dest.simplify
-        return vectorize(result.output_file, dest.confidence, pkg.classes, min_area_m2=min_area, simplify=simplify,
-                         area_factor=area_factor_m2(result.crs, result.transform, result.width, result.height),
-                         progress=progress, is_cancelled=is_cancelled)
+                                lambda progress: class_polygons(
+                result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,
+                progress=progress, is_cancelled=bridge.is_cancelled))

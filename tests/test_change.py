@@ -16,7 +16,8 @@ from rs_deep.rs_deep_plugin.engine.errors import Cancelled, InputError, ModelPac
 from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 from rs_deep.rs_deep_plugin.engine.models.package import ModelClass, parse_metadata, save_package
 from rs_deep.rs_deep_plugin.engine.geo.pair import PairReader, inspect_pair
-from rs_deep.rs_deep_plugin.engine.inference.change import change_polygons, detect_change
+from rs_deep.rs_deep_plugin.engine.inference.change import detect_change
+from rs_deep.rs_deep_plugin.engine.inference.segment import class_polygons
 
 from conftest import LANDSAT, model_output, write_raster
 
@@ -104,7 +105,7 @@ def test_change_raster_on_the_before_grid(change_package, pair, tmp_path):
     assert "<Category>no change</Category>" in open(str(out) + ".aux.xml").read()
     assert sum(res.class_pixels.values()) == 200 * 160
     assert not [f for f in os.listdir(tmp_path) if "rsdeep" in f]
-    polys = change_polygons(res, str(conf), load_package(change_package).classes, min_area_m2=0, simplify=0)
+    polys = class_polygons(res, str(conf), load_package(change_package).classes, min_area_m2=0, simplify=0)
     changed_px = int((cls == 1).sum())
     assert all(r["class_name"] == "change" for r in polys)  # "no change" is never vectorised
     assert sum(r["area_m2"] for r in polys) == pytest.approx(changed_px * res.pixel_area_m2, rel=1e-6)

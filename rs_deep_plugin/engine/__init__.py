@@ -21,7 +21,7 @@ import importlib
 API = {
     # inference
     "segment": "inference.segment", "SegmentationResult": "inference.segment",
-    "detect_change": "inference.change", "change_polygons": "inference.change",
+    "detect_change": "inference.change", "class_polygons": "inference.segment",
     "detect": "inference.detect", "DetectionResult": "inference.detect",
     "classify_patches": "inference.patches",
     "vectorize": "geo.vectorize",

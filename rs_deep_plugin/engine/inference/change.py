@@ -10,14 +10,12 @@ bi-temporal networks take them (:mod:`..geo.pair`, :mod:`..models.arch_rs_deep`)
   two rasters share is processed; a pair that does not overlap is refused with the extents.
 * Both dates must hold the same bands; BANDS picks the same band numbers from both.
 * Class 0 of a change model is "no change"; the others are change classes (binary change, or
-  from-to classes). :func:`change_polygons` turns the change classes into polygons with areas.
+  from-to classes). :func:`.segment.class_polygons` turns the change classes into polygons with areas.
 """
-import math
 import os
 
 from ..errors import InputError
 from ..geo.pair import PairReader, inspect_pair, intersect_region
-from ..geo.raster import area_factor_m2
 from ..models.loading import load_package
 from ..models.package import ModelPackage
 from ..tasks import TASKS
@@ -43,7 +41,7 @@ def detect_change(before, after, package, output, *, probabilities=None, confide
 
     ``output``: Byte class raster (0 = no change, 1.. = change classes, 255 = nodata or outside
     the area both dates cover). ``probabilities``: float32, one band per class. ``confidence``
-    (internal, for :func:`change_polygons`): the winning probability x 255, 0 where no change or
+    (internal, for :func:`.segment.class_polygons`): the winning probability x 255, 0 where no change or
     nodata. ``bounds``: (xmin, ymin, xmax, ymax) in BEFORE's CRS. Other options (``transaction`` too) as
     :func:`.segment.segment`. Returns a :class:`.segment.SegmentationResult`.
     """
@@ -68,23 +66,4 @@ def detect_change(before, after, package, output, *, probabilities=None, confide
     return result
 
 
-def change_polygons(result, confidence, classes, *, min_area_m2=None, simplify=None, progress=None,
-                    is_cancelled=None):
-    """Polygons of the change classes of a :func:`detect_change` result (its ``confidence`` raster).
-
-    Defaults: polygons under 10 pixels are dropped, simplified by one pixel. Returns the records of
-    :func:`.vectorize.vectorize` (geometry, class_id, class_name, area_m2, mean_probability).
-    """
-    from ..geo.vectorize import vectorize
-    px_area = result.pixel_area_m2
-    if min_area_m2 is None or min_area_m2 < 0:
-        min_area_m2 = 10 * px_area
-    if simplify is None or simplify < 0:
-        simplify = math.hypot(result.transform.a, result.transform.d)
-    return vectorize(result.output_file or result.output, confidence, classes, min_area_m2=min_area_m2,
-                     simplify=simplify,
-                     area_factor=area_factor_m2(result.crs, result.transform, result.width, result.height),
-                     progress=progress, is_cancelled=is_cancelled)
-
-
-__all__ = ["detect_change", "change_polygons", "check_change_package"]
+__all__ = ["detect_change", "check_change_package"]

@@ -11,6 +11,7 @@ The work is split so that it can be distributed later without changing the algor
 Memory is bounded by tile size x batch size x band width (``max_band_width`` columns,
 8192 by default), whatever the size of the raster.
 """
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..geo.outputs import sweep_stale
 from ..geo.raster import RasterReader, area_factor_m2, input_warnings
+from ..geo.vectorize import vectorize
 from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                           colormap_for)
 from .pipeline import (Estimate, batched, mask_index, open_device, open_region, prefetch, read_tiles,
@@ -279,6 +281,25 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         raise
     finally:
         reader.close()
+
+
+def class_polygons(result, confidence, classes, *, min_area_m2=None, simplify=None, progress=None,
+                    is_cancelled=None):
+    """Polygons of the classes of a :func:`segment` or :func:`.change.detect_change` result (from its ``confidence``
+    raster: the classes it skipped, background or "no change", have none).
+
+    Defaults: polygons under 10 pixels are dropped, simplified by one pixel. Returns the records of
+    :func:`.vectorize.vectorize` (geometry, class_id, class_name, area_m2, mean_probability).
+    """
+    px_area = result.pixel_area_m2
+    if min_area_m2 is None or min_area_m2 < 0:
+        min_area_m2 = 10 * px_area
+    if simplify is None or simplify < 0:
+        simplify = math.hypot(result.transform.a, result.transform.d)
+    return vectorize(result.output_file or result.output, confidence, classes, min_area_m2=min_area_m2,
+                     simplify=simplify,
+                     area_factor=area_factor_m2(result.crs, result.transform, result.width, result.height),
+                     progress=progress, is_cancelled=is_cancelled)
 
 
 def _upsample(p, n):
