@@ -199,7 +199,7 @@ def check_change_chips_train_a_change_model(tmp_path, pair):
                           tile_size=64, num_threads=2)
     pkg = load_package(tmp_path / "pkg", task="change")
     assert [c.name for c in pkg.classes] == ["no change", "change"]
-    assert report["val_iou"][0] is not None
+    assert report["history"][0]["val"]["iou"] is not None
     # a chip folder of one task is refused by another task's manifest reader, with the fix
     with pytest.raises(InputError, match="for change, not segmentation"):
         load_manifest(tmp_path / "chg", "segmentation")

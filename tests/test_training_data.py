@@ -95,7 +95,7 @@ def check_change_trains_from_two_rasters_and_polygons(tmp_path, train, apply, sh
     pkg = load_package(trained["OUTPUT"], task="change")
     assert [c.name for c in pkg.classes] == ["no change", "change"] and pkg.builder["architecture"] == "SiameseUnet"
     report = json.loads(Path(trained["REPORT"]).read_text())
-    assert report["val_iou"][0] is not None  # the spatial-block validation chips were scored
+    assert report["history"][0]["val"]["iou"] is not None  # the spatial-block validation chips were scored
     out = _run("rs_deep:detect_change", {"BEFORE": str(apply.before), "AFTER": str(apply.after),
                                          "MODEL": trained["OUTPUT"], "OUTPUT": str(tmp_path / "c.tif"),
                                          "OUTPUT_VECTOR": None, "DEVICE": 1})

@@ -1,4 +1,5 @@
-"""The training curves of a training report as a PNG (matplotlib's Agg backend; QGIS-free).
+"""The training report: one schema for every task (:func:`.loop.fit` writes it), its curves as a PNG
+(matplotlib's Agg backend) and a short text summary (QGIS-free).
 
 Matplotlib comes with QGIS's Python on every platform (Debian's python3-qgis-common depends on
 it); where it is missing the curves are skipped and the JSON report still has every number.
@@ -11,32 +12,52 @@ from ..files import write_atomic, write_json
 REPORT_NAME = "training_report.json"
 CURVES_NAME = "training_curves.png"
 
-# the validation metrics a report may carry, per trainer: key -> label
-_METRICS = (("val_iou", "validation IoU"), ("val_accuracy", "validation accuracy"))
-_DET_METRICS = (("f1", "validation F1"), ("ap", "validation AP50"), ("precision", "precision"), ("recall", "recall"))
+#: the validation metrics of a report's history, as the curves name them
+METRIC_LABELS = {"iou": "validation IoU", "accuracy": "validation accuracy", "f1": "validation F1",
+                 "ap": "validation AP50", "precision": "precision", "recall": "recall"}
 
 
-def _series(report):
-    """[(label, values)] of the validation metrics found in ``report``."""
+def _legacy_history(report):  # the per-trainer shapes before one schema; removed once every trainer uses fit
+    if "history" in report:
+        return report["history"]
+    losses = report.get("train_loss") or []
+    val_loss = report.get("val_loss") or []
     out = []
-    for key, label in _METRICS:
-        vals = report.get(key)
-        if vals and any(v is not None for v in vals):
-            out.append((label, vals))
-    det = report.get("val")
-    if isinstance(det, list) and det and isinstance(det[0], dict):
-        for key, label in _DET_METRICS:
-            vals = [d.get(key) if isinstance(d, dict) else None for d in det]
-            if any(v is not None for v in vals):
-                out.append((label, vals))
+    for i, loss in enumerate(losses):
+        val = {}
+        for key, name in (("val_iou", "iou"), ("val_accuracy", "accuracy")):
+            vals = report.get(key) or []
+            if i < len(vals) and vals[i] is not None:
+                val[name] = vals[i]
+        det = report.get("val") or []
+        if i < len(det) and isinstance(det[i], dict):
+            val.update({k: det[i][k] for k in ("f1", "ap", "precision", "recall")})
+        out.append({"epoch": i + 1, "train_loss": loss, "val_loss": val_loss[i] if i < len(val_loss) else None,
+                    "val": val or None})
     return out
+
+
+def _best_epoch(report):
+    best = report.get("best")
+    return best.get("epoch") if isinstance(best, dict) and "epoch" in best else report.get("best_epoch")
+
+
+def metric_series(history):
+    """[(label, values by epoch)] of the validation metrics in a report's ``history``."""
+    keys = []
+    for h in history:
+        for key in (h.get("val") or {}):
+            if key not in keys:
+                keys.append(key)
+    return [(METRIC_LABELS.get(key, key), [(h.get("val") or {}).get(key) for h in history]) for key in keys]
 
 
 def plot_training_curves(report, path):
     """Draw loss (and validation loss) and the validation metrics by epoch into ``path``.
 
     Returns ``path``, or None when matplotlib is not installed or the report has no epoch."""
-    losses = report.get("train_loss") or []
+    history = _legacy_history(report)
+    losses = [h["train_loss"] for h in history]
     if not losses:
         return None
     try:
@@ -47,12 +68,12 @@ def plot_training_curves(report, path):
     except Exception:
         return None
     epochs = list(range(1, len(losses) + 1))
-    metrics = _series(report)
+    metrics = metric_series(history)
     fig = Figure(figsize=(9 if metrics else 5, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2 if metrics else 1, 1)
     ax.plot(epochs, losses, marker="o", ms=3, label="training loss")
-    val_loss = report.get("val_loss") or []
+    val_loss = [h.get("val_loss") for h in history]
     if any(v is not None for v in val_loss):
         ax.plot(epochs[:len(val_loss)], [float("nan") if v is None else v for v in val_loss], marker="o", ms=3,
                 label="validation loss")
@@ -60,7 +81,7 @@ def plot_training_curves(report, path):
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    best = report.get("best_epoch")
+    best = _best_epoch(report)
     if metrics:
         ax2 = fig.add_subplot(1, 2, 2)
         for label, vals in metrics:
@@ -124,4 +145,5 @@ def _f(value):
     return "-" if value is None else f"{value:.3f}"
 
 
-__all__ = ["plot_training_curves", "write_training_report", "report_summary", "REPORT_NAME", "CURVES_NAME"]
+__all__ = ["plot_training_curves", "metric_series", "write_training_report", "report_summary", "REPORT_NAME",
+           "CURVES_NAME", "METRIC_LABELS"]

@@ -33,7 +33,7 @@ from ..progress import Progress
 from .augment import check_augment
 from .data import (band_names as image_band_names, class_counts, compute_value_scaling, read_image, scale_image,
                    validation_split, window_dict, window_slices)
-from .loop import check_tile, seed_everything
+from .loop import TrainingTask, check_tile, seed_everything
 from .report import REPORT_NAME, write_training_report
 from .samplers import MultiCropSampler
 
@@ -140,6 +140,40 @@ def evaluate_regions(model, regions, n_classes, device, memory_format=None):
             loss_sum += ce * n
             n_px += n
     return total, (loss_sum / n_px if n_px else float("nan"))
+
+
+class DenseTask(TrainingTask):
+    """A task whose network labels every pixel (segmentation, change): cross-entropy + soft Dice
+    (:func:`segmentation_loss`), the best epoch by validation IoU (mean over the foreground classes), ties
+    broken by the lower validation loss."""
+
+    monitor, monitor_label, curves = "iou", "IoU", ("iou",)
+    default_builder = None
+    dice_weight = 1.0
+
+    def build_model(self, device, memory_format):
+        from ..models.architectures import build_model
+        self.builder = resolve_builder(self.builder or self.default_builder, len(self.band_names), len(self.classes))
+        return build_model(self.builder).to(device).to(memory_format=memory_format)
+
+    def training_loss(self, model, batch, device, memory_format):
+        import torch
+        x, y = batch
+        xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
+        yt = torch.from_numpy(y.astype(np.int64)).to(device)
+        loss, _, _ = segmentation_loss(model(xt), yt, len(self.classes), self.dice_weight)
+        return loss, None
+
+    def rank(self, metrics, val_loss, epoch):
+        return (round(metrics["iou"], 6), -val_loss)
+
+    def epoch_message(self, metrics, val_loss, best):
+        return (f", val loss {val_loss:.4f}, val IoU {metrics['iou']:.3f} "
+                f"(best {best['metrics']['iou']:.3f} at epoch {best['epoch']})")
+
+    def describe(self, device, steps, batch_size, epochs):
+        return (f"Training {self.builder['architecture']}/{self.builder['encoder']} on {device}: {epochs} epochs x "
+                f"{steps} steps x {batch_size} crops of {self.tile_size} px")
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,5 +476,5 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
             torch.set_num_threads(old_threads)
 
 
-__all__ = ["train_segmentation", "segmentation_loss", "resolve_builder", "evaluate", "evaluate_regions",
+__all__ = ["train_segmentation", "DenseTask", "segmentation_loss", "resolve_builder", "evaluate", "evaluate_regions",
            "predict_region", "image_data", "chip_data", "SegmentationData", "DEFAULT_BUILDER"]
