@@ -469,7 +469,7 @@ def test_train_segment_assess_chain(provider, labels_with_class, tmp_path):
     assert [c.name for c in pkg.classes] == ["background", "building"]
     assert pkg.builder["architecture"] == "Unet" and pkg.builder["encoder"] == "resnet18"
     report = json.loads(Path(res["REPORT"]).read_text())
-    assert report["epochs_run"] == 2 and len(report["train_loss"]) == 2 and report["tile_size"] == 64
+    assert report["epochs_run"] == 2 and len(report["history"]) == 2 and report["tile_size"] == 64
     epochs = [m for m in fb.messages if m.startswith("Epoch ")]
     assert len(epochs) == 2 and "loss" in epochs[0] and "val IoU" in epochs[1]  # once each, with the metrics
     seg = _run("rs_deep:segment", {"INPUT": str(IMAGE), "MODEL": res["OUTPUT"], "OUTPUT": str(tmp_path / "seg.tif"),

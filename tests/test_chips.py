@@ -118,8 +118,8 @@ def test_train_segmentation_from_chips(atlanta_chips, tmp_path):
                                          "gamma": 0.0, "noise": 0.0})
     pkg = load_package(tmp_path / "pkg", task="segmentation")
     assert [c.name for c in pkg.classes] == ["background", "building"] and pkg.gsd == pytest.approx(0.5)
-    assert report["validation"]["chips"] == len(split_chips(m)[1])
-    assert len(report["val_iou"]) == 2 and all(v is not None for v in report["val_iou"])
+    assert report["data"]["validation"]["chips"] == len(split_chips(m)[1])
+    assert len(report["history"]) == 2 and all(h["val"]["iou"] is not None for h in report["history"])
     assert report["augment"]["flip"] is False
     # the curves PNG beside the JSON
     png = Path(report["curves_path"])

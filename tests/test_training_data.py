@@ -52,7 +52,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
     pkg = load_package(trained["OUTPUT"], task="segmentation")
     assert [c.name for c in pkg.classes] == ["background", "buildings"] and pkg.gsd == pytest.approx(0.5)
     report = json.loads(Path(trained["REPORT"]).read_text())
-    assert report["validation"]["chips"] == res["VAL_CHIPS"] and report["patience"] == 3
+    assert report["data"]["validation"]["chips"] == res["VAL_CHIPS"] and report["patience"] == 3
     assert report["augment"] == {"flip": False, "rotate": True, "brightness": 0.0, "contrast": 0.0, "gamma": 0.0,
                                  "noise": 0.0}
     assert Path(trained["CURVES"]).read_bytes()[:4] == b"\x89PNG"

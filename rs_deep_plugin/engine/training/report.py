@@ -121,23 +121,30 @@ def write_training_report(path, report, log=None):
 
 
 def report_summary(report):
-    """A few lines describing a segmentation training report (for logs and scripts)."""
+    """A few lines describing a training report (for logs and scripts)."""
     lines = [f"{report['name']}: {report['epochs_run']} epochs"
              + (" (stopped early)" if report.get("stopped_early") else "")
              + (" (cancelled)" if report.get("cancelled") else "")
              + f", {report['seconds']:.0f} s on {report['device']}, seed {report['seed']}"]
-    s = report["samples"]
-    lines.append(f"training pixels {s['train_pixels']}, validation pixels {s['val_pixels']}, "
-                 f"crops seen {s['crops_seen']}")
-    best = report.get("best")
-    if best:
-        lines.append(f"best epoch {report['best_epoch']}: validation IoU {best['iou']:.3f}, F1 {best['f1']:.3f}, "
-                     f"precision {best['precision']:.3f}, recall {best['recall']:.3f}")
-        for m in best["classes"]:
+    lines.append(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["samples"].items()
+                           if not isinstance(v, dict)))
+    best = report.get("best") or {}
+    metrics = best.get("metrics")
+    monitor = report["monitor"]["metric"]
+    label = METRIC_LABELS.get(monitor, monitor)
+    if metrics:
+        lines.append(f"kept epoch {best['epoch']} ({report['monitor']['keep']}): {label} {_f(best['value'])}"
+                     + "".join(f", {key} {_f(metrics[key])}" for key in ("f1", "precision", "recall")
+                               if key != monitor and isinstance(metrics.get(key), float)))
+        classes = metrics.get("classes")
+        for m in classes if isinstance(classes, list) else []:
             if m["value"] > 0:
                 lines.append(f"  {m['name']}: IoU {_f(m['iou'])}, F1 {_f(m['f1'])}, precision {_f(m['precision'])}, "
                              f"recall {_f(m['recall'])} ({m['support']} labelled px)")
-    lines.append("val IoU by epoch: " + " ".join("-" if v is None else f"{v:.2f}" for v in report["val_iou"]))
+    else:
+        lines.append(f"kept epoch {best.get('epoch')} (the last; no validation)")
+    values = [(h.get("val") or {}).get(monitor) for h in report["history"]]
+    lines.append(f"{label} by epoch: " + " ".join("-" if v is None else f"{v:.2f}" for v in values))
     return "\n".join(lines)
 
 
