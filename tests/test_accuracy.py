@@ -565,9 +565,10 @@ def test_train_detection_end_to_end(provider, footprints, tmp_path):
         expected = map_to_pixels(read_geojson_boxes(FOOTPRINTS, dst_crs=ds.crs)[0], ds.transform)
     cut = 675
     in_train = int(((expected[:, 1] + expected[:, 3]) / 2 < cut).sum())
-    assert report["train_images"][0]["height"] == cut and report["val_images"][0]["height"] == 900 - cut
-    assert 0 < report["train_images"][0]["boxes"] <= len(expected)
-    assert abs(report["train_images"][0]["boxes"] - in_train) <= 4  # boxes cut by the split may go either way
+    images = report["data"]
+    assert images["train_images"][0]["height"] == cut and images["val_images"][0]["height"] == 900 - cut
+    assert 0 < images["train_images"][0]["boxes"] <= len(expected)
+    assert abs(images["train_images"][0]["boxes"] - in_train) <= 4  # boxes cut by the split may go either way
     assert any(m.startswith("Epoch 2/2: loss") for m in fb.messages)
     out = tmp_path / "found.gpkg"
     found = _run("rs_deep:detect", {"INPUT": str(IMAGE), "MODEL": res["OUTPUT"], "OUTPUT": str(out),

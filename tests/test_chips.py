@@ -162,7 +162,8 @@ def test_detection_chips_hold_the_boxes_and_train(tmp_path):
                                                  "decoder_channels": [64, 32], "head_channels": 64}})
     pkg = load_package(tmp_path / "pkg", task="detection")
     assert [c.name for c in pkg.classes] == ["tree"]
-    assert len(report["val"]) == report["epochs_run"] >= 1 and report["val_images"]
+    assert len(report["history"]) == report["epochs_run"] >= 1 and all(h["val"] for h in report["history"])
+    assert report["data"]["val_images"]
     assert Path(report["curves_path"]).is_file()
 
 

@@ -400,11 +400,11 @@ def test_training_writes_a_package_the_engine_runs(tmp_path):
     report = train_detection([tr], tmp_path / "model", val_samples=[va], class_names=["car"],
                              builder=SMALL_BUILDER, tile_size=64, epochs=2, steps_per_epoch=2, batch_size=2,
                              package_tile_size=64, package_overlap=16, score_threshold=0.2, num_threads=2)
-    assert report["epochs_run"] == 2 and len(report["val"]) == 2
-    assert report["val_images"][0]["boxes"] > 0 and report["train_images"][0]["boxes"] > 0
+    assert report["epochs_run"] == 2 and len(report["history"]) == 2 and all(h["val"] for h in report["history"])
+    assert report["data"]["val_images"][0]["boxes"] > 0 and report["data"]["train_images"][0]["boxes"] > 0
     assert report["gsd"] == pytest.approx(0.5)
     saved = json.loads((tmp_path / "model" / "training_report.json").read_text())
-    assert saved["best_epoch"] in (1, 2)
+    assert saved["best"]["epoch"] in (1, 2) and saved["best"]["metric"] == "ap"
     pkg = load_package(tmp_path / "model", task="detection")
     assert package_defaults(pkg)[0] == 0.2 and pkg.gsd == pytest.approx(0.5)
     assert pkg.value_scaling[0]["type"] == "min-max"
@@ -563,8 +563,8 @@ def test_centernet_training_writes_a_package_the_engine_runs(tmp_path):
     report = train_detection([tr], tmp_path / "model", val_samples=[va], class_names=["car"],
                              builder=CENTERNET_SMALL, tile_size=64, epochs=2, steps_per_epoch=3, batch_size=2,
                              package_tile_size=64, package_overlap=16, score_threshold=0.2, num_threads=2)
-    assert report["epochs_run"] == 2 and len(report["val"]) == 2
-    assert set(report["loss_parts"][0]) == {"loss_heatmap", "loss_box", "loss_size"}
+    assert report["epochs_run"] == 2 and len(report["history"]) == 2 and all(h["val"] for h in report["history"])
+    assert set(report["history"][0]["loss_parts"]) == {"loss_heatmap", "loss_box", "loss_size"}
     pkg = load_package(tmp_path / "model", task="detection")
     assert pkg.builder["library"] == "rs_deep" and pkg.builder["architecture"] == "CenterNet"
     assert pkg.builder["params"]["output_stride"] == 2 and pkg.builder["encoder_weights"] is None

@@ -76,7 +76,7 @@ def test_detection_chips_through_processing(provider, tmp_path):
                                          OUTPUT=str(tmp_path / "det")))
     pkg = load_package(trained["OUTPUT"], task="detection")
     assert [c.name for c in pkg.classes] == ["Tree"] and pkg.builder["architecture"] == "CenterNet"
-    assert json.loads(Path(trained["REPORT"]).read_text())["val"]
+    assert json.loads(Path(trained["REPORT"]).read_text())["history"][-1]["val"]
 
 
 def test_change_trains_from_two_rasters_and_polygons(provider, tmp_path):
