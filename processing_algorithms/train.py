@@ -293,7 +293,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         for key in ("package", "report_path", "curves_path"):  # where they are now
             if report.get(key):
                 report[key] = report[key].replace(out_dir, final_dir)
-        best = report.get("best_epoch") or (report.get("best") or {}).get("epoch")
+        best = report["best"]["epoch"]
 
         feedback.pushInfo(f"Training finished: {report['epochs_run']} epochs in {report['seconds']:.0f} s on "
                           f"{report['device']}" + (f", the package holds epoch {best}" if best else "")

@@ -17,31 +17,6 @@ METRIC_LABELS = {"iou": "validation IoU", "accuracy": "validation accuracy", "f1
                  "ap": "validation AP50", "precision": "precision", "recall": "recall"}
 
 
-def _legacy_history(report):  # the per-trainer shapes before one schema; removed once every trainer uses fit
-    if "history" in report:
-        return report["history"]
-    losses = report.get("train_loss") or []
-    val_loss = report.get("val_loss") or []
-    out = []
-    for i, loss in enumerate(losses):
-        val = {}
-        for key, name in (("val_iou", "iou"), ("val_accuracy", "accuracy")):
-            vals = report.get(key) or []
-            if i < len(vals) and vals[i] is not None:
-                val[name] = vals[i]
-        det = report.get("val") or []
-        if i < len(det) and isinstance(det[i], dict):
-            val.update({k: det[i][k] for k in ("f1", "ap", "precision", "recall")})
-        out.append({"epoch": i + 1, "train_loss": loss, "val_loss": val_loss[i] if i < len(val_loss) else None,
-                    "val": val or None})
-    return out
-
-
-def _best_epoch(report):
-    best = report.get("best")
-    return best.get("epoch") if isinstance(best, dict) and "epoch" in best else report.get("best_epoch")
-
-
 def metric_series(history):
     """[(label, values by epoch)] of the validation metrics in a report's ``history``."""
     keys = []
@@ -53,10 +28,11 @@ def metric_series(history):
 
 
 def plot_training_curves(report, path):
-    """Draw loss (and validation loss) and the validation metrics by epoch into ``path``.
+    """Draw the training loss (and the validation loss) and the validation metrics of the report's ``history``
+    by epoch into ``path``, with the epoch kept (``best.epoch``) marked.
 
     Returns ``path``, or None when matplotlib is not installed or the report has no epoch."""
-    history = _legacy_history(report)
+    history = report.get("history") or []
     losses = [h["train_loss"] for h in history]
     if not losses:
         return None
@@ -81,7 +57,7 @@ def plot_training_curves(report, path):
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    best = _best_epoch(report)
+    best = (report.get("best") or {}).get("epoch")
     if metrics:
         ax2 = fig.add_subplot(1, 2, 2)
         for label, vals in metrics:
