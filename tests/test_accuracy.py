@@ -360,10 +360,12 @@ def test_algorithms_are_registered_with_help(provider):
         assert all(p.description() for p in alg.parameterDefinitions())
         assert len(alg.shortHelpString()) > 500
     # every ARCHITECTURE choice is on the engine's allow-lists
-    from rs_deep.processing_algorithms.train import DETECTION_ARCHITECTURES, SEGMENTATION_ARCHITECTURES
+    from rs_deep.processing_algorithms.train import ARCHITECTURES, AUTO
     from rs_deep.rs_deep_plugin.engine.models.architectures import SMP_ARCHITECTURES, validate_builder
+    from rs_deep.rs_deep_plugin.engine.training.builders import (CENTERNET_PARAMS, DETECTION_ARCHITECTURES,
+                                                                 SEGMENTATION_ARCHITECTURES)
+    assert ARCHITECTURES == [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
     assert SEGMENTATION_ARCHITECTURES == list(SMP_ARCHITECTURES)
-    from rs_deep.processing_algorithms.train import CENTERNET_PARAMS
     assert DETECTION_ARCHITECTURES[0] == "CenterNet"
     validate_builder({"library": "rs_deep", "architecture": "CenterNet", "encoder": "resnet18", "in_channels": 1,
                       "classes": 1, "encoder_weights": None, "params": CENTERNET_PARAMS})

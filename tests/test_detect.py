@@ -429,6 +429,30 @@ def test_voc_and_geojson_boxes_agree():
     np.testing.assert_allclose(sorted(map(tuple, a.boxes)), sorted(map(tuple, b.boxes)), atol=1e-6)
 
 
+def test_map_boxes_are_mapped_with_the_inverse_transform(tmp_path):
+    """Boxes in map coordinates (coords="map", as rs_deep:train gives them) land on the pixels of the raster's
+    grid, also on a rotated grid (the envelope of the box's corners), and need a georeferenced image."""
+    from affine import Affine
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, load_sample
+    pixel = [(10.0, 12.0, 30.0, 40.0, 0), (50.0, 5.0, 70.5, 25.0, 0)]
+    for transform in (Affine(0.5, 0, 1000.0, 0, -0.5, 2000.0), Affine.translation(1000.0, 2000.0)
+                      * Affine.rotation(30) * Affine.scale(0.5, -0.5)):
+        raster = write_raster(tmp_path / "r.tif", np.ones((1, 80, 100), np.float32), transform=transform)
+        mapped = []
+        for x0, y0, x1, y1, v in pixel:
+            xs, ys = zip(*(transform * (x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))))
+            mapped.append((min(xs), min(ys), max(xs), max(ys), v))
+        got = load_sample(DetectionSample(str(raster), mapped, coords="map"), ["car"], None, "label", "x").boxes
+        if transform.b == 0:
+            np.testing.assert_allclose(got, [b[:4] for b in pixel], atol=1e-6)
+        else:  # the envelope of a rotated box holds the box
+            assert all(g[0] <= b[0] + 1e-6 and g[1] <= b[1] + 1e-6 and g[2] >= b[2] - 1e-6 and g[3] >= b[3] - 1e-6
+                       for g, b in zip(got, pixel))
+    with pytest.raises(InputError, match="not georeferenced"):
+        load_sample(DetectionSample(np.ones((1, 20, 20), np.float32), pixel, coords="map"), ["car"], None, "label",
+                    "x")
+
+
 # --------------------------------------------------------------------------------------------
 # CenterNet (builder library rs_deep): an anchor-free detector with the torchvision interface
 

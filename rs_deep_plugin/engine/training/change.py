@@ -19,6 +19,8 @@ measure what the model does on scenes it never saw (:func:`evaluate_pairs`, :fun
 """
 import math
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -32,14 +34,8 @@ from .loop import TrainParams, check_package_tiling, check_tile, fit, import_tor
 from .samplers import PairSampler
 from .segmentation import DenseTask, evaluate
 
-DEFAULT_CHANGE_BUILDER = {
-    "library": "rs_deep",
-    "architecture": "SiameseUnet",
-    "encoder": "resnet18",
-    "encoder_weights": None,
-    "params": {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16], "fusion": "absdiff"},
-}
 CHANGE_COLORS = ["000000", "E31A1C", "FF7F00", "1F78B4", "33A02C", "6A3D9A", "B15928", "FFFF99"]
+CHANGE_CHIP = 256  # px: the chips train_change_from_rasters cuts (at least the tile size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +118,6 @@ class ChangeTask(DenseTask):
     """Change: the two dates stacked as one image, scored on whole validation pairs."""
 
     task = "change"
-    default_builder = DEFAULT_CHANGE_BUILDER
 
     def __init__(self, train, val, images, val_images, sampler_options, dice_weight):
         self.train, self.val = train, val
@@ -168,7 +163,7 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     """Train a change network on ``pairs`` and write a ``change`` model package to ``out_dir``.
 
     ``pairs`` / ``val_pairs``: ``[(before, after, label)]`` raster paths, each triple on one pixel
-    grid. ``class_names``: "no change" first. ``builder``: default :data:`DEFAULT_CHANGE_BUILDER`
+    grid. ``class_names``: "no change" first. ``builder``: default :data:`.builders.DEFAULT_BUILDERS`
     (a Siamese U-Net; ``in_channels`` is the number of bands per date). ``gsd``: "auto" records the
     pairs' GSD when they all have the same one (within 10 %), else None (the model takes any
     resolution); or a number, or None. Without ``val_pairs`` the network of the last epoch is kept;
@@ -240,4 +235,30 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_change", "read_pair", "ChangeTask", "DEFAULT_CHANGE_BUILDER", "CHANGE_COLORS"]
+def train_change_from_rasters(before, after, labels, out_dir, *, class_names=("no change", "change"),
+                              class_colors=None, val_fraction=0.2, tile_size=128, chip_size=CHANGE_CHIP, temp_dir=None,
+                              **options):
+    """Train a change network from two rasters and their change labels, as :func:`train_change` does from pairs.
+
+    ``labels``: ``[(shapely geometry, class value)]`` in ``before``'s CRS (the changed areas; everything else
+    is no change) or a label raster. ``after`` is resampled onto ``before``'s grid when needed. The pair is
+    cut into chips of ``max(chip_size, tile_size)`` px in a temporary folder inside ``temp_dir``
+    (:func:`.chips.export_training_data`, every chip kept) with a spatial-block validation split: blocks two
+    chips wide, ``val_fraction`` of them held back; the folder is removed at the end. ``options``: those of
+    :func:`train_change` (builder, augment, the run settings...).
+    """
+    from .chips import export_training_data
+    chip = max(int(chip_size), int(tile_size))
+    tmp = tempfile.mkdtemp(prefix="rs_deep_change_chips_", dir=temp_dir)
+    try:
+        chips = os.path.join(tmp, "chips")
+        export_training_data(before, labels, chips, task="change", class_names=class_names, class_colors=class_colors,
+                             after_path=after, tile_size=chip, only_labelled=False, val_fraction=val_fraction,
+                             block_size=2 * chip, log=options.get("log"), is_cancelled=options.get("is_cancelled"))
+        return train_change(chips, out_dir, class_names=class_names, class_colors=class_colors, tile_size=tile_size,
+                            **options)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["train_change", "train_change_from_rasters", "read_pair", "ChangeTask", "CHANGE_COLORS", "CHANGE_CHIP"]

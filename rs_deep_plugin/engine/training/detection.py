@@ -20,7 +20,6 @@ of the image's CRS), a Pascal VOC ``.xml`` (pixel coordinates) or a list of pixe
 ``(xmin, ymin, xmax, ymax[, class])`` (column/row, origin at the image's top-left corner).
 :func:`split_sample` holds back a strip of an image for a spatial validation split.
 """
-import copy
 import math
 import os
 
@@ -31,19 +30,11 @@ from ..evaluation.metrics import detection_metrics
 from ..geo.raster import GSD_TOLERANCE
 from ..models.package import DEFAULT_COLORS, TASKS
 from .augment import check_augment
+from .builders import resolve_builder
 from .data import (DetectionSample, as_sample, check_band_names, compute_value_scaling, load_sample,
                    model_classes, resample_to_gsd, scale_image)
 from .loop import TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import BoxCropSampler
-
-DEFAULT_BUILDER = {
-    "library": "torchvision",
-    "architecture": "fasterrcnn_mobilenet_v3_large_fpn",
-    "encoder_weights": None,
-    "params": {"fpn_channels": 128, "representation_size": 256, "returned_layers": [3, 4],
-               "anchor_sizes": [16, 32, 64, 128]},
-}
-
 
 # --------------------------------------------------------------------------------------------
 # prediction on in-memory images
@@ -96,19 +87,6 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
 # training
 
 
-def resolve_detection_builder(builder, in_channels, n_classes):
-    from ..models.architectures import validate_builder
-    b = copy.deepcopy(DEFAULT_BUILDER if builder is None else builder)
-    b.setdefault("library", "torchvision")
-    b["encoder_weights"] = None
-    for key, value in (("in_channels", in_channels), ("classes", n_classes)):
-        if b.get(key) is None:
-            b[key] = value
-        elif b[key] != value:
-            raise InputError(f"builder.{key} is {b[key]} but the training data need {value}")
-    return validate_builder(b, "builder")
-
-
 def detection_output_metadata(classes, builder):
     """The MLM ``mlm:output`` of a detection package: boxes with a class and a score per object."""
     return [{
@@ -150,7 +128,7 @@ class DetectionTask(TrainingTask):
 
     def build_model(self, device, memory_format):
         from ..models.architectures import build_model
-        self.builder = resolve_detection_builder(self.builder, len(self.band_names), len(self.classes))
+        self.builder = resolve_builder(self.task, self.builder, len(self.band_names), len(self.classes))
         model = build_model(self.builder).to(device).to(memory_format=memory_format)
         set_training_sizes(model, *self.sizes)
         return model
@@ -218,7 +196,8 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     (no background). ``val_samples``: images scored after every epoch (precision/recall/AP at
     IoU 0.5); with ``keep="best"`` the epoch of best validation AP is packaged, with
     ``keep="last"`` (or without validation samples) the last epoch. ``builder``: default
-    :data:`DEFAULT_BUILDER` (Faster R-CNN MobileNetV3-FPN sized for small objects). ``gsd``: the model's
+    :data:`.builders.DEFAULT_BUILDERS` (Faster R-CNN MobileNetV3-FPN sized for small objects; the toolbox's
+    "auto" is CenterNet, :func:`.builders.toolbox_builder`). ``gsd``: the model's
     metres per pixel ("auto": the first georeferenced sample's; None: every image as it is);
     images of another known GSD are resampled to it. ``score_threshold``, ``iou_threshold``,
     ``max_detections`` are stored in the package as its defaults. ``sample_weights``: the share
@@ -322,5 +301,4 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_detection", "DetectionTask", "predict_image", "resolve_detection_builder",
-           "detection_output_metadata", "set_training_sizes", "DEFAULT_BUILDER"]
+__all__ = ["train_detection", "DetectionTask", "predict_image", "detection_output_metadata", "set_training_sizes"]

@@ -23,19 +23,11 @@ from ..geo.labels import IGNORE, label_shapes, labels_from_geometries, labels_fr
 from ..geo.raster import pixel_size_metres
 from ..models.package import DEFAULT_COLORS
 from .augment import check_augment
+from .builders import resolve_builder
 from .data import (band_names as image_band_names, compute_value_scaling, grid_patches, model_classes, read_image,
                    scale_image, validation_split, window_dict, window_slices)
 from .loop import TrainingTask, TrainParams, fit, import_torch
 from .samplers import PatchSampler
-from .segmentation import resolve_builder
-
-DEFAULT_PATCH_BUILDER = {
-    "library": "timm",
-    "architecture": "resnet18",
-    "encoder_weights": None,
-    "params": {"output_stride": 8, "drop_rate": 0.2},
-}
-
 
 # --------------------------------------------------------------------------------------------
 # validation
@@ -85,7 +77,7 @@ class PatchTask(TrainingTask):
 
     def build_model(self, device, memory_format):
         from ..models.architectures import build_model
-        self.builder = resolve_builder(self.builder or DEFAULT_PATCH_BUILDER, len(self.band_names), len(self.classes))
+        self.builder = resolve_builder(self.task, self.builder, len(self.band_names), len(self.classes))
         return build_model(self.builder).to(device).to(memory_format=memory_format)
 
     def default_steps(self, batch_size):
@@ -145,7 +137,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     ``[(shapely geometry, class value)]`` in the image CRS. ``background_class``: the class of
     pixels outside every polygon (None: not labelled). ``patch_size``: px at the image's GSD,
     stored as the package's patch size. ``val_fraction`` of the image along ``val_side`` is held out.
-    ``builder``: default :data:`DEFAULT_PATCH_BUILDER` (a timm ResNet-18). ``balance_classes`` weighs
+    ``builder``: default :data:`.builders.DEFAULT_BUILDERS` (a timm ResNet-18). ``balance_classes`` weighs
     the loss by inverse class frequency. ``augment`` (:mod:`.augment`): flip, rotate, brightness, contrast,
     gamma, noise. The network of the last epoch is kept unless ``select_best``; ``patience`` > 0 keeps the best
     epoch by validation accuracy and stops after that many epochs without a better one. ``options``: the run
@@ -230,4 +222,4 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_patches", "PatchTask", "evaluate_grid", "DEFAULT_PATCH_BUILDER"]
+__all__ = ["train_patches", "PatchTask", "evaluate_grid"]

@@ -29,35 +29,14 @@ from ..geo.labels import IGNORE, labels_from_geometries, labels_from_raster, rea
 from ..geo.raster import pixel_size_metres
 from ..models.package import DEFAULT_COLORS
 from .augment import check_augment
+from .builders import resolve_builder
 from .data import (band_names as image_band_names, class_counts, compute_value_scaling, model_classes, read_image,
                    scale_image, validation_split, window_dict, window_slices)
 from .loop import TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import MultiCropSampler
 
-DEFAULT_BUILDER = {
-    "library": "smp",
-    "architecture": "Unet",
-    "encoder": "mobilenet_v2",
-    "encoder_weights": None,
-    "params": {"decoder_channels": [128, 64, 32, 16, 8]},
-}
-
 # --------------------------------------------------------------------------------------------
 # model, loss, metrics
-
-
-def resolve_builder(builder, in_channels, n_classes):
-    """The builder block for the network: ``builder`` (or the default) with the channels/classes filled in."""
-    b = dict(DEFAULT_BUILDER if builder is None else builder)
-    b["params"] = dict(b.get("params") or {})
-    b.setdefault("library", "smp")
-    b["encoder_weights"] = None
-    for key, value in (("in_channels", in_channels), ("classes", n_classes)):
-        if b.get(key) is None:
-            b[key] = value
-        elif b[key] != value:
-            raise InputError(f"builder.{key} is {b[key]} but the training data need {value}")
-    return b
 
 
 def segmentation_loss(logits, target, n_classes, dice_weight=1.0):
@@ -145,12 +124,11 @@ class DenseTask(TrainingTask):
     broken by the lower validation loss."""
 
     monitor, monitor_label, curves = "iou", "IoU", ("iou",)
-    default_builder = None
     dice_weight = 1.0
 
     def build_model(self, device, memory_format):
         from ..models.architectures import build_model
-        self.builder = resolve_builder(self.builder or self.default_builder, len(self.band_names), len(self.classes))
+        self.builder = resolve_builder(self.task, self.builder, len(self.band_names), len(self.classes))
         return build_model(self.builder).to(device).to(memory_format=memory_format)
 
     def training_loss(self, model, batch, device, memory_format):
@@ -271,7 +249,6 @@ class SegmentationTask(DenseTask):
     """Segmentation: crops of one image (or of chips), validated on the held-out strip (or chips)."""
 
     task = "segmentation"
-    default_builder = DEFAULT_BUILDER
 
     def __init__(self, data, sampler_options, dice_weight):
         self.train, self.val = data.train, data.val
@@ -313,7 +290,7 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
     the classes 0..K-1 (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha
     band). ``image_path`` may also be a chip folder of :func:`.chips.export_training_data` (task
     segmentation), trained and validated as split there. ``val_fraction`` of the image along ``val_side``
-    is held out for validation. ``builder``: default :data:`DEFAULT_BUILDER` (a light U-Net).
+    is held out for validation. ``builder``: default :data:`.builders.DEFAULT_BUILDERS` (a light U-Net).
     ``augment`` (:mod:`.augment`): ``flip``, ``rotate`` (on by default) and the photometric jitter of the
     crops (scaled values): ``brightness`` (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma``
     (log exponent, 0.25) and ``noise`` (max Gaussian sigma, 0.03); crops are always rescaled by a random
@@ -366,5 +343,5 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_segmentation", "SegmentationTask", "DenseTask", "segmentation_loss", "resolve_builder", "evaluate",
-           "evaluate_regions", "predict_region", "image_data", "chip_data", "SegmentationData", "DEFAULT_BUILDER"]
+__all__ = ["train_segmentation", "SegmentationTask", "DenseTask", "segmentation_loss", "evaluate", "evaluate_regions",
+           "predict_region", "image_data", "chip_data", "SegmentationData"]
