@@ -236,6 +236,17 @@ def test_kappa_and_accuracy_by_hand():
     assert perfect["kappa"] == 1.0 and perfect["classes"][1]["iou"] is None and perfect["mean_iou"] == 1.0
 
 
+def test_change_scores_count_every_change_class_as_change():
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import change_scores
+    cm = [[50, 5, 5], [10, 20, 2], [4, 3, 30]]  # rows truth: no change, new, removed
+    s = change_scores(cm, ["no change", "new", "removed"])
+    assert (s["tp"], s["fp"], s["fn"]) == (55, 10, 14) and s["classes"] == "new, removed"
+    assert s["precision"] == pytest.approx(55 / 65) and s["recall"] == pytest.approx(55 / 69)
+    assert s["f1"] == pytest.approx(110 / 134) and s["iou"] == pytest.approx(55 / 79)
+    none = change_scores(np.array([[9, 0], [0, 0]]))
+    assert none["precision"] is None and none["iou"] is None and none["classes"] == "change"
+
+
 def test_detection_metrics_via_boxes(footprints):
     """Boxes from the real footprints: 20 found (shifted 0.5 m), 12 missed, 5 false alarms."""
     truth = [g.bounds for g, _ in footprints]

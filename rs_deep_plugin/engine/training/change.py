@@ -1,21 +1,23 @@
 """Training a change detection model from co-registered before/after pairs with change masks (QGIS-free).
 
-Reuses the segmentation training pieces of :mod:`.train` on the two dates stacked as one
-``[2 x C, H, W]`` image (before bands, then after bands: exactly what :class:`.change.PairReader`
+Trains like segmentation (:class:`.segmentation.DenseTask` on :func:`.loop.fit`) on the two dates stacked
+as one ``[2 x C, H, W]`` image (before bands, then after bands: exactly what :class:`.change.PairReader`
 feeds the network at inference):
 
-* value scaling from the data (:func:`.train.compute_value_scaling`, per band, pooled over both
+* value scaling from the data (:func:`.data.compute_value_scaling`, per band, pooled over both
   dates of every training pair) stored as MLM ``value_scaling``; one entry per band of one date;
-* augmentation with :class:`.train.CropSampler` (random crops, half of them on changes, rescale,
+* augmentation with :class:`.samplers.PairSampler` (random crops, half of them on changes, rescale,
   flips, rotations, brightness/contrast jitter and noise, per band, so the dates get independent
   radiometric shifts) plus a per-date gain/offset and, for binary change, swapping the dates;
-* cross-entropy + soft Dice (:func:`.train.segmentation_loss`), metrics from the confusion matrix
-  (:func:`.train.metrics_from_confusion`).
+* cross-entropy + soft Dice (:func:`.segmentation.segmentation_loss`), metrics from the confusion matrix
+  (:func:`.metrics.metrics_from_confusion`).
 
 Labels: binary masks (0 = no change, anything > 0 = change, e.g. 0/255 masks) when there are two
 classes; class values 0..K-1 (0 = no change) for from-to classes. Nodata and 255 in a K > 2
 label are not used. Pairs are whole scenes: hold out whole pairs (or give ``val_pairs``) to
-measure what the model does on scenes it never saw (:func:`evaluate_pairs`, :func:`cva_baseline`).
+measure what the model does on scenes it never saw (:func:`.baselines.evaluate_pairs`,
+:func:`.baselines.cva_baseline`). :func:`train_change_from_rasters` trains from two rasters and change
+polygons (the chips cut on the way).
 """
 import math
 import os
@@ -121,6 +123,7 @@ class ChangeTask(DenseTask):
 
     def __init__(self, train, val, images, val_images, sampler_options, dice_weight):
         self.train, self.val = train, val
+        self.select_best = bool(val)  # without validation pairs the last epoch is kept
         self.images, self.val_images = images, val_images
         self.sampler_options = sampler_options
         self.dice_weight = dice_weight
@@ -221,17 +224,17 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
                       dict(weights=pair_weights, swap_dates=swap_dates and k == 2,
                            date_jitter=0.0 if photometric_off else date_jitter, scale_range=scale_range,
                            foreground_prob=foreground_prob, **augment), dice_weight)
-    task.classes, task.band_names, task.band_numbers, task.builder = classes, band_names, train[0]["bands"], builder
-    task.value_scaling, task.gsd, task.tile_size, task.augment = scaling, gsd, tile_size, augment
-    task.package_tile_size, task.package_overlap = package_tile_size, package_overlap
-    task.settings = {"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range),
-                     "swap_dates": swap_dates and k == 2, "date_jitter": 0.0 if photometric_off else date_jitter}
-    task.data = {"pairs": [[p["before"], p["after"], p["label"]] for p in train],
-                 "val_pairs": [[p["before"], p["after"], p["label"]] for p in val]}
-    task.samples = {"train_pairs": len(train), "val_pairs": len(val),
-                    "train_pixels": int(sum((p["mask"] != IGNORE).sum() for p in train)),
-                    "train_changed_pixels": changed,
-                    "val_pixels": int(sum((p["mask"] != IGNORE).sum() for p in val))}
+    task.configure(
+        classes=classes, band_names=band_names, band_numbers=train[0]["bands"], builder=builder,
+        value_scaling=scaling, gsd=gsd, tile_size=tile_size, augment=augment, package_tile_size=package_tile_size,
+        package_overlap=package_overlap,
+        settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range),
+                  "swap_dates": swap_dates and k == 2, "date_jitter": 0.0 if photometric_off else date_jitter},
+        data={"pairs": [[p["before"], p["after"], p["label"]] for p in train],
+              "val_pairs": [[p["before"], p["after"], p["label"]] for p in val]},
+        samples={"train_pairs": len(train), "val_pairs": len(val),
+                 "train_pixels": int(sum((p["mask"] != IGNORE).sum() for p in train)),
+                 "train_changed_pixels": changed, "val_pixels": int(sum((p["mask"] != IGNORE).sum() for p in val))})
     return fit(task, params, out_dir)
 
 

@@ -5,20 +5,24 @@ The pipeline mirrors inference (:mod:`.detect`):
 
 * images are brought to the model's ground sampling distance (``gsd``) once, as the engine
   does tile by tile when a raster's GSD differs from the package's;
-* value scaling is computed from the training pixels (:func:`.train.compute_value_scaling`),
+* value scaling is computed from the training pixels (:func:`.data.compute_value_scaling`),
   stored in the package and applied with :func:`.raster.apply_scaling`; nodata is 0;
-* the network is an allow-listed torchvision detector (:mod:`.arch_torchvision`) that never
-  resizes its input, trained on random square crops of ``tile_size`` px (scaled, flipped,
-  rotated by multiples of 90 degrees, with brightness/contrast jitter and mild noise);
+* the network is an allow-listed detector that never resizes its input: the builder given, by
+  default the torchvision Faster R-CNN MobileNetV3-FPN of :data:`.builders.DEFAULT_BUILDERS` (the
+  toolbox's "auto" is RS Deep's CenterNet, :mod:`.arch_centernet`, as the bundled trees model); it is
+  trained by :func:`.loop.fit` on random square crops of ``tile_size`` px
+  (:class:`.samplers.BoxCropSampler`: scaled, flipped, rotated by multiples of 90 degrees, with
+  brightness/contrast jitter and mild noise);
 * validation images, when given, are run tile by tile with overlap and merged with
   :func:`.detect.merge_detections`, the function the engine uses, and scored by precision,
-  recall, F1 and average precision at IoU 0.5.
+  recall, F1 and average precision at IoU 0.5 (:func:`.metrics.detection_metrics`).
 
-Samples are :class:`DetectionSample` (or ``(image, boxes)`` pairs): an image file (GeoTIFF,
+Samples are :class:`.data.DetectionSample` (or ``(image, boxes)`` pairs): an image file (GeoTIFF,
 PNG, JPEG... anything GDAL reads) or array, and its boxes as a GeoJSON file (map coordinates
 of the image's CRS), a Pascal VOC ``.xml`` (pixel coordinates) or a list of pixel boxes
-``(xmin, ymin, xmax, ymax[, class])`` (column/row, origin at the image's top-left corner).
-:func:`split_sample` holds back a strip of an image for a spatial validation split.
+``(xmin, ymin, xmax, ymax[, class])`` (column/row, origin at the image's top-left corner; map
+coordinates with ``coords="map"``). :func:`.data.split_sample` holds back a strip of an image for a
+spatial validation split.
 """
 import math
 import os
@@ -286,18 +290,19 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                          dict(scale_range=scale_range, object_prob=object_prob, min_visible=min_visible,
                               weights=sample_weights, **augment),
                          thresholds, (proposals, roi_batch), select_best=keep == "best" and bool(val_items))
-    task.classes, task.band_names, task.builder = classes, band_names, builder
-    task.value_scaling, task.gsd, task.tile_size, task.augment = value_scaling, gsd, tile_size, augment
-    task.package_tile_size, task.package_overlap = package_tile_size, package_overlap
-    task.settings = {"keep": keep if val_items else "last", "scale_range": list(scale_range),
-                     "object_prob": object_prob, "min_visible": min_visible,
-                     "thresholds": dict(zip(("score_threshold", "iou_threshold", "max_detections"), thresholds))}
-    task.data = {"train_images": [{"name": it.name, "width": it.img.shape[2], "height": it.img.shape[1],
-                                   "boxes": int(len(it.boxes))} for it in train_items],
-                 "val_images": [{"name": it.name, "width": it.img.shape[2], "height": it.img.shape[1],
-                                 "boxes": int(len(it.boxes))} for it in val_items]}
-    task.samples = {"train_images": len(train_items), "train_boxes": task.train_boxes,
-                    "val_images": len(val_items), "val_boxes": int(sum(len(it.boxes) for it in val_items))}
+    def images(items):
+        return [{"name": it.name, "width": it.img.shape[2], "height": it.img.shape[1], "boxes": int(len(it.boxes))}
+                for it in items]
+
+    task.configure(
+        classes=classes, band_names=band_names, builder=builder, value_scaling=value_scaling, gsd=gsd,
+        tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
+        settings={"keep": keep if val_items else "last", "scale_range": list(scale_range), "object_prob": object_prob,
+                  "min_visible": min_visible,
+                  "thresholds": dict(zip(("score_threshold", "iou_threshold", "max_detections"), thresholds))},
+        data={"train_images": images(train_items), "val_images": images(val_items)},
+        samples={"train_images": len(train_items), "train_boxes": task.train_boxes, "val_images": len(val_items),
+                 "val_boxes": int(sum(len(it.boxes) for it in val_items))})
     return fit(task, params, out_dir)
 
 

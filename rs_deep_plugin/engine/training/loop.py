@@ -137,6 +137,15 @@ class TrainingTask:
     data = None  # the report's "data": what it trained and validated on
     samples = None  # the report's "samples": counts; fit adds crops_seen
 
+    def configure(self, **attributes):
+        """Set the data and network attributes above (a name that is not one of them is refused). Returns
+        the task."""
+        for key, value in attributes.items():
+            if not hasattr(TrainingTask, key):
+                raise AttributeError(f"{type(self).__name__} has no attribute {key!r} to configure")
+            setattr(self, key, value)
+        return self
+
     def build_model(self, device, memory_format):
         """The network on ``device`` (resolve and store ``self.builder`` here)."""
         raise NotImplementedError

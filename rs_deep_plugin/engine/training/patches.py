@@ -2,15 +2,16 @@
 
 Labels are a class per pixel (a label raster on the image grid, or polygons with a class value,
 rasterized; pixels outside every polygon get ``background_class``). A training patch is a
-random crop of ``patch_size`` px (after the random rescale of :class:`.train.CropSampler`, which
-also flips, rotates and jitters it); its label is the majority class of its labelled pixels, and
-patches whose majority covers less than ``min_purity`` of them are skipped. Value scaling, the
-crop sampler, the validation split and the metrics are those of :mod:`.train`, so training
-mirrors what :func:`.patches.classify_patches` feeds the network.
+random crop of ``patch_size`` px (:class:`.samplers.PatchSampler`: rescaled, flipped, rotated and
+jittered); its label is the majority class of its labelled pixels, and patches whose majority covers
+less than ``min_purity`` of them are skipped. Value scaling and the validation split are those of
+:mod:`.data`, the loop :func:`.loop.fit`, so training mirrors what :func:`.patches.classify_patches`
+feeds the network.
 
-Validation is spatial (:func:`.train._split`): a strip of the image is held back, no training
+Validation is spatial (:func:`.data.validation_split`): a strip of the image is held back, no training
 patch touches it, and it is scored on the regular patch grid :func:`.patches.classify_patches`
-uses. The network of the last epoch is kept (the strip only measures), unless ``select_best``.
+uses (:func:`.metrics.classification_metrics`). The network of the last epoch is kept (the strip only
+measures), unless ``select_best`` or ``patience``.
 """
 import math
 import os
@@ -209,16 +210,16 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                      select_best and val_img is not None)
     task.train_size = (f"train {train_win[3]}x{train_win[2]} px, validation "
                        f"{val_side} {val_fraction:.0%}")
-    task.classes, task.band_names, task.band_numbers, task.builder = classes, band_names, bands, builder
-    task.value_scaling, task.gsd, task.tile_size, task.augment = scaling, gsd, patch_size, augment
-    task.package_tile_size, task.package_overlap = patch_size, 0
-    task.settings = {"patch_size": patch_size, "min_purity": min_purity, "scale_range": list(scale_range),
-                     "background_class": background_class,
-                     "class_weights": weights.tolist() if weights is not None else None}
-    task.data = {"image": os.path.basename(os.fspath(image_path)), "image_size": {"width": w, "height": h},
-                 "validation": {"side": val_side if val_win else None,
-                                "fraction": val_fraction if val_win else 0.0, "window": window_dict(val_win)}}
-    task.samples = counts
+    task.configure(
+        classes=classes, band_names=band_names, band_numbers=bands, builder=builder, value_scaling=scaling, gsd=gsd,
+        tile_size=patch_size, augment=augment, package_tile_size=patch_size, package_overlap=0,
+        settings={"patch_size": patch_size, "min_purity": min_purity, "scale_range": list(scale_range),
+                  "background_class": background_class,
+                  "class_weights": weights.tolist() if weights is not None else None},
+        data={"image": os.path.basename(os.fspath(image_path)), "image_size": {"width": w, "height": h},
+              "validation": {"side": val_side if val_win else None, "fraction": val_fraction if val_win else 0.0,
+                             "window": window_dict(val_win)}},
+        samples=counts)
     return fit(task, params, out_dir)
 
 

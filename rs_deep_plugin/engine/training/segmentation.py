@@ -1,7 +1,7 @@
 """Training a semantic segmentation model from one labelled raster (QGIS-free).
 
-The training image is small (a scene or a clip of one), so it is read into memory once.
-The pipeline mirrors inference exactly:
+The training image is small (a scene or a clip of one), so it is read into memory once
+(:mod:`.data`; or the chips of an export). The pipeline mirrors inference exactly:
 
 * value scaling is computed from the data (per band min-max over the 1st..99th percentile of
   valid pixels), stored in the package as MLM ``value_scaling`` and applied with
@@ -11,11 +11,11 @@ The pipeline mirrors inference exactly:
 
 Validation is spatial: a strip of the image (the bottom ``val_fraction`` of its rows by
 default) is held back and no training crop ever touches it. Training crops are random
-(half of them centred near labelled objects), randomly rescaled, flipped, rotated by
-multiples of 90 degrees, with brightness/contrast jitter and mild noise. The loss is
-cross-entropy plus soft Dice on the foreground classes. The best network by validation IoU
-(mean over the non-background classes) is kept and written as a model package
-(:func:`.package.save_package`) together with ``training_report.json``.
+(half of them centred near labelled objects; :class:`.samplers.CropSampler`), randomly rescaled,
+flipped, rotated by multiples of 90 degrees, with brightness/contrast jitter and mild noise. The loss
+is cross-entropy plus soft Dice on the foreground classes. The loop is :func:`.loop.fit`: the best
+network by validation IoU (mean over the non-background classes) is kept and written as a model
+package (:func:`.package.save_package`) together with ``training_report.json``.
 """
 import math
 import os
@@ -252,6 +252,7 @@ class SegmentationTask(DenseTask):
 
     def __init__(self, data, sampler_options, dice_weight):
         self.train, self.val = data.train, data.val
+        self.select_best = bool(data.val)  # without validation the last epoch is kept
         self.sampler_options = sampler_options
         self.dice_weight = dice_weight
         self.train_px = sum(lab.size for _, lab, _ in data.train)
@@ -333,13 +334,14 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
                             dice_weight)
     task.where = (f"validation {len(data.val)} chips" if chipset is not None
                   else f"validation {val_side} {val_fraction:.0%}" if data.val else "no validation")
-    task.classes, task.band_names, task.band_numbers, task.builder = classes, data.band_names, data.bands, builder
-    task.value_scaling, task.gsd, task.tile_size, task.augment = data.scaling, data.gsd, tile_size, augment
-    task.package_tile_size, task.package_overlap = package_tile_size, package_overlap
-    task.settings = {"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range)}
-    task.data = {"image": os.path.basename(os.fspath(image_path)), "image_size": data.image_size,
-                 "validation": data.validation}
-    task.samples = data.counts
+    task.configure(
+        classes=classes, band_names=data.band_names, band_numbers=data.bands, builder=builder,
+        value_scaling=data.scaling, gsd=data.gsd, tile_size=tile_size, augment=augment,
+        package_tile_size=package_tile_size, package_overlap=package_overlap,
+        settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range)},
+        data={"image": os.path.basename(os.fspath(image_path)), "image_size": data.image_size,
+              "validation": data.validation},
+        samples=data.counts)
     return fit(task, params, out_dir)
 
 
