@@ -14,6 +14,8 @@ from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_d
 from .labels import label_colors, map_classes
 from .layers import check_overlap, class_value_or_name, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
+from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTION_ARCHITECTURES,
+                                                      SEGMENTATION_ARCHITECTURES)
 
 TASKS = ["segmentation", "detection", "patch_classification", "change"]
 TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification", "Change detection"]
@@ -21,20 +23,9 @@ TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classificatio
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
-# the allow-lists of rs_deep_plugin/engine/architectures.py (smp) and arch_torchvision.py (kept in step by a test)
-SEGMENTATION_ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "PAN", "MAnet", "DeepLabV3",
-                              "DeepLabV3Plus", "Segformer", "UPerNet"]
-# CenterNet (RS Deep's anchor-free head on an smp encoder, ENCODER) trains from scratch in CPU minutes: the default
-DETECTION_ARCHITECTURES = ["CenterNet", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
-                           "retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
-#: CenterNet as the bundled trees_demo is built (tools/make_trees_model.py): a light decoder, heatmap at 1/2
-CENTERNET_PARAMS = {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
-                    "head_channels": 64}
+# the engine's allow-lists (smp, torchvision) and its CenterNet, the detection default here
 ARCHITECTURES = [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
 DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16, "change": 128}
-#: chips cut internally when change is trained from two rasters and polygons
-CHANGE_CHIP = 256
-DEFAULT_ENCODER = "resnet18"
 
 
 PACKAGE_FILES = ("model.json", "model.safetensors", "training_report.json", "training_curves.png")
@@ -135,7 +126,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
             "mobilenet_v2, efficientnet-b0...); patch classification: a timm classifier (resnet18, "
             "mobilenetv3_small_100, efficientnet_b0...); detection: CenterNet's encoder (an smp encoder), not "
-            "used by the torchvision detectors (their backbone belongs to the architecture). Weights start from scratch: nothing is downloaded.<br>"
+            "used by the torchvision detectors (their backbone belongs to the architecture). Weights start from "
+            "scratch: nothing is downloaded.<br>"
             "<b>Epochs, batch size, learning rate</b>: the training budget (batch size 0 = the task's default).<br>"
             "<b>Tile size</b>: training crops in pixels (segmentation and detection: a multiple of 32, default 256; "
             "patch classification: the patch size, default 16). 0 = the default.<br>"
@@ -201,41 +193,6 @@ class TrainAlgorithm(RSDeepAlgorithm):
 
     # ----------------------------------------------------------------------------------------
 
-    def _builder(self, task, arch, encoder):
-        if task == "segmentation":
-            if arch != AUTO and arch not in SEGMENTATION_ARCHITECTURES:
-                raise QgsProcessingException(f"ARCHITECTURE {arch} is a detection network; for segmentation choose "
-                                             f"one of {', '.join(SEGMENTATION_ARCHITECTURES)} (or auto)")
-            return {"library": "smp", "architecture": "Unet" if arch == AUTO else arch, "encoder": encoder,
-                    "encoder_weights": None, "params": {}}
-        if task == "detection":
-            if arch != AUTO and arch not in DETECTION_ARCHITECTURES:
-                raise QgsProcessingException(f"ARCHITECTURE {arch} is a segmentation network; for detection choose "
-                                             f"one of {', '.join(DETECTION_ARCHITECTURES)} (or auto)")
-            if arch in (AUTO, "CenterNet"):
-                return {"library": "rs_deep", "architecture": "CenterNet", "encoder": encoder, "encoder_weights": None,
-                        "params": dict(CENTERNET_PARAMS)}
-            if arch == "fasterrcnn_mobilenet_v3_large_fpn":
-                return None  # the trainer's default: Faster R-CNN MobileNetV3-FPN sized for small objects
-            return {"library": "torchvision", "architecture": arch, "encoder_weights": None, "params": {}}
-        if task == "change":
-            if arch in (AUTO,):
-                from ..rs_deep_plugin.engine.training.change import DEFAULT_CHANGE_BUILDER
-                return dict(DEFAULT_CHANGE_BUILDER, encoder=encoder, params=dict(DEFAULT_CHANGE_BUILDER["params"]))
-            if arch not in SEGMENTATION_ARCHITECTURES:
-                raise QgsProcessingException(f"ARCHITECTURE {arch} is a detection network; for change choose auto "
-                                             "(a Siamese U-Net) or a segmentation network (early fusion of both "
-                                             f"dates): {', '.join(SEGMENTATION_ARCHITECTURES)}")
-            return {"library": "rs_deep", "architecture": "EarlyFusion", "encoder": encoder, "encoder_weights": None,
-                    "params": {"base": arch}}
-        if arch != AUTO:
-            raise QgsProcessingException("For patch classification the network is the ENCODER (a timm classifier "
-                                         "such as resnet18); set ARCHITECTURE to auto")
-        params = {"drop_rate": 0.2}
-        if encoder.startswith("resnet"):
-            params["output_stride"] = 8  # small patches: keep some spatial resolution before pooling
-        return {"library": "timm", "architecture": encoder, "encoder_weights": None, "params": params}
-
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 (QGIS API)
         require_dependencies()
         from ..rs_deep_plugin.engine.errors import RSDeepError
@@ -273,7 +230,11 @@ class TrainAlgorithm(RSDeepAlgorithm):
         if task == "detection" and encoder != DEFAULT_ENCODER and arch not in (AUTO, "CenterNet"):
             push_warning(feedback, f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} "
                                    "belongs to the architecture")
-        builder = self._builder(task, arch, encoder)
+        from ..rs_deep_plugin.engine.training.builders import toolbox_builder
+        try:
+            builder = toolbox_builder(task, None if arch == AUTO else arch, encoder)
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
         common = dict(epochs=epochs, steps_per_epoch=steps, lr=lr, device=device, name=name, augment=augment)
         if batch:
@@ -294,7 +255,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         for key in ("package", "report_path", "curves_path"):  # where they are now
             if report.get(key):
                 report[key] = report[key].replace(out_dir, final_dir)
-        best = report.get("best_epoch")
+        best = report["best"]["epoch"]
 
         feedback.pushInfo(f"Training finished: {report['epochs_run']} epochs in {report['seconds']:.0f} s on "
                           f"{report['device']}" + (f", the package holds epoch {best}" if best else "")
@@ -388,15 +349,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             from ..rs_deep_plugin.engine.training.data import DetectionSample, split_sample
             from ..rs_deep_plugin.engine.training.detection import train_detection
             class_names, labels = map_classes(task, pairs, field, layer_name)
-            e = layer.extent()
-            rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
-            boxes = []
-            for g, v in labels:
-                x0, y0, x1, y1 = g.bounds
-                boxes.append(((x0 - e.xMinimum()) / rx, (e.yMaximum() - y1) / ry, (x1 - e.xMinimum()) / rx,
-                              (e.yMaximum() - y0) / ry, v))
+            boxes = [(*g.bounds, v) for g, v in labels]  # map coordinates: the engine maps them onto the raster
             feedback.pushInfo(f"{len(boxes)} boxes; classes: " + ", ".join(class_names))
-            sample = DetectionSample(image, boxes, name=os.path.basename(image))
+            sample = DetectionSample(image, boxes, name=os.path.basename(image), coords="map")
             samples, val_samples = [sample], None
             if val > 0:
                 train_part, held = split_sample(sample, val, "bottom", size=(layer.width(), layer.height()))
@@ -405,8 +360,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                    class_colors=colors_for(class_names, task), val_samples=val_samples,
                                    builder=builder, tile_size=tile, patience=patience, **common, **callbacks)
         if task == "change":
-            return self._train_change(parameters, context, feedback, layer, image, pairs, field, out_dir, builder,
-                                      tile, val, patience, common, callbacks, colors_for)
+            return self._train_change(parameters, context, feedback, image, pairs, field, out_dir, builder, tile,
+                                      val, patience, common, callbacks, colors_for)
 
         from ..rs_deep_plugin.engine.training.patches import train_patches
         values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
@@ -429,14 +384,11 @@ class TrainAlgorithm(RSDeepAlgorithm):
                              builder=builder, patch_size=tile, val_fraction=val, val_side="bottom",
                              patience=patience, **common, **callbacks)
 
-    def _train_change(self, parameters, context, feedback, layer, image, pairs, field, out_dir, builder, tile, val,
+    def _train_change(self, parameters, context, feedback, image, pairs, field, out_dir, builder, tile, val,
                       patience, common, callbacks, colors_for):
-        """Change from two rasters: chips of both dates and the change polygons (a temporary export), then
-        the change trainer on them; validation is the export's spatial-block split."""
-        import shutil
-        import tempfile
-        from ..rs_deep_plugin.engine.training.chips import export_training_data
-        from ..rs_deep_plugin.engine.training.change import train_change
+        """Change from two rasters and the change polygons (:func:`train_change_from_rasters`: chips of both
+        dates in a temporary folder, validated by the export's spatial-block split)."""
+        from ..rs_deep_plugin.engine.training.change import train_change_from_rasters
         from qgis.core import QgsProcessingUtils
         after_layer = self.parameterAsRasterLayer(parameters, self.INPUT_AFTER, context)
         if after_layer is None or not after_layer.isValid():
@@ -445,16 +397,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         after = raster_file(after_layer, "INPUT_AFTER")
         class_names, labels = map_classes("change", pairs, field, "change")
         feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
-        tmp = tempfile.mkdtemp(prefix="rs_deep_change_chips_", dir=QgsProcessingUtils.tempFolder())
-        try:
-            chip = max(CHANGE_CHIP, tile)
-            colors = colors_for(class_names, "change")
-            export_training_data(image, labels, os.path.join(tmp, "chips"), task="change", class_names=class_names,
-                                 class_colors=colors,
-                                 after_path=after, tile_size=chip, only_labelled=False, val_fraction=val,
-                                 block_size=2 * chip, log=callbacks["log"], is_cancelled=callbacks["is_cancelled"])
-            return train_change(os.path.join(tmp, "chips"), out_dir, class_names=class_names, class_colors=colors,
-                                builder=builder,
-                                tile_size=tile, patience=patience, **common, **callbacks)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return train_change_from_rasters(image, after, labels, out_dir, class_names=class_names,
+                                         class_colors=colors_for(class_names, "change"), val_fraction=val,
+                                         tile_size=tile, temp_dir=QgsProcessingUtils.tempFolder(), builder=builder,
+                                         patience=patience, **common, **callbacks)

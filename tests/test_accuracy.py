@@ -236,6 +236,17 @@ def test_kappa_and_accuracy_by_hand():
     assert perfect["kappa"] == 1.0 and perfect["classes"][1]["iou"] is None and perfect["mean_iou"] == 1.0
 
 
+def test_change_scores_count_every_change_class_as_change():
+    from rs_deep.rs_deep_plugin.engine.evaluation.metrics import change_scores
+    cm = [[50, 5, 5], [10, 20, 2], [4, 3, 30]]  # rows truth: no change, new, removed
+    s = change_scores(cm, ["no change", "new", "removed"])
+    assert (s["tp"], s["fp"], s["fn"]) == (55, 10, 14) and s["classes"] == "new, removed"
+    assert s["precision"] == pytest.approx(55 / 65) and s["recall"] == pytest.approx(55 / 69)
+    assert s["f1"] == pytest.approx(110 / 134) and s["iou"] == pytest.approx(55 / 79)
+    none = change_scores(np.array([[9, 0], [0, 0]]))
+    assert none["precision"] is None and none["iou"] is None and none["classes"] == "change"
+
+
 def test_detection_metrics_via_boxes(footprints):
     """Boxes from the real footprints: 20 found (shifted 0.5 m), 12 missed, 5 false alarms."""
     truth = [g.bounds for g, _ in footprints]
@@ -360,11 +371,13 @@ def test_algorithms_are_registered_with_help(provider):
         assert all(p.description() for p in alg.parameterDefinitions())
         assert len(alg.shortHelpString()) > 500
     # every ARCHITECTURE choice is on the engine's allow-lists
-    from rs_deep.processing_algorithms.train import DETECTION_ARCHITECTURES, SEGMENTATION_ARCHITECTURES
+    from rs_deep.processing_algorithms.train import ARCHITECTURES, AUTO
     from rs_deep.rs_deep_plugin.engine.models.arch_smp import SMP_ARCHITECTURES
     from rs_deep.rs_deep_plugin.engine.models.architectures import validate_builder
+    from rs_deep.rs_deep_plugin.engine.training.builders import (CENTERNET_PARAMS, DETECTION_ARCHITECTURES,
+                                                                 SEGMENTATION_ARCHITECTURES)
+    assert ARCHITECTURES == [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
     assert SEGMENTATION_ARCHITECTURES == list(SMP_ARCHITECTURES)
-    from rs_deep.processing_algorithms.train import CENTERNET_PARAMS
     assert DETECTION_ARCHITECTURES[0] == "CenterNet"
     validate_builder({"library": "rs_deep", "architecture": "CenterNet", "encoder": "resnet18", "in_channels": 1,
                       "classes": 1, "encoder_weights": None, "params": CENTERNET_PARAMS})
@@ -470,7 +483,7 @@ def test_train_segment_assess_chain(provider, labels_with_class, tmp_path):
     assert [c.name for c in pkg.classes] == ["background", "building"]
     assert pkg.builder["architecture"] == "Unet" and pkg.builder["encoder"] == "resnet18"
     report = json.loads(Path(res["REPORT"]).read_text())
-    assert report["epochs_run"] == 2 and len(report["train_loss"]) == 2 and report["tile_size"] == 64
+    assert report["epochs_run"] == 2 and len(report["history"]) == 2 and report["tile_size"] == 64
     epochs = [m for m in fb.messages if m.startswith("Epoch ")]
     assert len(epochs) == 2 and "loss" in epochs[0] and "val IoU" in epochs[1]  # once each, with the metrics
     seg = _run("rs_deep:segment", {"INPUT": str(IMAGE), "MODEL": res["OUTPUT"], "OUTPUT": str(tmp_path / "seg.tif"),
@@ -566,9 +579,10 @@ def test_train_detection_end_to_end(provider, footprints, tmp_path):
         expected = map_to_pixels(read_geojson_boxes(FOOTPRINTS, dst_crs=ds.crs)[0], ds.transform)
     cut = 675
     in_train = int(((expected[:, 1] + expected[:, 3]) / 2 < cut).sum())
-    assert report["train_images"][0]["height"] == cut and report["val_images"][0]["height"] == 900 - cut
-    assert 0 < report["train_images"][0]["boxes"] <= len(expected)
-    assert abs(report["train_images"][0]["boxes"] - in_train) <= 4  # boxes cut by the split may go either way
+    images = report["data"]
+    assert images["train_images"][0]["height"] == cut and images["val_images"][0]["height"] == 900 - cut
+    assert 0 < images["train_images"][0]["boxes"] <= len(expected)
+    assert abs(images["train_images"][0]["boxes"] - in_train) <= 4  # boxes cut by the split may go either way
     assert any(m.startswith("Epoch 2/2: loss") for m in fb.messages)
     out = tmp_path / "found.gpkg"
     found = _run("rs_deep:detect", {"INPUT": str(IMAGE), "MODEL": res["OUTPUT"], "OUTPUT": str(out),

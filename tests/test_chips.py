@@ -118,8 +118,8 @@ def test_train_segmentation_from_chips(atlanta_chips, tmp_path):
                                          "gamma": 0.0, "noise": 0.0})
     pkg = load_package(tmp_path / "pkg", task="segmentation")
     assert [c.name for c in pkg.classes] == ["background", "building"] and pkg.gsd == pytest.approx(0.5)
-    assert report["validation"]["chips"] == len(split_chips(m)[1])
-    assert len(report["val_iou"]) == 2 and all(v is not None for v in report["val_iou"])
+    assert report["data"]["validation"]["chips"] == len(split_chips(m)[1])
+    assert len(report["history"]) == 2 and all(h["val"]["iou"] is not None for h in report["history"])
     assert report["augment"]["flip"] is False
     # the curves PNG beside the JSON
     png = Path(report["curves_path"])
@@ -162,7 +162,8 @@ def test_detection_chips_hold_the_boxes_and_train(tmp_path):
                                                  "decoder_channels": [64, 32], "head_channels": 64}})
     pkg = load_package(tmp_path / "pkg", task="detection")
     assert [c.name for c in pkg.classes] == ["tree"]
-    assert len(report["val"]) == report["epochs_run"] >= 1 and report["val_images"]
+    assert len(report["history"]) == report["epochs_run"] >= 1 and all(h["val"] for h in report["history"])
+    assert report["data"]["val_images"]
     assert Path(report["curves_path"]).is_file()
 
 
@@ -199,7 +200,7 @@ def check_change_chips_train_a_change_model(tmp_path, pair):
                           tile_size=64, num_threads=2)
     pkg = load_package(tmp_path / "pkg", task="change")
     assert [c.name for c in pkg.classes] == ["no change", "change"]
-    assert report["val_iou"][0] is not None
+    assert report["history"][0]["val"]["iou"] is not None
     # a chip folder of one task is refused by another task's manifest reader, with the fix
     with pytest.raises(InputError, match="for change, not segmentation"):
         load_manifest(tmp_path / "chg", "segmentation")

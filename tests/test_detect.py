@@ -402,11 +402,11 @@ def test_training_writes_a_package_the_engine_runs(tmp_path):
     report = train_detection([tr], tmp_path / "model", val_samples=[va], class_names=["car"],
                              builder=SMALL_BUILDER, tile_size=64, epochs=2, steps_per_epoch=2, batch_size=2,
                              package_tile_size=64, package_overlap=16, score_threshold=0.2, num_threads=2)
-    assert report["epochs_run"] == 2 and len(report["val"]) == 2
-    assert report["val_images"][0]["boxes"] > 0 and report["train_images"][0]["boxes"] > 0
+    assert report["epochs_run"] == 2 and len(report["history"]) == 2 and all(h["val"] for h in report["history"])
+    assert report["data"]["val_images"][0]["boxes"] > 0 and report["data"]["train_images"][0]["boxes"] > 0
     assert report["gsd"] == pytest.approx(0.5)
     saved = json.loads((tmp_path / "model" / "training_report.json").read_text())
-    assert saved["best_epoch"] in (1, 2)
+    assert saved["best"]["epoch"] in (1, 2) and saved["best"]["metric"] == "ap"
     pkg = load_package(tmp_path / "model", task="detection")
     assert package_defaults(pkg)[0] == 0.2 and pkg.gsd == pytest.approx(0.5)
     assert pkg.value_scaling[0]["type"] == "min-max"
@@ -429,6 +429,30 @@ def test_voc_and_geojson_boxes_agree():
     b = load_sample(DetectionSample(str(TREES_SAMPLE), str(d / "OSBS_029.xml")), ["tree"], None, "label", "x")
     assert len(a.boxes) == len(b.boxes) == 61
     np.testing.assert_allclose(sorted(map(tuple, a.boxes)), sorted(map(tuple, b.boxes)), atol=1e-6)
+
+
+def test_map_boxes_are_mapped_with_the_inverse_transform(tmp_path):
+    """Boxes in map coordinates (coords="map", as rs_deep:train gives them) land on the pixels of the raster's
+    grid, also on a rotated grid (the envelope of the box's corners), and need a georeferenced image."""
+    from affine import Affine
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample, load_sample
+    pixel = [(10.0, 12.0, 30.0, 40.0, 0), (50.0, 5.0, 70.5, 25.0, 0)]
+    for transform in (Affine(0.5, 0, 1000.0, 0, -0.5, 2000.0), Affine.translation(1000.0, 2000.0)
+                      * Affine.rotation(30) * Affine.scale(0.5, -0.5)):
+        raster = write_raster(tmp_path / "r.tif", np.ones((1, 80, 100), np.float32), transform=transform)
+        mapped = []
+        for x0, y0, x1, y1, v in pixel:
+            xs, ys = zip(*(transform * (x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))))
+            mapped.append((min(xs), min(ys), max(xs), max(ys), v))
+        got = load_sample(DetectionSample(str(raster), mapped, coords="map"), ["car"], None, "label", "x").boxes
+        if transform.b == 0:
+            np.testing.assert_allclose(got, [b[:4] for b in pixel], atol=1e-6)
+        else:  # the envelope of a rotated box holds the box
+            assert all(g[0] <= b[0] + 1e-6 and g[1] <= b[1] + 1e-6 and g[2] >= b[2] - 1e-6 and g[3] >= b[3] - 1e-6
+                       for g, b in zip(got, pixel))
+    with pytest.raises(InputError, match="not georeferenced"):
+        load_sample(DetectionSample(np.ones((1, 20, 20), np.float32), pixel, coords="map"), ["car"], None, "label",
+                    "x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,8 +589,8 @@ def test_centernet_training_writes_a_package_the_engine_runs(tmp_path):
     report = train_detection([tr], tmp_path / "model", val_samples=[va], class_names=["car"],
                              builder=CENTERNET_SMALL, tile_size=64, epochs=2, steps_per_epoch=3, batch_size=2,
                              package_tile_size=64, package_overlap=16, score_threshold=0.2, num_threads=2)
-    assert report["epochs_run"] == 2 and len(report["val"]) == 2
-    assert set(report["loss_parts"][0]) == {"loss_heatmap", "loss_box", "loss_size"}
+    assert report["epochs_run"] == 2 and len(report["history"]) == 2 and all(h["val"] for h in report["history"])
+    assert set(report["history"][0]["loss_parts"]) == {"loss_heatmap", "loss_box", "loss_size"}
     pkg = load_package(tmp_path / "model", task="detection")
     assert pkg.builder["library"] == "rs_deep" and pkg.builder["architecture"] == "CenterNet"
     assert pkg.builder["params"]["output_stride"] == 2 and pkg.builder["encoder_weights"] is None

@@ -201,7 +201,8 @@ def test_training_for_seconds_writes_a_patch_package(tmp_path):
     pkg = load_package(tmp_path / "model", task="patch_classification")
     assert pkg.tile_size == 16 and pkg.gsd == pytest.approx(10.0) and [c.name for c in pkg.classes] == CROP_CLASSES
     assert pkg.metadata["properties"]["mlm:output"][0]["result"]["shape"] == [-1, 4]
-    assert report["validation"]["window"]["col_off"] == 452 - 113 and report["val_accuracy"][0] is not None
+    assert report["data"]["validation"]["window"]["col_off"] == 452 - 113
+    assert report["history"][0]["val"]["accuracy"] is not None
     with rasterio.open(IMAGE) as ds:
         b = ds.bounds
     ev = evaluate_patches(pkg, str(IMAGE), fields, bounds=(b.left + 3390, b.bottom, b.right, b.top),

@@ -72,11 +72,15 @@ def test_training_report(trained):
     out, report, _ = trained
     on_disk = json.loads((out / "training_report.json").read_text())
     assert on_disk["epochs_run"] == report["epochs_run"] == 2
-    for key in ("train_loss", "val_iou", "val_loss"):
-        assert len(on_disk[key]) == 2, key
-        assert all(isinstance(v, float) for v in on_disk[key])
-    assert on_disk["best_epoch"] in (1, 2)
-    best = on_disk["best"]
+    history = on_disk["history"]
+    series = {"train_loss": [h["train_loss"] for h in history], "val_iou": [h["val"]["iou"] for h in history],
+              "val_loss": [h["val_loss"] for h in history]}
+    for key, values in series.items():
+        assert len(values) == 2, key
+        assert all(isinstance(v, float) for v in values)
+    assert on_disk["best"]["epoch"] in (1, 2) and on_disk["best"]["metric"] == "iou"
+    best = on_disk["best"]["metrics"]
+    assert on_disk["best"]["value"] == best["iou"]
     for key in ("iou", "f1", "precision", "recall"):
         assert 0.0 <= best[key] <= 1.0
     assert best["classes"][1]["name"] == "building" and best["classes"][1]["support"] > 0  # the held-out strip
@@ -86,7 +90,7 @@ def test_training_report(trained):
     assert s["train_pixels"] + s["val_pixels"] == 600 * 900
     assert s["val_pixels"] == 600 * 180  # bottom 20 % of the rows
     assert s["crops_seen"] == 2 * 2 * 2
-    assert on_disk["validation"]["window"] == {"row_off": 720, "col_off": 0, "height": 180, "width": 600}
+    assert on_disk["data"]["validation"]["window"] == {"row_off": 720, "col_off": 0, "height": 180, "width": 600}
     assert not on_disk["cancelled"]
 
 
@@ -117,7 +121,7 @@ def test_cancel_after_the_first_epoch_keeps_the_best_model(tmp_path):
     pkg = load_package(out)  # the best model so far is on disk and loadable
     pkg.load_model()
     report = json.loads((out / "training_report.json").read_text())
-    assert report["cancelled"] and report["epochs_run"] == 1 and report["best_epoch"] == 1
+    assert report["cancelled"] and report["epochs_run"] == 1 and report["best"]["epoch"] == 1
 
 
 def test_cancel_before_any_epoch_writes_nothing(tmp_path):

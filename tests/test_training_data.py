@@ -52,7 +52,7 @@ def test_export_then_train_from_chips_then_segment(provider, tmp_path):
     pkg = load_package(trained["OUTPUT"], task="segmentation")
     assert [c.name for c in pkg.classes] == ["background", "buildings"] and pkg.gsd == pytest.approx(0.5)
     report = json.loads(Path(trained["REPORT"]).read_text())
-    assert report["validation"]["chips"] == res["VAL_CHIPS"] and report["patience"] == 3
+    assert report["data"]["validation"]["chips"] == res["VAL_CHIPS"] and report["patience"] == 3
     assert report["augment"] == {"flip": False, "rotate": True, "brightness": 0.0, "contrast": 0.0, "gamma": 0.0,
                                  "noise": 0.0}
     assert Path(trained["CURVES"]).read_bytes()[:4] == b"\x89PNG"
@@ -76,7 +76,7 @@ def test_detection_chips_through_processing(provider, tmp_path):
                                          OUTPUT=str(tmp_path / "det")))
     pkg = load_package(trained["OUTPUT"], task="detection")
     assert [c.name for c in pkg.classes] == ["Tree"] and pkg.builder["architecture"] == "CenterNet"
-    assert json.loads(Path(trained["REPORT"]).read_text())["val"]
+    assert json.loads(Path(trained["REPORT"]).read_text())["history"][-1]["val"]
 
 
 def test_change_trains_from_two_rasters_and_polygons(provider, tmp_path):
@@ -95,7 +95,7 @@ def check_change_trains_from_two_rasters_and_polygons(tmp_path, train, apply, sh
     pkg = load_package(trained["OUTPUT"], task="change")
     assert [c.name for c in pkg.classes] == ["no change", "change"] and pkg.builder["architecture"] == "SiameseUnet"
     report = json.loads(Path(trained["REPORT"]).read_text())
-    assert report["val_iou"][0] is not None  # the spatial-block validation chips were scored
+    assert report["history"][0]["val"]["iou"] is not None  # the spatial-block validation chips were scored
     out = _run("rs_deep:detect_change", {"BEFORE": str(apply.before), "AFTER": str(apply.after),
                                          "MODEL": trained["OUTPUT"], "OUTPUT": str(tmp_path / "c.tif"),
                                          "OUTPUT_VECTOR": None, "DEVICE": 1})

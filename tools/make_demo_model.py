@@ -6,7 +6,7 @@
 
 Reads ``image.tif`` (panchromatic, 0.5 m, EPSG:32616) and ``buildings.geojson`` (building
 footprints in the same CRS) from ``--data``, trains with RS Deep's own training code
-(:func:`rs_deep_plugin.engine.train.train_segmentation`, seeded, 2 CPU threads, a few minutes)
+(:func:`rs_deep_plugin.engine.training.segmentation.train_segmentation`, seeded, 2 CPU threads, a few minutes)
 and writes the model package to ``--out``; copies the image to ``resources/sample/`` as the
 sample raster, and writes the attribution notes.
 """
@@ -64,7 +64,7 @@ MODEL_ATTRIBUTION = """\
 
 A building / background segmentation model (U-Net with a MobileNetV2 encoder, one
 panchromatic band, 0.5 m) trained from scratch by RS Deep's own training code
-(`tools/make_demo_model.py`, `rs_deep_plugin/engine/train.py`) on one tiny sample image with
+(`tools/make_demo_model.py`, `rs_deep_plugin/engine/training/segmentation.py`) on one tiny sample image with
 32 labelled buildings. It is a **demonstration, not a production model**: it shows the
 plugin working on the bundled sample (`resources/sample/atlanta_pan.tif`) and will miss or
 invent buildings elsewhere. `training_report.json` holds its training curves and validation

@@ -153,7 +153,7 @@ def make_patches(data, out, threads):
                                        "other), trained on a Danish field register sample.",
                            **PATCH_SETTINGS)
     print(f"patch classifier trained in {time.time() - t0:.0f} s -> {out}", flush=True)
-    win = report["validation"]["window"]
+    win = report["data"]["validation"]["window"]
     left = bounds.left + win["col_off"] * (bounds.right - bounds.left) / width
     held_out = (left, bounds.bottom, bounds.right, bounds.top)
     ev = evaluate_patches(out, str(image), fields, CROP_CLASSES, bounds=held_out, background_class=OTHER,

@@ -4,8 +4,8 @@
     .venv/bin/python tools/make_trees_model.py [--data ../shared/data/trees_neon]
                                                [--out resources/models/trees_demo] [--pick-threshold]
 
-Trains RS Deep's detector (:func:`rs_deep_plugin.engine.train_detect.train_detection`) with the
-``CenterNet`` builder of the ``rs_deep`` library (:mod:`rs_deep_plugin.engine.arch_centernet`:
+Trains RS Deep's detector (:func:`rs_deep_plugin.engine.training.detection.train_detection`) with the
+``CenterNet`` builder of the ``rs_deep`` library (:mod:`rs_deep_plugin.engine.models.arch_centernet`:
 an anchor-free heatmap-of-centres detector on an smp ResNet-18 U-Net, 3 encoder stages, outputs at
 stride 2; no pretrained weights; seeded, 2 CPU threads, about 5 minutes) at 0.2 m (the 0.1 m
 imagery is resampled; the engine does the same tile by tile) on
@@ -91,7 +91,7 @@ MODEL_ATTRIBUTION = """\
 A tree-crown detector (RS Deep's anchor-free `CenterNet`: a heatmap of crown centres and a box
 regression head on a ResNet-18 U-Net with 3 encoder stages, RGB, run at 0.2 m) trained **from
 scratch** (no pretrained weights) by RS Deep's own training code (`tools/make_trees_model.py`,
-`rs_deep_plugin/engine/train_detect.py`) in about 5 CPU minutes on about 320 hand-drawn crown
+`rs_deep_plugin/engine/training/detection.py`) in about 5 CPU minutes on about 320 hand-drawn crown
 boxes. It is a **demonstration, not a production model**: it shows the plugin working on the
 bundled sample (`resources/sample/osbs_029.tif`, 0.1 m: the engine resamples it to the model's
 0.2 m); expect missed and invented trees elsewhere. `training_report.json` holds its training

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from ..errors import InputError, MissingDependency
+from ..errors import InputError, require
 from ..files import write_atomic
 from ..progress import Progress
 from .metrics import detection_metrics, metrics_from_confusion
@@ -33,11 +33,7 @@ _PRED_OFFSET = 2 ** 31
 
 
 def _rasterio():
-    try:
-        import rasterio
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency(f"rasterio is not installed ({exc}); run 'make setup'") from exc
-    return rasterio
+    return require("rasterio")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,49 +1,43 @@
 """Training a change detection model from co-registered before/after pairs with change masks (QGIS-free).
 
-Reuses the segmentation training pieces of :mod:`.train` on the two dates stacked as one
-``[2 x C, H, W]`` image (before bands, then after bands: exactly what :class:`.change.PairReader`
+Trains like segmentation (:class:`.segmentation.DenseTask` on :func:`.loop.fit`) on the two dates stacked
+as one ``[2 x C, H, W]`` image (before bands, then after bands: exactly what :class:`.change.PairReader`
 feeds the network at inference):
 
-* value scaling from the data (:func:`.train.compute_value_scaling`, per band, pooled over both
+* value scaling from the data (:func:`.data.compute_value_scaling`, per band, pooled over both
   dates of every training pair) stored as MLM ``value_scaling``; one entry per band of one date;
-* augmentation with :class:`.train.CropSampler` (random crops, half of them on changes, rescale,
+* augmentation with :class:`.samplers.PairSampler` (random crops, half of them on changes, rescale,
   flips, rotations, brightness/contrast jitter and noise, per band, so the dates get independent
   radiometric shifts) plus a per-date gain/offset and, for binary change, swapping the dates;
-* cross-entropy + soft Dice (:func:`.train.segmentation_loss`), metrics from the confusion matrix
-  (:func:`.train.metrics_from_confusion`).
+* cross-entropy + soft Dice (:func:`.segmentation.segmentation_loss`), metrics from the confusion matrix
+  (:func:`.metrics.metrics_from_confusion`).
 
 Labels: binary masks (0 = no change, anything > 0 = change, e.g. 0/255 masks) when there are two
 classes; class values 0..K-1 (0 = no change) for from-to classes. Nodata and 255 in a K > 2
 label are not used. Pairs are whole scenes: hold out whole pairs (or give ``val_pairs``) to
-measure what the model does on scenes it never saw (:func:`evaluate_pairs`, :func:`cva_baseline`).
+measure what the model does on scenes it never saw (:func:`.baselines.evaluate_pairs`,
+:func:`.baselines.cva_baseline`). :func:`train_change_from_rasters` trains from two rasters and change
+polygons (the chips cut on the way).
 """
 import math
 import os
-import time
+import shutil
+import tempfile
 
 import numpy as np
 
-from ..errors import Cancelled, InputError, MissingDependency
+from ..errors import InputError
 from ..evaluation.metrics import metrics_from_confusion
 from ..geo.labels import IGNORE
 from ..geo.raster import pixel_size_metres
-from ..models.package import ModelClass, save_package
-from ..progress import Progress
 from .augment import check_augment
-from .data import check_band_names, compute_value_scaling, scale_image, select_bands
-from .loop import check_tile, seed_everything
-from .report import REPORT_NAME, write_training_report
+from .data import check_band_names, compute_value_scaling, model_classes, scale_image, select_bands
+from .loop import TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import PairSampler
-from .segmentation import evaluate, resolve_builder, segmentation_loss
+from .segmentation import DenseTask, evaluate
 
-DEFAULT_CHANGE_BUILDER = {
-    "library": "rs_deep",
-    "architecture": "SiameseUnet",
-    "encoder": "resnet18",
-    "encoder_weights": None,
-    "params": {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16], "fusion": "absdiff"},
-}
 CHANGE_COLORS = ["000000", "E31A1C", "FF7F00", "1F78B4", "33A02C", "6A3D9A", "B15928", "FFFF99"]
+CHANGE_CHIP = 256  # px: the chips train_change_from_rasters cuts (at least the tile size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,38 +116,72 @@ def _scaled(pair, scaling):
 # training
 
 
+class ChangeTask(DenseTask):
+    """Change: the two dates stacked as one image, scored on whole validation pairs."""
+
+    task = "change"
+
+    def __init__(self, train, val, images, val_images, sampler_options, dice_weight):
+        self.train, self.val = train, val
+        self.select_best = bool(val)  # without validation pairs the last epoch is kept
+        self.images, self.val_images = images, val_images
+        self.sampler_options = sampler_options
+        self.dice_weight = dice_weight
+
+    def default_steps(self, batch_size):
+        area = sum(p["mask"].size for p in self.train)
+        return max(4, int(math.ceil(1.0 * area / (self.tile_size * self.tile_size) / batch_size)))
+
+    def make_sampler(self, rng):
+        return PairSampler(self.images, [p["mask"] for p in self.train], [p["valid"] for p in self.train],
+                           self.tile_size, rng, **self.sampler_options)
+
+    def validate(self, model, device, memory_format):
+        if not self.val:
+            return None, None
+        k = len(self.classes)
+        cm = np.zeros((k, k), dtype=np.int64)
+        ces = []
+        for img, p in zip(self.val_images, self.val):
+            c, ce = evaluate(model, img, p["mask"], k, device, memory_format=memory_format)
+            cm += c
+            ces.append(ce)
+        return metrics_from_confusion(cm, [c.name for c in self.classes]), float(np.nanmean(ces))
+
+    def describe(self, device, steps, batch_size, epochs):
+        return super().describe(device, steps, batch_size, epochs) + f" from {len(self.train)} pair(s)"
+
+    def training_info(self, best_metrics):
+        return {"val_iou": best_metrics["iou"] if best_metrics else None, "train_pairs": len(self.train),
+                "val_pairs": len(self.val)}
+
+    def package_extra(self):
+        return {"rs_deep:dates": 2}
+
+
 def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "change"), class_colors=None,
-                 bands=None, band_names=None, builder=None, tile_size=128, epochs=20, steps_per_epoch=None,
-                 batch_size=8, lr=2e-3, weight_decay=1e-4, seed=0, patience=0, dice_weight=1.0,
-                 foreground_prob=0.5, scale_range=(0.8, 1.25), swap_dates=True, date_jitter=0.1, pair_weights=None,
-                 device="auto", num_threads=None, progress=None, is_cancelled=None, log=None, name="change-model",
-                 description="", gsd="auto", package_tile_size=256, package_overlap=32, weights_dtype="float16",
-                 augment=None):
+                 bands=None, band_names=None, builder=None, tile_size=128, dice_weight=1.0, foreground_prob=0.5,
+                 scale_range=(0.8, 1.25), swap_dates=True, date_jitter=0.1, pair_weights=None, gsd="auto",
+                 package_tile_size=256, package_overlap=32, augment=None, **options):
     """Train a change network on ``pairs`` and write a ``change`` model package to ``out_dir``.
 
     ``pairs`` / ``val_pairs``: ``[(before, after, label)]`` raster paths, each triple on one pixel
-    grid. ``class_names``: "no change" first. ``builder``: default :data:`DEFAULT_CHANGE_BUILDER`
+    grid. ``class_names``: "no change" first. ``builder``: default :data:`.builders.DEFAULT_BUILDERS`
     (a Siamese U-Net; ``in_channels`` is the number of bands per date). ``gsd``: "auto" records the
     pairs' GSD when they all have the same one (within 10 %), else None (the model takes any
     resolution); or a number, or None. Without ``val_pairs`` the network of the last epoch is kept;
     with them, the best by validation IoU (``patience`` epochs without improvement stop early).
     ``pairs`` may also be a chip folder of :func:`.chips.export_training_data` (task change): its
     training chips are the pairs and its validation chips the validation pairs. ``augment``: see
-    :func:`.train.train_segmentation` (flip, rotate, brightness, contrast, gamma, noise).
+    :mod:`.augment` (flip, rotate, brightness, contrast, gamma, noise); the per-date gain/offset
+    ``date_jitter`` is off when brightness and contrast are. ``options``: the run settings of
+    :class:`.loop.TrainParams` (defaults: 20 epochs, batch size 8, name "change-model").
 
-    Returns the training report (also ``out_dir/training_report.json``). Cancelling keeps the
-    best network so far, if an epoch finished, as :func:`.train.train_segmentation` does.
+    Returns the training report (:func:`.loop.fit`; also ``out_dir/training_report.json``).
+    Cancelling keeps the best network so far, if an epoch finished.
     """
-    t0 = time.time()
-    prog = Progress(progress, is_cancelled)
-    log = log or (lambda msg: None)
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from ..models.architectures import build_model
-    from ..models.runners import device_description, select_device
-
+    params = TrainParams.of(options, epochs=20, batch_size=8, weight_decay=1e-4, name="change-model")
+    import_torch()
     from . import chips as chipsets
     if chipsets.is_chip_set(pairs):
         manifest = chipsets.load_manifest(pairs, "change")
@@ -162,26 +190,20 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
         names, cols = chipsets.class_info(manifest)
         if tuple(class_names) == ("no change", "change"):
             class_names, class_colors = names, class_colors or cols
-        log(f"Training from {len(pairs)} chip pairs, validating on {len(val_pairs or [])} ({manifest['root']})")
+        params.log(f"Training from {len(pairs)} chip pairs, validating on {len(val_pairs or [])} "
+                   f"({manifest['root']})")
     augment = check_augment(augment)
     class_names = [str(n) for n in class_names]
     if len(class_names) < 2:
         raise InputError("class_names: give 'no change' first and at least one change class")
     k = len(class_names)
-    colors = list(class_colors) if class_colors else [CHANGE_COLORS[i % len(CHANGE_COLORS)] for i in range(k)]
-    if len(colors) != k:
-        raise InputError(f"class_colors: {len(colors)} colours for {k} classes")
-    classes = [ModelClass(i, n, str(c).lstrip("#").upper()) for i, (n, c) in enumerate(zip(class_names, colors))]
+    classes = model_classes(class_names, class_colors, [CHANGE_COLORS[i % len(CHANGE_COLORS)] for i in range(k)])
     if not pairs:
         raise InputError("pairs: give at least one (before, after, label) triple to learn from")
     check_tile(tile_size, "tile_size")
-    check_tile(package_tile_size, "package_tile_size")
-    if not 0 <= package_overlap < package_tile_size // 2:
-        raise InputError(f"package_overlap must be in [0, {package_tile_size // 2}); got {package_overlap}")
-    if batch_size < 1 or epochs < 1:
-        raise InputError("batch_size and epochs must be at least 1")
+    check_package_tiling(package_tile_size, package_overlap)
 
-    prog.message(f"Reading {len(pairs)} training pair(s)")
+    params.prog.message(f"Reading {len(pairs)} training pair(s)")
     train = [read_pair(*p, bands=bands, n_classes=k) for p in pairs]
     val = [read_pair(*p, bands=bands, n_classes=k) for p in (val_pairs or [])]
     n_bands = train[0]["image"].shape[0] // 2
@@ -196,143 +218,50 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
     if gsd == "auto":
         gs = [p["gsd"] for p in train]
         gsd = gs[0] if all(g is not None for g in gs) and max(gs) <= min(gs) * 1.1 else None
-    scaling = _scaling_for(train, seed)
-    images = [_scaled(p, scaling) for p in train]
-    val_images = [_scaled(p, scaling) for p in val]
-    counts = {"train_pairs": len(train), "val_pairs": len(val),
-              "train_pixels": int(sum((p["mask"] != IGNORE).sum() for p in train)),
-              "train_changed_pixels": changed,
-              "val_pixels": int(sum((p["mask"] != IGNORE).sum() for p in val))}
+    scaling = _scaling_for(train, params.seed)
+    photometric_off = augment.get("brightness", 1) == 0 and augment.get("contrast", 1) == 0
+    task = ChangeTask(train, val, [_scaled(p, scaling) for p in train], [_scaled(p, scaling) for p in val],
+                      dict(weights=pair_weights, swap_dates=swap_dates and k == 2,
+                           date_jitter=0.0 if photometric_off else date_jitter, scale_range=scale_range,
+                           foreground_prob=foreground_prob, **augment), dice_weight)
+    task.configure(
+        classes=classes, band_names=band_names, band_numbers=train[0]["bands"], builder=builder,
+        value_scaling=scaling, gsd=gsd, tile_size=tile_size, augment=augment, package_tile_size=package_tile_size,
+        package_overlap=package_overlap,
+        settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range),
+                  "swap_dates": swap_dates and k == 2, "date_jitter": 0.0 if photometric_off else date_jitter},
+        data={"pairs": [[p["before"], p["after"], p["label"]] for p in train],
+              "val_pairs": [[p["before"], p["after"], p["label"]] for p in val]},
+        samples={"train_pairs": len(train), "val_pairs": len(val),
+                 "train_pixels": int(sum((p["mask"] != IGNORE).sum() for p in train)),
+                 "train_changed_pixels": changed, "val_pixels": int(sum((p["mask"] != IGNORE).sum() for p in val))})
+    return fit(task, params, out_dir)
 
-    old_threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
+
+def train_change_from_rasters(before, after, labels, out_dir, *, class_names=("no change", "change"),
+                              class_colors=None, val_fraction=0.2, tile_size=128, chip_size=CHANGE_CHIP, temp_dir=None,
+                              **options):
+    """Train a change network from two rasters and their change labels, as :func:`train_change` does from pairs.
+
+    ``labels``: ``[(shapely geometry, class value)]`` in ``before``'s CRS (the changed areas; everything else
+    is no change) or a label raster. ``after`` is resampled onto ``before``'s grid when needed. The pair is
+    cut into chips of ``max(chip_size, tile_size)`` px in a temporary folder inside ``temp_dir``
+    (:func:`.chips.export_training_data`, every chip kept) with a spatial-block validation split: blocks two
+    chips wide, ``val_fraction`` of them held back; the folder is removed at the end. ``options``: those of
+    :func:`train_change` (builder, augment, the run settings...).
+    """
+    from .chips import export_training_data
+    chip = max(int(chip_size), int(tile_size))
+    tmp = tempfile.mkdtemp(prefix="rs_deep_change_chips_", dir=temp_dir)
     try:
-        seed_everything(seed)
-        rng = np.random.default_rng(seed)
-        dev = select_device(device)
-        builder = resolve_builder(builder or DEFAULT_CHANGE_BUILDER, n_bands, k)
-        fmt = torch.channels_last if dev.type in ("cpu", "cuda") else torch.contiguous_format
-        model = build_model(builder).to(dev).to(memory_format=fmt)
-        if steps_per_epoch is None:
-            area = sum(p["mask"].size for p in train)
-            steps_per_epoch = max(4, int(math.ceil(1.0 * area / (tile_size * tile_size) / batch_size)))
-        steps_per_epoch = int(steps_per_epoch)
-        total_steps = epochs * steps_per_epoch
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
-                                                    pct_start=min(0.3, max(0.05, 2.0 / epochs)),
-                                                    div_factor=10.0, final_div_factor=100.0)
-        sampler = PairSampler(images, [p["mask"] for p in train], [p["valid"] for p in train], tile_size, rng,
-                              weights=pair_weights, swap_dates=swap_dates and k == 2,
-                              date_jitter=0.0 if augment.get("brightness", 1) == 0 and augment.get("contrast", 1) == 0
-                              else date_jitter,
-                              scale_range=scale_range, foreground_prob=foreground_prob, **augment)
-        log(f"Training {builder['architecture']}/{builder['encoder']} on {device_description(dev)}: {epochs} epochs "
-            f"x {steps_per_epoch} steps x {batch_size} crops of {tile_size} px from {len(train)} pair(s)")
-        report = {
-            "name": name, "task": "change", "out_dir": os.fspath(out_dir),
-            "pairs": [[p["before"], p["after"], p["label"]] for p in train],
-            "val_pairs": [[p["before"], p["after"], p["label"]] for p in val],
-            "classes": class_names, "bands": band_names, "band_numbers": train[0]["bands"],
-            "builder": builder, "value_scaling": scaling, "gsd": gsd, "seed": seed,
-            "device": device_description(dev), "threads": torch.get_num_threads(), "tile_size": tile_size,
-            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "epochs_planned": epochs,
-            "steps_per_epoch": steps_per_epoch, "patience": patience,
-            "samples": dict(counts, crops_seen=0),
-            "train_loss": [], "val_loss": [], "val_iou": [], "lr_curve": [],
-            "epochs_run": 0, "best_epoch": None, "best": None,
-            "stopped_early": False, "cancelled": False, "seconds": None,
-        }
-        best = {"key": None, "state": None, "epoch": None, "metrics": None}
-
-        def finish(cancelled):
-            if best["state"] is None:
-                return None
-            model.load_state_dict(best["state"])
-            model.eval()
-            extra = {"rs_deep:dates": 2, "rs_deep:training": {
-                "best_epoch": best["epoch"], "epochs_run": report["epochs_run"], "seed": seed,
-                "val_iou": best["metrics"]["iou"] if best["metrics"] else None,
-                "train_pairs": len(train), "val_pairs": len(val)}}
-            save_package(model.cpu(), out_dir, weights_dtype=weights_dtype, name=name, task="change",
-                         bands=band_names, classes=classes, builder=builder, tile_size=package_tile_size,
-                         overlap=package_overlap, gsd=gsd, value_scaling=scaling, description=description,
-                         extra=extra)
-            report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
-                          seconds=round(time.time() - t0, 2), package=os.path.abspath(os.fspath(out_dir)))
-            report["report_path"] = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            report["curves_path"] = write_training_report(report["report_path"], report, log)
-            return report
-
-        train_prog = prog.sub(0.02, 0.97)
-        since_best = 0
-        try:
-            for epoch in range(1, epochs + 1):
-                model.train()
-                losses = []
-                for step in range(steps_per_epoch):
-                    train_prog.check()
-                    x, y = sampler.batch(batch_size)
-                    xt = torch.from_numpy(x).to(dev).contiguous(memory_format=fmt)
-                    yt = torch.from_numpy(y.astype(np.int64)).to(dev)
-                    loss, _, _ = segmentation_loss(model(xt), yt, k, dice_weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    losses.append(float(loss.detach()))
-                    report["samples"]["crops_seen"] += batch_size
-                    train_prog.update(((epoch - 1) * steps_per_epoch + step + 1) / total_steps)
-                train_loss = float(np.mean(losses))
-                report["train_loss"].append(round(train_loss, 5))
-                report["lr_curve"].append(float(sched.get_last_lr()[0]))
-                report["epochs_run"] = epoch
-                model.eval()
-                if val:
-                    cm = np.zeros((k, k), dtype=np.int64)
-                    ces = []
-                    for img, p in zip(val_images, val):
-                        c, ce = evaluate(model, img, p["mask"], k, dev, memory_format=fmt)
-                        cm += c
-                        ces.append(ce)
-                    metrics = metrics_from_confusion(cm, class_names)
-                    val_loss = float(np.nanmean(ces))
-                    key = (round(metrics["iou"], 6), -val_loss)
-                else:
-                    metrics, val_loss, key = None, float("nan"), (epoch, 0.0)
-                report["val_iou"].append(round(metrics["iou"], 5) if metrics else None)
-                report["val_loss"].append(round(val_loss, 5) if math.isfinite(val_loss) else None)
-                if best["key"] is None or key > best["key"]:
-                    best.update(key=key, epoch=epoch, metrics=metrics,
-                                state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
-                    since_best = 0
-                else:
-                    since_best += 1
-                msg = f"Epoch {epoch}/{epochs}: loss {train_loss:.4f}"
-                if metrics:
-                    msg += (f", val loss {val_loss:.4f}, val IoU {metrics['iou']:.3f} "
-                            f"(best {best['metrics']['iou']:.3f} at epoch {best['epoch']})")
-                log(msg)
-                train_prog.update(epoch / epochs, msg)
-                if val and patience and since_best >= patience and epoch < epochs:
-                    report["stopped_early"] = True
-                    log(f"Stopping early: no better validation IoU for {patience} epochs")
-                    break
-        except Cancelled:
-            saved = finish(cancelled=True)
-            if saved is not None:
-                raise Cancelled(f"Training was cancelled after {report['epochs_run']} epoch(s); the best model "
-                                f"so far (epoch {best['epoch']}) was written to {out_dir}") from None
-            raise Cancelled("Training was cancelled before the first epoch finished; nothing was written.") \
-                from None
-        prog.sub(0.97, 1.0).update(0.0, "Writing the model package")
-        result = finish(cancelled=False)
-        prog.update(1.0, f"Model package written to {out_dir}")
-        return result
+        chips = os.path.join(tmp, "chips")
+        export_training_data(before, labels, chips, task="change", class_names=class_names, class_colors=class_colors,
+                             after_path=after, tile_size=chip, only_labelled=False, val_fraction=val_fraction,
+                             block_size=2 * chip, log=options.get("log"), is_cancelled=options.get("is_cancelled"))
+        return train_change(chips, out_dir, class_names=class_names, class_colors=class_colors, tile_size=tile_size,
+                            **options)
     finally:
-        if num_threads:
-            torch.set_num_threads(old_threads)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["train_change", "read_pair", "DEFAULT_CHANGE_BUILDER"]
+__all__ = ["train_change", "train_change_from_rasters", "read_pair", "ChangeTask", "CHANGE_COLORS", "CHANGE_CHIP"]

@@ -289,7 +289,8 @@ def export_training_data(image_path, labels, out_dir, *, task="segmentation", cl
                         if only_labelled and not counts[1:].any():
                             skipped_empty += 1
                             continue
-                        entry["class_pixels"] = {class_names[i]: int(c) for i, c in enumerate(counts[:len(class_names)])}
+                        entry["class_pixels"] = {class_names[i]: int(c)
+                                                 for i, c in enumerate(counts[:len(class_names)])}
                     cid = f"{len(chips):05d}"
                     chip_prof = dict(prof, width=cw, height=ch, transform=wt)
                     entry["id"] = cid

@@ -18,20 +18,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import InputError, MissingDependency
+from ..errors import InputError, require
 from ..geo.labels import IGNORE, clip_boxes, map_to_pixels, read_geojson_boxes, read_voc_boxes
 from ..geo.raster import apply_scaling, pixel_size_metres
+from ..models.package import ModelClass
 
 VAL_SIDES = ("bottom", "top", "left", "right")
 MIN_TRAIN_PX = 32  # the training part of a split image keeps at least this many rows (or columns)
 
 
 def _rasterio():
-    try:
-        import rasterio
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency(f"rasterio is not installed ({exc}); run 'make setup'") from exc
-    return rasterio
+    return require("rasterio")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +106,16 @@ def scale_image(img, valid, scaling):
     apply_scaling(img, scaling)
     img[:, ~valid] = 0.0
     return img
+
+
+def model_classes(class_names, class_colors, default_colors):
+    """The package's classes (value = index) of ``class_names``, coloured by ``class_colors`` or, when there are
+    none, ``default_colors`` (one per class)."""
+    k = len(class_names)
+    colors = list(class_colors) if class_colors else list(default_colors)
+    if len(colors) != k:
+        raise InputError(f"class_colors: {len(colors)} colours for {k} classes")
+    return [ModelClass(i, n, str(c).lstrip("#").upper()) for i, (n, c) in enumerate(zip(class_names, colors))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +441,6 @@ def resample_to_gsd(item, gsd):
 
 
 __all__ = ["VAL_SIDES", "select_bands", "read_image", "check_band_names", "band_names", "compute_value_scaling",
-           "scale_image", "split_strip", "validation_split", "window_slices", "window_dict", "pad_to",
+           "scale_image", "model_classes", "split_strip", "validation_split", "window_slices", "window_dict", "pad_to",
            "class_counts", "patch_label", "grid_patches", "DetectionSample", "as_sample", "split_sample",
            "class_indices", "LoadedSample", "load_sample", "apply_window", "resample_to_gsd"]

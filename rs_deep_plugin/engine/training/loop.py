@@ -1,9 +1,25 @@
-"""The training loop shared by every trainer (QGIS-free)."""
+"""The training loop of every trainer (QGIS-free), after torchgeo's ``trainers/base.py`` without Lightning.
+
+A task (:class:`TrainingTask`) says what differs between segmentation, detection, change and patch
+classification: how its network is built, its training loss, its validation and the metric that picks the
+best epoch. :func:`fit` does the rest, the same for all: seeding, the thread count (restored at the end), the
+device and memory format, AdamW with a one-cycle learning rate, the epochs and their steps, the history of
+the report, the best network by the monitored metric, early stopping after ``patience`` epochs without a
+better one, cancelling (the best network so far is written when an epoch finished), and at the end the model
+package (:func:`.package.save_package`), ``training_report.json`` and ``training_curves.png``
+(:mod:`.report`). The run settings every trainer shares are one :class:`TrainParams`.
+"""
+import math
+import os
 import random
+import time
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import Cancelled, InputError, require
+from ..progress import Progress
+from .report import REPORT_NAME, write_training_report
 
 
 def seed_everything(seed):
@@ -20,4 +36,305 @@ def check_tile(value, name):
         raise InputError(f"{name} must be a multiple of 32, at least 32; got {value!r}")
 
 
-__all__ = ["seed_everything", "check_tile"]
+def check_package_tiling(tile_size, overlap):
+    """Refuse a package tile size or overlap the engine cannot run."""
+    check_tile(tile_size, "package_tile_size")
+    if not 0 <= overlap < tile_size // 2:
+        raise InputError(f"package_overlap must be in [0, {tile_size // 2}); got {overlap}")
+
+
+def import_torch():
+    """torch, or :class:`MissingDependency` with the fix."""
+    return require("torch", "PyTorch")
+
+
+@dataclass
+class TrainParams:
+    """The run settings every trainer takes as keyword arguments, besides its data and network.
+
+    ``epochs``; ``steps_per_epoch`` (None: the task's default, about one or two passes over the training
+    data); ``batch_size``; ``lr`` (the peak of the one-cycle schedule) and ``weight_decay`` (AdamW);
+    ``seed``; ``patience`` (stop after that many epochs without a better validation metric; 0: never);
+    ``device`` ("auto", "cpu", "cuda", "mps"); ``num_threads`` (torch CPU threads during the run);
+    ``name`` and ``description`` of the package; ``weights_dtype`` of its weights; ``progress(fraction,
+    message)``, ``is_cancelled()`` and ``log(message)`` callbacks."""
+
+    epochs: int = 20
+    steps_per_epoch: int = None
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    patience: int = 0
+    device: str = "auto"
+    num_threads: int = None
+    name: str = "model"
+    description: str = ""
+    weights_dtype: str = "float16"
+    progress: object = None
+    is_cancelled: object = None
+    log: object = None
+    started: float = field(init=False, repr=False)
+    prog: Progress = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.started = time.time()
+        self.prog = Progress(self.progress, self.is_cancelled)
+        if self.log is None:
+            self.log = _quiet
+
+    @classmethod
+    def of(cls, options, **defaults):
+        """The settings from a trainer's keyword arguments ``options`` over the trainer's ``defaults``."""
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the run settings are "
+                            f"{', '.join(sorted(known))}")
+        params = cls(**{**defaults, **options})
+        if params.batch_size < 1 or params.epochs < 1:
+            raise InputError("batch_size and epochs must be at least 1")
+        return params
+
+
+def _quiet(message):
+    pass
+
+
+class TrainingTask:
+    """What one task adds to :func:`fit`. A trainer reads its data, fills the attributes below and overrides
+    the hooks; everything else is the loop's.
+
+    ``monitor`` is the validation metric that picks the best epoch (larger is better; ``mode`` "max") and
+    ``monitor_label`` its name in messages; ``select_best`` False keeps the last epoch instead (so does a run
+    without validation data); ``clip_grad_norm`` clips the gradients; ``curves`` are the validation metrics
+    (0..1) kept per epoch in the report's history and drawn in the curves."""
+
+    task = None  # the package task: segmentation, detection, change, patch_classification
+    monitor = "iou"
+    monitor_label = "IoU"
+    mode = "max"
+    select_best = True
+    clip_grad_norm = None
+    curves = ("iou",)
+
+    # set by the trainer before fit()
+    classes = None  # [ModelClass]
+    band_names = None
+    band_numbers = None
+    builder = None  # as given; build_model() stores the resolved one
+    value_scaling = None
+    gsd = None
+    tile_size = None  # training crops (px)
+    package_tile_size = None
+    package_overlap = None
+    augment = None
+    settings = None  # the report's "settings": the task's own choices
+    data = None  # the report's "data": what it trained and validated on
+    samples = None  # the report's "samples": counts; fit adds crops_seen
+
+    def configure(self, **attributes):
+        """Set the data and network attributes above (a name that is not one of them is refused). Returns
+        the task."""
+        for key, value in attributes.items():
+            if not hasattr(TrainingTask, key):
+                raise AttributeError(f"{type(self).__name__} has no attribute {key!r} to configure")
+            setattr(self, key, value)
+        return self
+
+    def build_model(self, device, memory_format):
+        """The network on ``device`` (resolve and store ``self.builder`` here)."""
+        raise NotImplementedError
+
+    def parameters(self, model):
+        """What the optimiser updates."""
+        return model.parameters()
+
+    def default_steps(self, batch_size):
+        """Steps per epoch when the caller gives none."""
+        raise NotImplementedError
+
+    def make_sampler(self, rng):
+        """The training crop sampler (``rng``: the run's seeded numpy Generator)."""
+        raise NotImplementedError
+
+    def training_loss(self, model, batch, device, memory_format):
+        """(loss tensor, {part: tensor} or None) of one training batch from the sampler."""
+        raise NotImplementedError
+
+    def validate(self, model, device, memory_format):
+        """(metrics dict, validation loss or None) of the network in eval mode; (None, None) without
+        validation data."""
+        return None, None
+
+    def rank(self, metrics, val_loss, epoch):
+        """A tuple ordering epochs by validation (the best is the largest for ``mode`` "max")."""
+        return (metrics[self.monitor],)
+
+    def epoch_message(self, metrics, val_loss, best):
+        """What the epoch's log line adds after the training loss (``best``: the best epoch so far)."""
+        return f", validation {self.monitor_label} {metrics[self.monitor]:.3f}"
+
+    def describe(self, device, steps, batch_size, epochs):
+        """The log line that starts the training."""
+        return (f"Training {self.builder['architecture']} on {device}: {epochs} epochs x {steps} steps x "
+                f"{batch_size} crops of {self.tile_size} px")
+
+    def training_info(self, best_metrics):
+        """The task's part of the package's ``rs_deep:training`` (after best_epoch, epochs_run, seed)."""
+        return {}
+
+    def package_extra(self):
+        """More package metadata of the task (e.g. ``mlm:output``)."""
+        return {}
+
+
+def fit(task, params, out_dir):
+    """Train ``task`` with the run settings ``params`` (:class:`TrainParams`) and write the package to ``out_dir``.
+
+    Returns the training report (written to ``out_dir/training_report.json`` without the local paths) with
+    ``package``, ``report_path`` and ``curves_path``. When ``is_cancelled()`` turns true, the best network so far
+    (if an epoch finished) is written before :class:`Cancelled` is raised.
+
+    The report (one schema for every task): name, task, classes, bands, band_numbers, builder, value_scaling,
+    gsd, seed, device, threads, tile_size, batch_size, lr, weight_decay, epochs_planned, steps_per_epoch,
+    patience, augment, ``monitor`` ``{metric, mode, keep: "best" | "last"}``, ``settings`` and ``data`` (the
+    task's), ``samples`` (counts and ``crops_seen``), ``history`` (per epoch ``{epoch, train_loss, loss_parts,
+    lr, val_loss, val}``; ``val`` holds the metrics of ``task.curves``, None without validation), epochs_run,
+    ``best`` ``{epoch, metric, value, metrics}`` (the epoch packaged and its full validation metrics),
+    stopped_early, cancelled, seconds.
+    """
+    torch = import_torch()
+    from ..models.package import save_package
+    from ..models.runners import device_description, select_device
+    log, prog = params.log, params.prog
+    old_threads = torch.get_num_threads()
+    if params.num_threads:
+        torch.set_num_threads(int(params.num_threads))
+    try:
+        seed_everything(params.seed)
+        rng = np.random.default_rng(params.seed)
+        dev = select_device(params.device)
+        # channels_last: much faster convolutions on CPU (oneDNN) and on tensor-core GPUs
+        fmt = torch.channels_last if dev.type in ("cpu", "cuda") else torch.contiguous_format
+        model = task.build_model(dev, fmt)
+        epochs, batch_size = params.epochs, params.batch_size
+        steps = int(params.steps_per_epoch if params.steps_per_epoch is not None else task.default_steps(batch_size))
+        total_steps = epochs * steps
+        trained = list(task.parameters(model))
+        opt = torch.optim.AdamW(trained, lr=params.lr, weight_decay=params.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=total_steps,
+                                                    pct_start=min(0.3, max(0.05, 2.0 / epochs)),
+                                                    div_factor=10.0, final_div_factor=100.0)
+        sampler = task.make_sampler(rng)
+        log(task.describe(device_description(dev), steps, batch_size, epochs))
+        report = {
+            "name": params.name, "task": task.task, "classes": [c.name for c in task.classes],
+            "bands": task.band_names, "band_numbers": task.band_numbers, "builder": task.builder,
+            "value_scaling": task.value_scaling, "gsd": task.gsd, "seed": params.seed,
+            "device": device_description(dev), "threads": torch.get_num_threads(), "tile_size": task.tile_size,
+            "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay, "epochs_planned": epochs,
+            "steps_per_epoch": steps, "patience": params.patience, "augment": task.augment,
+            "monitor": {"metric": task.monitor, "mode": task.mode, "keep": "best" if task.select_best else "last"},
+            "settings": task.settings or {}, "data": task.data or {}, "samples": dict(task.samples or {}, crops_seen=0),
+            "history": [], "epochs_run": 0, "best": None, "stopped_early": False, "cancelled": False,
+            "seconds": None,
+        }
+        best = {"key": None, "state": None, "epoch": None, "metrics": None}
+
+        def finish(cancelled):
+            if best["state"] is None:
+                return None
+            model.load_state_dict(best["state"])
+            model.eval()
+            info = {"best_epoch": best["epoch"], "epochs_run": report["epochs_run"], "seed": params.seed}
+            extra = dict(task.package_extra())
+            extra["rs_deep:training"] = dict(info, **task.training_info(best["metrics"]))
+            save_package(model.cpu(), out_dir, weights_dtype=params.weights_dtype, name=params.name, task=task.task,
+                         bands=task.band_names, classes=task.classes, builder=task.builder,
+                         tile_size=task.package_tile_size, overlap=task.package_overlap, gsd=task.gsd,
+                         value_scaling=task.value_scaling, description=params.description, extra=extra)
+            metrics = best["metrics"]
+            report.update(best={"epoch": best["epoch"], "metric": task.monitor,
+                                "value": metrics.get(task.monitor) if metrics else None, "metrics": metrics},
+                          cancelled=cancelled, seconds=round(time.time() - params.started, 2))
+            package = os.path.abspath(os.fspath(out_dir))
+            path = os.path.join(package, REPORT_NAME)
+            # no local paths in the file: it may be shipped with the package
+            curves = write_training_report(path, report, log)
+            return dict(report, package=package, report_path=path, curves_path=curves)
+
+        train_prog = prog.sub(0.02, 0.97)
+        since_best = 0
+        try:
+            for epoch in range(1, epochs + 1):
+                model.train()
+                losses, parts = [], {}
+                for step in range(steps):
+                    train_prog.check()
+                    loss, loss_parts = task.training_loss(model, sampler.batch(batch_size), dev, fmt)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if task.clip_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trained, task.clip_grad_norm)
+                    opt.step()
+                    sched.step()
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise InputError(f"Training diverged at epoch {epoch}, step {step + 1} (loss {value}); "
+                                         f"lower lr (now {params.lr:g}) or check the image values")
+                    losses.append(value)
+                    for kk, v in (loss_parts or {}).items():
+                        parts.setdefault(kk, []).append(float(v.detach()))
+                    report["samples"]["crops_seen"] += batch_size
+                    train_prog.update(((epoch - 1) * steps + step + 1) / total_steps)
+                train_loss = float(np.mean(losses))
+                report["epochs_run"] = epoch
+                model.eval()
+                metrics, val_loss = task.validate(model, dev, fmt)
+                report["history"].append({
+                    "epoch": epoch, "train_loss": round(train_loss, 5),
+                    "loss_parts": {kk: round(float(np.mean(v)), 5) for kk, v in parts.items()},
+                    "lr": float(sched.get_last_lr()[0]),
+                    "val_loss": round(val_loss, 5) if val_loss is not None and math.isfinite(val_loss) else None,
+                    "val": {kk: round(float(metrics[kk]), 5) for kk in task.curves} if metrics else None})
+                if metrics is not None and task.select_best:
+                    key = task.rank(metrics, val_loss, epoch)
+                    improved = best["key"] is None or (key > best["key"] if task.mode == "max" else key < best["key"])
+                else:
+                    key, improved = None, True  # the last epoch is kept
+                if improved:
+                    best.update(key=key, epoch=epoch, metrics=metrics,
+                                state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
+                    since_best = 0
+                else:
+                    since_best += 1
+                msg = f"Epoch {epoch}/{epochs}: loss {train_loss:.4f}"
+                if metrics is not None:
+                    msg += task.epoch_message(metrics, val_loss, best)
+                log(msg)
+                train_prog.update(epoch / epochs, msg)
+                if metrics is not None and task.select_best and params.patience and since_best >= params.patience \
+                        and epoch < epochs:
+                    report["stopped_early"] = True
+                    log(f"Stopping early: no better validation {task.monitor_label} for {params.patience} epochs")
+                    break
+        except Cancelled:
+            saved = finish(cancelled=True)
+            if saved is not None:
+                raise Cancelled(f"Training was cancelled after {report['epochs_run']} epoch(s); the best model "
+                                f"so far (epoch {best['epoch']}) was written to {out_dir}") from None
+            raise Cancelled("Training was cancelled before the first epoch finished; nothing was written.") \
+                from None
+        prog.message("Writing the model package")
+        result = finish(cancelled=False)
+        if params.progress is not None:  # not prog.update: a late cancel must not hide a written package
+            params.progress(1.0, f"Model package written to {out_dir}")
+        return result
+    finally:
+        if params.num_threads:
+            torch.set_num_threads(old_threads)
+
+
+__all__ = ["fit", "TrainParams", "TrainingTask", "seed_everything", "check_tile", "check_package_tiling",
+           "import_torch"]

@@ -1,4 +1,5 @@
-"""The training curves of a training report as a PNG (matplotlib's Agg backend; QGIS-free).
+"""The training report: one schema for every task (:func:`.loop.fit` writes it), its curves as a PNG
+(matplotlib's Agg backend) and a short text summary (QGIS-free).
 
 Matplotlib comes with QGIS's Python on every platform (Debian's python3-qgis-common depends on
 it); where it is missing the curves are skipped and the JSON report still has every number.
@@ -11,32 +12,28 @@ from ..files import write_atomic, write_json
 REPORT_NAME = "training_report.json"
 CURVES_NAME = "training_curves.png"
 
-# the validation metrics a report may carry, per trainer: key -> label
-_METRICS = (("val_iou", "validation IoU"), ("val_accuracy", "validation accuracy"))
-_DET_METRICS = (("f1", "validation F1"), ("ap", "validation AP50"), ("precision", "precision"), ("recall", "recall"))
+#: the validation metrics of a report's history, as the curves name them
+METRIC_LABELS = {"iou": "validation IoU", "accuracy": "validation accuracy", "f1": "validation F1",
+                 "ap": "validation AP50", "precision": "precision", "recall": "recall"}
 
 
-def _series(report):
-    """[(label, values)] of the validation metrics found in ``report``."""
-    out = []
-    for key, label in _METRICS:
-        vals = report.get(key)
-        if vals and any(v is not None for v in vals):
-            out.append((label, vals))
-    det = report.get("val")
-    if isinstance(det, list) and det and isinstance(det[0], dict):
-        for key, label in _DET_METRICS:
-            vals = [d.get(key) if isinstance(d, dict) else None for d in det]
-            if any(v is not None for v in vals):
-                out.append((label, vals))
-    return out
+def metric_series(history):
+    """[(label, values by epoch)] of the validation metrics in a report's ``history``."""
+    keys = []
+    for h in history:
+        for key in (h.get("val") or {}):
+            if key not in keys:
+                keys.append(key)
+    return [(METRIC_LABELS.get(key, key), [(h.get("val") or {}).get(key) for h in history]) for key in keys]
 
 
 def plot_training_curves(report, path):
-    """Draw loss (and validation loss) and the validation metrics by epoch into ``path``.
+    """Draw the training loss (and the validation loss) and the validation metrics of the report's ``history``
+    by epoch into ``path``, with the epoch kept (``best.epoch``) marked.
 
     Returns ``path``, or None when matplotlib is not installed or the report has no epoch."""
-    losses = report.get("train_loss") or []
+    history = report.get("history") or []
+    losses = [h["train_loss"] for h in history]
     if not losses:
         return None
     try:
@@ -47,12 +44,12 @@ def plot_training_curves(report, path):
     except Exception:
         return None
     epochs = list(range(1, len(losses) + 1))
-    metrics = _series(report)
+    metrics = metric_series(history)
     fig = Figure(figsize=(9 if metrics else 5, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2 if metrics else 1, 1)
     ax.plot(epochs, losses, marker="o", ms=3, label="training loss")
-    val_loss = report.get("val_loss") or []
+    val_loss = [h.get("val_loss") for h in history]
     if any(v is not None for v in val_loss):
         ax.plot(epochs[:len(val_loss)], [float("nan") if v is None else v for v in val_loss], marker="o", ms=3,
                 label="validation loss")
@@ -60,7 +57,7 @@ def plot_training_curves(report, path):
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    best = report.get("best_epoch")
+    best = (report.get("best") or {}).get("epoch")
     if metrics:
         ax2 = fig.add_subplot(1, 2, 2)
         for label, vals in metrics:
@@ -100,23 +97,30 @@ def write_training_report(path, report, log=None):
 
 
 def report_summary(report):
-    """A few lines describing a segmentation training report (for logs and scripts)."""
+    """A few lines describing a training report (for logs and scripts)."""
     lines = [f"{report['name']}: {report['epochs_run']} epochs"
              + (" (stopped early)" if report.get("stopped_early") else "")
              + (" (cancelled)" if report.get("cancelled") else "")
              + f", {report['seconds']:.0f} s on {report['device']}, seed {report['seed']}"]
-    s = report["samples"]
-    lines.append(f"training pixels {s['train_pixels']}, validation pixels {s['val_pixels']}, "
-                 f"crops seen {s['crops_seen']}")
-    best = report.get("best")
-    if best:
-        lines.append(f"best epoch {report['best_epoch']}: validation IoU {best['iou']:.3f}, F1 {best['f1']:.3f}, "
-                     f"precision {best['precision']:.3f}, recall {best['recall']:.3f}")
-        for m in best["classes"]:
+    lines.append(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["samples"].items()
+                           if not isinstance(v, dict)))
+    best = report.get("best") or {}
+    metrics = best.get("metrics")
+    monitor = report["monitor"]["metric"]
+    label = METRIC_LABELS.get(monitor, monitor)
+    if metrics:
+        lines.append(f"kept epoch {best['epoch']} ({report['monitor']['keep']}): {label} {_f(best['value'])}"
+                     + "".join(f", {key} {_f(metrics[key])}" for key in ("f1", "precision", "recall")
+                               if key != monitor and isinstance(metrics.get(key), float)))
+        classes = metrics.get("classes")
+        for m in classes if isinstance(classes, list) else []:
             if m["value"] > 0:
                 lines.append(f"  {m['name']}: IoU {_f(m['iou'])}, F1 {_f(m['f1'])}, precision {_f(m['precision'])}, "
                              f"recall {_f(m['recall'])} ({m['support']} labelled px)")
-    lines.append("val IoU by epoch: " + " ".join("-" if v is None else f"{v:.2f}" for v in report["val_iou"]))
+    else:
+        lines.append(f"kept epoch {best.get('epoch')} (the last; no validation)")
+    values = [(h.get("val") or {}).get(monitor) for h in report["history"]]
+    lines.append(f"{label} by epoch: " + " ".join("-" if v is None else f"{v:.2f}" for v in values))
     return "\n".join(lines)
 
 
@@ -124,4 +128,5 @@ def _f(value):
     return "-" if value is None else f"{value:.3f}"
 
 
-__all__ = ["plot_training_curves", "write_training_report", "report_summary", "REPORT_NAME", "CURVES_NAME"]
+__all__ = ["plot_training_curves", "metric_series", "write_training_report", "report_summary", "REPORT_NAME",
+           "CURVES_NAME", "METRIC_LABELS"]

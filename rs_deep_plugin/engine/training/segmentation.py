@@ -1,7 +1,7 @@
 """Training a semantic segmentation model from one labelled raster (QGIS-free).
 
-The training image is small (a scene or a clip of one), so it is read into memory once.
-The pipeline mirrors inference exactly:
+The training image is small (a scene or a clip of one), so it is read into memory once
+(:mod:`.data`; or the chips of an export). The pipeline mirrors inference exactly:
 
 * value scaling is computed from the data (per band min-max over the 1st..99th percentile of
   valid pixels), stored in the package as MLM ``value_scaling`` and applied with
@@ -11,56 +11,32 @@ The pipeline mirrors inference exactly:
 
 Validation is spatial: a strip of the image (the bottom ``val_fraction`` of its rows by
 default) is held back and no training crop ever touches it. Training crops are random
-(half of them centred near labelled objects), randomly rescaled, flipped, rotated by
-multiples of 90 degrees, with brightness/contrast jitter and mild noise. The loss is
-cross-entropy plus soft Dice on the foreground classes. The best network by validation IoU
-(mean over the non-background classes) is kept and written as a model package
-(:func:`.package.save_package`) together with ``training_report.json``.
+(half of them centred near labelled objects; :class:`.samplers.CropSampler`), randomly rescaled,
+flipped, rotated by multiples of 90 degrees, with brightness/contrast jitter and mild noise. The loss
+is cross-entropy plus soft Dice on the foreground classes. The loop is :func:`.loop.fit`: the best
+network by validation IoU (mean over the non-background classes) is kept and written as a model
+package (:func:`.package.save_package`) together with ``training_report.json``.
 """
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import Cancelled, InputError, MissingDependency
+from ..errors import InputError
 from ..evaluation.metrics import confusion_matrix, metrics_from_confusion
 from ..geo.labels import IGNORE, labels_from_geometries, labels_from_raster, read_vector_labels
 from ..geo.raster import pixel_size_metres
-from ..models.package import DEFAULT_COLORS, ModelClass, save_package
-from ..progress import Progress
+from ..models.package import DEFAULT_COLORS
 from .augment import check_augment
-from .data import (band_names as image_band_names, class_counts, compute_value_scaling, read_image, scale_image,
-                   validation_split, window_dict, window_slices)
-from .loop import check_tile, seed_everything
-from .report import REPORT_NAME, write_training_report
+from .builders import resolve_builder
+from .data import (band_names as image_band_names, class_counts, compute_value_scaling, model_classes, read_image,
+                   scale_image, validation_split, window_dict, window_slices)
+from .loop import TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import MultiCropSampler
-
-DEFAULT_BUILDER = {
-    "library": "smp",
-    "architecture": "Unet",
-    "encoder": "mobilenet_v2",
-    "encoder_weights": None,
-    "params": {"decoder_channels": [128, 64, 32, 16, 8]},
-}
 
 # --------------------------------------------------------------------------------------------
 # model, loss, metrics
-
-
-def resolve_builder(builder, in_channels, n_classes):
-    """The builder block for the network: ``builder`` (or the default) with the channels/classes filled in."""
-    b = dict(DEFAULT_BUILDER if builder is None else builder)
-    b["params"] = dict(b.get("params") or {})
-    b.setdefault("library", "smp")
-    b["encoder_weights"] = None
-    for key, value in (("in_channels", in_channels), ("classes", n_classes)):
-        if b.get(key) is None:
-            b[key] = value
-        elif b[key] != value:
-            raise InputError(f"builder.{key} is {b[key]} but the training data need {value}")
-    return b
 
 
 def segmentation_loss(logits, target, n_classes, dice_weight=1.0):
@@ -140,6 +116,39 @@ def evaluate_regions(model, regions, n_classes, device, memory_format=None):
             loss_sum += ce * n
             n_px += n
     return total, (loss_sum / n_px if n_px else float("nan"))
+
+
+class DenseTask(TrainingTask):
+    """A task whose network labels every pixel (segmentation, change): cross-entropy + soft Dice
+    (:func:`segmentation_loss`), the best epoch by validation IoU (mean over the foreground classes), ties
+    broken by the lower validation loss."""
+
+    monitor, monitor_label, curves = "iou", "IoU", ("iou",)
+    dice_weight = 1.0
+
+    def build_model(self, device, memory_format):
+        from ..models.architectures import build_model
+        self.builder = resolve_builder(self.task, self.builder, len(self.band_names), len(self.classes))
+        return build_model(self.builder).to(device).to(memory_format=memory_format)
+
+    def training_loss(self, model, batch, device, memory_format):
+        import torch
+        x, y = batch
+        xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
+        yt = torch.from_numpy(y.astype(np.int64)).to(device)
+        loss, _, _ = segmentation_loss(model(xt), yt, len(self.classes), self.dice_weight)
+        return loss, None
+
+    def rank(self, metrics, val_loss, epoch):
+        return (round(metrics["iou"], 6), -val_loss)
+
+    def epoch_message(self, metrics, val_loss, best):
+        return (f", val loss {val_loss:.4f}, val IoU {metrics['iou']:.3f} "
+                f"(best {best['metrics']['iou']:.3f} at epoch {best['epoch']})")
+
+    def describe(self, device, steps, batch_size, epochs):
+        return (f"Training {self.builder['architecture']}/{self.builder['encoder']} on {device}: {epochs} epochs x "
+                f"{steps} steps x {batch_size} crops of {self.tile_size} px")
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,39 +245,67 @@ def chip_data(manifest, class_names, bands, band_names, seed, log):
                              "chips": len(train) + len(val)})
 
 
+class SegmentationTask(DenseTask):
+    """Segmentation: crops of one image (or of chips), validated on the held-out strip (or chips)."""
+
+    task = "segmentation"
+
+    def __init__(self, data, sampler_options, dice_weight):
+        self.train, self.val = data.train, data.val
+        self.select_best = bool(data.val)  # without validation the last epoch is kept
+        self.sampler_options = sampler_options
+        self.dice_weight = dice_weight
+        self.train_px = sum(lab.size for _, lab, _ in data.train)
+        self.where = ""
+
+    def default_steps(self, batch_size):
+        return max(4, int(math.ceil(2.0 * self.train_px / (self.tile_size * self.tile_size) / batch_size)))
+
+    def make_sampler(self, rng):
+        return MultiCropSampler(self.train, self.tile_size, rng, **self.sampler_options)
+
+    def validate(self, model, device, memory_format):
+        if not self.val:
+            return None, None
+        cm, val_loss = evaluate_regions(model, self.val, len(self.classes), device, memory_format=memory_format)
+        return metrics_from_confusion(cm, [c.name for c in self.classes]), val_loss
+
+    def describe(self, device, steps, batch_size, epochs):
+        return (super().describe(device, steps, batch_size, epochs)
+                + f"; {self.train_px} training px, {self.where}")
+
+    def training_info(self, best_metrics):
+        return {"val_iou": best_metrics["iou"] if best_metrics else None,
+                "train_pixels": self.samples["train_pixels"], "val_pixels": self.samples["val_pixels"]}
+
+
 def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_colors=None, bands=None,
-                       band_names=None, builder=None, tile_size=256, epochs=30, steps_per_epoch=None,
-                       batch_size=8, lr=2e-3, weight_decay=1e-4, seed=0, val_fraction=0.2, val_side="bottom",
-                       patience=8, dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
-                       device="auto", num_threads=None, progress=None, is_cancelled=None, log=None,
-                       name="segmentation-model", description="", package_tile_size=512, package_overlap=64,
-                       weights_dtype="float16"):
+                       band_names=None, builder=None, tile_size=256, val_fraction=0.2, val_side="bottom",
+                       dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
+                       package_tile_size=512, package_overlap=64, **options):
     """Train a segmentation network on ``image_path`` and write a model package to ``out_dir``.
 
     ``labels``: a label raster on the image grid (class values, 0 = background, 255 or nodata =
-    not labelled), or a list of ``(shapely geometry, class value)`` in the image CRS (rasterized;
-    everything outside the polygons is background). ``class_names`` names the classes 0..K-1
-    (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha band).
-    ``steps_per_epoch`` defaults to enough batches to see the training area about twice.
-    ``augment`` overrides the photometric jitter of the crops (scaled values): ``brightness``
-    (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma`` (log exponent, 0.25) and
-    ``noise`` (max Gaussian sigma, 0.03); geometric augmentation is always on (flips, 90 degree
-    rotations, rescaling by a factor in ``scale_range``).
+    not labelled), a GeoJSON file of polygons (class 1) or a list of ``(shapely geometry, class value)``
+    in the image CRS (rasterized; everything outside the polygons is background). ``class_names`` names
+    the classes 0..K-1 (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha
+    band). ``image_path`` may also be a chip folder of :func:`.chips.export_training_data` (task
+    segmentation), trained and validated as split there. ``val_fraction`` of the image along ``val_side``
+    is held out for validation. ``builder``: default :data:`.builders.DEFAULT_BUILDERS` (a light U-Net).
+    ``augment`` (:mod:`.augment`): ``flip``, ``rotate`` (on by default) and the photometric jitter of the
+    crops (scaled values): ``brightness`` (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma``
+    (log exponent, 0.25) and ``noise`` (max Gaussian sigma, 0.03); crops are always rescaled by a random
+    factor in ``scale_range``. ``options``: the run settings of :class:`.loop.TrainParams` (defaults: 30
+    epochs, batch size 8, patience 8, name "segmentation-model"); ``steps_per_epoch`` defaults to enough
+    batches to see the training area about twice.
 
-    Returns the training report (also written to ``out_dir/training_report.json``). When
-    ``is_cancelled()`` turns true, the best network so far (if any epoch finished) is written
+    Returns the training report (:func:`.loop.fit`; also written to ``out_dir/training_report.json``).
+    When ``is_cancelled()`` turns true, the best network so far (if any epoch finished) is written
     before :class:`Cancelled` is raised.
     """
-    t0 = time.time()
-    prog = Progress(progress, is_cancelled)
-    log = log or (lambda msg: None)
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency(f"PyTorch is not installed ({exc}); run 'make setup'") from exc
-    from ..models.architectures import build_model
-    from ..models.runners import device_description, select_device
-
+    params = TrainParams.of(options, epochs=30, batch_size=8, weight_decay=1e-4, patience=8,
+                            name="segmentation-model")
+    import_torch()
     from . import chips as chipsets
     chipset = chipsets.load_manifest(image_path, "segmentation") if chipsets.is_chip_set(image_path) else None
     if chipset is not None:
@@ -283,164 +320,30 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
         raise InputError("class_names: give at least two classes, the background first "
                          "(e.g. ['background', 'building'])")
     k = len(class_names)
-    colors = list(class_colors) if class_colors else [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(k)]
-    if len(colors) != k:
-        raise InputError(f"class_colors: {len(colors)} colours for {k} classes")
-    classes = [ModelClass(i, n, str(c).lstrip("#").upper()) for i, (n, c) in enumerate(zip(class_names, colors))]
+    classes = model_classes(class_names, class_colors, [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(k)])
     check_tile(tile_size, "tile_size")
-    check_tile(package_tile_size, "package_tile_size")
-    if not 0 <= package_overlap < package_tile_size // 2:
-        raise InputError(f"package_overlap must be in [0, {package_tile_size // 2}); got {package_overlap}")
+    check_package_tiling(package_tile_size, package_overlap)
     augment = check_augment(augment)
-    if batch_size < 1 or epochs < 1:
-        raise InputError("batch_size and epochs must be at least 1")
 
-    # ---- data ---------------------------------------------------------------------------
     if chipset is not None:
-        data = chip_data(chipset, class_names, bands, band_names, seed, log)
+        data = chip_data(chipset, class_names, bands, band_names, params.seed, params.log)
     else:
-        data = image_data(image_path, labels, class_names, bands, band_names, seed, val_fraction, val_side, log,
-                          prog)
-    (train_regions, val_regions, scaling, gsd, bands, band_names, counts, validation, image_size) = (
-        data.train, data.val, data.scaling, data.gsd, data.bands, data.band_names, data.counts, data.validation,
-        data.image_size)
-    n_train_px = sum(lab.size for _, lab, _ in train_regions)
-
-    # ---- model --------------------------------------------------------------------------
-    old_threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    try:
-        seed_everything(seed)
-        rng = np.random.default_rng(seed)
-        dev = select_device(device)
-        builder = resolve_builder(builder, len(bands), k)
-        # channels_last: much faster convolutions on CPU (oneDNN) and on tensor-core GPUs
-        fmt = torch.channels_last if dev.type in ("cpu", "cuda") else torch.contiguous_format
-        model = build_model(builder).to(dev).to(memory_format=fmt)
-        if steps_per_epoch is None:
-            area = n_train_px
-            steps_per_epoch = max(4, int(math.ceil(2.0 * area / (tile_size * tile_size) / batch_size)))
-        steps_per_epoch = int(steps_per_epoch)
-        total_steps = epochs * steps_per_epoch
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
-                                                    pct_start=min(0.3, max(0.05, 2.0 / epochs)),
-                                                    div_factor=10.0, final_div_factor=100.0)
-        sampler = MultiCropSampler(train_regions, tile_size, rng, scale_range=scale_range,
-                                   foreground_prob=foreground_prob, **augment)
-        where = (f"validation {len(val_regions)} chips" if chipset is not None
-                 else f"validation {val_side} {val_fraction:.0%}" if val_regions else "no validation")
-        log(f"Training {builder['architecture']}/{builder['encoder']} on {device_description(dev)}: "
-            f"{epochs} epochs x {steps_per_epoch} steps x {batch_size} crops of {tile_size} px; "
-            f"{n_train_px} training px, {where}")
-
-        report = {
-            "name": name, "image": os.path.basename(os.fspath(image_path)),
-            "image_size": image_size,
-            "classes": class_names, "bands": band_names, "band_numbers": bands,
-            "builder": builder, "value_scaling": scaling, "gsd": gsd,
-            "seed": seed, "device": device_description(dev), "threads": torch.get_num_threads(),
-            "tile_size": tile_size, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-            "epochs_planned": epochs, "steps_per_epoch": steps_per_epoch, "patience": patience,
-            "validation": validation, "augment": augment,
-            "samples": dict(counts, crops_seen=0),
-            "train_loss": [], "val_loss": [], "val_iou": [], "lr_curve": [],
-            "epochs_run": 0, "best_epoch": None, "best": None,
-            "stopped_early": False, "cancelled": False, "seconds": None,
-        }
-        best = {"key": None, "state": None, "epoch": None, "metrics": None}
-
-        def finish(cancelled):
-            if best["state"] is None:
-                return None
-            model.load_state_dict(best["state"])
-            model.eval()
-            extra = {"rs_deep:training": {
-                "best_epoch": best["epoch"], "epochs_run": report["epochs_run"], "seed": seed,
-                "val_iou": best["metrics"]["iou"] if best["metrics"] else None,
-                "train_pixels": counts["train_pixels"], "val_pixels": counts["val_pixels"]}}
-            save_package(model.cpu(), out_dir, weights_dtype=weights_dtype, name=name, task="segmentation",
-                         bands=band_names, classes=classes, builder=builder, tile_size=package_tile_size,
-                         overlap=package_overlap, gsd=gsd, value_scaling=scaling, description=description,
-                         extra=extra)
-            report.update(best_epoch=best["epoch"], best=best["metrics"], cancelled=cancelled,
-                          seconds=round(time.time() - t0, 2))
-            path = os.path.join(os.path.abspath(os.fspath(out_dir)), REPORT_NAME)
-            # no local paths in the file: it may be shipped with the package
-            curves = write_training_report(path, report, log)
-            return dict(report, package=os.path.abspath(os.fspath(out_dir)), report_path=path, curves_path=curves)
-
-        train_prog = prog.sub(0.02, 0.97)
-        since_best = 0
-        try:
-            for epoch in range(1, epochs + 1):
-                model.train()
-                losses = []
-                for step in range(steps_per_epoch):
-                    train_prog.check()
-                    x, y = sampler.batch(batch_size)
-                    xt = torch.from_numpy(x).to(dev).contiguous(memory_format=fmt)
-                    yt = torch.from_numpy(y.astype(np.int64)).to(dev)
-                    logits = model(xt)
-                    loss, _, _ = segmentation_loss(logits, yt, k, dice_weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise InputError(f"Training diverged at epoch {epoch}, step {step + 1} (loss {value}); "
-                                         f"lower lr (now {lr:g}) or check the image values")
-                    losses.append(value)
-                    report["samples"]["crops_seen"] += batch_size
-                    train_prog.update(((epoch - 1) * steps_per_epoch + step + 1) / total_steps)
-                train_loss = float(np.mean(losses))
-                report["train_loss"].append(round(train_loss, 5))
-                report["lr_curve"].append(float(sched.get_last_lr()[0]))
-                report["epochs_run"] = epoch
-                model.eval()
-                if val_regions:
-                    cm, val_loss = evaluate_regions(model, val_regions, k, dev, memory_format=fmt)
-                    metrics = metrics_from_confusion(cm, class_names)
-                    key = (round(metrics["iou"], 6), -val_loss)
-                else:
-                    metrics, val_loss, key = None, float("nan"), (epoch, 0.0)
-                report["val_iou"].append(round(metrics["iou"], 5) if metrics else None)
-                report["val_loss"].append(round(val_loss, 5) if math.isfinite(val_loss) else None)
-                improved = best["key"] is None or key > best["key"]
-                if improved:
-                    best.update(key=key, epoch=epoch, metrics=metrics,
-                                state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
-                    since_best = 0
-                else:
-                    since_best += 1
-                msg = f"Epoch {epoch}/{epochs}: loss {train_loss:.4f}"
-                if metrics:
-                    msg += (f", val loss {val_loss:.4f}, val IoU {metrics['iou']:.3f} "
-                            f"(best {best['metrics']['iou']:.3f} at epoch {best['epoch']})")
-                log(msg)
-                train_prog.update(epoch / epochs, msg)
-                if val_regions and patience and since_best >= patience and epoch < epochs:
-                    report["stopped_early"] = True
-                    log(f"Stopping early: no better validation IoU for {patience} epochs")
-                    break
-        except Cancelled:
-            saved = finish(cancelled=True)
-            if saved is not None:
-                raise Cancelled(f"Training was cancelled after {report['epochs_run']} epoch(s); the best model "
-                                f"so far (epoch {best['epoch']}) was written to {out_dir}") from None
-            raise Cancelled("Training was cancelled before the first epoch finished; nothing was written.") \
-                from None
-        prog.message("Writing the model package")
-        result = finish(cancelled=False)
-        if progress is not None:  # not prog.update: a late cancel must not hide a written package
-            progress(1.0, f"Model package written to {out_dir}")
-        return result
-    finally:
-        if num_threads:
-            torch.set_num_threads(old_threads)
+        data = image_data(image_path, labels, class_names, bands, band_names, params.seed, val_fraction, val_side,
+                          params.log, params.prog)
+    task = SegmentationTask(data, dict(scale_range=scale_range, foreground_prob=foreground_prob, **augment),
+                            dice_weight)
+    task.where = (f"validation {len(data.val)} chips" if chipset is not None
+                  else f"validation {val_side} {val_fraction:.0%}" if data.val else "no validation")
+    task.configure(
+        classes=classes, band_names=data.band_names, band_numbers=data.bands, builder=builder,
+        value_scaling=data.scaling, gsd=data.gsd, tile_size=tile_size, augment=augment,
+        package_tile_size=package_tile_size, package_overlap=package_overlap,
+        settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range)},
+        data={"image": os.path.basename(os.fspath(image_path)), "image_size": data.image_size,
+              "validation": data.validation},
+        samples=data.counts)
+    return fit(task, params, out_dir)
 
 
-__all__ = ["train_segmentation", "segmentation_loss", "resolve_builder", "evaluate", "evaluate_regions",
-           "predict_region", "image_data", "chip_data", "SegmentationData", "DEFAULT_BUILDER"]
+__all__ = ["train_segmentation", "SegmentationTask", "DenseTask", "segmentation_loss", "evaluate", "evaluate_regions",
+           "predict_region", "image_data", "chip_data", "SegmentationData"]

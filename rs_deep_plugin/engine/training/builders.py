@@ -1,0 +1,116 @@
+"""The networks the trainers build (QGIS-free).
+
+* :data:`DEFAULT_BUILDERS`: the network each trainer builds when the caller names none, one per task;
+* :func:`resolve_builder`: a builder completed for the training data (bands, classes, no pretrained weights);
+* :func:`toolbox_builder`: the architecture choices of the toolbox (rs_deep:train's ARCHITECTURE and ENCODER),
+  whose lists (:data:`SEGMENTATION_ARCHITECTURES`, :data:`DETECTION_ARCHITECTURES`) are the allow-lists of
+  :mod:`.architectures` and :mod:`.arch_torchvision`, plus RS Deep's CenterNet.
+
+The toolbox's "auto" is not always the engine's default: for detection it is CenterNet on the ENCODER (trains
+from scratch in CPU minutes, as the bundled trees model), while ``train_detection(builder=None)`` builds the
+Faster R-CNN of :data:`DEFAULT_BUILDERS`; for segmentation it is a U-Net on the ENCODER (resnet18 unless
+chosen), while the engine's default is a lighter U-Net on MobileNetV2.
+"""
+import copy
+
+from ..errors import InputError
+from ..models.arch_centernet import ARCHITECTURE as CENTERNET
+from ..models.arch_torchvision import ARCHITECTURES as TORCHVISION_ARCHITECTURES
+from ..models.arch_smp import SMP_ARCHITECTURES
+
+DEFAULT_BUILDERS = {
+    # a light U-Net: MobileNetV2 encoder, small decoder
+    "segmentation": {"library": "smp", "architecture": "Unet", "encoder": "mobilenet_v2", "encoder_weights": None,
+                     "params": {"decoder_channels": [128, 64, 32, 16, 8]}},
+    # Faster R-CNN MobileNetV3-FPN sized for small objects
+    "detection": {"library": "torchvision", "architecture": "fasterrcnn_mobilenet_v3_large_fpn",
+                  "encoder_weights": None,
+                  "params": {"fpn_channels": 128, "representation_size": 256, "returned_layers": [3, 4],
+                             "anchor_sizes": [16, 32, 64, 128]}},
+    # a Siamese U-Net: shared ResNet-18 features of both dates, their absolute difference decoded
+    "change": {"library": "rs_deep", "architecture": "SiameseUnet", "encoder": "resnet18", "encoder_weights": None,
+               "params": {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16], "fusion": "absdiff"}},
+    # a timm ResNet-18 keeping some spatial resolution for small patches
+    "patch_classification": {"library": "timm", "architecture": "resnet18", "encoder_weights": None,
+                             "params": {"output_stride": 8, "drop_rate": 0.2}},
+}
+
+#: the toolbox's ARCHITECTURE choices per task, in its order
+SEGMENTATION_ARCHITECTURES = list(SMP_ARCHITECTURES)
+DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES)
+DEFAULT_ENCODER = "resnet18"
+#: CenterNet as the bundled trees_demo is built (tools/make_trees_model.py): a light decoder, heatmap at 1/2
+CENTERNET_PARAMS = {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
+                    "head_channels": 64}
+
+
+def resolve_builder(task, builder, in_channels, n_classes):
+    """The builder of the network to train: ``builder`` (or the task's default) with ``in_channels`` and
+    ``classes`` filled in (refused when they disagree with the data) and ``encoder_weights`` None; a builder
+    without ``library`` gets the library of the task's default. Detection builders are validated here (their
+    training sizes are set before the first step); the others when the network is built."""
+    default = DEFAULT_BUILDERS[task]
+    b = copy.deepcopy(builder or default)
+    if task != "detection":
+        b["params"] = dict(b.get("params") or {})
+    b.setdefault("library", default["library"])
+    b["encoder_weights"] = None
+    for key, value in (("in_channels", in_channels), ("classes", n_classes)):
+        if b.get(key) is None:
+            b[key] = value
+        elif b[key] != value:
+            raise InputError(f"builder.{key} is {b[key]} but the training data need {value}")
+    if task == "detection":
+        from ..models.architectures import validate_builder
+        b = validate_builder(b, "builder")
+    return b
+
+
+def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
+    """The builder of the toolbox's choice: ``architecture`` (None: auto) and ``encoder`` for ``task``, or an
+    :class:`InputError` naming the parameters (ARCHITECTURE, ENCODER) to change.
+
+    Auto: a U-Net (segmentation), CenterNet (detection), the encoder network itself (patch classification, a
+    timm classifier), a Siamese U-Net (change; a segmentation architecture there means early fusion of both
+    dates). None is returned for the Faster R-CNN MobileNetV3-FPN: the trainer's default, sized for small
+    objects."""
+    encoder = encoder or DEFAULT_ENCODER
+    if task == "segmentation":
+        if architecture is not None and architecture not in SEGMENTATION_ARCHITECTURES:
+            raise InputError(f"ARCHITECTURE {architecture} is a detection network; for segmentation choose "
+                             f"one of {', '.join(SEGMENTATION_ARCHITECTURES)} (or auto)")
+        return {"library": "smp", "architecture": architecture or "Unet", "encoder": encoder,
+                "encoder_weights": None, "params": {}}
+    if task == "detection":
+        if architecture is not None and architecture not in DETECTION_ARCHITECTURES:
+            raise InputError(f"ARCHITECTURE {architecture} is a segmentation network; for detection choose "
+                             f"one of {', '.join(DETECTION_ARCHITECTURES)} (or auto)")
+        if architecture in (None, CENTERNET):
+            return {"library": "rs_deep", "architecture": CENTERNET, "encoder": encoder, "encoder_weights": None,
+                    "params": dict(CENTERNET_PARAMS)}
+        if architecture == DEFAULT_BUILDERS["detection"]["architecture"]:
+            return None
+        return {"library": "torchvision", "architecture": architecture, "encoder_weights": None, "params": {}}
+    if task == "change":
+        if architecture is None:
+            default = DEFAULT_BUILDERS["change"]
+            return dict(default, encoder=encoder, params=dict(default["params"]))
+        if architecture not in SEGMENTATION_ARCHITECTURES:
+            raise InputError(f"ARCHITECTURE {architecture} is a detection network; for change choose auto "
+                             "(a Siamese U-Net) or a segmentation network (early fusion of both "
+                             f"dates): {', '.join(SEGMENTATION_ARCHITECTURES)}")
+        return {"library": "rs_deep", "architecture": "EarlyFusion", "encoder": encoder, "encoder_weights": None,
+                "params": {"base": architecture}}
+    if task != "patch_classification":
+        raise InputError(f"task must be one of {', '.join(DEFAULT_BUILDERS)}; got {task!r}")
+    if architecture is not None:
+        raise InputError("For patch classification the network is the ENCODER (a timm classifier "
+                         "such as resnet18); set ARCHITECTURE to auto")
+    params = {"drop_rate": 0.2}
+    if encoder.startswith("resnet"):
+        params["output_stride"] = 8  # small patches: keep some spatial resolution before pooling
+    return {"library": "timm", "architecture": encoder, "encoder_weights": None, "params": params}
+
+
+__all__ = ["DEFAULT_BUILDERS", "SEGMENTATION_ARCHITECTURES", "DETECTION_ARCHITECTURES", "DEFAULT_ENCODER",
+           "CENTERNET_PARAMS", "resolve_builder", "toolbox_builder"]
