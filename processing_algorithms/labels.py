@@ -110,3 +110,19 @@ def only_foreground_class(names):
             f"The prediction has {len(fg)} non-background classes "
             f"({', '.join(names[v] for v in fg)}): choose the CLASS_FIELD that holds each polygon's class")
     return fg[0] if fg else 1
+
+
+def map_patch_classes(pairs, field, layer_name, feedback):
+    """Patch classes from labelled polygons ``[(geometry, value)]``: ``(class_names, [(geometry, index)],
+    background)``. One class: pixels outside the polygons are a "background" class 0; several: they are not
+    labelled (``background`` None)."""
+    values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
+    classes = sorted_values(set(values))
+    if len(classes) == 1:
+        feedback.pushInfo(f"One class ({classes[0]}): pixels outside the polygons are 'background'")
+        return ["background", str(classes[0])], [(g, 1) for g, _ in pairs], 0
+    index = {c: i for i, c in enumerate(classes)}
+    class_names = [str(c) for c in classes]
+    if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
+        feedback.pushInfo("Pixels outside the polygons are not labelled")
+    return class_names, [(g, index[v]) for (g, _), v in zip(pairs, values)], None

@@ -9,23 +9,22 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..rs_deep_plugin.compat import push_warning
-from ..rs_deep_plugin.engine.tasks import BACKGROUND_NAMES
+from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, TASKS as TASK_TABLE
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
-from .labels import label_colors, map_classes
-from .layers import check_overlap, class_value_or_name, raster_file, read_labelled_polygons
+from .labels import label_colors, map_classes, map_patch_classes
+from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
-from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTION_ARCHITECTURES,
+from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DEFAULT_TILE, DETECTION_ARCHITECTURES,
                                                       SEGMENTATION_ARCHITECTURES)
 
-TASKS = ["segmentation", "detection", "patch_classification", "change"]
-TASK_LABELS = ["Semantic segmentation", "Object detection", "Patch classification", "Change detection"]
+TASKS = list(TASK_TABLE)  # segmentation, detection, patch_classification, change (the engine's task table)
+TASK_LABELS = [t.label for t in TASK_TABLE.values()]
 #: AUGMENT choices -> the trainers' augment switches
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
 # the engine's allow-lists (smp, torchvision) and its CenterNet, the detection default here
 ARCHITECTURES = [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
-DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16, "change": 128}
 
 
 PACKAGE_FILES = ("model.json", "model.safetensors", "training_report.json", "training_curves.png")
@@ -56,12 +55,6 @@ class _Bridge(FeedbackBridge):
         if message is not None and message == self.last:
             message = None
         super().progress(fraction, message)
-
-
-def _sorted_values(values):
-    ints = [v for v in values if isinstance(v, int)]
-    texts = [v for v in values if not isinstance(v, int)]
-    return sorted(ints) + sorted(texts, key=lambda t: t.lower())
 
 
 class TrainAlgorithm(RSDeepAlgorithm):
@@ -273,7 +266,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         try:
             if chips:
-                if task == "patch_classification":
+                if task == PATCH_CLASSIFICATION.name:
                     raise QgsProcessingException("CHIPS train segmentation, detection or change models; patch "
                                                  "classification trains from INPUT and LABELS")
                 manifest = load_manifest(chips, task)  # clear errors: no manifest, another task, missing files
@@ -364,20 +357,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                       val, patience, common, callbacks, colors_for)
 
         from ..rs_deep_plugin.engine.training.patches import train_patches
-        values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
-        classes = _sorted_values(set(values))
-        if len(classes) == 1:
-            class_names = ["background", str(classes[0])]
-            labels = [(g, 1) for g, _ in pairs]
-            background = 0
-            feedback.pushInfo(f"One class ({classes[0]}): pixels outside the polygons are 'background'")
-        else:
-            index = {c: i for i, c in enumerate(classes)}
-            class_names = [str(c) for c in classes]
-            labels = [(g, index[v]) for (g, _), v in zip(pairs, values)]
-            background = None
-            if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
-                feedback.pushInfo("Pixels outside the polygons are not labelled")
+        class_names, labels, background = map_patch_classes(pairs, field, layer_name, feedback)
         feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
         return train_patches(image, labels, out_dir, class_names=class_names,
                              class_colors=colors_for(class_names, task), background_class=background,

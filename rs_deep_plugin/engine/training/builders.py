@@ -39,6 +39,8 @@ DEFAULT_BUILDERS = {
 SEGMENTATION_ARCHITECTURES = list(SMP_ARCHITECTURES)
 DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES)
 DEFAULT_ENCODER = "resnet18"
+#: training crop (patch) size in px of each task when TILE_SIZE is not given
+DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16, "change": 128}
 #: CenterNet as the bundled trees_demo is built (tools/make_trees_model.py): a light decoder, heatmap at 1/2
 CENTERNET_PARAMS = {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
                     "head_channels": 64}
