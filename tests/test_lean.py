@@ -48,7 +48,9 @@ def tiny_pan(tmp_path_factory):
 
 
 def loaded(modules):
-    return sorted(m for m in TORCH_MODULES if m in modules)
+    """Which of :data:`TORCH_MODULES` ``modules`` (names) holds, itself or one of its submodules (Python's import
+    report may list torch's submodules without a line for torch itself)."""
+    return sorted(m for m in TORCH_MODULES if any(n == m or n.startswith(m + ".") for n in modules))
 
 
 # --------------------------------------------------------------------------------------------
