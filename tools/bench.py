@@ -10,6 +10,14 @@ prints one JSON line last:
                      process; a QGIS session pays it once)
   rss_ratio          peak RSS at 8192^2 / peak RSS at 2048^2 (memory bounded by tiles, not raster size)
   vectorise_vs_gdal  our vectorising time / gdal_polygonize.py on the same class raster
+  startup_s          wall seconds of ``qgis_process run rs_deep:segment`` on a 64 x 64 px crop of the bundled Atlanta
+                     image with the bundled buildings_demo package (DEVICE auto): start-up, imports, model loading;
+                     the median of 3 runs after one unmeasured run (file cache warm)
+  peak_rss_mib_tiny  peak RSS of that process (MiB; the largest of the 3 runs)
+  startup_onnx_s, peak_rss_mib_tiny_onnx   the same with buildings_demo exported to ONNX (onnxruntime, no torch)
+
+``tools/bench.py --startup`` measures only the start-up figures (a few seconds per run) and prints them as one JSON
+line.
 
 GDAL's block cache is capped at 64 MB in the measured processes (GDAL_CACHEMAX, unless set already): GDAL's
 default, 5 % of the RAM, is a cache that a large raster fills, and would hide the engine's own memory.
@@ -18,14 +26,18 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 OUT = os.path.join(ROOT, "build", "bench")
 DEMO = os.path.join(ROOT, "resources", "models", "buildings_demo")
+SAMPLE = os.path.join(ROOT, "resources", "sample", "atlanta_pan.tif")
 
 
 def make_raster(path, size, block=512):
@@ -112,6 +124,70 @@ def child(raster, out_prefix):
                       "tiles_run": res.tiles_run, "mpix": res.width * res.height / 1e6}))
 
 
+def tiny_raster(path, size=64):
+    """A ``size`` x ``size`` px crop of the bundled Atlanta image (real pixels, its CRS and grid)."""
+    import rasterio
+    from rasterio.windows import Window
+    if not os.path.exists(path):
+        with rasterio.open(SAMPLE) as src:
+            window = Window(200, 300, size, size)
+            profile = dict(src.profile, width=size, height=size, transform=src.window_transform(window), tiled=False)
+            for key in ("blockxsize", "blockysize"):
+                profile.pop(key, None)
+            with rasterio.open(path + ".tmp.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+        os.replace(path + ".tmp.tif", path)
+    return path
+
+
+def demo_onnx(path):
+    """buildings_demo exported to ONNX (rs_deep's export, once)."""
+    if not os.path.exists(path):
+        from rs_deep.rs_deep_plugin.engine.models.onnx.export import export_onnx
+        export_onnx(DEMO, path)
+    return path
+
+
+def timed_process(cmd, env):
+    """(wall seconds, peak RSS in bytes) of one process run to its end; its output is discarded (os.wait4 gives
+    the rusage of that one child)."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def startup(runs=3):
+    """``qgis_process run rs_deep:segment`` on a 64 x 64 px raster with buildings_demo, as a package and as ONNX:
+    {startup_s, peak_rss_mib_tiny, startup_onnx_s, peak_rss_mib_tiny_onnx} (module docstring)."""
+    from qgis_env import qgis_env, qgis_process_cmd
+    os.makedirs(OUT, exist_ok=True)
+    raster = tiny_raster(os.path.join(OUT, "atlanta_64.tif"))
+    models = {"": DEMO, "_onnx": demo_onnx(os.path.join(OUT, "buildings_demo.onnx"))}
+    env = qgis_env()
+    env.setdefault("GDAL_CACHEMAX", "64")
+    os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
+    exe = qgis_process_cmd()
+    subprocess.run([exe, "plugins", "enable", "rs_deep"], env=env, capture_output=True, check=False)
+    line = {}
+    for suffix, model in models.items():
+        out = os.path.join(OUT, f"startup{suffix}.tif")
+        cmd = [exe, "run", "rs_deep:segment", "--", f"INPUT={raster}", f"MODEL={model}", f"OUTPUT={out}"]
+        timed_process(cmd, env)  # unmeasured: the file cache
+        measured = [timed_process(cmd, env) for _ in range(runs)]
+        line[f"startup{suffix}_s"] = round(statistics.median(m[0] for m in measured), 2)
+        line[f"peak_rss_mib_tiny{suffix}"] = round(max(m[1] for m in measured) / 2**20)
+        print(f"qgis_process rs_deep:segment, 64 x 64 px, {os.path.basename(model)}: "
+              f"{line[f'startup{suffix}_s']:.2f} s, peak RSS {line[f'peak_rss_mib_tiny{suffix}']} MiB", flush=True)
+    return line
+
+
 def vectorise_compare(prefix):
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.geo.vectorize import vectorize
@@ -133,6 +209,9 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--startup":
+        print(json.dumps(startup()))
+        return
     os.makedirs(OUT, exist_ok=True)
     bench_package()
     results = {}
@@ -150,6 +229,7 @@ def main():
     ours, gdal, n = vectorise_compare(os.path.join(OUT, "out_8192"))
     print(f"vectorising 8192^2 class raster: ours {ours:.1f} s ({n} polygons, with mean probability), "
           f"gdal_polygonize.py {gdal:.1f} s")
+    lean = startup()
     big = results[8192]
     import torch
     line = {
@@ -168,6 +248,7 @@ def main():
         "device": "cpu",
         "threads": torch.get_num_threads(),
     }
+    line.update(lean)
     print(json.dumps(line))
 
 

@@ -9,7 +9,7 @@ The same tile loop as segmentation (:mod:`..geo.raster`, :mod:`.tiling`, :mod:`.
   factor), boxes centred on padding or nodata are dropped, and each box remembers whether it
   touches an *interior* tile edge (an edge with a neighbouring tile beyond it);
 * :func:`merge_detections` removes the boxes that a tile edge cut when another tile holds the
-  whole object, then runs class-wise NMS (``torchvision.ops.batched_nms``) across tiles;
+  whole object, then runs class-wise NMS across tiles (numpy: the boxes ``torchvision.ops.batched_nms`` keeps);
 * boxes are mapped to map coordinates with the raster's geotransform.
 
 Only the detections are kept in memory (never the images), so memory is bounded by tile size
@@ -24,6 +24,7 @@ import numpy as np
 
 from ..geo.raster import RasterReader, apply_affine, input_warnings
 from ..models.detection_options import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, resolve_detection_options
+from ..models.postprocess import nms_over_pairs
 from .pipeline import Estimate, batched, open_device, open_region, prefetch, read_tiles, resolve_options, start_run
 from .tiling import TileGrid
 
@@ -149,12 +150,10 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
        same class from another tile covers it (IoU > ``iou_threshold`` or intersection / area
        of the cut box >= ``edge_ioa``) and that box is whole: not touching an interior edge of
        its own tile, or larger than the cut box;
-    2. class-wise NMS across tiles (``torchvision.ops.batched_nms``, IoU > ``iou_threshold``
-       suppresses the lower score). Suppression only spreads along chains of overlapping
-       boxes, so NMS runs once, batched over those groups (exactly what a global NMS gives).
+    2. class-wise NMS across tiles (IoU > ``iou_threshold`` suppresses the lower score): greedy NMS over
+       the pairs of intersecting boxes found for step 1 (:func:`..models.postprocess.nms_over_pairs`), which
+       keeps exactly the boxes a global ``torchvision.ops.batched_nms`` keeps, without torch.
     """
-    import torch
-    from torchvision.ops import batched_nms
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -179,36 +178,10 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
         drop_j = other & cut[j] & i_whole & ((iou > iou_threshold) | (ioa_j >= edge_ioa))
         alive[i[drop_i]] = False
         alive[j[drop_j]] = False
-        # groups for NMS: connected components of the pairs that NMS could suppress
+        # the pairs in which NMS suppresses the box of lower score
         link = alive[i] & alive[j] & (iou > iou_threshold)
         i, j = i[link], j[link]
-    parent = np.arange(n)
-
-    def find(a):
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([find(a) for a in range(n)]) if len(i) else parent
-    idx = np.flatnonzero(alive)
-    sizes = np.bincount(roots[idx], minlength=n)
-    grouped = idx[sizes[roots[idx]] > 1]
-    keep = idx[sizes[roots[idx]] <= 1].tolist()
-    if len(grouped):
-        _, gid = np.unique(roots[grouped], return_inverse=True)
-        b = boxes[grouped]
-        kept = batched_nms(torch.from_numpy(b), torch.from_numpy(scores[grouped]), torch.from_numpy(gid),
-                           float(iou_threshold))
-        keep.extend(grouped[kept.numpy()].tolist())
-    keep = np.array(sorted(keep, key=lambda k: (-scores[k], k)), dtype=np.int64)
-    return keep
+    return nms_over_pairs(scores, np.flatnonzero(alive), i, j)
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def open_region(reader, pkg, bounds, max_pixels, log, georef, resampled):
 def open_device(device, batch_size, pkg, prog, log, min_batch=1):
     """``(device, its description, batch size)``: the device chosen (logged) and the batch size given, or the
     device's default (at least ``min_batch``)."""
-    dev = select_device(device)
+    dev = select_device(device, pkg.backend)
     name = device_description(dev)
     log(f"Device: {name}")
     prog.message(f"Loading model {pkg.name} on {name}")
@@ -75,7 +75,7 @@ def resolve_options(package, tile_size=None, overlap=None, batch_size=None, devi
     ov = package.overlap if overlap is None or overlap < 0 else int(overlap)
     if ov * 2 >= tile:
         raise InputError(f"OVERLAP must be less than half of TILE_SIZE ({tile // 2}); got {ov}")
-    batch = int(batch_size) if batch_size else default_batch_size(select_device(device))
+    batch = int(batch_size) if batch_size else default_batch_size(select_device(device, package.backend))
     bands = package.in_channels * (2 if package.task == "change" else 1)
     classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
     check_tile_memory(tile, batch, bands, classes,

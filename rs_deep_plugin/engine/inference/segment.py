@@ -24,6 +24,7 @@ from ..geo.raster import RasterReader, area_factor_m2, input_warnings
 from ..geo.vectorize import vectorize
 from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                           colormap_for)
+from ..models.postprocess import resize_bilinear
 from .pipeline import (Estimate, batched, mask_index, open_device, open_region, prefetch, read_tiles,
                        resolve_options, start_run)
 from .tiling import TileGrid, blend_weights, column_bands
@@ -231,7 +232,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                     p = probs[j]
                     j += 1
                     if up_idx is not None:
-                        p = _upsample(p, n)
+                        p = resize_bilinear(p, (n, n))
                         valid = valid[np.ix_(up_idx, up_idx)]
                     blender.add(x, y, p, weights * valid)
                     result.tiles_run += 1
@@ -300,12 +301,3 @@ def class_polygons(result, confidence, classes, *, min_area_m2=None, simplify=No
                      simplify=simplify,
                      area_factor=area_factor_m2(result.crs, result.transform, result.width, result.height),
                      progress=progress, is_cancelled=is_cancelled)
-
-
-def _upsample(p, n):
-    """Bilinear resize of probabilities [K, t, t] to [K, n, n]."""
-    import torch
-    import torch.nn.functional as F
-    with torch.inference_mode():
-        t = torch.from_numpy(p)[None]
-        return F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False)[0].numpy()

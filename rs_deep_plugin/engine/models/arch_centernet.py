@@ -76,8 +76,9 @@ def fpn_stride(depth):
     return 2 ** (depth - 3)
 
 
-def validate(builder, where="rs_deep:builder"):
-    """Check a CenterNet builder (called by :func:`.arch_rs_deep.validate`); returns a normalised copy."""
+def validate(builder, where="rs_deep:builder", registries=True):
+    """Check a CenterNet builder (called by :func:`.arch_rs_deep.validate`); returns a normalised copy.
+    ``registries`` False: the encoder name is not checked against smp's (:func:`.architectures.validate_builder`)."""
     for key in ("encoder_weights", "weights", "weights_backbone"):
         if builder.get(key) is not None:
             raise ModelPackageError(f"{where}.{key}: must be null (weights come from model.safetensors; nothing "
@@ -86,8 +87,9 @@ def validate(builder, where="rs_deep:builder"):
     if not isinstance(encoder, str) or not encoder:
         raise ModelPackageError(f"{where}.encoder: expected an smp encoder name such as 'resnet18', 'mobilenet_v2' "
                                 f"or 'efficientnet-b0', got {encoder!r}")
-    from .arch_smp import check_encoder
-    check_encoder(encoder, where, "smp encoder")
+    if registries:  # smp's encoder names (imports smp and torch); build_model always checks them
+        from .arch_smp import check_encoder
+        check_encoder(encoder, where, "smp encoder")
     params = builder.get("params", {}) or {}
     if not isinstance(params, dict):
         raise ModelPackageError(f"{where}.params: expected an object, got {type(params).__name__}")

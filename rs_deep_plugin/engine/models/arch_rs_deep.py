@@ -42,14 +42,14 @@ def _smp_builder(builder):
             "encoder_weights": None, "params": params}
 
 
-def validate(builder, where="rs_deep:builder"):
+def validate(builder, where="rs_deep:builder", registries=True):
     arch = builder.get("architecture")
     if arch not in ARCHITECTURES:
         raise ModelPackageError(f"{where}.architecture: {arch!r} is not on the allow-list of the rs_deep library; "
                                 f"valid names: {', '.join(ARCHITECTURES)}")
     if arch == "CenterNet":
         from .arch_centernet import validate as validate_centernet
-        return validate_centernet(builder, where)
+        return validate_centernet(builder, where, registries)
     if builder.get("encoder_weights") is not None:
         raise ModelPackageError(f"{where}.encoder_weights: must be null (weights come from model.safetensors; "
                                 f"nothing is downloaded), got {builder.get('encoder_weights')!r}")

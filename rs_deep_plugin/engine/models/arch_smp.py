@@ -48,7 +48,7 @@ def check_encoder(encoder, where="rs_deep:builder", label="encoder"):
         "'tu-hf-hub:...' are never accepted: nothing is downloaded)")
 
 
-def validate(builder, where="rs_deep:builder"):
+def validate(builder, where="rs_deep:builder", registries=True):
     """smp builders: an allow-listed architecture, an smp encoder, allow-listed parameters."""
     arch = builder.get("architecture")
     if arch not in SMP_ARCHITECTURES:

@@ -25,7 +25,7 @@ TIMM_PARAMS = {
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
 
 
-def validate(builder, where="rs_deep:builder"):
+def validate(builder, where="rs_deep:builder", registries=True):
     arch = builder.get("architecture")
     if arch not in TIMM_MODELS:
         raise ModelPackageError(f"{where}.architecture: {arch!r} is not on the allow-list of timm classifiers; "

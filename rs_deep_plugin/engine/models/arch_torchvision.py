@@ -79,7 +79,7 @@ def _check_param(key, value, where):
     raise AssertionError(key)  # pragma: no cover
 
 
-def validate(builder, where="rs_deep:builder"):
+def validate(builder, where="rs_deep:builder", registries=True):
     """torchvision builders: an allow-listed detection architecture and allow-listed parameters.
 
     Returns a normalised copy: ``encoder`` is the architecture's backbone, ``encoder_weights``

@@ -13,7 +13,7 @@ from ..errors import ModelPackageError
 #: whole process as soon as the engine loads or builds a model (:func:`force_offline`)
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-#: builder libraries -> module implementing ``validate(builder, where)`` and ``build(builder)``.
+#: builder libraries -> module implementing ``validate(builder, where, registries=True)`` and ``build(builder, where)``.
 #: Each module keeps its own allow-list; a package can only name what is listed there.
 LIBRARY_MODULES = {
     "smp": ".arch_smp",                   # segmentation-models-pytorch encoder-decoders
@@ -56,11 +56,13 @@ def _check_common(builder, where):
             raise ModelPackageError(f"{where}.{key}: expected a positive integer, got {value!r}")
 
 
-def validate_builder(builder, where="rs_deep:builder"):
-    """Check a builder block without building anything; returns a normalised copy."""
+def validate_builder(builder, where="rs_deep:builder", registries=True):
+    """Check a builder block without building anything; returns a normalised copy. ``registries`` False leaves out
+    the checks of names against a library's own registry (smp's encoder names), which import that library and
+    torch: for the builder an ONNX model carries, which describes its network but is never built."""
     _check_common(builder, where)
     module = _library_module(builder.get("library"), where)
-    return module.validate(builder, where)
+    return module.validate(builder, where, registries=registries)
 
 
 def build_model(builder, where="rs_deep:builder"):

@@ -486,8 +486,9 @@ DEFAULT_COLORS = ["000000", "E31A1C", "1F78B4", "33A02C", "FF7F00", "6A3D9A", "B
                   "B2DF8A", "FB9A99", "FDBF6F", "CAB2D6", "FFFF99"]
 
 
-def parse_metadata(meta, source="model.json"):
-    """Validate model.json (a dict) and return the pieces a ModelPackage needs."""
+def parse_metadata(meta, source="model.json", registries=True):
+    """Validate model.json (a dict) and return the pieces a ModelPackage needs (``registries``: see
+    :func:`.architectures.validate_builder`)."""
     if not isinstance(meta, dict):
         raise ModelPackageError(f"{source}: expected a JSON object (a STAC Item with mlm:* properties)")
     props = meta.get("properties", meta)
@@ -549,7 +550,7 @@ def parse_metadata(meta, source="model.json"):
         raise ModelPackageError(f"model.json: at most {MAX_CLASSES} classes are supported (the class raster is "
                                 "Byte, 255 is nodata)")
     builder = validate_builder(_req(props, "rs_deep:builder", "properties", dict),
-                               "model.json: properties.rs_deep:builder")
+                               "model.json: properties.rs_deep:builder", registries)
     if builder["in_channels"] != len(bands):
         raise ModelPackageError(f"model.json: properties.rs_deep:builder.in_channels is {builder['in_channels']} "
                                 f"but mlm:input[0].bands lists {len(bands)} bands")

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ..errors import InputError, require
+from .onnx.session import OnnxDevice, select_onnx_device
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -15,10 +16,16 @@ def _torch():
     return require("torch", "PyTorch")
 
 
-def select_device(requested="auto"):
-    """CUDA, then Apple MPS, then CPU; ``requested`` overrides ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    torch = _torch()
+def select_device(requested="auto", backend="torch"):
+    """CUDA, then Apple MPS, then CPU; ``requested`` overrides ('cpu', 'cuda', 'cuda:1', 'mps'). A
+    ``torch.device``; for ``backend`` "onnx" (an ONNX model: ``ModelPackage.backend``), an
+    :class:`.onnx.session.OnnxDevice` chosen without importing torch (:func:`.onnx.session.select_onnx_device`)."""
     requested = (requested or "auto").strip().lower()
+    if requested not in DEVICE_CHOICES and not requested.startswith("cuda"):
+        raise InputError(f"DEVICE {requested!r} is unknown; use one of {', '.join(DEVICE_CHOICES)}")
+    if backend == "onnx":
+        return select_onnx_device(requested)
+    torch = _torch()
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -36,9 +43,7 @@ def select_device(requested="auto"):
         if mps is None or not mps.is_available():
             raise InputError("DEVICE is 'mps' but Apple Metal is not available here; choose 'auto' or 'cpu'")
         return torch.device("mps")
-    if requested == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"DEVICE {requested!r} is unknown; use one of {', '.join(DEVICE_CHOICES)}")
+    return torch.device("cpu")
 
 
 def available_devices():
@@ -66,6 +71,8 @@ def available_devices():
 
 
 def device_description(device):
+    if isinstance(device, OnnxDevice):
+        return device.description()
     torch = _torch()
     if device.type == "cuda":
         return f"CUDA GPU: {torch.cuda.get_device_name(device)}"

@@ -98,7 +98,9 @@ class OnnxPackage(ModelPackage):
         providers = ["CPUExecutionProvider"]
         if device is not None and getattr(device, "type", "cpu") == "cuda" and \
                 "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            index = getattr(device, "index", None)  # "cuda:N": GPU N
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(index)}) if index else
+                             "CUDAExecutionProvider")
         return create_session(ort, self._model_bytes, self.source, opts, providers)
 
     def load_model(self):
@@ -200,7 +202,8 @@ def _check_metadata_value(key, value, source):
 def _from_model_json(meta, source, common):
     model_json = loads_json(meta[MODEL_JSON_KEY], f"{source}: metadata_props {MODEL_JSON_KEY!r}",
                             fix="re-export the model")
-    fields = parse_metadata(model_json, source=f"{source} ({MODEL_JSON_KEY})")
+    # the builder describes the exported network, which is never built from it: no check that imports torch
+    fields = parse_metadata(model_json, source=f"{source} ({MODEL_JSON_KEY})", registries=False)
     kind = _value(meta.get(OUTPUT_KEY, '"auto"'))
     det = _value(meta.get("det_type", '"YOLO_v5_or_v7_default"'))
     return OnnxPackage(metadata=model_json, output_kind=kind if kind in ("probabilities", "logits") else "auto",

@@ -6,6 +6,7 @@ import numpy as np
 
 from ...errors import InputError, ModelPackageError
 from ...limits import MAX_ONNX_WORKING_BYTES, size_text
+from ..postprocess import batched_nms, resize_bilinear
 from .session import require_onnxruntime, run_options
 
 
@@ -70,9 +71,7 @@ class OnnxSegmentationRunner(OnnxRunner):
                                     f"[batch, {k}, height, width] for its {k} classes")
         t = batch.shape[2:]
         if tuple(out.shape[2:]) != tuple(t):  # a model predicting at a coarser resolution
-            import torch
-            import torch.nn.functional as F
-            out = F.interpolate(torch.from_numpy(out), size=tuple(t), mode="bilinear", align_corners=False).numpy()
+            out = resize_bilinear(out, t)
         kind = self.kind
         if kind == "auto":
             lo, hi = float(out.min()), float(out.max())
@@ -100,11 +99,9 @@ def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n
     * ``YOLO_v6``: [N, 5 + C]; the score is the best class score (the objectness slot is ignored);
     * ``YOLO_Ultralytics`` / ``YOLO_v9`` (v8+): [4 + C, N] (cx, cy, w, h, class scores; no objectness).
 
-    Boxes scoring at least ``score_threshold`` go through class-wise NMS (``batched_nms``); the
-    ``max_detections`` best are kept.
+    Boxes scoring at least ``score_threshold`` go through class-wise NMS (:func:`..postprocess.batched_nms`, the
+    boxes of ``torchvision.ops.batched_nms``); the ``max_detections`` best are kept.
     """
-    import torch
-    from torchvision.ops import batched_nms
     a = np.asarray(raw, dtype=np.float64)
     if det_type in ("YOLO_Ultralytics", "YOLO_v9"):
         a = a.T
@@ -126,8 +123,7 @@ def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n
     ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(boxes).all(axis=1)
     boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
     if len(boxes):
-        k = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels),
-                        float(iou_threshold)).numpy()[:int(max_detections)]
+        k = batched_nms(boxes, scores, labels, float(iou_threshold))[:int(max_detections)]
         boxes, scores, labels = boxes[k], scores[k], labels[k]
     return boxes.reshape(-1, 4), labels, scores
 

@@ -1,6 +1,10 @@
-"""onnxruntime and onnx, optional dependencies: importing them with a message naming the pip package, and the
-sessions RS Deep creates (no constant folding, a CPU arena bounded by :data:`..limits.MAX_ONNX_WORKING_BYTES`)."""
-from ...errors import MissingDependency, ModelPackageError
+"""onnxruntime and onnx, optional dependencies: importing them with a message naming the pip package, the device
+an ONNX model runs on (:func:`select_onnx_device`, without torch), and the sessions RS Deep creates (no constant
+folding, a CPU arena bounded by :data:`..limits.MAX_ONNX_WORKING_BYTES`)."""
+import os
+from dataclasses import dataclass
+
+from ...errors import InputError, MissingDependency, ModelPackageError
 from ...limits import MAX_ONNX_WORKING_BYTES
 
 ONNXRUNTIME_PIN = "onnxruntime==1.32.0"
@@ -31,6 +35,51 @@ def require_onnx(required=True):
                                 f"Install it into the plugin's Python: pip install {ONNX_PIN} {ONNXRUNTIME_PIN}") \
             from exc
     return onnx
+
+
+@dataclass(frozen=True)
+class OnnxDevice:
+    """Where onnxruntime runs an ONNX model, chosen without torch (a run of an ONNX model never imports it):
+    ``type`` "cpu" or "cuda" and the CUDA ``index`` (None: the first GPU), as a ``torch.device`` has them."""
+
+    type: str = "cpu"
+    index: int = None
+
+    def __str__(self):
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    def description(self):
+        if self.type == "cuda":
+            return f"CUDA GPU {self.index or 0} (onnxruntime)"
+        threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
+        return f"CPU ({threads} threads, onnxruntime)" if threads > 0 else "CPU (onnxruntime)"
+
+
+def has_cuda_provider():
+    """Whether the installed onnxruntime can run on a CUDA GPU (onnxruntime-gpu, with its CUDA libraries)."""
+    return "CUDAExecutionProvider" in require_onnxruntime().get_available_providers()
+
+
+def select_onnx_device(requested="auto"):
+    """The :class:`OnnxDevice` for DEVICE ``requested`` (a valid name: see :func:`..runners.select_device`): 'auto'
+    is a CUDA GPU when onnxruntime has its CUDA provider, else the CPU; 'cuda' (or 'cuda:N') is refused without
+    that provider, and 'mps' always (onnxruntime runs ONNX models on the CPU or a CUDA GPU here)."""
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return OnnxDevice("cuda") if has_cuda_provider() else OnnxDevice("cpu")
+    if requested == "cpu":
+        return OnnxDevice("cpu")
+    if requested == "mps":
+        raise InputError("DEVICE is 'mps', but ONNX models run on the CPU or a CUDA GPU (Apple Metal is used for "
+                         "PyTorch models only); choose 'auto' or 'cpu'")
+    index = requested[5:] if requested.startswith("cuda:") else ""
+    if requested != "cuda" and not index.isdigit():
+        raise InputError(f"DEVICE {requested!r} is not a device name; use 'cuda' or 'cuda:N' (N: the GPU's number)")
+    if not has_cuda_provider():
+        raise InputError("DEVICE is 'cuda' but the installed onnxruntime has no CUDA provider (the onnxruntime "
+                         "package runs on the CPU only; onnxruntime-gpu runs ONNX models on NVIDIA GPUs); "
+                         "choose 'auto' or 'cpu'")
+    return OnnxDevice("cuda", int(index) if index else None)
 
 
 def bounded_arena(ort):
