@@ -229,7 +229,11 @@ def main():
     ours, gdal, n = vectorise_compare(os.path.join(OUT, "out_8192"))
     print(f"vectorising 8192^2 class raster: ours {ours:.1f} s ({n} polygons, with mean probability), "
           f"gdal_polygonize.py {gdal:.1f} s")
-    lean = startup()
+    # measured from a small fresh process: a child forked from this one (torch loaded) would report this
+    # process's RSS as its own peak (Linux keeps the larger of the two at exec)
+    proc = subprocess.run([sys.executable, __file__, "--startup"], check=True, capture_output=True, text=True)
+    print("\n".join(proc.stdout.strip().splitlines()[:-1]), flush=True)
+    lean = json.loads(proc.stdout.strip().splitlines()[-1])
     big = results[8192]
     import torch
     line = {
