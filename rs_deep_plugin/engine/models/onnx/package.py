@@ -211,23 +211,37 @@ def _from_model_json(meta, source, common):
 
 
 def _class_names(meta, source):
+    """The class names of the first output: ``class_names`` as ``{0: 'name', ...}`` (or a list), or in Deepness's
+    one-dict-per-output form ``[{"0": "Coffee"}, {"0": "Juice"}]`` (see :func:`_output_class_names`)."""
+    names = _output_class_names(meta, source)
+    return None if names is None else names[0]
+
+
+def _output_class_names(meta, source):
+    """Class names per model output (a list of lists), or None when the metadata has none."""
     for key in ("class_names", "names"):
         if key in meta:
             v = _value(meta[key])
+            if isinstance(v, (list, tuple)) and v and all(isinstance(d, dict) for d in v):
+                return [_names_of(d, key, meta, source) for d in v]  # Deepness: one dict per output
             if isinstance(v, (list, tuple)):
                 v = dict(enumerate(v))
-            if not isinstance(v, dict):
-                raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a dict {{0: 'name', ...}}, got "
-                                        f"{meta[key]!r}")
-            try:
-                items = sorted(((int(k), str(n)) for k, n in v.items()), key=lambda kv: kv[0])
-            except (TypeError, ValueError) as exc:
-                raise ModelPackageError(f"{source}: metadata_props {key!r}: keys must be class numbers") from exc
-            if [k for k, _ in items] != list(range(len(items))):
-                raise ModelPackageError(f"{source}: metadata_props {key!r}: classes must be numbered 0, 1, 2... "
-                                        f"without gaps, got {[k for k, _ in items]}")
-            return [n for _, n in items]
+            return [_names_of(v, key, meta, source)]
     return None
+
+
+def _names_of(v, key, meta, source):
+    if not isinstance(v, dict):
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a dict {{0: 'name', ...}}, got "
+                                f"{meta[key]!r}")
+    try:
+        items = sorted(((int(k), str(n)) for k, n in v.items()), key=lambda kv: kv[0])
+    except (TypeError, ValueError) as exc:
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: keys must be class numbers") from exc
+    if [k for k, _ in items] != list(range(len(items))):
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: classes must be numbered 0, 1, 2... "
+                                f"without gaps, got {[k for k, _ in items]}")
+    return [n for _, n in items]
 
 
 def _from_deepness(meta, source, shape, outputs, common):
