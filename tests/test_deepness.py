@@ -33,3 +33,63 @@ def _names(path):
 def test_class_names_one_dict_per_output():
     # test_map_processor_segmentation_many_output_types: get_channel_name(0, 0) == 'background', (0, 1) == 'Coffee'
     assert _names(SEG / "one_output_sigmoid_bsx1x512x512.onnx") == ["background", "Coffee"]
+
+
+def _with_metadata(src, dst, **meta):
+    """A copy of the Deepness model ``src`` with ``meta`` (key -> JSON text) added to its metadata_props."""
+    import onnx
+    proto = onnx.load(str(src))
+    for k, v in meta.items():
+        e = proto.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _deepness_count(raster, shape=(561, 829)):
+    """Class-1 pixels of a class raster read on Deepness's 3 cm grid (829 x 561 px for the test raster)."""
+    from rasterio.enums import Resampling
+    with rasterio.open(raster) as ds:
+        return int((ds.read(1, out_shape=shape, resampling=Resampling.nearest) == 1).sum())
+
+
+# test_map_processor_segmentation_sigmoid: 3 cm/px, threshold 0.6, "abs(pixels[1][1] - 25002) < 50". RS Deep reads
+# the 2 cm raster at 3 cm by averaging (Deepness: nearest neighbour, and a median blur): 24,946 px, within 0.3 %.
+RED_PIXELS, RED_TOLERANCE = 25002, 0.005 * 25002
+
+
+def test_classify_threshold_as_deepness():
+    from rs_deep.rs_deep_plugin.engine.inference.segment import classify
+    p = np.array([0.2, 0.4, 0.55, 0.7])
+    binary = np.stack([1 - p, p])[:, None, :]
+    assert classify(binary, 0.3, binary=True).ravel().tolist() == [0, 1, 1, 1]  # Deepness: p >= threshold
+    assert classify(binary, 0.6, binary=True).ravel().tolist() == [0, 0, 0, 1]
+    assert classify(binary).ravel().tolist() == [0, 0, 1, 1]  # no threshold: argmax, as before
+    three = np.array([[0.5, 0.1], [0.3, 0.2], [0.2, 0.7]])[:, None, :]
+    assert classify(three, 0.6).ravel().tolist() == [0, 2]  # winning probability below the threshold: class 0
+
+
+def test_red_detector_threshold_engine(tmp_path):
+    import dataclasses
+    pkg = dataclasses.replace(load_onnx_package(RED), gsd=0.03)  # the test's resolution_cm_per_px=3
+    assert pkg.binary_output and pkg.threshold is None
+    out = tmp_path / "red.tif"
+    result = segment(FOTOMAP, pkg, out, threshold=0.6)
+    assert (result.width, result.height) == (1243, 841)  # the raster's grid (Deepness: 829 x 561 at 3 cm)
+    assert abs(_deepness_count(out) - RED_PIXELS) < RED_TOLERANCE
+    assert abs(result.class_pixels[1] * result.pixel_area_m2 / 0.03 ** 2 - RED_PIXELS) < RED_TOLERANCE
+    argmax = segment(FOTOMAP, pkg, tmp_path / "argmax.tif", threshold=-1)  # no threshold: ~8x more
+    assert argmax.class_pixels[1] > 7 * result.class_pixels[1]
+
+
+def test_red_detector_threshold_processing(provider, tmp_path):
+    # the model's own seg_thresh is honoured; THRESHOLD overrides it
+    model = _with_metadata(RED, tmp_path / "red.onnx", model_type='"Segmentor"', resolution="3", seg_thresh="0.6",
+                           class_names='[{"0": "red"}]')
+    assert load_onnx_package(model).threshold == 0.6
+    res = _run("rs_deep:segment", {"INPUT": str(FOTOMAP), "MODEL": str(model), "OUTPUT": str(tmp_path / "a.tif"),
+                                   "OUTPUT_VECTOR": "TEMPORARY_OUTPUT"})
+    assert abs(_deepness_count(res["OUTPUT"]) - RED_PIXELS) < RED_TOLERANCE
+    res = _run("rs_deep:segment", {"INPUT": str(FOTOMAP), "MODEL": str(model), "OUTPUT": str(tmp_path / "b.tif"),
+                                   "THRESHOLD": 0.9, "OUTPUT_VECTOR": "TEMPORARY_OUTPUT"})
+    assert _deepness_count(res["OUTPUT"]) < RED_PIXELS - RED_TOLERANCE

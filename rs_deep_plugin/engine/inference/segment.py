@@ -100,11 +100,35 @@ def _plan(grid, bands_cols):
     return seq
 
 
+def classify(probs, threshold=None, binary=False):
+    """Class per pixel of blended probabilities [K, h, w]: the argmax; with a ``threshold``, as Deepness does: a
+    pixel whose winning probability is below it is class 0 (``binary``, a one-channel sigmoid model: class 1 where
+    its probability is at least ``threshold``)."""
+    if threshold is None:
+        return np.argmax(probs, axis=0).astype(np.uint8)
+    if binary and len(probs) == 2:
+        return (probs[1] >= threshold).astype(np.uint8)
+    cls = np.argmax(probs, axis=0).astype(np.uint8)
+    cls[np.max(probs, axis=0) < threshold] = 0
+    return cls
+
+
+def model_threshold(package, threshold=None):
+    """The probability threshold of a run: ``threshold`` (negative: none), else the package's (None: argmax)."""
+    if threshold is None:
+        return package.threshold
+    if threshold < 0:
+        return None
+    if threshold > 1:
+        raise InputError(f"THRESHOLD is a probability 0..1 (or -1 for the model's); got {threshold}")
+    return float(threshold)
+
+
 def segment(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None,
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
             max_band_width=8192, log=None, task="segmentation", open_reader=None, transaction=None,
-            max_pixels=None):
+            max_pixels=None, threshold=None):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
@@ -115,12 +139,15 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     ``open_reader(package)`` returns a reader duck-typed like :class:`.raster.RasterReader`
     (default: a RasterReader of ``input_path``); the package it gets carries the tile options.
     ``max_pixels``: an area of more pixels is refused before any work (None: no limit).
+    ``threshold``: probability threshold (:func:`classify`); None: the package's (an ONNX model's ``seg_thresh``),
+    negative: none (argmax).
 
     ``transaction``: an :class:`.outputs.OutputTransaction` that ``output`` and ``probabilities`` join (committed
     by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
     then). Without one, every output is renamed into place when the run succeeds.
     """
     t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log)
+    thr = model_threshold(pkg, threshold)
     outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
     finals = {}
     in_abs = os.path.abspath(os.fspath(input_path)) if os.path.exists(os.fspath(input_path)) else None
@@ -193,7 +220,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         def write_rows(y_row, probs, wsum, bx0):
             valid = wsum > 0
             np.divide(probs, wsum, out=probs, where=valid[None])
-            cls = np.argmax(probs, axis=0).astype(np.uint8)
+            cls = classify(probs, thr, pkg.binary_output)
             cls[~valid] = CLASS_NODATA
             counts[:] += np.bincount(cls.ravel(), minlength=256)[:k]
             wx, wy = bx0 - x0, y_row - y0

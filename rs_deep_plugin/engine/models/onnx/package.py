@@ -12,7 +12,7 @@ them; Python literals and plain strings are accepted too):
 * otherwise the Deepness keys: ``model_type`` (``Segmentor`` or ``Detector``), ``class_names``
   (``{0: 'name', ...}``), ``resolution`` (cm per pixel), ``tile_size``, ``tiles_overlap`` (percent
   of the tile), ``standardization_mean``/``standardization_std`` (applied after dividing the
-  pixel values by 255, as Deepness does), ``det_conf``, ``det_iou_thresh``, ``det_type``
+  pixel values by 255, as Deepness does), ``seg_thresh`` (probability threshold), ``det_conf``, ``det_iou_thresh``, ``det_type``
   (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
 
 Only single-file models are accepted (no external data), and nothing is ever unpickled: an ONNX
@@ -86,6 +86,8 @@ class OnnxPackage(ModelPackage):
     input_name: str = "input"
     fixed_size: tuple = None  # (height, width) when the model's input size is fixed
     fixed_batch: int = None
+    threshold: float = None  # seg_thresh: a pixel whose winning probability is lower is class 0 (as in Deepness)
+    binary_output: bool = False  # the segmentation output has one (sigmoid) channel
     onnx_metadata: dict = field(default_factory=dict, repr=False)
     _model_bytes: bytes = field(default=None, repr=False)
 
@@ -279,6 +281,7 @@ def _from_deepness(meta, source, shape, outputs, common):
     names = _class_names(meta, source)
     props = {}
     det_type = "YOLO_v5_or_v7_default"
+    extra = {}
     if task == "segmentation":
         if len(outputs) != 1 or len(out_shape) != 4:
             raise ModelPackageError(f"{source}: a segmentation model needs one output [batch, classes, height, "
@@ -298,6 +301,10 @@ def _from_deepness(meta, source, shape, outputs, common):
         if len(names) != n_classes:
             raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(names)} classes but the model "
                                     f"outputs {k} channel(s)")
+        thr = _number(meta, "seg_thresh", source)
+        if thr is not None and not 0 <= thr <= 1:
+            raise ModelPackageError(f"{source}: metadata_props 'seg_thresh': expected a probability 0..1, got {thr}")
+        extra = {"threshold": thr, "binary_output": k == 1}
     else:
         det_type = str(_value(meta.get("det_type", '"YOLO_v5_or_v7_default"')))
         if det_type in UNSUPPORTED_DET_TYPES:
@@ -337,7 +344,7 @@ def _from_deepness(meta, source, shape, outputs, common):
     return OnnxPackage(name=name, task=task, bands=[f"b{i + 1}" for i in range(channels)], value_scaling=scaling,
                        classes=classes, tile_size=tile, overlap=overlap, gsd=gsd, builder=builder,
                        activation="softmax", weights_sha256="", description=str(_value(meta.get("description", '""'))),
-                       metadata={"properties": props}, output_kind="auto", det_type=det_type, **common)
+                       metadata={"properties": props}, output_kind="auto", det_type=det_type, **extra, **common)
 
 
 def _pick(values, i, default, source, key):
