@@ -93,3 +93,43 @@ def test_red_detector_threshold_processing(provider, tmp_path):
     res = _run("rs_deep:segment", {"INPUT": str(FOTOMAP), "MODEL": str(model), "OUTPUT": str(tmp_path / "b.tif"),
                                    "THRESHOLD": 0.9, "OUTPUT_VECTOR": "TEMPORARY_OUTPUT"})
     assert _deepness_count(res["OUTPUT"]) < RED_PIXELS - RED_TOLERANCE
+
+
+# test_map_processor_segmentation_many_output_types: result shape (outputs, 561, 829) and the class names of each
+# output. RS Deep writes one class band per output, on the raster's grid (1243 x 841 px here).
+@pytest.mark.parametrize("model, names, bands", [
+    ("one_output_sigmoid_bsx512x512.onnx", ["background", "Coffee"], 1),  # [B, H, W] sigmoid, batch fixed in-graph
+    ("one_output_softmax_bsx2x512x512.onnx", ["class_0", "class_1"], 1),
+    ("two_outputs_sigmoid_bsx1x512x512.onnx", ["background", "Coffee", "background (output2)", "Juice"], 2),
+    ("two_outputs_sigmoid_bsx512x512.onnx", ["background", "foreground", "background (output2)",
+                                             "foreground (output2)"], 2),
+    ("two_outputs_softmax_bsx2x512x512.onnx", ["Coffee", "Tea", "Juice", "Beer"], 2),
+])
+def test_output_layouts(model, names, bands, tmp_path):
+    pkg = load_onnx_package(SEG / model)
+    assert [c.name for c in pkg.classes] == names
+    out = tmp_path / "c.tif"
+    result = segment(FOTOMAP, pkg, out, batch_size=3)  # batches of 3, whatever batch the graph takes
+    with rasterio.open(out) as ds:
+        assert (ds.count, ds.height, ds.width) == (bands, 841, 1243)
+        cls = ds.read()
+    assert sum(result.class_pixels.values()) == bands * 841 * 1243
+    if bands == 2:  # each band holds only its own output's classes
+        first = len(pkg.classes) - pkg.output_groups[1][0]
+        assert cls[0].max() < first <= cls[1].min()
+
+
+def test_batch_fixed_inside_the_graph():
+    # the input says "batch_size" but a Reshape fixes the output to batch 1: the batch comes from the graph
+    assert load_onnx_package(SEG / "one_output_sigmoid_bsx512x512.onnx").fixed_batch == 1
+    assert load_onnx_package(SEG / "dummy_model.onnx").fixed_batch == 1
+    assert load_onnx_package(SEG / "one_output_softmax_bsx2x512x512.onnx").fixed_batch is None
+
+
+def test_two_outputs_processing(provider, tmp_path):
+    res = _run("rs_deep:segment", {"INPUT": str(FOTOMAP), "MODEL": str(SEG / "two_outputs_softmax_bsx2x512x512.onnx"),
+                                   "OUTPUT": str(tmp_path / "two.tif"), "BATCH_SIZE": 2,
+                                   "OUTPUT_VECTOR": "TEMPORARY_OUTPUT"})
+    with rasterio.open(res["OUTPUT"]) as ds:
+        assert (ds.count, ds.height, ds.width) == (2, 841, 1243)
+        assert ds.descriptions == ("class (output 1)", "class (output 2)")

@@ -113,6 +113,17 @@ def classify(probs, threshold=None, binary=False):
     return cls
 
 
+def _output_spans(package):
+    """[(first class, classes, binary)] per model output: one class band each (Deepness: one set of classes per
+    output); one span of every class for a package with one output."""
+    groups = package.output_groups or [(len(package.classes), package.binary_output)]
+    spans, a = [], 0
+    for m, binary in groups:
+        spans.append((a, m, binary))
+        a += m
+    return spans
+
+
 def model_threshold(package, threshold=None):
     """The probability threshold of a run: ``threshold`` (negative: none), else the package's (None: argmax)."""
     if threshold is None:
@@ -192,9 +203,12 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             else:
                 sweep_stale(os.path.dirname(final))
                 atomic[key] = AtomicFile(final)
-        writers["output"] = GeoTiffWriter(atomic["output"].tmp, width, height, 1, "uint8", out_transform,
+        spans = _output_spans(pkg)
+        writers["output"] = GeoTiffWriter(atomic["output"].tmp, width, height, len(spans), "uint8", out_transform,
                                           reader.crs, CLASS_NODATA, colormap=colormap_for(pkg.classes),
-                                          category_names=names, band_descriptions=["class"],
+                                          category_names=names, band_descriptions=[
+                                              "class" if len(spans) == 1 else f"class (output {i + 1})"
+                                              for i in range(len(spans))],
                                           overview_resampling="mode", name=finals["output"])
         if "probabilities" in atomic:
             writers["probabilities"] = GeoTiffWriter(atomic["probabilities"].tmp, width, height, k, "float32",
@@ -220,20 +234,22 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         def write_rows(y_row, probs, wsum, bx0):
             valid = wsum > 0
             np.divide(probs, wsum, out=probs, where=valid[None])
-            cls = classify(probs, thr, pkg.binary_output)
-            cls[~valid] = CLASS_NODATA
-            counts[:] += np.bincount(cls.ravel(), minlength=256)[:k]
+            bands = np.stack([classify(probs[a:a + m], thr, binary) + np.uint8(a) for a, m, binary in spans])
+            bands[:, ~valid] = CLASS_NODATA
+            counts[:] += np.bincount(bands.ravel(), minlength=256)[:k]
+            cls = bands[0] if len(spans) == 1 else bands
             wx, wy = bx0 - x0, y_row - y0
             bg.submit(writers["output"].write, cls, wx, wy)
             if "probabilities" in writers:
                 probs[:, ~valid] = PROB_NODATA
                 bg.submit(writers["probabilities"].write, probs, wx, wy)
             if "confidence" in writers:
-                conf = np.clip(np.rint(np.max(np.where(valid[None], probs, 0), axis=0) * 255), 1, 255)
+                first = probs[:spans[0][1]]  # polygons: the first output's classes
+                conf = np.clip(np.rint(np.max(np.where(valid[None], first, 0), axis=0) * 255), 1, 255)
                 conf = conf.astype(np.uint8)
                 conf[~valid] = 0
                 for c in skip:
-                    conf[cls == c] = 0
+                    conf[bands[0] == c] = 0
                 bg.submit(writers["confidence"].write, conf, wx, wy)
 
         blender = None

@@ -88,6 +88,9 @@ class OnnxPackage(ModelPackage):
     fixed_batch: int = None
     threshold: float = None  # seg_thresh: a pixel whose winning probability is lower is class 0 (as in Deepness)
     binary_output: bool = False  # the segmentation output has one (sigmoid) channel
+    #: models with several outputs (Deepness: one set of classes per output): [(classes, binary)] per output; the
+    #: classes are numbered on after each other and the class raster has one band per output
+    output_groups: tuple = None
     onnx_metadata: dict = field(default_factory=dict, repr=False)
     _model_bytes: bytes = field(default=None, repr=False)
 
@@ -168,7 +171,10 @@ def load_onnx_package(path, task=None):
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     for key, value in meta.items():
         _check_metadata_value(key, value, source)
-    common = dict(source=source, input_name=inputs[0].name, fixed_size=fixed, fixed_batch=_dim(shape[0]),
+    # the batch size the graph takes: the input's, or an output's when the graph fixes it inside (a Reshape)
+    batch = _dim(shape[0]) or next((_dim(list(o.shape)[0]) for o in outputs if o.shape and _dim(list(o.shape)[0])),
+                                   None)
+    common = dict(source=source, input_name=inputs[0].name, fixed_size=fixed, fixed_batch=batch,
                   onnx_metadata=meta, _model_bytes=data, _weights=None)
     if MODEL_JSON_KEY in meta:
         pkg = _from_model_json(meta, source, common)
@@ -249,8 +255,9 @@ def _names_of(v, key, meta, source):
 def _from_deepness(meta, source, shape, outputs, common):
     raw_type = meta.get("model_type")
     out_shape = list(outputs[0].shape) if outputs else []
-    if raw_type is None:  # like GeoDeep: infer from the output
-        model_type = "segmentor" if len(out_shape) == 4 else "detector"
+    if raw_type is None:  # like GeoDeep: infer from the output ([B, H, W] with H == W: a one-channel mask)
+        square = len(out_shape) == 3 and _dim(out_shape[1]) and out_shape[1] == out_shape[2]
+        model_type = "segmentor" if len(out_shape) == 4 or square or len(outputs) > 1 else "detector"
     else:
         model_type = str(_value(raw_type)).strip().lower()
     if model_type not in MODEL_TYPES:
@@ -278,33 +285,18 @@ def _from_deepness(meta, source, shape, outputs, common):
         if s <= 0:
             raise ModelPackageError(f"{source}: metadata_props 'standardization_std' must be positive, got {s}")
         scaling.append({"type": "z-score", "mean": 255.0 * m, "stddev": 255.0 * s})
-    names = _class_names(meta, source)
+    names = None if task == "segmentation" else _class_names(meta, source)
     props = {}
     det_type = "YOLO_v5_or_v7_default"
     extra = {}
     if task == "segmentation":
-        if len(outputs) != 1 or len(out_shape) != 4:
-            raise ModelPackageError(f"{source}: a segmentation model needs one output [batch, classes, height, "
-                                    f"width]; this one has {len(outputs)} output(s), the first {out_shape}")
-        k = _dim(out_shape[1]) or (len(names) if names else None)
-        if k is None:
-            raise ModelPackageError(f"{source}: the number of output channels is not fixed and no class_names given")
-        n_classes = 2 if k == 1 else k
-        if n_classes > MAX_CLASSES:
-            raise ModelPackageError(f"{source}: the segmentation model has {n_classes} classes; at most {MAX_CLASSES} "
-                                    "are supported (the class raster is Byte, 255 is nodata). Use a model with "
-                                    f"{MAX_CLASSES} classes or fewer")
-        if names is None:
-            names = ["background", "foreground"] if k == 1 else [f"class_{i}" for i in range(k)]
-        elif k == 1 and len(names) == 1:
-            names = ["background"] + names
-        if len(names) != n_classes:
-            raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(names)} classes but the model "
-                                    f"outputs {k} channel(s)")
+        names, groups = _segmentation_classes(meta, source, outputs)
+        n_classes = len(names)
         thr = _number(meta, "seg_thresh", source)
         if thr is not None and not 0 <= thr <= 1:
             raise ModelPackageError(f"{source}: metadata_props 'seg_thresh': expected a probability 0..1, got {thr}")
-        extra = {"threshold": thr, "binary_output": k == 1}
+        extra = {"threshold": thr, "binary_output": groups[0][1] and len(groups) == 1,
+                 "output_groups": tuple(groups) if len(groups) > 1 else None}
     else:
         det_type = str(_value(meta.get("det_type", '"YOLO_v5_or_v7_default"')))
         if det_type in UNSUPPORTED_DET_TYPES:
@@ -345,6 +337,41 @@ def _from_deepness(meta, source, shape, outputs, common):
                        classes=classes, tile_size=tile, overlap=overlap, gsd=gsd, builder=builder,
                        activation="softmax", weights_sha256="", description=str(_value(meta.get("description", '""'))),
                        metadata={"properties": props}, output_kind="auto", det_type=det_type, **extra, **common)
+
+
+def _segmentation_classes(meta, source, outputs):
+    """(class names, [(classes, binary)] per output) of a segmentation model: each output [B, K, H, W] or [B, H, W]
+    (one channel) is a set of classes, as in Deepness; one channel (sigmoid) is (background, class)."""
+    per_output = _output_class_names(meta, source)
+    if per_output is not None and len(per_output) != len(outputs):
+        raise ModelPackageError(f"{source}: metadata_props 'class_names' gives {len(per_output)} set(s) of classes "
+                                f"but the model has {len(outputs)} outputs")
+    names, groups = [], []
+    for i, out in enumerate(outputs):
+        shape = list(out.shape)
+        if len(shape) not in (3, 4):
+            raise ModelPackageError(f"{source}: a segmentation model's outputs are [batch, classes, height, width] or "
+                                    f"[batch, height, width]; output {out.name!r} is {shape}")
+        given = per_output[i] if per_output else None
+        k = 1 if len(shape) == 3 else _dim(shape[1]) or (len(given) if given else None)
+        if k is None:
+            raise ModelPackageError(f"{source}: the number of output channels is not fixed and no class_names given")
+        own = given
+        if own is None:
+            own = ["background", "foreground"] if k == 1 else [f"class_{j}" for j in range(k)]
+        elif k == 1 and len(own) == 1:
+            own = ["background"] + own
+        if len(own) != (2 if k == 1 else k):
+            which = "the model outputs" if len(outputs) == 1 else f"output {out.name!r} has"
+            raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(own)} classes but {which} "
+                                    f"{k} channel(s)")
+        names += [n if n not in names else f"{n} ({out.name})" for n in own]
+        groups.append((len(own), k == 1))
+    if len(names) > MAX_CLASSES:
+        raise ModelPackageError(f"{source}: the segmentation model has {len(names)} classes; at most {MAX_CLASSES} "
+                                "are supported (the class raster is Byte, 255 is nodata). Use a model with "
+                                f"{MAX_CLASSES} classes or fewer")
+    return names, groups
 
 
 def _pick(values, i, default, source, key):

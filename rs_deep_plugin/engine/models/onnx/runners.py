@@ -19,7 +19,7 @@ class OnnxRunner:
 
     def _run_session(self, batch):
         try:
-            return self.session.run(None, {self.input_name: batch}, self.run_options)[0]
+            return self.session.run(None, {self.input_name: batch}, self.run_options)
         except Exception as exc:
             msg = str(exc).strip()
             if any(s in msg for s in ("Available memory of", "Failed to allocate", "bad_alloc")):
@@ -37,6 +37,10 @@ class OnnxRunner:
 
     def _run(self, batch):
         """Raw first output for batch [B, C, T, T] (chunks of the model's fixed batch size)."""
+        return self._run_all(batch)[0]
+
+    def _run_all(self, batch):
+        """Raw outputs (a list) for batch [B, C, T, T] (chunks of the model's fixed batch size)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         fixed = self.pkg.fixed_size
         if fixed and tuple(batch.shape[2:]) != tuple(fixed):
@@ -51,8 +55,8 @@ class OnnxRunner:
             n = len(chunk)
             if n < fb:
                 chunk = np.concatenate([chunk, np.zeros((fb - n,) + chunk.shape[1:], np.float32)])
-            outs.append(self._run_session(chunk)[:n])
-        return np.concatenate(outs)
+            outs.append([o[:n] for o in self._run_session(chunk)])
+        return [np.concatenate(o) for o in zip(*outs)]
 
 
 class OnnxSegmentationRunner(OnnxRunner):
@@ -64,12 +68,22 @@ class OnnxSegmentationRunner(OnnxRunner):
         self.activation = pkg.activation
 
     def __call__(self, batch):
-        out = np.asarray(self._run(batch), dtype=np.float32)
-        k = len(self.pkg.classes)
+        outs = self._run_all(batch)
+        groups = self.pkg.output_groups or [(len(self.pkg.classes), self.pkg.binary_output)]
+        if len(outs) < len(groups):
+            raise ModelPackageError(f"{self.pkg.source}: the model returned {len(outs)} output(s); expected "
+                                    f"{len(groups)}")
+        probs = [self._probabilities(np.asarray(o, dtype=np.float32), k, batch.shape[2:])
+                 for o, (k, _) in zip(outs, groups)]
+        return probs[0] if len(probs) == 1 else np.ascontiguousarray(np.concatenate(probs, axis=1))
+
+    def _probabilities(self, out, k, t):
+        """One output [B, K, h, w] or [B, h, w] -> probabilities [B, k, T, T]."""
+        if out.ndim == 3:
+            out = out[:, None]  # [B, H, W]: one (sigmoid) channel
         if out.ndim != 4 or out.shape[1] not in (k, 1) or (out.shape[1] == 1 and k != 2):
             raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; expected "
                                     f"[batch, {k}, height, width] for its {k} classes")
-        t = batch.shape[2:]
         if tuple(out.shape[2:]) != tuple(t):  # a model predicting at a coarser resolution
             out = resize_bilinear(out, t)
         kind = self.kind
