@@ -133,3 +133,22 @@ def test_two_outputs_processing(provider, tmp_path):
     with rasterio.open(res["OUTPUT"]) as ds:
         assert (ds.count, ds.height, ds.width) == (2, 841, 1243)
         assert ds.descriptions == ("class (output 1)", "class (output 2)")
+
+
+def test_smaller_output_placed_in_the_tile_centre(tmp_path):
+    # test_map_processor_segmentation_different_output_size: a 512 -> 484 px model (shape (1, 561, 829) at 3 cm).
+    # Its output covers the tile's centre (14 px margins): placed there, not stretched over the tile.
+    import onnxruntime as ort
+    model = SEG / "different_output_size_512_to_484.onnx"
+    out, probs = tmp_path / "c.tif", tmp_path / "p.tif"
+    result = segment(FOTOMAP, load_onnx_package(model), out, probabilities=probs)
+    with rasterio.open(FOTOMAP) as ds:
+        tile = ds.read((1, 2, 3), window=((0, 512), (0, 512))).astype(np.float32)[None] / 255
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    direct = sess.run(None, {sess.get_inputs()[0].name: tile})[0][0]  # [2, 484, 484], scores not summing to 1
+    direct = np.exp(direct) / np.exp(direct).sum(axis=0)  # read as logits
+    with rasterio.open(probs) as ds:
+        ours = ds.read(window=((14, 340), (14, 460)))  # the first tile only (the next ones start at 329 and 461)
+    np.testing.assert_allclose(ours, direct[:, :326, :446], atol=1e-4)
+    # the raster's outer 14 px have no prediction (nodata); everything else is classified
+    assert sum(result.class_pixels.values()) == (1243 - 28) * (841 - 28)

@@ -274,6 +274,9 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                 if valid.any():
                     p = probs[j]
                     j += 1
+                    if not np.isfinite(p[0]).all():  # the model predicts the tile's centre only
+                        valid = valid & np.isfinite(p[0])
+                        p = np.nan_to_num(p, nan=0.0)
                     if up_idx is not None:
                         p = resize_bilinear(p, (n, n))
                         valid = valid[np.ix_(up_idx, up_idx)]

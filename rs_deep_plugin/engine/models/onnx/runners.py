@@ -84,8 +84,6 @@ class OnnxSegmentationRunner(OnnxRunner):
         if out.ndim != 4 or out.shape[1] not in (k, 1) or (out.shape[1] == 1 and k != 2):
             raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; expected "
                                     f"[batch, {k}, height, width] for its {k} classes")
-        if tuple(out.shape[2:]) != tuple(t):  # a model predicting at a coarser resolution
-            out = resize_bilinear(out, t)
         kind = self.kind
         if kind == "auto":
             lo, hi = float(out.min()), float(out.max())
@@ -102,7 +100,24 @@ class OnnxSegmentationRunner(OnnxRunner):
         if out.shape[1] == 1:
             p = np.clip(out, 0.0, 1.0)
             out = np.concatenate([1.0 - p, p], axis=1)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.ascontiguousarray(place_output(out, t), dtype=np.float32)
+
+
+def place_output(out, t):
+    """Probabilities [B, K, h, w] on the tile's grid [B, K, T, T]: an output a whole number of times smaller is a
+    coarser prediction of the whole tile (resized); another smaller output (a network without padding, e.g.
+    512 -> 484 px) covers the tile's centre, as in Deepness: it is placed there and its border is NaN (no
+    prediction: the segmentation pipeline gives those pixels no weight, so the neighbouring tiles fill them)."""
+    h, w = out.shape[2:]
+    th, tw = t
+    if (h, w) == (th, tw):
+        return out
+    if h < th and w < tw and (th % h or tw % w):
+        placed = np.full(out.shape[:2] + (th, tw), np.nan, dtype=np.float32)
+        y, x = (th - h) // 2, (tw - w) // 2
+        placed[:, :, y:y + h, x:x + w] = out
+        return placed
+    return resize_bilinear(out, t)
 
 
 def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n_classes=None):
