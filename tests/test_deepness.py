@@ -152,3 +152,24 @@ def test_smaller_output_placed_in_the_tile_centre(tmp_path):
     np.testing.assert_allclose(ours, direct[:, :326, :446], atol=1e-4)
     # the raster's outer 14 px have no prediction (nodata); everything else is classified
     assert sum(result.class_pixels.values()) == (1243 - 28) * (841 - 28)
+
+
+def test_resolution_parameter_red_detector(provider, tmp_path):
+    # the test's own parameters on its own file: resolution_cm_per_px=3, threshold 0.6 (the model has no metadata)
+    assert load_onnx_package(RED).gsd is None
+    res = _run("rs_deep:segment", {"INPUT": str(FOTOMAP), "MODEL": str(RED), "OUTPUT": str(tmp_path / "r.tif"),
+                                   "RESOLUTION": 3, "THRESHOLD": 0.6, "OUTPUT_VECTOR": "TEMPORARY_OUTPUT"})
+    assert abs(_deepness_count(res["OUTPUT"]) - RED_PIXELS) < RED_TOLERANCE
+    res = _run("rs_deep:segment", {"INPUT": str(FOTOMAP), "MODEL": str(RED), "OUTPUT": str(tmp_path / "n.tif"),
+                                   "THRESHOLD": 0.6, "OUTPUT_VECTOR": "TEMPORARY_OUTPUT"})  # at the raster's 2 cm
+    assert abs(_deepness_count(res["OUTPUT"]) - RED_PIXELS) > RED_TOLERANCE
+    with pytest.raises(InputError, match="RESOLUTION must be positive"):
+        segment(FOTOMAP, RED, tmp_path / "x.tif", gsd=-0.01)
+
+
+def test_resolution_and_threshold_parameters(provider):
+    for alg, names in (("rs_deep:segment", ("RESOLUTION", "THRESHOLD")), ("rs_deep:detect", ("RESOLUTION",))):
+        algorithm = provider.algorithm(alg.split(":")[1])
+        for name in names:
+            param = algorithm.parameterDefinition(name)
+            assert param is not None and param.help() and param.flags() & param.FlagAdvanced

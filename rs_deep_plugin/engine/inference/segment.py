@@ -139,7 +139,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
             max_band_width=8192, log=None, task="segmentation", open_reader=None, transaction=None,
-            max_pixels=None, threshold=None):
+            max_pixels=None, threshold=None, gsd=None):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
@@ -151,13 +151,13 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     (default: a RasterReader of ``input_path``); the package it gets carries the tile options.
     ``max_pixels``: an area of more pixels is refused before any work (None: no limit).
     ``threshold``: probability threshold (:func:`classify`); None: the package's (an ONNX model's ``seg_thresh``),
-    negative: none (argmax).
+    negative: none (argmax). ``gsd``: processing resolution in metres per pixel (None: the package's).
 
     ``transaction``: an :class:`.outputs.OutputTransaction` that ``output`` and ``probabilities`` join (committed
     by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
     then). Without one, every output is renamed into place when the run succeeds.
     """
-    t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log)
+    t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log, gsd)
     thr = model_threshold(pkg, threshold)
     outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
     finals = {}

@@ -12,8 +12,8 @@ them; Python literals and plain strings are accepted too):
 * otherwise the Deepness keys: ``model_type`` (``Segmentor`` or ``Detector``), ``class_names``
   (``{0: 'name', ...}``), ``resolution`` (cm per pixel), ``tile_size``, ``tiles_overlap`` (percent
   of the tile), ``standardization_mean``/``standardization_std`` (applied after dividing the
-  pixel values by 255, as Deepness does), ``seg_thresh`` (probability threshold), ``det_conf``, ``det_iou_thresh``, ``det_type``
-  (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
+  pixel values by 255, as Deepness does), ``seg_thresh`` (probability threshold), ``det_conf``,
+  ``det_iou_thresh``, ``det_type`` (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
 
 Only single-file models are accepted (no external data), and nothing is ever unpickled: an ONNX
 file is a protobuf graph run by onnxruntime.
