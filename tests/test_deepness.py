@@ -173,3 +173,38 @@ def test_resolution_and_threshold_parameters(provider):
         for name in names:
             param = algorithm.parameterDefinition(name)
             assert param is not None and param.help() and param.flags() & param.FlagAdvanced
+
+
+# test_map_processor_regression*, test_map_processor_superresolution, test_map_processor_recognition: model types
+# RS Deep does not run are refused with their type named, never run as another task.
+@pytest.mark.parametrize("model, message", [
+    ("regression/dummy_regression_model.onnx", r"Regressor model .*does not run that model type yet"),
+    ("dummy_recognition_model.onnx", r"Regression model .*does not run that model type yet"),
+    ("dummy_superresolution_model.onnx", r"64 px inputs into 128 px outputs .*super-resolution model"),
+])
+def test_unsupported_model_types_are_refused(model, message, tmp_path):
+    with pytest.raises(ModelPackageError, match=message):
+        load_onnx_package(DEEPNESS / model)
+    with pytest.raises(ModelPackageError, match=message):
+        segment(FOTOMAP, DEEPNESS / model, tmp_path / "x.tif")
+
+
+def test_regression_map_is_not_read_as_boxes(provider, tmp_path):
+    # a [B, 512, 512] sigmoid map without metadata was read by rs_deep:detect as YOLO rows (1,094 boxes)
+    from qgis.core import QgsProcessingException
+    model = DEEPNESS / "regression" / "one_output_sigmoid_bsx512x512.onnx"
+    assert load_onnx_package(model).task == "segmentation"
+    with pytest.raises(QgsProcessingException, match="segmentation model"):
+        _run("rs_deep:detect", {"INPUT": str(FOTOMAP), "MODEL": str(model), "OUTPUT": str(tmp_path / "b.gpkg")})
+    # declared a Detector, the map is refused as a detector output
+    typed = _with_metadata(model, tmp_path / "det.onnx", model_type='"Detector"')
+    with pytest.raises(ModelPackageError, match=r"map of the input's 512 x 512 pixels, not YOLO rows"):
+        load_onnx_package(typed)
+    import onnx
+    proto = onnx.load(str(DEEPNESS / "dummy_recognition_model.onnx"))  # output [B, 224], declared a Detector
+    del proto.metadata_props[:]
+    flat = tmp_path / "flat.onnx"
+    onnx.save(proto, str(flat))
+    flat = _with_metadata(flat, flat, model_type='"Detector"')
+    with pytest.raises(ModelPackageError, match=r"of 3 dimensions; the first output is .* \(2 dimensions\)"):
+        load_onnx_package(flat)

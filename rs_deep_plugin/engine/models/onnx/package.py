@@ -34,8 +34,12 @@ MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: larger models need external data, 
 MODEL_JSON_KEY = "rs_deep:model_json"
 OUTPUT_KEY = "rs_deep:output"
 #: Deepness model types -> our tasks (None: known but not supported here)
-MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": None, "recognition": None,
-               "superresolution": None}
+MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": None, "regression": None,
+               "recognition": None, "superresolution": None}
+#: what each Deepness model type RS Deep does not run produces (for the refusal)
+UNSUPPORTED_TYPES = {"regressor": "a value per pixel (regression)", "regression": "a value per pixel (regression)",
+                     "recognition": "image embeddings to search a map with (recognition)",
+                     "superresolution": "a higher-resolution image (super-resolution)"}
 DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics")
 UNSUPPORTED_DET_TYPES = ("YOLO_Ultralytics_segmentation", "YOLO_Ultralytics_obb")
 DEFAULT_TILE = 512
@@ -258,6 +262,11 @@ def _from_deepness(meta, source, shape, outputs, common):
     if raw_type is None:  # like GeoDeep: infer from the output ([B, H, W] with H == W: a one-channel mask)
         square = len(out_shape) == 3 and _dim(out_shape[1]) and out_shape[1] == out_shape[2]
         model_type = "segmentor" if len(out_shape) == 4 or square or len(outputs) > 1 else "detector"
+        larger = len(out_shape) == 4 and _dim(out_shape[2]) and _dim(shape[2]) and out_shape[2] > shape[2]
+        if larger:  # an image larger than the input: super-resolution, not classes
+            raise ModelPackageError(f"{source}: the model turns {shape[2]} px inputs into {out_shape[2]} px outputs "
+                                    f"{out_shape}: a super-resolution model (Deepness model type "
+                                    "'Superresolution'). RS Deep does not run super-resolution models yet")
     else:
         model_type = str(_value(raw_type)).strip().lower()
     if model_type not in MODEL_TYPES:
@@ -265,8 +274,10 @@ def _from_deepness(meta, source, shape, outputs, common):
                                 "and 'Detector' models")
     task = MODEL_TYPES[model_type]
     if task is None:
-        raise ModelPackageError(f"{source}: a {model_type.capitalize()} model (metadata_props 'model_type'); RS Deep "
-                                "runs ONNX 'Segmentor' and 'Detector' models only")
+        raise ModelPackageError(f"{source}: a {str(_value(raw_type))} model (metadata_props 'model_type'), which "
+                                f"produces {UNSUPPORTED_TYPES[model_type]}: RS Deep does not run that model type yet; "
+                                "it runs ONNX 'Segmentor' models (rs_deep:segment) and 'Detector' models "
+                                "(rs_deep:detect)")
     channels = shape[1]
     fixed = common["fixed_size"]
     tile = fixed[0] if fixed else (_number(meta, "tile_size", source, int) or DEFAULT_TILE)
@@ -307,7 +318,12 @@ def _from_deepness(meta, source, shape, outputs, common):
                                     f"{', '.join(DET_TYPES)}")
         if len(out_shape) != 3:
             raise ModelPackageError(f"{source}: a YOLO detector needs an output [batch, boxes, values] (or [batch, "
-                                    f"values, boxes] for {det_type}); the first output is {out_shape}")
+                                    f"values, boxes] for {det_type}) of 3 dimensions; the first output is {out_shape} "
+                                    f"({len(out_shape)} dimensions): not a detector RS Deep can decode")
+        if _dim(out_shape[1]) and list(out_shape[1:]) == list(shape[2:]):
+            raise ModelPackageError(f"{source}: the output {out_shape} is a map of the input's {shape[2]} x "
+                                    f"{shape[3]} pixels, not YOLO rows [batch, boxes, values]: a per-pixel model "
+                                    "(segmentation or regression), not a detector")
         width = _dim(out_shape[1] if det_type in ("YOLO_Ultralytics", "YOLO_v9") else out_shape[2])
         k = None if width is None else width - (4 if det_type in ("YOLO_Ultralytics", "YOLO_v9") else 5)
         n = k if names is None else len(names)
