@@ -84,6 +84,8 @@ class OnnxSegmentationRunner(OnnxRunner):
         if out.ndim != 4 or out.shape[1] not in (k, 1) or (out.shape[1] == 1 and k != 2):
             raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; expected "
                                     f"[batch, {k}, height, width] for its {k} classes")
+        if not is_centre(out.shape[2:], t) and tuple(out.shape[2:]) != tuple(t):
+            out = resize_bilinear(out, t)  # a model predicting at a coarser resolution: its logits, resized
         kind = self.kind
         if kind == "auto":
             lo, hi = float(out.min()), float(out.max())
@@ -103,21 +105,26 @@ class OnnxSegmentationRunner(OnnxRunner):
         return np.ascontiguousarray(place_output(out, t), dtype=np.float32)
 
 
+def is_centre(size, t):
+    """Whether an output of ``size`` (h, w) covers only the centre of a tile of ``t`` (T, T): smaller, and not a
+    whole number of times smaller (that is a coarser prediction of the whole tile, resized)."""
+    (h, w), (th, tw) = size, t
+    return h < th and w < tw and bool(th % h or tw % w)
+
+
 def place_output(out, t):
-    """Probabilities [B, K, h, w] on the tile's grid [B, K, T, T]: an output a whole number of times smaller is a
-    coarser prediction of the whole tile (resized); another smaller output (a network without padding, e.g.
-    512 -> 484 px) covers the tile's centre, as in Deepness: it is placed there and its border is NaN (no
-    prediction: the segmentation pipeline gives those pixels no weight, so the neighbouring tiles fill them)."""
+    """Probabilities [B, K, h, w] on the tile's grid [B, K, T, T]. A smaller output that is not a coarser prediction
+    (:func:`is_centre`: a network without padding, e.g. 512 -> 484 px) covers the tile's centre, as in Deepness:
+    it is placed there and its border is NaN (no prediction: the segmentation pipeline gives those pixels no
+    weight, so the neighbouring tiles fill them)."""
     h, w = out.shape[2:]
-    th, tw = t
-    if (h, w) == (th, tw):
+    if not is_centre((h, w), t):
         return out
-    if h < th and w < tw and (th % h or tw % w):
-        placed = np.full(out.shape[:2] + (th, tw), np.nan, dtype=np.float32)
-        y, x = (th - h) // 2, (tw - w) // 2
-        placed[:, :, y:y + h, x:x + w] = out
-        return placed
-    return resize_bilinear(out, t)
+    th, tw = t
+    placed = np.full(out.shape[:2] + (th, tw), np.nan, dtype=np.float32)
+    y, x = (th - h) // 2, (tw - w) // 2
+    placed[:, :, y:y + h, x:x + w] = out
+    return placed
 
 
 def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n_classes=None):
