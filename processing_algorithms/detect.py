@@ -8,8 +8,8 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import DETECTION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (INPUT, add, add_input_block, add_max_pixels, add_tiling_block, help_string, optional_number,
-                     read_area, read_model, read_raster, read_tiling)
+from .params import (INPUT, RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
+                     help_string, optional_number, read_area, read_model, read_raster, read_resolution, read_tiling)
 from .sinks import FeatureSinks
 
 OUTPUT = "OUTPUT"
@@ -59,6 +59,7 @@ HELP = {
     "EXTENT": "Search only this area (default: the whole layer). Objects are clipped to it.",
     "OUTPUT": "One rectangle per object, in the layer's CRS, with class_id, class_name and score (0..1).",
     "OUTPUT_CENTROIDS": "Optional: the centre point of each object, with the same attributes.",
+    "RESOLUTION": RESOLUTION_HELP,
     "TILE_SIZE": "Tile size in pixels at the model's GSD (a multiple of 32); 0 = the package's value. Objects must "
                  "fit comfortably in one tile.",
     "OVERLAP": "Overlap of neighbouring tiles in pixels; -1 = the package's value. Objects cut by a tile edge are "
@@ -90,6 +91,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         add(self, QgsProcessingParameterFeatureSink(OUTPUT, "Objects (boxes)", QgsProcessing.TypeVectorPolygon), HELP)
         add(self, QgsProcessingParameterFeatureSink(OUTPUT_CENTROIDS, "Object centres", QgsProcessing.TypeVectorPoint,
                                                     optional=True, createByDefault=False), HELP)
+        add_resolution(self)
         add_tiling_block(self, help=HELP)
         double, integer = QgsProcessingParameterNumber.Double, QgsProcessingParameterNumber.Integer
         add(self, QgsProcessingParameterNumber(SCORE_THRESHOLD, "Score threshold (0..1; -1 = package)", double, -1,
@@ -108,14 +110,15 @@ class DetectAlgorithm(RSDeepAlgorithm):
         pkg = read_model(self, parameters, context, feedback, DETECTION)
         read_area(self, parameters, context, raster)
         tiling = read_tiling(self, parameters, context)
+        gsd = read_resolution(self, parameters, context)
         thresholds = dict(score_threshold=optional_number(self, parameters, SCORE_THRESHOLD, context, -1),
                           iou_threshold=optional_number(self, parameters, IOU_THRESHOLD, context, -1),
                           max_detections=optional_number(self, parameters, MAX_DETECTIONS, context, 0, integer=True))
         bridge = FeedbackBridge(feedback, 0, 95)
-        raster.fetch(pkg.gsd, context, feedback)
+        raster.fetch(gsd or pkg.gsd, context, feedback)
         with outputs:  # every output renamed into place at the end of the block, or none
             result = detect(raster.source, pkg, bands=raster.bands, bounds=raster.bounds, max_pixels=raster.max_pixels,
-                            **tiling, **thresholds, **bridge.callbacks)
+                            gsd=gsd, **tiling, **thresholds, **bridge.callbacks)
             for w in result.warnings:
                 push_warning(feedback, w)
             feedback.pushInfo(f"{len(result)} objects from {result.tiles_run}/{result.tiles} tiles on "

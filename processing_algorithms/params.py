@@ -224,6 +224,27 @@ def read_tiling(alg, parameters, context, tiles=True):
     return values
 
 
+RESOLUTION = "RESOLUTION"
+RESOLUTION_HELP = ("The raster is resampled to this pixel size before the model sees it (Deepness's resolution, in cm "
+                   "per pixel), and the results mapped back to its grid. 0: the model's own (an ONNX model's "
+                   "resolution metadata, a package's GSD), else the raster's.")
+
+
+def add_resolution(alg):
+    """The advanced RESOLUTION parameter (cm per pixel, as Deepness): the processing resolution of a model that does
+    not state its own (0: the model's, else the raster's)."""
+    add(alg, QgsProcessingParameterNumber(RESOLUTION, "Processing resolution (cm/px; 0 = the model's or the "
+                                          "raster's)", QgsProcessingParameterNumber.Double, 0, optional=True,
+                                          minValue=0),
+        {RESOLUTION: RESOLUTION_HELP}, advanced=True)
+
+
+def read_resolution(alg, parameters, context):
+    """RESOLUTION as the engine's ``gsd``: metres per pixel, or None (the model's)."""
+    value = optional_number(alg, parameters, RESOLUTION, context, 0)
+    return value / 100.0 if value else None
+
+
 # -- the MAX_PIXELS guard --------------------------------------------------------------------------------------------
 
 MAX_PIXELS = "MAX_PIXELS"
@@ -305,7 +326,7 @@ def add_training_data_block(alg, tasks, input_optional=False, label_raster=True)
 #: the bold names of the blocks' parameters in an algorithm's help
 HELP_LABELS = {INPUT: "Input raster", MODEL: "Model package", BANDS: "Bands", EXTENT: "Extent", TILE_SIZE: "Tile size",
                OVERLAP: "Tile overlap", BATCH_SIZE: "Batch size", DEVICE: "Device", MIN_AREA: "Minimum area",
-               SIMPLIFY: "Simplify"}
+               SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution"}
 BANDS_HELP = ("The raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
               "bands the model needs.")
 DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU."

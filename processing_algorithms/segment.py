@@ -1,16 +1,18 @@
 """rs_deep:segment — semantic segmentation of a raster layer with a model package."""
 
-from qgis.core import QgsProcessing, QgsProcessingParameterFeatureSource
+from qgis.core import QgsProcessing, QgsProcessingParameterFeatureSource, QgsProcessingParameterNumber
 
 from ..rs_deep_plugin.engine.tasks import SEGMENTATION, is_background
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .layers import mask_geometries
 from .outputs import ClassOutputs, RunOutputs
 from .params import (BANDS, BANDS_HELP, CLASS_RASTER_HELP, EXTENT, INPUT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES,
-                     add, add_class_outputs, add_input_block, add_max_pixels, add_polygon_block, add_tiling_block,
-                     help_string, read_area, read_model, read_raster, read_tiling)
+                     RESOLUTION, RESOLUTION_HELP, add, add_class_outputs, add_input_block, add_max_pixels,
+                     add_polygon_block, add_resolution, add_tiling_block, help_string, optional_number, read_area,
+                     read_model, read_raster, read_resolution, read_tiling)
 
 MASK = "MASK"
+THRESHOLD = "THRESHOLD"
 HELP = {
     INPUT: "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile.",
     MODEL: "A folder or .zip with model.json and model.safetensors, its model.json, or the name of a bundled model.",
@@ -21,9 +23,14 @@ HELP = {
     OUTPUT_VECTOR: "One polygon per connected patch of each class (background is left out), with class_id, "
                    "class_name, area_m2 and mean_prob.",
     PROBABILITIES: "Float32 GeoTIFF, one band per class.",
+    THRESHOLD: "A pixel whose winning class probability is below this is class 0 (background), as in Deepness; a "
+               "one-channel (sigmoid) model gives class 1 where its probability reaches it. -1: the model's own "
+               "(an ONNX model's seg_thresh), else the most probable class.",
+    RESOLUTION: RESOLUTION_HELP,
     **CLASS_RASTER_HELP,
 }
-LABELS = {MASK: "Mask", OUTPUT: "Class raster", OUTPUT_VECTOR: "Class polygons", PROBABILITIES: "Probabilities"}
+LABELS = {MASK: "Mask", THRESHOLD: "Probability threshold", OUTPUT: "Class raster", OUTPUT_VECTOR: "Class polygons",
+          PROBABILITIES: "Probabilities"}
 
 
 class SegmentAlgorithm(RSDeepAlgorithm):
@@ -40,6 +47,10 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         add(self, QgsProcessingParameterFeatureSource(MASK, "Mask (polygons)", [QgsProcessing.TypeVectorPolygon],
                                                       optional=True), HELP)
         add_class_outputs(self, "Class raster", "Class polygons", "Probabilities", help=HELP)
+        add(self, QgsProcessingParameterNumber(THRESHOLD, "Probability threshold (-1 = the model's)",
+                                               QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1,
+                                               maxValue=1), HELP, advanced=True)
+        add_resolution(self)
         add_tiling_block(self, help=HELP)
         add_polygon_block(self, help=HELP)
         add_max_pixels(self)
@@ -53,14 +64,16 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         mask = mask_geometries(self.parameterAsSource(parameters, MASK, context), raster.crs, context)
         dest = ClassOutputs(self, parameters, context, "rs_deep_confidence.tif")
         tiling = read_tiling(self, parameters, context)
+        threshold = optional_number(self, parameters, THRESHOLD, context, -1)
+        gsd = read_resolution(self, parameters, context)
         bridge = FeedbackBridge(feedback, 0, 80 if dest.vector else 100)
-        raster.fetch(pkg.gsd, context, feedback)
+        raster.fetch(gsd or pkg.gsd, context, feedback)
         background = [c.value for c in pkg.classes if is_background(c.name)]
         with dest, outputs:  # every output renamed into place at the end of the block, or none
             result = segment(raster.source, pkg, dest.raster, bands=raster.bands, bounds=raster.bounds,
                              mask_geometries=mask, probabilities=dest.probabilities, confidence=dest.confidence,
                              skip_classes=background, transaction=outputs.transaction, max_pixels=raster.max_pixels,
-                             **tiling, **bridge.callbacks)
+                             threshold=threshold, gsd=gsd, **tiling, **bridge.callbacks)
             return dest.results(feedback, outputs, pkg, result, raster.crs,
                                 lambda progress: class_polygons(
                 result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,

@@ -705,8 +705,9 @@ def test_detect_algorithm_is_registered_with_help(provider):
     alg = QgsApplication.processingRegistry().algorithmById("rs_deep:detect")
     assert alg is not None and alg.group() == "Apply models"
     names = [p.name() for p in alg.parameterDefinitions()]
-    assert names == ["INPUT", "MODEL", "BANDS", "EXTENT", "OUTPUT", "OUTPUT_CENTROIDS", "TILE_SIZE", "OVERLAP",
-                     "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS", "MAX_PIXELS"]
+    assert names == ["INPUT", "MODEL", "BANDS", "EXTENT", "OUTPUT", "OUTPUT_CENTROIDS", "RESOLUTION", "TILE_SIZE",
+                     "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS",
+                     "MAX_PIXELS"]
     helptext = alg.shortHelpString()
     for p in alg.parameterDefinitions():
         assert p.description()
@@ -715,7 +716,7 @@ def test_detect_algorithm_is_registered_with_help(provider):
     for label in ("Score threshold", "Tile overlap", "Maximum objects per tile", "Object centres"):
         assert label in helptext
     adv = {p.name() for p in alg.parameterDefinitions() if p.flags() & QgsProcessingParameterDefinition.FlagAdvanced}
-    assert adv == {"TILE_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD",
+    assert adv == {"RESOLUTION", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD",
                    "MAX_DETECTIONS", "MAX_PIXELS"}
 
 

@@ -241,15 +241,16 @@ def _map_boxes(transform, cols0, rows0, cols1, rows1):
 
 def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None, batch_size=None,
            device="auto", score_threshold=None, iou_threshold=None, max_detections=None, progress=None,
-           is_cancelled=None, log=None, match_gsd=True, max_pixels=None):
+           is_cancelled=None, log=None, match_gsd=True, max_pixels=None, gsd=None):
     """Detect objects in ``input_path`` (any size) with a detection ``package`` (path or ModelPackage).
 
     ``bounds``: (xmin, ymin, xmax, ymax) in the raster's CRS to process only that area (objects
     are clipped to it). ``tile_size``/``overlap`` are model pixels (None = the package's);
     ``score_threshold``, ``iou_threshold`` and ``max_detections`` (per tile) default to the
-    package's values. Returns a :class:`DetectionResult` (no detections is a valid result).
+    package's values; ``gsd``: processing resolution in metres per pixel (None: the package's). Returns a
+    :class:`DetectionResult` (no detections is a valid result).
     """
-    t_start, prog, log, pkg = start_run(package, "detection", progress, is_cancelled, log)
+    t_start, prog, log, pkg = start_run(package, "detection", progress, is_cancelled, log, gsd)
     score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
     pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
     # zeros beyond the raster, as the training crops have (a mirror doubles the objects cut by the edge)

@@ -6,6 +6,7 @@ the tile options and their memory check (:func:`resolve_options`), the MASK inde
 Segmentation (and change detection through it), detection and patch classification each add only their own
 consume step: blending into strips, merging boxes, or classifying patches.
 """
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,13 +23,18 @@ from ..tasks import TASKS
 
 
 
-def start_run(package, task, progress=None, is_cancelled=None, log=None):
+def start_run(package, task, progress=None, is_cancelled=None, log=None, gsd=None):
     """``(t_start, progress, log, package)`` for a run of ``task``: the package loaded when a path is given,
-    and refused when it is a model of another task."""
+    and refused when it is a model of another task. ``gsd`` (metres per pixel; None: the package's): the processing
+    resolution, which the raster is resampled to (Deepness's resolution, for models that do not state theirs)."""
     t_start = time.time()
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
     if pkg.task != task:
         raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[task].short} needs a {task} model")
+    if gsd is not None:
+        if not gsd > 0:
+            raise InputError(f"RESOLUTION must be positive (or 0 for the model's); got {gsd * 100:g} cm/px")
+        pkg = dataclasses.replace(pkg, gsd=float(gsd))
     return t_start, Progress(progress, is_cancelled), log or (lambda msg: None), pkg
 
 

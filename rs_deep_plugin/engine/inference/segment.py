@@ -100,11 +100,46 @@ def _plan(grid, bands_cols):
     return seq
 
 
+def classify(probs, threshold=None, binary=False):
+    """Class per pixel of blended probabilities [K, h, w]: the argmax; with a ``threshold``, as Deepness does: a
+    pixel whose winning probability is below it is class 0 (``binary``, a one-channel sigmoid model: class 1 where
+    its probability is at least ``threshold``)."""
+    if threshold is None:
+        return np.argmax(probs, axis=0).astype(np.uint8)
+    if binary and len(probs) == 2:
+        return (probs[1] >= threshold).astype(np.uint8)
+    cls = np.argmax(probs, axis=0).astype(np.uint8)
+    cls[np.max(probs, axis=0) < threshold] = 0
+    return cls
+
+
+def _output_spans(package):
+    """[(first class, classes, binary)] per model output: one class band each (Deepness: one set of classes per
+    output); one span of every class for a package with one output."""
+    groups = package.output_groups or [(len(package.classes), package.binary_output)]
+    spans, a = [], 0
+    for m, binary in groups:
+        spans.append((a, m, binary))
+        a += m
+    return spans
+
+
+def model_threshold(package, threshold=None):
+    """The probability threshold of a run: ``threshold`` (negative: none), else the package's (None: argmax)."""
+    if threshold is None:
+        return package.threshold
+    if threshold < 0:
+        return None
+    if threshold > 1:
+        raise InputError(f"THRESHOLD is a probability 0..1 (or -1 for the model's); got {threshold}")
+    return float(threshold)
+
+
 def segment(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None,
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
             max_band_width=8192, log=None, task="segmentation", open_reader=None, transaction=None,
-            max_pixels=None):
+            max_pixels=None, threshold=None, gsd=None):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
@@ -115,12 +150,15 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     ``open_reader(package)`` returns a reader duck-typed like :class:`.raster.RasterReader`
     (default: a RasterReader of ``input_path``); the package it gets carries the tile options.
     ``max_pixels``: an area of more pixels is refused before any work (None: no limit).
+    ``threshold``: probability threshold (:func:`classify`); None: the package's (an ONNX model's ``seg_thresh``),
+    negative: none (argmax). ``gsd``: processing resolution in metres per pixel (None: the package's).
 
     ``transaction``: an :class:`.outputs.OutputTransaction` that ``output`` and ``probabilities`` join (committed
     by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
     then). Without one, every output is renamed into place when the run succeeds.
     """
-    t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log)
+    t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log, gsd)
+    thr = model_threshold(pkg, threshold)
     outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
     finals = {}
     in_abs = os.path.abspath(os.fspath(input_path)) if os.path.exists(os.fspath(input_path)) else None
@@ -165,9 +203,12 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             else:
                 sweep_stale(os.path.dirname(final))
                 atomic[key] = AtomicFile(final)
-        writers["output"] = GeoTiffWriter(atomic["output"].tmp, width, height, 1, "uint8", out_transform,
+        spans = _output_spans(pkg)
+        writers["output"] = GeoTiffWriter(atomic["output"].tmp, width, height, len(spans), "uint8", out_transform,
                                           reader.crs, CLASS_NODATA, colormap=colormap_for(pkg.classes),
-                                          category_names=names, band_descriptions=["class"],
+                                          category_names=names, band_descriptions=[
+                                              "class" if len(spans) == 1 else f"class (output {i + 1})"
+                                              for i in range(len(spans))],
                                           overview_resampling="mode", name=finals["output"])
         if "probabilities" in atomic:
             writers["probabilities"] = GeoTiffWriter(atomic["probabilities"].tmp, width, height, k, "float32",
@@ -193,20 +234,22 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         def write_rows(y_row, probs, wsum, bx0):
             valid = wsum > 0
             np.divide(probs, wsum, out=probs, where=valid[None])
-            cls = np.argmax(probs, axis=0).astype(np.uint8)
-            cls[~valid] = CLASS_NODATA
-            counts[:] += np.bincount(cls.ravel(), minlength=256)[:k]
+            bands = np.stack([classify(probs[a:a + m], thr, binary) + np.uint8(a) for a, m, binary in spans])
+            bands[:, ~valid] = CLASS_NODATA
+            counts[:] += np.bincount(bands.ravel(), minlength=256)[:k]
+            cls = bands[0] if len(spans) == 1 else bands
             wx, wy = bx0 - x0, y_row - y0
             bg.submit(writers["output"].write, cls, wx, wy)
             if "probabilities" in writers:
                 probs[:, ~valid] = PROB_NODATA
                 bg.submit(writers["probabilities"].write, probs, wx, wy)
             if "confidence" in writers:
-                conf = np.clip(np.rint(np.max(np.where(valid[None], probs, 0), axis=0) * 255), 1, 255)
+                first = probs[:spans[0][1]]  # polygons: the first output's classes
+                conf = np.clip(np.rint(np.max(np.where(valid[None], first, 0), axis=0) * 255), 1, 255)
                 conf = conf.astype(np.uint8)
                 conf[~valid] = 0
                 for c in skip:
-                    conf[cls == c] = 0
+                    conf[bands[0] == c] = 0
                 bg.submit(writers["confidence"].write, conf, wx, wy)
 
         blender = None
@@ -231,6 +274,9 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                 if valid.any():
                     p = probs[j]
                     j += 1
+                    if not np.isfinite(p[0]).all():  # the model predicts the tile's centre only
+                        valid = valid & np.isfinite(p[0])
+                        p = np.nan_to_num(p, nan=0.0)
                     if up_idx is not None:
                         p = resize_bilinear(p, (n, n))
                         valid = valid[np.ix_(up_idx, up_idx)]

@@ -77,6 +77,9 @@ class ModelPackage:
     metadata: dict = field(default_factory=dict, repr=False)
     _weights: object = field(default=None, repr=False)  # a WeightsFile (read when the model is loaded)
     backend = "torch"  # "onnx" for an :class:`.onnx.package.OnnxPackage`
+    threshold = None  # the model's probability threshold (an ONNX model's seg_thresh); None: argmax only
+    binary_output = False  # True: one sigmoid channel, expanded to (background, class) by the runner
+    output_groups = None  # several outputs, each a set of classes: [(classes, binary)]; one class band per output
 
     @property
     def in_channels(self):

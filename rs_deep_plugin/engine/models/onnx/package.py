@@ -12,8 +12,8 @@ them; Python literals and plain strings are accepted too):
 * otherwise the Deepness keys: ``model_type`` (``Segmentor`` or ``Detector``), ``class_names``
   (``{0: 'name', ...}``), ``resolution`` (cm per pixel), ``tile_size``, ``tiles_overlap`` (percent
   of the tile), ``standardization_mean``/``standardization_std`` (applied after dividing the
-  pixel values by 255, as Deepness does), ``det_conf``, ``det_iou_thresh``, ``det_type``
-  (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
+  pixel values by 255, as Deepness does), ``seg_thresh`` (probability threshold), ``det_conf``,
+  ``det_iou_thresh``, ``det_type`` (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
 
 Only single-file models are accepted (no external data), and nothing is ever unpickled: an ONNX
 file is a protobuf graph run by onnxruntime.
@@ -34,8 +34,12 @@ MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: larger models need external data, 
 MODEL_JSON_KEY = "rs_deep:model_json"
 OUTPUT_KEY = "rs_deep:output"
 #: Deepness model types -> our tasks (None: known but not supported here)
-MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": None, "recognition": None,
-               "superresolution": None}
+MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": None, "regression": None,
+               "recognition": None, "superresolution": None}
+#: what each Deepness model type RS Deep does not run produces (for the refusal)
+UNSUPPORTED_TYPES = {"regressor": "a value per pixel (regression)", "regression": "a value per pixel (regression)",
+                     "recognition": "image embeddings to search a map with (recognition)",
+                     "superresolution": "a higher-resolution image (super-resolution)"}
 DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics")
 UNSUPPORTED_DET_TYPES = ("YOLO_Ultralytics_segmentation", "YOLO_Ultralytics_obb")
 DEFAULT_TILE = 512
@@ -86,6 +90,11 @@ class OnnxPackage(ModelPackage):
     input_name: str = "input"
     fixed_size: tuple = None  # (height, width) when the model's input size is fixed
     fixed_batch: int = None
+    threshold: float = None  # seg_thresh: a pixel whose winning probability is lower is class 0 (as in Deepness)
+    binary_output: bool = False  # the segmentation output has one (sigmoid) channel
+    #: models with several outputs (Deepness: one set of classes per output): [(classes, binary)] per output; the
+    #: classes are numbered on after each other and the class raster has one band per output
+    output_groups: tuple = None
     onnx_metadata: dict = field(default_factory=dict, repr=False)
     _model_bytes: bytes = field(default=None, repr=False)
 
@@ -166,7 +175,10 @@ def load_onnx_package(path, task=None):
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     for key, value in meta.items():
         _check_metadata_value(key, value, source)
-    common = dict(source=source, input_name=inputs[0].name, fixed_size=fixed, fixed_batch=_dim(shape[0]),
+    # the batch size the graph takes: the input's, or an output's when the graph fixes it inside (a Reshape)
+    batch = _dim(shape[0]) or next((_dim(list(o.shape)[0]) for o in outputs if o.shape and _dim(list(o.shape)[0])),
+                                   None)
+    common = dict(source=source, input_name=inputs[0].name, fixed_size=fixed, fixed_batch=batch,
                   onnx_metadata=meta, _model_bytes=data, _weights=None)
     if MODEL_JSON_KEY in meta:
         pkg = _from_model_json(meta, source, common)
@@ -211,30 +223,50 @@ def _from_model_json(meta, source, common):
 
 
 def _class_names(meta, source):
+    """The class names of the first output: ``class_names`` as ``{0: 'name', ...}`` (or a list), or in Deepness's
+    one-dict-per-output form ``[{"0": "Coffee"}, {"0": "Juice"}]`` (see :func:`_output_class_names`)."""
+    names = _output_class_names(meta, source)
+    return None if names is None else names[0]
+
+
+def _output_class_names(meta, source):
+    """Class names per model output (a list of lists), or None when the metadata has none."""
     for key in ("class_names", "names"):
         if key in meta:
             v = _value(meta[key])
+            if isinstance(v, (list, tuple)) and v and all(isinstance(d, dict) for d in v):
+                return [_names_of(d, key, meta, source) for d in v]  # Deepness: one dict per output
             if isinstance(v, (list, tuple)):
                 v = dict(enumerate(v))
-            if not isinstance(v, dict):
-                raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a dict {{0: 'name', ...}}, got "
-                                        f"{meta[key]!r}")
-            try:
-                items = sorted(((int(k), str(n)) for k, n in v.items()), key=lambda kv: kv[0])
-            except (TypeError, ValueError) as exc:
-                raise ModelPackageError(f"{source}: metadata_props {key!r}: keys must be class numbers") from exc
-            if [k for k, _ in items] != list(range(len(items))):
-                raise ModelPackageError(f"{source}: metadata_props {key!r}: classes must be numbered 0, 1, 2... "
-                                        f"without gaps, got {[k for k, _ in items]}")
-            return [n for _, n in items]
+            return [_names_of(v, key, meta, source)]
     return None
+
+
+def _names_of(v, key, meta, source):
+    if not isinstance(v, dict):
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: expected a dict {{0: 'name', ...}}, got "
+                                f"{meta[key]!r}")
+    try:
+        items = sorted(((int(k), str(n)) for k, n in v.items()), key=lambda kv: kv[0])
+    except (TypeError, ValueError) as exc:
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: keys must be class numbers") from exc
+    if [k for k, _ in items] != list(range(len(items))):
+        raise ModelPackageError(f"{source}: metadata_props {key!r}: classes must be numbered 0, 1, 2... "
+                                f"without gaps, got {[k for k, _ in items]}")
+    return [n for _, n in items]
 
 
 def _from_deepness(meta, source, shape, outputs, common):
     raw_type = meta.get("model_type")
     out_shape = list(outputs[0].shape) if outputs else []
-    if raw_type is None:  # like GeoDeep: infer from the output
-        model_type = "segmentor" if len(out_shape) == 4 else "detector"
+    if raw_type is None:  # like GeoDeep: infer from the output ([B, H, W] with H == W: a one-channel mask)
+        square = len(out_shape) == 3 and _dim(out_shape[1]) and out_shape[1] == out_shape[2]
+        model_type = "segmentor" if len(out_shape) == 4 or square or len(outputs) > 1 else "detector"
+        larger = len(out_shape) == 4 and _dim(out_shape[2]) and _dim(shape[2]) and out_shape[2] > shape[2]
+        if larger:  # an image larger than the input: super-resolution, not classes
+            raise ModelPackageError(f"{source}: the model turns {shape[2]} px inputs into {out_shape[2]} px outputs "
+                                    f"{out_shape}: a super-resolution model (Deepness model type "
+                                    "'Superresolution'). RS Deep does not run super-resolution models yet")
     else:
         model_type = str(_value(raw_type)).strip().lower()
     if model_type not in MODEL_TYPES:
@@ -242,8 +274,10 @@ def _from_deepness(meta, source, shape, outputs, common):
                                 "and 'Detector' models")
     task = MODEL_TYPES[model_type]
     if task is None:
-        raise ModelPackageError(f"{source}: a {model_type.capitalize()} model (metadata_props 'model_type'); RS Deep "
-                                "runs ONNX 'Segmentor' and 'Detector' models only")
+        raise ModelPackageError(f"{source}: a {str(_value(raw_type))} model (metadata_props 'model_type'), which "
+                                f"produces {UNSUPPORTED_TYPES[model_type]}: RS Deep does not run that model type yet; "
+                                "it runs ONNX 'Segmentor' models (rs_deep:segment) and 'Detector' models "
+                                "(rs_deep:detect)")
     channels = shape[1]
     fixed = common["fixed_size"]
     tile = fixed[0] if fixed else (_number(meta, "tile_size", source, int) or DEFAULT_TILE)
@@ -262,28 +296,18 @@ def _from_deepness(meta, source, shape, outputs, common):
         if s <= 0:
             raise ModelPackageError(f"{source}: metadata_props 'standardization_std' must be positive, got {s}")
         scaling.append({"type": "z-score", "mean": 255.0 * m, "stddev": 255.0 * s})
-    names = _class_names(meta, source)
+    names = None if task == "segmentation" else _class_names(meta, source)
     props = {}
     det_type = "YOLO_v5_or_v7_default"
+    extra = {}
     if task == "segmentation":
-        if len(outputs) != 1 or len(out_shape) != 4:
-            raise ModelPackageError(f"{source}: a segmentation model needs one output [batch, classes, height, "
-                                    f"width]; this one has {len(outputs)} output(s), the first {out_shape}")
-        k = _dim(out_shape[1]) or (len(names) if names else None)
-        if k is None:
-            raise ModelPackageError(f"{source}: the number of output channels is not fixed and no class_names given")
-        n_classes = 2 if k == 1 else k
-        if n_classes > MAX_CLASSES:
-            raise ModelPackageError(f"{source}: the segmentation model has {n_classes} classes; at most {MAX_CLASSES} "
-                                    "are supported (the class raster is Byte, 255 is nodata). Use a model with "
-                                    f"{MAX_CLASSES} classes or fewer")
-        if names is None:
-            names = ["background", "foreground"] if k == 1 else [f"class_{i}" for i in range(k)]
-        elif k == 1 and len(names) == 1:
-            names = ["background"] + names
-        if len(names) != n_classes:
-            raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(names)} classes but the model "
-                                    f"outputs {k} channel(s)")
+        names, groups = _segmentation_classes(meta, source, outputs)
+        n_classes = len(names)
+        thr = _number(meta, "seg_thresh", source)
+        if thr is not None and not 0 <= thr <= 1:
+            raise ModelPackageError(f"{source}: metadata_props 'seg_thresh': expected a probability 0..1, got {thr}")
+        extra = {"threshold": thr, "binary_output": groups[0][1] and len(groups) == 1,
+                 "output_groups": tuple(groups) if len(groups) > 1 else None}
     else:
         det_type = str(_value(meta.get("det_type", '"YOLO_v5_or_v7_default"')))
         if det_type in UNSUPPORTED_DET_TYPES:
@@ -294,7 +318,12 @@ def _from_deepness(meta, source, shape, outputs, common):
                                     f"{', '.join(DET_TYPES)}")
         if len(out_shape) != 3:
             raise ModelPackageError(f"{source}: a YOLO detector needs an output [batch, boxes, values] (or [batch, "
-                                    f"values, boxes] for {det_type}); the first output is {out_shape}")
+                                    f"values, boxes] for {det_type}) of 3 dimensions; the first output is {out_shape} "
+                                    f"({len(out_shape)} dimensions): not a detector RS Deep can decode")
+        if _dim(out_shape[1]) and list(out_shape[1:]) == list(shape[2:]):
+            raise ModelPackageError(f"{source}: the output {out_shape} is a map of the input's {shape[2]} x "
+                                    f"{shape[3]} pixels, not YOLO rows [batch, boxes, values]: a per-pixel model "
+                                    "(segmentation or regression), not a detector")
         width = _dim(out_shape[1] if det_type in ("YOLO_Ultralytics", "YOLO_v9") else out_shape[2])
         k = None if width is None else width - (4 if det_type in ("YOLO_Ultralytics", "YOLO_v9") else 5)
         n = k if names is None else len(names)
@@ -323,7 +352,42 @@ def _from_deepness(meta, source, shape, outputs, common):
     return OnnxPackage(name=name, task=task, bands=[f"b{i + 1}" for i in range(channels)], value_scaling=scaling,
                        classes=classes, tile_size=tile, overlap=overlap, gsd=gsd, builder=builder,
                        activation="softmax", weights_sha256="", description=str(_value(meta.get("description", '""'))),
-                       metadata={"properties": props}, output_kind="auto", det_type=det_type, **common)
+                       metadata={"properties": props}, output_kind="auto", det_type=det_type, **extra, **common)
+
+
+def _segmentation_classes(meta, source, outputs):
+    """(class names, [(classes, binary)] per output) of a segmentation model: each output [B, K, H, W] or [B, H, W]
+    (one channel) is a set of classes, as in Deepness; one channel (sigmoid) is (background, class)."""
+    per_output = _output_class_names(meta, source)
+    if per_output is not None and len(per_output) != len(outputs):
+        raise ModelPackageError(f"{source}: metadata_props 'class_names' gives {len(per_output)} set(s) of classes "
+                                f"but the model has {len(outputs)} outputs")
+    names, groups = [], []
+    for i, out in enumerate(outputs):
+        shape = list(out.shape)
+        if len(shape) not in (3, 4):
+            raise ModelPackageError(f"{source}: a segmentation model's outputs are [batch, classes, height, width] or "
+                                    f"[batch, height, width]; output {out.name!r} is {shape}")
+        given = per_output[i] if per_output else None
+        k = 1 if len(shape) == 3 else _dim(shape[1]) or (len(given) if given else None)
+        if k is None:
+            raise ModelPackageError(f"{source}: the number of output channels is not fixed and no class_names given")
+        own = given
+        if own is None:
+            own = ["background", "foreground"] if k == 1 else [f"class_{j}" for j in range(k)]
+        elif k == 1 and len(own) == 1:
+            own = ["background"] + own
+        if len(own) != (2 if k == 1 else k):
+            which = "the model outputs" if len(outputs) == 1 else f"output {out.name!r} has"
+            raise ModelPackageError(f"{source}: metadata_props 'class_names' lists {len(own)} classes but {which} "
+                                    f"{k} channel(s)")
+        names += [n if n not in names else f"{n} ({out.name})" for n in own]
+        groups.append((len(own), k == 1))
+    if len(names) > MAX_CLASSES:
+        raise ModelPackageError(f"{source}: the segmentation model has {len(names)} classes; at most {MAX_CLASSES} "
+                                "are supported (the class raster is Byte, 255 is nodata). Use a model with "
+                                f"{MAX_CLASSES} classes or fewer")
+    return names, groups
 
 
 def _pick(values, i, default, source, key):

@@ -19,7 +19,7 @@ class OnnxRunner:
 
     def _run_session(self, batch):
         try:
-            return self.session.run(None, {self.input_name: batch}, self.run_options)[0]
+            return self.session.run(None, {self.input_name: batch}, self.run_options)
         except Exception as exc:
             msg = str(exc).strip()
             if any(s in msg for s in ("Available memory of", "Failed to allocate", "bad_alloc")):
@@ -37,6 +37,10 @@ class OnnxRunner:
 
     def _run(self, batch):
         """Raw first output for batch [B, C, T, T] (chunks of the model's fixed batch size)."""
+        return self._run_all(batch)[0]
+
+    def _run_all(self, batch):
+        """Raw outputs (a list) for batch [B, C, T, T] (chunks of the model's fixed batch size)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         fixed = self.pkg.fixed_size
         if fixed and tuple(batch.shape[2:]) != tuple(fixed):
@@ -51,8 +55,8 @@ class OnnxRunner:
             n = len(chunk)
             if n < fb:
                 chunk = np.concatenate([chunk, np.zeros((fb - n,) + chunk.shape[1:], np.float32)])
-            outs.append(self._run_session(chunk)[:n])
-        return np.concatenate(outs)
+            outs.append([o[:n] for o in self._run_session(chunk)])
+        return [np.concatenate(o) for o in zip(*outs)]
 
 
 class OnnxSegmentationRunner(OnnxRunner):
@@ -64,14 +68,24 @@ class OnnxSegmentationRunner(OnnxRunner):
         self.activation = pkg.activation
 
     def __call__(self, batch):
-        out = np.asarray(self._run(batch), dtype=np.float32)
-        k = len(self.pkg.classes)
+        outs = self._run_all(batch)
+        groups = self.pkg.output_groups or [(len(self.pkg.classes), self.pkg.binary_output)]
+        if len(outs) < len(groups):
+            raise ModelPackageError(f"{self.pkg.source}: the model returned {len(outs)} output(s); expected "
+                                    f"{len(groups)}")
+        probs = [self._probabilities(np.asarray(o, dtype=np.float32), k, batch.shape[2:])
+                 for o, (k, _) in zip(outs, groups)]
+        return probs[0] if len(probs) == 1 else np.ascontiguousarray(np.concatenate(probs, axis=1))
+
+    def _probabilities(self, out, k, t):
+        """One output [B, K, h, w] or [B, h, w] -> probabilities [B, k, T, T]."""
+        if out.ndim == 3:
+            out = out[:, None]  # [B, H, W]: one (sigmoid) channel
         if out.ndim != 4 or out.shape[1] not in (k, 1) or (out.shape[1] == 1 and k != 2):
             raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; expected "
                                     f"[batch, {k}, height, width] for its {k} classes")
-        t = batch.shape[2:]
-        if tuple(out.shape[2:]) != tuple(t):  # a model predicting at a coarser resolution
-            out = resize_bilinear(out, t)
+        if not is_centre(out.shape[2:], t) and tuple(out.shape[2:]) != tuple(t):
+            out = resize_bilinear(out, t)  # a model predicting at a coarser resolution: its logits, resized
         kind = self.kind
         if kind == "auto":
             lo, hi = float(out.min()), float(out.max())
@@ -88,7 +102,29 @@ class OnnxSegmentationRunner(OnnxRunner):
         if out.shape[1] == 1:
             p = np.clip(out, 0.0, 1.0)
             out = np.concatenate([1.0 - p, p], axis=1)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.ascontiguousarray(place_output(out, t), dtype=np.float32)
+
+
+def is_centre(size, t):
+    """Whether an output of ``size`` (h, w) covers only the centre of a tile of ``t`` (T, T): smaller, and not a
+    whole number of times smaller (that is a coarser prediction of the whole tile, resized)."""
+    (h, w), (th, tw) = size, t
+    return h < th and w < tw and bool(th % h or tw % w)
+
+
+def place_output(out, t):
+    """Probabilities [B, K, h, w] on the tile's grid [B, K, T, T]. A smaller output that is not a coarser prediction
+    (:func:`is_centre`: a network without padding, e.g. 512 -> 484 px) covers the tile's centre, as in Deepness:
+    it is placed there and its border is NaN (no prediction: the segmentation pipeline gives those pixels no
+    weight, so the neighbouring tiles fill them)."""
+    h, w = out.shape[2:]
+    if not is_centre((h, w), t):
+        return out
+    th, tw = t
+    placed = np.full(out.shape[:2] + (th, tw), np.nan, dtype=np.float32)
+    y, x = (th - h) // 2, (tw - w) // 2
+    placed[:, :, y:y + h, x:x + w] = out
+    return placed
 
 
 def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n_classes=None):
