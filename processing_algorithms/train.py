@@ -66,6 +66,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
     ARCHITECTURE = "ARCHITECTURE"
     ENCODER = "ENCODER"
     EPOCHS = "EPOCHS"
+    TIME_BUDGET = "TIME_BUDGET"
     BATCH_SIZE = "BATCH_SIZE"
     LEARNING_RATE = "LEARNING_RATE"
     TILE_SIZE = "TILE_SIZE"
@@ -122,6 +123,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "used by the torchvision detectors (their backbone belongs to the architecture). Weights start from "
             "scratch: nothing is downloaded.<br>"
             "<b>Epochs, batch size, learning rate</b>: the training budget (batch size 0 = the task's default).<br>"
+            "<b>Time budget</b>: minutes of training; the run stops after EPOCHS or the budget, whichever comes "
+            "first, with the learning rate annealed over that time, so a budgeted run ends as a full run does. "
+            "0 = no limit.<br>"
             "<b>Tile size</b>: training crops in pixels (segmentation and detection: a multiple of 32, default 256; "
             "patch classification: the patch size, default 16). 0 = the default.<br>"
             "<b>Steps per epoch</b>: batches per epoch (0 = enough to see the training area about twice).<br>"
@@ -155,6 +159,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder", DEFAULT_ENCODER, optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
                                                        20, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(self.TIME_BUDGET, "Time budget (minutes; 0 = no limit)",
+                                                       QgsProcessingParameterNumber.Double, 0, optional=True,
+                                                       minValue=0))
         self.addParameter(QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = the task's default)",
                                                        QgsProcessingParameterNumber.Integer, 0, optional=True,
                                                        minValue=0))
@@ -194,6 +201,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         arch = ARCHITECTURES[self._enum_index(parameters, self.ARCHITECTURE, context)]
         encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
+        budget = self.parameterAsDouble(parameters, self.TIME_BUDGET, context) \
+            if parameters.get(self.TIME_BUDGET) not in (None, "") else 0
         batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
         lr = self.parameterAsDouble(parameters, self.LEARNING_RATE, context)
         tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or DEFAULT_TILE[task]
@@ -229,7 +238,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
-        common = dict(epochs=epochs, steps_per_epoch=steps, lr=lr, device=device, name=name, augment=augment)
+        common = dict(epochs=epochs, time_budget=budget or None, steps_per_epoch=steps, lr=lr, device=device,
+                      name=name, augment=augment)
         if batch:
             common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)

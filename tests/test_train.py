@@ -171,3 +171,22 @@ def test_metrics_from_confusion():
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3)
     assert m["classes"][0]["name"] == "background" and m["classes"][0]["iou"] == pytest.approx(3 / 5)
+
+
+def test_time_budget_stops_the_run_and_anneals_the_schedule(tmp_path):
+    """A run of 1,000 planned epochs with a budget of 0.15 min stops on time, writes its package, and its learning
+    rate ends annealed (the schedule followed the budget, not the epochs)."""
+    from rs_deep.rs_deep_plugin.engine.training.loop import one_cycle
+    out = tmp_path / "budget"
+    report = train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS), out, time_budget=0.15,
+                                **dict(TINY, epochs=1000))
+    assert report["stopped_by_budget"] and 1 <= report["epochs_run"] < 1000
+    assert report["time_budget_minutes"] == 0.15
+    assert report["training_seconds"] >= 9.0
+    last = report["history"][-1]
+    assert last["lr"] < 0.2 * report["lr"]  # well past the peak: annealing followed the clock
+    load_package(out).load_model()
+    assert one_cycle(0.0, 0.1) == pytest.approx(0.1) and one_cycle(0.1, 0.1) == pytest.approx(1.0)
+    assert one_cycle(1.0, 0.1) == pytest.approx(0.001)
+    with pytest.raises(InputError, match="time_budget"):
+        train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS), tmp_path / "bad", time_budget=0, **TINY)

@@ -52,14 +52,17 @@ def import_torch():
 class TrainParams:
     """The run settings every trainer takes as keyword arguments, besides its data and network.
 
-    ``epochs``; ``steps_per_epoch`` (None: the task's default, about one or two passes over the training
-    data); ``batch_size``; ``lr`` (the peak of the one-cycle schedule) and ``weight_decay`` (AdamW);
+    ``epochs``; ``time_budget`` (minutes of training, None: no limit; the run stops after ``epochs`` or the
+    budget, whichever comes first, and the learning-rate schedule runs over whichever is shorter, so a budgeted
+    run still ends annealed); ``steps_per_epoch`` (None: the task's default, about one or two passes over the
+    training data); ``batch_size``; ``lr`` (the peak of the one-cycle schedule) and ``weight_decay`` (AdamW);
     ``seed``; ``patience`` (stop after that many epochs without a better validation metric; 0: never);
     ``device`` ("auto", "cpu", "cuda", "mps"); ``num_threads`` (torch CPU threads during the run);
     ``name`` and ``description`` of the package; ``weights_dtype`` of its weights; ``progress(fraction,
     message)``, ``is_cancelled()`` and ``log(message)`` callbacks."""
 
     epochs: int = 20
+    time_budget: float = None
     steps_per_epoch: int = None
     batch_size: int = 8
     lr: float = 2e-3
@@ -94,11 +97,55 @@ class TrainParams:
         params = cls(**{**defaults, **options})
         if params.batch_size < 1 or params.epochs < 1:
             raise InputError("batch_size and epochs must be at least 1")
+        if params.time_budget is not None and not params.time_budget > 0:
+            raise InputError(f"time_budget is in minutes and must be above 0 (None: no limit); got "
+                             f"{params.time_budget!r}")
         return params
 
 
 def _quiet(message):
     pass
+
+
+def one_cycle(progress, warmup, div_factor=10.0, final_div_factor=100.0):
+    """The learning-rate factor (of the peak) at ``progress`` (0..1) of a one-cycle schedule: a cosine rise from
+    1/div_factor over the first ``warmup`` share, then a cosine fall to 1/(div_factor * final_div_factor), as
+    torch's OneCycleLR, but driven by progress so that a time budget can drive it."""
+    p = min(max(float(progress), 0.0), 1.0)
+    lo, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+    if p < warmup:
+        return lo + (1.0 - lo) * (1 - math.cos(math.pi * p / warmup)) / 2
+    q = (p - warmup) / max(1e-9, 1.0 - warmup)
+    return end + (1.0 - end) * (1 + math.cos(math.pi * q)) / 2
+
+
+class Clock:
+    """The progress of a run planned as ``total_steps`` steps and, optionally, ``budget_s`` seconds: the larger of
+    the two shares used, so the schedule runs over whichever limit comes first."""
+
+    def __init__(self, total_steps, budget_s=None):
+        self.total, self.budget, self.steps, self.t0 = max(1, int(total_steps)), budget_s, 0, None
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def elapsed(self):
+        return 0.0 if self.t0 is None else time.perf_counter() - self.t0
+
+    def step(self):
+        self.steps += 1
+
+    def out_of_time(self):
+        return self.budget is not None and self.elapsed() >= self.budget
+
+    def done(self):
+        return self.steps >= self.total or self.out_of_time()
+
+    def progress(self):
+        p = self.steps / self.total
+        if self.budget:
+            p = max(p, self.elapsed() / self.budget)
+        return min(p, 1.0)
 
 
 class TrainingTask:
@@ -223,9 +270,9 @@ def fit(task, params, out_dir):
         total_steps = epochs * steps
         trained = list(task.parameters(model))
         opt = torch.optim.AdamW(trained, lr=params.lr, weight_decay=params.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=total_steps,
-                                                    pct_start=min(0.3, max(0.05, 2.0 / epochs)),
-                                                    div_factor=10.0, final_div_factor=100.0)
+        budget_s = params.time_budget * 60.0 if params.time_budget else None
+        warmup = min(0.3, max(0.05, 2.0 / epochs)) if budget_s is None else 0.1
+        clock = Clock(total_steps, budget_s)
         sampler = task.make_sampler(rng)
         log(task.describe(device_description(dev), steps, batch_size, epochs))
         report = {
@@ -234,11 +281,11 @@ def fit(task, params, out_dir):
             "value_scaling": task.value_scaling, "gsd": task.gsd, "seed": params.seed,
             "device": device_description(dev), "threads": torch.get_num_threads(), "tile_size": task.tile_size,
             "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay, "epochs_planned": epochs,
-            "steps_per_epoch": steps, "patience": params.patience, "augment": task.augment,
+            "time_budget_minutes": params.time_budget, "steps_per_epoch": steps, "patience": params.patience, "augment": task.augment,
             "monitor": {"metric": task.monitor, "mode": task.mode, "keep": "best" if task.select_best else "last"},
             "settings": task.settings or {}, "data": task.data or {}, "samples": dict(task.samples or {}, crops_seen=0),
-            "history": [], "epochs_run": 0, "best": None, "stopped_early": False, "cancelled": False,
-            "seconds": None,
+            "history": [], "epochs_run": 0, "best": None, "stopped_early": False, "stopped_by_budget": False,
+            "cancelled": False, "seconds": None, "training_seconds": None,
         }
         best = {"key": None, "state": None, "epoch": None, "metrics": None}
 
@@ -257,7 +304,8 @@ def fit(task, params, out_dir):
             metrics = best["metrics"]
             report.update(best={"epoch": best["epoch"], "metric": task.monitor,
                                 "value": metrics.get(task.monitor) if metrics else None, "metrics": metrics},
-                          cancelled=cancelled, seconds=round(time.time() - params.started, 2))
+                          cancelled=cancelled, seconds=round(time.time() - params.started, 2),
+                          training_seconds=round(clock.elapsed(), 2))
             package = os.path.abspath(os.fspath(out_dir))
             path = os.path.join(package, REPORT_NAME)
             # no local paths in the file: it may be shipped with the package
@@ -267,18 +315,24 @@ def fit(task, params, out_dir):
         train_prog = prog.sub(0.02, 0.97)
         since_best = 0
         try:
+            clock.start()
             for epoch in range(1, epochs + 1):
                 model.train()
                 losses, parts = [], {}
                 for step in range(steps):
                     train_prog.check()
+                    if clock.done():
+                        break
+                    factor = one_cycle(clock.progress(), warmup)
+                    for group in opt.param_groups:
+                        group["lr"] = group.get("base_lr", params.lr) * factor
                     loss, loss_parts = task.training_loss(model, sampler.batch(batch_size), dev, fmt)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if task.clip_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trained, task.clip_grad_norm)
                     opt.step()
-                    sched.step()
+                    clock.step()
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise InputError(f"Training diverged at epoch {epoch}, step {step + 1} (loss {value}); "
@@ -287,7 +341,10 @@ def fit(task, params, out_dir):
                     for kk, v in (loss_parts or {}).items():
                         parts.setdefault(kk, []).append(float(v.detach()))
                     report["samples"]["crops_seen"] += batch_size
-                    train_prog.update(((epoch - 1) * steps + step + 1) / total_steps)
+                    train_prog.update(clock.progress())
+                if not losses:  # the budget ran out just after the last epoch
+                    report["stopped_by_budget"] = clock.out_of_time()
+                    break
                 train_loss = float(np.mean(losses))
                 report["epochs_run"] = epoch
                 model.eval()
@@ -295,7 +352,7 @@ def fit(task, params, out_dir):
                 report["history"].append({
                     "epoch": epoch, "train_loss": round(train_loss, 5),
                     "loss_parts": {kk: round(float(np.mean(v)), 5) for kk, v in parts.items()},
-                    "lr": float(sched.get_last_lr()[0]),
+                    "lr": float(opt.param_groups[0]["lr"]), "seconds": round(clock.elapsed(), 1),
                     "val_loss": round(val_loss, 5) if val_loss is not None and math.isfinite(val_loss) else None,
                     "val": {kk: round(float(metrics[kk]), 5) for kk in task.curves} if metrics else None})
                 if metrics is not None and task.select_best:
@@ -313,7 +370,13 @@ def fit(task, params, out_dir):
                 if metrics is not None:
                     msg += task.epoch_message(metrics, val_loss, best)
                 log(msg)
-                train_prog.update(epoch / epochs, msg)
+                train_prog.update(clock.progress(), msg)
+                if clock.out_of_time():
+                    report["stopped_by_budget"] = epoch < epochs
+                    if epoch < epochs:
+                        log(f"Stopping: the time budget of {params.time_budget:g} min is used "
+                            f"({epoch} epochs, {clock.steps} steps)")
+                    break
                 if metrics is not None and task.select_best and params.patience and since_best >= params.patience \
                         and epoch < epochs:
                     report["stopped_early"] = True
