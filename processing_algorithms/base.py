@@ -123,9 +123,10 @@ def bundled_models():
 
 
 def report_class_areas(feedback, result, classes):
-    """The run's size, tiles, device and time, then the area of each class (segmentation and change)."""
+    """The run's size, tiles, device, time and test-time augmentation, then the area of each class (segmentation
+    and change)."""
     feedback.pushInfo(f"{result.width} x {result.height} px, {result.tiles_run}/{result.tiles} tiles run on "
-                      f"{result.device} in {result.seconds:.1f} s")
+                      f"{result.device} in {result.seconds:.1f} s, test-time augmentation {result.tta}")
     for c in classes:
         feedback.pushInfo(f"  {c.name}: {result.class_pixels.get(c.value, 0) * result.pixel_area_m2:,.1f} m²")
 

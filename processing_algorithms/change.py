@@ -5,9 +5,9 @@ from ..rs_deep_plugin.engine.tasks import CHANGE
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .layers import export_raster_layer, file_extent
 from .outputs import ClassOutputs, RunOutputs
-from .params import (BANDS, CLASS_RASTER_HELP, EXTENT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES, add_class_outputs,
-                     add_input_block, add_max_pixels, add_polygon_block, add_tiling_block, help_string, read_area,
-                     read_model, read_raster, read_tiling)
+from .params import (BANDS, CLASS_RASTER_HELP, EXTENT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES, TTA, TTA_HELP,
+                     add_class_outputs, add_input_block, add_max_pixels, add_polygon_block, add_tiling_block, add_tta,
+                     help_string, read_area, read_model, read_raster, read_tiling, read_tta)
 
 BEFORE = "BEFORE"
 AFTER = "AFTER"
@@ -25,6 +25,7 @@ HELP = {
             "classes), 255 = nodata or not covered by both images.",
     OUTPUT_VECTOR: "One polygon per connected patch of change, with class_id, class_name, area_m2 and mean_prob.",
     PROBABILITIES: "Float32 GeoTIFF, one band per class.",
+    TTA: TTA_HELP + " Both dates are flipped and rotated alike.",
     **CLASS_RASTER_HELP,
 }
 LABELS = {BEFORE: "Before raster", AFTER: "After raster", OUTPUT: "Change raster", OUTPUT_VECTOR: "Change polygons",
@@ -45,6 +46,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
                         model="Change model package (folder, .zip, model.json or bundled name)",
                         bands="Bands of both dates (in the model's order)", help=HELP)
         add_class_outputs(self, "Change raster", "Change polygons", "Change probabilities", help=HELP)
+        add_tta(self, HELP)
         add_tiling_block(self, help=HELP)
         add_polygon_block(self, help=HELP)
         add_max_pixels(self)
@@ -60,6 +62,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         read_area(self, parameters, context, before)
         dest = ClassOutputs(self, parameters, context, "rs_deep_change_confidence.tif")
         tiling = read_tiling(self, parameters, context)
+        tta = read_tta(self, parameters, context)
         before.fetch(pkg.gsd, context, feedback)
         if after.source is None:  # fetched over BEFORE's area, then warped onto BEFORE's grid like any raster
             area = before.extent if before.extent is not None and not before.extent.isNull() else \
@@ -70,7 +73,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         with dest, outputs:  # every output renamed into place at the end of the block, or none
             result = detect_change(before.source, after.source, pkg, dest.raster, probabilities=dest.probabilities,
                                    confidence=dest.confidence, bands=before.bands, bounds=before.bounds,
-                                   transaction=outputs.transaction, max_pixels=before.max_pixels, **tiling,
+                                   transaction=outputs.transaction, max_pixels=before.max_pixels, tta=tta, **tiling,
                                    **bridge.callbacks)
             return dest.results(feedback, outputs, pkg, result, before.crs, lambda progress: class_polygons(
                 result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,

@@ -21,6 +21,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessin
                        QgsProcessingParameterField, QgsProcessingParameterFile, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
 
+from ..rs_deep_plugin.engine.models.tta import TTA_CHOICES
 from .base import DEVICES, MODELS_DIR, NamedEnum, bundled_models
 from .layers import export_raster_layer, gdal_path
 
@@ -224,6 +225,26 @@ def read_tiling(alg, parameters, context, tiles=True):
     return values
 
 
+TTA = "TTA"
+TTA_LABELS = ("None", "Flips", "Flips and 90° rotations")  # the dialog's, for TTA_CHOICES (none, flips, d4)
+TTA_HELP = ("Test-time augmentation: each tile also runs flipped (left-right, upside down) or flipped and rotated by "
+            "90°, and the class probabilities, turned back, are averaged. Costs 3× (flips) or 8× (flips and "
+            "rotations) the model time; usually gains a little accuracy, most on areas unlike the training data. "
+            "On the command line: none, flips or d4.")
+
+
+def add_tta(alg, help=None):
+    """The advanced TTA parameter (test-time augmentation: none, flips, d4) of the inference algorithms that
+    return class probabilities; ``help``: {name: text} (default :data:`TTA_HELP`)."""
+    add(alg, NamedEnum(TTA, "Test-time augmentation", TTA_LABELS, TTA_CHOICES, defaultValue=0),
+        help or {TTA: TTA_HELP}, advanced=True)
+
+
+def read_tta(alg, parameters, context):
+    """TTA as the engine's ``tta``: "none", "flips" or "d4"."""
+    return alg.parameterAsEnumName(parameters, TTA, context)
+
+
 RESOLUTION = "RESOLUTION"
 RESOLUTION_HELP = ("The raster is resampled to this pixel size before the model sees it (Deepness's resolution, in cm "
                    "per pixel), and the results mapped back to its grid. 0: the model's own (an ONNX model's "
@@ -326,7 +347,7 @@ def add_training_data_block(alg, tasks, input_optional=False, label_raster=True)
 #: the bold names of the blocks' parameters in an algorithm's help
 HELP_LABELS = {INPUT: "Input raster", MODEL: "Model package", BANDS: "Bands", EXTENT: "Extent", TILE_SIZE: "Tile size",
                OVERLAP: "Tile overlap", BATCH_SIZE: "Batch size", DEVICE: "Device", MIN_AREA: "Minimum area",
-               SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution"}
+               SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution", TTA: "Test-time augmentation"}
 BANDS_HELP = ("The raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
               "bands the model needs.")
 DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU."

@@ -6,9 +6,9 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, add,
-                     add_input_block, add_max_pixels, add_tiling_block, help_string, read_area, read_model,
-                     read_raster, read_tiling)
+from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
+                     add, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string, read_area,
+                     read_model, read_raster, read_tiling, read_tta)
 from .sinks import FeatureSinks
 from .styles import StyleClasses
 
@@ -27,6 +27,7 @@ HELP = {
             "smaller = overlapping patches).",
     OUTPUT: "One polygon per patch with enough valid pixels, with class_id, class_name, score (probability of the "
             "winning class), and class_2/score_2, class_3/score_3 (the next best).",
+    TTA: TTA_HELP.replace("each tile", "each patch").replace(", turned back,", ""),
     BATCH_SIZE: "Patches run at once (0 = auto).",
     DEVICE: DEVICE_HELP,
 }
@@ -50,6 +51,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         add(self, QgsProcessingParameterNumber(STRIDE, "Stride (px at the model's GSD; 0 = patch size)", integer, 0,
                                                optional=True, minValue=0), HELP)
         add(self, QgsProcessingParameterFeatureSink(OUTPUT, "Patches", QgsProcessing.TypeVectorPolygon), HELP)
+        add_tta(self, HELP)
         add_tiling_block(self, tiles=False, help=HELP)
         add_max_pixels(self)
 
@@ -62,11 +64,12 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         patch = self.parameterAsInt(parameters, PATCH_SIZE, context) or None
         stride = self.parameterAsInt(parameters, STRIDE, context) or None
         tiling = read_tiling(self, parameters, context, tiles=False)
+        tta = read_tta(self, parameters, context)
         raster.fetch(pkg.gsd, context, feedback)
         bridge = FeedbackBridge(feedback, 0, 95)
         with outputs:  # every output renamed into place at the end of the block, or none
             result = classify_patches(raster.source, pkg, patch_size=patch, stride=stride, bands=raster.bands,
-                                      bounds=raster.bounds, top_k=TOP, max_pixels=raster.max_pixels, **tiling,
+                                      bounds=raster.bounds, top_k=TOP, max_pixels=raster.max_pixels, tta=tta, **tiling,
                                       **bridge.callbacks)
             for w in result.warnings:
                 push_warning(feedback, w)
@@ -75,7 +78,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
                 self._write(sinks, result, pkg, raster.crs, feedback)
             feedback.pushInfo(f"{result.patches_run} of {result.patches} patches classified ({result.native_patch} "
                               f"px, stride {result.native_stride} px of the raster) on {result.device} in "
-                              f"{result.seconds:.1f} s")
+                              f"{result.seconds:.1f} s, test-time augmentation {result.tta}")
             for name, count in sorted(result.class_counts().items(), key=lambda kv: -kv[1]):
                 feedback.pushInfo(f"  {name}: {count} patches")
         return sinks.results

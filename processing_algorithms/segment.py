@@ -7,9 +7,9 @@ from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .layers import mask_geometries
 from .outputs import ClassOutputs, RunOutputs
 from .params import (BANDS, BANDS_HELP, CLASS_RASTER_HELP, EXTENT, INPUT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES,
-                     RESOLUTION, RESOLUTION_HELP, add, add_class_outputs, add_input_block, add_max_pixels,
-                     add_polygon_block, add_resolution, add_tiling_block, help_string, optional_number, read_area,
-                     read_model, read_raster, read_resolution, read_tiling)
+                     RESOLUTION, RESOLUTION_HELP, TTA, TTA_HELP, add, add_class_outputs, add_input_block,
+                     add_max_pixels, add_polygon_block, add_resolution, add_tiling_block, add_tta, help_string,
+                     optional_number, read_area, read_model, read_raster, read_resolution, read_tiling, read_tta)
 
 MASK = "MASK"
 THRESHOLD = "THRESHOLD"
@@ -27,6 +27,7 @@ HELP = {
                "one-channel (sigmoid) model gives class 1 where its probability reaches it. -1: the model's own "
                "(an ONNX model's seg_thresh), else the most probable class.",
     RESOLUTION: RESOLUTION_HELP,
+    TTA: TTA_HELP,
     **CLASS_RASTER_HELP,
 }
 LABELS = {MASK: "Mask", THRESHOLD: "Probability threshold", OUTPUT: "Class raster", OUTPUT_VECTOR: "Class polygons",
@@ -51,6 +52,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
                                                QgsProcessingParameterNumber.Double, -1, optional=True, minValue=-1,
                                                maxValue=1), HELP, advanced=True)
         add_resolution(self)
+        add_tta(self)
         add_tiling_block(self, help=HELP)
         add_polygon_block(self, help=HELP)
         add_max_pixels(self)
@@ -66,6 +68,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         tiling = read_tiling(self, parameters, context)
         threshold = optional_number(self, parameters, THRESHOLD, context, -1)
         gsd = read_resolution(self, parameters, context)
+        tta = read_tta(self, parameters, context)
         bridge = FeedbackBridge(feedback, 0, 80 if dest.vector else 100)
         raster.fetch(gsd or pkg.gsd, context, feedback)
         background = [c.value for c in pkg.classes if is_background(c.name)]
@@ -73,7 +76,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
             result = segment(raster.source, pkg, dest.raster, bands=raster.bands, bounds=raster.bounds,
                              mask_geometries=mask, probabilities=dest.probabilities, confidence=dest.confidence,
                              skip_classes=background, transaction=outputs.transaction, max_pixels=raster.max_pixels,
-                             threshold=threshold, gsd=gsd, **tiling, **bridge.callbacks)
+                             threshold=threshold, gsd=gsd, tta=tta, **tiling, **bridge.callbacks)
             return dest.results(feedback, outputs, pkg, result, raster.crs,
                                 lambda progress: class_polygons(
                 result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,

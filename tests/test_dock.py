@@ -105,9 +105,11 @@ def test_model_card_task_and_generated_options(dock, rgb_package):
     alg = QgsApplication.processingRegistry().algorithmById("rs_deep:segment")
     advanced = [p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagAdvanced and p.name() != "DEVICE"]
     assert set(advanced) <= set(dock.option_widgets)
-    for name in advanced:
+    from rs_deep.rs_deep_plugin.gui.param_widgets import widget_value
+    for name in advanced:  # numbers and enums (TTA: a list, on its first option)
         p, widget = dock.option_widgets[name]
-        assert widget.value() == pytest.approx(float(p.defaultValue()))
+        assert widget_value(widget) == pytest.approx(float(p.defaultValue()))
+    assert dock.option_widgets["TTA"][1].itemText(2) == "Flips and 90° rotations"
     devices = [dock.device_combo.itemData(i) for i in range(dock.device_combo.count())]
     assert devices[0] == "auto" and "cpu" in devices
     assert dock.device_combo.itemText(0).startswith("Automatic: ")

@@ -11,6 +11,7 @@ import tempfile
 from .errors import RSDeepError
 from .files import write_atomic
 from .progress import terminal_progress
+from .models.tta import TTA_CHOICES
 from .tasks import SEGMENTATION, is_background
 
 
@@ -26,6 +27,8 @@ def main(argv=None):
     s.add_argument("--bands", help="comma-separated 1-based band numbers, in the model's order")
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int)
+    s.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                   help="test-time augmentation: none, flips (3x the time) or d4 (flips and 90° rotations, 8x)")
     s.add_argument("--min-area", type=float, default=None, help="m² (default 10 pixels)")
     s.add_argument("--simplify", type=float, default=None, help="map units (default one pixel)")
     args = ap.parse_args(argv)
@@ -41,7 +44,7 @@ def main(argv=None):
             os.close(fd)
         background = [c.value for c in pkg.classes if is_background(c.name)]
         res = segment(args.input, pkg, args.output, probabilities=args.probabilities, confidence=conf,
-                      skip_classes=background, device=args.device, batch_size=args.batch_size,
+                      skip_classes=background, device=args.device, batch_size=args.batch_size, tta=args.tta,
                       bands=[int(b) for b in args.bands.split(",")] if args.bands else None,
                       progress=terminal_progress(), log=lambda m: print(m, file=sys.stderr))
         for c in pkg.classes:

@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import InputError, ModelPackageError
 from ..geo.raster import RasterReader, apply_affine, input_warnings
 from ..limits import check_tile_memory
-from .pipeline import Estimate, batched, open_device, open_region, prefetch, start_run
+from ..models.tta import check_tta
+from .pipeline import Estimate, batched, open_device, open_region, open_runner, prefetch, start_run
 
 TASK = "patch_classification"
 MIN_PATCH = 8
@@ -45,6 +46,7 @@ class PatchClassificationResult:
     device: str = ""
     seconds: float = 0.0
     gsd_scale: float = 1.0
+    tta: str = "none"  # the test-time augmentation of the run (:data:`..models.tta.TTA_CHOICES`)
     warnings: list = field(default_factory=list)
 
     def __iter__(self):
@@ -74,15 +76,18 @@ def patch_starts(start, end, stride):
 
 def classify_patches(input_path, package, *, patch_size=None, stride=None, bands=None, bounds=None, batch_size=None,
                      device="auto", top_k=3, progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
-                     log=None, max_pixels=None):
+                     log=None, max_pixels=None, tta="none"):
     """Classify the patches of ``input_path`` with the patch classifier ``package``.
 
     ``patch_size`` / ``stride``: px at the model's GSD (default: the package's patch size, and
     stride = patch size: patches side by side). ``bounds``: (xmin, ymin, xmax, ymax) in the
-    raster's CRS. Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
+    raster's CRS. ``tta``: test-time augmentation, "none", "flips" (3 passes per patch) or "d4" (8 flips and
+    rotations): the class probabilities of the flipped and rotated patches are averaged (:mod:`..models.tta`).
+    Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
     """
     t_start, prog, log, pkg = start_run(package, TASK, progress, is_cancelled, log)
     check_patch_package(pkg)
+    tta = check_tta(tta)
     patch = int(patch_size) if patch_size else pkg.tile_size
     if patch < MIN_PATCH:
         raise InputError(f"PATCH_SIZE must be at least {MIN_PATCH} px; got {patch}")
@@ -109,7 +114,8 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
         seq = [(r, c, x, y) for r, y in enumerate(ys) for c, x in enumerate(xs)]
         result.patches = len(seq)
         dev, result.device, bs = open_device(device, batch_size, pkg, prog, log, min_batch=16)
-        runner = pkg.make_runner(dev)
+        runner = open_runner(pkg, dev, tta, log)
+        result.tta = tta
         check_tile_memory(patch, bs, pkg.in_channels, 0,
                           "PATCH_SIZE" if patch_size else f"{pkg.source}: the package's patch size",
                           "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",

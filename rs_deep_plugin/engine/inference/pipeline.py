@@ -1,5 +1,6 @@
 """What every tiled inference task shares: the start of a run (:func:`start_run`: package and task check;
-:func:`open_region`: input warnings, processed window, size check; :func:`open_device`: device, runner batch),
+:func:`open_region`: input warnings, processed window, size check; :func:`open_device`: device, runner batch;
+:func:`open_runner`: the probability runner, with test-time augmentation),
 the tile options and their memory check (:func:`resolve_options`), the MASK index and the pure tile read
 (:func:`read_tiles`), batching and read-ahead on a reader thread (:func:`prefetch`) and the time estimate.
 
@@ -18,6 +19,7 @@ from ..limits import check_tile_memory
 from ..models.loading import load_package
 from ..models.package import ModelPackage
 from ..models.runners import default_batch_size, device_description, select_device
+from ..models.tta import TTA_DESCRIPTIONS, with_tta
 from ..progress import Progress
 from ..tasks import TASKS
 
@@ -69,6 +71,13 @@ def open_device(device, batch_size, pkg, prog, log, min_batch=1):
     if bs < 1:
         raise InputError(f"BATCH_SIZE must be at least 1; got {bs}")
     return dev, name, bs
+
+
+def open_runner(pkg, dev, tta, log):
+    """The package's probability runner on ``dev`` with the test-time augmentation ``tta`` (checked by
+    :func:`..models.tta.check_tta`; logged): what segmentation, change and patch classification run."""
+    log(f"Test-time augmentation: {TTA_DESCRIPTIONS[tta]}")
+    return with_tta(pkg.make_runner(dev), tta)
 
 
 def resolve_options(package, tile_size=None, overlap=None, batch_size=None, device="auto"):

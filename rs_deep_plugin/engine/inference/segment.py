@@ -25,7 +25,8 @@ from ..geo.vectorize import vectorize
 from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                           colormap_for)
 from ..models.postprocess import resize_bilinear
-from .pipeline import (Estimate, batched, mask_index, open_device, open_region, prefetch, read_tiles,
+from ..models.tta import check_tta
+from .pipeline import (Estimate, batched, mask_index, open_device, open_region, open_runner, prefetch, read_tiles,
                        resolve_options, start_run)
 from .tiling import TileGrid, blend_weights, column_bands
 
@@ -47,6 +48,7 @@ class SegmentationResult:
     device: str = ""
     seconds: float = 0.0
     gsd_scale: float = 1.0
+    tta: str = "none"  # the test-time augmentation of the run (:data:`..models.tta.TTA_CHOICES`)
     warnings: list = field(default_factory=list)
 
 
@@ -139,7 +141,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
             max_band_width=8192, log=None, task="segmentation", open_reader=None, transaction=None,
-            max_pixels=None, threshold=None, gsd=None):
+            max_pixels=None, threshold=None, gsd=None, tta="none"):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
@@ -152,6 +154,8 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     ``max_pixels``: an area of more pixels is refused before any work (None: no limit).
     ``threshold``: probability threshold (:func:`classify`); None: the package's (an ONNX model's ``seg_thresh``),
     negative: none (argmax). ``gsd``: processing resolution in metres per pixel (None: the package's).
+    ``tta``: test-time augmentation, "none", "flips" (3 passes per tile) or "d4" (8 flips and rotations): the
+    probabilities of the flipped and rotated tiles, each turned back, are averaged (:mod:`..models.tta`).
 
     ``transaction``: an :class:`.outputs.OutputTransaction` that ``output`` and ``probabilities`` join (committed
     by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
@@ -159,6 +163,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     """
     t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log, gsd)
     thr = model_threshold(pkg, threshold)
+    tta = check_tta(tta)
     outs = {"output": output, "probabilities": probabilities, "confidence": confidence}
     finals = {}
     in_abs = os.path.abspath(os.fspath(input_path)) if os.path.exists(os.fspath(input_path)) else None
@@ -191,7 +196,8 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         result.pixel_area_m2 = abs(out_transform.a * out_transform.e - out_transform.b * out_transform.d) * \
             area_factor_m2(reader.crs, reader.transform, reader.width, reader.height)
         dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-        runner = pkg.make_runner(dev)
+        runner = open_runner(pkg, dev, tta, log)
+        result.tta = tta
         k = len(pkg.classes)
         names = [c.name for c in pkg.classes]
         skip = set(skip_classes or [])
