@@ -34,7 +34,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import InputError, ModelPackageError
+from ..errors import InputError, ModelPackageError, require
+from ..models.package import WeightsFile, describe_mismatch
 
 #: the band-adaptation rule of the first convolution (docstrings, the algorithm's help, the README)
 BAND_RULE = ("When the first convolution of the weights takes another number of bands than the data have, it is "
@@ -62,8 +63,7 @@ MIN_INIT_SHARE = 0.5
 
 
 def _torch():
-    from .loop import import_torch
-    return import_torch()
+    return require("torch", "PyTorch")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,7 +218,6 @@ def read_encoder_weights(path):
     """(state dict on the CPU, SHA-256) of a ``.safetensors`` weights file, checked first
     (:func:`check_encoder_weights_path`, then its header against the limits: :class:`.package.WeightsFile`)."""
     from ..limits import MAX_WEIGHTS_BYTES, size_text
-    from ..models.package import WeightsFile
     path = check_encoder_weights_path(path)
     size = os.path.getsize(path)
     if size > MAX_WEIGHTS_BYTES:
@@ -414,15 +413,9 @@ def load_encoder_weights(model, builder, state, label, log=None):
     other = guess is not None and guess not in (part.name, part.name[3:] if part.name.startswith("tu-") else None)
     if missing or wrong or other:
         seems = f"; the file seems to hold a {guess} encoder (choose ENCODER {guess})" if other else ""
-        parts = [f"{len(pairs)} of {len(short)} encoder tensors found by name"]
-        if missing:
-            parts.append(f"missing e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape, e.g. {k}: {tuple(state[pairs[k]].shape)} in the file, "
-                         f"{tuple(target[short[k]].shape)} in the network")
+        parts = [f"{len(pairs)} of {len(short)} encoder tensors found by name",
+                 describe_mismatch(missing, unexpected, wrong, {k: state[pairs[k]].shape for k in wrong},
+                                   {k: target[short[k]].shape for k in wrong}, examples=3)]
         raise InputError(f"ENCODER_WEIGHTS {label} does not fit the {part.name} encoder of this network "
                          f"({_describe(builder)}): " + "; ".join(parts) + seems
                          + f". Give the weights of a {part.name} encoder, or the ENCODER the file is for")
@@ -459,6 +452,9 @@ def check_transfer_options(params):
     if params.init_from and params.encoder_weights:
         raise InputError("Give INIT_FROM or ENCODER_WEIGHTS, not both: an INIT_FROM package holds its encoder's "
                          "weights already")
+    if params.init_from and not os.path.exists(os.fspath(params.init_from)):
+        raise InputError(f"INIT_FROM {os.fspath(params.init_from)} not found: give a model package (its folder, .zip "
+                         "or model.json)")
     if params.encoder_weights:
         check_encoder_weights_path(params.encoder_weights)
 
@@ -479,10 +475,6 @@ class Transfer:
         self.frozen = []  # the parameters frozen here (to unfreeze)
         self.lineage = {"init_from": None, "encoder_weights": None, "freeze_encoder_epochs": self.freeze,
                         "encoder_lr_factor": self.lr_factor}
-
-    @property
-    def active(self):
-        return bool(self.package is not None or self.weights is not None or self.freeze or self.lr_factor != 1.0)
 
     def prepare(self, task, log):
         """Before the network is built: without a builder, ``task`` builds the package's network (its bands and
