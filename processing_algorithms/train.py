@@ -14,8 +14,10 @@ from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_d
 from .labels import label_colors, map_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
+from .params import resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DEFAULT_TILE, DETECTION_ARCHITECTURES,
                                                       SEGMENTATION_ARCHITECTURES)
+from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
 TASKS = list(TASK_TABLE)  # segmentation, detection, patch_classification, change (the engine's task table)
 TASK_LABELS = [t.label for t in TASK_TABLE.values()]
@@ -77,6 +79,10 @@ class TrainAlgorithm(RSDeepAlgorithm):
     INPUT_AFTER = "INPUT_AFTER"
     AUGMENT = "AUGMENT"
     PATIENCE = "PATIENCE"
+    INIT_FROM = "INIT_FROM"
+    ENCODER_WEIGHTS = "ENCODER_WEIGHTS"
+    FREEZE_ENCODER = "FREEZE_ENCODER"
+    ENCODER_LR = "ENCODER_LR"
     OUTPUT = "OUTPUT"
     REPORT = "REPORT"
     CURVES = "CURVES"
@@ -116,12 +122,29 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
             "early fusion of both dates). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: CenterNet "
             "(RS Deep's anchor-free detector on the ENCODER; trains from scratch in CPU minutes) or the "
-            "torchvision detectors listed.<br>"
+            "torchvision detectors listed. With INIT_FROM, auto builds the package's own network (its architecture, "
+            "encoder and parameters; ENCODER is not used).<br>"
             "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
             "mobilenet_v2, efficientnet-b0...); patch classification: a timm classifier (resnet18, "
             "mobilenetv3_small_100, efficientnet_b0...); detection: CenterNet's encoder (an smp encoder), not "
             "used by the torchvision detectors (their backbone belongs to the architecture). Weights start from "
-            "scratch: nothing is downloaded.<br>"
+            "scratch unless INIT_FROM or ENCODER_WEIGHTS give them; nothing is downloaded.<br>"
+            "<b>Initialise from a model package</b> (INIT_FROM): fine-tune an RS Deep package of the same task (its "
+            "folder, .zip, model.json, or a bundled model's name); ONNX models hold no trainable weights and are "
+            "refused. Every tensor whose name and shape fit is copied (encoder and decoder); the others, e.g. the "
+            "head when the classes differ, start fresh and are listed in the log. An ARCHITECTURE other than auto "
+            "must be the package's.<br>"
+            "<b>Encoder weights</b> (ENCODER_WEIGHTS): a local .safetensors file of pretrained weights for the "
+            "ENCODER (as timm or Hugging Face publish them: conv1.weight, layer1.0.conv1.weight..., with or without "
+            "a prefix such as encoder. or model.; classifier tensors fc/head/classifier are ignored). Pickled "
+            "checkpoints (.pth, .pt, .ckpt, .bin) are never loaded: convert one with torch.load(..., "
+            "weights_only=True) and safetensors' save_file, as the message says.<br>"
+            f"<b>Bands</b>: {BAND_RULE}<br>"
+            "<b>Freeze encoder</b> (FREEZE_ENCODER): the encoder is not trained during the first N epochs (its "
+            "BatchNorm statistics kept), then it is; 0 = never frozen.<br>"
+            "<b>Encoder learning rate factor</b> (ENCODER_LR): the encoder learns at the learning rate times this "
+            "factor; 1 = the same; 0.1 is a good start from pretrained weights. The package's model.json "
+            "(rs_deep:training lineage) and training_report.json record what the model started from.<br>"
             "<b>Epochs, batch size, learning rate</b>: the training budget (batch size 0 = the task's default).<br>"
             "<b>Time budget</b>: minutes of training; the run stops after EPOCHS or the budget, whichever comes "
             "first, with the learning rate annealed over that time, so a budgeted run ends as a full run does. "
@@ -187,6 +210,20 @@ class TrainAlgorithm(RSDeepAlgorithm):
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(p)
+        self.addParameter(QgsProcessingParameterFile(self.INIT_FROM, "Initialise from a model package (fine-tune; "
+                                                     "folder or model.json)",
+                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+        # the picker shows .safetensors first; any name reaches the engine, which explains a pickle's refusal
+        self.addParameter(QgsProcessingParameterFile(self.ENCODER_WEIGHTS, "Encoder weights (.safetensors)",
+                                                     fileFilter="Safetensors weights (*.safetensors);;All files (*.*)",
+                                                     optional=True))
+        for p in (QgsProcessingParameterNumber(self.FREEZE_ENCODER, "Freeze the encoder for the first epochs",
+                                               QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
+                  QgsProcessingParameterNumber(self.ENCODER_LR, "Encoder learning rate factor (0.1 from "
+                                               "pretrained weights)", QgsProcessingParameterNumber.Double, 1.0,
+                                               optional=True, minValue=1e-6, maxValue=10.0)):
+            p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(p)
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, "Model package"))
         self.addOutput(QgsProcessingOutputFile(self.REPORT, "Training report (JSON)"))
         self.addOutput(QgsProcessingOutputFile(self.CURVES, "Training curves (PNG)"))
@@ -222,6 +259,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
         if os.path.isfile(out_dir):
             raise QgsProcessingException(f"OUTPUT {out_dir} is a file; give a folder for the model package")
+        transfer = self._transfer_options(parameters, context)
         outputs = RunOutputs(self, parameters, context, feedback)
         final_dir = os.path.abspath(out_dir)
         try:  # trained into a hidden folder beside OUTPUT; our files moved into OUTPUT at the end
@@ -233,13 +271,14 @@ class TrainAlgorithm(RSDeepAlgorithm):
             push_warning(feedback, f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} "
                                    "belongs to the architecture")
         from ..rs_deep_plugin.engine.training.builders import toolbox_builder
-        try:
-            builder = toolbox_builder(task, None if arch == AUTO else arch, encoder)
+        try:  # auto with INIT_FROM: the package's own network (builder None)
+            builder = None if arch == AUTO and transfer["init_from"] else \
+                toolbox_builder(task, None if arch == AUTO else arch, encoder)
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
         common = dict(epochs=epochs, time_budget=budget or None, steps_per_epoch=steps, lr=lr, device=device,
-                      name=name, augment=augment)
+                      name=name, augment=augment, **transfer)
         if batch:
             common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)
@@ -267,6 +306,17 @@ class TrainAlgorithm(RSDeepAlgorithm):
         feedback.setProgress(100)
         return {self.OUTPUT: report["package"], self.REPORT: report["report_path"],
                 self.CURVES: report.get("curves_path")}
+
+    def _transfer_options(self, parameters, context):
+        """INIT_FROM, ENCODER_WEIGHTS, FREEZE_ENCODER and ENCODER_LR as the engine's run settings."""
+        init_from = (self.parameterAsFile(parameters, self.INIT_FROM, context) or "").strip()
+        weights = (self.parameterAsFile(parameters, self.ENCODER_WEIGHTS, context) or "").strip()
+        freeze = self.parameterAsInt(parameters, self.FREEZE_ENCODER, context) \
+            if parameters.get(self.FREEZE_ENCODER) not in (None, "") else 0
+        factor = self.parameterAsDouble(parameters, self.ENCODER_LR, context) \
+            if parameters.get(self.ENCODER_LR) not in (None, "") else 1.0
+        return {"init_from": resolve_model_path(init_from) or None, "encoder_weights": weights or None,
+                "freeze_encoder_epochs": freeze, "encoder_lr_factor": factor}
 
     def _train(self, task, chips, parameters, context, feedback, out_dir, builder, tile, val, patience, common,
                callbacks, outputs, final_dir):

@@ -137,18 +137,9 @@ class ModelPackage:
         unexpected = sorted(set(in_file) - set(shapes))
         wrong = sorted(k for k in set(shapes) & set(in_file) if shapes[k] != in_file[k])
         if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-            if wrong:
-                k = wrong[0]
-                parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {k}: "
-                             f"{in_file[k]} in the file, {shapes[k]} expected)")
             raise ModelPackageError(
                 f"{self.source}: the weights do not match the network described in rs_deep:builder "
-                f"({net}): " + "; ".join(parts))
+                f"({net}): " + describe_mismatch(missing, unexpected, wrong, in_file, shapes))
         data = self._weights.read(self.weights_sha256, self.source)
         model = build_model(b, where)
         try:
@@ -165,6 +156,21 @@ class ModelPackage:
         model.load_state_dict(state, strict=True)
         model.eval()
         return model
+
+
+def describe_mismatch(missing, unexpected, wrong, in_file, expected, examples=1):
+    """How a weights file differs from a network, for messages: the counts of the ``missing``, ``unexpected`` and
+    ``wrong`` (shape) tensor names with ``examples`` of each (``in_file``, ``expected``: {name: shape})."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:examples])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:examples])})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} tensors of the wrong shape (e.g. {k}: {tuple(in_file[k])} in the file, "
+                     f"{tuple(expected[k])} expected)")
+    return "; ".join(parts)
 
 
 def _sha256(data):
@@ -719,4 +725,4 @@ def package_summary(pkg):
 
 
 __all__ = ["ModelPackage", "ModelClass", "read_package", "save_package", "build_metadata", "parse_metadata",
-           "package_summary", "FORMAT_VERSION"]
+           "package_summary", "describe_mismatch", "FORMAT_VERSION"]

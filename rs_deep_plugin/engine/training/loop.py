@@ -7,7 +7,8 @@ device and memory format, AdamW with a one-cycle learning rate, the epochs and t
 the report, the best network by the monitored metric, early stopping after ``patience`` epochs without a
 better one, cancelling (the best network so far is written when an epoch finished), and at the end the model
 package (:func:`.package.save_package`), ``training_report.json`` and ``training_curves.png``
-(:mod:`.report`). The run settings every trainer shares are one :class:`TrainParams`.
+(:mod:`.report`). The run settings every trainer shares are one :class:`TrainParams`; its transfer settings (what
+the network starts from, the encoder frozen or slower) are applied here for every task (:class:`.transfer.Transfer`).
 """
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 from ..errors import Cancelled, InputError, require
 from ..progress import Progress
 from .report import REPORT_NAME, write_training_report
+from .transfer import Transfer, check_transfer_options
 
 
 def seed_everything(seed):
@@ -59,7 +61,12 @@ class TrainParams:
     ``seed``; ``patience`` (stop after that many epochs without a better validation metric; 0: never);
     ``device`` ("auto", "cpu", "cuda", "mps"); ``num_threads`` (torch CPU threads during the run);
     ``name`` and ``description`` of the package; ``weights_dtype`` of its weights; ``progress(fraction,
-    message)``, ``is_cancelled()`` and ``log(message)`` callbacks."""
+    message)``, ``is_cancelled()`` and ``log(message)`` callbacks.
+
+    Transfer learning (:mod:`.transfer`): ``init_from`` (an RS Deep package of the task to start from: its
+    network when the builder is None, every tensor that fits), ``encoder_weights`` (a local ``.safetensors`` file
+    of the encoder's weights; never a pickle), ``freeze_encoder_epochs`` (the encoder is not trained during the
+    first N epochs) and ``encoder_lr_factor`` (the encoder's learning rate is ``lr`` times it)."""
 
     epochs: int = 20
     time_budget: float = None
@@ -77,6 +84,10 @@ class TrainParams:
     progress: object = None
     is_cancelled: object = None
     log: object = None
+    init_from: object = None
+    encoder_weights: object = None
+    freeze_encoder_epochs: int = 0
+    encoder_lr_factor: float = 1.0
     started: float = field(init=False, repr=False)
     prog: Progress = field(init=False, repr=False)
 
@@ -100,6 +111,7 @@ class TrainParams:
         if params.time_budget is not None and not params.time_budget > 0:
             raise InputError(f"time_budget is in minutes and must be above 0 (None: no limit); got "
                              f"{params.time_budget!r}")
+        check_transfer_options(params)
         return params
 
 
@@ -249,7 +261,8 @@ def fit(task, params, out_dir):
     task's), ``samples`` (counts and ``crops_seen``), ``history`` (per epoch ``{epoch, train_loss, loss_parts,
     lr, val_loss, val}``; ``val`` holds the metrics of ``task.curves``, None without validation), epochs_run,
     ``best`` ``{epoch, metric, value, metrics}`` (the epoch packaged and its full validation metrics),
-    stopped_early, cancelled, seconds.
+    stopped_early, cancelled, seconds, ``lineage`` (what the network started from: :meth:`.transfer.Transfer`'s
+    ``lineage``, also in the package's ``rs_deep:training``).
     """
     torch = import_torch()
     from ..models.package import save_package
@@ -264,12 +277,16 @@ def fit(task, params, out_dir):
         dev = select_device(params.device)
         # channels_last: much faster convolutions on CPU (oneDNN) and on tensor-core GPUs
         fmt = torch.channels_last if dev.type in ("cpu", "cuda") else torch.contiguous_format
+        transfer = Transfer(params, task.task)
+        transfer.prepare(task, log)
         model = task.build_model(dev, fmt)
+        transfer.initialise(model, task.builder, log)
         epochs, batch_size = params.epochs, params.batch_size
         steps = int(params.steps_per_epoch if params.steps_per_epoch is not None else task.default_steps(batch_size))
         total_steps = epochs * steps
         trained = list(task.parameters(model))
-        opt = torch.optim.AdamW(trained, lr=params.lr, weight_decay=params.weight_decay)
+        opt = torch.optim.AdamW(transfer.param_groups(model, trained, params.lr), lr=params.lr,
+                                weight_decay=params.weight_decay)
         budget_s = params.time_budget * 60.0 if params.time_budget else None
         warmup = min(0.3, max(0.05, 2.0 / epochs)) if budget_s is None else 0.1
         clock = Clock(total_steps, budget_s)
@@ -285,7 +302,7 @@ def fit(task, params, out_dir):
             "monitor": {"metric": task.monitor, "mode": task.mode, "keep": "best" if task.select_best else "last"},
             "settings": task.settings or {}, "data": task.data or {}, "samples": dict(task.samples or {}, crops_seen=0),
             "history": [], "epochs_run": 0, "best": None, "stopped_early": False, "stopped_by_budget": False,
-            "cancelled": False, "seconds": None, "training_seconds": None,
+            "cancelled": False, "seconds": None, "training_seconds": None, "lineage": transfer.lineage,
         }
         best = {"key": None, "state": None, "epoch": None, "metrics": None}
 
@@ -295,8 +312,8 @@ def fit(task, params, out_dir):
             model.load_state_dict(best["state"])
             model.eval()
             info = {"best_epoch": best["epoch"], "epochs_run": report["epochs_run"], "seed": params.seed}
-            extra = dict(task.package_extra())
-            extra["rs_deep:training"] = dict(info, **task.training_info(best["metrics"]))
+            extra = dict(task.package_extra(), **transfer.package_metadata())
+            extra["rs_deep:training"] = dict(info, **task.training_info(best["metrics"]), lineage=transfer.lineage)
             save_package(model.cpu(), out_dir, weights_dtype=params.weights_dtype, name=params.name, task=task.task,
                          bands=task.band_names, classes=task.classes, builder=task.builder,
                          tile_size=task.package_tile_size, overlap=task.package_overlap, gsd=task.gsd,
@@ -318,6 +335,7 @@ def fit(task, params, out_dir):
             clock.start()
             for epoch in range(1, epochs + 1):
                 model.train()
+                transfer.start_epoch(model, epoch, log)
                 losses, parts = [], {}
                 for step in range(steps):
                     train_prog.check()

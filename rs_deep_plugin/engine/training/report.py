@@ -27,6 +27,25 @@ def metric_series(history):
     return [(METRIC_LABELS.get(key, key), [(h.get("val") or {}).get(key) for h in history]) for key in keys]
 
 
+def lineage_text(lineage):
+    """One line saying what a run started from (a report's ``lineage``, :class:`.transfer.Transfer`), or None for a
+    network trained from scratch with the run's settings."""
+    if not lineage:
+        return None
+    parts = []
+    init, weights = lineage.get("init_from"), lineage.get("encoder_weights")
+    if init:
+        parts.append(f"fine-tuned from {init['name']} (sha256 {init['sha256'][:12]}, {init['tensors_copied']} tensors "
+                     f"copied, {init['tensors_new']} new)")
+    if weights:
+        parts.append(f"encoder weights {weights['file']} (sha256 {weights['sha256'][:12]})")
+    if lineage.get("freeze_encoder_epochs"):
+        parts.append(f"encoder frozen {lineage['freeze_encoder_epochs']} epoch(s)")
+    if lineage.get("encoder_lr_factor", 1.0) != 1.0:
+        parts.append(f"encoder lr x{lineage['encoder_lr_factor']:g}")
+    return "; ".join(parts) or None
+
+
 def plot_training_curves(report, path):
     """Draw the training loss (and the validation loss) and the validation metrics of the report's ``history``
     by epoch into ``path``, with the epoch kept (``best.epoch``) marked.
@@ -75,7 +94,8 @@ def plot_training_curves(report, path):
         extra.append("stopped early")
     if report.get("cancelled"):
         extra.append("cancelled")
-    fig.suptitle(title + (f" ({', '.join(extra)})" if extra else ""), fontsize=10)
+    start = lineage_text(report.get("lineage"))
+    fig.suptitle(title + (f" ({', '.join(extra)})" if extra else "") + (f"\n{start}" if start else ""), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -104,6 +124,9 @@ def report_summary(report):
              + f", {report['seconds']:.0f} s on {report['device']}, seed {report['seed']}"]
     lines.append(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["samples"].items()
                            if not isinstance(v, dict)))
+    start = lineage_text(report.get("lineage"))
+    if start:
+        lines.append(start)
     best = report.get("best") or {}
     metrics = best.get("metrics")
     monitor = report["monitor"]["metric"]
@@ -128,5 +151,5 @@ def _f(value):
     return "-" if value is None else f"{value:.3f}"
 
 
-__all__ = ["plot_training_curves", "metric_series", "write_training_report", "report_summary", "REPORT_NAME",
+__all__ = ["plot_training_curves", "lineage_text", "metric_series", "write_training_report", "report_summary", "REPORT_NAME",
            "CURVES_NAME", "METRIC_LABELS"]
