@@ -15,8 +15,9 @@ from .labels import label_colors, map_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
 from .params import resolve_model_path
-from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DEFAULT_TILE, DETECTION_ARCHITECTURES,
+from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES)
+from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
 TASKS = list(TASK_TABLE)  # segmentation, detection, patch_classification, change (the engine's task table)
@@ -25,6 +26,11 @@ TASK_LABELS = [t.label for t in TASK_TABLE.values()]
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
+TIME_BUDGET_DEFAULT = 15.0  # minutes
+EPOCHS_DEFAULT = 100
+PATIENCE_DEFAULT = 10
+DEFAULTS_TEXT = "; ".join(f"{t.replace('_', ' ')}: batch {d['batch_size']}, learning rate {d['lr']:g}, tile {d['tile_size']}"
+                          for t, d in TOOLBOX_DEFAULTS.items())
 # the engine's allow-lists (smp, torchvision) and its CenterNet, the detection default here
 ARCHITECTURES = [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
 
@@ -145,20 +151,24 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Encoder learning rate factor</b> (ENCODER_LR): the encoder learns at the learning rate times this "
             "factor; 1 = the same; 0.1 is a good start from pretrained weights. The package's model.json "
             "(rs_deep:training lineage) and training_report.json record what the model started from.<br>"
-            "<b>Epochs, batch size, learning rate</b>: the training budget (batch size 0 = the task's default).<br>"
-            "<b>Time budget</b>: minutes of training; the run stops after EPOCHS or the budget, whichever comes "
-            "first, with the learning rate annealed over that time, so a budgeted run ends as a full run does. "
-            "0 = no limit.<br>"
-            "<b>Tile size</b>: training crops in pixels (segmentation and detection: a multiple of 32, default 256; "
-            "patch classification: the patch size, default 16). 0 = the default.<br>"
-            "<b>Steps per epoch</b>: batches per epoch (0 = enough to see the training area about twice).<br>"
+            "<b>Time budget</b> (default 15 minutes) and <b>Epochs</b> (default 100): the run stops after the "
+            "budget or the epochs, whichever comes first, with the learning rate annealed over that span, so a "
+            "budgeted run ends as a full run does; time budget 0 = no limit. The defaults were measured on areas "
+            "the model never saw (README, 'Training that generalises').<br>"
+            f"<b>Batch size, learning rate, tile size</b>: 0 = the task's default ({DEFAULTS_TEXT}). Tile size: "
+            "training crops in pixels (segmentation, detection and change: a multiple of 32; patch "
+            "classification: the patch size).<br>"
+            f"<b>Steps per epoch</b>: batches per epoch (0 = enough to see the training area about twice, at least "
+            f"{MIN_STEPS}).<br>"
             "<b>Validation</b>: the fraction of the raster's rows (at the bottom) held back to measure every "
             "epoch (change: the share of square blocks two chips wide, 512 px by default, so a pair needs "
             "at least two blocks to be validated); 0 = none. Not used with CHIPS (their split is).<br>"
             "<b>Augmentations</b>: random flips, 90-degree rotations and brightness/contrast jitter of the "
             "training crops (all on by default; random rescaling is always on).<br>"
-            "<b>Early stopping patience</b>: stop after that many epochs without a better validation metric "
-            "(IoU, AP50 or accuracy); 0 = train every epoch. The best epoch is kept either way.<br>"
+            "<b>Early stopping patience</b> (default 10): stop after that many epochs without a better validation "
+            "metric (IoU, AP50 or accuracy), counted in the second half of the schedule (earlier, at the peak "
+            "learning rate, the metric jumps); 0 = train every epoch. The best epoch by the validation metric is "
+            "kept either way: on small labels later epochs overfit.<br>"
             "<b>Device</b>: auto picks a CUDA GPU, then Apple MPS, then the CPU.<br>"
             "<b>Model package</b>: the folder written (model.json, model.safetensors, training_report.json, "
             "training_curves.png). "
@@ -180,17 +190,17 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(NamedEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES, defaultValue=0))
         self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder", DEFAULT_ENCODER, optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
-                                                       20, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(self.TIME_BUDGET, "Time budget (minutes; 0 = no limit)",
-                                                       QgsProcessingParameterNumber.Double, 0, optional=True,
-                                                       minValue=0))
+                                                       QgsProcessingParameterNumber.Double, TIME_BUDGET_DEFAULT,
+                                                       optional=True, minValue=0))
+        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Epochs (at most)",
+                                                       QgsProcessingParameterNumber.Integer, EPOCHS_DEFAULT, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(self.BATCH_SIZE, "Batch size (0 = the task's default)",
                                                        QgsProcessingParameterNumber.Integer, 0, optional=True,
                                                        minValue=0))
-        self.addParameter(QgsProcessingParameterNumber(self.LEARNING_RATE, "Learning rate",
-                                                       QgsProcessingParameterNumber.Double, 0.002, minValue=1e-7,
-                                                       maxValue=1.0))
+        self.addParameter(QgsProcessingParameterNumber(self.LEARNING_RATE, "Learning rate (0 = the task's default)",
+                                                       QgsProcessingParameterNumber.Double, 0, optional=True,
+                                                       minValue=0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size (px; 0 = the task's default)",
                                                        QgsProcessingParameterNumber.Integer, 0, optional=True,
                                                        minValue=0))
@@ -205,7 +215,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
                                     defaultValue=[0, 1, 2], optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.PATIENCE, "Early stopping patience (epochs; 0 = off)",
-                                                       QgsProcessingParameterNumber.Integer, 8, optional=True,
+                                                       QgsProcessingParameterNumber.Integer, PATIENCE_DEFAULT,
+                                                       optional=True,
                                                        minValue=0))
         for p in advanced:
             p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -239,10 +250,12 @@ class TrainAlgorithm(RSDeepAlgorithm):
         encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
         budget = self.parameterAsDouble(parameters, self.TIME_BUDGET, context) \
-            if parameters.get(self.TIME_BUDGET) not in (None, "") else 0
-        batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or None
-        lr = self.parameterAsDouble(parameters, self.LEARNING_RATE, context)
-        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or DEFAULT_TILE[task]
+            if parameters.get(self.TIME_BUDGET) not in (None, "") else TIME_BUDGET_DEFAULT
+        defaults = TOOLBOX_DEFAULTS[task]
+        batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or defaults["batch_size"]
+        lr = (self.parameterAsDouble(parameters, self.LEARNING_RATE, context)
+              if parameters.get(self.LEARNING_RATE) not in (None, "") else 0) or defaults["lr"]
+        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or defaults["tile_size"]
         steps = self.parameterAsInt(parameters, self.STEPS_PER_EPOCH, context) or None
         val = self.parameterAsDouble(parameters, self.VALIDATION, context) \
             if parameters.get(self.VALIDATION) not in (None, "") else 0.2
@@ -253,7 +266,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         if "brightness" not in chosen:
             augment.update(brightness=0.0, contrast=0.0, gamma=0.0, noise=0.0)
         patience = self.parameterAsInt(parameters, self.PATIENCE, context) \
-            if parameters.get(self.PATIENCE) not in (None, "") else 8
+            if parameters.get(self.PATIENCE) not in (None, "") else PATIENCE_DEFAULT
         out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not out_dir:
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
@@ -279,8 +292,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
         common = dict(epochs=epochs, time_budget=budget or None, steps_per_epoch=steps, lr=lr, device=device,
                       name=name, augment=augment, **transfer)
-        if batch:
-            common["batch_size"] = batch
+        common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)
         callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
         feedback.pushInfo("Augmentations: " + (", ".join(AUGMENTS[AUGMENT_NAMES.index(n)] for n in chosen) or "none")

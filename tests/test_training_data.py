@@ -358,3 +358,22 @@ def test_class_colours_come_from_the_labels_style(provider, tmp_path):
     manifest = json.loads(Path(chips["MANIFEST"]).read_text())
     assert [(c["name"], c["color"]) for c in manifest["classes"]] == [("background", "000000"), ("house", "123456"),
                                                                        ("shed", "ABCDEF")]
+
+
+def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, tmp_path):
+    """rs_deep:train with only INPUT, LABELS, OUTPUT and a short TIME_BUDGET: the per-task defaults (tile, batch,
+    learning rate: TOOLBOX_DEFAULTS), at most 100 epochs, patience 10; the run stops on its budget."""
+    from qgis.core import QgsApplication
+    from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS
+    train = QgsApplication.processingRegistry().algorithmById("rs_deep:train")
+    defaults = {p.name(): p.defaultValue() for p in train.parameterDefinitions()}
+    assert defaults["TIME_BUDGET"] == 15 and defaults["EPOCHS"] == 100 and defaults["PATIENCE"] == 10
+    fb = RecordingFeedback()
+    res = _run("rs_deep:train", {"INPUT": str(ATLANTA_IMAGE), "LABELS": str(ATLANTA_LABELS), "TIME_BUDGET": 0.1,
+                                 "OUTPUT": str(tmp_path / "pkg")}, fb)
+    report = json.loads(Path(res["REPORT"]).read_text())
+    seg = TOOLBOX_DEFAULTS["segmentation"]
+    assert (report["tile_size"], report["batch_size"], report["lr"]) == (seg["tile_size"], seg["batch_size"], seg["lr"])
+    assert report["epochs_planned"] == 100 and report["patience"] == 10 and report["time_budget_minutes"] == 0.1
+    assert report["stopped_by_budget"] and report["epochs_run"] < 100 and report["steps_per_epoch"] >= 25
+    assert report["best"]["epoch"] is not None and (Path(res["OUTPUT"]) / "model.safetensors").is_file()

@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
-"""U-Net vs per-pixel random forest on the same labels, scored on an area neither saw.
+"""U-Net (rs_deep:train with its defaults) vs per-pixel random forest on the same labels, scored on an area neither saw.
 
-    make compare-rf        (or .venv/bin/python tools/compare_rf.py [--data ../shared/data] [--quick])
+    make compare-rf        (or .venv/bin/python tools/compare_rf.py [--data ../shared/data] [--quick]
+                                                                 [--only SPLIT] [--old-recipe])
 
-For each labelled scene of ../shared/data (buildings_atlanta: building footprints on 0.5 m
-panchromatic; fields_denmark: crop groups of the Danish field register on 10 m Sentinel-2) the raster is
-cut in two by area: a training part and a held-out part (`SPLITS`). Then, through QGIS Processing:
+For each split of ``SPLITS`` (a labelled scene of ../shared/data cut in two by area: a training part and a
+held-out part; buildings_atlanta: building footprints on 0.5 m panchromatic, held out once at the bottom,
+mostly forest, and once on the right, houses and forest; fields_denmark: crop groups of the Danish field
+register on 10 m Sentinel-2), through QGIS Processing:
 
-* U-Net: ``rs_deep:train`` (segmentation, Unet/resnet18, the labels of the training part) then
-  ``rs_deep:segment`` on the held-out part;
+* U-Net: ``rs_deep:train`` with its defaults (INPUT, LABELS, CLASS_FIELD and OUTPUT only) on the training
+  part, then ``rs_deep:segment`` on the held-out part, once as it is and once with TTA d4 (the 8
+  flips/rotations averaged); with ``--old-recipe`` also the explicit settings of 0.5.0 (``OLD_RECIPE``);
 * random forest: scikit-learn's RandomForestClassifier on the pixels of the training part, one pixel
   at a time (its band values are the features: no neighbourhood), predicting the held-out part;
 
-and both class rasters are scored by ``rs_deep:assess_accuracy`` against the same reference polygons
+and every class raster is scored by ``rs_deep:assess_accuracy`` against the same reference polygons
 (pixels outside every polygon are background). Prints a Markdown table and writes it, with the
-numbers, to build/compare_rf/.
+numbers (and the training wall and CPU seconds), to build/compare_rf/.
 """
 import argparse
 import json
@@ -29,16 +32,21 @@ sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 OUT = os.path.join(ROOT, "build", "compare_rf")
 
-# scene -> (image, labels, layer, class field, grouping, held-out side, held-out share, training settings)
+# split -> image, labels, class field, held-out side and share
 SPLITS = {
     "buildings_atlanta": dict(image="buildings_atlanta/image.tif", labels="buildings_atlanta/buildings.geojson",
-                              field=None, side="bottom", held_out=0.35,
-                              train=dict(TILE_SIZE=160, EPOCHS=20, STEPS_PER_EPOCH=40, BATCH_SIZE=8,
-                                         LEARNING_RATE=0.003, PATIENCE=8)),
+                              field=None, side="bottom", held_out=0.35),
+    "buildings_atlanta_right": dict(image="buildings_atlanta/image.tif", labels="buildings_atlanta/buildings.geojson",
+                                    field=None, side="right", held_out=0.35),
     "fields_denmark": dict(image="fields_denmark/image.tif", labels="fields_denmark/fields.gpkg|layername=fields",
-                           field="Afgroede", side="right", held_out=0.3,
-                           train=dict(TILE_SIZE=64, EPOCHS=30, STEPS_PER_EPOCH=40, BATCH_SIZE=16,
-                                      LEARNING_RATE=0.003, PATIENCE=10)),
+                           field="Afgroede", side="right", held_out=0.3),
+}
+#: the settings that 0.5.0's table was measured with (rs_deep:train's defaults were then 20 epochs of 4 steps)
+OLD_RECIPE = {
+    "buildings": dict(ARCHITECTURE=1, ENCODER="resnet18", TILE_SIZE=160, EPOCHS=20, STEPS_PER_EPOCH=40, BATCH_SIZE=8,
+                      LEARNING_RATE=0.003, PATIENCE=8),
+    "fields": dict(ARCHITECTURE=1, ENCODER="resnet18", TILE_SIZE=64, EPOCHS=30, STEPS_PER_EPOCH=40, BATCH_SIZE=16,
+                   LEARNING_RATE=0.003, PATIENCE=10),
 }
 
 
@@ -142,11 +150,20 @@ def assess(processing, prediction, layer, model, html):
             "classes": per_class, "report": html}
 
 
+def train_unet(processing, train_tif, layer, out, settings):
+    """rs_deep:train into ``out`` with ``settings`` over the defaults; (wall seconds, CPU seconds)."""
+    t0, c0 = time.time(), time.process_time()
+    processing.run("rs_deep:train", dict(INPUT=train_tif, LABELS=layer, CLASS_FIELD="class", TASK=0, OUTPUT=out,
+                                         **settings))
+    return round(time.time() - t0, 1), round(time.process_time() - c0, 1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
-    ap.add_argument("--quick", action="store_true", help="2 epochs (a smoke run, not the published numbers)")
-    ap.add_argument("--only", choices=sorted(SPLITS))
+    ap.add_argument("--quick", action="store_true", help="a 1-minute budget (a smoke run, not the published numbers)")
+    ap.add_argument("--only", choices=sorted(SPLITS), action="append", help="this split only (repeatable)")
+    ap.add_argument("--old-recipe", action="store_true", help="also train with 0.5.0's explicit settings")
     args = ap.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from qgis.core import QgsApplication
@@ -162,50 +179,60 @@ def main(argv=None):
     from qgis.core import QgsRasterLayer
 
     results = {}
+    if os.path.isfile(os.path.join(OUT, "results.json")):  # keep the other splits' numbers
+        with open(os.path.join(OUT, "results.json"), encoding="utf-8") as f:
+            results = {k: v for k, v in json.load(f).items() if k in SPLITS}
     for scene, spec in SPLITS.items():
-        if args.only and scene != args.only:
+        if args.only and scene not in args.only:
             continue
         out = os.path.join(OUT, scene)
         os.makedirs(out, exist_ok=True)
         parts = split_raster(os.path.join(args.data, spec["image"]), out, spec["side"], spec["held_out"])
         crs = QgsRasterLayer(parts["train"], "t").crs().authid()
         layer = label_layer(spec, args.data, crs)
-        settings = dict(spec["train"], **({"EPOCHS": 2} if args.quick else {}))
-        print(f"== {scene}: held-out {spec['side']} {spec['held_out']:.0%}; U-Net training {settings}", flush=True)
-        t0 = time.time()
-        model = os.path.join(out, "unet")
-        processing.run("rs_deep:train", dict(INPUT=parts["train"], LABELS=layer, CLASS_FIELD="class", TASK=0,
-                                             ARCHITECTURE=1, ENCODER="resnet18", VALIDATION=0.2, DEVICE=0,
-                                             OUTPUT=model, **settings))
-        unet_s = time.time() - t0
-        unet_tif = os.path.join(out, "unet_held_out.tif")
-        processing.run("rs_deep:segment", {"INPUT": parts["test"], "MODEL": model, "OUTPUT": unet_tif})
-        with open(os.path.join(model, "model.json"), encoding="utf-8") as f:
+        quick = {"TIME_BUDGET": 1} if args.quick else {}
+        recipes = {"unet": dict(quick)}
+        if args.old_recipe:
+            recipes["unet_old"] = dict(OLD_RECIPE[scene.split("_")[0]], **({"EPOCHS": 2} if args.quick else {}))
+        row = {}
+        for key, settings in recipes.items():
+            print(f"== {scene}: held-out {spec['side']} {spec['held_out']:.0%}; U-Net ({key}) {settings or 'defaults'}",
+                  flush=True)
+            model = os.path.join(out, key)
+            wall, cpu = train_unet(processing, parts["train"], layer, model, settings)
+            with open(os.path.join(model, "training_report.json"), encoding="utf-8") as f:
+                rep = json.load(f)
+            info = dict(seconds=wall, cpu_seconds=cpu, settings=settings, epochs=rep["epochs_run"],
+                        crops_seen=rep["samples"]["crops_seen"], tile_size=rep["tile_size"],
+                        batch_size=rep["batch_size"])
+            for tta in (("none", "d4") if key == "unet" else ("none",)):
+                tif = os.path.join(out, f"{key}_{tta}_held_out.tif")
+                processing.run("rs_deep:segment", {"INPUT": parts["test"], "MODEL": model, "OUTPUT": tif, "TTA": tta})
+                name = key if tta == "none" else f"{key}_tta"
+                row[name] = dict(assess(processing, tif, layer, model, os.path.join(out, f"{name}_report.html")),
+                                 tta=tta, **info)
+        with open(os.path.join(out, "unet", "model.json"), encoding="utf-8") as f:
             names = [c["name"] for c in json.load(f)["properties"]["mlm:output"][0]["classification:classes"]]
         rf_tif = os.path.join(out, "rf_held_out.tif")
         t0 = time.time()
         rf_info = random_forest(parts["train"], parts["test"], layer, names, rf_tif)
-        rf_s = time.time() - t0
-        results[scene] = {
-            "classes": names,
-            "unet": dict(assess(processing, unet_tif, layer, model, os.path.join(out, "unet_report.html")),
-                         seconds=round(unet_s, 1)),
-            "random_forest": dict(assess(processing, rf_tif, layer, model, os.path.join(out, "rf_report.html")),
-                                  seconds=round(rf_s, 1), **rf_info),
-        }
-    if args.only and os.path.isfile(os.path.join(OUT, "results.json")):  # keep the other scene's numbers
-        with open(os.path.join(OUT, "results.json"), encoding="utf-8") as f:
-            earlier = json.load(f)
-        results = {k: (results[k] if k in results else earlier[k]) for k in SPLITS if k in results or k in earlier}
-    md = ["| scene (held-out area) | method | overall accuracy | kappa | mean IoU | IoU per class |",
-          "| --- | --- | --- | --- | --- | --- |"]
+        row["random_forest"] = dict(assess(processing, rf_tif, layer, os.path.join(out, "unet"), os.path.join(out, "rf_report.html")),
+                                    seconds=round(time.time() - t0, 1), **rf_info)
+        results[scene] = dict(classes=names, held_out=f"{spec['side']} {spec['held_out']:.0%}", **row)
+    labels = {"unet": "U-Net, rs_deep:train defaults", "unet_tta": "the same + TTA d4 at rs_deep:segment",
+              "unet_old": "U-Net, 0.5.0 recipe", "random_forest": "per-pixel random forest"}
+    md = ["| scene (held-out area) | method | training | overall accuracy | kappa | mean IoU | IoU per class |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
     for scene, r in results.items():
-        for key, label in (("unet", "U-Net (rs_deep:train)"), ("random_forest", "per-pixel random forest")):
+        for key, label in labels.items():
+            if key not in r:
+                continue
             m = r[key]
             ious = ", ".join(f"{n} {m['classes'][n]['iou']:.2f}" if m["classes"].get(n, {}).get("iou") is not None
                              else f"{n} –" for n in r["classes"])
-            md.append(f"| {scene} | {label} | {m['overall_accuracy']:.3f} | {m['kappa']:.3f} | "
-                      f"{m['mean_iou']:.3f} | {ious} |")
+            took = f"{m['seconds'] / 60:.1f} min" if key != "unet_tta" else "(same model)"
+            md.append(f"| {scene.split('_right')[0]} ({r['held_out']}) | {label} | {took} | "
+                      f"{m['overall_accuracy']:.3f} | {m['kappa']:.3f} | {m['mean_iou']:.3f} | {ious} |")
     text = "\n".join(md)
     print(text)
     with open(os.path.join(OUT, "results.md"), "w", encoding="utf-8") as f:

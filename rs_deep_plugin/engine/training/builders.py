@@ -39,8 +39,16 @@ DEFAULT_BUILDERS = {
 SEGMENTATION_ARCHITECTURES = list(SMP_ARCHITECTURES)
 DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES)
 DEFAULT_ENCODER = "resnet18"
+#: rs_deep:train's defaults per task (what TILE_SIZE 0, BATCH_SIZE 0 and the learning rate give), as trainer keyword
+#: arguments; measured on unseen areas of ../shared/data (tools/compare_rf.py, tools/eval_trees.py)
+TOOLBOX_DEFAULTS = {
+    "segmentation": {"tile_size": 128, "batch_size": 16, "lr": 3e-3},
+    "detection": {"tile_size": 256, "batch_size": 4, "lr": 2e-3},
+    "patch_classification": {"tile_size": 16, "batch_size": 64, "lr": 2e-3},
+    "change": {"tile_size": 128, "batch_size": 8, "lr": 2e-3},
+}
 #: training crop (patch) size in px of each task when TILE_SIZE is not given
-DEFAULT_TILE = {"segmentation": 256, "detection": 256, "patch_classification": 16, "change": 128}
+DEFAULT_TILE = {task: d["tile_size"] for task, d in TOOLBOX_DEFAULTS.items()}
 #: CenterNet as the bundled trees_demo is built (tools/make_trees_model.py): a light decoder, heatmap at 1/2
 CENTERNET_PARAMS = {"base": "Unet", "encoder_depth": 3, "output_stride": 2, "decoder_channels": [64, 32],
                     "head_channels": 64}
@@ -114,5 +122,5 @@ def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
     return {"library": "timm", "architecture": encoder, "encoder_weights": None, "params": params}
 
 
-__all__ = ["DEFAULT_BUILDERS", "SEGMENTATION_ARCHITECTURES", "DETECTION_ARCHITECTURES", "DEFAULT_ENCODER",
+__all__ = ["DEFAULT_BUILDERS", "TOOLBOX_DEFAULTS", "DEFAULT_TILE", "SEGMENTATION_ARCHITECTURES", "DETECTION_ARCHITECTURES", "DEFAULT_ENCODER",
            "CENTERNET_PARAMS", "resolve_builder", "toolbox_builder"]

@@ -32,7 +32,7 @@ from ..geo.labels import IGNORE
 from ..geo.raster import pixel_size_metres
 from .augment import check_augment
 from .data import check_band_names, compute_value_scaling, model_classes, scale_image, select_bands
-from .loop import TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import MIN_STEPS, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import PairSampler
 from .segmentation import DenseTask, evaluate
 
@@ -130,7 +130,7 @@ class ChangeTask(DenseTask):
 
     def default_steps(self, batch_size):
         area = sum(p["mask"].size for p in self.train)
-        return max(4, int(math.ceil(1.0 * area / (self.tile_size * self.tile_size) / batch_size)))
+        return max(MIN_STEPS, int(math.ceil(1.0 * area / (self.tile_size * self.tile_size) / batch_size)))
 
     def make_sampler(self, rng):
         return PairSampler(self.images, [p["mask"] for p in self.train], [p["valid"] for p in self.train],

@@ -37,7 +37,7 @@ from .augment import check_augment
 from .builders import resolve_builder
 from .data import (DetectionSample, as_sample, check_band_names, compute_value_scaling, load_sample,
                    model_classes, resample_to_gsd, scale_image)
-from .loop import TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import BoxCropSampler
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class DetectionTask(TrainingTask):
 
     def default_steps(self, batch_size):
         area = sum(it.valid.size for it in self.train_items)
-        return max(4, int(math.ceil(area / (self.tile_size * self.tile_size) / batch_size)))
+        return max(MIN_STEPS, int(math.ceil(area / (self.tile_size * self.tile_size) / batch_size)))
 
     def make_sampler(self, rng):
         sampler = BoxCropSampler(self.train_items, self.tile_size, rng, **self.sampler_options)

@@ -24,6 +24,14 @@ from .report import REPORT_NAME, write_training_report
 from .transfer import Transfer, check_transfer_options
 
 
+#: the fewest steps of an epoch when the caller gives no steps_per_epoch: on a small image "two passes over the
+#: data" is a handful of steps, and an epoch is also when validation, the log line and early stopping happen
+MIN_STEPS = 25
+#: early stopping counts epochs without a better validation metric only from this share of the schedule on (the
+#: learning rate is then coming down); before it, the metric of a small validation area jumps from epoch to epoch
+PATIENCE_FROM = 0.5
+
+
 def seed_everything(seed):
     """Seed Python's, numpy's and torch's global random generators."""
     import torch
@@ -58,7 +66,8 @@ class TrainParams:
     budget, whichever comes first, and the learning-rate schedule runs over whichever is shorter, so a budgeted
     run still ends annealed); ``steps_per_epoch`` (None: the task's default, about one or two passes over the
     training data); ``batch_size``; ``lr`` (the peak of the one-cycle schedule) and ``weight_decay`` (AdamW);
-    ``seed``; ``patience`` (stop after that many epochs without a better validation metric; 0: never);
+    ``seed``; ``patience`` (stop after that many epochs without a better validation metric, counted in the second
+    half of the schedule, :data:`PATIENCE_FROM`; 0: never);
     ``device`` ("auto", "cpu", "cuda", "mps"); ``num_threads`` (torch CPU threads during the run);
     ``name`` and ``description`` of the package; ``weights_dtype`` of its weights; ``progress(fraction,
     message)``, ``is_cancelled()`` and ``log(message)`` callbacks.
@@ -382,8 +391,8 @@ def fit(task, params, out_dir):
                     best.update(key=key, epoch=epoch, metrics=metrics,
                                 state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
                     since_best = 0
-                else:
-                    since_best += 1
+                elif clock.progress() >= PATIENCE_FROM:
+                    since_best += 1  # patience runs in the second half only: at the peak learning rate the metric jumps
                 msg = f"Epoch {epoch}/{epochs}: loss {train_loss:.4f}"
                 if metrics is not None:
                     msg += task.epoch_message(metrics, val_loss, best)
@@ -417,5 +426,5 @@ def fit(task, params, out_dir):
             torch.set_num_threads(old_threads)
 
 
-__all__ = ["fit", "TrainParams", "TrainingTask", "seed_everything", "check_tile", "check_package_tiling",
+__all__ = ["MIN_STEPS", "fit", "TrainParams", "TrainingTask", "seed_everything", "check_tile", "check_package_tiling",
            "import_torch"]

@@ -27,7 +27,7 @@ from .augment import check_augment
 from .builders import resolve_builder
 from .data import (band_names as image_band_names, compute_value_scaling, grid_patches, model_classes, read_image,
                    scale_image, validation_split, window_dict, window_slices)
-from .loop import TrainingTask, TrainParams, fit, import_torch
+from .loop import MIN_STEPS, TrainingTask, TrainParams, fit, import_torch
 from .samplers import PatchSampler
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class PatchTask(TrainingTask):
         return build_model(self.builder).to(device).to(memory_format=memory_format)
 
     def default_steps(self, batch_size):
-        return max(4, int(math.ceil(2.0 * len(self.train_cells) / batch_size)))
+        return max(MIN_STEPS, int(math.ceil(2.0 * len(self.train_cells) / batch_size)))
 
     def make_sampler(self, rng):
         img, lab, valid = self.train

@@ -32,7 +32,7 @@ from .augment import check_augment
 from .builders import resolve_builder
 from .data import (band_names as image_band_names, class_counts, compute_value_scaling, model_classes, read_image,
                    scale_image, validation_split, window_dict, window_slices)
-from .loop import TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import MultiCropSampler
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class SegmentationTask(DenseTask):
         self.where = ""
 
     def default_steps(self, batch_size):
-        return max(4, int(math.ceil(2.0 * self.train_px / (self.tile_size * self.tile_size) / batch_size)))
+        return max(MIN_STEPS, int(math.ceil(2.0 * self.train_px / (self.tile_size * self.tile_size) / batch_size)))
 
     def make_sampler(self, rng):
         return MultiCropSampler(self.train, self.tile_size, rng, **self.sampler_options)
