@@ -161,8 +161,10 @@ def test_export_buildings_demo_matches_pytorch(tmp_path):
     out = export_onnx(DEMO_MODEL, tmp_path / "buildings.onnx")
     props = _metadata_props(out)
     assert json.loads(props["resolution"]) == pytest.approx(50.0)  # 0.5 m in cm
-    assert json.loads(props["standardization_mean"])[0] == pytest.approx(111.0 / 255)
-    assert json.loads(props["standardization_std"])[0] == pytest.approx((1273.0 - 111.0) / 255)
+    scaling = json.loads((DEMO_MODEL / "model.json").read_text())["properties"]["mlm:input"][0]["value_scaling"][0]
+    lo, hi = scaling["minimum"], scaling["maximum"]  # the package's min-max scaling, as Deepness reads it
+    assert json.loads(props["standardization_mean"])[0] == pytest.approx(lo / 255)
+    assert json.loads(props["standardization_std"])[0] == pytest.approx((hi - lo) / 255)
     assert json.loads(props[MODEL_JSON_KEY])["properties"]["mlm:name"] == "buildings_demo"
     a = segment(SAMPLE, out, tmp_path / "o.tif", probabilities=tmp_path / "po.tif", device="cpu")
     b = segment(SAMPLE, DEMO_MODEL, tmp_path / "t.tif", probabilities=tmp_path / "pt.tif", device="cpu")
