@@ -151,16 +151,9 @@ def main(argv=None):
 
     settings = dict(SETTINGS, time_budget=args.minutes)
     import tempfile
-    from rasterio.windows import Window
+    from compare_rf import split_raster  # the same cut as compare-rf's buildings_atlanta_right
     tmp = tempfile.mkdtemp()
-    with rasterio.open(image) as src:  # the training part: the left 1 - HELD_OUT of the scene
-        win = Window(0, 0, int(round(src.width * (1 - HELD_OUT))), src.height)
-        prof = dict(src.profile, width=int(win.width), height=int(win.height), transform=src.window_transform(win),
-                    driver="GTiff", tiled=False, compress="deflate")
-        prof.pop("blockxsize", None), prof.pop("blockysize", None)
-        train_image = os.path.join(tmp, "atlanta_left.tif")
-        with rasterio.open(train_image, "w", **prof) as dst:
-            dst.write(src.read(window=win))
+    train_image = split_raster(str(image), tmp, "right", HELD_OUT)["train"]  # the left 1 - HELD_OUT of the scene
     t0, cpu0 = time.time(), time.process_time()
     report = train_segmentation(
         train_image, labels, out,
