@@ -36,7 +36,7 @@ qgis:
 $(VENV)/.rs_deep-installed: requirements.txt requirements-dev.txt | qgis
 	@test -x $(PY) || $(SYS_PY) -m venv --system-site-packages $(VENV)
 	@$(SYS_PY) -c 'import numpy; print("numpy==" + numpy.__version__)' > constraints.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-binary shapely -c constraints.txt -r requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-cache-dir --no-binary shapely -c constraints.txt -r requirements-dev.txt
 	$(PY) -c "import qgis.core, torch, torchvision, segmentation_models_pytorch, rasterio, shapely, safetensors, pytest_qgis; print('RS Deep environment ready: torch', torch.__version__, '| rasterio', rasterio.__version__, '| numpy', __import__('numpy').__version__)"
 	@touch $@
 

@@ -296,14 +296,27 @@ class Installer:
             modules = [m for m, d in VERIFY_MODULES.items() if _canon(d) in names]
         self.modules = list(modules)
         self.pip_args = list(pip_args)
-        self.work_dir = work_dir or tempfile.mkdtemp(prefix="rs_deep_install_")
-        self.constraints = os.path.join(self.work_dir, "constraints.txt")
-        self.report = os.path.join(self.work_dir, "report.json")
+        self.work_dir = work_dir  # None: a temporary folder, made by write_constraints, removed by cleanup()
+        self._temp_dir = None
         self.pip_dir = os.path.join(self.target, ".pip")
         self.to_install = None  # [name==version] after the resolve step
         self.left_out = []  # packaging tools pip asked for that stay out of the target
         self._queue = None
         self.log_lines = []
+
+    @property
+    def constraints(self):
+        return os.path.join(self.work_dir, "constraints.txt") if self.work_dir else None
+
+    @property
+    def report(self):
+        return os.path.join(self.work_dir, "report.json") if self.work_dir else None
+
+    def cleanup(self):
+        """Remove the temporary work folder (nothing is left behind in the system's temp folder)."""
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = self.work_dir = None
 
     # -- what the dialog shows before anything runs
     def describe(self):
@@ -318,6 +331,8 @@ class Installer:
         return "\n".join(lines)
 
     def write_constraints(self):
+        if self.work_dir is None:
+            self.work_dir = self._temp_dir = tempfile.mkdtemp(prefix="rs_deep_install_")
         os.makedirs(self.work_dir, exist_ok=True)
         with open(self.constraints, "w", encoding="utf-8") as f:
             f.write(constraints_text(self.protected))
@@ -409,7 +424,8 @@ class Installer:
         return None
 
     def result(self, last_step, returncode):
-        """The outcome of :func:`run_steps` (or the dialog's run) as a :class:`Result`."""
+        """The outcome of :func:`run_steps` (or the dialog's run) as a :class:`Result`; removes the work folder."""
+        self.cleanup()
         if last_step is None:
             return Result(True, "Nothing to install: every requirement is already met.")
         if returncode != 0:

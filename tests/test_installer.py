@@ -5,6 +5,7 @@ import site
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy
@@ -65,11 +66,15 @@ def test_installs_into_the_target_only_and_protects_numpy(wheelhouse, tmp_path, 
     assert res.installed == [f"{FAKE}==0.1.0"]
     assert "Successfully installed" in log and f"ok {FAKE} 0.1.0" in log
     # constraints: numpy pinned to the version running here
-    constraints = open(inst.constraints).read().splitlines()
+    constraints = installer.constraints_text(inst.protected).splitlines()
     assert f"numpy=={numpy.__version__}" in constraints
     assert any(c.startswith("GDAL==") for c in constraints)
     commands = [line for line in lines if line.startswith("$ ") and " pip install" in line]
-    assert len(commands) == 2 and all(f"-c {inst.constraints}" in c for c in commands)
+    used = commands[0].split(" -c ", 1)[1].split(" ", 1)[0]
+    assert len(commands) == 2 and all(f"-c {used}" in c for c in commands)
+    # the constraints and pip's report lived in a temporary folder that is gone now
+    assert os.path.basename(os.path.dirname(used)).startswith("rs_deep_install_")
+    assert not os.path.exists(os.path.dirname(used)) and inst.work_dir is None
     assert "--dry-run --report" in commands[0] and f"--target {target} --upgrade --no-deps" in commands[1]
     # only our package in the target: numpy was satisfied by QGIS's own
     assert sorted(os.listdir(target)) == [FAKE, f"{FAKE}-0.1.0.dist-info"]
@@ -85,13 +90,22 @@ def test_installs_into_the_target_only_and_protects_numpy(wheelhouse, tmp_path, 
     assert again.ok and again.installed == [] and "Nothing to install" in again.message
 
 
-def test_a_failing_install_says_so(tmp_path):
+def _work_dirs():
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("rs_deep_install_")}
+
+
+def test_a_failing_install_says_so_and_leaves_no_temporary_folder(tmp_path):
     opts = dict(requirements=["rsdeep-no-such-package==1.0"], index_args=["--no-index", "--find-links", str(tmp_path)],
                 cuda=False, pip_args=["--isolated"], modules=["rsdeep_no_such_package"])
+    before = _work_dirs()
+    inst = installer.Installer(str(tmp_path / "t"), **opts)
+    inst.describe()  # what the dialog shows: makes no folder
+    assert _work_dirs() == before
     lines = []
-    res = installer.run_steps(installer.Installer(str(tmp_path / "t"), **opts), lines.append)
+    res = installer.run_steps(inst, lines.append)
     assert not res.ok and "failed" in res.message and "Resolving" in res.message
     assert any("No matching distribution" in line for line in lines)
+    assert _work_dirs() == before
 
 
 def test_torch_build_choice(monkeypatch):

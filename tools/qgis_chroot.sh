@@ -48,13 +48,12 @@ cp /etc/ssl/certs/ca-certificates.crt "$CHROOT/etc/ssl/certs/host-ca.crt" 2>/dev
   mkdir -p "$CHROOT/etc/ssl/certs"; cp /etc/ssl/certs/ca-certificates.crt "$CHROOT/etc/ssl/certs/host-ca.crt"; }
 cp /etc/resolv.conf "$CHROOT/etc/resolv.conf" 2>/dev/null || true
 for m in /proc /sys /dev /dev/pts; do mount_into "$m"; done
-# the host's pip cache: pure-Python wheels are shared between the two
-mkdir -p /root/.cache/pip; mount_into /root/.cache/pip
 
 WANT=$(echo $PKGS)
 if [ "$(cat "$CHROOT/.rs_deep-ready" 2>/dev/null)" != "$WANT" ]; then  # first build, or the package list changed
   in_chroot apt-get update -qq
   in_chroot apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends -t "$SUITE-backports" $PKGS >/dev/null
+  in_chroot apt-get clean  # the downloaded .debs (about 600 MB) are not needed once installed
   echo "$WANT" > "$CHROOT/.rs_deep-ready"
 fi
 

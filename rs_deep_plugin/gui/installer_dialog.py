@@ -200,6 +200,8 @@ class InstallerDialog(QDialog):
 
     def _finish(self, result):
         self.result = result
+        if self.installer is not None:  # stopped or finished: its temporary folder goes (result() did it too)
+            self.installer.cleanup()
         self.progress.setVisible(False)
         self.cancel_button.setEnabled(False)
         self.install_button.setEnabled(self.installer is not None)
