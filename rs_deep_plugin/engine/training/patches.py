@@ -120,7 +120,7 @@ class PatchTask(TrainingTask):
     def training_info(self, best_metrics):
         return {"val_accuracy": best_metrics["accuracy"] if best_metrics else None}
 
-    def package_extra(self):
+    def package_extra(self, best_metrics=None):
         k = len(self.classes)
         return {"mlm:output": [{"name": "classes", "tasks": ["scene-classification"],
                                 "result": {"shape": [-1, k], "dim_order": ["batch", "class"], "data_type": "float32"},
