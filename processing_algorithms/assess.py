@@ -241,13 +241,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
     def _assess_detection(self, parameters, context, feedback, outputs):
         """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes)."""
         from ..rs_deep_plugin.engine.evaluation.accuracy import DETECTION_FIELDS, assess_detection
-        pred = self.parameterAsSource(parameters, PREDICTION_BOXES, context)
-        if pred is None:
-            raise QgsProcessingException("Detection: give PREDICTION_BOXES, the boxes layer written by Object "
-                                         "detection (or any polygon layer of boxes)")
-        source = self.parameterAsSource(parameters, REFERENCE, context)
-        if source is None:
-            raise QgsProcessingException("Detection: give REFERENCE, the polygons (or boxes) of the true objects")
+        pred, source, area = self._vector_inputs(
+            parameters, context, "Detection", "the boxes layer written by Object detection (or any polygon layer of "
+            "boxes)", "the polygons (or boxes) of the true objects")
         crs = pred.sourceCrs()
         ref_field = self.parameterAsString(parameters, CLASS_FIELD, context)
         pred_fields = [f.name() for f in pred.fields()]
@@ -261,8 +257,6 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                                          "to ignore the classes")
         iou = number_or(self, parameters, IOU_THRESHOLD, context, 0.5)
         score_t = number_or(self, parameters, SCORE_THRESHOLD, context, 0.0)
-        extent = self.parameterAsExtent(parameters, EXTENT, context, crs)
-        area = None if extent is None or extent.isNull() or extent.isEmpty() else QgsRectangle(extent)
 
         reference = reference_boxes(source, ref_field, crs, area, context, feedback)
         predicted = predicted_boxes(pred, score_field, class_field if ref_field else "", area, feedback)
@@ -288,20 +282,16 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
     def _assess_multilabel(self, parameters, context, feedback, outputs):
         """Multi-label patches (a polygon layer with comma-separated labels) against reference polygons."""
         from ..rs_deep_plugin.engine.evaluation.accuracy import MULTILABEL_FIELDS, assess_multilabel_patches, table_rows
-        pred = self.parameterAsSource(parameters, PREDICTION_BOXES, context)
-        if pred is None:
-            raise QgsProcessingException("Multi-label patches: give PREDICTION_BOXES, the patch layer written by "
-                                         "Patch classification with a multi-label model")
-        source = self.parameterAsSource(parameters, REFERENCE, context)
+        pred, source, area = self._vector_inputs(
+            parameters, context, "Multi-label patches", "the patch layer written by Patch classification with a "
+            "multi-label model", "the polygons of the true classes, with their class names in CLASS_FIELD")
         ref_field = self.parameterAsString(parameters, CLASS_FIELD, context)
-        if source is None or not ref_field:
-            raise QgsProcessingException("Multi-label patches: give REFERENCE, the polygons of the true classes, and "
-                                         "CLASS_FIELD, the field holding their class names")
+        if not ref_field:
+            raise QgsProcessingException("Multi-label patches: give CLASS_FIELD, the field of REFERENCE holding each "
+                                         "polygon's class name")
         labels_field = self.parameterAsString(parameters, PREDICTION_CLASS_FIELD, context) or "labels"
         cover = number_or(self, parameters, LABEL_COVER, context, COVER_DEFAULT)
         crs = pred.sourceCrs()
-        extent = self.parameterAsExtent(parameters, EXTENT, context, crs)
-        area = None if extent is None or extent.isNull() or extent.isEmpty() else QgsRectangle(extent)
         patches = predicted_patches(pred, labels_field, area, feedback)
         reference = read_labelled_polygons(source, ref_field, crs, context, feedback, "REFERENCE")
         names = None
@@ -326,6 +316,19 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         results.update(self._write(parameters, context, outputs, metrics, f"Multi-label accuracy of "
                                    f"{pred.sourceName()}", fields, rows))
         return results
+
+    def _vector_inputs(self, parameters, context, what, prediction, reference):
+        """(PREDICTION_BOXES, REFERENCE, EXTENT as a QgsRectangle in the prediction's CRS or None): both sources are
+        required, their refusals start with ``what`` and say what to give (``prediction``, ``reference``)."""
+        pred = self.parameterAsSource(parameters, PREDICTION_BOXES, context)
+        if pred is None:
+            raise QgsProcessingException(f"{what}: give PREDICTION_BOXES, {prediction}")
+        source = self.parameterAsSource(parameters, REFERENCE, context)
+        if source is None:
+            raise QgsProcessingException(f"{what}: give REFERENCE, {reference}")
+        extent = self.parameterAsExtent(parameters, EXTENT, context, pred.sourceCrs())
+        area = None if extent is None or extent.isNull() or extent.isEmpty() else QgsRectangle(extent)
+        return pred, source, area
 
     # -- the report and the table ------------------------------------------------------------------------------------
 

@@ -101,29 +101,26 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         """One polygon per patch: the winning class and score, then the next best classes and their scores; or
         (multi-label) the labels and the score of every class."""
         if result.multi_label:
-            return PatchClassificationAlgorithm._write_multi_label(sinks, result, crs, feedback)
-        fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"),
-                             *[(f"{kind}_{i}", t) for i in range(2, TOP + 1)
-                               for kind, t in (("class", "string"), ("score", "double"))])
-        sink = sinks.create(OUTPUT, fields, QgsWkbTypes.Polygon, crs, style=lambda: StyleClasses(pkg.classes))
-        for rec in result.features:
-            if feedback.isCanceled():
-                raise QgsProcessingException("Cancelled; the patch layer was not completed.")
-            feat = QgsFeature(fields)
-            geom = QgsGeometry()
-            geom.fromWkb(rec["geometry"].wkb)
-            feat.setGeometry(geom)
-            attrs = [rec["class_id"], rec["class_name"], round(rec["score"], 4)]
-            for i in range(1, TOP):
-                attrs += [rec["top"][i][1], round(rec["top"][i][2], 4)] if i < len(rec["top"]) else [None, None]
-            feat.setAttributes(attrs)
-            sink.addFeature(feat, QgsFeatureSink.FastInsert)
+            fields = make_fields(("labels", "string"), ("n_labels", "int"),
+                                 *[(n, "double") for n in score_fields(result.class_names)])
+            style = None
 
-    @staticmethod
-    def _write_multi_label(sinks, result, crs, feedback):
-        names = score_fields(result.class_names)
-        fields = make_fields(("labels", "string"), ("n_labels", "int"), *[(n, "double") for n in names])
-        sink = sinks.create(OUTPUT, fields, QgsWkbTypes.Polygon, crs)
+            def attributes(rec):
+                return [",".join(rec["labels"]), len(rec["labels"])] + list(rec["scores"])
+        else:
+            fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"),
+                                 *[(f"{kind}_{i}", t) for i in range(2, TOP + 1)
+                                   for kind, t in (("class", "string"), ("score", "double"))])
+
+            def style():
+                return StyleClasses(pkg.classes)
+
+            def attributes(rec):
+                attrs = [rec["class_id"], rec["class_name"], round(rec["score"], 4)]
+                for i in range(1, TOP):
+                    attrs += [rec["top"][i][1], round(rec["top"][i][2], 4)] if i < len(rec["top"]) else [None, None]
+                return attrs
+        sink = sinks.create(OUTPUT, fields, QgsWkbTypes.Polygon, crs, style=style)
         for rec in result.features:
             if feedback.isCanceled():
                 raise QgsProcessingException("Cancelled; the patch layer was not completed.")
@@ -131,5 +128,5 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
             geom = QgsGeometry()
             geom.fromWkb(rec["geometry"].wkb)
             feat.setGeometry(geom)
-            feat.setAttributes([",".join(rec["labels"]), len(rec["labels"])] + list(rec["scores"]))
+            feat.setAttributes(attributes(rec))
             sink.addFeature(feat, QgsFeatureSink.FastInsert)

@@ -291,6 +291,10 @@ def test_package_round_trip_and_refusals(trained, tmp_path):
     assert [f["scores"] for f in a] == [f["scores"] for f in b] and [f["labels"] for f in a] == [f["labels"]
                                                                                                   for f in b]
 
+    from rs_deep.rs_deep_plugin.gui.model_card import ModelInfo
+    card = ModelInfo(str(src), load_package(src)).card_html()
+    assert "multi-label" in card and all(f"{n} &ge; {t:g}" in card for n, t in zip(GROUPS, fields["class_thresholds"]))
+
     def broken(**changes):
         m = json.loads(json.dumps(meta))
         for k, v in changes.items():

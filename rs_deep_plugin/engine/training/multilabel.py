@@ -145,15 +145,14 @@ class MultiLabelPatchTask(PatchTask):
         img, masks, valid = self.train
         return MultiLabelPatchSampler(img, masks, valid, self.tile_size, rng, self.cover, **self.sampler_options)
 
-    def training_loss(self, model, batch, device, memory_format):
+    def loss(self, logits, target):
+        """Binary cross-entropy of each class's logit against the multi-hot target [B, K], positives weighted by
+        ``pos_weight``."""
         import torch
         import torch.nn.functional as F
         if self.pos_weight is not None and self.pos_tensor is None:
-            self.pos_tensor = torch.from_numpy(self.pos_weight).to(device)
-        x, y = batch
-        xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
-        yt = torch.from_numpy(y).to(device)
-        return F.binary_cross_entropy_with_logits(model(xt).float(), yt, pos_weight=self.pos_tensor), None
+            self.pos_tensor = torch.from_numpy(self.pos_weight).to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=self.pos_tensor)
 
     def validate(self, model, device, memory_format, batch_size=64):
         if self.val is None:

@@ -91,13 +91,18 @@ class PatchTask(TrainingTask):
 
     def training_loss(self, model, batch, device, memory_format):
         import torch
-        import torch.nn.functional as F
-        if self.class_weights is not None and self.weight_tensor is None:
-            self.weight_tensor = torch.from_numpy(self.class_weights).to(device)
         x, y = batch
         xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
-        yt = torch.from_numpy(y).to(device)
-        return F.cross_entropy(model(xt), yt, weight=self.weight_tensor, label_smoothing=0.05), None
+        return self.loss(model(xt), torch.from_numpy(y).to(device)), None
+
+    def loss(self, logits, target):
+        """The loss of a batch of class logits [B, K] against the targets (on the logits' device): cross-entropy
+        weighted by ``class_weights``, with label smoothing."""
+        import torch
+        import torch.nn.functional as F
+        if self.class_weights is not None and self.weight_tensor is None:
+            self.weight_tensor = torch.from_numpy(self.class_weights).to(logits.device)
+        return F.cross_entropy(logits, target, weight=self.weight_tensor, label_smoothing=0.05)
 
     def validate(self, model, device, memory_format):
         if self.val is None:
