@@ -100,7 +100,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                                     [t.name for t, _ in ASSESSED], defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(PREDICTION, "Prediction (class or change raster)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES, "Predicted boxes (detection) or patches (multi-label)",
+        self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES,
+                                                              "Predicted boxes (detection) or patches (multi-label)",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(REFERENCE, "Reference polygons",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))

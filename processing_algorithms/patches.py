@@ -81,8 +81,8 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         bridge = FeedbackBridge(feedback, 0, 95)
         with outputs:  # every output renamed into place at the end of the block, or none
             result = classify_patches(raster.source, pkg, patch_size=patch, stride=stride, bands=raster.bands,
-                                      bounds=raster.bounds, top_k=TOP, max_pixels=raster.max_pixels, tta=tta, threshold=threshold,
-                                      **tiling,
+                                      bounds=raster.bounds, top_k=TOP, max_pixels=raster.max_pixels, tta=tta,
+                                      threshold=threshold, **tiling,
                                       **bridge.callbacks)
             for w in result.warnings:
                 push_warning(feedback, w)

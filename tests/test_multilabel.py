@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasterio.windows import Window
 
 from rs_deep.rs_deep_plugin.engine.errors import InputError, ModelPackageError
 from rs_deep.rs_deep_plugin.engine.geo.labels import read_gpkg_polygons
@@ -25,10 +24,11 @@ from conftest import DATA
 
 FIELDS = DATA / "fields_denmark"
 IMAGE = FIELDS / "image.tif"  # 452 x 276 px, 10 m, EPSG:32632, UInt16
-SPLIT = 272  # columns 0..271 train (a multiple of the 16 px patch), the rest is scored
-GROUPS = ["cereals", "grass", "maize", "other crops"]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from make_eval_models import crop_group  # noqa: E402  (the repository's crop grouping)
+# the repository's crop grouping, and the evaluation's split: columns 0..271 train (a multiple of the 16 px
+# patch), the rest is scored
+from eval_multilabel import GROUPS, SPLIT, crop  # noqa: E402
+from make_eval_models import crop_group  # noqa: E402
 
 TRAIN = {"TASK": "patch_classification", "MULTI_LABEL": True, "ENCODER": "resnet10t", "EPOCHS": 2,
          "TIME_BUDGET": 0, "BATCH_SIZE": 16, "STEPS_PER_EPOCH": 3, "TILE_SIZE": 16, "VALIDATION": 0.3,
@@ -41,16 +41,6 @@ def _run(alg, params, feedback=None):
     context = QgsProcessingContext()
     context.setProject(QgsProject.instance())
     return processing.run(alg, params, context=context, feedback=feedback or QgsProcessingFeedback())
-
-
-def _crop(path, col0, col1):
-    with rasterio.open(IMAGE) as ds:
-        win = Window(col0, 0, col1 - col0, ds.height)
-        profile = dict(ds.profile, width=col1 - col0, transform=ds.window_transform(win))
-        data = ds.read(window=win)
-    with rasterio.open(path, "w", **profile) as out:
-        out.write(data)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +58,8 @@ def data(tmp_path_factory, fields):
     labels.write_text(json.dumps({
         "type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32632"}},
         "features": [{"type": "Feature", "geometry": mapping(g), "properties": {"crop": n}} for g, n in fields]}))
-    return {"labels": labels, "train": _crop(d / "left.tif", 0, SPLIT), "test": _crop(d / "right.tif", SPLIT, 452),
+    return {"labels": labels, "train": crop(IMAGE, d / "left.tif", 0, SPLIT),
+            "test": crop(IMAGE, d / "right.tif", SPLIT, 452),
             "dir": d}
 
 

@@ -271,5 +271,5 @@ def average_precision(records, n_truth):
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
 
 
-__all__ = ["confusion_matrix", "metrics_from_confusion", "change_scores", "classification_metrics", "multilabel_metrics",
-           "choose_thresholds", "box_iou", "detection_metrics", "average_precision"]
+__all__ = ["confusion_matrix", "metrics_from_confusion", "change_scores", "classification_metrics",
+           "multilabel_metrics", "choose_thresholds", "box_iou", "detection_metrics", "average_precision"]

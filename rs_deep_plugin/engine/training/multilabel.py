@@ -20,13 +20,10 @@ import numpy as np
 from ..errors import InputError
 from ..evaluation.metrics import choose_thresholds, multilabel_metrics
 from ..geo.labels import IGNORE, label_shapes, labels_from_raster
-from ..geo.raster import pixel_size_metres
-from ..models.package import DEFAULT_COLORS
-from .augment import check_augment, draw_geometry, flip, photometric, resize, rot90
-from .data import (band_names as image_band_names, compute_value_scaling, model_classes, read_image, scale_image,
-                   validation_split, window_dict, window_slices)
-from .loop import TrainParams, fit, import_torch
-from .patches import PatchTask
+from .augment import draw_geometry, flip, photometric, resize, rot90
+from .data import validation_split, window_dict, window_slices
+from .loop import fit
+from .patches import PatchTask, read_training_image, start_patch_training
 
 COVER_DEFAULT = 0.2  # share of a patch a class must cover to be one of its labels
 MIN_VALID = 0.5  # share of a patch that must hold valid pixels to be used
@@ -204,39 +201,20 @@ def train_multilabel_patches(image_path, labels, out_dir, *, class_names, class_
     ``options``: as :func:`.patches.train_patches`. ``balance_classes`` weighs each class's positives by its
     negatives / positives on the training grid (at most 10). Returns the training report (:func:`.loop.fit`).
     """
-    params = TrainParams.of(options, epochs=20, batch_size=64, weight_decay=1e-3, name="multi-label-classifier")
-    augment = check_augment(augment)
-    if params.patience:
-        select_best = True
-    import_torch()
-    class_names = [str(n) for n in (class_names or [])]
+    params, augment, select_best, class_names, classes = start_patch_training(
+        options, augment, select_best, "multi-label-classifier", class_names, class_colors, patch_size,
+        "class_names: a multi-label classifier needs at least two classes (with one class, train a single-label "
+        "classifier with a background class)")
     k = len(class_names)
-    if k < 2:
-        raise InputError("class_names: a multi-label classifier needs at least two classes (with one class, train "
-                         "a single-label classifier with a background class)")
     if any("," in n for n in class_names):
         raise InputError("class_names: a multi-label class name cannot hold a comma (the labels field lists them "
                          "comma-separated): " + "; ".join(n for n in class_names if "," in n))
     if not (isinstance(cover, (int, float)) and 0 < cover <= 1):
         raise InputError(f"cover (the share of a patch a class must cover) must be in (0, 1]; got {cover!r}")
-    classes = model_classes(class_names, class_colors,
-                            [DEFAULT_COLORS[(i + 1) % len(DEFAULT_COLORS)] for i in range(k)])
-    if not isinstance(patch_size, int) or patch_size < 8:
-        raise InputError(f"patch_size must be at least 8 px; got {patch_size!r}")
 
     params.prog.message(f"Reading {image_path}")
-    ds, bands, data, valid = read_image(image_path, bands)
-    try:
-        h, w = ds.height, ds.width
-        crs, transform = ds.crs, ds.transform
-        band_names = image_band_names(ds, bands, band_names)
-        masks, labelled = class_masks(labels, ds, k)
-    finally:
-        ds.close()
-    valid &= labelled
-    scaling = compute_value_scaling(data, valid, seed=params.seed)
-    scale_image(data, valid, scaling)
-    gsd = pixel_size_metres(crs, transform, w, h)
+    image = read_training_image(image_path, bands, band_names, params.seed, lambda ds: class_masks(labels, ds, k))
+    data, valid, masks, h, w = image.data, image.valid, image.labels, image.height, image.width
     train_win, val_win = validation_split(w, h, val_fraction, val_side)
     rows, cols = window_slices(train_win)
     train = (data[:, rows, cols], masks[:, rows, cols], valid[rows, cols])
@@ -268,7 +246,8 @@ def train_multilabel_patches(image_path, labels, out_dir, *, class_names, class_
                                select_best and val is not None)
     task.train_size = f"train {train_win[3]}x{train_win[2]} px, validation {val_side} {val_fraction:.0%}"
     task.configure(
-        classes=classes, band_names=band_names, band_numbers=bands, builder=builder, value_scaling=scaling, gsd=gsd,
+        classes=classes, band_names=image.band_names, band_numbers=image.bands, builder=builder,
+        value_scaling=image.scaling, gsd=image.gsd,
         tile_size=patch_size, augment=augment, package_tile_size=patch_size, package_overlap=0,
         settings={"patch_size": patch_size, "multi_label": True, "cover": float(cover),
                   "scale_range": list(scale_range),
