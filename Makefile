@@ -10,7 +10,7 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-peers package clean help
+.PHONY: setup qgis demo demo-model eval-models eval-multilabel compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-peers package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
@@ -25,6 +25,7 @@ help:
 	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
 	@echo "make demo-model  retrain the bundled buildings demo model"
 	@echo "make eval-models train the change and patch models that may not ship (build/models)"
+	@echo "make eval-multilabel multi-label crop groups per 160 m patch: trained on the left, scored on the right of fields_denmark"
 	@echo "make compare-rf  U-Net (rs_deep:train defaults) vs per-pixel random forest on held-out areas of ../shared/data"
 	@echo "make eval-trees  tree detection on an unseen NEON site; fine-tuning vs scratch by number of labels"
 	@echo "make screenshot  QGIS under Xvfb with the dock and a result -> docs/screenshot.png"
@@ -60,6 +61,9 @@ compare-rf: setup
 
 eval-trees: setup
 	$(PY) tools/eval_trees.py
+
+eval-multilabel: setup
+	$(PY) tools/eval_multilabel.py
 
 screenshot: setup
 	$(PY) tools/screenshot.py

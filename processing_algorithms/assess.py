@@ -10,16 +10,18 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
 
 from ..rs_deep_plugin.compat import make_fields
-from ..rs_deep_plugin.engine.tasks import CHANGE, DETECTION, SEGMENTATION
+from ..rs_deep_plugin.engine.tasks import CHANGE, DETECTION, PATCH_CLASSIFICATION, SEGMENTATION
 from .base import FeedbackBridge, NamedEnum, RSDeepAlgorithm
 from .labels import class_value, only_foreground_class
-from .layers import check_overlap, gdal_path, predicted_boxes, read_labelled_polygons, reference_boxes
+from .layers import (check_overlap, gdal_path, predicted_boxes, predicted_patches, read_labelled_polygons,
+                     reference_boxes)
 from .outputs import RunOutputs
 from .params import EXTENT, MODEL, add, extent_bounds, load_model_package, number_or
 from .sinks import FeatureSinks
 
 TASK = "TASK"
-ASSESSED = [(SEGMENTATION, "class raster"), (DETECTION, "boxes"), (CHANGE, "change raster")]  # TASK's choices
+ASSESSED = [(SEGMENTATION, "class raster"), (DETECTION, "boxes"), (CHANGE, "change raster"),
+            (PATCH_CLASSIFICATION, "multi-label patches")]  # TASK's choices
 # a class or change raster against reference polygons or a reference raster
 PREDICTION = "PREDICTION"
 REFERENCE = "REFERENCE"
@@ -33,11 +35,15 @@ SCORE_FIELD = "SCORE_FIELD"
 PREDICTION_CLASS_FIELD = "PREDICTION_CLASS_FIELD"
 IOU_THRESHOLD = "IOU_THRESHOLD"
 SCORE_THRESHOLD = "SCORE_THRESHOLD"
+# multi-label patches against the reference polygons
+LABEL_COVER = "LABEL_COVER"
+COVER_DEFAULT = 0.2
 # what is written and returned
 OUTPUT_HTML = "OUTPUT_HTML"
 OUTPUT_TABLE = "OUTPUT_TABLE"
 NUMBERS = {"OVERALL_ACCURACY": "Overall accuracy", "KAPPA": "Cohen's kappa", "MEAN_IOU": "Mean IoU",
-           "PRECISION": "Precision", "RECALL": "Recall", "F1": "F1", "AP": "Average precision (detection)"}
+           "PRECISION": "Precision", "RECALL": "Recall", "F1": "F1", "AP": "Average precision (detection)",
+           "MICRO_F1": "Micro F1 (multi-label)", "MACRO_F1": "Macro F1 (multi-label)"}
 
 
 class AssessAccuracyAlgorithm(RSDeepAlgorithm):
@@ -59,6 +65,13 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             "<b>Score threshold</b> drops the weaker ones; <b>Predicted class field</b> (default: class_name) "
             "is compared with the reference's class field. Without a reference class field the classes are "
             "ignored. <b>IoU threshold</b>: the overlap a match needs (default 0.5).<br>"
+            "<b>Multi-label patch classification</b>: the patches written by Patch classification with a "
+            "multi-label model (PREDICTION_BOXES: the patch layer; PREDICTION_CLASS_FIELD: its comma-separated "
+            "labels, default labels) against REFERENCE polygons with their class names in CLASS_FIELD: a patch's "
+            f"true labels are the classes whose polygons cover at least LABEL_COVER (default {COVER_DEFAULT:g}) of "
+            "its area, as rs_deep:train labels the training patches. Per class: precision, recall, F1 over the "
+            "patches; MICRO_F1 pools the counts of every class (also PRECISION, RECALL, F1), MACRO_F1 averages the "
+            "classes' F1.<br>"
             "<b>Reference polygons</b>: polygons of the true classes (reprojected to the prediction's CRS). "
             "Give either these or a reference raster.<br>"
             "<b>Class field</b>: the field of the reference polygons holding each polygon's class: a class value "
@@ -87,7 +100,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                                     [t.name for t, _ in ASSESSED], defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(PREDICTION, "Prediction (class or change raster)",
                                                             optional=True))
-        self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES, "Predicted boxes (detection)",
+        self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES,
+                                                              "Predicted boxes (detection) or patches (multi-label)",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(REFERENCE, "Reference polygons",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
@@ -108,7 +122,10 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                   QgsProcessingParameterNumber(IOU_THRESHOLD, "IoU threshold (detection)", double, 0.5, optional=True,
                                                minValue=0.01, maxValue=1.0),
                   QgsProcessingParameterNumber(SCORE_THRESHOLD, "Score threshold (detection)", double, 0.0,
-                                               optional=True, minValue=0.0, maxValue=1.0)):
+                                               optional=True, minValue=0.0, maxValue=1.0),
+                  QgsProcessingParameterNumber(LABEL_COVER, "Label cover (multi-label: share of a patch a class must "
+                                               "cover)", double, COVER_DEFAULT, optional=True, minValue=0.0,
+                                               maxValue=1.0)):
             add(self, p, advanced=True)
         self.addParameter(QgsProcessingParameterFileDestination(OUTPUT_HTML, "Accuracy report", "HTML files (*.html)",
                                                                 optional=True, createByDefault=True))
@@ -124,6 +141,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         with RunOutputs(self, parameters, context, feedback) as outputs:  # the report and table, both or none
             if task == DETECTION.name:
                 return self._assess_detection(parameters, context, feedback, outputs)
+            if task == PATCH_CLASSIFICATION.name:
+                return self._assess_multilabel(parameters, context, feedback, outputs)
             return self._assess_raster(task, parameters, context, feedback, outputs)
 
     # -- a class or change raster ------------------------------------------------------------------------------------
@@ -223,13 +242,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
     def _assess_detection(self, parameters, context, feedback, outputs):
         """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes)."""
         from ..rs_deep_plugin.engine.evaluation.accuracy import DETECTION_FIELDS, assess_detection
-        pred = self.parameterAsSource(parameters, PREDICTION_BOXES, context)
-        if pred is None:
-            raise QgsProcessingException("Detection: give PREDICTION_BOXES, the boxes layer written by Object "
-                                         "detection (or any polygon layer of boxes)")
-        source = self.parameterAsSource(parameters, REFERENCE, context)
-        if source is None:
-            raise QgsProcessingException("Detection: give REFERENCE, the polygons (or boxes) of the true objects")
+        pred, source, area = self._vector_inputs(
+            parameters, context, "Detection", "the boxes layer written by Object detection (or any polygon layer of "
+            "boxes)", "the polygons (or boxes) of the true objects")
         crs = pred.sourceCrs()
         ref_field = self.parameterAsString(parameters, CLASS_FIELD, context)
         pred_fields = [f.name() for f in pred.fields()]
@@ -243,8 +258,6 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                                          "to ignore the classes")
         iou = number_or(self, parameters, IOU_THRESHOLD, context, 0.5)
         score_t = number_or(self, parameters, SCORE_THRESHOLD, context, 0.0)
-        extent = self.parameterAsExtent(parameters, EXTENT, context, crs)
-        area = None if extent is None or extent.isNull() or extent.isEmpty() else QgsRectangle(extent)
 
         reference = reference_boxes(source, ref_field, crs, area, context, feedback)
         predicted = predicted_boxes(pred, score_field, class_field if ref_field else "", area, feedback)
@@ -264,6 +277,59 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         results.update(self._write(parameters, context, outputs, metrics, f"Detection accuracy of {pred.sourceName()}",
                                    fields, [[metrics.get(n) for n in DETECTION_FIELDS]]))
         return results
+
+    # -- multi-label patches -----------------------------------------------------------------------------------------
+
+    def _assess_multilabel(self, parameters, context, feedback, outputs):
+        """Multi-label patches (a polygon layer with comma-separated labels) against reference polygons."""
+        from ..rs_deep_plugin.engine.evaluation.accuracy import MULTILABEL_FIELDS, assess_multilabel_patches, table_rows
+        pred, source, area = self._vector_inputs(
+            parameters, context, "Multi-label patches", "the patch layer written by Patch classification with a "
+            "multi-label model", "the polygons of the true classes, with their class names in CLASS_FIELD")
+        ref_field = self.parameterAsString(parameters, CLASS_FIELD, context)
+        if not ref_field:
+            raise QgsProcessingException("Multi-label patches: give CLASS_FIELD, the field of REFERENCE holding each "
+                                         "polygon's class name")
+        labels_field = self.parameterAsString(parameters, PREDICTION_CLASS_FIELD, context) or "labels"
+        cover = number_or(self, parameters, LABEL_COVER, context, COVER_DEFAULT)
+        crs = pred.sourceCrs()
+        patches = predicted_patches(pred, labels_field, area, feedback)
+        reference = read_labelled_polygons(source, ref_field, crs, context, feedback, "REFERENCE")
+        names = None
+        if parameters.get(MODEL):
+            pkg = load_model_package(self.parameterAsFile(parameters, MODEL, context), None)
+            names = [c.name for c in pkg.classes]
+            feedback.pushInfo(f"Classes from the model package {pkg.name}: {', '.join(names)}")
+        metrics = assess_multilabel_patches(patches, [(g, str(v)) for g, v in reference], names, cover)
+        feedback.pushInfo(f"{metrics['patches']} patches against {len(reference)} reference polygons (a class is a "
+                          f"true label where it covers at least {cover:g} of a patch): micro F1 "
+                          f"{_f(metrics['micro_f1'])}, macro F1 {_f(metrics['macro_f1'])}, exact match "
+                          f"{_f(metrics['exact_match'])}")
+        for n in metrics["class_names"]:
+            c = metrics["classes"][n]
+            feedback.pushInfo(f"  {n}: precision {_f(c['precision'])}, recall {_f(c['recall'])}, F1 {_f(c['f1'])}, "
+                              f"{c['support']} reference patches, {c['predicted']} predicted")
+        results = dict(PRECISION=metrics["micro_precision"], RECALL=metrics["micro_recall"], F1=metrics["micro_f1"],
+                       MICRO_F1=metrics["micro_f1"], MACRO_F1=metrics["macro_f1"])
+        fields = make_fields(*[(n, "string" if n == "class_name" else "double" if n in ("precision", "recall", "f1")
+                                else "int") for n in MULTILABEL_FIELDS])
+        rows = [[r[k] for k in MULTILABEL_FIELDS] for r in table_rows(metrics)]
+        results.update(self._write(parameters, context, outputs, metrics, f"Multi-label accuracy of "
+                                   f"{pred.sourceName()}", fields, rows))
+        return results
+
+    def _vector_inputs(self, parameters, context, what, prediction, reference):
+        """(PREDICTION_BOXES, REFERENCE, EXTENT as a QgsRectangle in the prediction's CRS or None): both sources are
+        required, their refusals start with ``what`` and say what to give (``prediction``, ``reference``)."""
+        pred = self.parameterAsSource(parameters, PREDICTION_BOXES, context)
+        if pred is None:
+            raise QgsProcessingException(f"{what}: give PREDICTION_BOXES, {prediction}")
+        source = self.parameterAsSource(parameters, REFERENCE, context)
+        if source is None:
+            raise QgsProcessingException(f"{what}: give REFERENCE, {reference}")
+        extent = self.parameterAsExtent(parameters, EXTENT, context, pred.sourceCrs())
+        area = None if extent is None or extent.isNull() or extent.isEmpty() else QgsRectangle(extent)
+        return pred, source, area
 
     # -- the report and the table ------------------------------------------------------------------------------------
 

@@ -126,3 +126,18 @@ def map_patch_classes(pairs, field, layer_name, feedback):
     if any(n.strip().lower() in BACKGROUND_NAMES for n in class_names):
         feedback.pushInfo("Pixels outside the polygons are not labelled")
     return class_names, [(g, index[v]) for (g, _), v in zip(pairs, values)], None
+
+
+def map_multilabel_classes(pairs, field, layer_name):
+    """Multi-label patch classes from labelled polygons ``[(geometry, value)]``: ``(class_names, [(geometry,
+    index)])``, the sorted unique values of ``field`` (every value is a class: pixels outside the polygons belong to
+    none). Without a field or with one value there is nothing to tell apart: refused, naming the fix."""
+    values = [class_value_or_name(v) for _, v in pairs] if field else [layer_name] * len(pairs)
+    classes = sorted_values(set(values))
+    if len(classes) < 2:
+        raise QgsProcessingException(
+            f"Multi-label patch classification needs at least two classes; LABELS has {len(classes)} "
+            f"({', '.join(map(str, classes)) or 'none'}). Set CLASS_FIELD to the field holding each polygon's class, "
+            "or train a single-label classifier (MULTI_LABEL off)")
+    index = {c: i for i, c in enumerate(classes)}
+    return [str(c) for c in classes], [(g, index[v]) for (g, _), v in zip(pairs, values)]

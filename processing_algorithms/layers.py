@@ -251,6 +251,33 @@ def reference_boxes(source, field, crs, area, context, feedback):
     return [b for b in boxes if _centre_inside(b, area)]
 
 
+def predicted_patches(source, labels_field, area, feedback):
+    """The polygons of ``source`` whose centre is in ``area`` (a QgsRectangle, or None for everywhere) with their
+    labels: ``[(shapely geometry, [class names])]``, the names split from the comma-separated ``labels_field``
+    (empty or NULL: no label)."""
+    import shapely
+    index = source.fields().lookupField(labels_field)
+    if index < 0:
+        names = ", ".join(f.name() for f in source.fields()) or "none"
+        raise QgsProcessingException(f"The predicted patches have no field {labels_field!r} (its fields: {names}); "
+                                     "give the layer written by Patch classification with a multi-label model, or "
+                                     "set PREDICTION_CLASS_FIELD to the field holding the comma-separated labels")
+    out = []
+    for f in source.getFeatures():
+        if feedback.isCanceled():
+            raise QgsProcessingException("Cancelled; nothing was written.")
+        g = f.geometry()
+        if g is None or g.isNull() or g.isEmpty() or g.type() != QgsWkbTypes.PolygonGeometry:
+            continue
+        r = g.boundingBox()
+        if not _centre_inside((r.xMinimum(), r.yMinimum(), r.xMaximum(), r.yMaximum()), area):
+            continue
+        value = f.attributes()[index]
+        labels = [] if is_null(value) else [n.strip() for n in str(value).split(",") if n.strip()]
+        out.append((shapely.from_wkb(bytes(g.asWkb())), labels))
+    return out
+
+
 def predicted_boxes(source, score_field, class_field, area, feedback):
     """The bounding boxes of the features of ``source`` whose centre is in ``area``, as ``(xmin, ymin, xmax, ymax,
     class, score)``: the class is :func:`box_label` of ``class_field`` (0 without it or for NULL), the score that of

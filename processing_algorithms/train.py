@@ -3,7 +3,8 @@ labels, or from the chips of rs_deep:export_training_data."""
 import os
 import re
 
-from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterDefinition,
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutputFile, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterDefinition,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
@@ -11,13 +12,14 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
 from ..rs_deep_plugin.compat import push_warning
 from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, TASKS as TASK_TABLE
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
-from .labels import label_colors, map_classes, map_patch_classes
+from .labels import label_colors, map_classes, map_multilabel_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
 from .params import resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES)
 from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
+from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
 TASKS = list(TASK_TABLE)  # segmentation, detection, patch_classification, change (the engine's task table)
@@ -71,6 +73,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
     LABELS = "LABELS"
     CLASS_FIELD = "CLASS_FIELD"
     TASK = "TASK"
+    MULTI_LABEL = "MULTI_LABEL"
+    LABEL_COVER = "LABEL_COVER"
     ARCHITECTURE = "ARCHITECTURE"
     ENCODER = "ENCODER"
     EPOCHS = "EPOCHS"
@@ -120,6 +124,13 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Class field</b>: optional; the class of each feature. Classes are the sorted unique values "
             "(segmentation: values 1..K, 0 is the background; a value named 'background' marks background). "
             "Without it: one class named after the labels layer.<br>"
+            "<b>Multi-label</b> (MULTI_LABEL): patch classification only: every class present in a patch "
+            "(BigEarthNet-style) instead of its one dominant class. A patch's labels are the classes whose polygons "
+            f"cover at least LABEL_COVER (default {COVER_DEFAULT:g}) of it; pixels outside every polygon belong to "
+            "no class, so a patch may have none; polygons may overlap. The network scores each class with a "
+            "sigmoid (binary cross-entropy loss); a threshold per class is chosen on the validation rows (the best "
+            "F1) and stored in the package, where Patch classification reads it (THRESHOLD overrides it). Needs "
+            "CLASS_FIELD with at least two classes.<br>"
             "<b>Task</b>: segmentation, detection, patch classification or change. From the command line by "
             "index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
             "<code>patch_classification</code>, <code>change</code>; the other choices likewise, e.g. "
@@ -184,6 +195,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", None, self.LABELS,
                                                       QgsProcessingParameterField.Any, optional=True))
         self.addParameter(NamedEnum(self.TASK, "Task", TASK_LABELS, TASKS, defaultValue=0))
+        self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, "Multi-label (patch classification: every "
+                                                        "class present in a patch)", False, optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
@@ -211,6 +224,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          QgsProcessingParameterNumber.Double, 0.2, optional=True, minValue=0.0,
                                          maxValue=0.5),
             NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            QgsProcessingParameterNumber(self.LABEL_COVER, "Label cover (multi-label: share of a patch a class must "
+                                         "cover to be one of its labels)", QgsProcessingParameterNumber.Double,
+                                         COVER_DEFAULT, optional=True, minValue=0.0, maxValue=1.0),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
                                     defaultValue=[0, 1, 2], optional=True))
@@ -246,6 +262,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.errors import RSDeepError
 
         task = self.parameterAsEnumName(parameters, self.TASK, context)
+        if self.parameterAsBool(parameters, self.MULTI_LABEL, context) and task != PATCH_CLASSIFICATION.name:
+            raise QgsProcessingException(f"MULTI_LABEL is for patch classification (several classes per patch); TASK "
+                                         f"is {task}. Set TASK=patch_classification or turn MULTI_LABEL off")
         arch = ARCHITECTURES[self._enum_index(parameters, self.ARCHITECTURE, context)]
         encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
@@ -428,6 +447,17 @@ class TrainAlgorithm(RSDeepAlgorithm):
             return self._train_change(parameters, context, feedback, image, pairs, field, out_dir, builder, tile,
                                       val, patience, common, callbacks, colors_for)
 
+        if self.parameterAsBool(parameters, self.MULTI_LABEL, context):
+            from ..rs_deep_plugin.engine.training.multilabel import train_multilabel_patches
+            class_names, labels = map_multilabel_classes(pairs, field, layer_name)
+            cover = self.parameterAsDouble(parameters, self.LABEL_COVER, context) \
+                if parameters.get(self.LABEL_COVER) not in (None, "") else COVER_DEFAULT
+            feedback.pushInfo("Multi-label classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
+                              + f"; a patch's labels: the classes covering at least {cover:g} of it")
+            return train_multilabel_patches(image, labels, out_dir, class_names=class_names,
+                                            class_colors=colors_for(class_names, task), builder=builder,
+                                            patch_size=tile, val_fraction=val, val_side="bottom", cover=cover,
+                                            patience=patience, **common, **callbacks)
         from ..rs_deep_plugin.engine.training.patches import train_patches
         class_names, labels, background = map_patch_classes(pairs, field, layer_name, feedback)
         feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))

@@ -43,12 +43,16 @@ class ModelInfo:
         rows = [f"<b>{html.escape(pkg.name)}</b>"]
         if pkg.description:
             rows.append(f"<i>{html.escape(pkg.description)}</i>")
-        rows.append(f"Task: {html.escape(TASK_NAMES.get(pkg.task, pkg.task))}")
+        task = html.escape(TASK_NAMES.get(pkg.task, pkg.task))
+        if pkg.multi_label:
+            task += " (multi-label: every class whose score reaches its threshold)"
+        rows.append(f"Task: {task}")
         rows.append(f"Bands: {html.escape(', '.join(pkg.bands))}")
         rows.append(f"GSD: {gsd} &nbsp; Tile: {pkg.tile_size} px")
         swatches = "".join(
             f"<tr><td style='background-color:#{c.color}' width='18'>&nbsp;</td>"
-            f"<td>&nbsp;{html.escape(c.name)}</td></tr>" for c in pkg.classes)
+            f"<td>&nbsp;{html.escape(c.name)}{threshold}</td></tr>" for c, threshold in zip(pkg.classes, (
+                [f" &ge; {t:g}" for t in pkg.class_thresholds] if pkg.multi_label else [""] * len(pkg.classes))))
         return "<br>".join(rows) + f"<table cellspacing='2'>{swatches}</table>"
 
 

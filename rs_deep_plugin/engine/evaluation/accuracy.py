@@ -7,6 +7,8 @@
   Pixels that are nodata in either raster are not counted.
 * :func:`assess_detection` scores boxes against reference boxes with
   :func:`.metrics.detection_metrics` (precision, recall, F1, AP at an IoU threshold).
+* :func:`assess_multilabel_patches` scores the label sets of multi-label patches (e.g. the output of
+  :func:`.patches.classify_patches`) against reference polygons with :func:`.metrics.multilabel_metrics`.
 * :func:`write_report` writes the metrics as a self-contained HTML page and/or a CSV table.
 
 Conventions: the confusion matrix has the reference in its rows and the prediction in its
@@ -24,7 +26,7 @@ import numpy as np
 from ..errors import InputError, require
 from ..files import write_atomic
 from ..progress import Progress
-from .metrics import detection_metrics, metrics_from_confusion
+from .metrics import detection_metrics, metrics_from_confusion, multilabel_metrics
 
 OUTSIDE_CHOICES = ("background", "ignore")
 DEFAULT_BLOCK = 1024
@@ -345,6 +347,55 @@ def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=
 
 
 # --------------------------------------------------------------------------------------------
+# multi-label patches
+
+
+def assess_multilabel_patches(patches, reference, class_names=None, cover=0.2):
+    """Per-class precision, recall and F1, micro and macro F1 of multi-label patches against reference polygons.
+
+    ``patches``: ``[(shapely polygon, [class names])]`` (a patch and its predicted labels); ``reference``:
+    ``[(shapely geometry, class name)]`` in the same CRS. A patch's true labels are the classes whose reference
+    polygons cover at least ``cover`` of its area (as rs_deep:train labels the training patches; outside every
+    polygon no class). ``class_names``: the classes in order (default: the sorted names of both); a name outside
+    them is refused. Returns :func:`.metrics.multilabel_metrics` with ``task`` "multilabel", ``class_names``,
+    ``cover``, ``truth`` and ``predicted`` (the label sets, one list of names per patch).
+    """
+    shapely = require("shapely", "shapely")
+    if not (isinstance(cover, (int, float)) and 0 < cover <= 1):
+        raise InputError(f"cover must be in (0, 1]; got {cover!r}")
+    patches = [(g, [str(n) for n in labels]) for g, labels in patches if g is not None and not g.is_empty]
+    if not patches:
+        raise InputError("No predicted patch to assess (the patch layer is empty in the assessed area)")
+    reference = [(g, str(n)) for g, n in reference if g is not None and not g.is_empty]
+    found = sorted({n for _, n in reference} | {n for _, labels in patches for n in labels})
+    names = [str(n) for n in class_names] if class_names else found
+    unknown = [n for n in found if n not in names]
+    if unknown:
+        raise InputError(f"Class names {', '.join(repr(n) for n in unknown)} are not among the classes "
+                         f"({', '.join(names)}); the reference's class field must hold the model's class names")
+    geoms = np.array([g for g, _ in patches], dtype=object)
+    areas = shapely.area(geoms)
+    if np.any(areas <= 0):
+        raise InputError("A predicted patch has no area; give the polygon layer written by Patch classification")
+    truth = np.zeros((len(patches), len(names)), dtype=bool)
+    for k, name in enumerate(names):
+        mine = [g for g, n in reference if n == name]
+        if mine:
+            union = shapely.union_all(mine)
+            truth[:, k] = shapely.area(shapely.intersection(geoms, union)) / areas >= cover - 1e-9
+    index = {n: k for k, n in enumerate(names)}
+    pred = np.zeros_like(truth)
+    for i, (_, labels) in enumerate(patches):
+        for n in labels:
+            pred[i, index[n]] = True
+    out = multilabel_metrics(truth, pred, names)
+    out.update(task="multilabel", class_names=names, cover=float(cover),
+               truth=[[n for n, t in zip(names, row) if t] for row in truth],
+               predicted=[[n for n, t in zip(names, row) if t] for row in pred])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # reports
 
 
@@ -369,10 +420,16 @@ DETECTION_FIELDS = ("precision", "recall", "f1", "ap", "tp", "fp", "fn", "truth"
                     "score_threshold")
 
 
+MULTILABEL_FIELDS = ("class_id", "class_name", "precision", "recall", "f1", "support", "predicted", "tp", "fp", "fn")
+
+
 def table_rows(metrics):
-    """The rows of the CSV table: one per class (segmentation) or one summary row (detection)."""
+    """The rows of the CSV table: one per class (segmentation, multi-label) or one summary row (detection)."""
     if metrics.get("task") == "detection":
         return [{k: metrics.get(k) for k in DETECTION_FIELDS}]
+    if metrics.get("task") == "multilabel":
+        return [dict(class_id=i, class_name=n, **{k: metrics["classes"][n][k] for k in MULTILABEL_FIELDS[2:]})
+                for i, n in enumerate(metrics["class_names"])]
     return [{"class_id": c["value"], "class_name": c["name"], "iou": c["iou"], "f1": c["f1"],
              "precision": c["precision"], "recall": c["recall"], "support": c["support"],
              "predicted": c["predicted"]} for c in metrics["classes"]]
@@ -380,7 +437,7 @@ def table_rows(metrics):
 
 def _csv_text(metrics):
     buf = io.StringIO()
-    fields = DETECTION_FIELDS if metrics.get("task") == "detection" else CSV_FIELDS
+    fields = {"detection": DETECTION_FIELDS, "multilabel": MULTILABEL_FIELDS}.get(metrics.get("task"), CSV_FIELDS)
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for row in table_rows(metrics):
@@ -406,6 +463,8 @@ def _html_text(metrics, title):
         parts.append(f"<p class=\"note\">A prediction is a true positive when it overlaps a not yet matched "
                      f"reference box of its class with IoU &ge; {e(_fmt(metrics.get('iou'), 2))}; AP is the "
                      "all-point interpolated average precision, averaged over the classes.</p>\n")
+    elif metrics.get("task") == "multilabel":
+        parts.append(_multilabel_html(metrics))
     else:
         summary = [("Overall accuracy", metrics["overall_accuracy"]), ("Cohen's kappa", metrics["kappa"]),
                    ("Mean IoU", metrics["mean_iou"]), ("Mean F1", metrics["mean_f1"]),
@@ -448,6 +507,29 @@ def _html_text(metrics, title):
     return "".join(parts)
 
 
+def _multilabel_html(metrics):
+    e = html.escape
+    summary = [("Micro F1", metrics["micro_f1"]), ("Micro precision", metrics["micro_precision"]),
+               ("Micro recall", metrics["micro_recall"]), ("Macro F1", metrics["macro_f1"]),
+               ("Exact match (whole label set right)", metrics["exact_match"]),
+               ("Hamming accuracy", metrics["hamming_accuracy"]), ("Patches", metrics["patches"]),
+               ("Label cover", metrics["cover"])]
+    parts = ["<table><caption>Summary</caption>" + "".join(
+        f"<tr><th class=\"name\">{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in summary) + "</table>\n",
+        "<table><caption>Per class</caption><tr>" + "".join(f"<th>{e(h)}</th>" for h in MULTILABEL_FIELDS)
+        + "</tr>\n"]
+    for row in table_rows(metrics):
+        parts.append("<tr>" + "".join(
+            f"<td class=\"name\">{e(_fmt(row[k]))}</td>" if k == "class_name" else
+            f"<td>{e(_fmt(row[k])) or '&ndash;'}</td>" for k in MULTILABEL_FIELDS) + "</tr>\n")
+    parts.append("</table>\n<p class=\"note\">A patch's reference labels are the classes whose reference polygons "
+                 f"cover at least {e(_fmt(metrics['cover'], 2))} of it. Per class: precision = TP / predicted, recall "
+                 "= TP / reference, F1 = 2 TP / (2 TP + FP + FN), counted over patches; micro scores pool the counts "
+                 "of every class, macro F1 averages the classes' F1 (those present in the reference or the "
+                 "prediction); &ndash; = undefined.</p>\n")
+    return "".join(parts)
+
+
 def write_report(metrics, html_path=None, csv_path=None, title="Accuracy assessment", transaction=None):
     """Write ``metrics`` (from :func:`assess_segmentation` or :func:`assess_detection`) as a
     self-contained HTML page and/or a CSV table. Each file is written to a temporary file beside
@@ -470,5 +552,5 @@ def write_report(metrics, html_path=None, csv_path=None, title="Accuracy assessm
     return out
 
 
-__all__ = ["assess_segmentation", "assess_detection", "write_report", "raster_category_names", "table_rows",
-           "OUTSIDE_CHOICES"]
+__all__ = ["assess_segmentation", "assess_detection", "assess_multilabel_patches", "write_report",
+           "raster_category_names", "table_rows", "OUTSIDE_CHOICES"]

@@ -188,6 +188,11 @@ def evaluate_patches(package, image_path, labels, class_names=None, *, bounds=No
     from ..models.package import ModelPackage
     from ..inference.patches import classify_patches
     pkg = package if isinstance(package, ModelPackage) else load_package(package, task="patch_classification")
+    if pkg.multi_label:
+        raise InputError(f"'{pkg.name}' is a multi-label classifier (several classes per patch); this scores the one "
+                         "best class of each patch. Assess its label sets with "
+                         "evaluation.accuracy.assess_multilabel_patches (rs_deep:assess_accuracy, TASK "
+                         "patch_classification)")
     names = class_names or [c.name for c in pkg.classes]
     k = len(pkg.classes)
     with rasterio.open(image_path) as ds:

@@ -4,6 +4,7 @@
   change, used by training (validation, best epoch) and by the accuracy assessment alike;
 * :func:`change_scores`: changed (every class but the first) against not changed;
 * :func:`classification_metrics`: patch (scene) classification;
+* :func:`multilabel_metrics`, :func:`choose_thresholds`: multi-label patch classification;
 * :func:`box_iou`, :func:`detection_metrics`, :func:`average_precision`: boxes.
 
 Conventions: the confusion matrix has the truth (reference) in its rows and the prediction in its columns.
@@ -132,6 +133,62 @@ def classification_metrics(cm, class_names):
             "patches": total, "classes": per, "confusion": cm.tolist()}
 
 
+def multilabel_metrics(truth, predicted, class_names):
+    """Multi-label scores of ``predicted`` against ``truth`` (bool [N patches, K classes]).
+
+    Returns ``{classes: {name: {precision, recall, f1, tp, fp, fn, support, predicted}}, micro_precision,
+    micro_recall, micro_f1, macro_f1, exact_match, hamming_accuracy, patches}``. Per class a ratio whose
+    denominator is 0 is None (F1 None: the class is neither in the truth nor predicted); ``macro_f1`` is the mean
+    F1 over the classes where it is defined (0.0 when none is); micro scores pool the counts of every class;
+    ``exact_match``: the share of patches whose whole label set is right; ``hamming_accuracy``: the share of
+    (patch, class) decisions that are right."""
+    t = np.asarray(truth, dtype=bool)
+    p = np.asarray(predicted, dtype=bool)
+    if t.shape != p.shape or t.ndim != 2 or t.shape[1] != len(class_names):
+        raise ValueError(f"truth {t.shape} and predicted {p.shape} must both be [patches, {len(class_names)}]")
+    tp = (t & p).sum(axis=0)
+    fp = (~t & p).sum(axis=0)
+    fn = (t & ~p).sum(axis=0)
+    per = {}
+    for i, name in enumerate(class_names):
+        a, b, c = int(tp[i]), int(fp[i]), int(fn[i])
+        per[str(name)] = {"precision": _ratio(a, a + b), "recall": _ratio(a, a + c), "f1": _ratio(2 * a, 2 * a + b + c),
+                          "tp": a, "fp": b, "fn": c, "support": a + c, "predicted": a + b}
+    a, b, c = int(tp.sum()), int(fp.sum()), int(fn.sum())
+    f1s = [v["f1"] for v in per.values() if v["f1"] is not None]
+    n = t.shape[0]
+    return {"classes": per, "micro_precision": _ratio(a, a + b), "micro_recall": _ratio(a, a + c),
+            "micro_f1": _ratio(2 * a, 2 * a + b + c) or 0.0, "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+            "exact_match": float((t == p).all(axis=1).mean()) if n else 0.0,
+            "hamming_accuracy": float((t == p).mean()) if n else 0.0, "patches": int(n)}
+
+
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+
+
+def choose_thresholds(scores, truth, grid=THRESHOLD_GRID, default=0.5):
+    """One threshold per class (the column of ``scores`` [N, K] in 0..1): the value of ``grid`` with the best F1 of
+    ``scores >= threshold`` against ``truth`` (bool [N, K]); on ties the one closest to ``default``. A class
+    without a positive patch in ``truth`` keeps ``default`` (no F1 to choose by)."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(truth, dtype=bool)
+    out = []
+    for k in range(s.shape[1]):
+        if not t[:, k].any():
+            out.append(float(default))
+            continue
+        best = None
+        for g in grid:
+            pred = s[:, k] >= g
+            a = int((pred & t[:, k]).sum())
+            f1 = 2 * a / (int(pred.sum()) + int(t[:, k].sum()))
+            key = (round(f1, 12), -abs(g - default))
+            if best is None or key > best[0]:
+                best = (key, float(g))
+        out.append(best[1])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # boxes
 
@@ -214,5 +271,5 @@ def average_precision(records, n_truth):
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
 
 
-__all__ = ["confusion_matrix", "metrics_from_confusion", "change_scores", "classification_metrics", "box_iou",
-           "detection_metrics", "average_precision"]
+__all__ = ["confusion_matrix", "metrics_from_confusion", "change_scores", "classification_metrics",
+           "multilabel_metrics", "choose_thresholds", "box_iou", "detection_metrics", "average_precision"]

@@ -7,6 +7,10 @@ by :class:`.raster.RasterReader`, as segmentation does). Reading runs on a backg
 :class:`.device.ModelRunner`, ``batch_size`` patches at a time, so memory is bounded by patch x
 batch whatever the size of the raster. A patch is classified when at least ``min_valid`` of the
 part of it that can lie inside the processed area holds valid (not nodata) pixels.
+
+A multi-label package (``rs_deep:multi_label``: sigmoid scores, one threshold per class) gives every patch the
+classes whose score reaches their threshold (the package's ``rs_deep:class_thresholds``, or one ``threshold`` for
+all classes), possibly none.
 """
 import dataclasses
 import time
@@ -30,7 +34,8 @@ class PatchClassificationResult:
     the patch square clipped to the processed area), ``class_id``, ``class_name``, ``score`` (the
     winning probability), ``top`` (the ``top_k`` best ``(class_id, class_name, score)``), ``row``,
     ``col`` (patch indices on the grid), ``window`` (col_off, row_off, width, height: the clipped patch
-    in raster pixels)."""
+    in raster pixels). Multi-label packages add ``labels`` (the class names whose score reaches their threshold,
+    in class order), ``label_ids`` and ``scores`` (the score of every class, in class order)."""
 
     features: list = field(default_factory=list)
     crs: object = None
@@ -47,6 +52,9 @@ class PatchClassificationResult:
     seconds: float = 0.0
     gsd_scale: float = 1.0
     tta: str = "none"  # the test-time augmentation of the run (:data:`..models.tta.TTA_CHOICES`)
+    multi_label: bool = False
+    thresholds: list = None  # multi-label: the threshold of each class used
+    class_names: list = None  # the package's classes, in order
     warnings: list = field(default_factory=list)
 
     def __iter__(self):
@@ -56,9 +64,11 @@ class PatchClassificationResult:
         return len(self.features)
 
     def class_counts(self):
+        """{class name: patches}: of the winning class, or (multi-label) of every label of a patch."""
         out = {}
         for f in self.features:
-            out[f["class_name"]] = out.get(f["class_name"], 0) + 1
+            for name in (f["labels"] if self.multi_label else [f["class_name"]]):
+                out[name] = out.get(name, 0) + 1
         return out
 
 
@@ -69,6 +79,41 @@ def check_patch_package(pkg):
                                 f"classification:classes lists {len(pkg.classes)} classes")
 
 
+def class_thresholds(pkg, threshold=None):
+    """The threshold of each class of a multi-label package: ``threshold`` (THRESHOLD, one for every class) or the
+    package's ``rs_deep:class_thresholds``. None for a single-label package; a ``threshold`` given for one, or
+    outside (0, 1), is refused."""
+    if threshold is None:
+        return list(pkg.class_thresholds) if pkg.multi_label else None
+    if not pkg.multi_label:
+        raise InputError(f"THRESHOLD ({threshold:g}) is for multi-label classifiers; '{pkg.name}' is a single-label "
+                         "classifier (softmax): each patch gets its best class, there is no score to threshold. "
+                         "Leave THRESHOLD empty")
+    if not 0 < threshold < 1:
+        raise InputError(f"THRESHOLD must be a probability between 0 and 1 (exclusive); got {threshold:g}")
+    return [float(threshold)] * len(pkg.classes)
+
+
+def score_fields(class_names, prefix="score_", max_len=40):
+    """The field name of each class's score in a multi-label patch layer: ``prefix`` + the name in lower-case ASCII
+    letters, digits and underscores (accents dropped, other characters become ``_``), at most ``max_len``
+    characters, made unique with ``_2``, ``_3``... in class order."""
+    import re
+    import unicodedata
+    out, seen = [], set()
+    for i, name in enumerate(class_names):
+        text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii").lower()
+        text = re.sub(r"[^a-z0-9]+", "_", text).strip("_") or f"class_{i}"
+        base = (prefix + text)[:max_len]
+        field, n = base, 2
+        while field in seen:
+            field = f"{base[:max_len - len(str(n)) - 1]}_{n}"
+            n += 1
+        seen.add(field)
+        out.append(field)
+    return out
+
+
 def patch_starts(start, end, stride):
     """Regular grid of patch starts from ``start`` while a patch still begins inside [start, end)."""
     return list(range(start, end, stride)) if end > start else []
@@ -76,17 +121,19 @@ def patch_starts(start, end, stride):
 
 def classify_patches(input_path, package, *, patch_size=None, stride=None, bands=None, bounds=None, batch_size=None,
                      device="auto", top_k=3, progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
-                     log=None, max_pixels=None, tta="none"):
+                     log=None, max_pixels=None, tta="none", threshold=None):
     """Classify the patches of ``input_path`` with the patch classifier ``package``.
 
     ``patch_size`` / ``stride``: px at the model's GSD (default: the package's patch size, and
     stride = patch size: patches side by side). ``bounds``: (xmin, ymin, xmax, ymax) in the
     raster's CRS. ``tta``: test-time augmentation, "none", "flips" (3 passes per patch) or "d4" (8 flips and
     rotations): the class probabilities of the flipped and rotated patches are averaged (:mod:`..models.tta`).
+    ``threshold``: multi-label packages only: one score threshold for every class instead of the package's own.
     Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
     """
     t_start, prog, log, pkg = start_run(package, TASK, progress, is_cancelled, log)
     check_patch_package(pkg)
+    thresholds = class_thresholds(pkg, threshold)
     tta = check_tta(tta)
     patch = int(patch_size) if patch_size else pkg.tile_size
     if patch < MIN_PATCH:
@@ -99,7 +146,8 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
         raise InputError(f"min_valid must be in (0, 1]; got {min_valid}")
     pkg_opts = dataclasses.replace(pkg, tile_size=patch, overlap=0)
     reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
-    result = PatchClassificationResult(patch_size=patch, stride=step)
+    result = PatchClassificationResult(patch_size=patch, stride=step, multi_label=pkg.multi_label,
+                                       thresholds=thresholds, class_names=[c.name for c in pkg.classes])
     try:
         result.warnings, (x0, y0, x1, y1) = open_region(
             reader, pkg, bounds, max_pixels, log, georef="patches get its pixel coordinates", resampled="the patches")
@@ -121,6 +169,10 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
                           "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
                           error=InputError if patch_size or batch_size else ModelPackageError)
         prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, batch {bs}")
+        if thresholds is not None:
+            log("Multi-label: a patch gets every class whose score reaches its threshold (" + ", ".join(
+                f"{c.name} {t:g}" for c, t in zip(pkg.classes, thresholds))
+                + (", THRESHOLD" if threshold is not None else ", the package's") + ")")
         t = reader.tile
         f = t / n
         full = min(n, x1 - x0) * min(n, y1 - y0) * f * f  # most pixels a patch can have inside the area
@@ -154,9 +206,9 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
         for batch, (data, keep) in prefetch(read, batched(seq, bs)):
             prog.check()
             probs = runner(data) if data is not None else None
-            if probs is not None and probs.ndim != 2:
-                raise ModelPackageError(f"{pkg.source}: the network returns {probs.shape[1:]} per patch; a patch "
-                                        "classifier returns one score per class")
+            if probs is not None and (probs.ndim != 2 or probs.shape[1] != len(pkg.classes)):
+                raise ModelPackageError(f"{pkg.source}: the network returns {list(probs.shape[1:])} per patch; a "
+                                        f"patch classifier returns one score per class ([{len(pkg.classes)}])")
             j = 0
             for (r, c, x, y), ok in zip(batch, keep):
                 if not ok:
@@ -165,7 +217,11 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
                 j += 1
                 order = np.argsort(-p, kind="stable")[:top_k]
                 top = [(int(i), names[int(i)], float(p[i])) for i in order]
-                result.features.append({
+                rec = {}
+                if thresholds is not None:
+                    ids = [i for i in range(len(p)) if p[i] >= thresholds[i]]
+                    rec = {"labels": [names[i] for i in ids], "label_ids": ids, "scores": [float(v) for v in p]}
+                result.features.append({**rec,
                     "geometry": _patch_polygon(reader.transform, max(x, x0), max(y, y0), min(x + n, x1),
                                                min(y + n, y1)),
                     "class_id": top[0][0], "class_name": top[0][1], "score": top[0][2], "top": top,
@@ -194,4 +250,5 @@ def _patch_polygon(transform, px0, py0, px1, py1):
     return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
 
 
-__all__ = ["classify_patches", "PatchClassificationResult", "check_patch_package", "patch_starts"]
+__all__ = ["classify_patches", "PatchClassificationResult", "check_patch_package", "class_thresholds", "score_fields",
+           "patch_starts"]

@@ -74,6 +74,10 @@ class ModelPackage:
     activation: str
     weights_sha256: str
     description: str = ""
+    #: patch classification only: several classes per patch (sigmoid scores), each class kept when its score
+    #: reaches its threshold (``class_thresholds``, one per class; rs_deep:multi_label, rs_deep:class_thresholds)
+    multi_label: bool = False
+    class_thresholds: list = None
     metadata: dict = field(default_factory=dict, repr=False)
     _weights: object = field(default=None, repr=False)  # a WeightsFile (read when the model is loaded)
     backend = "torch"  # "onnx" for an :class:`.onnx.package.OnnxPackage`
@@ -495,6 +499,36 @@ DEFAULT_COLORS = ["000000", "E31A1C", "1F78B4", "33A02C", "FF7F00", "6A3D9A", "B
                   "B2DF8A", "FB9A99", "FDBF6F", "CAB2D6", "FFFF99"]
 
 
+def _parse_multi_label(props, task, activation, n_classes):
+    """(multi_label, class_thresholds) of model.json: ``rs_deep:multi_label`` (a patch classifier whose classes
+    are scored independently, sigmoid) and ``rs_deep:class_thresholds`` (one probability in (0, 1) per class;
+    default 0.5 each)."""
+    multi = props.get("rs_deep:multi_label", False)
+    raw = props.get("rs_deep:class_thresholds")
+    if not isinstance(multi, bool):
+        raise ModelPackageError(f"model.json: properties.rs_deep:multi_label: expected true or false, got {multi!r}")
+    if not multi:
+        if raw is not None:
+            raise ModelPackageError("model.json: properties.rs_deep:class_thresholds is only used with "
+                                    "rs_deep:multi_label true (a single-label model takes the best class)")
+        return False, None
+    if task != "patch_classification":
+        raise ModelPackageError(f"model.json: properties.rs_deep:multi_label: only patch_classification models "
+                                f"can be multi-label; this is a {task} model")
+    if activation != "sigmoid":
+        raise ModelPackageError("model.json: properties.rs_deep:activation: a multi-label model scores each class "
+                                f"on its own and needs 'sigmoid', got {activation!r}")
+    if n_classes < 2:
+        raise ModelPackageError("model.json: a multi-label model needs at least two classes")
+    if raw is None:
+        return True, [0.5] * n_classes
+    if not isinstance(raw, list) or len(raw) != n_classes or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in raw):
+        raise ModelPackageError(f"model.json: properties.rs_deep:class_thresholds: expected {n_classes} "
+                                f"probabilities between 0 and 1 (one per class), got {raw!r}")
+    return True, [float(t) for t in raw]
+
+
 def parse_metadata(meta, source="model.json", registries=True):
     """Validate model.json (a dict) and return the pieces a ModelPackage needs (``registries``: see
     :func:`.architectures.validate_builder`)."""
@@ -567,6 +601,7 @@ def parse_metadata(meta, source="model.json", registries=True):
     if activation not in ACTIVATIONS:
         raise ModelPackageError(f"model.json: properties.rs_deep:activation: expected one of "
                                 f"{', '.join(ACTIVATIONS)}, got {activation!r}")
+    multi_label, thresholds = _parse_multi_label(props, task, activation, len(classes))
     n_out = builder["classes"]
     if task in ("segmentation", "change"):
         ok = n_out == len(classes) or (activation == "sigmoid" and n_out == 1 and len(classes) == 2)
@@ -601,8 +636,8 @@ def parse_metadata(meta, source="model.json", registries=True):
                                 "SHA-256 hex digest of model.safetensors")
     return dict(name=name, task=task, bands=bands, value_scaling=scaling, classes=classes, tile_size=tile,
                 overlap=overlap, gsd=float(gsd) if gsd is not None else None, builder=builder,
-                activation=activation, weights_sha256=sha.lower(),
-                description=str(props.get("description", meta.get("description", ""))))
+                activation=activation, weights_sha256=sha.lower(), multi_label=multi_label,
+                class_thresholds=thresholds, description=str(props.get("description", meta.get("description", ""))))
 
 
 def read_package(path, task=None):
@@ -721,7 +756,7 @@ def package_summary(pkg):
     gsd = f"{pkg.gsd:g} m" if pkg.gsd else "any"
     return (f"{pkg.name} ({pkg.task}; {pkg.builder['architecture']}/{pkg.builder['encoder']}; "
             f"bands: {', '.join(pkg.bands)}; GSD {gsd}; tile {pkg.tile_size} px, overlap {pkg.overlap}; "
-            f"classes: {classes})")
+            f"classes: {classes}{'; multi-label' if pkg.multi_label else ''})")
 
 
 __all__ = ["ModelPackage", "ModelClass", "read_package", "save_package", "build_metadata", "parse_metadata",

@@ -155,7 +155,7 @@ class ChangeTask(DenseTask):
         return {"val_iou": best_metrics["iou"] if best_metrics else None, "train_pairs": len(self.train),
                 "val_pairs": len(self.val)}
 
-    def package_extra(self):
+    def package_extra(self, best_metrics=None):
         return {"rs_deep:dates": 2}
 
 

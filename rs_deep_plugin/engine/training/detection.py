@@ -167,7 +167,7 @@ class DetectionTask(TrainingTask):
     def training_info(self, best_metrics):
         return {"val": best_metrics, "train_boxes": self.train_boxes}
 
-    def package_extra(self):
+    def package_extra(self, best_metrics=None):
         return {"rs_deep:score_threshold": self.score_threshold, "rs_deep:iou_threshold": self.iou_threshold,
                 "rs_deep:max_detections": self.max_detections,
                 "mlm:output": detection_output_metadata(self.classes, self.builder)}

@@ -252,8 +252,9 @@ class TrainingTask:
         """The task's part of the package's ``rs_deep:training`` (after best_epoch, epochs_run, seed)."""
         return {}
 
-    def package_extra(self):
-        """More package metadata of the task (e.g. ``mlm:output``)."""
+    def package_extra(self, best_metrics=None):
+        """More package metadata of the task (e.g. ``mlm:output``); ``best_metrics``: the validation metrics of the
+        epoch packaged (None without validation)."""
         return {}
 
 
@@ -321,7 +322,7 @@ def fit(task, params, out_dir):
             model.load_state_dict(best["state"])
             model.eval()
             info = {"best_epoch": best["epoch"], "epochs_run": report["epochs_run"], "seed": params.seed}
-            extra = dict(task.package_extra(), **transfer.package_metadata())
+            extra = dict(task.package_extra(best["metrics"]), **transfer.package_metadata())
             extra["rs_deep:training"] = dict(info, **task.training_info(best["metrics"]), lineage=transfer.lineage)
             save_package(model.cpu(), out_dir, weights_dtype=params.weights_dtype, name=params.name, task=task.task,
                          bands=task.band_names, classes=task.classes, builder=task.builder,

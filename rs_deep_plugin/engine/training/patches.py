@@ -15,6 +15,7 @@ measures), unless ``select_best`` or ``patience``.
 """
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,13 +92,18 @@ class PatchTask(TrainingTask):
 
     def training_loss(self, model, batch, device, memory_format):
         import torch
-        import torch.nn.functional as F
-        if self.class_weights is not None and self.weight_tensor is None:
-            self.weight_tensor = torch.from_numpy(self.class_weights).to(device)
         x, y = batch
         xt = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
-        yt = torch.from_numpy(y).to(device)
-        return F.cross_entropy(model(xt), yt, weight=self.weight_tensor, label_smoothing=0.05), None
+        return self.loss(model(xt), torch.from_numpy(y).to(device)), None
+
+    def loss(self, logits, target):
+        """The loss of a batch of class logits [B, K] against the targets (on the logits' device): cross-entropy
+        weighted by ``class_weights``, with label smoothing."""
+        import torch
+        import torch.nn.functional as F
+        if self.class_weights is not None and self.weight_tensor is None:
+            self.weight_tensor = torch.from_numpy(self.class_weights).to(logits.device)
+        return F.cross_entropy(logits, target, weight=self.weight_tensor, label_smoothing=0.05)
 
     def validate(self, model, device, memory_format):
         if self.val is None:
@@ -120,13 +126,66 @@ class PatchTask(TrainingTask):
     def training_info(self, best_metrics):
         return {"val_accuracy": best_metrics["accuracy"] if best_metrics else None}
 
-    def package_extra(self):
+    def package_extra(self, best_metrics=None):
         k = len(self.classes)
         return {"mlm:output": [{"name": "classes", "tasks": ["scene-classification"],
                                 "result": {"shape": [-1, k], "dim_order": ["batch", "class"], "data_type": "float32"},
                                 "classification:classes": [{"value": c.value, "name": c.name, "color_hint": c.color}
                                                            for c in self.classes],
                                 "post_processing_function": None}]}
+
+
+@dataclass
+class TrainingImage:
+    """A training image read by :func:`read_training_image`."""
+
+    data: object  # float32 [C, H, W], scaled; 0 where not valid
+    valid: object  # bool [H, W]
+    labels: object  # what the reader of the labels returned
+    bands: list
+    band_names: list
+    scaling: list
+    gsd: float
+    width: int
+    height: int
+
+
+def read_training_image(image_path, bands, band_names, seed, read_labels):
+    """The image of a patch trainer, with its labels: ``read_labels(open dataset)`` returns ``(labels, labelled)``
+    (``labelled``: bool [H, W] of the pixels the labels cover, or None: all); pixels outside it are not valid. The
+    value scaling is computed on the valid pixels (:func:`.data.compute_value_scaling`) and applied."""
+    ds, bands, data, valid = read_image(image_path, bands)
+    try:
+        h, w = ds.height, ds.width
+        crs, transform = ds.crs, ds.transform
+        band_names = image_band_names(ds, bands, band_names)
+        labels, labelled = read_labels(ds)
+    finally:
+        ds.close()
+    if labelled is not None:
+        valid &= labelled
+    scaling = compute_value_scaling(data, valid, seed=seed)
+    scale_image(data, valid, scaling)
+    return TrainingImage(data, valid, labels, bands, band_names, scaling, pixel_size_metres(crs, transform, w, h),
+                         w, h)
+
+
+def start_patch_training(options, augment, select_best, name, class_names, class_colors, patch_size, too_few):
+    """What a patch trainer checks first: ``(params, augment, select_best, class_names, classes)`` from the run
+    ``options`` (:class:`.loop.TrainParams`, default name ``name``), the augment switches, the classes (at least
+    two, else ``too_few`` is the message) and ``patch_size`` (at least 8 px); patience turns ``select_best`` on."""
+    params = TrainParams.of(options, epochs=20, batch_size=64, weight_decay=1e-3, name=name)
+    augment = check_augment(augment)
+    import_torch()
+    class_names = [str(n) for n in (class_names or [])]
+    k = len(class_names)
+    if k < 2:
+        raise InputError(too_few)
+    classes = model_classes(class_names, class_colors,
+                            [DEFAULT_COLORS[(i + 1) % len(DEFAULT_COLORS)] for i in range(k)])
+    if not isinstance(patch_size, int) or patch_size < 8:
+        raise InputError(f"patch_size must be at least 8 px; got {patch_size!r}")
+    return params, augment, bool(select_best or params.patience), class_names, classes
 
 
 def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None, background_class=None, bands=None,
@@ -145,42 +204,27 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     settings of :class:`.loop.TrainParams` (defaults: 20 epochs, batch size 64, weight decay 1e-3, name
     "patch-classifier"). Returns the training report (:func:`.loop.fit`; also in ``out_dir``).
     """
-    params = TrainParams.of(options, epochs=20, batch_size=64, weight_decay=1e-3, name="patch-classifier")
-    augment = check_augment(augment)
-    if params.patience:
-        select_best = True
-    import_torch()
-    class_names = [str(n) for n in (class_names or [])]
+    params, augment, select_best, class_names, classes = start_patch_training(
+        options, augment, select_best, "patch-classifier", class_names, class_colors, patch_size,
+        "class_names: give at least two classes")
     k = len(class_names)
-    if k < 2:
-        raise InputError("class_names: give at least two classes")
-    classes = model_classes(class_names, class_colors,
-                            [DEFAULT_COLORS[(i + 1) % len(DEFAULT_COLORS)] for i in range(k)])
-    if not isinstance(patch_size, int) or patch_size < 8:
-        raise InputError(f"patch_size must be at least 8 px; got {patch_size!r}")
     if background_class is not None and not 0 <= int(background_class) < k:
         raise InputError(f"background_class {background_class} is not one of the classes 0..{k - 1}")
 
     params.prog.message(f"Reading {image_path}")
-    ds, bands, data, valid = read_image(image_path, bands)
-    try:
-        h, w = ds.height, ds.width
-        crs, transform = ds.crs, ds.transform
-        band_names = image_band_names(ds, bands, band_names)
+
+    def read_labels(ds):
         if isinstance(labels, (str, os.PathLike)):
-            lab = labels_from_raster(labels, ds, k)
-        else:
-            # rasterize burns 0 outside the polygons: shift the classes by one, then map 0 to the background
-            shifted = [(g, v + 1) for g, v in label_shapes(labels, k)]
-            lab = labels_from_geometries(shifted, ds, k + 1).astype(np.int16) - 1
-            outside = IGNORE if background_class is None else int(background_class)
-            lab = np.where(lab < 0, outside, lab).astype(np.uint8)
-    finally:
-        ds.close()
+            return labels_from_raster(labels, ds, k), None
+        # rasterize burns 0 outside the polygons: shift the classes by one, then map 0 to the background
+        shifted = [(g, v + 1) for g, v in label_shapes(labels, k)]
+        lab = labels_from_geometries(shifted, ds, k + 1).astype(np.int16) - 1
+        outside = IGNORE if background_class is None else int(background_class)
+        return np.where(lab < 0, outside, lab).astype(np.uint8), None
+
+    image = read_training_image(image_path, bands, band_names, params.seed, read_labels)
+    data, valid, lab, h, w = image.data, image.valid, image.labels, image.height, image.width
     lab[~valid] = IGNORE
-    scaling = compute_value_scaling(data, valid, seed=params.seed)
-    scale_image(data, valid, scaling)
-    gsd = pixel_size_metres(crs, transform, w, h)
     train_win, val_win = validation_split(w, h, val_fraction, val_side)
     rows, cols = window_slices(train_win)
     train_img, train_lab, train_valid = data[:, rows, cols], lab[rows, cols], valid[rows, cols]
@@ -211,7 +255,8 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     task.train_size = (f"train {train_win[3]}x{train_win[2]} px, validation "
                        f"{val_side} {val_fraction:.0%}")
     task.configure(
-        classes=classes, band_names=band_names, band_numbers=bands, builder=builder, value_scaling=scaling, gsd=gsd,
+        classes=classes, band_names=image.band_names, band_numbers=image.bands, builder=builder,
+        value_scaling=image.scaling, gsd=image.gsd,
         tile_size=patch_size, augment=augment, package_tile_size=patch_size, package_overlap=0,
         settings={"patch_size": patch_size, "min_purity": min_purity, "scale_range": list(scale_range),
                   "background_class": background_class,
@@ -223,4 +268,5 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_patches", "PatchTask", "evaluate_grid"]
+__all__ = ["train_patches", "PatchTask", "evaluate_grid", "start_patch_training", "read_training_image",
+           "TrainingImage"]

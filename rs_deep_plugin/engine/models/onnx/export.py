@@ -108,6 +108,11 @@ def export_onnx(package_path, out_path, opset=17, log=None):
     pkg = package_path if isinstance(package_path, ModelPackage) else load_package(package_path)
     if getattr(pkg, "backend", "torch") == "onnx":
         raise InputError(f"{pkg.source} is already an ONNX model")
+    if pkg.multi_label:
+        raise InputError(f"'{pkg.name}' is a multi-label patch classifier; ONNX export supports segmentation and "
+                         "detection packages: an exported graph would lose its per-class thresholds "
+                         "(rs_deep:class_thresholds), so it is not written. Use the package itself with "
+                         "rs_deep:classify_patches")
     if pkg.task not in ("segmentation", "detection"):
         raise InputError(f"'{pkg.name}' is a {pkg.task} model; ONNX export supports segmentation and detection "
                          "packages (change and patch classification packages cannot be exported yet)")
