@@ -21,7 +21,7 @@ from ..models.package import ModelPackage
 from ..models.runners import default_batch_size, device_description, select_device
 from ..models.tta import TTA_DESCRIPTIONS, with_tta
 from ..progress import Progress
-from ..tasks import TASKS
+from ..tasks import TASKS, runs_with
 
 
 
@@ -31,8 +31,10 @@ def start_run(package, task, progress=None, is_cancelled=None, log=None, gsd=Non
     resolution, which the raster is resampled to (Deepness's resolution, for models that do not state theirs)."""
     t_start = time.time()
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
-    if pkg.task != task:
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[task].short} needs a {task} model")
+    tasks = (task,) if isinstance(task, str) else tuple(task)
+    if pkg.task not in tasks:
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[tasks[0]].short} needs a "
+                         f"{' or '.join(tasks)} model{runs_with(pkg.task)}")
     if gsd is not None:
         if not gsd > 0:
             raise InputError(f"RESOLUTION must be positive (or 0 for the model's); got {gsd * 100:g} cm/px")
