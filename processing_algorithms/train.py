@@ -9,7 +9,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..rs_deep_plugin.compat import push_warning
-from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, TASKS as TASK_TABLE
+from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, REGRESSION, TASKS as TASK_TABLE
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
 from .labels import label_colors, map_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
@@ -18,10 +18,14 @@ from .params import resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES)
 from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
+from ..rs_deep_plugin.engine.training.regression import LOSSES
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
-TASKS = list(TASK_TABLE)  # segmentation, detection, patch_classification, change (the engine's task table)
-TASK_LABELS = [t.label for t in TASK_TABLE.values()]
+# segmentation, detection, patch_classification, change, regression: the engine's task table, the tasks it trains
+TASKS = [t for t in TASK_TABLE if t in TOOLBOX_DEFAULTS]
+TASK_LABELS = [TASK_TABLE[t].label for t in TASKS]
+#: LOSS choices (regression)
+LOSS_LABELS = ["L1 (mean absolute error)", "MSE (mean squared error)"]
 #: AUGMENT choices -> the trainers' augment switches
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
@@ -89,6 +93,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
     ENCODER_WEIGHTS = "ENCODER_WEIGHTS"
     FREEZE_ENCODER = "FREEZE_ENCODER"
     ENCODER_LR = "ENCODER_LR"
+    TARGET = "TARGET"
+    LOSS = "LOSS"
     OUTPUT = "OUTPUT"
     REPORT = "REPORT"
     CURVES = "CURVES"
@@ -120,9 +126,15 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Class field</b>: optional; the class of each feature. Classes are the sorted unique values "
             "(segmentation: values 1..K, 0 is the background; a value named 'background' marks background). "
             "Without it: one class named after the labels layer.<br>"
-            "<b>Task</b>: segmentation, detection, patch classification or change. From the command line by "
-            "index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
-            "<code>patch_classification</code>, <code>change</code>; the other choices likewise, e.g. "
+            "<b>Target raster</b>: regression only, instead of LABELS: the values to learn per pixel (any grid and "
+            "CRS: resampled bilinearly onto the input's grid; its nodata, and pixels it does not cover, are left "
+            "out of the loss). Its name becomes the output's name. The package turns the network's output back into "
+            "the target's units; validation reports RMSE, MAE, R² and the RMSE of the training mean.<br>"
+            "<b>Loss</b>: regression only: L1 (default) or MSE.<br>"
+            "<b>Task</b>: segmentation, detection, patch classification, change or regression. From the command "
+            "line by index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
+            "<code>patch_classification</code>, <code>change</code>, <code>regression</code>; the other choices "
+            "likewise, e.g. "
             "<code>DEVICE=cpu</code>, <code>AUGMENT=flips,rotations</code>.<br>"
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
@@ -184,6 +196,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", None, self.LABELS,
                                                       QgsProcessingParameterField.Any, optional=True))
         self.addParameter(NamedEnum(self.TASK, "Task", TASK_LABELS, TASKS, defaultValue=0))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.TARGET, "Target raster (regression)",
+                                                            optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
@@ -211,6 +225,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          QgsProcessingParameterNumber.Double, 0.2, optional=True, minValue=0.0,
                                          maxValue=0.5),
             NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
+            NamedEnum(self.LOSS, "Loss (regression)", LOSS_LABELS, list(LOSSES), defaultValue=0, optional=True),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
                                     defaultValue=[0, 1, 2], optional=True))
@@ -338,6 +353,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         try:
             if chips:
+                if task == REGRESSION.name:
+                    raise QgsProcessingException("CHIPS train segmentation, detection or change models; regression "
+                                                 "trains from INPUT and TARGET")
                 if task == PATCH_CLASSIFICATION.name:
                     raise QgsProcessingException("CHIPS train segmentation, detection or change models; patch "
                                                  "classification trains from INPUT and LABELS")
@@ -383,6 +401,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException("Give INPUT (a raster layer or file) and LABELS, or CHIPS (a folder written "
                                          "by 'Export training data (chips)')")
         image = raster_file(layer, "INPUT")
+        if task == REGRESSION.name:
+            return self._train_regression(parameters, context, feedback, image, out_dir, builder, tile, val, patience,
+                                          common, callbacks)
         source = self.parameterAsSource(parameters, self.LABELS, context)
         if source is None:
             raise QgsProcessingException("LABELS is not set or not a valid vector layer; choose a polygon layer (or "
@@ -435,6 +456,25 @@ class TrainAlgorithm(RSDeepAlgorithm):
                              class_colors=colors_for(class_names, task), background_class=background,
                              builder=builder, patch_size=tile, val_fraction=val, val_side="bottom",
                              patience=patience, **common, **callbacks)
+
+    def _train_regression(self, parameters, context, feedback, image, out_dir, builder, tile, val, patience, common,
+                          callbacks):
+        """Regression from INPUT and TARGET (a raster of the values to learn, resampled onto INPUT's grid)."""
+        from ..rs_deep_plugin.engine.training.regression import train_regression
+        target_layer = self.parameterAsRasterLayer(parameters, self.TARGET, context)
+        if target_layer is None or not target_layer.isValid():
+            raise QgsProcessingException("Regression learns the values of a raster: set TARGET (a raster layer or "
+                                         "file of the values per pixel, any grid) with INPUT; LABELS are not used")
+        target = raster_file(target_layer, "TARGET")
+        loss = self.parameterAsEnumName(parameters, self.LOSS, context) \
+            if parameters.get(self.LOSS) not in (None, "") else LOSSES[0]
+        name = target_layer.name() or "value"
+        feedback.pushInfo(f"Target: {name} ({os.path.basename(target)}), {loss.upper()} loss")
+        common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} against "
+                                          f"{os.path.basename(target)}")
+        return train_regression(image, target, out_dir, target_name=name, builder=builder, tile_size=tile,
+                                val_fraction=val, val_side="bottom", loss=loss, patience=patience, **common,
+                                **callbacks)
 
     def _train_change(self, parameters, context, feedback, image, pairs, field, out_dir, builder, tile, val,
                       patience, common, callbacks, colors_for):
