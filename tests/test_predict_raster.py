@@ -208,3 +208,132 @@ def test_wrong_layout_is_refused(tmp_path):
     with pytest.raises(ModelPackageError, match=r"outputs are \[2.0\] times the input's size; a regression model "
                                                 r"predicts on the input's grid"):
         load_onnx_package(typed)
+
+
+# -- our own regression package, trained here on real data ------------------------------------------------------------
+# The target: building cover, the share of each 8 m cell (16 x 16 px) of the Atlanta sample (SpaceNet, 0.5 m) that the
+# 32 footprints of tests/data/buildings_atlanta cover, rasterised at the image's 0.5 m and averaged per cell.
+
+COVER_CELL = 16
+
+
+def building_cover(path):
+    """The building-cover target raster (37 x 56 cells of 8 m, float32, nodata -1) written to ``path``."""
+    import json
+    import shapely.geometry
+    from rasterio.features import rasterize
+    from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
+    with rasterio.open(ATLANTA_IMAGE) as ds:
+        shapes = [(shapely.geometry.shape(f["geometry"]), 1) for f in json.loads(ATLANTA_LABELS.read_text())["features"]]
+        mask = rasterize(shapes, out_shape=(ds.height, ds.width), transform=ds.transform, dtype="uint8")
+        c = COVER_CELL
+        h, w = ds.height // c * c, ds.width // c * c
+        cover = mask[:h, :w].reshape(h // c, c, w // c, c).mean(axis=(1, 3)).astype(np.float32)
+        profile = dict(driver="GTiff", width=w // c, height=h // c, count=1, dtype="float32", crs=ds.crs,
+                       transform=ds.transform * ds.transform.scale(c), nodata=-1.0)
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(cover[None])
+    return path
+
+
+@pytest.fixture(scope="module")
+def cover_package(provider, tmp_path_factory):
+    from conftest import ATLANTA_IMAGE
+    folder = tmp_path_factory.mktemp("cover")
+    target = building_cover(folder / "building_cover.tif")
+    res = _run("rs_deep:train", {"INPUT": str(ATLANTA_IMAGE), "TARGET": str(target), "TASK": "regression",
+                                 "ENCODER": "resnet18", "EPOCHS": 2, "STEPS_PER_EPOCH": 4, "BATCH_SIZE": 4,
+                                 "TILE_SIZE": 64, "VALIDATION": 0.2, "LOSS": "mse", "DEVICE": "cpu",
+                                 "OUTPUT": str(folder / "cover_model")})
+    return res
+
+
+def test_regression_training_writes_a_regression_package(cover_package):
+    import json
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    pkg = load_package(cover_package["OUTPUT"])
+    assert (pkg.task, pkg.activation, [c.name for c in pkg.classes]) == ("regression", "none", ["building_cover"])
+    report = json.loads(open(cover_package["REPORT"]).read())
+    best = report["best"]["metrics"]
+    assert report["monitor"] == {"metric": "rmse", "mode": "min", "keep": "best"}
+    assert set(best) >= {"rmse", "mae", "r2", "baseline_rmse"} and best["pixels"] > 50_000
+    # the network learns the standardised cover: the package maps it back (mean and spread of the training rows)
+    training = report["best"] and json.loads(open(cover_package["OUTPUT"] + "/model.json").read())["properties"][
+        "rs_deep:training"]
+    assert (pkg.value_offset, pkg.value_scale) == (training["target_mean"], training["target_std"])
+    assert 0.02 < pkg.value_offset < 0.1 and 0.05 < pkg.value_scale < 0.3
+    assert json.loads((open(cover_package["OUTPUT"] + "/model.json").read()))["properties"]["mlm:tasks"] == [
+        "regression"]
+
+
+def _crop_with_nodata(path):
+    """A 256 x 320 px crop of the Atlanta image (nodata 0) with a 40 x 40 px block of nodata."""
+    from rasterio.windows import Window
+    from conftest import ATLANTA_IMAGE
+    with rasterio.open(ATLANTA_IMAGE) as src:
+        data = src.read(window=Window(100, 200, 320, 256))
+        profile = dict(src.profile, width=320, height=256, transform=src.window_transform(Window(100, 200, 320, 256)))
+    data[:, 100:140, 150:190] = 0
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(data)
+    return path
+
+
+def test_regression_package_runs_back(cover_package, tmp_path):
+    import torch
+    from rs_deep.rs_deep_plugin.engine.geo.raster import apply_scaling
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    pkg = load_package(cover_package["OUTPUT"])
+    crop = _crop_with_nodata(tmp_path / "crop.tif")
+    res = _run("rs_deep:predict_raster", {"INPUT": str(crop), "MODEL": cover_package["OUTPUT"],
+                                          "TILE_SIZE": 256, "OUTPUT": str(tmp_path / "cover.tif")})
+    with rasterio.open(res["OUTPUT"]) as ds, rasterio.open(crop) as src:
+        assert ds.transform == src.transform and (ds.width, ds.height) == (320, 256)
+        assert ds.dtypes == ("float32",) and ds.nodata == VALUE_NODATA and ds.descriptions == ("building_cover",)
+        ours = ds.read(1)
+        raw = src.read().astype(np.float32)
+    assert (ours[100:140, 150:190] == VALUE_NODATA).all()  # nodata kept
+    assert (ours != VALUE_NODATA).sum() == 320 * 256 - 40 * 40
+    # the model's own forward pass on the first tile (256 x 256 px at the top left), in the target's units
+    tile = apply_scaling(raw[:, :256, :256].copy(), pkg.value_scaling)
+    tile[:, 100:140, 150:190] = 0  # nodata is read as 0, as the reader fills it
+    model = pkg.load_model().eval()
+    with torch.no_grad():
+        direct = model(torch.from_numpy(tile)[None])[0, 0].numpy() * pkg.value_scale + pkg.value_offset
+    first = ours[:, :64]  # columns no other tile reaches (the second tile starts at column 64)
+    ok = first != VALUE_NODATA
+    np.testing.assert_allclose(first[ok], direct[:, :64][ok], atol=1e-4)
+
+
+def test_regression_seams_are_blended(cover_package, tmp_path):
+    # tiles of 256 px (overlap 64) against one tile over the whole area: the same values away from the raster's edge
+    # (a network sees more context in a larger tile, so not identical; a seam would show as a jump between tiles)
+    from conftest import ATLANTA_IMAGE
+    bounds = (733651.0, 3724889.0, 733843.0, 3725081.0)  # 384 x 384 px inside the image
+    small = predict_raster(ATLANTA_IMAGE, cover_package["OUTPUT"], tmp_path / "small.tif", bounds=bounds,
+                           tile_size=256, overlap=64)
+    big = predict_raster(ATLANTA_IMAGE, cover_package["OUTPUT"], tmp_path / "big.tif", bounds=bounds,
+                         tile_size=384, overlap=0)
+    assert (small.tiles, big.tiles) == (4, 1)
+    with rasterio.open(small.output) as a, rasterio.open(big.output) as b:
+        sa, sb = a.read(1)[48:-48, 48:-48], b.read(1)[48:-48, 48:-48]
+    assert np.abs(sa - sb).mean() < 0.3 * sb.std()
+    assert np.corrcoef(sa.ravel(), sb.ravel())[0, 1] > 0.95
+    # across the seam (tiles at 0 and 128 blend over columns 128..255): no jump larger than within a tile
+    step = np.abs(np.diff(sa, axis=1)).mean(axis=0)
+    assert step.max() < 4 * np.median(step)
+
+
+def test_qgis_process_predict_raster(cover_package, tmp_path):
+    import json
+    from qgis_env import run_qgis_process
+    from conftest import ATLANTA_IMAGE
+    out = tmp_path / "q.tif"
+    proc = run_qgis_process(["run", "rs_deep:predict_raster", "--json", "--", f"INPUT={ATLANTA_IMAGE}",
+                             f"MODEL={cover_package['OUTPUT']}", f"OUTPUT={out}",
+                             "EXTENT=733651,733779,3724889,3725017 [EPSG:32616]"])
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert res["results"]["OUTPUT"] == str(out)
+    with rasterio.open(out) as ds:
+        assert (ds.width, ds.height, ds.dtypes) == (256, 256, ("float32",))
+        assert ds.bounds == pytest.approx((733651.0, 3724889.0, 733779.0, 3725017.0))
