@@ -8,19 +8,20 @@ from ..rs_deep_plugin.engine.tasks import RASTER_TASKS, REGRESSION
 from .base import FeedbackBridge, RSDeepAlgorithm
 from .layers import mask_geometries
 from .outputs import RunOutputs
-from .params import (BANDS, BANDS_HELP, EXTENT, INPUT, MODEL, OUTPUT, RESOLUTION, RESOLUTION_HELP, add,
-                     add_input_block, add_max_pixels, add_resolution, add_tiling_block, help_string,
-                     load_model_package, optional_number, read_area, read_raster, read_resolution, read_tiling)
+from .params import (BANDS, BANDS_HELP, EXTENT, EXTENT_HELP, INPUT, INPUT_HELP, MASK_HELP, MODEL, OUTPUT, RESOLUTION,
+                     RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
+                     help_string, load_model_package, optional_number, read_area, read_raster, read_resolution,
+                     read_tiling)
 
 MASK = "MASK"
 OUTPUT_SCALING = "OUTPUT_SCALING"
 HELP = {
-    INPUT: "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile.",
+    INPUT: INPUT_HELP,
     MODEL: "A regression or super-resolution model: an RS Deep package (folder or .zip with model.json and "
            "model.safetensors) or a Deepness ONNX 'Regressor' / 'Superresolution' model.",
     BANDS: BANDS_HELP,
-    EXTENT: "Process only this area (default: the whole layer).",
-    MASK: "Process only pixels inside these polygons; others become nodata.",
+    EXTENT: EXTENT_HELP,
+    MASK: MASK_HELP,
     OUTPUT: "GeoTIFF, one band per model output channel. Regression: float32 on the input's grid, in the units "
             "the model states. Super-resolution: the input's extent on a grid 'scale' times finer, float32 or the "
             "8/16-bit type the model states (0 is then nodata). Tiles overlap and are blended, as in segmentation.",

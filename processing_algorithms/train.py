@@ -9,7 +9,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..rs_deep_plugin.compat import push_warning
-from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, REGRESSION, TASKS as TASK_TABLE
+from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, REGRESSION, SUPER_RESOLUTION, TASKS as TASK_TABLE
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
 from .labels import label_colors, map_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
@@ -21,7 +21,7 @@ from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
 from ..rs_deep_plugin.engine.training.regression import LOSSES
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
-# segmentation, detection, patch_classification, change, regression: the engine's task table, the tasks it trains
+# segmentation, detection, patch_classification, change, regression, super_resolution: the engine's task table
 TASKS = [t for t in TASK_TABLE if t in TOOLBOX_DEFAULTS]
 TASK_LABELS = [TASK_TABLE[t].label for t in TASKS]
 #: LOSS choices (regression)
@@ -95,6 +95,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
     ENCODER_LR = "ENCODER_LR"
     TARGET = "TARGET"
     LOSS = "LOSS"
+    SCALE = "SCALE"
     OUTPUT = "OUTPUT"
     REPORT = "REPORT"
     CURVES = "CURVES"
@@ -131,10 +132,15 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "out of the loss). Its name becomes the output's name. The package turns the network's output back into "
             "the target's units; validation reports RMSE, MAE, R² and the RMSE of the training mean.<br>"
             "<b>Loss</b>: regression only: L1 (default) or MSE.<br>"
-            "<b>Task</b>: segmentation, detection, patch classification, change or regression. From the command "
-            "line by index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
-            "<code>patch_classification</code>, <code>change</code>, <code>regression</code>; the other choices "
-            "likewise, e.g. "
+            "<b>Super-resolution</b> trains from INPUT alone, self-supervised: each training crop is restored from its "
+            "SCALE x SCALE block average (the image as a sensor SCALE times coarser sees it); applied to the image, "
+            "the model assumes the same detail one level finer. Validation reports the PSNR of the network and of "
+            "bicubic interpolation on the held-back rows. The package writes the image's data type.<br>"
+            "<b>Scale</b>: super-resolution only: how many times finer the output is (2..8; default 2).<br>"
+            "<b>Task</b>: segmentation, detection, patch classification, change, regression or super-resolution. "
+            "From the command line by index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
+            "<code>patch_classification</code>, <code>change</code>, <code>regression</code>, "
+            "<code>super_resolution</code>; the other choices likewise, e.g. "
             "<code>DEVICE=cpu</code>, <code>AUGMENT=flips,rotations</code>.<br>"
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
@@ -226,6 +232,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          maxValue=0.5),
             NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
             NamedEnum(self.LOSS, "Loss (regression)", LOSS_LABELS, list(LOSSES), defaultValue=0, optional=True),
+            QgsProcessingParameterNumber(self.SCALE, "Scale (super-resolution)", QgsProcessingParameterNumber.Integer,
+                                         2, optional=True, minValue=2, maxValue=8),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
                                     defaultValue=[0, 1, 2], optional=True))
@@ -353,9 +361,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         try:
             if chips:
-                if task == REGRESSION.name:
+                if task in (REGRESSION.name, SUPER_RESOLUTION.name):
                     raise QgsProcessingException("CHIPS train segmentation, detection or change models; regression "
-                                                 "trains from INPUT and TARGET")
+                                                 "trains from INPUT and TARGET, super-resolution from INPUT")
                 if task == PATCH_CLASSIFICATION.name:
                     raise QgsProcessingException("CHIPS train segmentation, detection or change models; patch "
                                                  "classification trains from INPUT and LABELS")
@@ -396,14 +404,21 @@ class TrainAlgorithm(RSDeepAlgorithm):
 
     def _train_from_layers(self, task, parameters, context, feedback, out_dir, builder, tile, val, patience, common,
                            callbacks):
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("Give INPUT (a raster layer or file) and LABELS, or CHIPS (a folder written "
+        layer, image = self._raster_file(parameters, self.INPUT, context,
+                                         "Give INPUT (a raster layer or file) and LABELS, or CHIPS (a folder written "
                                          "by 'Export training data (chips)')")
-        image = raster_file(layer, "INPUT")
         if task == REGRESSION.name:
             return self._train_regression(parameters, context, feedback, image, out_dir, builder, tile, val, patience,
                                           common, callbacks)
+        if task == SUPER_RESOLUTION.name:
+            from ..rs_deep_plugin.engine.training.superres import train_super_resolution
+            scale = self.parameterAsInt(parameters, self.SCALE, context) \
+                if parameters.get(self.SCALE) not in (None, "") else 2
+            common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} (self-supervised, "
+                                              f"x{scale})")
+            return train_super_resolution(image, out_dir, scale=scale, builder=builder, tile_size=tile,
+                                          val_fraction=val, val_side="bottom", patience=patience, **common,
+                                          **callbacks)
         source = self.parameterAsSource(parameters, self.LABELS, context)
         if source is None:
             raise QgsProcessingException("LABELS is not set or not a valid vector layer; choose a polygon layer (or "
@@ -457,15 +472,21 @@ class TrainAlgorithm(RSDeepAlgorithm):
                              builder=builder, patch_size=tile, val_fraction=val, val_side="bottom",
                              patience=patience, **common, **callbacks)
 
+    def _raster_file(self, parameters, name, context, missing):
+        """(layer, its file) of the raster parameter ``name``; ``missing``: the message when it is not set."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException(missing)
+        return layer, raster_file(layer, name)
+
     def _train_regression(self, parameters, context, feedback, image, out_dir, builder, tile, val, patience, common,
                           callbacks):
         """Regression from INPUT and TARGET (a raster of the values to learn, resampled onto INPUT's grid)."""
         from ..rs_deep_plugin.engine.training.regression import train_regression
-        target_layer = self.parameterAsRasterLayer(parameters, self.TARGET, context)
-        if target_layer is None or not target_layer.isValid():
-            raise QgsProcessingException("Regression learns the values of a raster: set TARGET (a raster layer or "
-                                         "file of the values per pixel, any grid) with INPUT; LABELS are not used")
-        target = raster_file(target_layer, "TARGET")
+        target_layer, target = self._raster_file(parameters, self.TARGET, context,
+                                                 "Regression learns the values of a raster: set TARGET (a raster "
+                                                 "layer or file of the values per pixel, any grid) with INPUT; LABELS "
+                                                 "are not used")
         loss = self.parameterAsEnumName(parameters, self.LOSS, context) \
             if parameters.get(self.LOSS) not in (None, "") else LOSSES[0]
         name = target_layer.name() or "value"
@@ -482,11 +503,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         dates in a temporary folder, validated by the export's spatial-block split)."""
         from ..rs_deep_plugin.engine.training.change import train_change_from_rasters
         from qgis.core import QgsProcessingUtils
-        after_layer = self.parameterAsRasterLayer(parameters, self.INPUT_AFTER, context)
-        if after_layer is None or not after_layer.isValid():
-            raise QgsProcessingException("Change detection needs two dates: set INPUT (before) and INPUT_AFTER "
-                                         "(after), with LABELS marking the changed areas")
-        after = raster_file(after_layer, "INPUT_AFTER")
+        _, after = self._raster_file(parameters, self.INPUT_AFTER, context,
+                                     "Change detection needs two dates: set INPUT (before) and INPUT_AFTER (after), "
+                                     "with LABELS marking the changed areas")
         class_names, labels = map_classes("change", pairs, field, "change")
         feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
         return train_change_from_rasters(image, after, labels, out_dir, class_names=class_names,

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputError, ModelPackageError
-from ..geo.raster import check_size, region_window
+from ..geo.raster import check_size, input_warnings, region_window
 from ..limits import check_tile_memory
 from ..models.loading import load_package
 from ..models.package import ModelPackage
@@ -100,6 +100,32 @@ def resolve_options(package, tile_size=None, overlap=None, batch_size=None, devi
                       "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
                       error=InputError if tile_size or batch_size else ModelPackageError)
     return tile, ov
+
+
+def end_run(result, reader, nothing_valid, masked, log, t_start, prog):
+    """The end of a tiled run that wrote its outputs: the warnings on the values read and on an area without a valid
+    pixel (logged, added to ``result.warnings``), the run's seconds, the progress at 100 %. Returns ``result``."""
+    said = input_warnings(reader, nothing_valid, masked)
+    for w in said:
+        log(w)
+    result.warnings += said
+    result.seconds = time.time() - t_start
+    prog.update(1.0, None)
+    return result
+
+
+def abandon(background, writers, files):
+    """After a failed or cancelled run: the background writer stopped, the raster writers aborted and the temporary
+    ``files`` discarded, whatever fails on the way (the run's own error is the one to report)."""
+    if background is not None:
+        try:
+            background.close()
+        except BaseException:
+            pass
+    for w in writers:
+        w.abort()
+    for f in files:
+        f.discard()
 
 
 def mask_index(mask_geometries):

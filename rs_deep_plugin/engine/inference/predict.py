@@ -13,17 +13,16 @@ no valid pixel was read.
   values rounded and clipped to the type's range, 0 kept for nodata).
 """
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError
 from ..geo.outputs import sweep_stale
-from ..geo.raster import RasterReader, input_warnings
+from ..geo.raster import RasterReader
 from ..geo.writer import AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable
 from ..tasks import RASTER_TASKS
-from .pipeline import mask_index, open_device, open_region, resolve_options, start_run
+from .pipeline import abandon, end_run, mask_index, open_device, open_region, resolve_options, start_run
 from .segment import blend_tiles, plan_tiles
 from .tiling import TileGrid, column_bands
 
@@ -149,23 +148,9 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         result.statistics = [
             {"min": float(stats[i, 1]), "max": float(stats[i, 2]), "mean": float(stats[i, 0] / count[0])}
             if count[0] else None for i in range(k)]
-        said = input_warnings(reader, count[0] == 0, mask is not None)
-        for w in said:
-            log(w)
-        result.warnings += said
-        result.seconds = time.time() - t_start
-        prog.update(1.0, None)
-        return result
+        return end_run(result, reader, count[0] == 0, mask is not None, log, t_start, prog)
     except BaseException:
-        if bg is not None:
-            try:
-                bg.close()
-            except BaseException:
-                pass
-        if writer is not None:
-            writer.abort()
-        if atomic is not None:
-            atomic.discard()
+        abandon(bg, [writer] if writer is not None else [], [atomic] if atomic is not None else [])
         raise
     finally:
         reader.close()

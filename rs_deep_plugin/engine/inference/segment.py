@@ -13,21 +13,20 @@ Memory is bounded by tile size x batch size x band width (``max_band_width`` col
 """
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError
 from ..geo.outputs import sweep_stale
-from ..geo.raster import RasterReader, area_factor_m2, input_warnings
+from ..geo.raster import RasterReader, area_factor_m2
 from ..geo.vectorize import vectorize
 from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                           colormap_for)
 from ..models.postprocess import resize_bilinear
 from ..models.tta import check_tta
-from .pipeline import (Estimate, batched, mask_index, open_device, open_region, open_runner, prefetch, read_tiles,
-                       resolve_options, start_run)
+from .pipeline import (Estimate, abandon, batched, end_run, mask_index, open_device, open_region, open_runner,
+                       prefetch, read_tiles, resolve_options, start_run)
 from .tiling import TileGrid, blend_weights, column_bands
 
 
@@ -116,7 +115,7 @@ def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channel
     n, s = reader.native_tile, int(scale)
     out_n = n * s  # a tile in output pixels
     weights = blend_weights(out_n, reader.native_overlap * s)
-    x0, y0, x1, y1 = grid.x0 * s, grid.y0 * s, grid.x1 * s, grid.y1 * s
+    y0, y1 = grid.y0 * s, grid.y1 * s
     blender = None
     band_now = -1
     done = run = 0
@@ -331,25 +330,11 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                 a.commit()
         result.output_file = atomic["output"].tmp if "output" in pending else finals["output"]
         result.class_pixels = {c.value: int(counts[c.value]) for c in pkg.classes}
-        said = input_warnings(reader, int(counts.sum()) == 0, mask is not None)
-        for w in said:
-            log(w)
-        result.warnings += said
         result.probabilities = finals.get("probabilities")
         result.confidence = finals.get("confidence")
-        result.seconds = time.time() - t_start
-        prog.update(1.0, None)
-        return result
+        return end_run(result, reader, int(counts.sum()) == 0, mask is not None, log, t_start, prog)
     except BaseException:
-        if bg is not None:
-            try:
-                bg.close()
-            except BaseException:
-                pass
-        for w in writers.values():
-            w.abort()
-        for a in atomic.values():
-            a.discard()
+        abandon(bg, writers.values(), atomic.values())
         raise
     finally:
         reader.close()

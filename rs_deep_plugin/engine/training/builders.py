@@ -50,6 +50,7 @@ TOOLBOX_DEFAULTS = {
     "patch_classification": {"tile_size": 16, "batch_size": 64, "lr": 2e-3},
     "change": {"tile_size": 128, "batch_size": 8, "lr": 2e-3},
     "regression": {"tile_size": 128, "batch_size": 16, "lr": 2e-3},
+    "super_resolution": {"tile_size": 64, "batch_size": 16, "lr": 1e-3},
 }
 #: training crop (patch) size in px of each task when TILE_SIZE is not given
 DEFAULT_TILE = {task: d["tile_size"] for task, d in TOOLBOX_DEFAULTS.items()}
@@ -115,6 +116,10 @@ def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
                              f"dates): {', '.join(SEGMENTATION_ARCHITECTURES)}")
         return {"library": "rs_deep", "architecture": "EarlyFusion", "encoder": encoder, "encoder_weights": None,
                 "params": {"base": architecture}}
+    if task == "super_resolution":
+        if architecture is not None:
+            raise InputError("For super-resolution the network is RS Deep's ESPCN; set ARCHITECTURE to auto")
+        return {"library": "rs_deep", "architecture": "ESPCN", "encoder_weights": None, "params": {}}
     if task != "patch_classification":
         raise InputError(f"task must be one of {', '.join(DEFAULT_BUILDERS)}; got {task!r}")
     if architecture is not None:

@@ -398,7 +398,8 @@ def _raster_outputs(meta, source, shape, outputs, task):
         scale, dtype = 1, "float32"
         if scales and all(abs(v - 1) > 0.25 for v in scales):
             raise ModelPackageError(f"{source}: the outputs are {sorted(scales)} times the input's size; a "
-                                    "regression model predicts on the input's grid (a larger image is super-resolution)")
+                                    "regression model predicts on the input's grid (a larger image is "
+                                    "super-resolution)")
     value_scale = _number(meta, "reg_output_scaling", source)
     if value_scale is None:
         value_scale = _number(meta, "output_scaling", source)
