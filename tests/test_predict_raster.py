@@ -214,27 +214,11 @@ def test_wrong_layout_is_refused(tmp_path):
 # The target: building cover, the share of each 8 m cell (16 x 16 px) of the Atlanta sample (SpaceNet, 0.5 m) that the
 # 32 footprints of tests/data/buildings_atlanta cover, rasterised at the image's 0.5 m and averaged per cell.
 
-COVER_CELL = 16
-
-
 def building_cover(path):
     """The building-cover target raster (37 x 56 cells of 8 m, float32, nodata -1) written to ``path``."""
-    import json
-    import shapely.geometry
-    from rasterio.features import rasterize
     from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
-    with rasterio.open(ATLANTA_IMAGE) as ds:
-        features = json.loads(ATLANTA_LABELS.read_text())["features"]
-        shapes = [(shapely.geometry.shape(f["geometry"]), 1) for f in features]
-        mask = rasterize(shapes, out_shape=(ds.height, ds.width), transform=ds.transform, dtype="uint8")
-        c = COVER_CELL
-        h, w = ds.height // c * c, ds.width // c * c
-        cover = mask[:h, :w].reshape(h // c, c, w // c, c).mean(axis=(1, 3)).astype(np.float32)
-        profile = dict(driver="GTiff", width=w // c, height=h // c, count=1, dtype="float32", crs=ds.crs,
-                       transform=ds.transform * ds.transform.scale(c), nodata=-1.0)
-    with rasterio.open(path, "w", **profile) as out:
-        out.write(cover[None])
-    return path
+    from eval_raster_tasks import building_cover as cover
+    return cover(ATLANTA_IMAGE, ATLANTA_LABELS, path)
 
 
 @pytest.fixture(scope="module")
