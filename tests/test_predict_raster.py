@@ -360,3 +360,38 @@ def test_super_resolution_package_grid_and_values(sr_package, tmp_path):
         direct = pkg.load_model().eval()(torch.from_numpy(apply_scaling(raw, pkg.value_scaling))[None])[0, 0]
     direct = np.clip(np.rint(direct.numpy() * pkg.value_scale + pkg.value_offset), 1, 65535)
     assert np.abs(ours - direct).max() <= 1  # the model's own output, rounded to the image's 16 bits
+
+
+def test_package_refusals(cover_package, sr_package, tmp_path):
+    import json
+    import shutil
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+
+    def edited(src, name, **props):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "model.json").read_text())
+        meta["properties"].update(props)
+        (dst / "model.json").write_text(json.dumps(meta))
+        return dst
+
+    with pytest.raises(ModelPackageError, match="a regression model returns raw values: expected 'none', got "
+                                                "'softmax'"):
+        load_package(edited(cover_package["OUTPUT"], "soft", **{"rs_deep:activation": "softmax"}))
+    with pytest.raises(ModelPackageError, match=r"rs_deep:scale is 3 but the network \(rs_deep:builder.params.scale\) "
+                                                "upscales 2 times"):
+        load_package(edited(sr_package["OUTPUT"], "x3", **{"rs_deep:scale": 3}))
+    with pytest.raises(ModelPackageError, match="rs_deep:output_dtype: expected one of float32, got 'uint8'"):
+        load_package(edited(cover_package["OUTPUT"], "u8", **{"rs_deep:output_dtype": "uint8"}))
+
+
+def test_dock_runs_a_regression_model_with_predict_raster(cover_package, qgis_iface):
+    from rs_deep.rs_deep_plugin.gui.dock import RSDeepDock
+    dock = RSDeepDock(qgis_iface)
+    try:
+        dock.set_model(cover_package["OUTPUT"])
+        assert dock.algorithm_id == "rs_deep:predict_raster"
+        assert "Regression" in dock.card.text() and "cannot run" not in dock.card.text()
+        assert {"OUTPUT_SCALING", "BATCH_SIZE"} <= set(dock.option_widgets)
+    finally:
+        dock.deleteLater()
