@@ -95,6 +95,7 @@ def resolve_options(package, tile_size=None, overlap=None, batch_size=None, devi
     batch = int(batch_size) if batch_size else default_batch_size(select_device(device, package.backend))
     bands = package.in_channels * (2 if package.task == "change" else 1)
     classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
+    classes *= package.scale ** 2  # a super-resolution output has scale² times the pixels of its tile
     check_tile_memory(tile, batch, bands, classes,
                       "TILE_SIZE" if tile_size else f"{package.source}: the package's tile size",
                       "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
