@@ -115,29 +115,46 @@ class TargetCropSampler:
         return np.stack(imgs), np.stack(targets)
 
 
-class RegressionTask(TrainingTask):
+class TargetTask(TrainingTask):
+    """A task whose network returns raw values (regression, super-resolution) learnt from in-memory regions
+    ``[(img, target, valid)]`` (:class:`TargetCropSampler`); no validation data: the last epoch is kept."""
+
+    activation = "none"
+
+    def __init__(self, train, val):
+        self.train, self.val = train, val
+        self.select_best = bool(val)
+        self.train_px = sum(v.size for _, _, v in train)
+        self.sampler_options = {}
+
+    def default_steps(self, batch_size):
+        return max(MIN_STEPS, int(math.ceil(2.0 * self.train_px / (self.tile_size * self.tile_size) / batch_size)))
+
+    def network(self):
+        """The network and what it learns, in the log line that starts the training."""
+        raise NotImplementedError
+
+    def describe(self, device, steps, batch_size, epochs):
+        return (f"Training {self.network()} on {device}: {epochs} epochs x {steps} steps x {batch_size} crops of "
+                f"{self.tile_size} px; {self.train_px} training px")
+
+
+class RegressionTask(TargetTask):
     """Regression: a value per pixel, L1 or MSE on the standardised target (unknown pixels left out); the best
     epoch has the lowest validation RMSE (in the target's units)."""
 
     task = "regression"
     monitor, monitor_label, mode, curves = "rmse", "RMSE", "min", ("r2",)
-    activation = "none"
 
     def __init__(self, train, val, loss, mean, std, units):
-        self.train, self.val = train, val
-        self.select_best = bool(val)
+        super().__init__(train, val)
         self.loss = loss
         self.mean, self.std, self.units = mean, std, units
-        self.train_px = sum(v.size for _, _, v in train)
-        self.sampler_options = {}
 
     def build_model(self, device, memory_format):
         from ..models.architectures import build_model
         self.builder = resolve_builder("regression", self.builder, len(self.band_names), len(self.classes))
         return build_model(self.builder).to(device).to(memory_format=memory_format)
-
-    def default_steps(self, batch_size):
-        return max(MIN_STEPS, int(math.ceil(2.0 * self.train_px / (self.tile_size * self.tile_size) / batch_size)))
 
     def make_sampler(self, rng):
         return TargetCropSampler(self.train, self.tile_size, rng, **self.sampler_options)
@@ -175,10 +192,8 @@ class RegressionTask(TrainingTask):
                 f"(the training mean: RMSE {metrics['baseline_rmse']:.4g}; best RMSE {best['metrics']['rmse']:.4g} "
                 f"at epoch {best['epoch']})")
 
-    def describe(self, device, steps, batch_size, epochs):
-        return (f"Training {self.builder['architecture']}/{self.builder.get('encoder')} (regression, "
-                f"{self.loss.upper()} loss) on {device}: {epochs} epochs x {steps} steps x {batch_size} crops of "
-                f"{self.tile_size} px; {self.train_px} training px")
+    def network(self):
+        return f"{self.builder['architecture']}/{self.builder.get('encoder')} (regression, {self.loss.upper()} loss)"
 
     def training_info(self, best_metrics):
         return {"val": best_metrics, "target_mean": self.mean, "target_std": self.std, "loss": self.loss}
@@ -253,4 +268,4 @@ def train_regression(image_path, target_path, out_dir, *, target_band=1, target_
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_regression", "RegressionTask", "TargetCropSampler", "read_target", "regression_metrics", "LOSSES"]
+__all__ = ["train_regression", "RegressionTask", "TargetTask", "TargetCropSampler", "read_target", "regression_metrics", "LOSSES"]

@@ -21,8 +21,8 @@ from ..errors import InputError
 from .augment import check_augment
 from .data import (band_names as image_band_names, compute_value_scaling, model_classes, read_image, scale_image,
                    validation_split, window_dict, window_slices)
-from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
-from .regression import TargetCropSampler
+from .loop import TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .regression import TargetCropSampler, TargetTask
 
 DTYPES = ("uint8", "uint16")
 
@@ -65,21 +65,17 @@ def validation_pairs(region, scale):
     return lr, target[:, :h, :w]
 
 
-class SuperResolutionTask(TrainingTask):
+class SuperResolutionTask(TargetTask):
     """Super-resolution: L1 between the network's output for the block-averaged crop and the crop; the best epoch
     has the highest validation PSNR (also reported: bicubic interpolation's)."""
 
     task = "super_resolution"
     monitor, monitor_label, curves = "psnr", "PSNR", ("psnr",)
-    activation = "none"
 
     def __init__(self, train, val, scale, extra):
-        self.train, self.val = train, val
-        self.select_best = bool(val)
+        super().__init__(train, val)
         self.scale = scale
         self.extra = extra
-        self.train_px = sum(v.size for _, _, v in train)
-        self.sampler_options = {}
 
     def build_model(self, device, memory_format):
         from ..models.architectures import build_model, validate_builder
@@ -88,9 +84,6 @@ class SuperResolutionTask(TrainingTask):
         b["params"] = dict(b.get("params") or {}, scale=self.scale)
         self.builder = validate_builder(b, "builder")
         return build_model(self.builder).to(device).to(memory_format=memory_format)
-
-    def default_steps(self, batch_size):
-        return max(MIN_STEPS, int(math.ceil(2.0 * self.train_px / (self.tile_size * self.tile_size) / batch_size)))
 
     def make_sampler(self, rng):
         return TargetCropSampler(self.train, self.tile_size, rng, brightness=0.0, contrast=0.0, gamma=0.0,
@@ -126,10 +119,9 @@ class SuperResolutionTask(TrainingTask):
         return (f", val PSNR {metrics['psnr']:.2f} dB (bicubic {metrics['psnr_bicubic']:.2f} dB; best "
                 f"{best['metrics']['psnr']:.2f} dB at epoch {best['epoch']})")
 
-    def describe(self, device, steps, batch_size, epochs):
-        return (f"Training ESPCN x{self.scale} (self-supervised: each crop restored from its {self.scale} x "
-                f"{self.scale} block average) on {device}: {epochs} epochs x {steps} steps x {batch_size} crops of "
-                f"{self.tile_size} px; {self.train_px} training px")
+    def network(self):
+        return (f"ESPCN x{self.scale} (self-supervised: each crop restored from its {self.scale} x {self.scale} block "
+                "average)")
 
     def training_info(self, best_metrics):
         return {"val": best_metrics, "pairs": f"the image and its {self.scale} x {self.scale} block average"}
