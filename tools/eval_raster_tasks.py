@@ -15,7 +15,12 @@ on the right 35 %, which they never see.
   image: PSNR (peak: the package's value range, the 1st..99th percentiles of the training pixels) of the model and
   of bicubic interpolation.
 
-    .venv/bin/python tools/eval_raster_tasks.py [--minutes 3] [--out /tmp/rs_deep_raster_eval]
+    .venv/bin/python tools/eval_raster_tasks.py [--minutes 3] [--out /tmp/rs_deep_raster_eval] [--only TASK]
+
+Measured on 2 shared CPU cores (December 2026): regression with ``--minutes 20`` (32 epochs x 10 steps, stopped
+early, epoch 16 kept): per 0.5 m pixel RMSE 0.166 vs 0.177 for the training mean, MAE 0.071 vs 0.095, R² 0.09; per
+8 m cell RMSE 0.204 vs 0.215, MAE 0.080 vs 0.104, R² 0.07. Super-resolution with ``--minutes 5`` (19 epochs x 10
+steps): PSNR 30.37 dB vs 29.16 dB for bicubic (MAE 22.9 vs 26.0 DN).
 """
 import argparse
 import json
