@@ -350,6 +350,9 @@ HELP_LABELS = {INPUT: "Input raster", MODEL: "Model package", BANDS: "Bands", EX
                SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution", TTA: "Test-time augmentation"}
 BANDS_HELP = ("The raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
               "bands the model needs.")
+INPUT_HELP = "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile."
+EXTENT_HELP = "Process only this area (default: the whole layer)."
+MASK_HELP = "Process only pixels inside these polygons; others become nodata."
 DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU."
 #: the help of the tiling and polygon blocks of a class or change raster
 CLASS_RASTER_HELP = {

@@ -7,6 +7,7 @@ from .segment import SegmentAlgorithm
 from .change import ChangeAlgorithm
 from .patches import PatchClassificationAlgorithm
 from .detect import DetectAlgorithm
+from .predict_raster import PredictRasterAlgorithm
 from .assess import AssessAccuracyAlgorithm
 from .train import TrainAlgorithm
 from .export_onnx import ExportOnnxAlgorithm
@@ -36,6 +37,7 @@ class RSDeepProvider(QgsProcessingProvider):
         self.addAlgorithm(ChangeAlgorithm())
         self.addAlgorithm(PatchClassificationAlgorithm())
         self.addAlgorithm(DetectAlgorithm())
+        self.addAlgorithm(PredictRasterAlgorithm())
         self.addAlgorithm(ExportTrainingDataAlgorithm())
         self.addAlgorithm(TrainAlgorithm())
         self.addAlgorithm(AssessAccuracyAlgorithm())

@@ -6,19 +6,20 @@ from ..rs_deep_plugin.engine.tasks import SEGMENTATION, is_background
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .layers import mask_geometries
 from .outputs import ClassOutputs, RunOutputs
-from .params import (BANDS, BANDS_HELP, CLASS_RASTER_HELP, EXTENT, INPUT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES,
-                     RESOLUTION, RESOLUTION_HELP, TTA, TTA_HELP, add, add_class_outputs, add_input_block,
+from .params import (BANDS, BANDS_HELP, CLASS_RASTER_HELP, EXTENT, EXTENT_HELP, INPUT, INPUT_HELP, MASK_HELP, MODEL,
+                     OUTPUT, OUTPUT_VECTOR, PROBABILITIES, RESOLUTION, RESOLUTION_HELP, TTA, TTA_HELP, add,
+                     add_class_outputs, add_input_block,
                      add_max_pixels, add_polygon_block, add_resolution, add_tiling_block, add_tta, help_string,
                      optional_number, read_area, read_model, read_raster, read_resolution, read_tiling, read_tta)
 
 MASK = "MASK"
 THRESHOLD = "THRESHOLD"
 HELP = {
-    INPUT: "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile.",
+    INPUT: INPUT_HELP,
     MODEL: "A folder or .zip with model.json and model.safetensors, its model.json, or the name of a bundled model.",
     BANDS: BANDS_HELP,
-    EXTENT: "Process only this area (default: the whole layer).",
-    MASK: "Process only pixels inside these polygons; others become nodata.",
+    EXTENT: EXTENT_HELP,
+    MASK: MASK_HELP,
     OUTPUT: "Byte GeoTIFF on the input's grid; 255 is nodata.",
     OUTPUT_VECTOR: "One polygon per connected patch of each class (background is left out), with class_id, "
                    "class_name, area_m2 and mean_prob.",

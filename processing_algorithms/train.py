@@ -10,7 +10,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..rs_deep_plugin.compat import push_warning
-from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, TASKS as TASK_TABLE
+from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, REGRESSION, SUPER_RESOLUTION, TASKS as TASK_TABLE
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
 from .labels import label_colors, map_classes, map_multilabel_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
@@ -20,10 +20,14 @@ from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTIO
                                                       SEGMENTATION_ARCHITECTURES)
 from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
+from ..rs_deep_plugin.engine.training.regression import LOSSES
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
-TASKS = list(TASK_TABLE)  # segmentation, detection, patch_classification, change (the engine's task table)
-TASK_LABELS = [t.label for t in TASK_TABLE.values()]
+# segmentation, detection, patch_classification, change, regression, super_resolution: the engine's task table
+TASKS = [t for t in TASK_TABLE if t in TOOLBOX_DEFAULTS]
+TASK_LABELS = [TASK_TABLE[t].label for t in TASKS]
+#: LOSS choices (regression)
+LOSS_LABELS = ["L1 (mean absolute error)", "MSE (mean squared error)"]
 #: AUGMENT choices -> the trainers' augment switches
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
@@ -93,6 +97,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
     ENCODER_WEIGHTS = "ENCODER_WEIGHTS"
     FREEZE_ENCODER = "FREEZE_ENCODER"
     ENCODER_LR = "ENCODER_LR"
+    TARGET = "TARGET"
+    LOSS = "LOSS"
+    SCALE = "SCALE"
     OUTPUT = "OUTPUT"
     REPORT = "REPORT"
     CURVES = "CURVES"
@@ -131,9 +138,20 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "sigmoid (binary cross-entropy loss); a threshold per class is chosen on the validation rows (the best "
             "F1) and stored in the package, where Patch classification reads it (THRESHOLD overrides it). Needs "
             "CLASS_FIELD with at least two classes.<br>"
-            "<b>Task</b>: segmentation, detection, patch classification or change. From the command line by "
-            "index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
-            "<code>patch_classification</code>, <code>change</code>; the other choices likewise, e.g. "
+            "<b>Target raster</b>: regression only, instead of LABELS: the values to learn per pixel (any grid and "
+            "CRS: resampled bilinearly onto the input's grid; its nodata, and pixels it does not cover, are left "
+            "out of the loss). Its name becomes the output's name. The package turns the network's output back into "
+            "the target's units; validation reports RMSE, MAE, R² and the RMSE of the training mean.<br>"
+            "<b>Loss</b>: regression only: L1 (default) or MSE.<br>"
+            "<b>Super-resolution</b> trains from INPUT alone, self-supervised: each training crop is restored from its "
+            "SCALE x SCALE block average (the image as a sensor SCALE times coarser sees it); applied to the image, "
+            "the model assumes the same detail one level finer. Validation reports the PSNR of the network and of "
+            "bicubic interpolation on the held-back rows. The package writes the image's data type.<br>"
+            "<b>Scale</b>: super-resolution only: how many times finer the output is (2..8; default 2).<br>"
+            "<b>Task</b>: segmentation, detection, patch classification, change, regression or super-resolution. "
+            "From the command line by index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
+            "<code>patch_classification</code>, <code>change</code>, <code>regression</code>, "
+            "<code>super_resolution</code>; the other choices likewise, e.g. "
             "<code>DEVICE=cpu</code>, <code>AUGMENT=flips,rotations</code>.<br>"
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
@@ -197,6 +215,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(NamedEnum(self.TASK, "Task", TASK_LABELS, TASKS, defaultValue=0))
         self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, "Multi-label (patch classification: every "
                                                         "class present in a patch)", False, optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.TARGET, "Target raster (regression)",
+                                                            optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
@@ -227,6 +247,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             QgsProcessingParameterNumber(self.LABEL_COVER, "Label cover (multi-label: share of a patch a class must "
                                          "cover to be one of its labels)", QgsProcessingParameterNumber.Double,
                                          COVER_DEFAULT, optional=True, minValue=0.0, maxValue=1.0),
+            NamedEnum(self.LOSS, "Loss (regression)", LOSS_LABELS, list(LOSSES), defaultValue=0, optional=True),
+            QgsProcessingParameterNumber(self.SCALE, "Scale (super-resolution)", QgsProcessingParameterNumber.Integer,
+                                         2, optional=True, minValue=2, maxValue=8),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
                                     defaultValue=[0, 1, 2], optional=True))
@@ -357,6 +380,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.errors import Cancelled, RSDeepError
         try:
             if chips:
+                if task in (REGRESSION.name, SUPER_RESOLUTION.name):
+                    raise QgsProcessingException("CHIPS train segmentation, detection or change models; regression "
+                                                 "trains from INPUT and TARGET, super-resolution from INPUT")
                 if task == PATCH_CLASSIFICATION.name:
                     raise QgsProcessingException("CHIPS train segmentation, detection or change models; patch "
                                                  "classification trains from INPUT and LABELS")
@@ -397,11 +423,21 @@ class TrainAlgorithm(RSDeepAlgorithm):
 
     def _train_from_layers(self, task, parameters, context, feedback, out_dir, builder, tile, val, patience, common,
                            callbacks):
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException("Give INPUT (a raster layer or file) and LABELS, or CHIPS (a folder written "
+        layer, image = self._raster_file(parameters, self.INPUT, context,
+                                         "Give INPUT (a raster layer or file) and LABELS, or CHIPS (a folder written "
                                          "by 'Export training data (chips)')")
-        image = raster_file(layer, "INPUT")
+        if task == REGRESSION.name:
+            return self._train_regression(parameters, context, feedback, image, out_dir, builder, tile, val, patience,
+                                          common, callbacks)
+        if task == SUPER_RESOLUTION.name:
+            from ..rs_deep_plugin.engine.training.superres import train_super_resolution
+            scale = self.parameterAsInt(parameters, self.SCALE, context) \
+                if parameters.get(self.SCALE) not in (None, "") else 2
+            common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} (self-supervised, "
+                                              f"x{scale})")
+            return train_super_resolution(image, out_dir, scale=scale, builder=builder, tile_size=tile,
+                                          val_fraction=val, val_side="bottom", patience=patience, **common,
+                                          **callbacks)
         source = self.parameterAsSource(parameters, self.LABELS, context)
         if source is None:
             raise QgsProcessingException("LABELS is not set or not a valid vector layer; choose a polygon layer (or "
@@ -466,17 +502,40 @@ class TrainAlgorithm(RSDeepAlgorithm):
                              builder=builder, patch_size=tile, val_fraction=val, val_side="bottom",
                              patience=patience, **common, **callbacks)
 
+    def _raster_file(self, parameters, name, context, missing):
+        """(layer, its file) of the raster parameter ``name``; ``missing``: the message when it is not set."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException(missing)
+        return layer, raster_file(layer, name)
+
+    def _train_regression(self, parameters, context, feedback, image, out_dir, builder, tile, val, patience, common,
+                          callbacks):
+        """Regression from INPUT and TARGET (a raster of the values to learn, resampled onto INPUT's grid)."""
+        from ..rs_deep_plugin.engine.training.regression import train_regression
+        target_layer, target = self._raster_file(parameters, self.TARGET, context,
+                                                 "Regression learns the values of a raster: set TARGET (a raster "
+                                                 "layer or file of the values per pixel, any grid) with INPUT; LABELS "
+                                                 "are not used")
+        loss = self.parameterAsEnumName(parameters, self.LOSS, context) \
+            if parameters.get(self.LOSS) not in (None, "") else LOSSES[0]
+        name = target_layer.name() or "value"
+        feedback.pushInfo(f"Target: {name} ({os.path.basename(target)}), {loss.upper()} loss")
+        common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} against "
+                                          f"{os.path.basename(target)}")
+        return train_regression(image, target, out_dir, target_name=name, builder=builder, tile_size=tile,
+                                val_fraction=val, val_side="bottom", loss=loss, patience=patience, **common,
+                                **callbacks)
+
     def _train_change(self, parameters, context, feedback, image, pairs, field, out_dir, builder, tile, val,
                       patience, common, callbacks, colors_for):
         """Change from two rasters and the change polygons (:func:`train_change_from_rasters`: chips of both
         dates in a temporary folder, validated by the export's spatial-block split)."""
         from ..rs_deep_plugin.engine.training.change import train_change_from_rasters
         from qgis.core import QgsProcessingUtils
-        after_layer = self.parameterAsRasterLayer(parameters, self.INPUT_AFTER, context)
-        if after_layer is None or not after_layer.isValid():
-            raise QgsProcessingException("Change detection needs two dates: set INPUT (before) and INPUT_AFTER "
-                                         "(after), with LABELS marking the changed areas")
-        after = raster_file(after_layer, "INPUT_AFTER")
+        _, after = self._raster_file(parameters, self.INPUT_AFTER, context,
+                                     "Change detection needs two dates: set INPUT (before) and INPUT_AFTER (after), "
+                                     "with LABELS marking the changed areas")
         class_names, labels = map_classes("change", pairs, field, "change")
         feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
         return train_change_from_rasters(image, after, labels, out_dir, class_names=class_names,

@@ -175,18 +175,24 @@ def test_resolution_and_threshold_parameters(provider):
             assert param is not None and param.help() and param.flags() & param.FlagAdvanced
 
 
-# test_map_processor_regression*, test_map_processor_superresolution, test_map_processor_recognition: model types
-# RS Deep does not run are refused with their type named, never run as another task.
+# test_map_processor_recognition: a model type RS Deep does not run is refused with its type named, never run as
+# another task. Its dummy says "Regression" but returns a vector per image, which no regressor does. (Deepness's
+# regression and super-resolution cases run through rs_deep:predict_raster: tests/test_predict_raster.py.)
 @pytest.mark.parametrize("model, message", [
-    ("regression/dummy_regression_model.onnx", r"Regressor model .*does not run that model type yet"),
-    ("dummy_recognition_model.onnx", r"Regression model .*does not run that model type yet"),
-    ("dummy_superresolution_model.onnx", r"64 px inputs into 128 px outputs .*super-resolution model"),
+    ("dummy_recognition_model.onnx", r"a regression model returns an image .*not a per-pixel output"),
 ])
 def test_unsupported_model_types_are_refused(model, message, tmp_path):
     with pytest.raises(ModelPackageError, match=message):
         load_onnx_package(DEEPNESS / model)
     with pytest.raises(ModelPackageError, match=message):
         segment(FOTOMAP, DEEPNESS / model, tmp_path / "x.tif")
+    proto = __import__("onnx").load(str(DEEPNESS / model))
+    for e in proto.metadata_props:
+        if e.key == "model_type":
+            e.value = '"Recognition"'
+    __import__("onnx").save(proto, str(tmp_path / "rec.onnx"))
+    with pytest.raises(ModelPackageError, match=r"Recognition model .*does not run that model type yet"):
+        load_onnx_package(tmp_path / "rec.onnx")
 
 
 def test_regression_map_is_not_read_as_boxes(provider, tmp_path):

@@ -375,11 +375,17 @@ def test_external_data_is_refused(tmp_path):
 def test_unknown_and_unsupported_model_types(tmp_path):
     import torch
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Softmax(dim=1))
-    for model_type, message in (('"Classifier"', "runs 'Segmentor'"), ('"Regressor"', "Regressor model"),
-                                ('"Superresolution"', "Superresolution model")):
+    for model_type, message in (('"Classifier"', "runs 'Segmentor'"), ('"Recognition"', "Recognition model"),
+                                ('"Superresolution"', "cannot tell how many times finer the super-resolution")):
         path = make_onnx(tmp_path / "m.onnx", net, (1, 3, 32, 32), {"model_type": model_type})
         with pytest.raises(ModelPackageError, match=message):
             load_package(path)
+    # a regressor runs with rs_deep:predict_raster (tests/test_predict_raster.py), not as a segmentation model
+    path = make_onnx(tmp_path / "r.onnx", net, (1, 3, 32, 32), {"model_type": '"Regressor"'})
+    assert load_package(path).task == "regression"
+    with pytest.raises(ModelPackageError, match=r"this is a regression model; this tool needs a segmentation model "
+                                                r"\(regression models run with rs_deep:predict_raster\)"):
+        load_package(path, task="segmentation")
     path = make_onnx(tmp_path / "seg.onnx", _bright_box_module(), (1, 3, 64, 64),
                      dict(DEEPNESS_DET_META, det_type='"YOLO_Ultralytics_segmentation"'))
     with pytest.raises(ModelPackageError, match="not supported"):

@@ -39,13 +39,19 @@ def test_provider_and_algorithm_are_registered(provider):
 
 
 def test_the_task_table_names_the_algorithms_and_the_model_format(provider):
-    """engine/tasks.py: each task's algorithm is registered under its label; its MLM name is the package format's."""
+    """engine/tasks.py: each task's algorithm is registered under its label (regression and super-resolution share
+    rs_deep:predict_raster, whose name says both); its MLM name is the package format's."""
     from rs_deep.rs_deep_plugin.engine.models.package import TASKS as PACKAGE_TASKS
-    from rs_deep.rs_deep_plugin.engine.tasks import TASKS, is_background
-    assert list(TASKS) == ["segmentation", "detection", "patch_classification", "change"]
+    from rs_deep.rs_deep_plugin.engine.tasks import RASTER_TASKS, TASKS, is_background
+    assert list(TASKS) == ["segmentation", "detection", "patch_classification", "change", "regression",
+                           "super_resolution"]
     for task in TASKS.values():
         alg = QgsApplication.processingRegistry().algorithmById(task.algorithm)
-        assert alg is not None and alg.displayName() == task.label, task
+        assert alg is not None, task
+        if task.name in RASTER_TASKS:
+            assert task.short in alg.displayName().lower(), task
+        else:
+            assert alg.displayName() == task.label, task
         assert PACKAGE_TASKS[task.name] == task.mlm, task
     assert is_background(" Background") and is_background("no change") and not is_background("building")
 

@@ -5,7 +5,8 @@ Layout, each layer importing only the ones above it in this list:
 * ``errors``, ``progress``, ``files``, ``limits``, ``tasks``: what every part uses;
 * ``geo/``: rasters and vectors in and out (reading, writing, date pairs, labels, polygons);
 * ``models/``: model packages, the architecture allow-list, the runners (torch and ONNX);
-* ``inference/``: tiled inference per task (segment, change, detect, patches) on one shared pipeline;
+* ``inference/``: tiled inference per task (segment, change, detect, patches, predict: regression and
+  super-resolution) on one shared pipeline;
 * ``training/``: training data, chips, samplers, one training loop, one trainer per task;
 * ``evaluation/``: accuracy assessment and baselines; ``evaluation/metrics.py`` is a numpy-only leaf.
 
@@ -24,6 +25,7 @@ API = {
     "detect_change": "inference.change", "class_polygons": "inference.segment",
     "detect": "inference.detect", "DetectionResult": "inference.detect",
     "classify_patches": "inference.patches",
+    "predict_raster": "inference.predict", "RasterPrediction": "inference.predict",
     "vectorize": "geo.vectorize",
     # models
     "load_package": "models.loading", "save_package": "models.package", "ModelPackage": "models.package",
@@ -33,6 +35,7 @@ API = {
     "export_training_data": "training.chips", "load_manifest": "training.chips",
     "train_segmentation": "training.segmentation", "train_detection": "training.detection",
     "train_change": "training.change", "train_patches": "training.patches",
+    "train_regression": "training.regression", "train_super_resolution": "training.superres",
     # evaluation
     "assess_segmentation": "evaluation.accuracy", "assess_detection": "evaluation.accuracy",
     # common

@@ -35,12 +35,31 @@ PATCH_CLASSIFICATION = Task("patch_classification", "scene-classification", "Pat
                             "rs_deep:classify_patches", first_color=1)
 CHANGE = Task("change", "segmentation", "Change detection", "rs_deep:detect_change",
               ("no change", "no_change", "unchanged", "background"))
+#: raster to raster: a value per pixel and output channel (float32), and an image ``scale`` times finer
+REGRESSION = Task("regression", "regression", "Regression", "rs_deep:predict_raster", first_color=1)
+SUPER_RESOLUTION = Task("super_resolution", "super-resolution", "Super-resolution", "rs_deep:predict_raster",
+                        first_color=1)
 
 #: name -> task, in the order the toolbox lists them
-TASKS = {t.name: t for t in (SEGMENTATION, DETECTION, PATCH_CLASSIFICATION, CHANGE)}
+TASKS = {t.name: t for t in (SEGMENTATION, DETECTION, PATCH_CLASSIFICATION, CHANGE, REGRESSION, SUPER_RESOLUTION)}
+#: the tasks whose models turn a raster into a raster (rs_deep:predict_raster)
+RASTER_TASKS = ("regression", "super_resolution")
 
 #: class names of a model that mean "nothing here": not vectorised, not a foreground class when assessing
 BACKGROUND_NAMES = ("background", "other", "none", "no change", "no_change", "unchanged")
+
+
+def wrong_task(found, wanted):
+    """The sentence that refuses a model of task ``found`` where a model of ``wanted`` (a task name, or several) is
+    needed: "this is a <found> model; this tool needs a <wanted> model (...: run it with <its algorithm>)"."""
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    return f"this is a {found} model; this tool needs a {' or '.join(wanted)} model{runs_with(found)}"
+
+
+def runs_with(found):
+    """" (<task> models run with <algorithm>)" for a model of task ``found`` ("" for an unknown task)."""
+    task = TASKS.get(found)
+    return f" ({task.short} models run with {task.algorithm})" if task else ""
 
 
 def is_background(name):
@@ -48,5 +67,6 @@ def is_background(name):
     return str(name).strip().lower() in BACKGROUND_NAMES
 
 
-__all__ = ["Task", "TASKS", "SEGMENTATION", "DETECTION", "PATCH_CLASSIFICATION", "CHANGE", "BACKGROUND_NAMES",
-           "is_background"]
+__all__ = ["Task", "TASKS", "SEGMENTATION", "DETECTION", "PATCH_CLASSIFICATION", "CHANGE", "REGRESSION",
+           "SUPER_RESOLUTION", "RASTER_TASKS", "BACKGROUND_NAMES", "is_background", "wrong_task",
+           "runs_with"]

@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputError, ModelPackageError
-from ..geo.raster import check_size, region_window
+from ..geo.raster import check_size, input_warnings, region_window
 from ..limits import check_tile_memory
 from ..models.loading import load_package
 from ..models.package import ModelPackage
 from ..models.runners import default_batch_size, device_description, select_device
 from ..models.tta import TTA_DESCRIPTIONS, with_tta
 from ..progress import Progress
-from ..tasks import TASKS
+from ..tasks import TASKS, runs_with
 
 
 
@@ -31,8 +31,10 @@ def start_run(package, task, progress=None, is_cancelled=None, log=None, gsd=Non
     resolution, which the raster is resampled to (Deepness's resolution, for models that do not state theirs)."""
     t_start = time.time()
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
-    if pkg.task != task:
-        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[task].short} needs a {task} model")
+    tasks = (task,) if isinstance(task, str) else tuple(task)
+    if pkg.task not in tasks:
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; {TASKS[tasks[0]].short} needs a "
+                         f"{' or '.join(tasks)} model{runs_with(pkg.task)}")
     if gsd is not None:
         if not gsd > 0:
             raise InputError(f"RESOLUTION must be positive (or 0 for the model's); got {gsd * 100:g} cm/px")
@@ -93,11 +95,38 @@ def resolve_options(package, tile_size=None, overlap=None, batch_size=None, devi
     batch = int(batch_size) if batch_size else default_batch_size(select_device(device, package.backend))
     bands = package.in_channels * (2 if package.task == "change" else 1)
     classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
+    classes *= package.scale ** 2  # a super-resolution output has scale² times the pixels of its tile
     check_tile_memory(tile, batch, bands, classes,
                       "TILE_SIZE" if tile_size else f"{package.source}: the package's tile size",
                       "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
                       error=InputError if tile_size or batch_size else ModelPackageError)
     return tile, ov
+
+
+def end_run(result, reader, nothing_valid, masked, log, t_start, prog):
+    """The end of a tiled run that wrote its outputs: the warnings on the values read and on an area without a valid
+    pixel (logged, added to ``result.warnings``), the run's seconds, the progress at 100 %. Returns ``result``."""
+    said = input_warnings(reader, nothing_valid, masked)
+    for w in said:
+        log(w)
+    result.warnings += said
+    result.seconds = time.time() - t_start
+    prog.update(1.0, None)
+    return result
+
+
+def abandon(background, writers, files):
+    """After a failed or cancelled run: the background writer stopped, the raster writers aborted and the temporary
+    ``files`` discarded, whatever fails on the way (the run's own error is the one to report)."""
+    if background is not None:
+        try:
+            background.close()
+        except BaseException:
+            pass
+    for w in writers:
+        w.abort()
+    for f in files:
+        f.discard()
 
 
 def mask_index(mask_geometries):

@@ -13,21 +13,20 @@ Memory is bounded by tile size x batch size x band width (``max_band_width`` col
 """
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError
 from ..geo.outputs import sweep_stale
-from ..geo.raster import RasterReader, area_factor_m2, input_warnings
+from ..geo.raster import RasterReader, area_factor_m2
 from ..geo.vectorize import vectorize
 from ..geo.writer import (CLASS_NODATA, PROB_NODATA, AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable,
                           colormap_for)
 from ..models.postprocess import resize_bilinear
 from ..models.tta import check_tta
-from .pipeline import (Estimate, batched, mask_index, open_device, open_region, open_runner, prefetch, read_tiles,
-                       resolve_options, start_run)
+from .pipeline import (Estimate, abandon, batched, end_run, mask_index, open_device, open_region, open_runner,
+                       prefetch, read_tiles, resolve_options, start_run)
 from .tiling import TileGrid, blend_weights, column_bands
 
 
@@ -91,7 +90,7 @@ class StripBlender:
         return y0, probs, wsum
 
 
-def _plan(grid, bands_cols):
+def plan_tiles(grid, bands_cols):
     """Sequence of tiles with markers: [(band_index, x, y, end_of_row)]."""
     seq = []
     for b, (bx0, bx1) in enumerate(bands_cols):
@@ -100,6 +99,68 @@ def _plan(grid, bands_cols):
             for i, x in enumerate(xs):
                 seq.append((b, x, y, i == len(xs) - 1))
     return seq
+
+
+def _nearest(size, new):
+    """Indices of a nearest-neighbour resampling of ``size`` pixels to ``new``."""
+    return np.minimum((np.arange(new) * size) // new, size - 1)
+
+
+def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channels, write_rows, prog, scale=1):
+    """Run ``runner`` on the tiles ``seq`` (:func:`plan_tiles`) of ``grid`` read by ``reader`` and blend them with
+    :func:`.tiling.blend_weights` in one :class:`StripBlender` per column band; ``write_rows(y, values [K, h, w],
+    wsum [h, w], x)`` gets each finished block (weighted sums and their weights, in output pixels). ``scale``: the
+    runner's output is that many times finer than the tiles it reads (super-resolution); the output grid is then
+    the raster's grid ``scale`` times finer. Returns the number of tiles run (the others had no valid pixel)."""
+    n, s = reader.native_tile, int(scale)
+    out_n = n * s  # a tile in output pixels
+    weights = blend_weights(out_n, reader.native_overlap * s)
+    y0, y1 = grid.y0 * s, grid.y1 * s
+    blender = None
+    band_now = -1
+    done = run = 0
+    estimate = Estimate(len(seq), "tiles", prog.message)
+
+    def flush(upto):
+        out = blender.finish(upto)
+        if out:
+            write_rows(out[0], out[1], out[2], blender.bx0)
+
+    for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y, _ in b], mask),
+                                         batched(seq, batch_size)):
+        prog.check()
+        values = runner(data) if data is not None else None
+        j = 0
+        for (b, x, y, end_row), (_, _, valid) in zip(batch, metas):
+            if b != band_now:
+                if blender is not None:
+                    flush(y1)
+                bx0, bx1 = bands_cols[b]
+                xs = grid.columns_for(bx0, bx1)
+                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, y0, y1, out_n, channels)
+                band_now = b
+            if valid.any():
+                p = values[j]
+                j += 1
+                if p.shape[-1] != valid.shape[-1]:  # super-resolution: the output is finer than the tile read
+                    valid = valid[np.ix_(*(_nearest(valid.shape[-1], m) for m in p.shape[-2:]))]
+                if not np.isfinite(p[0]).all():  # the model predicts the tile's centre only
+                    valid = valid & np.isfinite(p[0])
+                    p = np.nan_to_num(p, nan=0.0)
+                if p.shape[-1] != out_n:  # read at the model's GSD: back to the raster's grid
+                    p = resize_bilinear(p, (out_n, out_n))
+                    valid = valid[np.ix_(_nearest(valid.shape[-1], out_n), _nearest(valid.shape[-1], out_n))]
+                blender.add(x * s, y * s, p, weights * valid)
+                run += 1
+            if end_row:
+                nxt = [yy for yy in grid.ys if yy > y]
+                flush(nxt[0] * s if nxt else y1)
+            done += 1
+        prog.update(done / max(1, len(seq)) * 0.95, None)
+        estimate.after(done)
+    if blender is not None:
+        flush(y1)
+    return run
 
 
 def classify(probs, threshold=None, binary=False):
@@ -230,10 +291,8 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         n = reader.native_tile
         grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
         bands_cols = column_bands(x0, x1, max_band_width)
-        seq = _plan(grid, bands_cols)
+        seq = plan_tiles(grid, bands_cols)
         result.tiles = len(seq)
-        weights = blend_weights(n, reader.native_overlap)
-        up_idx = None if n == reader.tile else np.minimum((np.arange(n) * reader.tile) // n, reader.tile - 1)
         prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
                      f"{reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s)")
 
@@ -258,48 +317,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                     conf[bands[0] == c] = 0
                 bg.submit(writers["confidence"].write, conf, wx, wy)
 
-        blender = None
-        band_now = -1
-        done = 0
-        estimate = Estimate(len(seq), "tiles", prog.message)
-        for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y, _ in b], mask),
-                                             batched(seq, bs)):
-            prog.check()
-            probs = runner(data) if data is not None else None
-            j = 0
-            for (b, x, y, end_row), (_, _, valid) in zip(batch, metas):
-                if b != band_now:
-                    if blender is not None:
-                        out = blender.finish(y1)
-                        if out:
-                            write_rows(out[0], out[1], out[2], blender.bx0)
-                    bx0, bx1 = bands_cols[b]
-                    xs = grid.columns_for(bx0, bx1)
-                    blender = StripBlender(xs[0], xs[-1] + n, bx0, bx1, y0, y1, n, k)
-                    band_now = b
-                if valid.any():
-                    p = probs[j]
-                    j += 1
-                    if not np.isfinite(p[0]).all():  # the model predicts the tile's centre only
-                        valid = valid & np.isfinite(p[0])
-                        p = np.nan_to_num(p, nan=0.0)
-                    if up_idx is not None:
-                        p = resize_bilinear(p, (n, n))
-                        valid = valid[np.ix_(up_idx, up_idx)]
-                    blender.add(x, y, p, weights * valid)
-                    result.tiles_run += 1
-                if end_row:
-                    nxt = [yy for yy in grid.ys if yy > y]
-                    out = blender.finish(nxt[0] if nxt else y1)
-                    if out:
-                        write_rows(out[0], out[1], out[2], blender.bx0)
-                done += 1
-            prog.update(done / max(1, len(seq)) * 0.95, None)
-            estimate.after(done)
-        if blender is not None:
-            out = blender.finish(y1)
-            if out:
-                write_rows(out[0], out[1], out[2], blender.bx0)
+        result.tiles_run = blend_tiles(reader, mask, runner, grid, bands_cols, seq, bs, k, write_rows, prog)
         bg.close()
         bg = None
         prog.check()
@@ -312,25 +330,11 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                 a.commit()
         result.output_file = atomic["output"].tmp if "output" in pending else finals["output"]
         result.class_pixels = {c.value: int(counts[c.value]) for c in pkg.classes}
-        said = input_warnings(reader, int(counts.sum()) == 0, mask is not None)
-        for w in said:
-            log(w)
-        result.warnings += said
         result.probabilities = finals.get("probabilities")
         result.confidence = finals.get("confidence")
-        result.seconds = time.time() - t_start
-        prog.update(1.0, None)
-        return result
+        return end_run(result, reader, int(counts.sum()) == 0, mask is not None, log, t_start, prog)
     except BaseException:
-        if bg is not None:
-            try:
-                bg.close()
-            except BaseException:
-                pass
-        for w in writers.values():
-            w.abort()
-        for a in atomic.values():
-            a.discard()
+        abandon(bg, writers.values(), atomic.values())
         raise
     finally:
         reader.close()

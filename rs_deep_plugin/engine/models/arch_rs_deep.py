@@ -11,6 +11,7 @@ bands, as :class:`.change.PairReader` reads them), and return change logits ``[B
   difference (``params.fusion`` "absdiff", or "concat" of both feature maps), an smp U-Net decoder
   and a segmentation head.
 
+* ``ESPCN`` (super-resolution): a small sub-pixel network with residual blocks; :mod:`.arch_superres`.
 * ``CenterNet`` (object detection): an smp encoder-decoder with a heatmap of object centres and a
   box regression head, with the interface of torchvision's detectors; validated and built by
   :mod:`.arch_centernet` (see there for its params).
@@ -19,7 +20,7 @@ Nothing is downloaded: encoder weights are always ``None``.
 """
 from ..errors import ModelPackageError, require
 
-ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet")
+ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet", "ESPCN")
 FUSIONS = ("absdiff", "concat")
 
 #: params per architecture, with their JSON types (EarlyFusion also takes every smp parameter)
@@ -50,6 +51,9 @@ def validate(builder, where="rs_deep:builder", registries=True):
     if arch == "CenterNet":
         from .arch_centernet import validate as validate_centernet
         return validate_centernet(builder, where, registries)
+    if arch == "ESPCN":
+        from .arch_superres import validate as validate_superres
+        return validate_superres(builder, where, registries)
     if builder.get("encoder_weights") is not None:
         raise ModelPackageError(f"{where}.encoder_weights: must be null (weights come from model.safetensors; "
                                 f"nothing is downloaded), got {builder.get('encoder_weights')!r}")
@@ -97,6 +101,9 @@ def build(builder, where="rs_deep:builder"):
     if builder["architecture"] == "CenterNet":
         from .arch_centernet import build as build_centernet
         return build_centernet(builder, where)
+    if builder["architecture"] == "ESPCN":
+        from .arch_superres import build as build_superres
+        return build_superres(builder, where)
     if builder["architecture"] == "EarlyFusion":
         net = build_smp(_smp_builder(builder), where)
 

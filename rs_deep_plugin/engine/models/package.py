@@ -25,6 +25,7 @@ from .detection_options import validate_detection_metadata
 from ..errors import MissingDependency, ModelPackageError
 from ..files import write_atomic
 from ..tasks import TASKS as TASK_TABLE
+from ..tasks import wrong_task
 from ..limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
                      MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO, ZIP_RATIO_MIN_BYTES, count_text, loads_json, size_text)
 
@@ -36,7 +37,10 @@ METADATA_NAME = "model.json"
 
 #: our task names -> MLM task names
 TASKS = {name: task.mlm for name, task in TASK_TABLE.items()}  # rs_deep:task -> MLM task
-ACTIVATIONS = ("softmax", "sigmoid")
+ACTIVATIONS = ("softmax", "sigmoid", "none")  # none: raw values (regression, super-resolution)
+#: the data types a raster-to-raster package may write (rs_deep:output_dtype)
+OUTPUT_DTYPES = ("float32", "uint8", "uint16")
+MAX_SR_SCALE = 8
 SCALING_TYPES = ("min-max", "z-score", "clip", "clip-min", "clip-max", "offset", "scale")
 #: safetensors dtypes -> bytes per element
 SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -80,6 +84,13 @@ class ModelPackage:
     class_thresholds: list = None
     metadata: dict = field(default_factory=dict, repr=False)
     _weights: object = field(default=None, repr=False)  # a WeightsFile (read when the model is loaded)
+    # raster to raster (regression, super-resolution): output value = raw * value_scale + value_offset, in ``units``
+    # (the classes name the output channels); super-resolution: ``scale`` times finer, written as ``output_dtype``
+    scale: int = 1
+    output_dtype: str = "float32"
+    value_scale: float = 1.0
+    value_offset: float = 0.0
+    units: str = ""
     backend = "torch"  # "onnx" for an :class:`.onnx.package.OnnxPackage`
     threshold = None  # the model's probability threshold (an ONNX model's seg_thresh); None: argmax only
     binary_output = False  # True: one sigmoid channel, expanded to (background, class) by the runner
@@ -603,6 +614,7 @@ def parse_metadata(meta, source="model.json", registries=True):
                                 f"{', '.join(ACTIVATIONS)}, got {activation!r}")
     multi_label, thresholds = _parse_multi_label(props, task, activation, len(classes))
     n_out = builder["classes"]
+    raster_out = _raster_output(props, task, n_out, len(classes), activation, builder)
     if task in ("segmentation", "change"):
         ok = n_out == len(classes) or (activation == "sigmoid" and n_out == 1 and len(classes) == 2)
         if not ok:
@@ -637,7 +649,57 @@ def parse_metadata(meta, source="model.json", registries=True):
     return dict(name=name, task=task, bands=bands, value_scaling=scaling, classes=classes, tile_size=tile,
                 overlap=overlap, gsd=float(gsd) if gsd is not None else None, builder=builder,
                 activation=activation, weights_sha256=sha.lower(), multi_label=multi_label,
-                class_thresholds=thresholds, description=str(props.get("description", meta.get("description", ""))))
+                class_thresholds=thresholds, description=str(props.get("description", meta.get("description", ""))),
+                **raster_out)
+
+
+def _raster_output(props, task, n_out, n_classes, activation, builder):
+    """The raster-to-raster fields of a regression or super-resolution package (``rs_deep:scale``,
+    ``rs_deep:output_dtype``, ``rs_deep:value_scale``, ``rs_deep:value_offset``, ``rs_deep:units``); {} for other
+    tasks. The classes name the output channels, one each."""
+    where = "model.json: properties"
+    if task not in ("regression", "super_resolution"):
+        if activation == "none":
+            raise ModelPackageError(f"{where}.rs_deep:activation: 'none' (raw values) is for regression and "
+                                    f"super-resolution models; a {task} model needs softmax or sigmoid")
+        return {}
+    if activation != "none":
+        raise ModelPackageError(f"{where}.rs_deep:activation: a {task} model returns raw values: expected 'none', "
+                                f"got {activation!r}")
+    if n_out != n_classes:
+        raise ModelPackageError(f"{where}.rs_deep:builder.classes is {n_out} but classification:classes names "
+                                f"{n_classes} output channels")
+    out = {}
+    for key, default in (("value_scale", 1.0), ("value_offset", 0.0)):
+        v = props.get(f"rs_deep:{key}", default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                (key == "value_scale" and v == 0):
+            raise ModelPackageError(f"{where}.rs_deep:{key}: expected a finite number (value_scale not 0), "
+                                    f"got {v!r}")
+        out[key] = float(v)
+    units = props.get("rs_deep:units", "")
+    if not isinstance(units, str):
+        raise ModelPackageError(f"{where}.rs_deep:units: expected text, got {units!r}")
+    out["units"] = units
+    dtype = props.get("rs_deep:output_dtype", "float32")
+    if dtype not in OUTPUT_DTYPES or (task == "regression" and dtype != "float32"):
+        allowed = OUTPUT_DTYPES if task == "super_resolution" else ("float32",)
+        raise ModelPackageError(f"{where}.rs_deep:output_dtype: expected one of {', '.join(allowed)}, got {dtype!r}")
+    out["output_dtype"] = dtype
+    scale = props.get("rs_deep:scale", 1)
+    if task == "super_resolution":
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 2 <= scale <= MAX_SR_SCALE:
+            raise ModelPackageError(f"{where}.rs_deep:scale: expected how many times finer the output is, an integer "
+                                    f"2..{MAX_SR_SCALE}, got {scale!r}")
+        net = (builder.get("params") or {}).get("scale", scale)
+        if net != scale:
+            raise ModelPackageError(f"{where}.rs_deep:scale is {scale} but the network (rs_deep:builder.params.scale) "
+                                    f"upscales {net} times")
+    elif scale != 1:
+        raise ModelPackageError(f"{where}.rs_deep:scale: a regression model's output is on the input's grid (1), got "
+                                f"{scale!r}")
+    out["scale"] = scale
+    return out
 
 
 def read_package(path, task=None):
@@ -654,8 +716,8 @@ def read_package(path, task=None):
     actual = weights.sha256()  # streamed: memory stays small whatever the size
     if actual != fields["weights_sha256"]:
         raise _checksum_error(path, fields["weights_sha256"], actual)
-    if task is not None and fields["task"] != task:
-        raise ModelPackageError(f"{path}: this is a {fields['task']} model; this tool needs a {task} model")
+    if task is not None and fields["task"] not in ((task,) if isinstance(task, str) else task):
+        raise ModelPackageError(f"{path}: {wrong_task(fields['task'], task)}")
     return ModelPackage(source=os.fspath(path), metadata=meta, _weights=weights, **fields)
 
 
@@ -684,7 +746,8 @@ def build_metadata(*, name, task, bands, classes, builder, tile_size, overlap, g
         "mlm:output": [{
             "name": "classes",
             "tasks": [TASKS[task]],
-            "result": {"shape": [-1, builder["classes"], tile_size, tile_size],
+            "result": {"shape": [-1, builder["classes"], tile_size * (extra or {}).get("rs_deep:scale", 1),
+                                 tile_size * (extra or {}).get("rs_deep:scale", 1)],
                        "dim_order": ["batch", "channel", "height", "width"], "data_type": "float32"},
             "classification:classes": [
                 {"value": c.value, "name": c.name, "color_hint": c.color} if isinstance(c, ModelClass) else c

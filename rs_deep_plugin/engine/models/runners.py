@@ -147,7 +147,8 @@ class ModelRunner:
         self.half = (device.type == "cuda") if half is None else half
 
     def __call__(self, batch):
-        """batch: float32 array [B, C, H, W] -> float32 probabilities [B, K, H, W] on the CPU."""
+        """batch: float32 array [B, C, H, W] -> float32 probabilities [B, K, H, W] on the CPU (activation "none":
+        the network's raw values, [B, K, s x H, s x W] for a super-resolution network)."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
@@ -158,7 +159,9 @@ class ModelRunner:
             else:
                 logits = self.model(x)
             logits = logits.float()
-            if self.activation == "sigmoid":
+            if self.activation == "none":  # raw values: regression, super-resolution
+                p = logits
+            elif self.activation == "sigmoid":
                 p = torch.sigmoid(logits)
                 if p.shape[1] == 1:
                     p = torch.cat([1 - p, p], dim=1)

@@ -30,6 +30,9 @@ DEFAULT_BUILDERS = {
     # a Siamese U-Net: shared ResNet-18 features of both dates, their absolute difference decoded
     "change": {"library": "rs_deep", "architecture": "SiameseUnet", "encoder": "resnet18", "encoder_weights": None,
                "params": {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16], "fusion": "absdiff"}},
+    # regression: the segmentation U-Net with one output channel per target band and no activation
+    "regression": {"library": "smp", "architecture": "Unet", "encoder": "mobilenet_v2", "encoder_weights": None,
+                   "params": {"decoder_channels": [128, 64, 32, 16, 8]}},
     # a timm ResNet-18 keeping some spatial resolution for small patches
     "patch_classification": {"library": "timm", "architecture": "resnet18", "encoder_weights": None,
                              "params": {"output_stride": 8, "drop_rate": 0.2}},
@@ -46,6 +49,8 @@ TOOLBOX_DEFAULTS = {
     "detection": {"tile_size": 256, "batch_size": 4, "lr": 2e-3},
     "patch_classification": {"tile_size": 16, "batch_size": 64, "lr": 2e-3},
     "change": {"tile_size": 128, "batch_size": 8, "lr": 2e-3},
+    "regression": {"tile_size": 128, "batch_size": 16, "lr": 2e-3},
+    "super_resolution": {"tile_size": 64, "batch_size": 16, "lr": 1e-3},
 }
 #: training crop (patch) size in px of each task when TILE_SIZE is not given
 DEFAULT_TILE = {task: d["tile_size"] for task, d in TOOLBOX_DEFAULTS.items()}
@@ -85,9 +90,9 @@ def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
     dates). None is returned for the Faster R-CNN MobileNetV3-FPN: the trainer's default, sized for small
     objects."""
     encoder = encoder or DEFAULT_ENCODER
-    if task == "segmentation":
+    if task in ("segmentation", "regression"):
         if architecture is not None and architecture not in SEGMENTATION_ARCHITECTURES:
-            raise InputError(f"ARCHITECTURE {architecture} is a detection network; for segmentation choose "
+            raise InputError(f"ARCHITECTURE {architecture} is a detection network; for {task} choose "
                              f"one of {', '.join(SEGMENTATION_ARCHITECTURES)} (or auto)")
         return {"library": "smp", "architecture": architecture or "Unet", "encoder": encoder,
                 "encoder_weights": None, "params": {}}
@@ -111,6 +116,10 @@ def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
                              f"dates): {', '.join(SEGMENTATION_ARCHITECTURES)}")
         return {"library": "rs_deep", "architecture": "EarlyFusion", "encoder": encoder, "encoder_weights": None,
                 "params": {"base": architecture}}
+    if task == "super_resolution":
+        if architecture is not None:
+            raise InputError("For super-resolution the network is RS Deep's ESPCN; set ARCHITECTURE to auto")
+        return {"library": "rs_deep", "architecture": "ESPCN", "encoder_weights": None, "params": {}}
     if task != "patch_classification":
         raise InputError(f"task must be one of {', '.join(DEFAULT_BUILDERS)}; got {task!r}")
     if architecture is not None:

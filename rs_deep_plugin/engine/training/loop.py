@@ -185,6 +185,7 @@ class TrainingTask:
     select_best = True
     clip_grad_norm = None
     curves = ("iou",)
+    activation = "softmax"  # the package's rs_deep:activation ("none": raw values, regression)
 
     # set by the trainer before fit()
     classes = None  # [ModelClass]
@@ -327,7 +328,8 @@ def fit(task, params, out_dir):
             save_package(model.cpu(), out_dir, weights_dtype=params.weights_dtype, name=params.name, task=task.task,
                          bands=task.band_names, classes=task.classes, builder=task.builder,
                          tile_size=task.package_tile_size, overlap=task.package_overlap, gsd=task.gsd,
-                         value_scaling=task.value_scaling, description=params.description, extra=extra)
+                         value_scaling=task.value_scaling, description=params.description, extra=extra,
+                         activation=task.activation)
             metrics = best["metrics"]
             report.update(best={"epoch": best["epoch"], "metric": task.monitor,
                                 "value": metrics.get(task.monitor) if metrics else None, "metrics": metrics},

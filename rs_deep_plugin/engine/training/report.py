@@ -14,7 +14,8 @@ CURVES_NAME = "training_curves.png"
 
 #: the validation metrics of a report's history, as the curves name them
 METRIC_LABELS = {"iou": "validation IoU", "accuracy": "validation accuracy", "f1": "validation F1",
-                 "ap": "validation AP50", "precision": "precision", "recall": "recall"}
+                 "ap": "validation AP50", "precision": "precision", "recall": "recall", "r2": "validation R²",
+                 "rmse": "validation RMSE"}
 
 
 def metric_series(history):

@@ -60,8 +60,9 @@ def segmentation_loss(logits, target, n_classes, dice_weight=1.0):
     return ce + dice_weight * dice, ce.detach(), dice.detach()
 
 
-def predict_region(model, img, device, chunk=1024, memory_format=None):
-    """(class indices [H, W], probabilities [K, H, W]) for an in-memory region [C, H, W].
+def predict_region(model, img, device, chunk=1024, memory_format=None, raw=False):
+    """(class indices [H, W], probabilities [K, H, W]) for an in-memory region [C, H, W]; ``raw``: (None, the
+    network's values [K, H, W]) (regression).
 
     Processed in chunks of at most ``chunk`` px, each mirrored-padded to a multiple of 32."""
     import torch
@@ -82,13 +83,14 @@ def predict_region(model, img, device, chunk=1024, memory_format=None):
                 x = torch.from_numpy(np.ascontiguousarray(padded))[None].to(device)
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)
-                logits = model(x)[0, :, :ph, :pw]
-                p = torch.softmax(logits.float(), dim=0).cpu().numpy()
+                logits = model(x)[0, :, :ph, :pw].float()
+                p = (logits if raw else torch.softmax(logits, dim=0)).cpu().numpy()
                 if probs_out is None:
                     probs_out = np.zeros((p.shape[0], h, w), dtype=np.float32)
                 probs_out[:, y0:y0 + ph, x0:x0 + pw] = p
-                pred[y0:y0 + ph, x0:x0 + pw] = np.argmax(p, axis=0)
-    return pred, probs_out
+                if not raw:
+                    pred[y0:y0 + ph, x0:x0 + pw] = np.argmax(p, axis=0)
+    return (None, probs_out) if raw else (pred, probs_out)
 
 
 def evaluate(model, img, lab, n_classes, device, memory_format=None):

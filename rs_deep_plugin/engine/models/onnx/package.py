@@ -25,21 +25,20 @@ import os
 from dataclasses import dataclass, field
 
 from ...errors import ModelPackageError
+from ...tasks import RASTER_TASKS, wrong_task
 from ...limits import (MAX_CLASSES, MAX_DETECTION_CLASSES, MAX_JSON_BYTES, MAX_JSON_DEPTH, json_depth, loads_json,
                       size_text)
-from ..package import DEFAULT_COLORS, ModelClass, ModelPackage, parse_metadata
+from ..package import DEFAULT_COLORS, MAX_SR_SCALE, ModelClass, ModelPackage, parse_metadata
 from .session import create_session, external_data_message, require_onnx, require_onnxruntime, session_options
 
 MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: larger models need external data, which we refuse
 MODEL_JSON_KEY = "rs_deep:model_json"
 OUTPUT_KEY = "rs_deep:output"
 #: Deepness model types -> our tasks (None: known but not supported here)
-MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": None, "regression": None,
-               "recognition": None, "superresolution": None}
+MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": "regression",
+               "regression": "regression", "recognition": None, "superresolution": "super_resolution"}
 #: what each Deepness model type RS Deep does not run produces (for the refusal)
-UNSUPPORTED_TYPES = {"regressor": "a value per pixel (regression)", "regression": "a value per pixel (regression)",
-                     "recognition": "image embeddings to search a map with (recognition)",
-                     "superresolution": "a higher-resolution image (super-resolution)"}
+UNSUPPORTED_TYPES = {"recognition": "image embeddings to search a map with (recognition)"}
 DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics")
 UNSUPPORTED_DET_TYPES = ("YOLO_Ultralytics_segmentation", "YOLO_Ultralytics_obb")
 DEFAULT_TILE = 512
@@ -117,8 +116,8 @@ class OnnxPackage(ModelPackage):
 
     def make_runner(self, device=None):
         """The segmentation runner (same call as :class:`..runners.ModelRunner`)."""
-        from .runners import OnnxSegmentationRunner
-        return OnnxSegmentationRunner(self, device)
+        from .runners import OnnxRasterRunner, OnnxSegmentationRunner
+        return (OnnxRasterRunner if self.task in RASTER_TASKS else OnnxSegmentationRunner)(self, device)
 
     def make_detection_runner(self, device, score_threshold, iou_threshold, max_detections):
         """The detection runner (same call as :class:`..runners.DetectionRunner`)."""
@@ -183,12 +182,12 @@ def load_onnx_package(path, task=None):
     if MODEL_JSON_KEY in meta:
         pkg = _from_model_json(meta, source, common)
     else:
-        pkg = _from_deepness(meta, source, shape, outputs, common)
+        pkg = _from_deepness(meta, source, shape, outputs, common, task)
     if fixed and pkg.tile_size != fixed[0]:
         raise ModelPackageError(f"{source}: the metadata says tile size {pkg.tile_size} but the model takes "
                                 f"{fixed[0]} px inputs")
-    if task is not None and pkg.task != task:
-        raise ModelPackageError(f"{source}: this is a {pkg.task} model; this tool needs a {task} model")
+    if task is not None and pkg.task not in ((task,) if isinstance(task, str) else task):
+        raise ModelPackageError(f"{source}: {wrong_task(pkg.task, task)}")
     return pkg
 
 
@@ -256,17 +255,21 @@ def _names_of(v, key, meta, source):
     return [n for _, n in items]
 
 
-def _from_deepness(meta, source, shape, outputs, common):
+def _from_deepness(meta, source, shape, outputs, common, wanted=None):
+    """An OnnxPackage of a Deepness/GeoDeep model. Without a ``model_type`` the output tells: an image larger than
+    the input is super-resolution, a map of the input's size segmentation (regression when the tool asks for a
+    regression model: ``wanted``, a task or several), rows of boxes detection."""
     raw_type = meta.get("model_type")
     out_shape = list(outputs[0].shape) if outputs else []
     if raw_type is None:  # like GeoDeep: infer from the output ([B, H, W] with H == W: a one-channel mask)
         square = len(out_shape) == 3 and _dim(out_shape[1]) and out_shape[1] == out_shape[2]
         model_type = "segmentor" if len(out_shape) == 4 or square or len(outputs) > 1 else "detector"
+        if model_type == "segmentor" and wanted is not None and "regression" in \
+                ((wanted,) if isinstance(wanted, str) else wanted):
+            model_type = "regressor"
         larger = len(out_shape) == 4 and _dim(out_shape[2]) and _dim(shape[2]) and out_shape[2] > shape[2]
         if larger:  # an image larger than the input: super-resolution, not classes
-            raise ModelPackageError(f"{source}: the model turns {shape[2]} px inputs into {out_shape[2]} px outputs "
-                                    f"{out_shape}: a super-resolution model (Deepness model type "
-                                    "'Superresolution'). RS Deep does not run super-resolution models yet")
+            model_type = "superresolution"
     else:
         model_type = str(_value(raw_type)).strip().lower()
     if model_type not in MODEL_TYPES:
@@ -276,8 +279,8 @@ def _from_deepness(meta, source, shape, outputs, common):
     if task is None:
         raise ModelPackageError(f"{source}: a {str(_value(raw_type))} model (metadata_props 'model_type'), which "
                                 f"produces {UNSUPPORTED_TYPES[model_type]}: RS Deep does not run that model type yet; "
-                                "it runs ONNX 'Segmentor' models (rs_deep:segment) and 'Detector' models "
-                                "(rs_deep:detect)")
+                                "it runs ONNX 'Segmentor' models (rs_deep:segment), 'Detector' models "
+                                "(rs_deep:detect), 'Regressor' and 'Superresolution' models (rs_deep:predict_raster)")
     channels = shape[1]
     fixed = common["fixed_size"]
     tile = fixed[0] if fixed else (_number(meta, "tile_size", source, int) or DEFAULT_TILE)
@@ -300,7 +303,11 @@ def _from_deepness(meta, source, shape, outputs, common):
     props = {}
     det_type = "YOLO_v5_or_v7_default"
     extra = {}
-    if task == "segmentation":
+    activation = "softmax"
+    if task in RASTER_TASKS:
+        names, extra = _raster_outputs(meta, source, shape, outputs, task)
+        n_classes, activation = len(names), "none"
+    elif task == "segmentation":
         names, groups = _segmentation_classes(meta, source, outputs)
         n_classes = len(names)
         thr = _number(meta, "seg_thresh", source)
@@ -351,8 +358,53 @@ def _from_deepness(meta, source, shape, outputs, common):
                "in_channels": channels, "classes": n_classes}
     return OnnxPackage(name=name, task=task, bands=[f"b{i + 1}" for i in range(channels)], value_scaling=scaling,
                        classes=classes, tile_size=tile, overlap=overlap, gsd=gsd, builder=builder,
-                       activation="softmax", weights_sha256="", description=str(_value(meta.get("description", '""'))),
+                       activation=activation, weights_sha256="", description=str(_value(meta.get("description", '""'))),
                        metadata={"properties": props}, output_kind="auto", det_type=det_type, **extra, **common)
+
+
+def _raster_outputs(meta, source, shape, outputs, task):
+    """(output channel names, package fields) of a Deepness regressor or super-resolver. Every output is [B, K, H, W]
+    or [B, H, W] (one channel), on the input's grid (regression) or ``scale`` times finer (super-resolution: the
+    ratio of the output's size to the input's, else ``scale_factor`` in the metadata). Channel ``c`` of output ``j``
+    is named as Deepness names it (``get_channel_name(j, c)``): ``class_names`` per output, else the output's name.
+    Values are multiplied by ``reg_output_scaling`` (Deepness's output scaling; 1 without it)."""
+    per_output = _output_class_names(meta, source)
+    names, scales = [], set()
+    for j, out in enumerate(outputs):
+        o = list(out.shape)
+        if len(o) not in (3, 4) or (len(o) == 3 and _dim(o[1]) and _dim(o[2]) and o[1] != o[2]):
+            raise ModelPackageError(f"{source}: a {task.replace('_', '-')} model returns an image [batch, channels, "
+                                    f"height, width] or [batch, height, width]; output {out.name!r} is {o}: not a "
+                                    "per-pixel output RS Deep can write as a raster")
+        k = 1 if len(o) == 3 else _dim(o[1])
+        if k is None:
+            raise ModelPackageError(f"{source}: the number of channels of output {out.name!r} ({o}) is not fixed")
+        h = _dim(o[-2])
+        if h and _dim(shape[2]):
+            scales.add(h / shape[2])
+        given = per_output[j] if per_output and j < len(per_output) else []
+        for c in range(k):
+            name = given[c] if c < len(given) else (out.name if k == 1 else f"{out.name} {c + 1}")
+            names.append(name if name not in names else f"{name} ({out.name})")
+    if task == "super_resolution":
+        given = _number(meta, "scale_factor", source)
+        scale = round(given) if given else (round(scales.pop()) if len(scales) == 1 else None)
+        if scale is None or not 2 <= scale <= MAX_SR_SCALE or (given and abs(given - scale) > 1e-6):
+            raise ModelPackageError(f"{source}: cannot tell how many times finer the super-resolution output is (the "
+                                    f"output size is not fixed, or not a whole 2..{MAX_SR_SCALE} times the input's); "
+                                    "add scale_factor to the metadata_props")
+        dtype = "float32"
+    else:
+        scale, dtype = 1, "float32"
+        if scales and all(abs(v - 1) > 0.25 for v in scales):
+            raise ModelPackageError(f"{source}: the outputs are {sorted(scales)} times the input's size; a "
+                                    "regression model predicts on the input's grid (a larger image is "
+                                    "super-resolution)")
+    value_scale = _number(meta, "reg_output_scaling", source)
+    if value_scale is None:
+        value_scale = _number(meta, "output_scaling", source)
+    return names, {"scale": scale, "output_dtype": dtype, "value_scale": 1.0 if value_scale is None else value_scale,
+                   "units": str(_value(meta.get("units", '""')))}
 
 
 def _segmentation_classes(meta, source, outputs):

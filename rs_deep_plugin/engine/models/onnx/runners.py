@@ -105,6 +105,32 @@ class OnnxSegmentationRunner(OnnxRunner):
         return np.ascontiguousarray(place_output(out, t), dtype=np.float32)
 
 
+class OnnxRasterRunner(OnnxRunner):
+    """Regression and super-resolution: batch float32 [B, C, T, T] -> raw values float32 [B, K, s x T, s x T], the
+    channels of every output side by side (an output [B, H, W] is one channel), ``s`` the package's scale; an
+    output that covers only the tile's centre is placed there (NaN around it, :func:`place_output`)."""
+
+    def __call__(self, batch):
+        s = self.pkg.scale
+        t = (batch.shape[2] * s, batch.shape[3] * s)
+        channels = []
+        for out in self._run_all(batch):
+            out = np.asarray(out, dtype=np.float32)
+            out = out[:, None] if out.ndim == 3 else out
+            if out.ndim != 4 or len(out) != len(batch):
+                raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; a "
+                                        f"{self.pkg.task} model returns [batch, channels, height, width] or [batch, "
+                                        "height, width]")
+            if tuple(out.shape[2:]) != t and not is_centre(out.shape[2:], t):
+                out = resize_bilinear(out, t)
+            channels.append(place_output(out, t))
+        out = np.concatenate(channels, axis=1) if len(channels) > 1 else channels[0]
+        if out.shape[1] != len(self.pkg.classes):
+            raise ModelPackageError(f"{self.pkg.source}: the model returned {out.shape[1]} channel(s); its metadata "
+                                    f"names {len(self.pkg.classes)}")
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def is_centre(size, t):
     """Whether an output of ``size`` (h, w) covers only the centre of a tile of ``t`` (T, T): smaller, and not a
     whole number of times smaller (that is a coarser prediction of the whole tile, resized)."""
