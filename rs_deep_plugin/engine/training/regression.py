@@ -198,7 +198,7 @@ class RegressionTask(TargetTask):
     def training_info(self, best_metrics):
         return {"val": best_metrics, "target_mean": self.mean, "target_std": self.std, "loss": self.loss}
 
-    def package_extra(self):
+    def package_extra(self, best_metrics=None):
         return {"rs_deep:value_scale": self.std, "rs_deep:value_offset": self.mean, "rs_deep:units": self.units}
 
 

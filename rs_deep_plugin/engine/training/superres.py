@@ -126,7 +126,7 @@ class SuperResolutionTask(TargetTask):
     def training_info(self, best_metrics):
         return {"val": best_metrics, "pairs": f"the image and its {self.scale} x {self.scale} block average"}
 
-    def package_extra(self):
+    def package_extra(self, best_metrics=None):
         return dict(self.extra, **{"rs_deep:scale": self.scale})
 
 
