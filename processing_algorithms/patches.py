@@ -6,7 +6,7 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
+from .params import (add_cluster, read_cluster, BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
                      add, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string, read_area,
                      read_model, read_raster, read_tiling, read_tta)
 from .sinks import FeatureSinks
@@ -54,6 +54,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         add_tta(self, HELP)
         add_tiling_block(self, tiles=False, help=HELP)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.patches import classify_patches
@@ -70,7 +71,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         with outputs:  # every output renamed into place at the end of the block, or none
             result = classify_patches(raster.source, pkg, patch_size=patch, stride=stride, bands=raster.bands,
                                       bounds=raster.bounds, top_k=TOP, max_pixels=raster.max_pixels, tta=tta, **tiling,
-                                      **bridge.callbacks)
+                                      **bridge.callbacks, **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             # the sink is created only now: a cancelled or failed run leaves no layer behind
