@@ -10,7 +10,7 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench package clean help
+.PHONY: setup qgis demo demo-model eval-models compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-dask package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
@@ -21,6 +21,7 @@ help:
 	@echo "make eval        run tests/eval: change detection on the research-only LEVIR-CD samples (../shared/data)"
 	@echo "make setup       install QGIS (if missing, as root) and the pinned Python packages into .venv"
 	@echo "make bench       benchmark detection (4096^2) and segmentation (8192^2) on generated rasters (CPU)"
+	@echo "make bench-dask  segmentation (8192^2) in one process vs a Dask LocalCluster of 1 and 2 workers (CPU)"
 	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
 	@echo "make demo-model  retrain the bundled buildings demo model"
 	@echo "make eval-models train the change and patch models that may not ship (build/models)"
@@ -78,6 +79,9 @@ eval: setup
 bench: setup
 	$(PY) tools/bench_detect.py
 	$(PY) tools/bench.py
+
+bench-dask: setup
+	$(PY) tools/bench_dask.py $(BENCH_ARGS)
 
 package:
 	$(SYS_PY) tools/package.py

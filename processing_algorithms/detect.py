@@ -8,8 +8,9 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import DETECTION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (add_cluster, read_cluster, INPUT, RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
-                     help_string, optional_number, read_area, read_model, read_raster, read_resolution, read_tiling)
+from .params import (INPUT, RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
+                     help_string, optional_number, read_area, read_model, read_raster, read_resolution, read_tiling,
+                     add_cluster, read_cluster)
 from .sinks import FeatureSinks
 
 OUTPUT = "OUTPUT"
@@ -119,7 +120,8 @@ class DetectAlgorithm(RSDeepAlgorithm):
         raster.fetch(gsd or pkg.gsd, context, feedback)
         with outputs:  # every output renamed into place at the end of the block, or none
             result = detect(raster.source, pkg, bands=raster.bands, bounds=raster.bounds, max_pixels=raster.max_pixels,
-                            gsd=gsd, **tiling, **thresholds, **bridge.callbacks, **read_cluster(self, parameters, context))
+                            gsd=gsd, **tiling, **thresholds, **bridge.callbacks,
+                            **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             feedback.pushInfo(f"{len(result)} objects from {result.tiles_run}/{result.tiles} tiles on "

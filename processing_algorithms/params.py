@@ -302,12 +302,13 @@ def add_cluster(alg):
     add(alg, QgsProcessingParameterString(CLUSTER, "Dask cluster (scheduler address or local:N; empty = this process)",
                                           defaultValue="", optional=True),
         {CLUSTER: "Run the tiles on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker "
-                  "processes on this machine). The results are the same as in one process; the input raster and the "
-                  "outputs' folder stay where they are, and every worker must be able to read the input at the same "
-                  f"path. Empty: the environment variable {SCHEDULER_ENV}, else this process. Needs dask[distributed]."},
+                  "processes on this machine). The results are the same as in one process; every worker must be able to "
+                  "read the input raster at the same path (or URL), and the outputs are written here. Empty: the "
+                  f"environment variable {SCHEDULER_ENV}, else this process. Needs dask[distributed]."},
         advanced=True)
-    add(alg, QgsProcessingParameterNumber(CLUSTER_BLOCK, "Cluster block size (px)", QgsProcessingParameterNumber.Integer,
-                                          DEFAULT_CLUSTER_BLOCK, optional=True, minValue=256),
+    integer = QgsProcessingParameterNumber.Integer
+    add(alg, QgsProcessingParameterNumber(CLUSTER_BLOCK, "Cluster block size (px)", integer, DEFAULT_CLUSTER_BLOCK,
+                                          optional=True, minValue=256),
         {CLUSTER_BLOCK: "With CLUSTER: the raster is cut into blocks of about this many pixels a side, one Dask task "
                         "each (each also runs the tiles on its borders)."}, advanced=True)
 

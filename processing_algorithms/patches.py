@@ -6,9 +6,9 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (add_cluster, read_cluster, BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
+from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
                      add, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string, read_area,
-                     read_model, read_raster, read_tiling, read_tta)
+                     read_model, read_raster, read_tiling, read_tta, add_cluster, read_cluster)
 from .sinks import FeatureSinks
 from .styles import StyleClasses
 

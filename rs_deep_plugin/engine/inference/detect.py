@@ -373,5 +373,6 @@ def write_geojson(result, path):
     return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 
-__all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes", "tile_detections",
+__all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes",
+           "tile_detections",
            "BoxMerger", "write_geojson"]

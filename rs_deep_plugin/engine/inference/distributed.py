@@ -106,17 +106,22 @@ class ClusterSession:
 
 
 def _python_for_workers():
-    """Worker processes are spawned with ``sys.executable``, which in QGIS is QGIS itself: use its Python."""
+    """Worker processes are spawned with ``sys.executable``, which in QGIS is QGIS itself or whatever ``python3``
+    comes first on PATH: use the Python QGIS runs (its own ``sys.path`` goes to the workers)."""
     import multiprocessing
     import sys
     exe = sys.executable or ""
-    if os.path.basename(exe).lower().startswith("python"):
+    homes = {os.path.realpath(os.path.join(p, d)) for p in (sys.prefix, sys.exec_prefix)
+             for d in ("bin", "Scripts", ".")}
+    if os.path.basename(exe).lower().startswith("python") and os.path.realpath(os.path.dirname(exe)) in homes:
         return
-    for cand in (os.path.join(sys.exec_prefix, "bin", "python3"), os.path.join(sys.exec_prefix, "python.exe"),
-                 os.path.join(sys.base_exec_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")):
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for cand in (os.path.join(sys.exec_prefix, "bin", f"python{version}"),
+                 os.path.join(sys.exec_prefix, "bin", "python3"),
+                 os.path.join(sys.exec_prefix, "python.exe")):
         if os.path.isfile(cand):
             multiprocessing.set_executable(cand)
-            sys.executable = cand  # distributed's Nanny spawns through multiprocessing but reads this too
+            sys.executable = cand  # distributed's Nanny reads it too
             return
 
 

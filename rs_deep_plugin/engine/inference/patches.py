@@ -229,4 +229,5 @@ def _patch_polygon(transform, px0, py0, px1, py1):
     return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
 
 
-__all__ = ["classify_patches", "classify_patch_batch", "PatchClassificationResult", "check_patch_package", "patch_starts"]
+__all__ = ["classify_patches", "classify_patch_batch", "PatchClassificationResult",
+           "check_patch_package", "patch_starts"]
