@@ -195,64 +195,52 @@ def _block_error(block, exc):
                       f"{bx1 - bx0} x {by1 - by0} px) failed: {what}")
 
 
-def _segment_task(job, payload, block):
-    """On a worker: one block of a segmentation (or change) run -> :func:`.segment.segment_block`'s result."""
+def _block_task(job, payload, i):
+    """On a worker: block ``i`` of a run, ``job["run"](reader, runner, job, i, batch size)`` with the input opened
+    here and the model of ``payload`` loaded once per worker."""
+    try:
+        pkg, runner, bs = _worker_model(payload, job, job["kind"])
+        reader = job["open_reader"](pkg)
+        try:
+            return job["run"](reader, runner, job, i, bs)
+        finally:
+            reader.close()
+    except Exception as exc:
+        raise _block_error(job["windows"][i], exc) from None
+
+
+def _segment_block(reader, runner, job, i, bs):
     from .pipeline import mask_index
     from .segment import segment_block
-    try:
-        pkg, runner, bs = _worker_model(payload, job, "dense")
-        reader = job["open_reader"](pkg)
-        try:
-            return segment_block(reader, runner, job["grid"], block, mask_index(job["mask"]), bs, job["spans"],
-                                 job["thr"], job["skip"], job["keep"])
-        finally:
-            reader.close()
-    except Exception as exc:
-        raise _block_error(block, exc) from None
+    return segment_block(reader, runner, job["grid"], job["windows"][i], mask_index(job["mask"]), bs, job["spans"],
+                         job["thr"], job["skip"], job["keep"])
 
 
-def _detect_task(job, payload, block):
-    """On a worker: the boxes of the tiles of one block of a detection run (:func:`.detect.tile_detections`)."""
+def _detect_block(reader, runner, job, i, bs):
     from .detect import tile_detections
-    try:
-        pkg, runner, bs = _worker_model(payload, job, "detection")
-        reader = job["open_reader"](pkg)
-        try:
-            return tile_detections(reader, runner, job["tiles"][block], job["region"], bs)
-        finally:
-            reader.close()
-    except Exception as exc:
-        raise _block_error(job["windows"][block], exc) from None
+    return tile_detections(reader, runner, job["tiles"][i], job["region"], bs)
 
 
-def _patches_task(job, payload, block):
-    """On a worker: the classes of the patches of one block of a patch classification run."""
+def _patch_block(reader, runner, job, i, bs):
     from .patches import classify_patch_batch
-    try:
-        pkg, runner, bs = _worker_model(payload, job, "dense")
-        reader = job["open_reader"](pkg)
-        try:
-            return classify_patch_batch(reader, runner, job["patches"][block], job["context"], bs)
-        finally:
-            reader.close()
-    except Exception as exc:
-        raise _block_error(job["windows"][block], exc) from None
+    return classify_patch_batch(reader, runner, job["patches"][i], job["context"], bs)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # the client
 
 
-def run_blocks(cluster, task, pkg, job, blocks, prog, log, labels=None, share=0.95):
-    """Run ``task(job, model, block)`` for every block on ``cluster``; yields the results as they come (any
-    order). ``labels``: the window of each block for error messages (default: the blocks are windows). Progress
-    runs to ``share``; cancel cancels the futures (:class:`..errors.Cancelled`)."""
+def run_blocks(cluster, pkg, job, prog, log, share=0.95):
+    """Run the blocks of ``job`` (``job["windows"]``, one task each: :func:`_block_task`) on ``cluster``; yields
+    their results as they come (any order). Progress runs to ``share``; cancel cancels the futures
+    (:class:`..errors.Cancelled`)."""
     distributed = _dask()
+    windows = job["windows"]
     with ClusterSession(cluster, log) as client:
         payload = client.scatter(package_payload(pkg), broadcast=True, hash=False)
         job_f = client.scatter(job, broadcast=True, hash=False)
-        futures = {client.submit(task, job_f, payload, b, pure=False, key=f"rs_deep-block-{i}"): i
-                   for i, b in enumerate(blocks)}
+        futures = {client.submit(_block_task, job_f, payload, i, pure=False, key=f"rs_deep-block-{i}"): i
+                   for i in range(len(windows))}
         pending = set(futures)
         done = 0
         try:
@@ -263,16 +251,15 @@ def run_blocks(cluster, task, pkg, job, blocks, prog, log, labels=None, share=0.
                 except TimeoutError:
                     continue
                 for f in finished:
-                    i = futures[f]
                     try:
                         res = f.result()
                     except RSDeepError:
                         raise
                     except Exception as exc:  # e.g. KilledWorker: the block's workers died too often
-                        raise _block_error((labels or blocks)[i], exc) from None
+                        raise _block_error(windows[futures[f]], exc) from None
                     f.release()
                     done += 1
-                    prog.update(share * done / len(blocks), None)
+                    prog.update(share * done / len(windows), None)
                     yield res
         except BaseException:
             client.cancel(list(futures))
@@ -280,20 +267,18 @@ def run_blocks(cluster, task, pkg, job, blocks, prog, log, labels=None, share=0.
 
 
 def segment_blocks(cluster, pkg, job, blocks, prog, log):
-    """:func:`.segment.segment`'s blocks on ``cluster``: yields :func:`.segment.segment_block` results."""
-    return run_blocks(cluster, _segment_task, pkg, job, blocks, prog, log)
+    """:func:`.segment.segment`'s ``blocks`` on ``cluster``: yields :func:`.segment.segment_block` results."""
+    return run_blocks(cluster, pkg, dict(job, windows=blocks, run=_segment_block, kind="dense"), prog, log)
 
 
 def detect_blocks(cluster, pkg, job, prog, log):
     """:func:`.detect.detect`'s tiles in blocks on ``cluster``: yields :func:`.detect.tile_detections` results."""
-    return run_blocks(cluster, _detect_task, pkg, job, list(range(len(job["tiles"]))), prog, log,
-                      labels=job["windows"], share=0.97)
+    return run_blocks(cluster, pkg, dict(job, run=_detect_block, kind="detection"), prog, log, share=0.97)
 
 
 def patch_blocks(cluster, pkg, job, prog, log):
     """:func:`.patches.classify_patches`'s patches in blocks on ``cluster``."""
-    return run_blocks(cluster, _patches_task, pkg, job, list(range(len(job["patches"]))), prog, log,
-                      labels=job["windows"], share=1.0)
+    return run_blocks(cluster, pkg, dict(job, run=_patch_block, kind="dense"), prog, log, share=1.0)
 
 
 __all__ = ["ClusterSession", "default_cluster", "parse_cluster", "package_payload", "run_blocks", "segment_blocks",
