@@ -20,6 +20,7 @@ import io
 import os
 import tempfile
 import zipfile
+from functools import partial
 
 from ..errors import InputError, RSDeepError
 
@@ -213,7 +214,9 @@ def _block_task(job, payload, i):
         finally:
             reader.close()
     except Exception as exc:
-        raise _block_error(job["windows"][i], exc) from None
+        error = _block_error(job["windows"][i], exc)
+    # raised out of the except block: no chained exception to pickle (some, e.g. GDAL's, do not unpickle)
+    raise error
 
 
 def _segment_block(reader, runner, job, i, bs):
@@ -237,6 +240,12 @@ def _patch_block(reader, runner, job, i, bs):
 # the client
 
 
+def _absolute_paths(opener):
+    """``opener`` (a :func:`functools.partial` of a reader) with its arguments that are files here made absolute."""
+    args = [os.path.abspath(a) if isinstance(a, (str, os.PathLike)) and os.path.exists(a) else a for a in opener.args]
+    return partial(opener.func, *args, **opener.keywords)
+
+
 def run_blocks(cluster, pkg, job, prog, log, share=0.95):
     """Run the blocks of ``job`` (``job["windows"]``, one task each: :func:`_block_task`) on ``cluster``; yields
     their results as they come (any order). Progress runs to ``share``; cancel cancels the futures
@@ -244,6 +253,7 @@ def run_blocks(cluster, pkg, job, prog, log, share=0.95):
     distributed = _dask()
     windows = job["windows"]
     with ClusterSession(cluster, log) as client:
+        job = dict(job, open_reader=_absolute_paths(job["open_reader"]))  # the workers run elsewhere
         payload = client.scatter(package_payload(pkg), broadcast=True, hash=False)
         job_f = client.scatter(job, broadcast=True, hash=False)
         futures = {client.submit(_block_task, job_f, payload, i, pure=False, key=f"rs_deep-block-{i}"): i
