@@ -83,6 +83,7 @@ def main():
     env = dict(os.environ)
     env.setdefault("GDAL_CACHEMAX", "64")  # as tools/bench.py: GDAL's cache would hide the engine's memory
     runs = {}
+    load_start = round(os.getloadavg()[0], 2)
     for mode in MODES:
         prefix = os.path.join(OUT, f"dask_{args.size}_{mode.replace(':', '')}")
         proc = subprocess.run([sys.executable, __file__, "--block", str(args.block), "--child", mode, raster, prefix],
@@ -92,7 +93,7 @@ def main():
     vs_single = {m: compare(runs["single"]["prefix"], runs[m]["prefix"])[0] for m in MODES[1:]}
     s = {m: runs[m]["seconds"] for m in MODES}
     print(json.dumps({
-        "size": args.size, "block": args.block, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+        "size": args.size, "block": args.block, "cpu_count": os.cpu_count(), "load_avg_start": load_start,
         "single_s": s["single"], "single_1thread_s": s["single_1thread"], "local1_s": s["local:1"],
         "local2_s": s["local:2"], "scaling_2": round(s["local:1"] / s["local:2"], 3),
         "overhead_1": round(s["single"] / s["local:1"], 3),
@@ -101,7 +102,7 @@ def main():
         "client_peak_rss_mib": {m: runs[m]["rss_mib"] for m in MODES},
         "equal_classes": {m: same_threads[m][0] == 0 for m in MODES[2:]},
         "confidence_max_diff": {m: same_threads[m][1] for m in MODES[2:]},
-        "pixels_differing_vs_single": vs_single}))
+        "pixels_differing_vs_single": vs_single, "load_avg_end": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":
