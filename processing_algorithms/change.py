@@ -7,7 +7,8 @@ from .layers import export_raster_layer, file_extent
 from .outputs import ClassOutputs, RunOutputs
 from .params import (BANDS, CLASS_RASTER_HELP, EXTENT, MODEL, OUTPUT, OUTPUT_VECTOR, PROBABILITIES, TTA, TTA_HELP,
                      add_class_outputs, add_input_block, add_max_pixels, add_polygon_block, add_tiling_block, add_tta,
-                     help_string, read_area, read_model, read_raster, read_tiling, read_tta)
+                     help_string, read_area, read_model, read_raster, read_tiling, read_tta, add_cluster,
+                     read_cluster)
 
 BEFORE = "BEFORE"
 AFTER = "AFTER"
@@ -50,6 +51,7 @@ class ChangeAlgorithm(RSDeepAlgorithm):
         add_tiling_block(self, help=HELP)
         add_polygon_block(self, help=HELP)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.change import detect_change
@@ -74,7 +76,8 @@ class ChangeAlgorithm(RSDeepAlgorithm):
             result = detect_change(before.source, after.source, pkg, dest.raster, probabilities=dest.probabilities,
                                    confidence=dest.confidence, bands=before.bands, bounds=before.bounds,
                                    transaction=outputs.transaction, max_pixels=before.max_pixels, tta=tta, **tiling,
-                                   **bridge.callbacks)
+                                   **bridge.callbacks,
+                                   **read_cluster(self, parameters, context))
             return dest.results(feedback, outputs, pkg, result, before.crs, lambda progress: class_polygons(
                 result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,
                 progress=progress, is_cancelled=bridge.is_cancelled), change=True)

@@ -9,7 +9,8 @@ from ..rs_deep_plugin.engine.tasks import DETECTION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
 from .params import (INPUT, RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
-                     help_string, optional_number, read_area, read_model, read_raster, read_resolution, read_tiling)
+                     help_string, optional_number, read_area, read_model, read_raster, read_resolution, read_tiling,
+                     add_cluster, read_cluster)
 from .sinks import FeatureSinks
 
 OUTPUT = "OUTPUT"
@@ -102,6 +103,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         add(self, QgsProcessingParameterNumber(MAX_DETECTIONS, "Maximum objects per tile (0 = package)", integer, 0,
                                                optional=True, minValue=0), HELP, advanced=True)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.detect import detect
@@ -118,7 +120,8 @@ class DetectAlgorithm(RSDeepAlgorithm):
         raster.fetch(gsd or pkg.gsd, context, feedback)
         with outputs:  # every output renamed into place at the end of the block, or none
             result = detect(raster.source, pkg, bands=raster.bands, bounds=raster.bounds, max_pixels=raster.max_pixels,
-                            gsd=gsd, **tiling, **thresholds, **bridge.callbacks)
+                            gsd=gsd, **tiling, **thresholds, **bridge.callbacks,
+                            **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             feedback.pushInfo(f"{len(result)} objects from {result.tiles_run}/{result.tiles} tiles on "

@@ -19,8 +19,10 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessin
                        QgsProcessingParameterBand, QgsProcessingParameterDefinition, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFeatureSource,
                        QgsProcessingParameterField, QgsProcessingParameterFile, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer)
+                       QgsProcessingParameterRasterDestination, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString)
 
+from ..rs_deep_plugin.engine.inference.distributed import SCHEDULER_ENV, default_cluster
 from ..rs_deep_plugin.engine.models.tta import TTA_CHOICES
 from .base import DEVICES, MODELS_DIR, NamedEnum, bundled_models
 from .layers import export_raster_layer, gdal_path
@@ -289,6 +291,35 @@ def read_max_pixels(alg, parameters, context):
     return int(value) if value > 0 else None
 
 
+CLUSTER = "CLUSTER"
+CLUSTER_BLOCK = "CLUSTER_BLOCK"
+DEFAULT_CLUSTER_BLOCK = 4096
+
+
+def add_cluster(alg):
+    """The advanced CLUSTER and CLUSTER_BLOCK parameters of the inference algorithms: run the tiles on a Dask
+    cluster (:mod:`..rs_deep_plugin.engine.inference.distributed`)."""
+    add(alg, QgsProcessingParameterString(CLUSTER, "Dask cluster (scheduler address or local:N; empty = this process)",
+                                          defaultValue="", optional=True),
+        {CLUSTER: "Run the tiles on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker "
+                  "processes on this machine). The results are the same as in one process; every worker must be able to "
+                  "read the input raster at the same path (or URL), and the outputs are written here. Empty: the "
+                  f"environment variable {SCHEDULER_ENV}, else this process. Needs dask[distributed]."},
+        advanced=True)
+    integer = QgsProcessingParameterNumber.Integer
+    add(alg, QgsProcessingParameterNumber(CLUSTER_BLOCK, "Cluster block size (px)", integer, DEFAULT_CLUSTER_BLOCK,
+                                          optional=True, minValue=256),
+        {CLUSTER_BLOCK: "With CLUSTER: the raster is cut into blocks of about this many pixels a side, one Dask task "
+                        "each (each also runs the tiles on its borders)."}, advanced=True)
+
+
+def read_cluster(alg, parameters, context):
+    """CLUSTER and CLUSTER_BLOCK as the engine's ``cluster`` (None: this process) and ``block_size``."""
+    value = alg.parameterAsString(parameters, CLUSTER, context) if CLUSTER in parameters else ""
+    return {"cluster": default_cluster(value),
+            "block_size": number_or(alg, parameters, CLUSTER_BLOCK, context, DEFAULT_CLUSTER_BLOCK, integer=True)}
+
+
 # -- class (or change) raster outputs and their polygons -------------------------------------------------------------
 
 OUTPUT = "OUTPUT"
@@ -347,7 +378,8 @@ def add_training_data_block(alg, tasks, input_optional=False, label_raster=True)
 #: the bold names of the blocks' parameters in an algorithm's help
 HELP_LABELS = {INPUT: "Input raster", MODEL: "Model package", BANDS: "Bands", EXTENT: "Extent", TILE_SIZE: "Tile size",
                OVERLAP: "Tile overlap", BATCH_SIZE: "Batch size", DEVICE: "Device", MIN_AREA: "Minimum area",
-               SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution", TTA: "Test-time augmentation"}
+               SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution", TTA: "Test-time augmentation",
+               CLUSTER: "Dask cluster", CLUSTER_BLOCK: "Cluster block size"}
 BANDS_HELP = ("The raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
               "bands the model needs.")
 INPUT_HELP = "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile."

@@ -8,8 +8,8 @@ from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
 from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
-                     add, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string,
-                     optional_number, read_area, read_model, read_raster, read_tiling, read_tta)
+                     add, add_cluster, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string,
+                     optional_number, read_area, read_cluster, read_model, read_raster, read_tiling, read_tta)
 from .sinks import FeatureSinks
 from .styles import StyleClasses
 
@@ -65,6 +65,7 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         add_tta(self, HELP)
         add_tiling_block(self, tiles=False, help=HELP)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.patches import classify_patches
@@ -82,8 +83,8 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
         with outputs:  # every output renamed into place at the end of the block, or none
             result = classify_patches(raster.source, pkg, patch_size=patch, stride=stride, bands=raster.bands,
                                       bounds=raster.bounds, top_k=TOP, max_pixels=raster.max_pixels, tta=tta,
-                                      threshold=threshold, **tiling,
-                                      **bridge.callbacks)
+                                      threshold=threshold, **tiling, **bridge.callbacks,
+                                      **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             # the sink is created only now: a cancelled or failed run leaves no layer behind

@@ -10,7 +10,8 @@ from .params import (BANDS, BANDS_HELP, CLASS_RASTER_HELP, EXTENT, EXTENT_HELP, 
                      OUTPUT, OUTPUT_VECTOR, PROBABILITIES, RESOLUTION, RESOLUTION_HELP, TTA, TTA_HELP, add,
                      add_class_outputs, add_input_block,
                      add_max_pixels, add_polygon_block, add_resolution, add_tiling_block, add_tta, help_string,
-                     optional_number, read_area, read_model, read_raster, read_resolution, read_tiling, read_tta)
+                     optional_number, read_area, read_model, read_raster, read_resolution, read_tiling, read_tta,
+                     add_cluster, read_cluster)
 
 MASK = "MASK"
 THRESHOLD = "THRESHOLD"
@@ -57,6 +58,7 @@ class SegmentAlgorithm(RSDeepAlgorithm):
         add_tiling_block(self, help=HELP)
         add_polygon_block(self, help=HELP)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.segment import class_polygons, segment
@@ -77,7 +79,8 @@ class SegmentAlgorithm(RSDeepAlgorithm):
             result = segment(raster.source, pkg, dest.raster, bands=raster.bands, bounds=raster.bounds,
                              mask_geometries=mask, probabilities=dest.probabilities, confidence=dest.confidence,
                              skip_classes=background, transaction=outputs.transaction, max_pixels=raster.max_pixels,
-                             threshold=threshold, gsd=gsd, tta=tta, **tiling, **bridge.callbacks)
+                             threshold=threshold, gsd=gsd, tta=tta, **tiling, **bridge.callbacks,
+                             **read_cluster(self, parameters, context))
             return dest.results(feedback, outputs, pkg, result, raster.crs,
                                 lambda progress: class_polygons(
                 result, dest.confidence, pkg.classes, min_area_m2=dest.min_area, simplify=dest.simplify,

@@ -707,7 +707,7 @@ def test_detect_algorithm_is_registered_with_help(provider):
     names = [p.name() for p in alg.parameterDefinitions()]
     assert names == ["INPUT", "MODEL", "BANDS", "EXTENT", "OUTPUT", "OUTPUT_CENTROIDS", "RESOLUTION", "TILE_SIZE",
                      "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS",
-                     "MAX_PIXELS"]
+                     "MAX_PIXELS", "CLUSTER", "CLUSTER_BLOCK"]
     helptext = alg.shortHelpString()
     for p in alg.parameterDefinitions():
         assert p.description()
@@ -717,7 +717,7 @@ def test_detect_algorithm_is_registered_with_help(provider):
         assert label in helptext
     adv = {p.name() for p in alg.parameterDefinitions() if p.flags() & QgsProcessingParameterDefinition.FlagAdvanced}
     assert adv == {"RESOLUTION", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD",
-                   "MAX_DETECTIONS", "MAX_PIXELS"}
+                   "MAX_DETECTIONS", "MAX_PIXELS", "CLUSTER", "CLUSTER_BLOCK"}
 
 
 def test_detect_through_processing_run(provider, tmp_path, det_package, square_finder):

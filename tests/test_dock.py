@@ -106,8 +106,11 @@ def test_model_card_task_and_generated_options(dock, rgb_package):
     advanced = [p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagAdvanced and p.name() != "DEVICE"]
     assert set(advanced) <= set(dock.option_widgets)
     from rs_deep.rs_deep_plugin.gui.param_widgets import widget_value
-    for name in advanced:  # numbers and enums (TTA: a list, on its first option)
+    for name in advanced:  # numbers and enums (TTA: a list, on its first option); CLUSTER: text, empty
         p, widget = dock.option_widgets[name]
+        if p.type() == "string":
+            assert widget_value(widget) == p.defaultValue() == ""
+            continue
         assert widget_value(widget) == pytest.approx(float(p.defaultValue()))
     assert dock.option_widgets["TTA"][1].itemText(2) == "Flips and 90° rotations"
     devices = [dock.device_combo.itemData(i) for i in range(dock.device_combo.count())]
@@ -302,13 +305,17 @@ def test_settings_are_restored_by_a_new_dock(plugin, qgis_iface, rgb_package):
     QgsSettings().setValue("rs_deep/last_model", str(rgb_package))
     QgsSettings().setValue("rs_deep/options/rs_deep_segment/BATCH_SIZE", 3)
     QgsSettings().setValue("rs_deep/device", "cpu")
+    QgsSettings().setValue("rs_deep/cluster", "local:2")  # one Dask cluster for every algorithm
     other = RSDeepDock(qgis_iface)
     other.show()
     try:
         assert other.model_combo.currentData() == str(rgb_package)
         assert other.option_widgets["BATCH_SIZE"][1].value() == 3
         assert other.device_combo.currentData() == "cpu"
+        assert other.option_widgets["CLUSTER"][1].text() == "local:2"
+        assert other.parameters("run")["CLUSTER"] == "local:2"
     finally:
+        QgsSettings().remove("rs_deep/cluster")
         other.deleteLater()
         QgsSettings().remove("rs_deep/options")
         QgsSettings().remove("rs_deep/device")

@@ -29,11 +29,16 @@ def main(argv=None):
     s.add_argument("--batch-size", type=int)
     s.add_argument("--tta", default="none", choices=TTA_CHOICES,
                    help="test-time augmentation: none, flips (3x the time) or d4 (flips and 90° rotations, 8x)")
+    s.add_argument("--cluster", default=None,
+                   help="run on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker processes); "
+                        "default: $RS_DEEP_DASK_SCHEDULER, else this process")
+    s.add_argument("--block-size", type=int, default=4096, help="with --cluster: block size in pixels (default 4096)")
     s.add_argument("--min-area", type=float, default=None, help="m² (default 10 pixels)")
     s.add_argument("--simplify", type=float, default=None, help="map units (default one pixel)")
     args = ap.parse_args(argv)
     from .models.loading import load_package
     from .geo.raster import area_factor_m2
+    from .inference.distributed import default_cluster
     from .inference.segment import segment
     from .geo.vectorize import vectorize
     try:
@@ -46,7 +51,8 @@ def main(argv=None):
         res = segment(args.input, pkg, args.output, probabilities=args.probabilities, confidence=conf,
                       skip_classes=background, device=args.device, batch_size=args.batch_size, tta=args.tta,
                       bands=[int(b) for b in args.bands.split(",")] if args.bands else None,
-                      progress=terminal_progress(), log=lambda m: print(m, file=sys.stderr))
+                      progress=terminal_progress(), log=lambda m: print(m, file=sys.stderr),
+                      cluster=default_cluster(args.cluster), block_size=args.block_size)
         for c in pkg.classes:
             print(f"{c.name}: {res.class_pixels.get(c.value, 0) * res.pixel_area_m2:,.1f} m²")
         if args.vector:

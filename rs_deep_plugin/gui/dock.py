@@ -39,6 +39,12 @@ def _round(x):
     return f"{float(f'{x:.2g}'):,.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def _option_key(saved, name):
+    """The setting that keeps an option: per algorithm (``saved``), but CLUSTER, the Dask cluster of every inference
+    algorithm, is one setting."""
+    return "cluster" if name == "CLUSTER" else saved + name
+
+
 def _slug(text):
     return re.sub(r"[^\w.-]+", "_", text).strip("_")[:80] or "run"
 
@@ -299,7 +305,7 @@ class RSDeepDock(QgsDockWidget):
         for p in alg.parameterDefinitions():
             if p.name() in HANDLED or p.name() in self.layer_combos or is_hidden(p) or p.isDestination():
                 continue
-            widget = option_widget(p, settings_value(saved + p.name()))
+            widget = option_widget(p, settings_value(_option_key(saved, p.name())))
             if widget is None:
                 if not is_optional(p):
                     self.options_form.addRow(QLabel(f"{p.description()}: not settable here; use the toolbox"))
@@ -422,7 +428,7 @@ class RSDeepDock(QgsDockWidget):
         for name, (p, widget) in self.option_widgets.items():
             value = widget_value(widget)
             params[name] = value
-            set_setting(saved + name, value)
+            set_setting(_option_key(saved, name), value)
         folder = self.output_dir.filePath().strip()
         project = QgsProject.instance()
         for name, (p, check) in self.destination_checks.items():

@@ -13,6 +13,7 @@ bi-temporal networks take them (:mod:`..geo.pair`, :mod:`..models.arch_rs_deep`)
   from-to classes). :func:`.segment.class_polygons` turns the change classes into polygons with areas.
 """
 import os
+from functools import partial
 
 from ..errors import InputError
 from ..geo.pair import PairReader, inspect_pair, intersect_region
@@ -36,7 +37,7 @@ def check_change_package(pkg):
 def detect_change(before, after, package, output, *, probabilities=None, confidence=None, bands=None, bounds=None,
                   mask_geometries=None, tile_size=None, overlap=None, batch_size=None, device="auto", progress=None,
                   is_cancelled=None, match_gsd=True, max_band_width=8192, log=None, transaction=None,
-                  max_pixels=None, tta="none"):
+                  max_pixels=None, tta="none", cluster=None, block_size=4096):
     """Change between ``before`` and ``after`` with the change model ``package``, on BEFORE's grid.
 
     ``output``: Byte class raster (0 = no change, 1.. = change classes, 255 = nodata or outside
@@ -44,7 +45,8 @@ def detect_change(before, after, package, output, *, probabilities=None, confide
     (internal, for :func:`.segment.class_polygons`): the winning probability x 255, 0 where no change or
     nodata. ``bounds``: (xmin, ymin, xmax, ymax) in BEFORE's CRS. ``tta``: test-time augmentation ("none",
     "flips", "d4"); both dates are flipped and rotated alike (their bands are stacked in one tile). Other options
-    (``transaction`` too) as :func:`.segment.segment`. Returns a :class:`.segment.SegmentationResult`.
+    (``transaction``, ``cluster``, ``block_size`` too) as :func:`.segment.segment`. Returns a
+    :class:`.segment.SegmentationResult`.
     """
     log = log or (lambda msg: None)
     pkg = package if isinstance(package, ModelPackage) else load_package(package)
@@ -61,8 +63,9 @@ def detect_change(before, after, package, output, *, probabilities=None, confide
                      probabilities=probabilities, confidence=confidence, skip_classes=[NO_CHANGE],
                      tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device, progress=progress,
                      is_cancelled=is_cancelled, match_gsd=match_gsd, max_band_width=max_band_width, log=log,
-                     task=TASK, transaction=transaction, max_pixels=max_pixels, tta=tta,
-                     open_reader=lambda p: PairReader(before, after, p, bands=bands, match_gsd=match_gsd, pair=pair))
+                     task=TASK, transaction=transaction, max_pixels=max_pixels, tta=tta, cluster=cluster,
+                     block_size=block_size,
+                     open_reader=partial(PairReader, before, after, bands=bands, match_gsd=match_gsd, pair=pair))
     result.warnings = list(pair.warnings) + list(result.warnings)
     return result
 

@@ -19,6 +19,7 @@ nothing (:func:`write_geojson` writes a result atomically when asked).
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -239,22 +240,61 @@ def _map_boxes(transform, cols0, rows0, cols1, rows1):
     return xs.min(axis=0), ys.min(axis=0), xs.max(axis=0), ys.max(axis=0)
 
 
+def tile_detections(reader, runner, tiles, region, bs, check=lambda: None, on_batch=lambda done: None):
+    """The boxes of the tiles ``[(tile_no, x, y)]`` of a run over ``region`` (x0, y0, x1, y1): ``([(boxes in
+    region pixels, scores, labels, tile numbers, cut)], tiles run)``, the parts of a :class:`BoxMerger`, for the
+    tiles with objects. ``check()`` runs before each batch, ``on_batch(tiles done)`` after it."""
+    x0, y0, x1, y1 = region
+    n, t = reader.native_tile, reader.tile
+    f = n / t  # native pixels per model pixel
+    parts, run, done = [], 0, 0
+    for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y in b], None),
+                                         batched(tiles, bs)):
+        check()
+        outs = runner(data) if data is not None else []
+        j = 0
+        for (tile_no, _, _), (x, y, valid) in zip(batch, metas):
+            if not valid.any():
+                continue
+            boxes, labels, scores = outs[j]
+            j += 1
+            run += 1
+            boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, valid, t,
+                                                    (x > x0, y > y0, x + n < x1, y + n < y1))
+            if not len(boxes):
+                continue
+            native = boxes * f
+            native[:, [0, 2]] += x - x0
+            native[:, [1, 3]] += y - y0
+            # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
+            mx, my = (native[:, 0] + native[:, 2]) / 2, (native[:, 1] + native[:, 3]) / 2
+            inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
+            if inside.any():
+                parts.append((native[inside], scores[inside], labels[inside],
+                              np.full(int(inside.sum()), tile_no, dtype=np.int64), cut[inside]))
+        done += len(batch)
+        on_batch(done)
+    return parts, run
+
+
 def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None, batch_size=None,
            device="auto", score_threshold=None, iou_threshold=None, max_detections=None, progress=None,
-           is_cancelled=None, log=None, match_gsd=True, max_pixels=None, gsd=None):
+           is_cancelled=None, log=None, match_gsd=True, max_pixels=None, gsd=None, cluster=None, block_size=4096):
     """Detect objects in ``input_path`` (any size) with a detection ``package`` (path or ModelPackage).
 
     ``bounds``: (xmin, ymin, xmax, ymax) in the raster's CRS to process only that area (objects
     are clipped to it). ``tile_size``/``overlap`` are model pixels (None = the package's);
     ``score_threshold``, ``iou_threshold`` and ``max_detections`` (per tile) default to the
-    package's values; ``gsd``: processing resolution in metres per pixel (None: the package's). Returns a
-    :class:`DetectionResult` (no detections is a valid result).
+    package's values; ``gsd``: processing resolution in metres per pixel (None: the package's). ``cluster``: run
+    the tiles on a Dask cluster (:mod:`.distributed`), in blocks of about ``block_size`` px, and merge their boxes
+    here: the same boxes. Returns a :class:`DetectionResult` (no detections is a valid result).
     """
     t_start, prog, log, pkg = start_run(package, "detection", progress, is_cancelled, log, gsd)
     score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
     pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
     # zeros beyond the raster, as the training crops have (a mirror doubles the objects cut by the edge)
-    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd, pad="zeros")
+    open_reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd, pad="zeros")
+    reader = open_reader(pkg_opts)
     result = DetectionResult(score_threshold=score, iou_threshold=iou, max_detections=maxd)
     try:
         result.warnings, (x0, y0, x1, y1) = open_region(
@@ -262,44 +302,42 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
             resampled="the boxes")
         result.gsd_scale = reader.scale
         result.crs, result.transform, result.region = reader.crs, reader.transform, (x0, y0, x1, y1)
-        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-        runner = pkg.make_detection_runner(dev, score, iou, maxd)
         n, t = reader.native_tile, reader.tile
-        f = n / t  # native pixels per model pixel
         grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
-        seq = [(x, y) for y in grid.ys for x in grid.xs]
+        seq = [(i + 1, x, y) for i, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs)]
         result.tiles = len(seq)
-        prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} px, "
-                     f"batch {bs}; score >= {score:g}, NMS IoU {iou:g}, at most {maxd} objects per tile")
+        region = (x0, y0, x1, y1)
+        if cluster:
+            from .distributed import detect_blocks
+            windows = grid.blocks(block_size)
+            tiles = [[(i, x, y) for i, x, y in seq if bx0 <= x < bx1 and by0 <= y < by1]
+                     for bx0, by0, bx1, by1 in windows]
+            result.device = f"Dask cluster {cluster}"
+            prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} "
+                         f"px, in {len(windows)} blocks of up to {block_size} px on {cluster}; score >= {score:g}, "
+                         f"NMS IoU {iou:g}, at most {maxd} objects per tile")
+            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
+                       device=device, batch_size=batch_size, detection=(score, iou, maxd), tiles=tiles,
+                       windows=windows, region=region)
+            parts = []
+            for block_parts, run in detect_blocks(cluster, pkg, job, prog, log):
+                parts += block_parts
+                result.tiles_run += run
+        else:
+            dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
+            runner = pkg.make_detection_runner(dev, score, iou, maxd)
+            prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} "
+                         f"px, batch {bs}; score >= {score:g}, NMS IoU {iou:g}, at most {maxd} objects per tile")
+            estimate = Estimate(len(seq), "tiles", prog.message)
+
+            def on_batch(done):
+                prog.update(0.97 * done / len(seq))
+                estimate.after(done)
+
+            parts, result.tiles_run = tile_detections(reader, runner, seq, region, bs, prog.check, on_batch)
         merger = BoxMerger()
-        done = 0
-        estimate = Estimate(len(seq), "tiles", prog.message)
-        tile_no = 0
-        for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, b, None), batched(seq, bs)):
-            prog.check()
-            outs = runner(data) if data is not None else []
-            j = 0
-            for (x, y, valid) in metas:
-                tile_no += 1
-                if not valid.any():
-                    continue
-                boxes, labels, scores = outs[j]
-                j += 1
-                result.tiles_run += 1
-                boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, valid, t,
-                                                        (x > x0, y > y0, x + n < x1, y + n < y1))
-                if not len(boxes):
-                    continue
-                native = boxes * f
-                native[:, [0, 2]] += x - x0
-                native[:, [1, 3]] += y - y0
-                # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
-                mx, my = (native[:, 0] + native[:, 2]) / 2, (native[:, 1] + native[:, 3]) / 2
-                inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
-                merger.add(native[inside], scores[inside], labels[inside], tile_no, cut[inside])
-            done += len(batch)
-            prog.update(0.97 * done / len(seq))
-            estimate.after(done)
+        for boxes, scores, labels, tile_nos, cut in sorted(parts, key=lambda part: part[3][0]):  # in tile order
+            merger.add(boxes, scores, labels, tile_nos[0], cut)
         prog.check()
         if merger.count:
             result.raw_detections = merger.count
@@ -336,4 +374,5 @@ def write_geojson(result, path):
 
 
 __all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes",
+           "tile_detections",
            "BoxMerger", "write_geojson"]

@@ -15,6 +15,7 @@ all classes), possibly none.
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -119,9 +120,63 @@ def patch_starts(start, end, stride):
     return list(range(start, end, stride)) if end > start else []
 
 
+def classify_patch_batch(reader, runner, seq, context, bs, check=lambda: None, on_batch=lambda done: None):
+    """The patch dicts of the patches ``seq`` [(row, col, x, y)] with enough valid pixels, and whether any patch
+    had a valid pixel. ``context``: region (x0, y0, x1, y1), min_valid, names, top_k, source (the package, for
+    messages), thresholds (multi-label: one per class, else None). ``check()`` runs before each batch, ``on_batch(patches done)`` after it."""
+    x0, y0, x1, y1 = context["region"]
+    n, t = reader.native_tile, reader.tile
+    f = t / n
+    full = min(n, x1 - x0) * min(n, y1 - y0) * f * f  # most pixels a patch can have inside the area
+    any_valid = [False]
+
+    def read(batch):
+        arrays, keep = [], []
+        for r, c, x, y in batch:
+            data, valid = reader.read_tile(x, y)
+            # only the part of the patch inside the processed area counts
+            cx0, cy0 = int(round((max(x, x0) - x) * f)), int(round((max(y, y0) - y) * f))
+            cx1, cy1 = int(round((min(x + n, x1) - x) * f)), int(round((min(y + n, y1) - y) * f))
+            inside = int(valid[cy0:cy1, cx0:cx1].sum())
+            any_valid[0] = any_valid[0] or inside > 0
+            ok = inside > 0 and inside >= context["min_valid"] * full - 1e-6
+            keep.append(ok)
+            if ok:
+                arrays.append(data)
+        return (np.stack(arrays) if arrays else None), keep
+
+    names, top_k, thresholds = context["names"], context["top_k"], context.get("thresholds")
+    features, done = [], 0
+    for batch, (data, keep) in prefetch(read, batched(seq, bs)):
+        check()
+        probs = runner(data) if data is not None else None
+        if probs is not None and (probs.ndim != 2 or probs.shape[1] != len(names)):
+            raise ModelPackageError(f"{context['source']}: the network returns {list(probs.shape[1:])} per patch; a "
+                                    f"patch classifier returns one score per class ([{len(names)}])")
+        j = 0
+        for (r, c, x, y), ok in zip(batch, keep):
+            if not ok:
+                continue
+            p = probs[j]
+            j += 1
+            order = np.argsort(-p, kind="stable")[:top_k]
+            top = [(int(i), names[int(i)], float(p[i])) for i in order]
+            rec = {}
+            if thresholds is not None:
+                ids = [i for i in range(len(p)) if p[i] >= thresholds[i]]
+                rec = {"labels": [names[i] for i in ids], "label_ids": ids, "scores": [float(v) for v in p]}
+            features.append({**rec,
+                "geometry": _patch_polygon(reader.transform, max(x, x0), max(y, y0), min(x + n, x1), min(y + n, y1)),
+                "class_id": top[0][0], "class_name": top[0][1], "score": top[0][2], "top": top, "row": r, "col": c,
+                "window": (max(x, x0), max(y, y0), min(x + n, x1) - max(x, x0), min(y + n, y1) - max(y, y0))})
+        done += len(batch)
+        on_batch(done)
+    return features, any_valid[0]
+
+
 def classify_patches(input_path, package, *, patch_size=None, stride=None, bands=None, bounds=None, batch_size=None,
                      device="auto", top_k=3, progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
-                     log=None, max_pixels=None, tta="none", threshold=None):
+                     log=None, max_pixels=None, tta="none", threshold=None, cluster=None, block_size=4096):
     """Classify the patches of ``input_path`` with the patch classifier ``package``.
 
     ``patch_size`` / ``stride``: px at the model's GSD (default: the package's patch size, and
@@ -129,12 +184,13 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
     raster's CRS. ``tta``: test-time augmentation, "none", "flips" (3 passes per patch) or "d4" (8 flips and
     rotations): the class probabilities of the flipped and rotated patches are averaged (:mod:`..models.tta`).
     ``threshold``: multi-label packages only: one score threshold for every class instead of the package's own.
-    Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
+    ``cluster``: classify the patches on a Dask cluster (:mod:`.distributed`), in blocks of about ``block_size``
+    px: the same patches and classes. Returns a :class:`PatchClassificationResult` (iterable over the patch dicts).
     """
     t_start, prog, log, pkg = start_run(package, TASK, progress, is_cancelled, log)
     check_patch_package(pkg)
-    thresholds = class_thresholds(pkg, threshold)
     tta = check_tta(tta)
+    thresholds = class_thresholds(pkg, threshold)
     patch = int(patch_size) if patch_size else pkg.tile_size
     if patch < MIN_PATCH:
         raise InputError(f"PATCH_SIZE must be at least {MIN_PATCH} px; got {patch}")
@@ -145,7 +201,8 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
     if not 0 < min_valid <= 1:
         raise InputError(f"min_valid must be in (0, 1]; got {min_valid}")
     pkg_opts = dataclasses.replace(pkg, tile_size=patch, overlap=0)
-    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    open_reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd)
+    reader = open_reader(pkg_opts)
     result = PatchClassificationResult(patch_size=patch, stride=step, multi_label=pkg.multi_label,
                                        thresholds=thresholds, class_names=[c.name for c in pkg.classes])
     try:
@@ -161,21 +218,6 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
         ys, xs = patch_starts(y0, y1, sn), patch_starts(x0, x1, sn)
         seq = [(r, c, x, y) for r, y in enumerate(ys) for c, x in enumerate(xs)]
         result.patches = len(seq)
-        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log, min_batch=16)
-        runner = open_runner(pkg, dev, tta, log)
-        result.tta = tta
-        check_tile_memory(patch, bs, pkg.in_channels, 0,
-                          "PATCH_SIZE" if patch_size else f"{pkg.source}: the package's patch size",
-                          "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
-                          error=InputError if patch_size or batch_size else ModelPackageError)
-        prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, batch {bs}")
-        if thresholds is not None:
-            log("Multi-label: a patch gets every class whose score reaches its threshold (" + ", ".join(
-                f"{c.name} {t:g}" for c, t in zip(pkg.classes, thresholds))
-                + (", THRESHOLD" if threshold is not None else ", the package's") + ")")
-        t = reader.tile
-        f = t / n
-        full = min(n, x1 - x0) * min(n, y1 - y0) * f * f  # most pixels a patch can have inside the area
         if n > x1 - x0 or n > y1 - y0:
             w = (f"PATCH_SIZE ({patch} px at the model's GSD, {n} px of the raster) is larger than the area "
                  f"classified ({x1 - x0} x {y1 - y0} px): the patches reach beyond it and are filled by mirroring "
@@ -183,55 +225,48 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
                  "larger area.")
             result.warnings.append(w)
             log(w)
-        any_valid = [False]
+        context = dict(region=(x0, y0, x1, y1), min_valid=min_valid, names=pkg.class_names(), top_k=top_k,
+                       source=pkg.source, thresholds=thresholds)
+        if thresholds is not None:
+            log("Multi-label: a patch gets every class whose score reaches its threshold (" + ", ".join(
+                f"{c.name} {t:g}" for c, t in zip(pkg.classes, thresholds))
+                + (", THRESHOLD" if threshold is not None else ", the package's") + ")")
+        if cluster:
+            from .distributed import patch_blocks
+            result.device = f"Dask cluster {cluster}"
+            check_tile_memory(patch, batch_size or 16, pkg.in_channels, 0, "PATCH_SIZE", "BATCH_SIZE")
+            # blocks of whole rows of patches
+            rows_per = max(1, block_size // sn)
+            groups = [ys[i:i + rows_per] for i in range(0, len(ys), rows_per)]
+            patches = [[q for q in seq if g[0] <= q[3] <= g[-1]] for g in groups]
+            windows = [(x0, g[0], x1, min(g[-1] + n, y1)) for g in groups]
+            prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, in "
+                         f"{len(groups)} blocks on {cluster}")
+            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(patch, 0), device=device,
+                       batch_size=batch_size or 16, tta=tta, patches=patches, windows=windows, context=context)
+            any_valid = False
+            for features, valid in patch_blocks(cluster, pkg, job, prog, log):
+                result.features += features
+                any_valid = any_valid or valid
+            result.features.sort(key=lambda feat: (feat["row"], feat["col"]))
+        else:
+            dev, result.device, bs = open_device(device, batch_size, pkg, prog, log, min_batch=16)
+            runner = open_runner(pkg, dev, tta, log)
+            check_tile_memory(patch, bs, pkg.in_channels, 0,
+                              "PATCH_SIZE" if patch_size else f"{pkg.source}: the package's patch size",
+                              "BATCH_SIZE" if batch_size else "the automatic BATCH_SIZE",
+                              error=InputError if patch_size or batch_size else ModelPackageError)
+            prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, batch {bs}")
+            estimate = Estimate(len(seq), "patches", prog.message)
 
-        def read(batch):
-            arrays, keep = [], []
-            for r, c, x, y in batch:
-                data, valid = reader.read_tile(x, y)
-                # only the part of the patch inside the processed area counts
-                cx0, cy0 = int(round((max(x, x0) - x) * f)), int(round((max(y, y0) - y) * f))
-                cx1, cy1 = int(round((min(x + n, x1) - x) * f)), int(round((min(y + n, y1) - y) * f))
-                inside = int(valid[cy0:cy1, cx0:cx1].sum())
-                any_valid[0] = any_valid[0] or inside > 0
-                ok = inside > 0 and inside >= min_valid * full - 1e-6
-                keep.append(ok)
-                if ok:
-                    arrays.append(data)
-            return (np.stack(arrays) if arrays else None), keep
+            def on_batch(done):
+                prog.update(done / max(1, len(seq)))
+                estimate.after(done)
 
-        names = pkg.class_names()
-        done = 0
-        estimate = Estimate(len(seq), "patches", prog.message)
-        for batch, (data, keep) in prefetch(read, batched(seq, bs)):
-            prog.check()
-            probs = runner(data) if data is not None else None
-            if probs is not None and (probs.ndim != 2 or probs.shape[1] != len(pkg.classes)):
-                raise ModelPackageError(f"{pkg.source}: the network returns {list(probs.shape[1:])} per patch; a "
-                                        f"patch classifier returns one score per class ([{len(pkg.classes)}])")
-            j = 0
-            for (r, c, x, y), ok in zip(batch, keep):
-                if not ok:
-                    continue
-                p = probs[j]
-                j += 1
-                order = np.argsort(-p, kind="stable")[:top_k]
-                top = [(int(i), names[int(i)], float(p[i])) for i in order]
-                rec = {}
-                if thresholds is not None:
-                    ids = [i for i in range(len(p)) if p[i] >= thresholds[i]]
-                    rec = {"labels": [names[i] for i in ids], "label_ids": ids, "scores": [float(v) for v in p]}
-                result.features.append({**rec,
-                    "geometry": _patch_polygon(reader.transform, max(x, x0), max(y, y0), min(x + n, x1),
-                                               min(y + n, y1)),
-                    "class_id": top[0][0], "class_name": top[0][1], "score": top[0][2], "top": top,
-                    "row": r, "col": c,
-                    "window": (max(x, x0), max(y, y0), min(x + n, x1) - max(x, x0), min(y + n, y1) - max(y, y0))})
-            done += len(batch)
-            prog.update(done / max(1, len(seq)))
-            estimate.after(done)
+            result.features, any_valid = classify_patch_batch(reader, runner, seq, context, bs, prog.check, on_batch)
+        result.tta = tta
         result.patches_run = len(result.features)
-        said = input_warnings(reader, result.patches_run == 0 and not any_valid[0])
+        said = input_warnings(reader, result.patches_run == 0 and not any_valid)
         for w in said:
             log(w)
         result.warnings += said
@@ -250,5 +285,5 @@ def _patch_polygon(transform, px0, py0, px1, py1):
     return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
 
 
-__all__ = ["classify_patches", "PatchClassificationResult", "check_patch_package", "class_thresholds", "score_fields",
-           "patch_starts"]
+__all__ = ["classify_patches", "classify_patch_batch", "PatchClassificationResult", "check_patch_package",
+           "class_thresholds", "score_fields", "patch_starts"]

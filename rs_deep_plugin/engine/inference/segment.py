@@ -14,6 +14,7 @@ Memory is bounded by tile size x batch size x band width (``max_band_width`` col
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -106,39 +107,18 @@ def _nearest(size, new):
     return np.minimum((np.arange(new) * size) // new, size - 1)
 
 
-def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channels, write_rows, prog, scale=1):
-    """Run ``runner`` on the tiles ``seq`` (:func:`plan_tiles`) of ``grid`` read by ``reader`` and blend them with
-    :func:`.tiling.blend_weights` in one :class:`StripBlender` per column band; ``write_rows(y, values [K, h, w],
-    wsum [h, w], x)`` gets each finished block (weighted sums and their weights, in output pixels). ``scale``: the
-    runner's output is that many times finer than the tiles it reads (super-resolution); the output grid is then
-    the raster's grid ``scale`` times finer. Returns the number of tiles run (the others had no valid pixel)."""
-    n, s = reader.native_tile, int(scale)
-    out_n = n * s  # a tile in output pixels
-    weights = blend_weights(out_n, reader.native_overlap * s)
-    y0, y1 = grid.y0 * s, grid.y1 * s
-    blender = None
-    band_now = -1
-    done = run = 0
-    estimate = Estimate(len(seq), "tiles", prog.message)
-
-    def flush(upto):
-        out = blender.finish(upto)
-        if out:
-            write_rows(out[0], out[1], out[2], blender.bx0)
-
-    for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y, _ in b], mask),
-                                         batched(seq, batch_size)):
-        prog.check()
+def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
+    """Runs the model over the tiles ``seq`` (``xy(item)``: the tile's (x, y)), ``bs`` at a time, reading ahead.
+    Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
+    (``scale`` times the raster's tile: super-resolution): None for a tile without valid pixels; ``check()`` runs
+    before each batch (cancel)."""
+    out_n = reader.native_tile * int(scale)
+    for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs)):
+        check()
         values = runner(data) if data is not None else None
-        j = 0
-        for (b, x, y, end_row), (_, _, valid) in zip(batch, metas):
-            if b != band_now:
-                if blender is not None:
-                    flush(y1)
-                bx0, bx1 = bands_cols[b]
-                xs = grid.columns_for(bx0, bx1)
-                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, y0, y1, out_n, channels)
-                band_now = b
+        out, j = [], 0
+        for item, (_, _, valid) in zip(batch, metas):
+            p = None
             if valid.any():
                 p = values[j]
                 j += 1
@@ -150,6 +130,41 @@ def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channel
                 if p.shape[-1] != out_n:  # read at the model's GSD: back to the raster's grid
                     p = resize_bilinear(p, (out_n, out_n))
                     valid = valid[np.ix_(_nearest(valid.shape[-1], out_n), _nearest(valid.shape[-1], out_n))]
+            out.append((item, p, valid))
+        yield out
+
+
+def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channels, write_rows, prog, scale=1):
+    """Run ``runner`` on the tiles ``seq`` (:func:`plan_tiles`) of ``grid`` read by ``reader`` and blend them with
+    :func:`.tiling.blend_weights` in one :class:`StripBlender` per column band; ``write_rows(y, values [K, h, w],
+    wsum [h, w], x)`` gets each finished block (weighted sums and their weights, in output pixels). ``scale``: the
+    runner's output is that many times finer than the tiles it reads (super-resolution); the output grid is then
+    the raster's grid ``scale`` times finer. Returns the number of tiles run (the others had no valid pixel)."""
+    n, s = reader.native_tile, int(scale)
+    out_n = n * s  # a tile in output pixels
+    weights = blend_weights(out_n, reader.native_overlap * s)
+    y1 = grid.y1 * s
+    blender = None
+    band_now = -1
+    done = run = 0
+    estimate = Estimate(len(seq), "tiles", prog.message)
+
+    def flush(upto):
+        out = blender.finish(upto)
+        if out:
+            write_rows(out[0], out[1], out[2], blender.bx0)
+
+    for batch in tile_batches(reader, runner, seq, lambda t: t[1:3], mask, batch_size, prog.check, s):
+        for (b, x, y, end_row), p, valid in batch:
+            if b != band_now:
+                if blender is not None:
+                    flush(y1)
+                bx0, bx1 = bands_cols[b]
+                xs = grid.columns_for(bx0, bx1)
+                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, grid.y0 * s, y1, out_n,
+                                       channels)
+                band_now = b
+            if p is not None:
                 blender.add(x * s, y * s, p, weights * valid)
                 run += 1
             if end_row:
@@ -161,6 +176,66 @@ def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channel
     if blender is not None:
         flush(y1)
     return run
+
+
+def finish_rows(probs, wsum, spans, thr, k, skip, keep):
+    """The outputs of finished rows: ``probs`` [K, h, w] (weighted sums, divided here in place) and their weights
+    ``wsum`` [h, w] -> ({"output": class band(s), "probabilities": [K, h, w], "confidence": [h, w]}, for the names
+    in ``keep``; pixels per class [k])."""
+    valid = wsum > 0
+    np.divide(probs, wsum, out=probs, where=valid[None])
+    bands = np.stack([classify(probs[a:a + m], thr, binary) + np.uint8(a) for a, m, binary in spans])
+    bands[:, ~valid] = CLASS_NODATA
+    counts = np.bincount(bands.ravel(), minlength=256)[:k]
+    out = {"output": bands[0] if len(spans) == 1 else bands}
+    if "probabilities" in keep:
+        probs[:, ~valid] = PROB_NODATA
+        out["probabilities"] = probs
+    if "confidence" in keep:
+        first = probs[:spans[0][1]]  # polygons: the first output's classes
+        conf = np.clip(np.rint(np.max(np.where(valid[None], first, 0), axis=0) * 255), 1, 255)
+        conf = conf.astype(np.uint8)
+        conf[~valid] = 0
+        for c in skip:
+            conf[bands[0] == c] = 0
+        out["confidence"] = conf
+    return out, counts
+
+
+def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep, check=lambda: None):
+    """The finished outputs of one block (bx0, by0, bx1, by1) of ``grid``, computed alone (a worker of
+    :mod:`.distributed`): every tile of the grid that meets the block is run and blended in the order, and with the
+    weights, of :func:`segment`, so its pixels are those of one run over the whole raster.
+
+    Returns ``([(x, y, outputs)], pixels per class, tiles run)`` (outputs: :func:`finish_rows`'s)."""
+    bx0, by0, bx1, by1 = block
+    n = grid.tile
+    xs, ys = grid.columns_for(bx0, bx1), grid.rows_for(by0, by1)
+    k = spans[-1][0] + spans[-1][1]
+    weights = blend_weights(n, grid.overlap)
+    blender = StripBlender(xs[0], xs[-1] + n, bx0, bx1, ys[0], by1, n, k)
+    chunks, counts, run = [], np.zeros(k, dtype=np.int64), 0
+
+    def emit(upto):
+        out = blender.finish(upto)
+        if out and out[0] + out[2].shape[0] > by0:  # rows above the block (its halo) are another block's
+            y, probs, wsum = out
+            cut = max(0, by0 - y)
+            res, c = finish_rows(probs[:, cut:], wsum[cut:], spans, thr, k, skip, keep)
+            counts[:] += c
+            chunks.append((bx0, y + cut, res))
+
+    seq = [(x, y, i == len(xs) - 1) for y in ys for i, x in enumerate(xs)]
+    for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check):
+        for (x, y, end_row), p, valid in batch:
+            if p is not None:
+                blender.add(x, y, p, weights * valid)
+                run += 1
+            if end_row:
+                nxt = [yy for yy in grid.ys if yy > y]
+                emit(nxt[0] if nxt else by1)
+    emit(by1)
+    return chunks, counts, run
 
 
 def classify(probs, threshold=None, binary=False):
@@ -202,7 +277,7 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             probabilities=None, confidence=None, skip_classes=None, tile_size=None, overlap=None,
             batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
             max_band_width=8192, log=None, task="segmentation", open_reader=None, transaction=None,
-            max_pixels=None, threshold=None, gsd=None, tta="none"):
+            max_pixels=None, threshold=None, gsd=None, tta="none", cluster=None, block_size=4096):
     """Segment ``input_path`` with ``package`` into the class raster ``output``.
 
     Optional ``probabilities``: float32 raster, one band per class. ``confidence`` (internal):
@@ -221,6 +296,10 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
     ``transaction``: an :class:`.outputs.OutputTransaction` that ``output`` and ``probabilities`` join (committed
     by the caller, with its other outputs; ``result.output_file`` is the class raster's temporary file until
     then). Without one, every output is renamed into place when the run succeeds.
+
+    ``cluster``: run on a Dask cluster (:mod:`.distributed`: a scheduler address or "local:N"; None: in this
+    process), in blocks of about ``block_size`` px on the same tile grid: the same pixels, written here.
+    ``open_reader`` must then be picklable (a :func:`functools.partial`, not a lambda).
     """
     t_start, prog, log, pkg = start_run(package, task, progress, is_cancelled, log, gsd)
     thr = model_threshold(pkg, threshold)
@@ -236,9 +315,8 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
                                  "never modified)")
     pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
     if open_reader is None:
-        reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
-    else:
-        reader = open_reader(pkg_opts)
+        open_reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd)
+    reader = open_reader(pkg_opts)
     result = SegmentationResult(output=finals["output"])
     atomic = {}
     pending = set()  # outputs committed by the caller's transaction
@@ -256,8 +334,11 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         result.width, result.height, result.crs, result.transform = width, height, reader.crs, out_transform
         result.pixel_area_m2 = abs(out_transform.a * out_transform.e - out_transform.b * out_transform.d) * \
             area_factor_m2(reader.crs, reader.transform, reader.width, reader.height)
-        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-        runner = open_runner(pkg, dev, tta, log)
+        if cluster:  # the workers load the model on their own devices
+            runner, bs, result.device = None, 1, f"Dask cluster {cluster}"
+        else:
+            dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
+            runner = open_runner(pkg, dev, tta, log)
         result.tta = tta
         k = len(pkg.classes)
         names = [c.name for c in pkg.classes]
@@ -293,31 +374,33 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         bands_cols = column_bands(x0, x1, max_band_width)
         seq = plan_tiles(grid, bands_cols)
         result.tiles = len(seq)
-        prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
-                     f"{reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s)")
+
+        def write(outputs, x, y, c):
+            counts[:] += c
+            for key, array in outputs.items():
+                bg.submit(writers[key].write, array, x - x0, y - y0)
 
         def write_rows(y_row, probs, wsum, bx0):
-            valid = wsum > 0
-            np.divide(probs, wsum, out=probs, where=valid[None])
-            bands = np.stack([classify(probs[a:a + m], thr, binary) + np.uint8(a) for a, m, binary in spans])
-            bands[:, ~valid] = CLASS_NODATA
-            counts[:] += np.bincount(bands.ravel(), minlength=256)[:k]
-            cls = bands[0] if len(spans) == 1 else bands
-            wx, wy = bx0 - x0, y_row - y0
-            bg.submit(writers["output"].write, cls, wx, wy)
-            if "probabilities" in writers:
-                probs[:, ~valid] = PROB_NODATA
-                bg.submit(writers["probabilities"].write, probs, wx, wy)
-            if "confidence" in writers:
-                first = probs[:spans[0][1]]  # polygons: the first output's classes
-                conf = np.clip(np.rint(np.max(np.where(valid[None], first, 0), axis=0) * 255), 1, 255)
-                conf = conf.astype(np.uint8)
-                conf[~valid] = 0
-                for c in skip:
-                    conf[bands[0] == c] = 0
-                bg.submit(writers["confidence"].write, conf, wx, wy)
+            outputs, c = finish_rows(probs, wsum, spans, thr, k, skip, writers)
+            write(outputs, bx0, y_row, c)
 
-        result.tiles_run = blend_tiles(reader, mask, runner, grid, bands_cols, seq, bs, k, write_rows, prog)
+        if cluster:
+            from .distributed import segment_blocks
+            blocks = grid.blocks(block_size)
+            prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
+                         f"{reader.native_overlap} px, in {len(blocks)} blocks of up to {block_size} px on {cluster}")
+            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
+                       device=device, batch_size=batch_size, tta=tta, mask=mask_geometries, grid=grid, spans=spans,
+                       thr=thr, skip=skip, keep=tuple(writers))
+            for chunks, c, run in segment_blocks(cluster, pkg, job, blocks, prog, log):
+                for x, y, outputs in chunks:
+                    write(outputs, x, y, 0)
+                counts[:] += c
+                result.tiles_run += run
+        else:
+            prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
+                         f"{reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s)")
+            result.tiles_run = blend_tiles(reader, mask, runner, grid, bands_cols, seq, bs, k, write_rows, prog)
         bg.close()
         bg = None
         prog.check()

@@ -66,3 +66,42 @@ class TileGrid:
     def columns_for(self, bx0, bx1):
         """Tile x-starts whose span meets columns [bx0, bx1)."""
         return [x for x in self.xs if x < bx1 and x + self.tile > bx0]
+
+    def rows_for(self, by0, by1):
+        """Tile y-starts whose span meets rows [by0, by1)."""
+        return [y for y in self.ys if y < by1 and y + self.tile > by0]
+
+    def blocks(self, size, align=256):
+        """Blocks of about ``size`` x ``size`` pixels that cut the region [(bx0, by0, bx1, by1)], row by row.
+
+        Every inner edge lies where one tile alone covers the pixels (at a multiple of ``align`` from the region's
+        origin where it can), so that two neighbouring blocks share one row or column of tiles, no more: a block
+        runs every tile that meets it (:meth:`columns_for`, :meth:`rows_for`)."""
+        cols = block_edges(self.xs, self.tile, self.x0, self.x1, size, align)
+        rows = block_edges(self.ys, self.tile, self.y0, self.y1, size, align)
+        return [(a, c, b, d) for c, d in zip(rows[:-1], rows[1:]) for a, b in zip(cols[:-1], cols[1:])]
+
+
+def block_edges(starts, tile, lo, hi, size, align=256):
+    """Edges ``[lo, ..., hi]`` of blocks of about ``size`` px along one axis of tiles at ``starts``: each inner
+    edge is covered by one tile only (see :meth:`TileGrid.blocks`); any edge would give the same pixels."""
+    size = max(1, int(size))
+    single = []  # (first, last) of the ranges of positions that one tile alone covers
+    for i, s in enumerate(starts):
+        a = starts[i - 1] + tile if i > 0 else s
+        b = starts[i + 1] if i + 1 < len(starts) else min(s + tile, hi)
+        if b > a:
+            single.append((a, b))
+    candidates = []
+    for a, b in single:
+        first = lo + -(-(a - lo) // align) * align  # the first multiple of align from lo in [a, b)
+        candidates.append(first if first < b else a)
+    edges = [lo]
+    while hi - edges[-1] > size + size // 2:  # no sliver of a block at the end
+        later = [c for c in candidates if edges[-1] < c <= hi - size // 2]
+        if not later:
+            break
+        target = edges[-1] + size
+        edges.append(min(later, key=lambda c: (abs(c - target), c)))
+    edges.append(hi)
+    return edges

@@ -1,0 +1,109 @@
+"""make bench-dask: segmentation of the bench's generated raster in one process and on a Dask LocalCluster.
+
+Uses tools/bench.py's raster (``make_raster``: 8192 x 8192 RGB by default, ``--size`` for another) and model
+(``bench_package``: the demo's U-Net, 512-px tiles, 64-px overlap, random weights). Each run is a fresh process
+(the client), timed end to end (cluster start-up, model shipping and the writing of the class and confidence
+rasters included), on the CPU. Prints one JSON line:
+
+  single_s           today's run in one process (torch on all cores)
+  single_1thread_s   the same with torch on one thread, as each Dask worker runs (threads_per_worker=1)
+  local1_s, local2_s CLUSTER=local:1 and local:2 (1 and 2 worker processes, one thread each), blocks of ``--block``
+  scaling_2          local1_s / local2_s (2 workers over 1)
+  overhead_1         single_s / local1_s; overhead_1_same_threads: single_1thread_s / local1_s
+  client_peak_rss_mib  peak RSS of each client process (the workers are other processes)
+  equal_classes      each cluster run's class raster equals the single-process run's with torch on one thread, as the
+                     workers (single_1thread), pixel for pixel; confidence_max_diff: the largest difference of the
+                     confidence rasters (Byte, probability x 255)
+  pixels_differing_vs_single  class pixels that differ from today's run on all cores (torch's sums in another
+                     order on another number of threads: a pixel at a tie of two classes may flip)
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from bench import OUT, bench_package, make_raster  # noqa: E402 (after the path set-up)
+
+MODES = ("single", "single_1thread", "local:1", "local:2")
+
+
+def child(mode, raster, prefix, block):
+    """One run in this (fresh) process: prints a JSON dict."""
+    import torch
+    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    pkg = load_package(bench_package())
+    import segmentation_models_pytorch  # noqa: F401 (imported before the clock starts, as in tools/bench.py)
+    if mode == "single_1thread":
+        torch.set_num_threads(1)
+    cluster = mode if mode.startswith("local") else None
+    t0 = time.perf_counter()
+    res = segment(raster, pkg, prefix + "_classes.tif", confidence=prefix + "_conf.tif", skip_classes=[0],
+                  device="cpu", cluster=cluster, block_size=block)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": round(seconds, 2), "rss_mib": round(rss), "tiles": res.tiles,
+                      "tiles_run": res.tiles_run}))
+
+
+def compare(a, b):
+    """(class pixels that differ, largest confidence difference) of two runs' outputs, read in row blocks."""
+    import numpy as np
+    import rasterio
+    differ, conf = 0, 0
+    for suffix in ("_classes.tif", "_conf.tif"):
+        with rasterio.open(a + suffix) as da, rasterio.open(b + suffix) as db:
+            for r in range(0, da.height, 1024):
+                win = ((r, min(r + 1024, da.height)), (0, da.width))
+                x, y = da.read(window=win), db.read(window=win)
+                if suffix == "_classes.tif":
+                    differ += int((x != y).sum())
+                else:
+                    conf = max(conf, int(np.abs(x.astype(np.int16) - y).max()))
+    return differ, conf
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=8192, help="raster width and height (px)")
+    ap.add_argument("--block", type=int, default=4096, help="block size of the cluster runs (px)")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "RASTER", "PREFIX"))
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child, args.block)
+    os.makedirs(OUT, exist_ok=True)
+    raster = make_raster(os.path.join(OUT, f"rgb_{args.size}.tif"), args.size)
+    bench_package()
+    env = dict(os.environ)
+    env.setdefault("GDAL_CACHEMAX", "64")  # as tools/bench.py: GDAL's cache would hide the engine's memory
+    runs = {}
+    load_start = round(os.getloadavg()[0], 2)
+    for mode in MODES:
+        prefix = os.path.join(OUT, f"dask_{args.size}_{mode.replace(':', '')}")
+        proc = subprocess.run([sys.executable, __file__, "--block", str(args.block), "--child", mode, raster, prefix],
+                              check=True, capture_output=True, text=True, env=env)
+        runs[mode] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), prefix=prefix)
+    same_threads = {m: compare(runs["single_1thread"]["prefix"], runs[m]["prefix"]) for m in MODES[2:]}
+    vs_single = {m: compare(runs["single"]["prefix"], runs[m]["prefix"])[0] for m in MODES[1:]}
+    s = {m: runs[m]["seconds"] for m in MODES}
+    print(json.dumps({
+        "size": args.size, "block": args.block, "cpu_count": os.cpu_count(), "load_avg_start": load_start,
+        "single_s": s["single"], "single_1thread_s": s["single_1thread"], "local1_s": s["local:1"],
+        "local2_s": s["local:2"], "scaling_2": round(s["local:1"] / s["local:2"], 3),
+        "overhead_1": round(s["single"] / s["local:1"], 3),
+        "overhead_1_same_threads": round(s["single_1thread"] / s["local:1"], 3),
+        "tiles": runs["single"]["tiles"], "tiles_run_cluster": runs["local:2"]["tiles_run"],
+        "client_peak_rss_mib": {m: runs[m]["rss_mib"] for m in MODES},
+        "equal_classes": {m: same_threads[m][0] == 0 for m in MODES[2:]},
+        "confidence_max_diff": {m: same_threads[m][1] for m in MODES[2:]},
+        "pixels_differing_vs_single": vs_single, "load_avg_end": os.getloadavg()[0]}))
+
+
+if __name__ == "__main__":
+    main()
