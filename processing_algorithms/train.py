@@ -416,13 +416,16 @@ class TrainAlgorithm(RSDeepAlgorithm):
             from ..rs_deep_plugin.engine.training.data import DetectionSample, split_sample
             from ..rs_deep_plugin.engine.training.detection import train_detection
             from ..rs_deep_plugin.engine.models.arch_centernet import is_oriented
+            from ..rs_deep_plugin.engine.training.transfer import read_init_package
             class_names, labels = map_classes(task, pairs, field, layer_name)
-            if is_oriented(builder):  # the polygons: their minimum rotated rectangles are the boxes
+            start = common.get("init_from")
+            oriented = is_oriented(builder if builder is not None or not start
+                                   else read_init_package(start, task).builder)
+            if oriented:  # the polygons: their minimum rotated rectangles are the boxes
                 boxes = [(g, v) for g, v in labels]
             else:
                 boxes = [(*g.bounds, v) for g, v in labels]  # map coordinates: the engine maps them onto the raster
-            feedback.pushInfo(f"{len(boxes)} {'rotated ' if is_oriented(builder) else ''}boxes; classes: "
-                              + ", ".join(class_names))
+            feedback.pushInfo(f"{len(boxes)} {'rotated ' if oriented else ''}boxes; classes: " + ", ".join(class_names))
             sample = DetectionSample(image, boxes, name=os.path.basename(image), coords="map")
             samples, val_samples = [sample], None
             if val > 0:

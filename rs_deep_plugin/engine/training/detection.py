@@ -256,6 +256,11 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
         raise InputError("samples: give at least one training image with boxes")
     val_samples = [as_sample(s, i) for i, s in enumerate(val_samples or [])]
     params.prog.message(f"Reading {len(samples)} training and {len(val_samples)} validation image(s)")
+    if builder is None and params.init_from:  # the package's own network: an oriented one needs oriented samples
+        from .transfer import read_init_package
+        start = read_init_package(params.init_from, "detection")
+        if is_oriented(start.builder):
+            builder = {k: v for k, v in start.builder.items() if k not in ("in_channels", "classes")}
     oriented = is_oriented(builder)  # CenterNetOBB: rotated boxes from the label polygons
     train_items = [load_sample(s, class_names, bands, class_field, f"samples[{i}]", oriented)
                    for i, s in enumerate(samples)]
