@@ -175,7 +175,9 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
 
     ``boxes``: [N, 4] axis-aligned boxes, or [N, 5] rotated boxes (cx, cy, length, width, theta;
     :mod:`..geo.rotated`), whose overlaps are those of their rectangles (shapely, on the pairs whose envelopes
-    meet: the work is bounded by the objects of overlapping tiles, not the square of all boxes).
+    meet: the work is bounded by the objects of overlapping tiles, not the square of all boxes). A cut rotated
+    box is also covered by a whole one of another tile that contains its centre (a tile's partial view of an
+    oblique object is shifted, so its overlap with the whole rectangle may be small).
 
     1. a box that touches an interior edge of its tile (``cut``) is dropped when a box of the
        same class from another tile covers it (IoU > ``iou_threshold`` or intersection / area
@@ -215,8 +217,14 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
         # the covering box is whole, or larger (an object that touches an edge without being cut by it)
         j_whole = ~cut[j] | (area[j] > area[i])
         i_whole = ~cut[i] | (area[i] > area[j])
-        drop_i = other & cut[i] & j_whole & ((iou > iou_threshold) | (ioa_i >= edge_ioa))
-        drop_j = other & cut[j] & i_whole & ((iou > iou_threshold) | (ioa_j >= edge_ioa))
+        cover_i = (iou > iou_threshold) | (ioa_i >= edge_ioa)
+        cover_j = (iou > iou_threshold) | (ioa_j >= edge_ioa)
+        if rotated:  # a tile's partial view of a rotated object: its centre falls inside the whole rectangle
+            import shapely
+            cover_i |= shapely.contains_xy(polys[j], boxes[i, 0], boxes[i, 1])
+            cover_j |= shapely.contains_xy(polys[i], boxes[j, 0], boxes[j, 1])
+        drop_i = other & cut[i] & j_whole & cover_i
+        drop_j = other & cut[j] & i_whole & cover_j
         alive[i[drop_i]] = False
         alive[j[drop_j]] = False
         # the pairs in which NMS suppresses the box of lower score

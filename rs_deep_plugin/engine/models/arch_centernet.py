@@ -515,6 +515,14 @@ def _make_obb_class(base):
             theta = torch.remainder(torch.atan2(box[:, 4], box[:, 5]) / 2, math.pi)
             return torch.stack([cx, cy, size[:, 0], size[:, 1], theta], dim=1)
 
+        def encode_rboxes(self, rb, ys, xs):
+            """What the box head should give [n, 6] at cells (ys, xs) for rotated boxes [n, 5] (pixels): the
+            inverse of :meth:`cell_rboxes` (sizes below 1 px are taken as 1 px)."""
+            s = self.stride
+            return torch.stack([rb[:, 0] / s - (xs.to(rb.dtype) + 0.5), rb[:, 1] / s - (ys.to(rb.dtype) + 0.5),
+                                torch.log(rb[:, 2].clamp(min=1.0)), torch.log(rb[:, 3].clamp(min=1.0)),
+                                torch.sin(2 * rb[:, 4]), torch.cos(2 * rb[:, 4])], dim=1)
+
         def decode(self, heat, box, sizes):
             prob = torch.sigmoid(heat.float())
             box = box.float()
@@ -542,12 +550,10 @@ def _make_obb_class(base):
                 t = t_box[bi, yi, xi, 4:]  # [n, 5] rotated boxes
                 wts = t_w[bi, yi, xi]
                 n_obj = wts.sum().clamp(min=1.0)
-                s = self.stride
-                off = torch.stack([t[:, 0] / s - (xi.float() + 0.5), t[:, 1] / s - (yi.float() + 0.5)], 1)
-                l_off = (pred[:, 0:2] - off).abs().sum(1)
-                l_size = (pred[:, 2:4] - torch.log(t[:, 2:4].clamp(min=1.0))).abs().sum(1)
-                ang = torch.stack([torch.sin(2 * t[:, 4]), torch.cos(2 * t[:, 4])], 1)
-                l_ang = (pred[:, 4:6] - ang).abs().sum(1)
+                enc = self.encode_rboxes(t, yi, xi)
+                l_off = (pred[:, 0:2] - enc[:, 0:2]).abs().sum(1)
+                l_size = (pred[:, 2:4] - enc[:, 2:4]).abs().sum(1)
+                l_ang = (pred[:, 4:6] - enc[:, 4:6]).abs().sum(1)
                 loss_off = (l_off * wts).sum() / n_obj
                 loss_size = (l_size * wts).sum() / n_obj
                 loss_ang = (l_ang * wts).sum() / n_obj
