@@ -43,18 +43,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="STEPS_PER_EPOCH")
     ap.add_argument("--score", type=float, default=0.2, help="SCORE_THRESHOLD of rs_deep:detect")
     args = ap.parse_args(argv)
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from qgis.core import QgsApplication
-    app = QgsApplication([], False)
-    app.initQgis()
-    sys.path.append("/usr/share/qgis/python/plugins")
-    from processing.core.Processing import Processing
-    import processing
-    Processing.initialize()
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    provider = RSDeepProvider()  # keep a reference: the registry does not keep the Python object alive
-    QgsApplication.processingRegistry().addProvider(provider)
-    from compare_rf import split_raster
+    from qgis_env import start_processing
+    app, processing, provider = start_processing()  # keep the provider referenced
+    from compare_rf import split_raster, write_results
 
     os.makedirs(OUT, exist_ok=True)
     parts = split_raster(IMAGE, OUT, SIDE, HELD_OUT)
@@ -85,14 +76,9 @@ def main(argv=None):
         kind = "oriented (CenterNetOBB)" if arch == "CenterNetOBB" else "axis-aligned (CenterNet)"
         table.append(f"| {kind} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['ap']:.3f} | "
                      f"{r['detected']} | {r['train_wall_s']:.0f}, {r['epochs']} |")
-    text = "\n".join(table)
-    print(text)
-    with open(os.path.join(OUT, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": dict(SETTINGS, TIME_BUDGET=args.budget, EPOCHS=args.epochs,
-                                    STEPS_PER_EPOCH=args.steps, SCORE_THRESHOLD=args.score), "results": rows}, f,
-                  indent=1)
+    write_results(OUT, "\n".join(table), {"settings": dict(SETTINGS, TIME_BUDGET=args.budget, EPOCHS=args.epochs,
+                                                            STEPS_PER_EPOCH=args.steps, SCORE_THRESHOLD=args.score),
+                                            "results": rows})
     app.exitQgis()
 
 

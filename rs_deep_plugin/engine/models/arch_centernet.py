@@ -467,30 +467,33 @@ def _make_class():
                 t_w.append(tw)
             return torch.stack(t_heat), torch.stack(t_box), torch.stack(t_w)
 
+        #: the regression losses (:meth:`regression_losses`) and their weights
+        regression_weights = {"loss_box": BOX_WEIGHT, "loss_size": SIZE_WEIGHT}
+
         def loss(self, heat, box, targets):
             t_heat, t_box, t_w = self.all_targets(heat, targets)
-            heat = heat.float()
-            loss_heat = self.heatmap_loss(heat, t_heat)
-            # boxes at the weighted cells
+            losses = {"loss_heatmap": self.heatmap_loss(heat.float(), t_heat)}
+            # boxes at the weighted cells, each object weighing the same
             sel = t_w > 0
             if bool(sel.any()):
                 bi, yi, xi = sel.nonzero(as_tuple=True)
-                pred = box.float()[bi, :, yi, xi]  # [n, 4]
-                pboxes = self._cell_boxes(pred, yi, xi)
-                tboxes = t_box[bi, yi, xi]
                 wts = t_w[bi, yi, xi]
                 n_obj = wts.sum().clamp(min=1.0)
-                from torchvision.ops import generalized_box_iou_loss
-                giou = generalized_box_iou_loss(pboxes, tboxes, reduction="none")
-                tsize = torch.log(torch.stack([tboxes[:, 2] - tboxes[:, 0], tboxes[:, 3] - tboxes[:, 1]], 1)
-                                  .clamp(min=1.0))
-                l1 = (pred[:, 2:4] - tsize).abs().sum(dim=1)
-                loss_box = (giou * wts).sum() / n_obj
-                loss_size = (l1 * wts).sum() / n_obj
+                parts = self.regression_losses(box.float()[bi, :, yi, xi], t_box[bi, yi, xi], yi, xi)
+                for name, weight in self.regression_weights.items():
+                    losses[name] = weight * (parts[name] * wts).sum() / n_obj
             else:
                 zero = box.sum() * 0.0
-                loss_box, loss_size = zero, zero
-            return {"loss_heatmap": loss_heat, "loss_box": BOX_WEIGHT * loss_box, "loss_size": SIZE_WEIGHT * loss_size}
+                losses.update({name: zero for name in self.regression_weights})
+            return losses
+
+        def regression_losses(self, pred, tboxes, yi, xi):
+            """Per-cell losses of the box maps ``pred`` [n, 4] against the owners' boxes [n, 4]: GIoU, L1 of the
+            log size."""
+            from torchvision.ops import generalized_box_iou_loss
+            giou = generalized_box_iou_loss(self._cell_boxes(pred, yi, xi), tboxes, reduction="none")
+            tsize = torch.log(torch.stack([tboxes[:, 2] - tboxes[:, 0], tboxes[:, 3] - tboxes[:, 1]], 1).clamp(min=1.0))
+            return {"loss_box": giou, "loss_size": (pred[:, 2:4] - tsize).abs().sum(dim=1)}
 
     return CenterNet
 
@@ -539,29 +542,16 @@ def _make_obb_class(base):
             rb = target["rboxes"].to(device=device, dtype=torch.float32).reshape(-1, 5)
             return torch.cat([boxes, rb], dim=1)
 
-        def loss(self, heat, box, targets):
-            t_heat, t_box, t_w = self.all_targets(heat, targets)
-            heat = heat.float()
-            loss_heat = self.heatmap_loss(heat, t_heat)
-            sel = t_w > 0
-            if bool(sel.any()):
-                bi, yi, xi = sel.nonzero(as_tuple=True)
-                pred = box.float()[bi, :, yi, xi]  # [n, 6]
-                t = t_box[bi, yi, xi, 4:]  # [n, 5] rotated boxes
-                wts = t_w[bi, yi, xi]
-                n_obj = wts.sum().clamp(min=1.0)
-                enc = self.encode_rboxes(t, yi, xi)
-                l_off = (pred[:, 0:2] - enc[:, 0:2]).abs().sum(1)
-                l_size = (pred[:, 2:4] - enc[:, 2:4]).abs().sum(1)
-                l_ang = (pred[:, 4:6] - enc[:, 4:6]).abs().sum(1)
-                loss_off = (l_off * wts).sum() / n_obj
-                loss_size = (l_size * wts).sum() / n_obj
-                loss_ang = (l_ang * wts).sum() / n_obj
-            else:
-                zero = box.sum() * 0.0
-                loss_off, loss_size, loss_ang = zero, zero, zero
-            return {"loss_heatmap": loss_heat, "loss_offset": OBB_OFFSET_WEIGHT * loss_off,
-                    "loss_size": OBB_SIZE_WEIGHT * loss_size, "loss_angle": OBB_ANGLE_WEIGHT * loss_ang}
+        regression_weights = {"loss_offset": OBB_OFFSET_WEIGHT, "loss_size": OBB_SIZE_WEIGHT,
+                              "loss_angle": OBB_ANGLE_WEIGHT}
+
+        def regression_losses(self, pred, tboxes, yi, xi):
+            """L1 losses of the box maps ``pred`` [n, 6] against the owners' rotated boxes (columns 4: of the
+            regression targets): centre offset, log sizes, (sin 2 theta, cos 2 theta)."""
+            enc = self.encode_rboxes(tboxes[:, 4:], yi, xi)
+            diff = (pred - enc).abs()
+            return {"loss_offset": diff[:, 0:2].sum(1), "loss_size": diff[:, 2:4].sum(1),
+                    "loss_angle": diff[:, 4:6].sum(1)}
 
     return CenterNetOBB
 
