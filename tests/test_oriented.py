@@ -84,6 +84,22 @@ def test_rotated_nms_by_hand():
     assert rotated.rotated_nms(boxes, scores, labels, 0.9).tolist() == [0, 1, 2, 3]
 
 
+def _deepness_box(x_min, x_max, y_min, y_max, rot):
+    """Deepness's ``BoundingBox(x_min, x_max, y_min, y_max, rot)`` (a box turned by ``rot`` about its centre) as a
+    rotated box."""
+    return [(x_min + x_max) / 2, (y_min + y_max) / 2, x_max - x_min, y_max - y_min, rot]
+
+
+def test_rotated_nms_gives_deepness_answers():
+    """The two cases of Deepness's test_nms_with_rotation_function.py (../shared/data/deepness_tests, Apache-2.0):
+    NMS at IoU 0.2 with rotation keeps one detection in each."""
+    human = [_deepness_box(10, 80, 20, 150, 0), _deepness_box(0, 90, 100, 190, 0), _deepness_box(0, 100, 0, 200, 0)]
+    keep = rotated.rotated_nms(human, [0.99999, 0.44444, 0.88888], [0, 0, 0], 0.2)
+    assert keep.tolist() == [0]
+    square = [_deepness_box(100, 200, 100, 200, r) for r in (0, np.pi / 2, -np.pi / 2, np.pi)]
+    assert len(rotated.rotated_nms(square, [0.99999] * 4, [0] * 4, 0.2)) == 1
+
+
 def test_merge_keeps_the_whole_rotated_object_of_the_other_tile():
     """An oblique object cut by a tile edge: the cut tile's partial view (shifted, smaller, scoring higher) is
     dropped for the whole rectangle of the neighbouring tile; a lone cut box and other objects stay."""
