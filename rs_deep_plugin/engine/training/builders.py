@@ -37,7 +37,8 @@ DEFAULT_BUILDERS = {
 
 #: the toolbox's ARCHITECTURE choices per task, in its order
 SEGMENTATION_ARCHITECTURES = list(SMP_ARCHITECTURES)
-DETECTION_ARCHITECTURES = [CENTERNET, CENTERNET_OBB] + list(TORCHVISION_ARCHITECTURES)
+# CenterNetOBB (rotated boxes) last: the earlier choices keep their ARCHITECTURE numbers
+DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES) + [CENTERNET_OBB]
 DEFAULT_ENCODER = "resnet18"
 #: rs_deep:train's defaults per task (what TILE_SIZE 0, BATCH_SIZE 0 and the learning rate give), as trainer keyword
 #: arguments; measured on unseen areas of ../shared/data (tools/compare_rf.py, tools/eval_trees.py)
