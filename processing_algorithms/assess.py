@@ -22,6 +22,11 @@ from .sinks import FeatureSinks
 TASK = "TASK"
 ASSESSED = [(SEGMENTATION, "class raster"), (DETECTION, "boxes"), (CHANGE, "change raster"),
             (PATCH_CLASSIFICATION, "multi-label patches")]  # TASK's choices
+#: the last choice of TASK: rotated boxes (an oriented detector's), matched by rotated IoU
+ORIENTED = "oriented_detection"
+ORIENTED_LABEL = "Oriented object detection (rotated boxes)"
+#: a predicted feature is a rotated box when its area is below this share of its bounding box's
+ROTATED_AREA_SHARE = 0.98
 # a class or change raster against reference polygons or a reference raster
 PREDICTION = "PREDICTION"
 REFERENCE = "REFERENCE"
@@ -55,7 +60,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             "(or change) raster is compared pixel by pixel, giving the confusion matrix, per-class IoU, F1, "
             "precision, recall and support, the overall accuracy, Cohen's kappa and the mean IoU (change: "
             "PRECISION, RECALL and F1 of the change class). <b>Object detection</b>: detected boxes are matched "
-            "to reference boxes (greedily by score, IoU threshold), giving precision, recall, F1 and AP.<br><br>"
+            "to reference boxes (greedily by score, IoU threshold), giving precision, recall, F1 and AP. <b>Oriented "
+            "object detection</b>: the rotated rectangles of an oriented model (CenterNetOBB) against the minimum "
+            "rotated rectangles of the reference polygons, matched by rotated IoU.<br><br>"
             "<b>Task</b>: what is assessed.<br>"
             "<b>Prediction</b>: segmentation and change: a class raster (file), band 1 holding integer class "
             "values (the output of Semantic segmentation or Change detection). Its nodata pixels are not "
@@ -96,8 +103,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(NamedEnum(TASK, "Task", [f"{t.label} ({what})" for t, what in ASSESSED],
-                                    [t.name for t, _ in ASSESSED], defaultValue=0))
+        self.addParameter(NamedEnum(TASK, "Task", [f"{t.label} ({what})" for t, what in ASSESSED] + [ORIENTED_LABEL],
+                                    [t.name for t, _ in ASSESSED] + [ORIENTED], defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(PREDICTION, "Prediction (class or change raster)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES,
@@ -139,8 +146,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         task = self.parameterAsEnumName(parameters, TASK, context) \
             if parameters.get(TASK) not in (None, "") else SEGMENTATION.name
         with RunOutputs(self, parameters, context, feedback) as outputs:  # the report and table, both or none
-            if task == DETECTION.name:
-                return self._assess_detection(parameters, context, feedback, outputs)
+            if task in (DETECTION.name, ORIENTED):
+                return self._assess_detection(parameters, context, feedback, outputs, rotated=task == ORIENTED)
             if task == PATCH_CLASSIFICATION.name:
                 return self._assess_multilabel(parameters, context, feedback, outputs)
             return self._assess_raster(task, parameters, context, feedback, outputs)
@@ -239,8 +246,27 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
 
     # -- detected boxes ----------------------------------------------------------------------------------------------
 
-    def _assess_detection(self, parameters, context, feedback, outputs):
-        """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes)."""
+    @staticmethod
+    def _rotated_boxes(pred):
+        """How many features of ``pred`` are rotated rectangles (area well below their bounding box's), of how many
+        looked at (the first 200)."""
+        rotated = seen = 0
+        for f in pred.getFeatures():
+            g = f.geometry()
+            if g is None or g.isNull() or g.isEmpty():
+                continue
+            r = g.boundingBox()
+            seen += 1
+            if r.area() > 0 and g.area() < ROTATED_AREA_SHARE * r.area():
+                rotated += 1
+            if seen >= 200:
+                break
+        return rotated, seen
+
+    def _assess_detection(self, parameters, context, feedback, outputs, rotated=False):
+        """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes; ``rotated``:
+        their minimum rotated rectangles, matched by rotated IoU)."""
+        from ..rs_deep_plugin.engine.errors import RSDeepError
         from ..rs_deep_plugin.engine.evaluation.accuracy import DETECTION_FIELDS, assess_detection
         pred, source, area = self._vector_inputs(
             parameters, context, "Detection", "the boxes layer written by Object detection (or any polygon layer of "
@@ -248,6 +274,14 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         crs = pred.sourceCrs()
         ref_field = self.parameterAsString(parameters, CLASS_FIELD, context)
         pred_fields = [f.name() for f in pred.fields()]
+        if not rotated and "angle" in pred_fields:
+            n_rot, seen = self._rotated_boxes(pred)
+            if n_rot:
+                raise QgsProcessingException(
+                    f"PREDICTION_BOXES holds rotated boxes (an angle field; {n_rot} of the first {seen} features are "
+                    "rotated rectangles, the output of an oriented model): an axis-aligned assessment would compare "
+                    "their bounding boxes. Set TASK to oriented_detection (Oriented object detection) to match them "
+                    "by rotated IoU")
         score_field = self.parameterAsString(parameters, SCORE_FIELD, context) or \
             ("score" if "score" in pred_fields else "")
         class_field = self.parameterAsString(parameters, PREDICTION_CLASS_FIELD, context) or \
@@ -259,15 +293,22 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         iou = number_or(self, parameters, IOU_THRESHOLD, context, 0.5)
         score_t = number_or(self, parameters, SCORE_THRESHOLD, context, 0.0)
 
-        reference = reference_boxes(source, ref_field, crs, area, context, feedback)
-        predicted = predicted_boxes(pred, score_field, class_field if ref_field else "", area, feedback)
+        reference = reference_boxes(source, ref_field, crs, area, context, feedback, shapes=rotated)
+        predicted = predicted_boxes(pred, score_field, class_field if ref_field else "", area, feedback,
+                                    shapes=rotated)
         if not reference:
             raise QgsProcessingException("REFERENCE has no box in the assessed area; check the extent and the "
                                          "layer's CRS")
-        feedback.pushInfo(f"{len(predicted)} predicted boxes (score field: {score_field or 'none, all 1'}) against "
-                          f"{len(reference)} reference boxes; IoU >= {iou:g}, score >= {score_t:g}; classes "
+        kind = "rotated " if rotated else ""
+        feedback.pushInfo(f"{len(predicted)} predicted {kind}boxes (score field: {score_field or 'none, all 1'}) "
+                          f"against {len(reference)} reference {kind}boxes"
+                          + (" (minimum rotated rectangles)" if rotated else "")
+                          + f"; {'rotated ' if rotated else ''}IoU >= {iou:g}, score >= {score_t:g}; classes "
                           + ("compared" if ref_field else "ignored"))
-        metrics = assess_detection(predicted, reference, iou=iou, score_threshold=score_t)
+        try:
+            metrics = assess_detection(predicted, reference, iou=iou, score_threshold=score_t, rotated=rotated)
+        except RSDeepError as exc:
+            raise QgsProcessingException(str(exc)) from exc
         feedback.pushInfo(f"precision {_f(metrics['precision'])}, recall {_f(metrics['recall'])}, F1 "
                           f"{_f(metrics['f1'])}, AP{int(round(iou * 100))} {_f(metrics['ap'])} "
                           f"(TP {metrics['tp']}, FP {metrics['fp']}, FN {metrics['fn']})")

@@ -58,7 +58,10 @@ HELP = {
     "BANDS": "Raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
              "bands the model needs (an alpha band is ignored).",
     "EXTENT": "Search only this area (default: the whole layer). Objects are clipped to it.",
-    "OUTPUT": "One rectangle per object, in the layer's CRS, with class_id, class_name and score (0..1).",
+    "OUTPUT": "One rectangle per object, in the layer's CRS, with class_id, class_name and score (0..1). An oriented "
+              "model (CenterNetOBB) gives rotated rectangles with also angle (the direction of the long side in "
+              "degrees clockwise from grid north, 0..180), width (short side) and length (long side) in the layer's "
+              "units.",
     "OUTPUT_CENTROIDS": "Optional: the centre point of each object, with the same attributes.",
     "RESOLUTION": RESOLUTION_HELP,
     "TILE_SIZE": "Tile size in pixels at the model's GSD (a multiple of 32); 0 = the package's value. Objects must "
@@ -71,7 +74,8 @@ HELP = {
     "SCORE_THRESHOLD": "Objects scoring below this (0..1) are dropped; -1 = the package's value. Lower it to find "
                        "more objects (and more false alarms).",
     "IOU_THRESHOLD": "Boxes of one class overlapping by more than this intersection over union (0..1) are the same "
-                     "object: only the best is kept (non-maximum suppression); -1 = the package's value.",
+                     "object: only the best is kept (non-maximum suppression; rotated rectangles' IoU for an "
+                     "oriented model); -1 = the package's value.",
     "MAX_DETECTIONS": "Most objects kept per tile; 0 = the package's value.",
 }
 
@@ -140,17 +144,24 @@ class DetectAlgorithm(RSDeepAlgorithm):
     @staticmethod
     def _write(sinks, name, wkb, result, pkg, crs):
         """The objects as boxes (``wkb`` Polygon) or centres (Point) into the sink output ``name``."""
-        fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"))
+        oriented = bool(getattr(pkg, "oriented", False))
+        extra = (("angle", "double"), ("width", "double"), ("length", "double")) if oriented else ()
+        fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"), *extra)
         sink = sinks.create(name, fields, wkb, crs, style=lambda: _StyleDetections(pkg.classes),
                             required=(name == OUTPUT))
         if sink is None:
             return
         for d in result.detections:
             feat = QgsFeature(fields)
-            if wkb == QgsWkbTypes.Polygon:
+            if wkb == QgsWkbTypes.Polygon and d.polygon is not None:  # the rotated rectangle
+                feat.setGeometry(QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in d.ring]]))
+            elif wkb == QgsWkbTypes.Polygon:
                 feat.setGeometry(QgsGeometry.fromRect(QgsRectangle(d.xmin, d.ymin, d.xmax, d.ymax)))
             else:
                 cx, cy = d.centroid
                 feat.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(cx, cy)))
-            feat.setAttributes([d.class_id, d.class_name, round(d.score, 4)])
+            values = [d.class_id, d.class_name, round(d.score, 4)]
+            if oriented:
+                values += [round(d.angle, 3), round(d.width, 4), round(d.length, 4)]
+            feat.setAttributes(values)
             sink.addFeature(feat, QgsFeatureSink.FastInsert)

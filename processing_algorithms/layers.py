@@ -243,12 +243,18 @@ def _centre_inside(box, area):
     return area is None or area.contains((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
 
 
-def reference_boxes(source, field, crs, area, context, feedback):
+def reference_boxes(source, field, crs, area, context, feedback, shapes=False):
     """The bounding boxes of a polygon source in ``crs`` whose centre is in ``area`` (a QgsRectangle, or None for
-    everywhere), as ``(xmin, ymin, xmax, ymax, class)``; the class is :func:`box_label` of ``field``, 0 without it."""
+    everywhere), as ``(xmin, ymin, xmax, ymax, class)``; the class is :func:`box_label` of ``field``, 0 without it.
+    ``shapes``: the polygons themselves, as ``(shapely geometry, class)`` (rotated boxes are assessed from them)."""
     refs = read_labelled_polygons(source, field, crs, context, feedback, "REFERENCE")
-    boxes = [tuple(g.bounds) + ((box_label(v) if field else 0),) for g, v in refs]
-    return [b for b in boxes if _centre_inside(b, area)]
+    out = []
+    for g, v in refs:
+        b = tuple(g.bounds)
+        if _centre_inside(b, area):
+            label = box_label(v) if field else 0
+            out.append((g, label) if shapes else b + (label,))
+    return out
 
 
 def predicted_patches(source, labels_field, area, feedback):
@@ -278,10 +284,12 @@ def predicted_patches(source, labels_field, area, feedback):
     return out
 
 
-def predicted_boxes(source, score_field, class_field, area, feedback):
+def predicted_boxes(source, score_field, class_field, area, feedback, shapes=False):
     """The bounding boxes of the features of ``source`` whose centre is in ``area``, as ``(xmin, ymin, xmax, ymax,
     class, score)``: the class is :func:`box_label` of ``class_field`` (0 without it or for NULL), the score that of
-    ``score_field`` (1 without it). Features with a NULL score are left out, and counted in a warning."""
+    ``score_field`` (1 without it). Features with a NULL score are left out, and counted in a warning. ``shapes``:
+    ``(shapely geometry, class, score)`` instead (rotated boxes)."""
+    import shapely
     boxes, missing_score = [], 0
     for f in source.getFeatures():
         if feedback.isCanceled():
@@ -298,7 +306,7 @@ def predicted_boxes(source, score_field, class_field, area, feedback):
             missing_score += 1
             continue
         cls = box_label(f[class_field]) if class_field and not is_null(f[class_field]) else 0
-        boxes.append(b + (cls, float(score)))
+        boxes.append((shapely.from_wkb(bytes(g.asWkb())), cls, float(score)) if shapes else b + (cls, float(score)))
     if missing_score:
         push_warning(feedback, f"{missing_score} predicted box(es) have no {score_field!r} and were left out")
     return boxes

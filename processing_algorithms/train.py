@@ -125,7 +125,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "training data (chips)': segmentation, detection or change; its classes and its spatial-block "
             "validation split are used.<br>"
             "<b>Labels</b>: polygons in any CRS (reprojected to the raster's). Segmentation: the objects' outlines; "
-            "every pixel outside them is the background. Detection: each feature's bounding box is an object. "
+            "every pixel outside them is the background. Detection: each feature's bounding box is an object "
+            "(CenterNetOBB: each polygon's minimum rotated rectangle, so the labels must be polygons). "
             "Patch classification: areas of each class; with one class, the pixels outside are a "
             "'background' class, with several they are not labelled.<br>"
             "<b>Class field</b>: optional; the class of each feature. Classes are the sorted unique values "
@@ -156,7 +157,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
             "early fusion of both dates). Segmentation: Unet, FPN, DeepLabV3Plus... Detection: CenterNet "
-            "(RS Deep's anchor-free detector on the ENCODER; trains from scratch in CPU minutes) or the "
+            "(RS Deep's anchor-free detector on the ENCODER; trains from scratch in CPU minutes), CenterNetOBB (the same "
+            "detector with rotated boxes: oriented objects such as buildings, ships, vehicles) or the "
             "torchvision detectors listed. With INIT_FROM, auto builds the package's own network (its architecture, "
             "encoder and parameters; ENCODER is not used).<br>"
             "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
@@ -322,7 +324,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         out_dir = staged.tmp
-        if task == "detection" and encoder != DEFAULT_ENCODER and arch not in (AUTO, "CenterNet"):
+        if task == "detection" and encoder != DEFAULT_ENCODER and arch not in (AUTO, "CenterNet", "CenterNetOBB"):
             push_warning(feedback, f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} "
                                    "belongs to the architecture")
         from ..rs_deep_plugin.engine.training.builders import toolbox_builder
@@ -468,9 +470,17 @@ class TrainAlgorithm(RSDeepAlgorithm):
         if task == "detection":
             from ..rs_deep_plugin.engine.training.data import DetectionSample, split_sample
             from ..rs_deep_plugin.engine.training.detection import train_detection
+            from ..rs_deep_plugin.engine.models.arch_centernet import is_oriented
+            from ..rs_deep_plugin.engine.training.transfer import read_init_package
             class_names, labels = map_classes(task, pairs, field, layer_name)
-            boxes = [(*g.bounds, v) for g, v in labels]  # map coordinates: the engine maps them onto the raster
-            feedback.pushInfo(f"{len(boxes)} boxes; classes: " + ", ".join(class_names))
+            start = common.get("init_from")
+            oriented = is_oriented(builder if builder is not None or not start
+                                   else read_init_package(start, task).builder)
+            if oriented:  # the polygons: their minimum rotated rectangles are the boxes
+                boxes = [(g, v) for g, v in labels]
+            else:
+                boxes = [(*g.bounds, v) for g, v in labels]  # map coordinates: the engine maps them onto the raster
+            feedback.pushInfo(f"{len(boxes)} {'rotated ' if oriented else ''}boxes; classes: " + ", ".join(class_names))
             sample = DetectionSample(image, boxes, name=os.path.basename(image), coords="map")
             samples, val_samples = [sample], None
             if val > 0:

@@ -378,10 +378,11 @@ def test_algorithms_are_registered_with_help(provider):
                                                                  SEGMENTATION_ARCHITECTURES)
     assert ARCHITECTURES == [AUTO] + SEGMENTATION_ARCHITECTURES + DETECTION_ARCHITECTURES
     assert SEGMENTATION_ARCHITECTURES == list(SMP_ARCHITECTURES)
-    assert DETECTION_ARCHITECTURES[0] == "CenterNet"
-    validate_builder({"library": "rs_deep", "architecture": "CenterNet", "encoder": "resnet18", "in_channels": 1,
-                      "classes": 1, "encoder_weights": None, "params": CENTERNET_PARAMS})
-    for arch in DETECTION_ARCHITECTURES[1:]:
+    assert DETECTION_ARCHITECTURES[0] == "CenterNet" and DETECTION_ARCHITECTURES[-1] == "CenterNetOBB"
+    for arch in ("CenterNet", "CenterNetOBB"):
+        validate_builder({"library": "rs_deep", "architecture": arch, "encoder": "resnet18", "in_channels": 1,
+                          "classes": 1, "encoder_weights": None, "params": CENTERNET_PARAMS})
+    for arch in DETECTION_ARCHITECTURES[1:-1]:
         validate_builder({"library": "torchvision", "architecture": arch, "in_channels": 1, "classes": 1,
                           "encoder_weights": None, "params": {}})
 

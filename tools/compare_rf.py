@@ -80,6 +80,15 @@ def split_raster(src_path, out_dir, side, share):
     return paths
 
 
+def write_results(folder, markdown, data):
+    """Print the Markdown table and write it (results.md) and the numbers (results.json) to ``folder``."""
+    print(markdown)
+    with open(os.path.join(folder, "results.md"), "w", encoding="utf-8") as f:
+        f.write(markdown + "\n")
+    with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+
+
 def label_layer(spec, data, crs_authid):
     """The reference polygons as a memory layer with a text field `class` (grouped crop names)."""
     from qgis.core import QgsFeature, QgsVectorLayer, QgsCoordinateTransform, QgsProject
@@ -165,17 +174,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=sorted(SPLITS), action="append", help="this split only (repeatable)")
     ap.add_argument("--old-recipe", action="store_true", help="also train with 0.5.0's explicit settings")
     args = ap.parse_args(argv)
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from qgis.core import QgsApplication
-    app = QgsApplication([], False)
-    app.initQgis()
-    sys.path.append("/usr/share/qgis/python/plugins")
-    from processing.core.Processing import Processing
-    import processing
-    Processing.initialize()
-    from rs_deep.processing_algorithms.provider import RSDeepProvider
-    provider = RSDeepProvider()  # keep a reference: the registry does not keep the Python object alive
-    QgsApplication.processingRegistry().addProvider(provider)
+    from qgis_env import start_processing
+    app, processing, provider = start_processing()  # keep the provider referenced
     from qgis.core import QgsRasterLayer
 
     results = {}
@@ -233,12 +233,7 @@ def main(argv=None):
             took = f"{m['seconds'] / 60:.1f} min" if key != "unet_tta" else "(same model)"
             md.append(f"| {scene.split('_right')[0]} ({r['held_out']}) | {label} | {took} | "
                       f"{m['overall_accuracy']:.3f} | {m['kappa']:.3f} | {m['mean_iou']:.3f} | {ious} |")
-    text = "\n".join(md)
-    print(text)
-    with open(os.path.join(OUT, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_results(OUT, "\n".join(md), results)
     app.exitQgis()
     return 0
 

@@ -41,3 +41,22 @@ def run_qgis_process(args, plugin_path=None, profile=None, check=True, timeout=9
     if check and proc.returncode != 0:
         raise RuntimeError(f"qgis_process failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_processing():
+    """A headless QgsApplication with Processing and the rs_deep provider (this checkout, through
+    build/dev-plugins): returns (app, processing module, provider); keep the provider referenced (the registry does
+    not keep the Python object alive)."""
+    import sys
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from qgis.core import QgsApplication
+    app = QgsApplication([], False)
+    app.initQgis()
+    sys.path.append("/usr/share/qgis/python/plugins")
+    from processing.core.Processing import Processing
+    import processing
+    Processing.initialize()
+    from rs_deep.processing_algorithms.provider import RSDeepProvider
+    provider = RSDeepProvider()
+    QgsApplication.processingRegistry().addProvider(provider)
+    return app, processing, provider

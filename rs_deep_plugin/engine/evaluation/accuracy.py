@@ -323,25 +323,57 @@ def _rows(boxes, what, with_score):
     return np.array(out_b, dtype=np.float64).reshape(-1, 4), labels, np.array(out_s, dtype=np.float64)
 
 
-def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=0.0):
+def _rotated_rows(rows, what, with_score):
+    """Rotated boxes [N, 5] (each geometry's minimum rotated rectangle), labels and scores of rows
+    ``(geometry[, class[, score]])`` or bare shapely geometries."""
+    from ..geo.rotated import polygons_to_rboxes
+    geoms, out_l, out_s = [], [], []
+    for i, row in enumerate(rows or []):
+        row = (row,) if hasattr(row, "geom_type") else tuple(row)
+        if not row or not hasattr(row[0], "geom_type") or len(row) > (3 if with_score else 2):
+            raise InputError(f"{what}[{i}]: rotated boxes are assessed from polygons: expected (polygon, class"
+                             f"{', score' if with_score else ''}), got {row!r}")
+        geoms.append(row[0])
+        out_l.append(row[1] if len(row) > 1 else 0)
+        if with_score:
+            out_s.append(float(row[2]) if len(row) > 2 else 1.0)
+    try:
+        rb = polygons_to_rboxes(geoms, what)
+    except ValueError as exc:
+        raise InputError(f"{exc}; rotated boxes are polygons (the rotated rectangles of an oriented detector, the "
+                         "objects' outlines for the reference)") from None
+    labels = [str(v) if isinstance(v, str) else int(v) for v in out_l]
+    return rb, labels, np.array(out_s, dtype=np.float64)
+
+
+def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=0.0, rotated=False):
     """Precision, recall, F1 and AP of boxes against reference boxes (one image / area).
 
     ``predicted_boxes``: rows ``(xmin, ymin, xmax, ymax[, class[, score]])`` or shapely geometries
     (their envelope; class 0, score 1); ``reference_boxes``: rows ``(xmin, ymin, xmax, ymax[,
     class])`` or geometries, in the same coordinates. Matching is
     :func:`.metrics.detection_metrics` (greedy by score, one match per reference box).
+
+    ``rotated``: rotated boxes, matched by rotated IoU: rows ``(polygon[, class[, score]])`` (or bare
+    polygons), each one's minimum rotated rectangle (the rectangles of an oriented detector stay themselves; a
+    reference footprint becomes its minimum rotated rectangle).
     """
     if not 0 < float(iou) <= 1:
         raise InputError(f"iou must be in (0, 1]; got {iou}")
-    pb, pl, ps = _rows(predicted_boxes, "predicted_boxes", True)
-    tb, tl, _ = _rows(reference_boxes, "reference_boxes", False)
+    if rotated:
+        pb, pl, ps = _rotated_rows(predicted_boxes, "predicted_boxes", True)
+        tb, tl, _ = _rotated_rows(reference_boxes, "reference_boxes", False)
+    else:
+        pb, pl, ps = _rows(predicted_boxes, "predicted_boxes", True)
+        tb, tl, _ = _rows(reference_boxes, "reference_boxes", False)
     # one label space (class names and numbers may both appear): map every label to an integer
     lookup = {}
     for v in list(tl) + list(pl):
         lookup.setdefault(v, len(lookup))
     pl = np.array([lookup[v] for v in pl], dtype=np.int64)
     tl = np.array([lookup[v] for v in tl], dtype=np.int64)
-    out = detection_metrics([(pb, ps, pl)], [(tb, tl)], iou=float(iou), score_threshold=float(score_threshold))
+    out = detection_metrics([(pb, ps, pl)], [(tb, tl)], iou=float(iou), score_threshold=float(score_threshold),
+                            rotated=rotated)
     out.update(task="detection", predicted=int(len(pb)))
     return out
 
@@ -461,7 +493,9 @@ def _html_text(metrics, title):
                      + "".join(f"<th>{e(k)}</th>" for k in DETECTION_FIELDS) + "</tr><tr>"
                      + "".join(f"<td>{e(_fmt(metrics.get(k)))}</td>" for k in DETECTION_FIELDS) + "</tr></table>\n")
         parts.append(f"<p class=\"note\">A prediction is a true positive when it overlaps a not yet matched "
-                     f"reference box of its class with IoU &ge; {e(_fmt(metrics.get('iou'), 2))}; AP is the "
+                     f"reference box of its class with "
+                     f"{'rotated IoU (minimum rotated rectangles)' if metrics.get('rotated') else 'IoU'} "
+                     f"&ge; {e(_fmt(metrics.get('iou'), 2))}; AP is the "
                      "all-point interpolated average precision, averaged over the classes.</p>\n")
     elif metrics.get("task") == "multilabel":
         parts.append(_multilabel_html(metrics))

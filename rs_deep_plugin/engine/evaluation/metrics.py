@@ -206,24 +206,30 @@ def box_iou(a, b):
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0):
+def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated=False):
     """Precision, recall, F1 (predictions scoring >= ``score_threshold``) and average precision at ``iou``.
 
     ``predictions``: per image (boxes [N, 4], scores [N], labels [N]); ``truths``: per image
     (boxes [M, 4], labels [M]), in the same coordinates. A prediction is a true positive when
     it overlaps a not yet matched true box of its class with IoU >= ``iou`` (greedy, highest
-    score first, as in Pascal VOC). AP is the mean over the classes present in the truth."""
+    score first, as in Pascal VOC). AP is the mean over the classes present in the truth.
+    ``rotated``: the boxes are rotated boxes [N, 5] (:mod:`..geo.rotated`), matched by rotated IoU."""
+    if rotated:
+        from ..geo.rotated import rotated_iou as iou_of
+    else:
+        iou_of = box_iou
+    cols = 5 if rotated else 4
     records = {}  # class -> list of (score, is_tp)
     n_truth = {}
     for (pb, ps, pl), (tb, tl) in zip(predictions, truths):
-        pb, ps, pl = np.asarray(pb).reshape(-1, 4), np.asarray(ps).reshape(-1), np.asarray(pl).reshape(-1)
-        tb, tl = np.asarray(tb).reshape(-1, 4), np.asarray(tl).reshape(-1)
+        pb, ps, pl = np.asarray(pb).reshape(-1, cols), np.asarray(ps).reshape(-1), np.asarray(pl).reshape(-1)
+        tb, tl = np.asarray(tb).reshape(-1, cols), np.asarray(tl).reshape(-1)
         for c in set(pl.tolist()) | set(tl.tolist()):
             p_idx = np.flatnonzero(pl == c)
             t_idx = np.flatnonzero(tl == c)
             n_truth[c] = n_truth.get(c, 0) + len(t_idx)
             order = p_idx[np.argsort(-ps[p_idx], kind="stable")]
-            ious = box_iou(pb[order], tb[t_idx]) if len(t_idx) else np.zeros((len(order), 0))
+            ious = iou_of(pb[order], tb[t_idx]) if len(t_idx) else np.zeros((len(order), 0))
             matched = np.zeros(len(t_idx), dtype=bool)
             recs = records.setdefault(c, [])
             for r, k in enumerate(order):
@@ -250,7 +256,7 @@ def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0):
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "ap": float(np.mean(aps)) if aps else 0.0,
             "tp": int(tp), "fp": int(fp), "fn": int(fn), "truth": int(total), "iou": iou,
-            "score_threshold": score_threshold}
+            "score_threshold": score_threshold, "rotated": bool(rotated)}
 
 
 def average_precision(records, n_truth):

@@ -126,11 +126,9 @@ def read_vector_labels(path, class_value=1, class_field=None, dst_crs=None):
     return out
 
 
-def read_geojson_boxes(path, class_field="label", dst_crs=None):
-    """GeoJSON features -> (map boxes [N, 4] xmin, ymin, xmax, ymax in ``dst_crs``; class names [N]).
-
-    Each feature's box is its geometry's envelope (points get no box and are refused). The
-    class is the property ``class_field`` (name or 0-based number; absent = the first class).
+def read_geojson_shapes(path, class_field="label", dst_crs=None):
+    """GeoJSON features -> (shapely geometries in ``dst_crs``, class names [N]) of a box file: points are
+    refused. The class is the property ``class_field`` (name or 0-based number; absent = the first class).
     Reprojected like :func:`read_vector_labels` when the file declares another CRS."""
     obj, features = read_geojson_features(path, "Box file", collection_only=True)
     geoms, names = [], []
@@ -142,7 +140,14 @@ def read_geojson_boxes(path, class_field="label", dst_crs=None):
         names.append(props.get(class_field))
     if dst_crs is not None and geoms:
         geoms = reproject_labels(geoms, crs_from_geojson(obj), dst_crs, path)
-    boxes = np.array([g.bounds for g, _ in geoms], dtype=np.float64).reshape(-1, 4)
+    return [g for g, _ in geoms], names
+
+
+def read_geojson_boxes(path, class_field="label", dst_crs=None):
+    """GeoJSON features -> (map boxes [N, 4] xmin, ymin, xmax, ymax in ``dst_crs``; class names [N]): each
+    feature's box is its geometry's envelope (:func:`read_geojson_shapes`)."""
+    geoms, names = read_geojson_shapes(path, class_field, dst_crs)
+    boxes = np.array([g.bounds for g in geoms], dtype=np.float64).reshape(-1, 4)
     return boxes, names
 
 
@@ -362,6 +367,7 @@ def clip_boxes(boxes, labels, w, h, min_visible=0.4, min_size=2.0):
     return c[ok], labels[ok]
 
 
-__all__ = ["IGNORE", "crs_from_geojson", "read_geojson_features", "read_vector_labels", "read_geojson_boxes",
+__all__ = ["IGNORE", "crs_from_geojson", "read_geojson_features", "read_vector_labels", "read_geojson_shapes",
+           "read_geojson_boxes",
            "reproject_labels", "read_gpkg_polygons", "read_voc_boxes", "label_shapes", "labels_from_geometries",
            "labels_from_raster", "map_to_pixels", "clip_boxes"]

@@ -12,6 +12,12 @@ The same tile loop as segmentation (:mod:`..geo.raster`, :mod:`.tiling`, :mod:`.
   whole object, then runs class-wise NMS across tiles (numpy: the boxes ``torchvision.ops.batched_nms`` keeps);
 * boxes are mapped to map coordinates with the raster's geotransform.
 
+An oriented detector (``CenterNetOBB``, :attr:`.package.ModelPackage.oriented`) gives rotated boxes (cx, cy, length,
+width, theta; :mod:`..geo.rotated`): the same steps with the rotated rectangles (centre on a valid pixel, cut flags of
+their envelopes, rotated IoU for the merge and NMS); each :class:`Detection` then carries its map polygon (the rotated
+rectangle), ``angle`` (the long side's direction in degrees clockwise from grid north, 0..180), ``width`` (short side)
+and ``length`` (long side) in map units.
+
 Only the detections are kept in memory (never the images), so memory is bounded by tile size
 x batch size plus the number of objects. Nothing is written to disk: a cancelled run leaves
 nothing (:func:`write_geojson` writes a result atomically when asked).
@@ -23,6 +29,7 @@ from functools import partial
 
 import numpy as np
 
+from ..geo import rotated as rotated_geo
 from ..geo.raster import RasterReader, apply_affine, input_warnings
 from ..models.detection_options import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, resolve_detection_options
 from ..models.postprocess import nms_over_pairs
@@ -46,6 +53,13 @@ class Detection:
     class_name: str
     score: float
     pixel_box: tuple = None  # (col_min, row_min, col_max, row_max) in raster pixels (fractional)
+    # an oriented detector's rotated box: its four map corners, the direction of its long side in degrees clockwise
+    # from grid north (0..180), its short and long sides in map units; None for axis-aligned boxes
+    polygon: tuple = None
+    angle: float = None
+    width: float = None
+    length: float = None
+    pixel_rbox: tuple = None  # (cx, cy, length, width, theta radians) in raster pixels
 
     @property
     def box(self):
@@ -53,7 +67,17 @@ class Detection:
 
     @property
     def centroid(self):
+        if self.polygon is not None:
+            return (sum(p[0] for p in self.polygon) / 4.0, sum(p[1] for p in self.polygon) / 4.0)
         return ((self.xmin + self.xmax) / 2.0, (self.ymin + self.ymax) / 2.0)
+
+    @property
+    def ring(self):
+        """The closed outline in map coordinates: the rotated rectangle, or the box."""
+        if self.polygon is not None:
+            return [list(p) for p in self.polygon] + [list(self.polygon[0])]
+        return [[self.xmin, self.ymin], [self.xmax, self.ymin], [self.xmax, self.ymax], [self.xmin, self.ymax],
+                [self.xmin, self.ymin]]
 
 
 
@@ -87,12 +111,15 @@ class DetectionResult:
         return counts
 
     def to_geojson(self):
-        """A GeoJSON FeatureCollection of the boxes (polygons) with class_id, class_name, score."""
+        """A GeoJSON FeatureCollection of the boxes (polygons) with class_id, class_name, score (rotated boxes:
+        also angle, width, length)."""
         feats = []
         for d in self.detections:
-            ring = [[d.xmin, d.ymin], [d.xmax, d.ymin], [d.xmax, d.ymax], [d.xmin, d.ymax], [d.xmin, d.ymin]]
-            feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                          "properties": {"class_id": d.class_id, "class_name": d.class_name, "score": d.score}})
+            props = {"class_id": d.class_id, "class_name": d.class_name, "score": d.score}
+            if d.polygon is not None:
+                props.update(angle=d.angle, width=d.width, length=d.length)
+            feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [d.ring]},
+                          "properties": props})
         fc = {"type": "FeatureCollection", "features": feats}
         if self.crs is not None:
             fc["crs"] = {"type": "name", "properties": {"name": self.crs.to_string()}}
@@ -147,6 +174,12 @@ def _intersecting_pairs(boxes):
 def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=EDGE_IOA):
     """Merge boxes of overlapping tiles (one pixel frame): indices of the boxes to keep, best first.
 
+    ``boxes``: [N, 4] axis-aligned boxes, or [N, 5] rotated boxes (cx, cy, length, width, theta;
+    :mod:`..geo.rotated`), whose overlaps are those of their rectangles (shapely, on the pairs whose envelopes
+    meet: the work is bounded by the objects of overlapping tiles, not the square of all boxes). A cut rotated
+    box is also covered by a whole one of another tile that contains its centre (a tile's partial view of an
+    oblique object is shifted, so its overlap with the whole rectangle may be small).
+
     1. a box that touches an interior edge of its tile (``cut``) is dropped when a box of the
        same class from another tile covers it (IoU > ``iou_threshold`` or intersection / area
        of the cut box >= ``edge_ioa``) and that box is whole: not touching an interior edge of
@@ -155,7 +188,9 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
        the pairs of intersecting boxes found for step 1 (:func:`..models.postprocess.nms_over_pairs`), which
        keeps exactly the boxes a global ``torchvision.ops.batched_nms`` keeps, without torch.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    rotated = boxes.ndim == 2 and boxes.shape[1] == 5
+    boxes = boxes.reshape(-1, 5 if rotated else 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     tiles = np.asarray(tiles, dtype=np.int64).reshape(-1)
@@ -164,19 +199,33 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     alive = np.ones(n, dtype=bool)
-    i, j = _intersecting_pairs(boxes)
+    if rotated:
+        polys = rotated_geo.rbox_polygons(boxes)
+        i, j = rotated_geo.intersecting_pairs(polys)
+    else:
+        i, j = _intersecting_pairs(boxes)
     same = labels[i] == labels[j]
     i, j = i[same], j[same]
     if len(i):
-        _, iou, ioa_i = _pair_overlaps(boxes, i, j)
-        _, _, ioa_j = _pair_overlaps(boxes, j, i)
+        if rotated:
+            iou, ioa_i, ioa_j = rotated_geo.pair_overlaps(polys, i, j)
+            area = boxes[:, 2] * boxes[:, 3]
+        else:
+            _, iou, ioa_i = _pair_overlaps(boxes, i, j)
+            _, _, ioa_j = _pair_overlaps(boxes, j, i)
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         other = tiles[i] != tiles[j]
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         # the covering box is whole, or larger (an object that touches an edge without being cut by it)
         j_whole = ~cut[j] | (area[j] > area[i])
         i_whole = ~cut[i] | (area[i] > area[j])
-        drop_i = other & cut[i] & j_whole & ((iou > iou_threshold) | (ioa_i >= edge_ioa))
-        drop_j = other & cut[j] & i_whole & ((iou > iou_threshold) | (ioa_j >= edge_ioa))
+        cover_i = (iou > iou_threshold) | (ioa_i >= edge_ioa)
+        cover_j = (iou > iou_threshold) | (ioa_j >= edge_ioa)
+        if rotated:  # a tile's partial view of a rotated object: its centre falls inside the whole rectangle
+            import shapely
+            cover_i |= shapely.contains_xy(polys[j], boxes[i, 0], boxes[i, 1])
+            cover_j |= shapely.contains_xy(polys[i], boxes[j, 0], boxes[j, 1])
+        drop_i = other & cut[i] & j_whole & cover_i
+        drop_j = other & cut[j] & i_whole & cover_j
         alive[i[drop_i]] = False
         alive[j[drop_j]] = False
         # the pairs in which NMS suppresses the box of lower score
@@ -189,16 +238,38 @@ def merge_detections(boxes, scores, labels, tiles, cut, iou_threshold, edge_ioa=
 # entry point
 
 
+def box_centres(boxes):
+    """Centres (x [N], y [N]) of boxes [N, 4] or rotated boxes [N, 5]."""
+    if boxes.shape[1] == 5:
+        return boxes[:, 0], boxes[:, 1]
+    return (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+
+
+def shift_boxes(boxes, factor, dx, dy):
+    """Boxes [N, 4] or rotated boxes [N, 5] scaled by ``factor`` (about the origin) and shifted by (dx, dy)."""
+    out = boxes * factor
+    if boxes.shape[1] == 5:
+        out[:, 4] = boxes[:, 4]
+        out[:, 0] += dx
+        out[:, 1] += dy
+    else:
+        out[:, [0, 2]] += dx
+        out[:, [1, 3]] += dy
+    return out
+
+
 def tile_boxes(boxes, labels, scores, valid, tile, interior):
-    """One tile's boxes (tile pixels) that are objects: those centred on a valid pixel (not padding or nodata),
-    with their :func:`edge_cut_flags` (``interior``: whether each edge has a neighbouring tile).
-    Returns (boxes, labels, scores, cut)."""
+    """One tile's boxes (tile pixels; [N, 4], or rotated [N, 5]) that are objects: those centred on a valid pixel
+    (not padding or nodata), with their :func:`edge_cut_flags` (``interior``: whether each edge has a neighbouring
+    tile; a rotated box's envelope is tested). Returns (boxes, labels, scores, cut)."""
     if len(boxes):
-        cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2).astype(np.int64), 0, tile - 1)
-        cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2).astype(np.int64), 0, tile - 1)
+        mx, my = box_centres(boxes)
+        cx = np.clip(mx.astype(np.int64), 0, tile - 1)
+        cy = np.clip(my.astype(np.int64), 0, tile - 1)
         ok = valid[cy, cx]
         boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
-    return boxes, labels, scores, edge_cut_flags(boxes, tile, interior)
+    env = rotated_geo.rbox_envelopes(boxes) if boxes.shape[1] == 5 else boxes
+    return boxes, labels, scores, edge_cut_flags(env, tile, interior)
 
 
 class BoxMerger:
@@ -206,9 +277,10 @@ class BoxMerger:
     (:func:`merge_detections`): the one box pipeline of inference (:func:`detect`) and of detection training's
     validation."""
 
-    def __init__(self):
+    def __init__(self, columns=4):
         self.parts = []
         self.count = 0
+        self.columns = columns  # 4: boxes; 5: rotated boxes
 
     def add(self, boxes, scores, labels, tile_no, cut):
         if len(boxes):
@@ -217,12 +289,14 @@ class BoxMerger:
 
     def merge(self, iou_threshold, width, height):
         """(boxes [N, 4], scores [N], labels [N]) after the merge, clipped to ``width`` x ``height`` px; boxes
-        left empty by the clip are dropped."""
+        left empty by the clip are dropped. Rotated boxes [N, 5] are not clipped (their centres are inside)."""
         if not self.parts:
-            return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
+            return np.zeros((0, self.columns)), np.zeros(0), np.zeros(0, dtype=np.int64)
         boxes, scores, labels, tiles, cut = (np.concatenate(k) for k in zip(*self.parts))
         keep = merge_detections(boxes, scores, labels, tiles, cut, iou_threshold)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if boxes.shape[1] == 5:
+            return boxes, scores, labels
         boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
         boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -263,11 +337,9 @@ def tile_detections(reader, runner, tiles, region, bs, check=lambda: None, on_ba
                                                     (x > x0, y > y0, x + n < x1, y + n < y1))
             if not len(boxes):
                 continue
-            native = boxes * f
-            native[:, [0, 2]] += x - x0
-            native[:, [1, 3]] += y - y0
+            native = shift_boxes(boxes, f, x - x0, y - y0)
             # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
-            mx, my = (native[:, 0] + native[:, 2]) / 2, (native[:, 1] + native[:, 3]) / 2
+            mx, my = box_centres(native)
             inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
             if inside.any():
                 parts.append((native[inside], scores[inside], labels[inside],
@@ -275,6 +347,22 @@ def tile_detections(reader, runner, tiles, region, bs, check=lambda: None, on_ba
         done += len(batch)
         on_batch(done)
     return parts, run
+
+
+def _oriented_detections(transform, rboxes, scores, labels, names):
+    """:class:`Detection` of rotated pixel boxes [N, 5] (raster pixels): map corners, angle, width, length."""
+    corners, mrb = rotated_geo.map_rboxes(transform, rboxes)
+    angles = rotated_geo.azimuth_degrees(mrb[:, 4])
+    out = []
+    for k in range(len(rboxes)):
+        c = corners[k]
+        out.append(Detection(float(c[:, 0].min()), float(c[:, 1].min()), float(c[:, 0].max()), float(c[:, 1].max()),
+                             int(labels[k]), names.get(int(labels[k]), str(int(labels[k]))), float(scores[k]),
+                             tuple(float(v) for v in rotated_geo.rbox_envelopes(rboxes[k:k + 1])[0]),
+                             polygon=tuple((float(px), float(py)) for px, py in c), angle=float(angles[k]),
+                             width=float(mrb[k, 3]), length=float(mrb[k, 2]),
+                             pixel_rbox=tuple(float(v) for v in rboxes[k])))
+    return out
 
 
 def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None, batch_size=None,
@@ -335,7 +423,8 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                 estimate.after(done)
 
             parts, result.tiles_run = tile_detections(reader, runner, seq, region, bs, prog.check, on_batch)
-        merger = BoxMerger()
+        oriented = bool(getattr(pkg, "oriented", False))
+        merger = BoxMerger(5 if oriented else 4)
         for boxes, scores, labels, tile_nos, cut in sorted(parts, key=lambda part: part[3][0]):  # in tile order
             merger.add(boxes, scores, labels, tile_nos[0], cut)
         prog.check()
@@ -343,15 +432,18 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
             result.raw_detections = merger.count
             # clipped to the processed region, back to raster pixels
             boxes, scores, labels = merger.merge(iou, x1 - x0, y1 - y0)
-            boxes[:, [0, 2]] += x0
-            boxes[:, [1, 3]] += y0
-            mx0, my0, mx1, my1 = _map_boxes(reader.transform, boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+            boxes = shift_boxes(boxes, 1.0, x0, y0)
             names = pkg.class_names()
-            result.detections = [
-                Detection(float(mx0[k]), float(my0[k]), float(mx1[k]), float(my1[k]), int(labels[k]),
-                          names.get(int(labels[k]), str(int(labels[k]))), float(scores[k]),
-                          tuple(float(v) for v in boxes[k]))
-                for k in range(len(boxes))]
+            if oriented:
+                result.detections = _oriented_detections(reader.transform, boxes, scores, labels, names)
+            else:
+                mx0, my0, mx1, my1 = _map_boxes(reader.transform, boxes[:, 0], boxes[:, 1], boxes[:, 2],
+                                                boxes[:, 3])
+                result.detections = [
+                    Detection(float(mx0[k]), float(my0[k]), float(mx1[k]), float(my1[k]), int(labels[k]),
+                              names.get(int(labels[k]), str(int(labels[k]))), float(scores[k]),
+                              tuple(float(v) for v in boxes[k]))
+                    for k in range(len(boxes))]
         said = input_warnings(reader, result.tiles_run == 0)
         for w in said:
             log(w)
@@ -375,4 +467,5 @@ def write_geojson(result, path):
 
 __all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes",
            "tile_detections",
+           "box_centres", "shift_boxes",
            "BoxMerger", "write_geojson"]

@@ -34,6 +34,9 @@ import math
 from ..errors import ModelPackageError, require
 
 ARCHITECTURE = "CenterNet"
+#: the oriented variant: rotated boxes (centre, length, width, angle of the long side)
+ORIENTED_ARCHITECTURE = "CenterNetOBB"
+ARCHITECTURES = (ARCHITECTURE, ORIENTED_ARCHITECTURE)
 BASES = ("Unet", "FPN")
 OUTPUT_STRIDES = (1, 2, 4)
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -58,6 +61,16 @@ REG_MIN_GAUSSIAN = 0.1
 HEAT_PRIOR_BIAS = -2.19  # sigmoid -> 0.1, as CenterNet
 BOX_WEIGHT = 2.0
 SIZE_WEIGHT = 0.5
+#: CenterNetOBB's regression weights: centre offset (cells), log length and width, (sin 2 theta, cos 2 theta)
+OBB_OFFSET_WEIGHT = 1.0
+OBB_SIZE_WEIGHT = 1.0
+OBB_ANGLE_WEIGHT = 1.0
+
+
+def is_oriented(builder):
+    """Whether a builder describes the oriented detector (rotated boxes)."""
+    return isinstance(builder, dict) and builder.get("library") == "rs_deep" and \
+        builder.get("architecture") == ORIENTED_ARCHITECTURE
 
 
 def _positive_int(v):
@@ -236,7 +249,8 @@ def build(builder, where="rs_deep:builder"):
         return nn.Sequential(nn.Conv2d(feat_channels, hc, 3, padding=1), nn.ReLU(inplace=True),
                              nn.Conv2d(hc, out_channels, 1))
 
-    heatmap, box = head(k), head(4)
+    oriented = builder.get("architecture") == ORIENTED_ARCHITECTURE
+    heatmap, box = head(k), head(6 if oriented else 4)
     for h in (heatmap, box):
         for m in h.modules():
             if isinstance(m, nn.Conv2d):
@@ -244,12 +258,13 @@ def build(builder, where="rs_deep:builder"):
                 nn.init.zeros_(m.bias)
     nn.init.constant_(heatmap[-1].bias, HEAT_PRIOR_BIAS)
     with torch.no_grad():
-        box[-1].bias[2:] = math.log(32.0)  # boxes start at 32 px
-    return centernet_class()(encoder, decoder, heatmap, box, classes=k, stride=stride, pad_multiple=2 ** depth,
-                             upsample=upsample)
+        box[-1].bias[2:4] = math.log(32.0)  # boxes start at 32 px
+    cls = centernet_obb_class() if oriented else centernet_class()
+    return cls(encoder, decoder, heatmap, box, classes=k, stride=stride, pad_multiple=2 ** depth, upsample=upsample)
 
 
 _CLASS = None
+_OBB_CLASS = None
 
 
 def centernet_class():
@@ -258,6 +273,14 @@ def centernet_class():
     if _CLASS is None:
         _CLASS = _make_class()
     return _CLASS
+
+
+def centernet_obb_class():
+    """The CenterNetOBB module class (rotated boxes; defined on first use)."""
+    global _OBB_CLASS
+    if _OBB_CLASS is None:
+        _OBB_CLASS = _make_obb_class(centernet_class())
+    return _OBB_CLASS
 
 
 def _make_class():
@@ -341,25 +364,30 @@ def _make_class():
             wh = torch.exp(box[:, 2:4].clamp(-2.0, 9.0))
             return torch.stack([cx - wh[:, 0] / 2, cy - wh[:, 1] / 2, cx + wh[:, 0] / 2, cy + wh[:, 1] / 2], dim=1)
 
+        def peaks(self, prob, i, sizes):
+            """(scores, 0-based labels, rows, columns) of the best heatmap peaks of image ``i`` above the score cut."""
+            peaks = prob[i] * (F.max_pool2d(prob[i][None], 3, stride=1, padding=1)[0] == prob[i])
+            k, h, w = prob.shape[1:]
+            ih, iw = sizes[i]
+            # cells beyond the image (padding) hold no objects
+            hv, wv = min(h, -(-ih // self.stride)), min(w, -(-iw // self.stride))
+            p = peaks[:, :hv, :wv].reshape(-1)
+            n = min(int(self.detections_per_img), p.numel())
+            scores, idx = p.topk(n)
+            keep = scores >= self.score_thresh
+            scores, idx = scores[keep], idx[keep]
+            labels = idx // (hv * wv)
+            cell = idx % (hv * wv)
+            return scores, labels, cell // wv, cell % wv
+
         def decode(self, heat, box, sizes):
             from torchvision.ops import batched_nms
             prob = torch.sigmoid(heat.float())
             box = box.float()
-            peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob)
-            b, k, h, w = prob.shape
             out = []
-            for i in range(b):
+            for i in range(prob.shape[0]):
                 ih, iw = sizes[i]
-                # cells beyond the image (padding) hold no objects
-                hv, wv = min(h, -(-ih // self.stride)), min(w, -(-iw // self.stride))
-                p = peaks[i, :, :hv, :wv].reshape(-1)
-                n = min(int(self.detections_per_img), p.numel())
-                scores, idx = p.topk(n)
-                keep = scores >= self.score_thresh
-                scores, idx = scores[keep], idx[keep]
-                labels = idx // (hv * wv)
-                cell = idx % (hv * wv)
-                ys, xs = cell // wv, cell % wv
+                scores, labels, ys, xs = self.peaks(prob, i, sizes)
                 boxes = self._cell_boxes(box[i, :, ys, xs].t(), ys, xs)
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, iw)
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ih)
@@ -375,7 +403,7 @@ def _make_class():
             k, h, w = shape
             s = self.stride
             heat = torch.zeros((k, h, w), device=device)
-            tbox = torch.zeros((h, w, 4), device=device)
+            tbox = torch.zeros((h, w, self.regression_width), device=device)
             weight = torch.zeros((h, w), device=device)
             boxes = target["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
             labels = target["labels"].to(device=device, dtype=torch.int64).reshape(-1) - 1
@@ -408,50 +436,134 @@ def _make_class():
             owned = torch.zeros_like(gr).scatter_(0, owner[None], best[None]) * mask[None]
             totals = owned.sum(dim=(1, 2)).clamp(min=1e-6)
             weight = (owned / totals[:, None, None]).sum(dim=0)
-            tbox = boxes[owner]  # [h, w, 4]
+            tbox = self.regression_targets(target, boxes, device)[owner]  # [h, w, 4] (CenterNetOBB: 9)
             return heat, tbox, weight
 
-        def loss(self, heat, box, targets):
-            b, k, h, w = heat.shape
-            device = heat.device
-            t_heat, t_box, t_w = [], [], []
-            for i in range(b):
-                th, tb, tw = self.targets_for(targets[i], (k, h, w), device)
-                t_heat.append(th)
-                t_box.append(tb)
-                t_w.append(tw)
-            t_heat, t_box, t_w = torch.stack(t_heat), torch.stack(t_box), torch.stack(t_w)
-            heat = heat.float()
-            # penalty-reduced focal loss (CenterNet)
+        #: columns of :meth:`regression_targets`
+        regression_width = 4
+
+        def regression_targets(self, target, boxes, device):
+            """What the box head regresses, per object: its box."""
+            return boxes
+
+        def heatmap_loss(self, heat, t_heat):
+            """Penalty-reduced focal loss (CenterNet) of heatmap logits against the Gaussian targets."""
             pos = t_heat >= 0.999
             logp, log1mp = F.logsigmoid(heat), F.logsigmoid(-heat)
             prob = torch.sigmoid(heat)
             pos_loss = (logp * (1 - prob) ** 2 * pos).sum()
             neg_loss = (log1mp * prob ** 2 * (1 - t_heat) ** 4 * (~pos)).sum()
             n_pos = pos.sum().clamp(min=1).float()
-            loss_heat = -(pos_loss + neg_loss) / n_pos
-            # boxes at the weighted cells
+            return -(pos_loss + neg_loss) / n_pos
+
+        def all_targets(self, heat, targets):
+            """The stacked targets of a batch: heatmaps [B, K, h, w], regression [B, h, w, r], weights [B, h, w]."""
+            b, k, h, w = heat.shape
+            t_heat, t_box, t_w = [], [], []
+            for i in range(b):
+                th, tb, tw = self.targets_for(targets[i], (k, h, w), heat.device)
+                t_heat.append(th)
+                t_box.append(tb)
+                t_w.append(tw)
+            return torch.stack(t_heat), torch.stack(t_box), torch.stack(t_w)
+
+        #: the regression losses (:meth:`regression_losses`) and their weights
+        regression_weights = {"loss_box": BOX_WEIGHT, "loss_size": SIZE_WEIGHT}
+
+        def loss(self, heat, box, targets):
+            t_heat, t_box, t_w = self.all_targets(heat, targets)
+            losses = {"loss_heatmap": self.heatmap_loss(heat.float(), t_heat)}
+            # boxes at the weighted cells, each object weighing the same
             sel = t_w > 0
             if bool(sel.any()):
                 bi, yi, xi = sel.nonzero(as_tuple=True)
-                pred = box.float()[bi, :, yi, xi]  # [n, 4]
-                pboxes = self._cell_boxes(pred, yi, xi)
-                tboxes = t_box[bi, yi, xi]
                 wts = t_w[bi, yi, xi]
                 n_obj = wts.sum().clamp(min=1.0)
-                from torchvision.ops import generalized_box_iou_loss
-                giou = generalized_box_iou_loss(pboxes, tboxes, reduction="none")
-                tsize = torch.log(torch.stack([tboxes[:, 2] - tboxes[:, 0], tboxes[:, 3] - tboxes[:, 1]], 1)
-                                  .clamp(min=1.0))
-                l1 = (pred[:, 2:4] - tsize).abs().sum(dim=1)
-                loss_box = (giou * wts).sum() / n_obj
-                loss_size = (l1 * wts).sum() / n_obj
+                parts = self.regression_losses(box.float()[bi, :, yi, xi], t_box[bi, yi, xi], yi, xi)
+                for name, weight in self.regression_weights.items():
+                    losses[name] = weight * (parts[name] * wts).sum() / n_obj
             else:
                 zero = box.sum() * 0.0
-                loss_box, loss_size = zero, zero
-            return {"loss_heatmap": loss_heat, "loss_box": BOX_WEIGHT * loss_box, "loss_size": SIZE_WEIGHT * loss_size}
+                losses.update({name: zero for name in self.regression_weights})
+            return losses
+
+        def regression_losses(self, pred, tboxes, yi, xi):
+            """Per-cell losses of the box maps ``pred`` [n, 4] against the owners' boxes [n, 4]: GIoU, L1 of the
+            log size."""
+            from torchvision.ops import generalized_box_iou_loss
+            giou = generalized_box_iou_loss(self._cell_boxes(pred, yi, xi), tboxes, reduction="none")
+            tsize = torch.log(torch.stack([tboxes[:, 2] - tboxes[:, 0], tboxes[:, 3] - tboxes[:, 1]], 1).clamp(min=1.0))
+            return {"loss_box": giou, "loss_size": (pred[:, 2:4] - tsize).abs().sum(dim=1)}
 
     return CenterNet
 
 
-__all__ = ["ARCHITECTURE", "BASES", "validate", "build", "centernet_class"]
+def _make_obb_class(base):
+    import torch
+
+    class CenterNetOBB(base):
+        """CenterNet with rotated boxes: the box head regresses the centre offset (dx, dy, cells), the log length
+        and log width (pixels) and (sin 2 theta, cos 2 theta) of the long side's angle theta (pixels: x right, y
+        down; theta in [0, pi)). Training targets: ``rboxes`` [N, 5] (cx, cy, length, width, theta; pixels) with
+        ``boxes`` their envelopes (the heatmap Gaussians are those of the envelopes). Inference returns
+        ``rboxes`` [n, 5] and their envelopes as ``boxes``, without NMS (the engine's rotated NMS merges them,
+        :func:`..inference.detect.merge_detections`)."""
+
+        def cell_rboxes(self, box, ys, xs):
+            """Rotated boxes [n, 5] (pixels) from box map values [n, 6] at cells (ys, xs)."""
+            s = self.stride
+            cx = (xs.to(box.dtype) + 0.5 + box[:, 0]) * s
+            cy = (ys.to(box.dtype) + 0.5 + box[:, 1]) * s
+            size = torch.exp(box[:, 2:4].clamp(-2.0, 9.0))
+            theta = torch.remainder(torch.atan2(box[:, 4], box[:, 5]) / 2, math.pi)
+            return torch.stack([cx, cy, size[:, 0], size[:, 1], theta], dim=1)
+
+        def encode_rboxes(self, rb, ys, xs):
+            """What the box head should give [n, 6] at cells (ys, xs) for rotated boxes [n, 5] (pixels): the
+            inverse of :meth:`cell_rboxes` (sizes below 1 px are taken as 1 px)."""
+            s = self.stride
+            return torch.stack([rb[:, 0] / s - (xs.to(rb.dtype) + 0.5), rb[:, 1] / s - (ys.to(rb.dtype) + 0.5),
+                                torch.log(rb[:, 2].clamp(min=1.0)), torch.log(rb[:, 3].clamp(min=1.0)),
+                                torch.sin(2 * rb[:, 4]), torch.cos(2 * rb[:, 4])], dim=1)
+
+        def decode(self, heat, box, sizes):
+            prob = torch.sigmoid(heat.float())
+            box = box.float()
+            out = []
+            for i in range(prob.shape[0]):
+                scores, labels, ys, xs = self.peaks(prob, i, sizes)
+                rb = self.cell_rboxes(box[i, :, ys, xs].t(), ys, xs)
+                out.append({"rboxes": rb, "boxes": rbox_envelopes_torch(rb), "labels": labels + 1, "scores": scores})
+            return out
+
+        regression_width = 9  # the envelope and the rotated box
+
+        def regression_targets(self, target, boxes, device):
+            rb = target["rboxes"].to(device=device, dtype=torch.float32).reshape(-1, 5)
+            return torch.cat([boxes, rb], dim=1)
+
+        regression_weights = {"loss_offset": OBB_OFFSET_WEIGHT, "loss_size": OBB_SIZE_WEIGHT,
+                              "loss_angle": OBB_ANGLE_WEIGHT}
+
+        def regression_losses(self, pred, tboxes, yi, xi):
+            """L1 losses of the box maps ``pred`` [n, 6] against the owners' rotated boxes (columns 4: of the
+            regression targets): centre offset, log sizes, (sin 2 theta, cos 2 theta)."""
+            enc = self.encode_rboxes(tboxes[:, 4:], yi, xi)
+            diff = (pred - enc).abs()
+            return {"loss_offset": diff[:, 0:2].sum(1), "loss_size": diff[:, 2:4].sum(1),
+                    "loss_angle": diff[:, 4:6].sum(1)}
+
+    return CenterNetOBB
+
+
+def rbox_envelopes_torch(rb):
+    """Axis-aligned envelopes [n, 4] of rotated boxes [n, 5] (torch)."""
+    import torch
+    c, s = torch.cos(rb[:, 4]).abs(), torch.sin(rb[:, 4]).abs()
+    hw = (rb[:, 2] * c + rb[:, 3] * s) / 2
+    hh = (rb[:, 2] * s + rb[:, 3] * c) / 2
+    return torch.stack([rb[:, 0] - hw, rb[:, 1] - hh, rb[:, 0] + hw, rb[:, 1] + hh], dim=1)
+
+
+__all__ = ["ARCHITECTURE", "ORIENTED_ARCHITECTURE", "ARCHITECTURES", "BASES", "validate", "build", "is_oriented",
+           "centernet_class", "centernet_obb_class"]

@@ -15,12 +15,14 @@ bands, as :class:`.change.PairReader` reads them), and return change logits ``[B
 * ``CenterNet`` (object detection): an smp encoder-decoder with a heatmap of object centres and a
   box regression head, with the interface of torchvision's detectors; validated and built by
   :mod:`.arch_centernet` (see there for its params).
+* ``CenterNetOBB`` (oriented object detection): CenterNet predicting rotated boxes (centre, length, width and
+  the angle of the long side as (sin 2 theta, cos 2 theta)); same params, :mod:`.arch_centernet`.
 
 Nothing is downloaded: encoder weights are always ``None``.
 """
 from ..errors import ModelPackageError, require
 
-ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet", "ESPCN")
+ARCHITECTURES = ("EarlyFusion", "SiameseUnet", "CenterNet", "ESPCN", "CenterNetOBB")
 FUSIONS = ("absdiff", "concat")
 
 #: params per architecture, with their JSON types (EarlyFusion also takes every smp parameter)
@@ -48,7 +50,7 @@ def validate(builder, where="rs_deep:builder", registries=True):
     if arch not in ARCHITECTURES:
         raise ModelPackageError(f"{where}.architecture: {arch!r} is not on the allow-list of the rs_deep library; "
                                 f"valid names: {', '.join(ARCHITECTURES)}")
-    if arch == "CenterNet":
+    if arch in ("CenterNet", "CenterNetOBB"):
         from .arch_centernet import validate as validate_centernet
         return validate_centernet(builder, where, registries)
     if arch == "ESPCN":
@@ -98,7 +100,7 @@ def build(builder, where="rs_deep:builder"):
     import torch
     from .arch_smp import build as build_smp
 
-    if builder["architecture"] == "CenterNet":
+    if builder["architecture"] in ("CenterNet", "CenterNetOBB"):
         from .arch_centernet import build as build_centernet
         return build_centernet(builder, where)
     if builder["architecture"] == "ESPCN":

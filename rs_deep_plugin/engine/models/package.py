@@ -107,6 +107,12 @@ class ModelPackage:
     def class_names(self):
         return {c.value: c.name for c in self.classes}
 
+    @property
+    def oriented(self):
+        """Whether this detector gives rotated boxes (:data:`.arch_centernet.ORIENTED_ARCHITECTURE`)."""
+        from .arch_centernet import is_oriented
+        return self.task == "detection" and is_oriented(self.builder)
+
     def with_tiling(self, tile_size, overlap):
         """This package with another tile size and overlap (model pixels); itself when they are unchanged."""
         if (tile_size, overlap) == (self.tile_size, self.overlap):

@@ -173,8 +173,8 @@ class ModelRunner:
 class DetectionRunner:
     """Runs a torchvision detection network on batches of float32 tiles [B, C, T, T].
 
-    Returns, per tile, (boxes [n, 4] float64 in tile pixels x0, y0, x1, y1; labels [n] as
-    0-based object classes; scores [n])."""
+    Returns, per tile, (boxes [n, 4] float64 in tile pixels x0, y0, x1, y1, or rotated boxes [n, 5] cx, cy,
+    length, width, theta of an oriented detector; labels [n] as 0-based object classes; scores [n])."""
 
     def __init__(self, model, device, score_threshold, iou_threshold, max_detections):
         from .arch_torchvision import configure_inference
@@ -189,5 +189,6 @@ class DetectionRunner:
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             out = self.model(list(x.unbind(0)))
-        return [(o["boxes"].double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
+        # an oriented detector (CenterNetOBB) gives rotated boxes [n, 5] (cx, cy, length, width, theta)
+        return [(o.get("rboxes", o["boxes"]).double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
                  o["scores"].double().cpu().numpy()) for o in out]

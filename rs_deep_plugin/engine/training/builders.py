@@ -14,7 +14,7 @@ chosen), while the engine's default is a lighter U-Net on MobileNetV2.
 import copy
 
 from ..errors import InputError
-from ..models.arch_centernet import ARCHITECTURE as CENTERNET
+from ..models.arch_centernet import ARCHITECTURE as CENTERNET, ORIENTED_ARCHITECTURE as CENTERNET_OBB
 from ..models.arch_torchvision import ARCHITECTURES as TORCHVISION_ARCHITECTURES
 from ..models.arch_smp import SMP_ARCHITECTURES
 
@@ -40,7 +40,8 @@ DEFAULT_BUILDERS = {
 
 #: the toolbox's ARCHITECTURE choices per task, in its order
 SEGMENTATION_ARCHITECTURES = list(SMP_ARCHITECTURES)
-DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES)
+# CenterNetOBB (rotated boxes) last: the earlier choices keep their ARCHITECTURE numbers
+DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES) + [CENTERNET_OBB]
 DEFAULT_ENCODER = "resnet18"
 #: rs_deep:train's defaults per task (what TILE_SIZE 0, BATCH_SIZE 0 and the learning rate give), as trainer keyword
 #: arguments; measured on unseen areas of ../shared/data (tools/compare_rf.py, tools/eval_trees.py)
@@ -100,9 +101,9 @@ def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
         if architecture is not None and architecture not in DETECTION_ARCHITECTURES:
             raise InputError(f"ARCHITECTURE {architecture} is a segmentation network; for detection choose "
                              f"one of {', '.join(DETECTION_ARCHITECTURES)} (or auto)")
-        if architecture in (None, CENTERNET):
-            return {"library": "rs_deep", "architecture": CENTERNET, "encoder": encoder, "encoder_weights": None,
-                    "params": dict(CENTERNET_PARAMS)}
+        if architecture in (None, CENTERNET, CENTERNET_OBB):  # CenterNetOBB: rotated boxes, the same network
+            return {"library": "rs_deep", "architecture": architecture or CENTERNET, "encoder": encoder,
+                    "encoder_weights": None, "params": dict(CENTERNET_PARAMS)}
         if architecture == DEFAULT_BUILDERS["detection"]["architecture"]:
             return None
         return {"library": "torchvision", "architecture": architecture, "encoder_weights": None, "params": {}}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import InputError, require
-from ..geo.labels import IGNORE, clip_boxes, map_to_pixels, read_geojson_boxes, read_voc_boxes
+from ..geo.labels import IGNORE, clip_boxes, map_to_pixels, read_geojson_boxes, read_geojson_shapes, read_voc_boxes
 from ..geo.raster import apply_scaling, pixel_size_metres
 from ..models.package import ModelClass
 
@@ -229,7 +229,8 @@ class DetectionSample:
     """One training or validation image with its boxes.
 
     ``image``: a raster path or a float array [C, H, W]; ``boxes``: a GeoJSON path (map
-    coordinates), a Pascal VOC .xml path or a list of boxes ``(xmin, ymin, xmax, ymax[, class])``:
+    coordinates), a Pascal VOC .xml path or a list of boxes ``(xmin, ymin, xmax, ymax[, class])``
+    (oriented training: a GeoJSON path of polygons or a list of ``(shapely polygon[, class])``):
     pixels (column/row, origin at the top-left corner), or map coordinates of the image's CRS with
     ``coords="map"`` (converted with the image's inverse affine transform, so rotated grids are right too);
     ``gsd``: metres per pixel (default: from the georeferencing; None = unknown, used as it is);
@@ -308,10 +309,11 @@ class LoadedSample:
     name: str
     img: np.ndarray  # float32 [C, H, W] (raw values, later scaled)
     valid: np.ndarray  # bool [H, W]
-    boxes: np.ndarray  # float64 [N, 4] pixel boxes in img
+    boxes: np.ndarray  # float64 [N, 4] pixel boxes in img (an oriented sample: the envelopes of its rboxes)
     labels: np.ndarray  # int64 [N] 0-based object classes
     gsd: float
     band_names: list
+    rboxes: np.ndarray = None  # oriented samples: float64 [N, 5] rotated pixel boxes (geo.rotated), else None
 
 
 def _box_rows(rows, where):
@@ -324,10 +326,54 @@ def _box_rows(rows, where):
     return np.array(boxes, dtype=np.float64).reshape(-1, 4), names
 
 
-def load_sample(s, class_names, bands, class_field, where):
+def _shape_rows(rows, where):
+    """(shapely geometries, class names) of rows ``(geometry[, class])`` (oriented training)."""
+    geoms, names = [], []
+    for k, r in enumerate(rows):
+        r = r if isinstance(r, (tuple, list)) else (r,)
+        if not r or not hasattr(r[0], "geom_type") or len(r) > 2:
+            raise InputError(f"{where}.boxes[{k}]: oriented detection trains from polygons, the objects' outlines "
+                             f"(their minimum rotated rectangles are the boxes): expected (polygon[, class]), got "
+                             f"{r!r}; give the label polygons (a GeoJSON file or shapely polygons), or train an "
+                             "axis-aligned detector (architecture CenterNet) from boxes")
+        geoms.append(r[0])
+        names.append(r[1] if len(r) == 2 else 0)
+    return geoms, names
+
+
+def oriented_pixel_boxes(bx, coords, transform, crs, class_field, where):
+    """(rotated pixel boxes [N, 5], class names) of an oriented sample's labels: a GeoJSON file (map
+    coordinates) or rows ``(polygon[, class])`` (``coords`` "pixel" or "map"); each polygon's minimum rotated
+    rectangle, computed in the labels' own coordinates and brought onto the pixel grid."""
+    from ..geo.rotated import polygons_to_rboxes, transform_rboxes
+    if isinstance(bx, (str, os.PathLike)):
+        if os.fspath(bx).lower().endswith(".xml"):
+            raise InputError(f"{where}: {os.fspath(bx)} is a Pascal VOC file of axis-aligned boxes; oriented "
+                             "detection trains from polygons, the objects' outlines (a GeoJSON file): their minimum "
+                             "rotated rectangles are the boxes. Or train an axis-aligned detector (architecture "
+                             "CenterNet)")
+        geoms, names = read_geojson_shapes(bx, class_field=class_field, dst_crs=crs)
+        coords = "map"
+    else:
+        geoms, names = _shape_rows(list(bx or []), where)
+    try:
+        rb = polygons_to_rboxes(geoms, where)
+    except ValueError as exc:
+        raise InputError(f"{exc}. Oriented detection trains from polygons, the objects' outlines (their minimum "
+                         "rotated rectangles are the boxes): digitise the objects as polygons, or train an "
+                         "axis-aligned detector (architecture CenterNet)") from None
+    if coords == "map" and len(rb):
+        inv = ~transform
+        rb = transform_rboxes(rb, lambda x, y: (inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f))
+    return rb, names
+
+
+def load_sample(s, class_names, bands, class_field, where, oriented=False):
     """A :class:`DetectionSample` read into a :class:`LoadedSample`: the image (``bands``), its valid pixels
     (nodata where every band is, as the engine reads), its boxes in pixels (GeoJSON class property
-    ``class_field``), cut to its window and clipped to the image."""
+    ``class_field``), cut to its window and clipped to the image. ``oriented``: the labels are polygons whose
+    minimum rotated rectangles become the sample's ``rboxes`` (:func:`oriented_pixel_boxes`); its ``boxes`` are
+    their envelopes."""
     rasterio = _rasterio()
     transform = crs = None
     descriptions = None
@@ -371,7 +417,12 @@ def load_sample(s, class_names, bands, class_field, where):
         what = os.fspath(bx) if isinstance(bx, (str, os.PathLike)) else "boxes"
         raise InputError(f"{where}: {what} holds map coordinates but the image {name} is not georeferenced; "
                          "give pixel boxes (Pascal VOC .xml or a list) for it")
-    if isinstance(bx, (str, os.PathLike)):
+    rboxes = None
+    if oriented:
+        from ..geo.rotated import rbox_envelopes
+        rboxes, names = oriented_pixel_boxes(bx, s.coords, transform, crs, class_field, where)
+        boxes = rbox_envelopes(rboxes)
+    elif isinstance(bx, (str, os.PathLike)):
         p = os.fspath(bx)
         if p.lower().endswith(".xml"):
             boxes, names = read_voc_boxes(p)
@@ -388,13 +439,19 @@ def load_sample(s, class_names, bands, class_field, where):
     y0 = np.minimum(boxes[:, 1], boxes[:, 3])
     y1 = np.maximum(boxes[:, 1], boxes[:, 3])
     boxes = np.stack([x0, y0, x1, y1], axis=1)
+    kept = np.arange(len(boxes))  # which objects remain (their labels and rotated boxes follow)
     if s.window is not None:
-        img, valid, boxes, labels = apply_window(img, valid, boxes, labels, s.window, s.boxes_at_window_edge,
-                                                 where)
+        img, valid, boxes, kept = apply_window(img, valid, boxes, kept, s.window, s.boxes_at_window_edge, where)
     h, w = valid.shape
-    boxes, labels = clip_boxes(boxes, labels, w, h, min_visible=0.5)
+    boxes, kept = clip_boxes(boxes, kept, w, h, min_visible=0.5)
+    labels = labels[kept]
+    if rboxes is not None:
+        rboxes = rboxes[kept].copy()
+        if s.window is not None:
+            rboxes[:, 0] -= s.window[0]
+            rboxes[:, 1] -= s.window[1]
     band_names = [d if d else f"b{i + 1}" for i, d in enumerate(descriptions or [None] * img.shape[0])]
-    return LoadedSample(name, img, valid, boxes, labels, gsd, band_names)
+    return LoadedSample(name, img, valid, boxes, labels, gsd, band_names, rboxes)
 
 
 def apply_window(img, valid, boxes, labels, window, policy, where):
@@ -437,10 +494,14 @@ def resample_to_gsd(item, gsd):
         valid = F.interpolate(v, size=(nh, nw), mode="nearest")[0, 0].numpy() > 0.5
     sx, sy = nw / w, nh / h
     boxes = item.boxes * np.array([sx, sy, sx, sy])
-    return replace(item, img=np.ascontiguousarray(img), valid=valid, boxes=boxes)
+    rboxes = item.rboxes
+    if rboxes is not None:
+        from ..geo.rotated import transform_rboxes
+        rboxes = transform_rboxes(rboxes, lambda x, y: (x * sx, y * sy))
+    return replace(item, img=np.ascontiguousarray(img), valid=valid, boxes=boxes, rboxes=rboxes)
 
 
 __all__ = ["VAL_SIDES", "select_bands", "read_image", "check_band_names", "band_names", "compute_value_scaling",
            "scale_image", "model_classes", "split_strip", "validation_split", "window_slices", "window_dict", "pad_to",
            "class_counts", "patch_label", "grid_patches", "DetectionSample", "as_sample", "split_sample",
-           "class_indices", "LoadedSample", "load_sample", "apply_window", "resample_to_gsd"]
+           "class_indices", "LoadedSample", "load_sample", "oriented_pixel_boxes", "apply_window", "resample_to_gsd"]

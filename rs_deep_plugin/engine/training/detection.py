@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import InputError
 from ..evaluation.metrics import detection_metrics
 from ..geo.raster import GSD_TOLERANCE
+from ..models.arch_centernet import is_oriented, rbox_envelopes_torch
 from ..models.package import DEFAULT_COLORS, TASKS
 from .augment import check_augment
 from .builders import resolve_builder
@@ -45,17 +46,17 @@ from .samplers import BoxCropSampler
 
 
 def predict_image(model, img, valid, tile, overlap, score_threshold, iou_threshold, max_detections, device,
-                  batch_size=4):
+                  batch_size=4, oriented=False):
     """Boxes of an in-memory scaled image [C, H, W], tiled and merged exactly as :func:`.detect.detect` does.
 
-    Returns (boxes [N, 4] pixels, scores [N], labels [N])."""
-    from ..inference.detect import BoxMerger, tile_boxes
+    Returns (boxes [N, 4] pixels, or rotated boxes [N, 5] of an ``oriented`` detector, scores [N], labels [N])."""
+    from ..inference.detect import BoxMerger, shift_boxes, tile_boxes
     from ..inference.tiling import TileGrid
     from ..models.runners import DetectionRunner
     c, h, w = img.shape
     grid = TileGrid(0, 0, w, h, tile, overlap)
     runner = DetectionRunner(model, device, score_threshold, iou_threshold, max_detections)
-    merger = BoxMerger()
+    merger = BoxMerger(5 if oriented else 4)
     seq = [(x, y) for y in grid.ys for x in grid.xs]
     for k0 in range(0, len(seq), batch_size):
         part = seq[k0:k0 + batch_size]
@@ -68,7 +69,7 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
         for k, ((x, y), (boxes, labels, scores)) in enumerate(zip(part, runner(data))):
             boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, vals[k], tile,
                                                     (x > 0, y > 0, x + tile < w, y + tile < h))
-            merger.add(boxes + np.array([x, y, x, y], dtype=np.float64), scores, labels, k0 + k, cut)
+            merger.add(shift_boxes(boxes, 1.0, x, y), scores, labels, k0 + k, cut)
     return merger.merge(iou_threshold, w, h)
 
 
@@ -77,12 +78,16 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
 
 
 def detection_output_metadata(classes, builder):
-    """The MLM ``mlm:output`` of a detection package: boxes with a class and a score per object."""
+    """The MLM ``mlm:output`` of a detection package: boxes with a class and a score per object (an oriented
+    detector: rotated boxes, centre, length, width and the long side's angle in radians, pixels, y down)."""
+    result = {"shape": [-1, 6], "dim_order": ["box", "xmin_ymin_xmax_ymax_class_score"], "data_type": "float32"}
+    if is_oriented(builder):
+        result = {"shape": [-1, 7], "dim_order": ["box", "cx_cy_length_width_angle_class_score"],
+                  "data_type": "float32"}
     return [{
         "name": "detections",
         "tasks": [TASKS["detection"]],
-        "result": {"shape": [-1, 6], "dim_order": ["box", "xmin_ymin_xmax_ymax_class_score"],
-                   "data_type": "float32"},
+        "result": result,
         "classification:classes": [{"value": c.value, "name": c.name, "color_hint": c.color} for c in classes],
         "post_processing_function": None,
     }]
@@ -114,6 +119,7 @@ class DetectionTask(TrainingTask):
         self.sizes = sizes  # Faster R-CNN's training proposals and RoI batch
         self.select_best = select_best
         self.train_boxes = int(sum(len(it.boxes) for it in train_items))
+        self.oriented = bool(train_items) and train_items[0].rboxes is not None
 
     def build_model(self, device, memory_format):
         from ..models.architectures import build_model
@@ -137,8 +143,14 @@ class DetectionTask(TrainingTask):
     def training_loss(self, model, batch, device, memory_format):
         import torch
         images = [torch.from_numpy(img).to(device) for img, _, _ in batch]
-        targets = [{"boxes": torch.from_numpy(b).reshape(-1, 4).to(device),
-                    "labels": torch.from_numpy(lab.astype(np.int64) + 1).to(device)} for _, b, lab in batch]
+        if self.oriented:  # rotated boxes [N, 5]; the heatmap Gaussians are those of their envelopes
+            rbs = [torch.from_numpy(b).reshape(-1, 5).to(device) for _, b, _ in batch]
+            targets = [{"boxes": rbox_envelopes_torch(rb), "rboxes": rb,
+                        "labels": torch.from_numpy(lab.astype(np.int64) + 1).to(device)}
+                       for rb, (_, _, lab) in zip(rbs, batch)]
+        else:
+            targets = [{"boxes": torch.from_numpy(b).reshape(-1, 4).to(device),
+                        "labels": torch.from_numpy(lab.astype(np.int64) + 1).to(device)} for _, b, lab in batch]
         loss_dict = model(images, targets)
         return sum(loss_dict.values()), loss_dict
 
@@ -149,9 +161,10 @@ class DetectionTask(TrainingTask):
         for it in self.val_items:
             preds.append(predict_image(model, it.img, it.valid, self.tile_size, self.tile_size // 8,
                                        min(0.05, self.score_threshold), self.iou_threshold, self.max_detections,
-                                       device))
-            truths.append((it.boxes, it.labels))
-        return detection_metrics(preds, truths, iou=0.5, score_threshold=self.score_threshold), None
+                                       device, oriented=self.oriented))
+            truths.append((it.rboxes if self.oriented else it.boxes, it.labels))
+        return detection_metrics(preds, truths, iou=0.5, score_threshold=self.score_threshold,
+                                 rotated=self.oriented), None
 
     def rank(self, metrics, val_loss, epoch):
         return (metrics["ap"], metrics["f1"])
@@ -186,7 +199,9 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     IoU 0.5); with ``keep="best"`` the epoch of best validation AP is packaged, with
     ``keep="last"`` (or without validation samples) the last epoch. ``builder``: default
     :data:`.builders.DEFAULT_BUILDERS` (Faster R-CNN MobileNetV3-FPN sized for small objects; the toolbox's
-    "auto" is CenterNet, :func:`.builders.toolbox_builder`). ``gsd``: the model's
+    "auto" is CenterNet, :func:`.builders.toolbox_builder`); the oriented ``CenterNetOBB`` trains from polygons
+    (a GeoJSON file, or rows ``(shapely polygon[, class])``): their minimum rotated rectangles are its boxes, and
+    its validation matches rotated boxes by rotated IoU. ``gsd``: the model's
     metres per pixel ("auto": the first georeferenced sample's; None: every image as it is);
     images of another known GSD are resampled to it. ``score_threshold``, ``iou_threshold``,
     ``max_detections`` are stored in the package as its defaults. ``sample_weights``: the share
@@ -207,6 +222,9 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     from . import chips as chipsets
     log = params.log
     if chipsets.is_chip_set(samples):
+        if is_oriented(builder):
+            raise InputError("Chips hold axis-aligned boxes; an oriented detector (CenterNetOBB) trains from a raster "
+                             "and label polygons (their minimum rotated rectangles): give INPUT and LABELS instead")
         manifest = chipsets.load_manifest(samples, "detection")
         samples, chip_val = chipsets.detection_samples(manifest)
         val_samples = val_samples if val_samples is not None else chip_val
@@ -238,8 +256,15 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
         raise InputError("samples: give at least one training image with boxes")
     val_samples = [as_sample(s, i) for i, s in enumerate(val_samples or [])]
     params.prog.message(f"Reading {len(samples)} training and {len(val_samples)} validation image(s)")
-    train_items = [load_sample(s, class_names, bands, class_field, f"samples[{i}]") for i, s in enumerate(samples)]
-    val_items = [load_sample(s, class_names, bands, class_field, f"val_samples[{i}]")
+    if builder is None and params.init_from:  # the package's own network: an oriented one needs oriented samples
+        from .transfer import read_init_package
+        start = read_init_package(params.init_from, "detection")
+        if is_oriented(start.builder):
+            builder = {k: v for k, v in start.builder.items() if k not in ("in_channels", "classes")}
+    oriented = is_oriented(builder)  # CenterNetOBB: rotated boxes from the label polygons
+    train_items = [load_sample(s, class_names, bands, class_field, f"samples[{i}]", oriented)
+                   for i, s in enumerate(samples)]
+    val_items = [load_sample(s, class_names, bands, class_field, f"val_samples[{i}]", oriented)
                  for i, s in enumerate(val_samples)]
     n_bands = train_items[0].img.shape[0]
     for it in train_items + val_items:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..geo.labels import IGNORE, clip_boxes
+from ..geo.rotated import transform_rboxes
 from .augment import draw_geometry, flip, flip_boxes, photometric, resize, rot90, rot90_boxes
 from .data import pad_to, patch_label
 
@@ -166,13 +167,24 @@ class PatchSampler:
         return np.stack(imgs), np.asarray(labels, dtype=np.int64)
 
 
+def rot90_points(x, y, size, k, flipped):
+    """Points of a ``size`` x ``size`` image after :func:`.augment.rot90` by ``k`` then a left-right flip (as
+    :func:`.augment.rot90_boxes` and :func:`.augment.flip_boxes` move boxes)."""
+    for _ in range(k % 4):
+        x, y = y, size - x
+    if flipped:
+        x = size - x
+    return x, y
+
+
 class BoxCropSampler:
     """Random augmented square crops with their boxes from in-memory images at the model's GSD.
 
     ``items``: :class:`.data.LoadedSample` (scaled). Images are picked in proportion to their area, or to
     ``weights`` (one per image) when given; a share ``object_prob`` of the crops is placed on a box. Crops
     reaching beyond an image are zero there (as the engine reads beyond a raster). Boxes keeping less than
-    ``min_visible`` of their area in a crop are dropped. ``gamma`` is off (0) by default for boxes."""
+    ``min_visible`` of their area in a crop are dropped. ``gamma`` is off (0) by default for boxes. Oriented
+    samples (``rboxes``) give their rotated boxes [N, 5], moved with the crop, its scale, turns and flips."""
 
     def __init__(self, items, tile, rng, scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4,
                  brightness=0.1, contrast=0.25, noise=0.03, weights=None, flip=True, rotate=True, gamma=0.0):
@@ -213,15 +225,19 @@ class BoxCropSampler:
         img[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = it.img[:, iy0:iy1, ix0:ix1]
         valid[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = it.valid[iy0:iy1, ix0:ix1]
         boxes = it.boxes - np.array([x0, y0, x0, y0], dtype=np.float64)
-        boxes, labels = clip_boxes(boxes, it.labels, src, src, self.min_visible)
+        boxes, kept = clip_boxes(boxes, np.arange(len(it.boxes)), src, src, self.min_visible)
+        labels = it.labels[kept]
+        rboxes = None
+        if it.rboxes is not None:  # an oriented sample: its rotated boxes follow the crop (whole, not clipped)
+            rboxes = transform_rboxes(it.rboxes[kept], lambda x, y: ((x - x0) * (t / src), (y - y0) * (t / src)))
         if src != t:
             img, valid = resize(img, t, valid)
             boxes = boxes * (t / src)
-        return img, valid, boxes, labels
+        return img, valid, boxes, labels, rboxes
 
     def sample(self):
         t = self.tile
-        img, valid, boxes, labels = self._crop()
+        img, valid, boxes, labels, rboxes = self._crop()
         k, flipped = draw_geometry(self.rng, self.rotate, self.flip)
         if k:
             img, valid = rot90(img, k), rot90(valid, k)
@@ -229,13 +245,16 @@ class BoxCropSampler:
         if flipped:
             img, valid = flip(img), flip(valid)
             boxes = flip_boxes(boxes, t)
+        if rboxes is not None:
+            rboxes = transform_rboxes(rboxes, lambda x, y: rot90_points(x, y, t, k, flipped))
         img = np.array(img, dtype=np.float32)
         valid = np.array(valid, dtype=bool)
         img = photometric(img, valid, self.rng, self.brightness, self.contrast, self.gamma, self.noise)
-        return img, boxes.astype(np.float32), labels
+        # an oriented sample gives its rotated boxes [N, 5] (cx, cy, length, width, theta), the others boxes [N, 4]
+        return img, (boxes if rboxes is None else rboxes).astype(np.float32), labels
 
     def batch(self, n):
         return [self.sample() for _ in range(n)]
 
 
-__all__ = ["CropSampler", "MultiCropSampler", "PairSampler", "PatchSampler", "BoxCropSampler"]
+__all__ = ["CropSampler", "MultiCropSampler", "PairSampler", "PatchSampler", "BoxCropSampler", "rot90_points"]

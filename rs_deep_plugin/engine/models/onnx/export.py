@@ -116,6 +116,11 @@ def export_onnx(package_path, out_path, opset=17, log=None):
     if pkg.task not in ("segmentation", "detection"):
         raise InputError(f"'{pkg.name}' is a {pkg.task} model; ONNX export supports segmentation and detection "
                          "packages (change and patch classification packages cannot be exported yet)")
+    if getattr(pkg, "oriented", False):
+        raise InputError(f"'{pkg.name}' is an oriented detector (CenterNetOBB: rotated boxes); ONNX export writes "
+                         "Deepness's axis-aligned detector format, which would lose the boxes' angles. Run it with "
+                         "rs_deep:detect (rotated rectangles with angle, width, length), or export an axis-aligned "
+                         "CenterNet")
     if pkg.task == "detection" and (pkg.builder.get("library"), pkg.builder.get("architecture")) != \
             ("rs_deep", "CenterNet"):
         raise InputError(f"'{pkg.name}' is a {pkg.builder.get('architecture')} detector; ONNX export supports "
