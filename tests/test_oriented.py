@@ -10,6 +10,7 @@ import pytest
 from rs_deep.rs_deep_plugin.engine.errors import InputError
 from rs_deep.rs_deep_plugin.engine.geo import rotated
 from rs_deep.rs_deep_plugin.engine.inference.detect import detect, merge_detections
+from rs_deep.rs_deep_plugin.engine.models.postprocess import rotated_nms
 
 from conftest import ATLANTA_IMAGE, ATLANTA_LABELS, write_raster
 
@@ -79,9 +80,9 @@ def test_rotated_nms_by_hand():
     scores = np.array([0.9, 0.8, 0.7, 0.6])
     labels = np.array([0, 0, 0, 1])
     assert rotated.rotated_iou(boxes[:1], boxes[2:3])[0, 0] == pytest.approx(3.6 / 4.4)
-    assert rotated.rotated_nms(boxes, scores, labels, 0.5).tolist() == [0, 1, 3]
-    assert rotated.rotated_nms(boxes, scores, labels, 0.3).tolist() == [0, 3]  # 1/3 > 0.3
-    assert rotated.rotated_nms(boxes, scores, labels, 0.9).tolist() == [0, 1, 2, 3]
+    assert rotated_nms(boxes, scores, labels, 0.5).tolist() == [0, 1, 3]
+    assert rotated_nms(boxes, scores, labels, 0.3).tolist() == [0, 3]  # 1/3 > 0.3
+    assert rotated_nms(boxes, scores, labels, 0.9).tolist() == [0, 1, 2, 3]
 
 
 def _deepness_box(x_min, x_max, y_min, y_max, rot):
@@ -94,10 +95,10 @@ def test_rotated_nms_gives_deepness_answers():
     """The two cases of Deepness's test_nms_with_rotation_function.py (../shared/data/deepness_tests, Apache-2.0):
     NMS at IoU 0.2 with rotation keeps one detection in each."""
     human = [_deepness_box(10, 80, 20, 150, 0), _deepness_box(0, 90, 100, 190, 0), _deepness_box(0, 100, 0, 200, 0)]
-    keep = rotated.rotated_nms(human, [0.99999, 0.44444, 0.88888], [0, 0, 0], 0.2)
+    keep = rotated_nms(human, [0.99999, 0.44444, 0.88888], [0, 0, 0], 0.2)
     assert keep.tolist() == [0]
     square = [_deepness_box(100, 200, 100, 200, r) for r in (0, np.pi / 2, -np.pi / 2, np.pi)]
-    assert len(rotated.rotated_nms(square, [0.99999] * 4, [0] * 4, 0.2)) == 1
+    assert len(rotated_nms(square, [0.99999] * 4, [0] * 4, 0.2)) == 1
 
 
 def test_merge_keeps_the_whole_rotated_object_of_the_other_tile():
@@ -247,7 +248,7 @@ def test_oriented_detector_learns_rotated_rectangles_and_tiles_do_not_change_the
         res = detect(str(rect_model["test"]), pkg, tile_size=tile, overlap=overlap)
         pred = np.array([d.pixel_rbox for d in res]).reshape(-1, 5)
         m = detection_metrics([(pred, [d.score for d in res], np.zeros(len(res), int))],
-                              [(truth, np.zeros(len(truth), int))], iou=0.5, rotated=True)
+                              [(truth, np.zeros(len(truth), int))], iou=0.5, rotated=rotated.rotated_iou)
         assert m["recall"] >= 0.9 and m["precision"] >= 0.9, (tile, m)  # 11 of the 12 at least
         runs[tile] = (res.tiles, pred)
     assert runs[64][0] > 16 and runs[256][0] == 1

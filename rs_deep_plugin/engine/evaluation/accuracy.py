@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import InputError, require
 from ..files import write_atomic
+from ..geo.rotated import rotated_iou
 from ..progress import Progress
 from .metrics import detection_metrics, metrics_from_confusion, multilabel_metrics
 
@@ -373,7 +374,7 @@ def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=
     pl = np.array([lookup[v] for v in pl], dtype=np.int64)
     tl = np.array([lookup[v] for v in tl], dtype=np.int64)
     out = detection_metrics([(pb, ps, pl)], [(tb, tl)], iou=float(iou), score_threshold=float(score_threshold),
-                            rotated=rotated)
+                            rotated=rotated_iou if rotated else None)
     out.update(task="detection", predicted=int(len(pb)))
     return out
 

@@ -206,18 +206,16 @@ def box_iou(a, b):
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated=False):
+def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated=None):
     """Precision, recall, F1 (predictions scoring >= ``score_threshold``) and average precision at ``iou``.
 
     ``predictions``: per image (boxes [N, 4], scores [N], labels [N]); ``truths``: per image
     (boxes [M, 4], labels [M]), in the same coordinates. A prediction is a true positive when
     it overlaps a not yet matched true box of its class with IoU >= ``iou`` (greedy, highest
     score first, as in Pascal VOC). AP is the mean over the classes present in the truth.
-    ``rotated``: the boxes are rotated boxes [N, 5] (:mod:`..geo.rotated`), matched by rotated IoU."""
-    if rotated:
-        from ..geo.rotated import rotated_iou as iou_of
-    else:
-        iou_of = box_iou
+    ``rotated``: for rotated boxes [N, 5], the function giving their [N, M] IoU (:func:`..geo.rotated.rotated_iou`;
+    this module stays numpy-only); None: axis-aligned boxes."""
+    iou_of = rotated or box_iou
     cols = 5 if rotated else 4
     records = {}  # class -> list of (score, is_tp)
     n_truth = {}

@@ -142,21 +142,6 @@ def rotated_iou(a, b):
     return out
 
 
-def rotated_nms(rboxes, scores, labels, iou_threshold):
-    """Class-wise greedy NMS of rotated boxes: the indices kept, highest score first (a box is dropped when its
-    rotated IoU with a kept box of its class is above ``iou_threshold``)."""
-    from ..models.postprocess import nms_over_pairs
-    rb = np.asarray(rboxes, dtype=np.float64).reshape(-1, 5)
-    labels = np.asarray(labels).reshape(-1)
-    polys = rbox_polygons(rb)
-    i, j = intersecting_pairs(polys)
-    same = labels[i] == labels[j]
-    i, j = i[same], j[same]
-    iou, _, _ = pair_overlaps(polys, i, j)
-    link = iou > iou_threshold
-    return nms_over_pairs(scores, np.arange(len(rb)), i[link], j[link])
-
-
 def map_rboxes(transform, rboxes):
     """Pixel rotated boxes [N, 5] -> (map corners [N, 4, 2], map rotated boxes [N, 5]) through the affine
     ``transform`` (the map boxes' angle is in map axes: x east, y north, counter-clockwise)."""
@@ -175,4 +160,4 @@ def azimuth_degrees(map_theta):
 
 __all__ = ["rbox_corners", "corners_to_rboxes", "normalise_rboxes", "rbox_envelopes", "rbox_polygons",
            "polygons_to_rboxes", "transform_rboxes", "intersecting_pairs", "pair_overlaps", "rotated_iou",
-           "rotated_nms", "map_rboxes", "azimuth_degrees"]
+           "map_rboxes", "azimuth_degrees"]

@@ -365,6 +365,11 @@ def _oriented_detections(transform, rboxes, scores, labels, names):
     return out
 
 
+def detect_block_task(reader, runner, job, i, bs):
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`tile_detections`."""
+    return tile_detections(reader, runner, job["tiles"][i], job["region"], bs)
+
+
 def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None, batch_size=None,
            device="auto", score_threshold=None, iou_threshold=None, max_detections=None, progress=None,
            is_cancelled=None, log=None, match_gsd=True, max_pixels=None, gsd=None, cluster=None, block_size=4096):
@@ -396,7 +401,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
         result.tiles = len(seq)
         region = (x0, y0, x1, y1)
         if cluster:
-            from .distributed import detect_blocks
+            from .distributed import run_blocks
             windows = grid.blocks(block_size)
             tiles = [[(i, x, y) for i, x, y in seq if bx0 <= x < bx1 and by0 <= y < by1]
                      for bx0, by0, bx1, by1 in windows]
@@ -408,7 +413,8 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                        device=device, batch_size=batch_size, detection=(score, iou, maxd), tiles=tiles,
                        windows=windows, region=region)
             parts = []
-            for block_parts, run in detect_blocks(cluster, pkg, job, prog, log):
+            job.update(run=detect_block_task, kind="detection")
+            for block_parts, run in run_blocks(cluster, pkg, job, prog, log, share=0.97):
                 parts += block_parts
                 result.tiles_run += run
         else:
@@ -466,6 +472,4 @@ def write_geojson(result, path):
 
 
 __all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes",
-           "tile_detections",
-           "box_centres", "shift_boxes",
-           "BoxMerger", "write_geojson"]
+           "tile_detections", "detect_block_task", "box_centres", "shift_boxes", "BoxMerger", "write_geojson"]

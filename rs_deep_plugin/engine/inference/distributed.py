@@ -219,23 +219,6 @@ def _block_task(job, payload, i):
     raise error
 
 
-def _segment_block(reader, runner, job, i, bs):
-    from .pipeline import mask_index
-    from .segment import segment_block
-    return segment_block(reader, runner, job["grid"], job["windows"][i], mask_index(job["mask"]), bs, job["spans"],
-                         job["thr"], job["skip"], job["keep"])
-
-
-def _detect_block(reader, runner, job, i, bs):
-    from .detect import tile_detections
-    return tile_detections(reader, runner, job["tiles"][i], job["region"], bs)
-
-
-def _patch_block(reader, runner, job, i, bs):
-    from .patches import classify_patch_batch
-    return classify_patch_batch(reader, runner, job["patches"][i], job["context"], bs)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # the client
 
@@ -247,8 +230,10 @@ def _absolute_paths(opener):
 
 
 def run_blocks(cluster, pkg, job, prog, log, share=0.95):
-    """Run the blocks of ``job`` (``job["windows"]``, one task each: :func:`_block_task`) on ``cluster``; yields
-    their results as they come (any order). Progress runs to ``share``; cancel cancels the futures
+    """Run the blocks of ``job`` (``job["windows"]``, one task each: :func:`_block_task`, which calls
+    ``job["run"](reader, runner, job, i, batch size)``, a module-level function of the inference module that
+    asked, e.g. :func:`.segment.segment_block_task`; ``job["kind"]``: "dense" or "detection") on ``cluster``;
+    yields their results as they come (any order). Progress runs to ``share``; cancel cancels the futures
     (:class:`..errors.Cancelled`)."""
     distributed = _dask()
     windows = job["windows"]
@@ -283,20 +268,5 @@ def run_blocks(cluster, pkg, job, prog, log, share=0.95):
             raise
 
 
-def segment_blocks(cluster, pkg, job, blocks, prog, log):
-    """:func:`.segment.segment`'s ``blocks`` on ``cluster``: yields :func:`.segment.segment_block` results."""
-    return run_blocks(cluster, pkg, dict(job, windows=blocks, run=_segment_block, kind="dense"), prog, log)
-
-
-def detect_blocks(cluster, pkg, job, prog, log):
-    """:func:`.detect.detect`'s tiles in blocks on ``cluster``: yields :func:`.detect.tile_detections` results."""
-    return run_blocks(cluster, pkg, dict(job, run=_detect_block, kind="detection"), prog, log, share=0.97)
-
-
-def patch_blocks(cluster, pkg, job, prog, log):
-    """:func:`.patches.classify_patches`'s patches in blocks on ``cluster``."""
-    return run_blocks(cluster, pkg, dict(job, run=_patch_block, kind="dense"), prog, log, share=1.0)
-
-
-__all__ = ["ClusterSession", "default_cluster", "parse_cluster", "package_payload", "run_blocks", "segment_blocks",
-           "detect_blocks", "patch_blocks", "SCHEDULER_ENV", "DASK_PIN"]
+__all__ = ["ClusterSession", "default_cluster", "parse_cluster", "package_payload", "run_blocks", "SCHEDULER_ENV",
+           "DASK_PIN"]

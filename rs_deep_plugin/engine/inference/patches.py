@@ -174,6 +174,11 @@ def classify_patch_batch(reader, runner, seq, context, bs, check=lambda: None, o
     return features, any_valid[0]
 
 
+def patch_block_task(reader, runner, job, i, bs):
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`classify_patch_batch`."""
+    return classify_patch_batch(reader, runner, job["patches"][i], job["context"], bs)
+
+
 def classify_patches(input_path, package, *, patch_size=None, stride=None, bands=None, bounds=None, batch_size=None,
                      device="auto", top_k=3, progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
                      log=None, max_pixels=None, tta="none", threshold=None, cluster=None, block_size=4096):
@@ -232,7 +237,7 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
                 f"{c.name} {t:g}" for c, t in zip(pkg.classes, thresholds))
                 + (", THRESHOLD" if threshold is not None else ", the package's") + ")")
         if cluster:
-            from .distributed import patch_blocks
+            from .distributed import run_blocks
             result.device = f"Dask cluster {cluster}"
             check_tile_memory(patch, batch_size or 16, pkg.in_channels, 0, "PATCH_SIZE", "BATCH_SIZE")
             # blocks of whole rows of patches
@@ -245,7 +250,8 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(patch, 0), device=device,
                        batch_size=batch_size or 16, tta=tta, patches=patches, windows=windows, context=context)
             any_valid = False
-            for features, valid in patch_blocks(cluster, pkg, job, prog, log):
+            job.update(run=patch_block_task, kind="dense")
+            for features, valid in run_blocks(cluster, pkg, job, prog, log, share=1.0):
                 result.features += features
                 any_valid = any_valid or valid
             result.features.sort(key=lambda feat: (feat["row"], feat["col"]))
@@ -285,5 +291,5 @@ def _patch_polygon(transform, px0, py0, px1, py1):
     return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
 
 
-__all__ = ["classify_patches", "classify_patch_batch", "PatchClassificationResult", "check_patch_package",
-           "class_thresholds", "score_fields", "patch_starts"]
+__all__ = ["classify_patches", "classify_patch_batch", "patch_block_task", "PatchClassificationResult",
+           "check_patch_package", "class_thresholds", "score_fields", "patch_starts"]

@@ -238,6 +238,12 @@ def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep,
     return chunks, counts, run
 
 
+def segment_block_task(reader, runner, job, i, bs):
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`segment_block`."""
+    return segment_block(reader, runner, job["grid"], job["windows"][i], mask_index(job["mask"]), bs, job["spans"],
+                         job["thr"], job["skip"], job["keep"])
+
+
 def classify(probs, threshold=None, binary=False):
     """Class per pixel of blended probabilities [K, h, w]: the argmax; with a ``threshold``, as Deepness does: a
     pixel whose winning probability is below it is class 0 (``binary``, a one-channel sigmoid model: class 1 where
@@ -385,14 +391,14 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
             write(outputs, bx0, y_row, c)
 
         if cluster:
-            from .distributed import segment_blocks
+            from .distributed import run_blocks
             blocks = grid.blocks(block_size)
             prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
                          f"{reader.native_overlap} px, in {len(blocks)} blocks of up to {block_size} px on {cluster}")
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
                        device=device, batch_size=batch_size, tta=tta, mask=mask_geometries, grid=grid, spans=spans,
-                       thr=thr, skip=skip, keep=tuple(writers))
-            for chunks, c, run in segment_blocks(cluster, pkg, job, blocks, prog, log):
+                       thr=thr, skip=skip, keep=tuple(writers), windows=blocks, run=segment_block_task, kind="dense")
+            for chunks, c, run in run_blocks(cluster, pkg, job, prog, log):
                 for x, y, outputs in chunks:
                     write(outputs, x, y, 0)
                 counts[:] += c

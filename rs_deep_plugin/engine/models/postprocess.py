@@ -111,4 +111,19 @@ def nms_over_pairs(scores, candidates, i, j):
     return keep[np.lexsort((keep, -scores[keep]))].astype(np.int64)
 
 
-__all__ = ["resize_bilinear", "nms", "batched_nms", "nms_over_pairs"]
+def rotated_nms(rboxes, scores, labels, iou_threshold):
+    """Class-wise greedy NMS of rotated boxes: the indices kept, highest score first (a box is dropped when its
+    rotated IoU with a kept box of its class is above ``iou_threshold``)."""
+    from ..geo.rotated import intersecting_pairs, pair_overlaps, rbox_polygons
+    rb = np.asarray(rboxes, dtype=np.float64).reshape(-1, 5)
+    labels = np.asarray(labels).reshape(-1)
+    polys = rbox_polygons(rb)
+    i, j = intersecting_pairs(polys)
+    same = labels[i] == labels[j]
+    i, j = i[same], j[same]
+    iou, _, _ = pair_overlaps(polys, i, j)
+    link = iou > iou_threshold
+    return nms_over_pairs(scores, np.arange(len(rb)), i[link], j[link])
+
+
+__all__ = ["rotated_nms", "resize_bilinear", "nms", "batched_nms", "nms_over_pairs"]

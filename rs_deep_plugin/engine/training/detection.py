@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import InputError
 from ..evaluation.metrics import detection_metrics
 from ..geo.raster import GSD_TOLERANCE
+from ..geo.rotated import rotated_iou
 from ..models.arch_centernet import is_oriented, rbox_envelopes_torch
 from ..models.package import DEFAULT_COLORS, TASKS
 from .augment import check_augment
@@ -164,7 +165,7 @@ class DetectionTask(TrainingTask):
                                        device, oriented=self.oriented))
             truths.append((it.rboxes if self.oriented else it.boxes, it.labels))
         return detection_metrics(preds, truths, iou=0.5, score_threshold=self.score_threshold,
-                                 rotated=self.oriented), None
+                                 rotated=rotated_iou if self.oriented else None), None
 
     def rank(self, metrics, val_loss, epoch):
         return (metrics["ap"], metrics["f1"])
