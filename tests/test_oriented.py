@@ -144,7 +144,9 @@ def test_footprints_become_their_minimum_rotated_rectangles_and_round_trip_throu
     mrr = shapely.minimum_rotated_rectangle(np.array(px, dtype=object))
     polys = rotated.rbox_polygons(item.rboxes)
     iou = shapely.area(shapely.intersection(polys, mrr)) / shapely.area(shapely.union(polys, mrr))
-    assert iou.min() > 0.9999
+    # 0.9999 on GEOS 3.11 (QGIS 3.22); 0.99987 on GEOS 3.13 (QGIS 3.44), whose minimum rotated rectangle is computed
+    # by another algorithm, here once in map and once in pixel coordinates
+    assert iou.min() > 0.999
     assert (item.rboxes[:, 2] >= item.rboxes[:, 3]).all() and (item.rboxes[:, 4] >= 0).all() and \
         (item.rboxes[:, 4] < math.pi).all()
     assert 10 < np.median(item.rboxes[:, 2]) < 80  # buildings of 5..40 m
