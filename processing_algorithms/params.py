@@ -302,7 +302,7 @@ def add_cluster(alg):
     add(alg, QgsProcessingParameterString(CLUSTER, "Dask cluster (scheduler address or local:N; empty = this process)",
                                           defaultValue="", optional=True),
         {CLUSTER: "Run the tiles on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker "
-                  "processes on this machine). The results are the same as in one process; every worker must be able to "
+                  "processes on this machine, sharing its cores). The results are the same as in one process; every worker must be able to "
                   "read the input raster at the same path (or URL), and the outputs are written here. Empty: the "
                   f"environment variable {SCHEDULER_ENV}, else this process. Needs dask[distributed]."},
         advanced=True)

@@ -6,10 +6,13 @@ Uses tools/bench.py's raster (``make_raster``: 8192 x 8192 RGB by default, ``--s
 rasters included), on the CPU. Prints one JSON line:
 
   single_s           today's run in one process (torch on all cores)
-  single_1thread_s   the same with torch on one thread, as each Dask worker runs (threads_per_worker=1)
-  local1_s, local2_s CLUSTER=local:1 and local:2 (1 and 2 worker processes, one thread each), blocks of ``--block``
-  scaling_2          local1_s / local2_s (2 workers over 1)
-  overhead_1         single_s / local1_s; overhead_1_same_threads: single_1thread_s / local1_s
+  single_1thread_s   the same with torch on one thread
+  local1_s, local2_s CLUSTER=local:1 and local:2 (1 and 2 worker processes, one torch thread each:
+                     RS_DEEP_THREADS=1), blocks of ``--block``
+  local1_allcores_s  CLUSTER=local:1 as it runs by default: its one worker on every core (cores / N each)
+  scaling_2          local1_s / local2_s (2 workers over 1, one thread each)
+  overhead_1         single_s / local1_allcores_s (both on every core); overhead_1_same_threads:
+                     single_1thread_s / local1_s (both on one thread)
   client_peak_rss_mib  peak RSS of each client process (the workers are other processes)
   equal_classes      each cluster run's class raster equals the single-process run's with torch on one thread, as the
                      workers (single_1thread), pixel for pixel; confidence_max_diff: the largest difference of the
@@ -30,7 +33,9 @@ sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench import OUT, bench_package, make_raster  # noqa: E402 (after the path set-up)
 
-MODES = ("single", "single_1thread", "local:1", "local:2")
+MODES = ("single", "single_1thread", "local:1", "local:2", "local:1-allcores")
+#: the client's environment per mode (the LocalCluster's workers inherit it)
+MODE_ENV = {"local:1": {"RS_DEEP_THREADS": "1"}, "local:2": {"RS_DEEP_THREADS": "1"}}
 
 
 def child(mode, raster, prefix, block):
@@ -42,7 +47,7 @@ def child(mode, raster, prefix, block):
     import segmentation_models_pytorch  # noqa: F401 (imported before the clock starts, as in tools/bench.py)
     if mode == "single_1thread":
         torch.set_num_threads(1)
-    cluster = mode if mode.startswith("local") else None
+    cluster = mode.split("-")[0] if mode.startswith("local") else None
     t0 = time.perf_counter()
     res = segment(raster, pkg, prefix + "_classes.tif", confidence=prefix + "_conf.tif", skip_classes=[0],
                   device="cpu", cluster=cluster, block_size=block)
@@ -87,7 +92,7 @@ def main():
     for mode in MODES:
         prefix = os.path.join(OUT, f"dask_{args.size}_{mode.replace(':', '')}")
         proc = subprocess.run([sys.executable, __file__, "--block", str(args.block), "--child", mode, raster, prefix],
-                              check=True, capture_output=True, text=True, env=env)
+                              check=True, capture_output=True, text=True, env=dict(env, **MODE_ENV.get(mode, {})))
         runs[mode] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), prefix=prefix)
     same_threads = {m: compare(runs["single_1thread"]["prefix"], runs[m]["prefix"]) for m in MODES[2:]}
     vs_single = {m: compare(runs["single"]["prefix"], runs[m]["prefix"])[0] for m in MODES[1:]}
@@ -96,7 +101,8 @@ def main():
         "size": args.size, "block": args.block, "cpu_count": os.cpu_count(), "load_avg_start": load_start,
         "single_s": s["single"], "single_1thread_s": s["single_1thread"], "local1_s": s["local:1"],
         "local2_s": s["local:2"], "scaling_2": round(s["local:1"] / s["local:2"], 3),
-        "overhead_1": round(s["single"] / s["local:1"], 3),
+        "local1_allcores_s": s["local:1-allcores"],
+        "overhead_1": round(s["single"] / s["local:1-allcores"], 3),
         "overhead_1_same_threads": round(s["single_1thread"] / s["local:1"], 3),
         "tiles": runs["single"]["tiles"], "tiles_run_cluster": runs["local:2"]["tiles_run"],
         "client_peak_rss_mib": {m: runs[m]["rss_mib"] for m in MODES},

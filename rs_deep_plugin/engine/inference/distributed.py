@@ -1,7 +1,7 @@
 """The tiled inference tasks on a Dask cluster (optional: ``pip install 'dask[distributed]==2026.8.0'``).
 
 ``cluster`` is a scheduler address (``tcp://host:8786``; a bare ``host:port`` is taken as tcp) or ``local:N``, a
-LocalCluster of N worker processes on this machine (one thread each). Dask is imported here only, and only when
+LocalCluster of N worker processes on this machine (the cores shared between them: :func:`local_threads`). Dask is imported here only, and only when
 a run asks for a cluster.
 
 * The raster is cut into blocks on the run's own global tile grid (:meth:`.tiling.TileGrid.blocks`). Each task
@@ -34,6 +34,14 @@ WORKER_TIMEOUT = 60
 #: the Dask setting that keeps MALLOC_TRIM_THRESHOLD_ out of the workers' environment (see ClusterSession); for
 #: ``dask worker``: DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None
 NO_MALLOC_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+#: the CPU threads of a network (torch and onnxruntime; :func:`..models.runners.prepare_device`)
+THREADS_ENV = "RS_DEEP_THREADS"
+WORKER_THREADS = "distributed.nanny.pre-spawn-environ." + THREADS_ENV
+
+
+def local_threads(workers):
+    """The CPU threads of each of ``workers`` LocalCluster processes: this machine's cores shared between them."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
 
 
 def default_cluster(value=None):
@@ -82,7 +90,12 @@ class ClusterSession:
             import dask
             # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which turns off glibc's adaptive mmap
             # threshold: every large tensor is then mmapped and unmapped again, and a network runs 1.5x slower
-            with dask.config.set({NO_MALLOC_TRIM: None}):
+            settings = {NO_MALLOC_TRIM: None}
+            if not os.environ.get(THREADS_ENV):
+                # the workers share this machine's cores: each runs its network on cores / N threads (Dask's nanny
+                # would leave them 1 each); RS_DEEP_THREADS, when set, is inherited as it is
+                settings[WORKER_THREADS] = str(local_threads(self.where))
+            with dask.config.set(settings):
                 self.local = distributed.LocalCluster(n_workers=self.where, threads_per_worker=1, processes=True,
                                                       dashboard_address=":0", silence_logs=40)
             self.client = distributed.Client(self.local)
@@ -268,5 +281,5 @@ def run_blocks(cluster, pkg, job, prog, log, share=0.95):
             raise
 
 
-__all__ = ["ClusterSession", "default_cluster", "parse_cluster", "package_payload", "run_blocks", "SCHEDULER_ENV",
-           "DASK_PIN"]
+__all__ = ["ClusterSession", "default_cluster", "parse_cluster", "package_payload", "run_blocks", "local_threads",
+           "SCHEDULER_ENV", "DASK_PIN"]
