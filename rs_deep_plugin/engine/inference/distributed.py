@@ -1,8 +1,8 @@
 """The tiled inference tasks on a Dask cluster (optional: ``pip install 'dask[distributed]==2026.8.0'``).
 
 ``cluster`` is a scheduler address (``tcp://host:8786``; a bare ``host:port`` is taken as tcp) or ``local:N``, a
-LocalCluster of N worker processes on this machine (the cores shared between them: :func:`local_threads`). Dask is imported here only, and only when
-a run asks for a cluster.
+LocalCluster of N worker processes on this machine (the cores shared between them: :func:`local_threads`). Dask is
+imported here only, and only when a run asks for a cluster.
 
 * The raster is cut into blocks on the run's own global tile grid (:meth:`.tiling.TileGrid.blocks`). Each task
   opens the input itself (any path GDAL opens: the workers must reach it), runs every tile that meets its block,
