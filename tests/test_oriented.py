@@ -92,7 +92,8 @@ def _deepness_box(x_min, x_max, y_min, y_max, rot):
 
 
 def test_rotated_nms_gives_deepness_answers():
-    """The two cases of Deepness's test_nms_with_rotation_function.py (../shared/data/deepness_tests, Apache-2.0):
+    """The two cases of Deepness's test_nms_with_rotation_function.py (PUTvision/qgis-plugin-deepness, Apache-2.0;
+    its numbers written out here):
     NMS at IoU 0.2 with rotation keeps one detection in each."""
     human = [_deepness_box(10, 80, 20, 150, 0), _deepness_box(0, 90, 100, 190, 0), _deepness_box(0, 100, 0, 200, 0)]
     keep = rotated_nms(human, [0.99999, 0.44444, 0.88888], [0, 0, 0], 0.2)

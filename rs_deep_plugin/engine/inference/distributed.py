@@ -170,39 +170,33 @@ def package_payload(pkg):
         return os.path.basename(src), f.read()
 
 
-_WORKER_MODELS = {}  # in each worker process: (sha256, gsd, tiling, device, tta, kind) -> (package, runner, batch)
+_WORKER_MODELS = {}  # in each worker process: (sha256, gsd, tiling, device, tta, kind, detection) -> (package,
+#                     runner, batch)
 
 
 def _worker_model(payload, job, kind):
-    """The package of ``payload`` loaded in this worker (once), its runner on the worker's device, its batch."""
+    """The package of ``payload`` loaded in this worker (once), its runner on the worker's device, its batch. The
+    package's bytes go to a temporary folder only while the network is loaded (nothing is left on the worker)."""
     name, data = payload
     sha = hashlib.sha256(data).hexdigest()
     key = (sha, job["gsd"], job.get("tiling"), job["device"], job.get("tta"), kind, job.get("detection"))
     if key not in _WORKER_MODELS:
         import dataclasses
-        threads = os.environ.get("RS_DEEP_TORCH_THREADS")
-        if threads:
-            import torch
-            torch.set_num_threads(int(threads))
-        folder = os.path.join(tempfile.gettempdir(), f"rs_deep_model_{sha[:16]}")
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
         from ..models.loading import load_package
         from ..models.runners import default_batch_size, select_device
-        pkg = dataclasses.replace(load_package(path), gsd=job["gsd"])
-        if job.get("tiling"):
-            pkg = pkg.with_tiling(*job["tiling"])
-        dev = select_device(job["device"], pkg.backend)
-        if kind == "detection":
-            runner = pkg.make_detection_runner(dev, *job["detection"])
-        else:
-            from ..models.tta import with_tta
-            runner = with_tta(pkg.make_runner(dev), job["tta"])
+        with tempfile.TemporaryDirectory(prefix="rs_deep_model_") as folder:
+            path = os.path.join(folder, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            pkg = dataclasses.replace(load_package(path), gsd=job["gsd"])
+            if job.get("tiling"):
+                pkg = pkg.with_tiling(*job["tiling"])
+            dev = select_device(job["device"], pkg.backend)  # the runner applies RS_DEEP_THREADS (CPU threads)
+            if kind == "detection":
+                runner = pkg.make_detection_runner(dev, *job["detection"])
+            else:
+                from ..models.tta import with_tta
+                runner = with_tta(pkg.make_runner(dev), job["tta"])
         bs = int(job["batch_size"]) if job.get("batch_size") else default_batch_size(dev)
         _WORKER_MODELS.clear()  # one model per worker at a time
         _WORKER_MODELS[key] = (pkg, runner, bs)
