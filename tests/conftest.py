@@ -1,13 +1,22 @@
 """Shared fixtures. The repo is imported as the package `rs_deep` through the dev link, exactly as
 QGIS imports the installed plugin."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import pytest
+
+# the ONNX cache of RS Deep's own packages (engine/models/onnx/cache.py): a folder of this test session, inherited by
+# the processes it starts (qgis_process), never the user's cache; removed at the end
+_CACHE = tempfile.mkdtemp(prefix="rs_deep_test_cache_")
+os.environ["RS_DEEP_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_PLUGINS = ROOT / "build" / "dev-plugins"

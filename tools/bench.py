@@ -5,14 +5,17 @@ model of the demo's architecture (3 bands in, random weights) in a fresh process
 prints one JSON line last:
 
   mpix_per_s         input megapixels per second, end to end (8192^2), libraries already imported
-  efficiency         time of bare forward passes over the same tiles / end-to-end time
-  efficiency_cold    the same with the one-off import of segmentation-models-pytorch/timm counted in (a fresh
-                     process; a QGIS session pays it once)
+  efficiency         time of bare forward passes over the same tiles / end-to-end time, both with the backend the
+                     engine runs the package on by default (``backend``: onnxruntime from the ONNX cache on the CPU,
+                     engine/models/onnx/cache.py; PyTorch with RS_DEEP_ONNX_CACHE=0)
+  efficiency_cold    the same with the one-off import of that backend counted in (a fresh process; a QGIS session
+                     pays it once)
   rss_ratio          peak RSS at 8192^2 / peak RSS at 2048^2 (memory bounded by tiles, not raster size)
   vectorise_vs_gdal  our vectorising time / gdal_polygonize.py on the same class raster
   startup_s          wall seconds of ``qgis_process run rs_deep:segment`` on a 64 x 64 px crop of the bundled Atlanta
                      image with the bundled buildings_demo package (DEVICE auto): start-up, imports, model loading;
-                     the median of 3 runs after one unmeasured run (file cache warm)
+                     the median of 3 runs after one unmeasured run (file cache and the package's ONNX cache warm)
+  startup_first_s    the same, once, with an empty ONNX cache: the package's first run, which exports it
   peak_rss_mib_tiny  peak RSS of that process (MiB; the largest of the 3 runs)
   startup_onnx_s, peak_rss_mib_tiny_onnx   the same with buildings_demo exported to ONNX (onnxruntime, no torch)
 
@@ -38,6 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 OUT = os.path.join(ROOT, "build", "bench")
 DEMO = os.path.join(ROOT, "resources", "models", "buildings_demo")
 SAMPLE = os.path.join(ROOT, "resources", "sample", "atlanta_pan.tif")
+CACHE = os.path.join(OUT, "cache")  # RS_DEEP_CACHE_DIR of the measured runs (the ONNX cache), unless set
 
 
 def make_raster(path, size, block=512):
@@ -93,34 +97,50 @@ def bench_package():
 
 
 def child(raster, out_prefix):
-    """One segmentation in this (fresh) process: prints a JSON dict."""
+    """One segmentation in this (fresh) process: prints a JSON dict. The network runs as the engine runs it by
+    default (DEVICE cpu): onnxruntime from the ONNX cache (:mod:`..models.onnx.cache`, prepared before the clock
+    starts, as on every run after a package's first), PyTorch when the cache is off (RS_DEEP_ONNX_CACHE=0)."""
     import numpy as np
-    import torch
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
     from rs_deep.rs_deep_plugin.engine.inference.segment import segment
-    from rs_deep.rs_deep_plugin.engine.models.runners import ModelRunner, select_device
+    from rs_deep.rs_deep_plugin.engine.models.onnx.cache import inference_backend, make_runner
+    from rs_deep.rs_deep_plugin.engine.models.runners import select_device
     pkg = load_package(bench_package())
+    t_prep = time.perf_counter()
+    backend = inference_backend(pkg, "cpu")  # a cache miss exports the package here (timed on its own)
+    prepare_seconds = time.perf_counter() - t_prep
     t_imp = time.perf_counter()
-    import segmentation_models_pytorch  # noqa: F401 (the one-off import, timed on its own)
+    if backend == "torch":
+        import segmentation_models_pytorch  # noqa: F401 (the one-off import, timed on its own)
+    else:
+        import onnxruntime  # noqa: F401
     import_seconds = time.perf_counter() - t_imp
     t0 = time.perf_counter()
     res = segment(raster, pkg, out_prefix + "_classes.tif", confidence=out_prefix + "_conf.tif", skip_classes=[0],
                   device="cpu")
     e2e = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # bare forward passes over the same number of tiles, same batch size, same prepared model
-    runner = ModelRunner(pkg.load_model(), select_device("cpu"), pkg.activation)
+    # bare forward passes over the same number of tiles, same batch size, same network and backend
+    runner = make_runner(pkg, select_device("cpu", backend))
     bs = 2
-    x = torch.from_numpy(np.random.default_rng(0).random((bs, 3, pkg.tile_size, pkg.tile_size), np.float32))
-    x = x.contiguous(memory_format=runner.memory_format)
-    with torch.inference_mode():
-        runner.model(x)  # warm-up (also done by the engine's first batch)
-        t1 = time.perf_counter()
-        for _ in range((res.tiles_run + bs - 1) // bs):
-            runner.model(x)
-        fwd = time.perf_counter() - t1
+    x = np.random.default_rng(0).random((bs, 3, pkg.tile_size, pkg.tile_size), np.float32)
+    if backend == "torch":
+        torch = runner.torch
+        xt = torch.from_numpy(x).contiguous(memory_format=runner.memory_format)
+
+        def forward():
+            with torch.inference_mode():
+                runner.model(xt)
+    else:
+        def forward():
+            runner.session.run(None, {runner.input_name: x}, runner.run_options[0])
+    forward()  # warm-up (also done by the engine's first batch)
+    t1 = time.perf_counter()
+    for _ in range((res.tiles_run + bs - 1) // bs):
+        forward()
+    fwd = time.perf_counter() - t1
     print(json.dumps({"seconds": e2e, "import_seconds": import_seconds, "forward_seconds": fwd, "peak_rss": rss,
-                      "tiles": res.tiles,
+                      "backend": backend, "prepare_seconds": prepare_seconds, "tiles": res.tiles,
                       "tiles_run": res.tiles_run, "mpix": res.width * res.height / 1e6}))
 
 
@@ -172,14 +192,22 @@ def startup(runs=3):
     models = {"": DEMO, "_onnx": demo_onnx(os.path.join(OUT, "buildings_demo.onnx"))}
     env = qgis_env()
     env.setdefault("GDAL_CACHEMAX", "64")
+    env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
     os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
     exe = qgis_process_cmd()
     subprocess.run([exe, "plugins", "enable", "rs_deep"], env=env, capture_output=True, check=False)
     line = {}
+    first = dict(env, RS_DEEP_CACHE_DIR=tempfile.mkdtemp(prefix="rs_deep_bench_cache_"))
+    try:
+        line["startup_first_s"] = round(timed_process(
+            [exe, "run", "rs_deep:segment", "--", f"INPUT={raster}", f"MODEL={DEMO}",
+             f"OUTPUT={os.path.join(OUT, 'startup_first.tif')}"], first)[0], 2)
+    finally:
+        shutil.rmtree(first["RS_DEEP_CACHE_DIR"], ignore_errors=True)
     for suffix, model in models.items():
         out = os.path.join(OUT, f"startup{suffix}.tif")
         cmd = [exe, "run", "rs_deep:segment", "--", f"INPUT={raster}", f"MODEL={model}", f"OUTPUT={out}"]
-        timed_process(cmd, env)  # unmeasured: the file cache
+        timed_process(cmd, env)  # unmeasured: the file cache (and the package's ONNX cache)
         measured = [timed_process(cmd, env) for _ in range(runs)]
         line[f"startup{suffix}_s"] = round(statistics.median(m[0] for m in measured), 2)
         line[f"peak_rss_mib_tiny{suffix}"] = round(max(m[1] for m in measured) / 2**20)
@@ -220,6 +248,7 @@ def main():
         prefix = os.path.join(OUT, f"out_{size}")
         env = dict(os.environ)
         env.setdefault("GDAL_CACHEMAX", "64")
+        env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
         proc = subprocess.run([sys.executable, __file__, "--child", raster, prefix], check=True,
                               capture_output=True, text=True, env=env)
         results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -235,7 +264,6 @@ def main():
     print("\n".join(proc.stdout.strip().splitlines()[:-1]), flush=True)
     lean = json.loads(proc.stdout.strip().splitlines()[-1])
     big = results[8192]
-    import torch
     line = {
         "mpix_per_s": round(big["mpix"] / big["seconds"], 3),
         "efficiency": round(big["forward_seconds"] / big["seconds"], 3),
@@ -250,7 +278,8 @@ def main():
         "polygons": n,
         "gdal_cachemax_mb": int(os.environ.get("GDAL_CACHEMAX", "64")),
         "device": "cpu",
-        "threads": torch.get_num_threads(),
+        "backend": big["backend"],
+        "cores": os.cpu_count(),
     }
     line.update(lean)
     print(json.dumps(line))

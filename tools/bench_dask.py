@@ -5,19 +5,20 @@ Uses tools/bench.py's raster (``make_raster``: 8192 x 8192 RGB by default, ``--s
 (the client), timed end to end (cluster start-up, model shipping and the writing of the class and confidence
 rasters included), on the CPU. Prints one JSON line:
 
-  single_s           today's run in one process (torch on all cores)
-  single_1thread_s   the same with torch on one thread
-  local1_s, local2_s CLUSTER=local:1 and local:2 (1 and 2 worker processes, one torch thread each:
+  single_s           today's run in one process (on all cores; onnxruntime from the ONNX cache, as the engine runs the
+                     package by default on the CPU, or torch with RS_DEEP_ONNX_CACHE=0)
+  single_1thread_s   the same on one thread (RS_DEEP_THREADS=1)
+  local1_s, local2_s CLUSTER=local:1 and local:2 (1 and 2 worker processes, one thread each:
                      RS_DEEP_THREADS=1), blocks of ``--block``
   local1_allcores_s  CLUSTER=local:1 as it runs by default: its one worker on every core (cores / N each)
   scaling_2          local1_s / local2_s (2 workers over 1, one thread each)
   overhead_1         single_s / local1_allcores_s (both on every core); overhead_1_same_threads:
                      single_1thread_s / local1_s (both on one thread)
   client_peak_rss_mib  peak RSS of each client process (the workers are other processes)
-  equal_classes      each cluster run's class raster equals the single-process run's with torch on one thread, as the
+  equal_classes      each cluster run's class raster equals the single-process run's on one thread, as the
                      workers (single_1thread), pixel for pixel; confidence_max_diff: the largest difference of the
                      confidence rasters (Byte, probability x 255)
-  pixels_differing_vs_single  class pixels that differ from today's run on all cores (torch's sums in another
+  pixels_differing_vs_single  class pixels that differ from today's run on all cores (the sums in another
                      order on another number of threads: a pixel at a tie of two classes may flip)
 """
 import argparse
@@ -31,22 +32,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from bench import OUT, bench_package, make_raster  # noqa: E402 (after the path set-up)
+from bench import CACHE, OUT, bench_package, make_raster  # noqa: E402 (after the path set-up)
 
 MODES = ("single", "single_1thread", "local:1", "local:2", "local:1-allcores")
 #: the client's environment per mode (the LocalCluster's workers inherit it)
-MODE_ENV = {"local:1": {"RS_DEEP_THREADS": "1"}, "local:2": {"RS_DEEP_THREADS": "1"}}
+MODE_ENV = {"single_1thread": {"RS_DEEP_THREADS": "1"}, "local:1": {"RS_DEEP_THREADS": "1"},
+            "local:2": {"RS_DEEP_THREADS": "1"}}
 
 
 def child(mode, raster, prefix, block):
-    """One run in this (fresh) process: prints a JSON dict."""
-    import torch
+    """One run in this (fresh) process: prints a JSON dict. The package runs as the engine runs it by default on the
+    CPU (onnxruntime from the ONNX cache, made before the clock starts, as tools/bench.py does)."""
     from rs_deep.rs_deep_plugin.engine.inference.segment import segment
     from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    from rs_deep.rs_deep_plugin.engine.models.onnx.cache import inference_backend
     pkg = load_package(bench_package())
-    import segmentation_models_pytorch  # noqa: F401 (imported before the clock starts, as in tools/bench.py)
-    if mode == "single_1thread":
-        torch.set_num_threads(1)
+    if inference_backend(pkg, "cpu") == "torch":
+        import segmentation_models_pytorch  # noqa: F401 (imported before the clock starts, as in tools/bench.py)
     cluster = mode.split("-")[0] if mode.startswith("local") else None
     t0 = time.perf_counter()
     res = segment(raster, pkg, prefix + "_classes.tif", confidence=prefix + "_conf.tif", skip_classes=[0],
@@ -87,6 +89,7 @@ def main():
     bench_package()
     env = dict(os.environ)
     env.setdefault("GDAL_CACHEMAX", "64")  # as tools/bench.py: GDAL's cache would hide the engine's memory
+    env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
     runs = {}
     load_start = round(os.getloadavg()[0], 2)
     for mode in MODES:

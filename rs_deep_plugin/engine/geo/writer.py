@@ -315,6 +315,11 @@ def _overview_factors(width, height, min_size=256):
     return factors
 
 
+#: DEFLATE level of the rasters written window by window: level 1 compresses about 1.5 times faster than the
+#: default 6, for files about 15 % larger (class, confidence and probability rasters of ``make bench``)
+ZLEVEL = 1
+
+
 class GeoTiffWriter:
     """A tiled, DEFLATE-compressed GeoTIFF written window by window.
 
@@ -334,7 +339,8 @@ class GeoTiffWriter:
         self.overview_resampling = overview_resampling
         block = 256 if min(width, height) >= 256 else None
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs=crs,
-                       transform=transform, nodata=nodata, compress="deflate", BIGTIFF="IF_SAFER")
+                       transform=transform, nodata=nodata, compress="deflate", zlevel=ZLEVEL,
+                       num_threads=str(os.cpu_count() or 1), BIGTIFF="IF_SAFER")
         if block:
             profile.update(tiled=True, blockxsize=block, blockysize=block)
         if dtype == "uint8":
@@ -376,7 +382,8 @@ class GeoTiffWriter:
             factors = _overview_factors(ds.width, ds.height) if overviews else []
             if factors:
                 with gdal_errors() as errors, \
-                        self.rasterio.Env(COMPRESS_OVERVIEW="DEFLATE", GDAL_TIFF_OVR_BLOCKSIZE="256"):
+                        self.rasterio.Env(COMPRESS_OVERVIEW="DEFLATE", ZLEVEL_OVERVIEW=str(ZLEVEL),
+                                          GDAL_NUM_THREADS=str(os.cpu_count() or 1), GDAL_TIFF_OVR_BLOCKSIZE="256"):
                     with self.rasterio.open(self.path, "r+") as upd:
                         upd.build_overviews(factors, getattr(Resampling, self.overview_resampling))
                         upd.update_tags(ns="rio_overview", resampling=self.overview_resampling)

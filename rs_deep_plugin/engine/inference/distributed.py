@@ -15,6 +15,7 @@ imported here only, and only when a run asks for a cluster.
 * A worker that dies is replaced and its block run again by Dask; a block that fails fails the run, naming its
   window; cancel cancels the futures. Nothing is committed unless every block succeeded.
 """
+import dataclasses
 import hashlib
 import io
 import os
@@ -181,8 +182,8 @@ def _worker_model(payload, job, kind):
     sha = hashlib.sha256(data).hexdigest()
     key = (sha, job["gsd"], job.get("tiling"), job["device"], job.get("tta"), kind, job.get("detection"))
     if key not in _WORKER_MODELS:
-        import dataclasses
         from ..models.loading import load_package
+        from ..models.onnx.cache import inference_backend, make_runner
         from ..models.runners import default_batch_size, select_device
         with tempfile.TemporaryDirectory(prefix="rs_deep_model_") as folder:
             path = os.path.join(folder, name)
@@ -191,12 +192,13 @@ def _worker_model(payload, job, kind):
             pkg = dataclasses.replace(load_package(path), gsd=job["gsd"])
             if job.get("tiling"):
                 pkg = pkg.with_tiling(*job["tiling"])
-            dev = select_device(job["device"], pkg.backend)  # the runner applies RS_DEEP_THREADS (CPU threads)
+            # the runner applies RS_DEEP_THREADS (CPU threads); a package cached for onnxruntime runs there
+            dev = select_device(job["device"], inference_backend(pkg, job["device"]))
             if kind == "detection":
                 runner = pkg.make_detection_runner(dev, *job["detection"])
             else:
                 from ..models.tta import with_tta
-                runner = with_tta(pkg.make_runner(dev), job["tta"])
+                runner = with_tta(make_runner(pkg, dev), job["tta"])
         bs = int(job["batch_size"]) if job.get("batch_size") else default_batch_size(dev)
         _WORKER_MODELS.clear()  # one model per worker at a time
         _WORKER_MODELS[key] = (pkg, runner, bs)
@@ -244,6 +246,10 @@ def run_blocks(cluster, pkg, job, prog, log, share=0.95):
     (:class:`..errors.Cancelled`)."""
     distributed = _dask()
     windows = job["windows"]
+    if str(cluster).strip().lower().startswith("local:"):  # workers on this machine share its ONNX cache: made once
+        from ..models.onnx.cache import inference_backend
+        tiled = pkg.with_tiling(*job["tiling"]) if job.get("tiling") else pkg
+        inference_backend(dataclasses.replace(tiled, gsd=job["gsd"]), job["device"], log)
     with ClusterSession(cluster, log) as client:
         job = dict(job, open_reader=_absolute_paths(job["open_reader"]))  # the workers run elsewhere
         payload = client.scatter(package_payload(pkg), broadcast=True, hash=False)

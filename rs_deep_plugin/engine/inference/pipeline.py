@@ -18,6 +18,7 @@ from ..geo.raster import check_size, input_warnings, region_window
 from ..limits import check_tile_memory
 from ..models.loading import load_package
 from ..models.package import ModelPackage
+from ..models.onnx.cache import inference_backend, make_runner
 from ..models.runners import default_batch_size, device_description, select_device
 from ..models.tta import TTA_DESCRIPTIONS, with_tta
 from ..progress import Progress
@@ -65,7 +66,7 @@ def open_region(reader, pkg, bounds, max_pixels, log, georef, resampled):
 def open_device(device, batch_size, pkg, prog, log, min_batch=1):
     """``(device, its description, batch size)``: the device chosen (logged) and the batch size given, or the
     device's default (at least ``min_batch``)."""
-    dev = select_device(device, pkg.backend)
+    dev = select_device(device, inference_backend(pkg, device, log))
     name = device_description(dev)
     log(f"Device: {name}")
     prog.message(f"Loading model {pkg.name} on {name}")
@@ -79,7 +80,7 @@ def open_runner(pkg, dev, tta, log):
     """The package's probability runner on ``dev`` with the test-time augmentation ``tta`` (checked by
     :func:`..models.tta.check_tta`; logged): what segmentation, change and patch classification run."""
     log(f"Test-time augmentation: {TTA_DESCRIPTIONS[tta]}")
-    return with_tta(pkg.make_runner(dev), tta)
+    return with_tta(make_runner(pkg, dev), tta)
 
 
 def resolve_options(package, tile_size=None, overlap=None, batch_size=None, device="auto"):
@@ -92,7 +93,8 @@ def resolve_options(package, tile_size=None, overlap=None, batch_size=None, devi
     ov = package.overlap if overlap is None or overlap < 0 else int(overlap)
     if ov * 2 >= tile:
         raise InputError(f"OVERLAP must be less than half of TILE_SIZE ({tile // 2}); got {ov}")
-    batch = int(batch_size) if batch_size else default_batch_size(select_device(device, package.backend))
+    batch = int(batch_size) if batch_size else default_batch_size(
+        select_device(device, inference_backend(package, device, prepare_now=False)))
     bands = package.in_channels * (2 if package.task == "change" else 1)
     classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
     classes *= package.scale ** 2  # a super-resolution output has scale² times the pixels of its tile

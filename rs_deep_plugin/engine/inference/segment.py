@@ -184,7 +184,8 @@ def finish_rows(probs, wsum, spans, thr, k, skip, keep):
     in ``keep``; pixels per class [k])."""
     valid = wsum > 0
     np.divide(probs, wsum, out=probs, where=valid[None])
-    bands = np.stack([classify(probs[a:a + m], thr, binary) + np.uint8(a) for a, m, binary in spans])
+    won = [classify_max(probs[a:a + m], thr, binary) for a, m, binary in spans]
+    bands = np.stack([c + np.uint8(a) if a else c for (c, _), (a, _, _) in zip(won, spans)])
     bands[:, ~valid] = CLASS_NODATA
     counts = np.bincount(bands.ravel(), minlength=256)[:k]
     out = {"output": bands[0] if len(spans) == 1 else bands}
@@ -192,9 +193,9 @@ def finish_rows(probs, wsum, spans, thr, k, skip, keep):
         probs[:, ~valid] = PROB_NODATA
         out["probabilities"] = probs
     if "confidence" in keep:
-        first = probs[:spans[0][1]]  # polygons: the first output's classes
-        conf = np.clip(np.rint(np.max(np.where(valid[None], first, 0), axis=0) * 255), 1, 255)
-        conf = conf.astype(np.uint8)
+        best = won[0][1]  # polygons: the first output's classes
+        best *= 255
+        conf = np.clip(np.rint(best, out=best), 1, 255).astype(np.uint8)
         conf[~valid] = 0
         for c in skip:
             conf[bands[0] == c] = 0
@@ -244,17 +245,35 @@ def segment_block_task(reader, runner, job, i, bs):
                          job["thr"], job["skip"], job["keep"])
 
 
+def argmax_max(probs):
+    """(argmax [h, w] uint8, max [h, w]) over the classes of ``probs`` [K, h, w], in one pass over the classes (the
+    first class wins a tie, as ``np.argmax``): several times faster than ``np.argmax(axis=0)`` on class-first arrays,
+    and the winning probability comes with it."""
+    best = probs[0].copy()
+    cls = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, len(probs)):
+        better = probs[k] > best
+        cls[better] = k
+        np.maximum(best, probs[k], out=best)
+    return cls, best
+
+
 def classify(probs, threshold=None, binary=False):
     """Class per pixel of blended probabilities [K, h, w]: the argmax; with a ``threshold``, as Deepness does: a
     pixel whose winning probability is below it is class 0 (``binary``, a one-channel sigmoid model: class 1 where
     its probability is at least ``threshold``)."""
+    return classify_max(probs, threshold, binary)[0]
+
+
+def classify_max(probs, threshold=None, binary=False):
+    """(:func:`classify`'s classes, the winning probability [h, w])."""
+    cls, best = argmax_max(probs)
     if threshold is None:
-        return np.argmax(probs, axis=0).astype(np.uint8)
+        return cls, best
     if binary and len(probs) == 2:
-        return (probs[1] >= threshold).astype(np.uint8)
-    cls = np.argmax(probs, axis=0).astype(np.uint8)
-    cls[np.max(probs, axis=0) < threshold] = 0
-    return cls
+        return (probs[1] >= threshold).astype(np.uint8), best
+    cls[best < threshold] = 0
+    return cls, best
 
 
 def _output_spans(package):
@@ -343,8 +362,8 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         if cluster:  # the workers load the model on their own devices
             runner, bs, result.device = None, 1, f"Dask cluster {cluster}"
         else:
-            dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-            runner = open_runner(pkg, dev, tta, log)
+            dev, result.device, bs = open_device(device, batch_size, pkg_opts, prog, log)  # the run's tile size
+            runner = open_runner(pkg_opts, dev, tta, log)
         result.tta = tta
         k = len(pkg.classes)
         names = [c.name for c in pkg.classes]

@@ -120,7 +120,8 @@ class ModelPackage:
         return dataclasses.replace(self, tile_size=tile_size, overlap=overlap)
 
     def make_runner(self, device):
-        """The runner of this segmentation-type network on ``device``: batches of tiles -> probabilities."""
+        """The runner of this segmentation-type network on ``device``: batches of tiles -> probabilities (on the CPU,
+        inference runs the package's cached ONNX graph instead: :func:`.onnx.cache.make_runner`)."""
         from .runners import ModelRunner
         return ModelRunner(self.load_model(), device, self.activation)
 

@@ -93,6 +93,17 @@ def _centernet_as_yolo(net, tile):
     return CenterNetYolo()
 
 
+def tiled_metadata(pkg):
+    """``pkg``'s model.json with its tile size and overlap as the package has them now (the graph is exported for
+    that tile size: :meth:`..package.ModelPackage.with_tiling`)."""
+    props = pkg.metadata.get("properties", {})
+    if (props.get("rs_deep:tile_size"), props.get("rs_deep:overlap")) == (pkg.tile_size, pkg.overlap):
+        return pkg.metadata
+    meta = json.loads(json.dumps(pkg.metadata))
+    meta["properties"].update({"rs_deep:tile_size": pkg.tile_size, "rs_deep:overlap": pkg.overlap})
+    return meta
+
+
 def export_onnx(package_path, out_path, opset=17, log=None):
     """Export a segmentation or CenterNet detection package (folder, zip or ModelPackage) to one ONNX file.
 
@@ -158,7 +169,7 @@ def export_onnx(package_path, out_path, opset=17, log=None):
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     props = deepness_metadata(pkg)
-    props[MODEL_JSON_KEY] = json.dumps(pkg.metadata, separators=(",", ":"))
+    props[MODEL_JSON_KEY] = json.dumps(tiled_metadata(pkg), separators=(",", ":"))
     if pkg.task == "segmentation":
         props[OUTPUT_KEY] = json.dumps("probabilities")
     del proto.metadata_props[:]

@@ -7,7 +7,7 @@ import numpy as np
 from ...errors import InputError, ModelPackageError
 from ...limits import MAX_ONNX_WORKING_BYTES, size_text
 from ..postprocess import batched_nms, resize_bilinear
-from .session import require_onnxruntime, run_options
+from .session import SHRINK_EVERY, require_onnxruntime, run_options
 
 
 class OnnxRunner:
@@ -15,11 +15,14 @@ class OnnxRunner:
         self.pkg = pkg
         self.session = pkg.session(device)
         self.input_name = pkg.input_name
-        self.run_options = run_options(require_onnxruntime())
+        ort = require_onnxruntime()
+        self.run_options = (run_options(ort, shrink=False), run_options(ort))  # (most runs, every SHRINK_EVERY-th)
+        self.runs = 0
 
     def _run_session(self, batch):
+        self.runs += 1
         try:
-            return self.session.run(None, {self.input_name: batch}, self.run_options)
+            return self.session.run(None, {self.input_name: batch}, self.run_options[self.runs % SHRINK_EVERY == 0])
         except Exception as exc:
             msg = str(exc).strip()
             if any(s in msg for s in ("Available memory of", "Failed to allocate", "bad_alloc")):
