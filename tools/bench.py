@@ -133,7 +133,7 @@ def child(raster, out_prefix):
                 runner.model(xt)
     else:
         def forward():
-            runner.session.run(None, {runner.input_name: x}, runner.run_options[0])
+            runner.raw(x)
     forward()  # warm-up (also done by the engine's first batch)
     t1 = time.perf_counter()
     for _ in range((res.tiles_run + bs - 1) // bs):

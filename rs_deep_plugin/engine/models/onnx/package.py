@@ -97,10 +97,12 @@ class OnnxPackage(ModelPackage):
     onnx_metadata: dict = field(default_factory=dict, repr=False)
     _model_bytes: bytes = field(default=None, repr=False)
 
-    def session(self, device=None):
+    def session(self, device=None, threads=None):
+        """An onnxruntime session on ``device`` (None: the CPU); ``threads``: its CPU threads (None:
+        ``RS_DEEP_THREADS`` when set, else onnxruntime's choice, every core)."""
         ort = require_onnxruntime()
         opts = session_options(ort)
-        threads = int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
+        threads = threads or int(os.environ.get("RS_DEEP_THREADS", "0") or 0)
         if threads > 0:
             opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
