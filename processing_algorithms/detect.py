@@ -1,53 +1,20 @@
 """rs_deep:detect — object detection in a raster layer with a detection model package."""
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsFeature, QgsFeatureSink, QgsFillSymbol, QgsGeometry,
-                       QgsMarkerSymbol, QgsPointXY, QgsProcessing, QgsProcessingLayerPostProcessorInterface,
-                       QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber, QgsRectangle,
-                       QgsRendererCategory, QgsWkbTypes)
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsPointXY, QgsProcessing,
+                       QgsProcessingParameterFeatureSink, QgsRectangle, QgsWkbTypes)
 
 from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import DETECTION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (INPUT, RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
-                     help_string, optional_number, read_area, read_model, read_raster, read_resolution, read_tiling,
-                     add_cluster, read_cluster)
+from .params import (INPUT, IOU_THRESHOLD, MAX_DETECTIONS, RESOLUTION_HELP, SCORE_THRESHOLD, add, add_input_block,
+                     add_max_pixels, add_resolution, add_thresholds, add_tiling_block, help_string, read_area,
+                     read_model, read_raster, read_resolution, read_thresholds, read_tiling, add_cluster,
+                     read_cluster)
 from .sinks import FeatureSinks
+from .styles import StyleObjects
 
 OUTPUT = "OUTPUT"
 OUTPUT_CENTROIDS = "OUTPUT_CENTROIDS"
-SCORE_THRESHOLD = "SCORE_THRESHOLD"
-IOU_THRESHOLD = "IOU_THRESHOLD"
-MAX_DETECTIONS = "MAX_DETECTIONS"
-
-
-def outlined_renderer(classes, points=False):
-    """Boxes drawn as outlines (the image stays visible), one colour per class; points as circles."""
-    cats = []
-    for c in classes:
-        if points:
-            sym = QgsMarkerSymbol.createSimple({"name": "circle", "color": "#" + c.color, "size": "2",
-                                                "outline_color": "#000000", "outline_width": "0.2"})
-        else:
-            sym = QgsFillSymbol.createSimple({"style": "no", "outline_color": "#" + c.color, "outline_width": "0.5",
-                                              "joinstyle": "miter"})
-        cats.append(QgsRendererCategory(c.value, sym, c.name))
-    return QgsCategorizedSymbolRenderer("class_id", cats)
-
-
-class _StyleDetections(QgsProcessingLayerPostProcessorInterface):
-    """Styles a result layer by class once Processing has loaded it."""
-
-    keep = []  # Processing does not own post-processors: keep them alive
-
-    def __init__(self, classes):
-        super().__init__()
-        self.classes = classes
-        _StyleDetections.keep.append(self)
-
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
-        points = layer.geometryType() == QgsWkbTypes.PointGeometry
-        layer.setRenderer(outlined_renderer(self.classes, points=points))
-        layer.triggerRepaint()
 
 
 HELP = {
@@ -98,14 +65,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
                                                     optional=True, createByDefault=False), HELP)
         add_resolution(self)
         add_tiling_block(self, help=HELP)
-        double, integer = QgsProcessingParameterNumber.Double, QgsProcessingParameterNumber.Integer
-        add(self, QgsProcessingParameterNumber(SCORE_THRESHOLD, "Score threshold (0..1; -1 = package)", double, -1,
-                                               optional=True, minValue=-1, maxValue=1), HELP, advanced=True)
-        add(self, QgsProcessingParameterNumber(IOU_THRESHOLD, "Overlap (IoU) threshold for merging boxes (0..1; -1 = "
-                                               "package)", double, -1, optional=True, minValue=-1, maxValue=1),
-            HELP, advanced=True)
-        add(self, QgsProcessingParameterNumber(MAX_DETECTIONS, "Maximum objects per tile (0 = package)", integer, 0,
-                                               optional=True, minValue=0), HELP, advanced=True)
+        add_thresholds(self, HELP, "boxes")
         add_max_pixels(self)
         add_cluster(self)
 
@@ -117,9 +77,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         read_area(self, parameters, context, raster)
         tiling = read_tiling(self, parameters, context)
         gsd = read_resolution(self, parameters, context)
-        thresholds = dict(score_threshold=optional_number(self, parameters, SCORE_THRESHOLD, context, -1),
-                          iou_threshold=optional_number(self, parameters, IOU_THRESHOLD, context, -1),
-                          max_detections=optional_number(self, parameters, MAX_DETECTIONS, context, 0, integer=True))
+        thresholds = read_thresholds(self, parameters, context)
         bridge = FeedbackBridge(feedback, 0, 95)
         raster.fetch(gsd or pkg.gsd, context, feedback)
         with outputs:  # every output renamed into place at the end of the block, or none
@@ -147,7 +105,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
         oriented = bool(getattr(pkg, "oriented", False))
         extra = (("angle", "double"), ("width", "double"), ("length", "double")) if oriented else ()
         fields = make_fields(("class_id", "int"), ("class_name", "string"), ("score", "double"), *extra)
-        sink = sinks.create(name, fields, wkb, crs, style=lambda: _StyleDetections(pkg.classes),
+        sink = sinks.create(name, fields, wkb, crs, style=lambda: StyleObjects(pkg.classes),
                             required=(name == OUTPUT))
         if sink is None:
             return

@@ -227,6 +227,33 @@ def read_tiling(alg, parameters, context, tiles=True):
     return values
 
 
+# -- the thresholds of the algorithms that find objects (detection, instance segmentation) ----------------------------
+
+SCORE_THRESHOLD = "SCORE_THRESHOLD"
+IOU_THRESHOLD = "IOU_THRESHOLD"
+MAX_DETECTIONS = "MAX_DETECTIONS"
+
+
+def add_thresholds(alg, help=None, merged="boxes"):
+    """SCORE_THRESHOLD, IOU_THRESHOLD (of the ``merged`` objects: "boxes", "polygons") and MAX_DETECTIONS, advanced;
+    -1 / 0 leave the package's values."""
+    double, integer = QgsProcessingParameterNumber.Double, QgsProcessingParameterNumber.Integer
+    add(alg, QgsProcessingParameterNumber(SCORE_THRESHOLD, "Score threshold (0..1; -1 = package)", double, -1,
+                                          optional=True, minValue=-1, maxValue=1), help, advanced=True)
+    add(alg, QgsProcessingParameterNumber(IOU_THRESHOLD, f"Overlap (IoU) threshold for merging {merged} (0..1; -1 = "
+                                          "package)", double, -1, optional=True, minValue=-1, maxValue=1),
+        help, advanced=True)
+    add(alg, QgsProcessingParameterNumber(MAX_DETECTIONS, "Maximum objects per tile (0 = package)", integer, 0,
+                                          optional=True, minValue=0), help, advanced=True)
+
+
+def read_thresholds(alg, parameters, context):
+    """The thresholds as the engine's keyword arguments (None: the package's)."""
+    return dict(score_threshold=optional_number(alg, parameters, SCORE_THRESHOLD, context, -1),
+                iou_threshold=optional_number(alg, parameters, IOU_THRESHOLD, context, -1),
+                max_detections=optional_number(alg, parameters, MAX_DETECTIONS, context, 0, integer=True))
+
+
 TTA = "TTA"
 TTA_LABELS = ("None", "Flips", "Flips and 90° rotations")  # the dialog's, for TTA_CHOICES (none, flips, d4)
 TTA_HELP = ("Test-time augmentation: each tile also runs flipped (left-right, upside down) or flipped and rotated by "
