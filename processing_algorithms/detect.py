@@ -4,12 +4,11 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsPointXY, QgsP
 
 from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import DETECTION
-from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
+from .base import RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (INPUT, IOU_THRESHOLD, MAX_DETECTIONS, RESOLUTION_HELP, SCORE_THRESHOLD, add, add_input_block,
-                     add_max_pixels, add_resolution, add_thresholds, add_tiling_block, help_string, read_area,
-                     read_model, read_raster, read_resolution, read_thresholds, read_tiling, add_cluster,
-                     read_cluster)
+from .params import (RESOLUTION_HELP, OBJECT_HELP, THRESHOLD_LABELS, add, add_cluster,
+                     add_input_block, add_max_pixels, add_resolution, add_thresholds, add_tiling_block, help_string,
+                     read_cluster, read_object_run)
 from .sinks import FeatureSinks
 from .styles import StyleObjects
 
@@ -18,12 +17,9 @@ OUTPUT_CENTROIDS = "OUTPUT_CENTROIDS"
 
 
 HELP = {
-    "INPUT": "Raster layer to search (GeoTIFF, VRT, WMS/XYZ...). Rasters of any size are processed tile by tile; "
-             "non-file layers are first read through QGIS at the model's ground sampling distance.",
+    **OBJECT_HELP,  # SCORE_THRESHOLD: its own below
     "MODEL": "A detection model package: a folder or .zip holding model.json and model.safetensors, its "
              "model.json, or the name of a bundled model.",
-    "BANDS": "Raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
-             "bands the model needs (an alpha band is ignored).",
     "EXTENT": "Search only this area (default: the whole layer). Objects are clipped to it.",
     "OUTPUT": "One rectangle per object, in the layer's CRS, with class_id, class_name and score (0..1). An oriented "
               "model (CenterNetOBB) gives rotated rectangles with also angle (the direction of the long side in "
@@ -36,14 +32,11 @@ HELP = {
     "OVERLAP": "Overlap of neighbouring tiles in pixels; -1 = the package's value. Objects cut by a tile edge are "
                "taken from the neighbouring tile that holds them whole, so the overlap should exceed the size of "
                "the largest objects.",
-    "BATCH_SIZE": "Tiles per forward pass; 0 = automatic (larger on a GPU).",
-    "DEVICE": "auto picks a CUDA GPU, then Apple MPS, then the CPU.",
     "SCORE_THRESHOLD": "Objects scoring below this (0..1) are dropped; -1 = the package's value. Lower it to find "
                        "more objects (and more false alarms).",
     "IOU_THRESHOLD": "Boxes of one class overlapping by more than this intersection over union (0..1) are the same "
                      "object: only the best is kept (non-maximum suppression; rotated rectangles' IoU for an "
                      "oriented model); -1 = the package's value.",
-    "MAX_DETECTIONS": "Most objects kept per tile; 0 = the package's value.",
 }
 
 
@@ -55,8 +48,7 @@ class DetectAlgorithm(RSDeepAlgorithm):
                            "detection model package and returns one rectangle per object, outlined by class, with its "
                            f"class and score. Bundled models: {', '.join(bundled_models()) or 'none'}.", HELP,
                            {OUTPUT: "Objects (boxes)", OUTPUT_CENTROIDS: "Object centres",
-                            SCORE_THRESHOLD: "Score threshold", IOU_THRESHOLD: "Overlap (IoU) threshold",
-                            MAX_DETECTIONS: "Maximum objects per tile"})
+                            **THRESHOLD_LABELS})
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         add_input_block(self, help=HELP)
@@ -71,19 +63,10 @@ class DetectAlgorithm(RSDeepAlgorithm):
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.detect import detect
-        raster = read_raster(self, parameters, INPUT, context)  # a path is never loaded as a layer
         outputs = RunOutputs(self, parameters, context, feedback)
-        pkg = read_model(self, parameters, context, feedback, DETECTION)
-        read_area(self, parameters, context, raster)
-        tiling = read_tiling(self, parameters, context)
-        gsd = read_resolution(self, parameters, context)
-        thresholds = read_thresholds(self, parameters, context)
-        bridge = FeedbackBridge(feedback, 0, 95)
-        raster.fetch(gsd or pkg.gsd, context, feedback)
+        raster, pkg, run = read_object_run(self, parameters, context, feedback, DETECTION)
         with outputs:  # every output renamed into place at the end of the block, or none
-            result = detect(raster.source, pkg, bands=raster.bands, bounds=raster.bounds, max_pixels=raster.max_pixels,
-                            gsd=gsd, **tiling, **thresholds, **bridge.callbacks,
-                            **read_cluster(self, parameters, context))
+            result = detect(raster.source, pkg, **run, **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             feedback.pushInfo(f"{len(result)} objects from {result.tiles_run}/{result.tiles} tiles on "

@@ -15,6 +15,7 @@ from rs_deep.rs_deep_plugin.engine.models.loading import load_package
 
 from conftest import ATLANTA_IMAGE, ATLANTA_LABELS, make_package, write_raster
 from test_detect import make_detection_package
+from test_oriented import atlanta_crop  # noqa: F401 (a fixture: the top-left 160 x 160 px of the Atlanta sample)
 
 
 def _run(alg, params, feedback=None):
@@ -50,16 +51,6 @@ def roofs(tmp_path_factory):
                              epochs=10, steps_per_epoch=25, batch_size=2, tile_size=128, lr=2e-3,
                              package_tile_size=128, package_overlap=48, score_threshold=0.2, num_threads=2, seed=0)
     return {"raster": raster, "model": d / "model", "report": report, "footprints": geoms}
-
-
-@pytest.fixture(scope="module")
-def atlanta_crop(tmp_path_factory):
-    """The top-left 256 x 256 px of the Atlanta sample (a real scene with footprints in it)."""
-    import subprocess
-    path = tmp_path_factory.mktemp("crop") / "crop.tif"
-    subprocess.run(["gdal_translate", "-q", "-srcwin", "0", "0", "256", "256", str(ATLANTA_IMAGE), str(path)],
-                   check=True)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -264,21 +255,25 @@ def test_other_tasks_models_are_refused_with_the_algorithm_to_use(provider, tmp_
         detect(str(atlanta_crop), load_package(trained_on_atlanta["OUTPUT"]))
 
 
+def _declare(package, task, mlm_task):
+    """The package folder with its model.json declaring another task (the weights unchanged)."""
+    meta = json.loads((package / "model.json").read_text())
+    meta["properties"].update({"rs_deep:task": task, "mlm:tasks": [mlm_task]})
+    (package / "model.json").write_text(json.dumps(meta))
+    return package
+
+
 def test_a_package_whose_network_does_not_fit_its_task_is_refused(tmp_path, trained_on_atlanta):
     """The wrong output layout: a Mask R-CNN declared a detector, a Faster R-CNN declared an instance model."""
     src = trained_on_atlanta["OUTPUT"]
     as_detector = tmp_path / "as_detector"
     shutil.copytree(src, as_detector)
-    meta = json.loads((as_detector / "model.json").read_text())
-    meta["properties"].update({"rs_deep:task": "detection", "mlm:tasks": ["object-detection"]})
-    (as_detector / "model.json").write_text(json.dumps(meta))
+    _declare(as_detector, "detection", "object-detection")
     with pytest.raises(ModelPackageError, match=r"maskrcnn_mobilenet_v3_large_fpn gives masks: it is no detection "
                                                 r"network"):
         load_package(as_detector)
-    det = make_detection_package(tmp_path / "det", in_channels=1)
-    meta = json.loads((det / "model.json").read_text())
-    meta["properties"].update({"rs_deep:task": "instance_segmentation", "mlm:tasks": ["instance-segmentation"]})
-    (det / "model.json").write_text(json.dumps(meta))
+    det = _declare(make_detection_package(tmp_path / "det", in_channels=1), "instance_segmentation",
+                   "instance-segmentation")
     with pytest.raises(ModelPackageError, match=r"gives no masks: it is no instance_segmentation network \(instance "
                                                 r"segmentation: maskrcnn_mobilenet_v3_large_fpn"):
         load_package(det)

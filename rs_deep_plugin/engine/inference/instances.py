@@ -14,19 +14,18 @@ The tile loop of detection (:mod:`.detect`, :mod:`.pipeline`) with a Mask R-CNN 
 
 Nothing is written to disk: a cancelled run leaves nothing.
 """
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
-from ..geo.raster import RasterReader, apply_affine, area_factor_m2, input_warnings
+from ..geo.raster import RasterReader, apply_affine, area_factor_m2
 from ..geo.rotated import intersecting_pairs, pair_overlaps
 from ..geo.vectorize import mask_polygon
-from ..models.detection_options import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, resolve_detection_options
+from ..models.detection_options import resolve_detection_options
 from ..models.postprocess import nms_over_pairs
-from .detect import EDGE_IOA, box_centres
-from .pipeline import Estimate, batched, open_device, open_region, prefetch, read_tiles, resolve_options, start_run
+from .detect import EDGE_IOA, ObjectsResult, box_centres, open_tile_run, tile_outputs
+from .pipeline import open_region, resolve_options, start_run
 from .tiling import TileGrid
 
 
@@ -47,33 +46,13 @@ class Instance:
 
 
 @dataclass
-class InstanceResult:
+class InstanceResult(ObjectsResult):
     instances: list = field(default_factory=list)  # list[Instance], highest score first
-    crs: object = None
-    transform: object = None
-    region: tuple = None  # (col0, row0, col1, row1) processed, in raster pixels
-    tiles: int = 0
-    tiles_run: int = 0
-    device: str = ""
-    seconds: float = 0.0
-    gsd_scale: float = 1.0
-    score_threshold: float = SCORE_THRESHOLD
-    iou_threshold: float = IOU_THRESHOLD
-    max_detections: int = MAX_DETECTIONS
     raw_instances: int = 0  # objects kept by the tiles (centred in their cores) before the merge
-    warnings: list = field(default_factory=list)
 
-    def __len__(self):
-        return len(self.instances)
-
-    def __iter__(self):
-        return iter(self.instances)
-
-    def class_counts(self):
-        counts = {}
-        for d in self.instances:
-            counts[d.class_name] = counts.get(d.class_name, 0) + 1
-        return counts
+    @property
+    def objects(self):
+        return self.instances
 
     def to_geojson(self):
         """A GeoJSON FeatureCollection of the polygons with class, class_id, score and area_m2."""
@@ -120,37 +99,27 @@ def tile_instances(reader, runner, grid, tiles, region, bs, check=lambda: None, 
     x0, y0, x1, y1 = region
     t = reader.tile
     f = reader.native_tile / t  # native pixels per model pixel
-    parts, run, done = [], 0, 0
-    for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y in b], None),
-                                         batched(tiles, bs)):
-        check()
-        outs = runner(data) if data is not None else []
-        j = 0
-        for (tile_no, _, _), (x, y, valid) in zip(batch, metas):
-            if not valid.any():
-                continue
-            boxes, labels, scores, masks = outs[j]
-            j += 1
-            run += 1
-            if not len(boxes):
-                continue
-            mx, my = box_centres(boxes)
-            ok = valid[np.clip(my.astype(np.int64), 0, t - 1), np.clip(mx.astype(np.int64), 0, t - 1)]
-            nx, ny = x + f * mx, y + f * my  # raster pixels
-            cx0, cy0, cx1, cy1 = grid.core(x, y)
-            ok &= (nx >= max(cx0, x0)) & (nx < min(cx1, x1)) & (ny >= max(cy0, y0)) & (ny < min(cy1, y1))
-            wt = reader.window_transform(x, y)
-            transform = wt * wt.scale(f)  # the mask's grid: model pixels of the tile
-            polys, keep = [], []
-            for k in np.flatnonzero(ok):
-                poly = mask_polygon(masks[k], transform)
-                if poly is not None:
-                    polys.append(poly)
-                    keep.append(k)
-            if keep:
-                parts.append((polys, scores[keep], labels[keep], np.full(len(keep), tile_no, dtype=np.int64)))
-        done += len(batch)
-        on_batch(done)
+    parts, run = [], 0
+    for tile_no, x, y, valid, (boxes, labels, scores, masks) in tile_outputs(reader, runner, tiles, bs, check,
+                                                                             on_batch):
+        run += 1
+        if not len(boxes):
+            continue
+        mx, my = box_centres(boxes)
+        ok = valid[np.clip(my.astype(np.int64), 0, t - 1), np.clip(mx.astype(np.int64), 0, t - 1)]
+        nx, ny = x + f * mx, y + f * my  # raster pixels
+        cx0, cy0, cx1, cy1 = grid.core(x, y)
+        ok &= (nx >= max(cx0, x0)) & (nx < min(cx1, x1)) & (ny >= max(cy0, y0)) & (ny < min(cy1, y1))
+        wt = reader.window_transform(x, y)
+        transform = wt * wt.scale(f)  # the mask's grid: model pixels of the tile
+        polys, keep = [], []
+        for k in np.flatnonzero(ok):
+            poly = mask_polygon(masks[k], transform)
+            if poly is not None:
+                polys.append(poly)
+                keep.append(k)
+        if keep:
+            parts.append((polys, scores[keep], labels[keep], np.full(len(keep), tile_no, dtype=np.int64)))
     return parts, run
 
 
@@ -180,20 +149,11 @@ def segment_instances(input_path, package, *, bands=None, bounds=None, tile_size
         x0, y0, x1, y1 = region
         result.gsd_scale = reader.scale
         result.crs, result.transform, result.region = reader.crs, reader.transform, region
-        n, t = reader.native_tile, reader.tile
-        grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
+        grid = TileGrid(x0, y0, x1, y1, reader.native_tile, reader.native_overlap)
         seq = [(i + 1, x, y) for i, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs)]
         result.tiles = len(seq)
-        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-        runner = pkg.make_detection_runner(dev, score, iou, maxd)
-        prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} px, "
-                     f"batch {bs}; score >= {score:g}, polygon IoU {iou:g}, at most {maxd} objects per tile")
-        estimate = Estimate(len(seq), "tiles", prog.message)
-
-        def on_batch(done):
-            prog.update(0.97 * done / len(seq))
-            estimate.after(done)
-
+        runner, result.device, bs, on_batch = open_tile_run(device, batch_size, pkg, prog, log, reader, len(seq),
+                                                            (score, iou, maxd), "polygon IoU")
         parts, result.tiles_run = tile_instances(reader, runner, grid, seq, region, bs, prog.check, on_batch)
         prog.check()
         if parts:
@@ -215,11 +175,7 @@ def segment_instances(input_path, package, *, bands=None, bounds=None, tile_size
                 c = int(labels[k])
                 result.instances.append(Instance(poly, c, names.get(c, str(c)), float(scores[k]),
                                                  float(poly.area * factor)))
-        said = input_warnings(reader, result.tiles_run == 0)
-        for w in said:
-            log(w)
-        result.warnings += said
-        result.seconds = time.time() - t_start
+        result.finish(reader, log, t_start)
         prog.update(1.0, f"{len(result)} objects ({result.raw_instances} from the tiles before merging), "
                          f"{result.tiles_run}/{result.tiles} tiles on {result.device} in {result.seconds:.1f} s")
         return result

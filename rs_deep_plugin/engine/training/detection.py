@@ -167,14 +167,24 @@ class DetectionTask(TrainingTask):
     def validate(self, model, device, memory_format):
         if not self.val_items:
             return None, None
-        preds, truths = [], []
-        for it in self.val_items:
-            preds.append(predict_image(model, it.img, it.valid, self.tile_size, self.tile_size // 8,
-                                       min(0.05, self.score_threshold), self.iou_threshold, self.max_detections,
-                                       device, oriented=self.oriented))
-            truths.append((it.rboxes if self.oriented else it.boxes, it.labels))
+        preds = [self.predict(model, it, device) for it in self.val_items]
+        truths = [self.truth(it) for it in self.val_items]
         return detection_metrics(preds, truths, iou=0.5, score_threshold=self.score_threshold,
-                                 rotated=rotated_iou if self.oriented else None), None
+                                 **self.matching()), None
+
+    def predict(self, model, item, device):
+        """The objects of a validation item, found as the engine finds them (all scoring 0.05 or more, for AP)."""
+        return predict_image(model, item.img, item.valid, self.tile_size, self.tile_size // 8,
+                             min(0.05, self.score_threshold), self.iou_threshold, self.max_detections, device,
+                             oriented=self.oriented)
+
+    def truth(self, item):
+        """The true objects of a validation item, as :func:`.metrics.detection_metrics` takes them."""
+        return (item.rboxes if self.oriented else item.boxes, item.labels)
+
+    def matching(self):
+        """How :func:`.metrics.detection_metrics` matches objects: rotated boxes by rotated IoU."""
+        return {"rotated": rotated_iou if self.oriented else None}
 
     def rank(self, metrics, val_loss, epoch):
         return (metrics["ap"], metrics["f1"])

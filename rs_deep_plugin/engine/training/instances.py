@@ -10,7 +10,6 @@ precision, recall, F1 and AP at mask (polygon) IoU 0.5 (:func:`.metrics.detectio
 """
 import numpy as np
 
-from ..evaluation.metrics import detection_metrics
 from ..geo.rotated import polygon_iou
 from ..geo.vectorize import mask_polygon
 from ..models.package import TASKS
@@ -81,17 +80,16 @@ class InstanceTask(DetectionTask):
         loss_dict = model(images, targets)
         return sum(loss_dict.values()), loss_dict
 
-    def validate(self, model, device, memory_format):
-        if not self.val_items:
-            return None, None
-        preds, truths = [], []
-        for it in self.val_items:
-            preds.append(predict_instances(model, it.img, it.valid, self.tile_size, self.tile_size // 8,
-                                           min(0.05, self.score_threshold), self.iou_threshold, self.max_detections,
-                                           device))
-            truths.append(truth_polygons(it))
-        return detection_metrics(preds, truths, iou=0.5, score_threshold=self.score_threshold,
-                                 polygons=polygon_iou), None
+    def predict(self, model, item, device):
+        return predict_instances(model, item.img, item.valid, self.tile_size, self.tile_size // 8,
+                                 min(0.05, self.score_threshold), self.iou_threshold, min(self.max_detections, 100),
+                                 device)
+
+    def truth(self, item):
+        return truth_polygons(item)
+
+    def matching(self):
+        return {"polygons": polygon_iou}
 
     def epoch_message(self, metrics, val_loss, best):
         return " (masks)" + super().epoch_message(metrics, val_loss, best)
