@@ -56,7 +56,7 @@ DEFAULT_ENCODER = "resnet18"
 TOOLBOX_DEFAULTS = {
     "segmentation": {"tile_size": 128, "batch_size": 16, "lr": 3e-3},
     "detection": {"tile_size": 256, "batch_size": 4, "lr": 2e-3},
-    "instance_segmentation": {"tile_size": 256, "batch_size": 4, "lr": 2e-3},
+    "instance_segmentation": {"tile_size": 128, "batch_size": 4, "lr": 2e-3},
     "patch_classification": {"tile_size": 16, "batch_size": 64, "lr": 2e-3},
     "change": {"tile_size": 128, "batch_size": 8, "lr": 2e-3},
     "regression": {"tile_size": 128, "batch_size": 16, "lr": 2e-3},
