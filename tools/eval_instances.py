@@ -100,7 +100,7 @@ def main():
     rows = [(d.polygon, 0, d.score) for d in res]
     results["instances"] = {
         "train_seconds": round(time.time() - t0, 1), "epochs": report["epochs_run"],
-        "steps": report["epochs_run"] * report["steps_per_epoch"], "objects": len(res),
+        "steps": report["samples"]["crops_seen"] // report["batch_size"], "objects": len(res),
         "masks": at_threshold(rows, report_threshold(OUT / "instances_model"), truth, True),
         "boxes": at_threshold([(*p.bounds, c, s) for p, c, s in rows], report_threshold(OUT / "instances_model"),
                               truth, False)}
