@@ -10,7 +10,7 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models eval-multilabel compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-dask bench-peers package clean help
+.PHONY: setup qgis demo demo-model eval-models eval-multilabel eval-instances compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-dask bench-peers package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
@@ -29,6 +29,8 @@ help:
 	@echo "make eval-multilabel multi-label crop groups per 160 m patch: trained on the left, scored on the right of fields_denmark"
 	@echo "make compare-rf  U-Net (rs_deep:train defaults) vs per-pixel random forest on held-out areas of ../shared/data"
 	@echo "make eval-trees  tree detection on an unseen NEON site; fine-tuning vs scratch by number of labels"
+	@echo "make eval-instances Mask R-CNN building polygons on held-back rows of buildings_atlanta (mask IoU), vs a"
+	@echo "                 detector's boxes; EVAL_INSTANCES_ARGS=\"--minutes 6 --baseline-minutes 3\""
 	@echo "make screenshot  QGIS under Xvfb with the dock and a result -> docs/screenshot.png"
 
 setup: $(VENV)/.rs_deep-installed build/dev-plugins/rs_deep
@@ -65,6 +67,9 @@ eval-trees: setup
 
 eval-multilabel: setup
 	$(PY) tools/eval_multilabel.py
+
+eval-instances: setup
+	$(PY) tools/eval_instances.py $(EVAL_INSTANCES_ARGS)
 
 screenshot: setup
 	$(PY) tools/screenshot.py

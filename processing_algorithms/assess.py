@@ -10,7 +10,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
 
 from ..rs_deep_plugin.compat import make_fields
-from ..rs_deep_plugin.engine.tasks import CHANGE, DETECTION, PATCH_CLASSIFICATION, SEGMENTATION
+from ..rs_deep_plugin.engine.tasks import CHANGE, DETECTION, INSTANCE_SEGMENTATION, PATCH_CLASSIFICATION, SEGMENTATION
 from .base import FeedbackBridge, NamedEnum, RSDeepAlgorithm
 from .labels import class_value, only_foreground_class
 from .layers import (check_overlap, gdal_path, predicted_boxes, predicted_patches, read_labelled_polygons,
@@ -25,6 +25,9 @@ ASSESSED = [(SEGMENTATION, "class raster"), (DETECTION, "boxes"), (CHANGE, "chan
 #: the last choice of TASK: rotated boxes (an oriented detector's), matched by rotated IoU
 ORIENTED = "oriented_detection"
 ORIENTED_LABEL = "Oriented object detection (rotated boxes)"
+#: and after it: instance polygons (rs_deep:segment_instances'), matched by polygon (mask) IoU
+INSTANCES = INSTANCE_SEGMENTATION.name
+INSTANCES_LABEL = "Instance segmentation (object polygons)"
 #: a predicted feature is a rotated box when its area is below this share of its bounding box's
 ROTATED_AREA_SHARE = 0.98
 # a class or change raster against reference polygons or a reference raster
@@ -62,7 +65,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             "PRECISION, RECALL and F1 of the change class). <b>Object detection</b>: detected boxes are matched "
             "to reference boxes (greedily by score, IoU threshold), giving precision, recall, F1 and AP. <b>Oriented "
             "object detection</b>: the rotated rectangles of an oriented model (CenterNetOBB) against the minimum "
-            "rotated rectangles of the reference polygons, matched by rotated IoU.<br><br>"
+            "rotated rectangles of the reference polygons, matched by rotated IoU. <b>Instance segmentation</b> "
+            "(TASK=instance_segmentation): the object polygons of Instance segmentation against the reference "
+            "polygons themselves, matched by polygon (mask) IoU.<br><br>"
             "<b>Task</b>: what is assessed.<br>"
             "<b>Prediction</b>: segmentation and change: a class raster (file), band 1 holding integer class "
             "values (the output of Semantic segmentation or Change detection). Its nodata pixels are not "
@@ -103,8 +108,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(NamedEnum(TASK, "Task", [f"{t.label} ({what})" for t, what in ASSESSED] + [ORIENTED_LABEL],
-                                    [t.name for t, _ in ASSESSED] + [ORIENTED], defaultValue=0))
+        self.addParameter(NamedEnum(TASK, "Task", [f"{t.label} ({what})" for t, what in ASSESSED]
+                                    + [ORIENTED_LABEL, INSTANCES_LABEL],
+                                    [t.name for t, _ in ASSESSED] + [ORIENTED, INSTANCES], defaultValue=0))
         self.addParameter(QgsProcessingParameterRasterLayer(PREDICTION, "Prediction (class or change raster)",
                                                             optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES,
@@ -146,8 +152,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         task = self.parameterAsEnumName(parameters, TASK, context) \
             if parameters.get(TASK) not in (None, "") else SEGMENTATION.name
         with RunOutputs(self, parameters, context, feedback) as outputs:  # the report and table, both or none
-            if task in (DETECTION.name, ORIENTED):
-                return self._assess_detection(parameters, context, feedback, outputs, rotated=task == ORIENTED)
+            if task in (DETECTION.name, ORIENTED, INSTANCES):
+                return self._assess_detection(parameters, context, feedback, outputs, rotated=task == ORIENTED,
+                                              masks=task == INSTANCES)
             if task == PATCH_CLASSIFICATION.name:
                 return self._assess_multilabel(parameters, context, feedback, outputs)
             return self._assess_raster(task, parameters, context, feedback, outputs)
@@ -263,9 +270,10 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                 break
         return rotated, seen
 
-    def _assess_detection(self, parameters, context, feedback, outputs, rotated=False):
+    def _assess_detection(self, parameters, context, feedback, outputs, rotated=False, masks=False):
         """Detected boxes (a vector layer) against reference boxes (polygons: their bounding boxes; ``rotated``:
-        their minimum rotated rectangles, matched by rotated IoU)."""
+        their minimum rotated rectangles, matched by rotated IoU; ``masks``: instance polygons against the reference
+        polygons themselves, matched by polygon IoU)."""
         from ..rs_deep_plugin.engine.errors import RSDeepError
         from ..rs_deep_plugin.engine.evaluation.accuracy import DETECTION_FIELDS, assess_detection
         pred, source, area = self._vector_inputs(
@@ -284,8 +292,9 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                     "by rotated IoU")
         score_field = self.parameterAsString(parameters, SCORE_FIELD, context) or \
             ("score" if "score" in pred_fields else "")
+        own_class = "class" if masks and "class" in pred_fields else "class_name"  # segment_instances: class
         class_field = self.parameterAsString(parameters, PREDICTION_CLASS_FIELD, context) or \
-            ("class_name" if ref_field and "class_name" in pred_fields else "")
+            (own_class if ref_field and own_class in pred_fields else "")
         if ref_field and not class_field:
             raise QgsProcessingException(f"CLASS_FIELD {ref_field!r} is set but the predicted boxes have no "
                                          "class_name field: set PREDICTION_CLASS_FIELD, or leave CLASS_FIELD empty "
@@ -293,20 +302,21 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         iou = number_or(self, parameters, IOU_THRESHOLD, context, 0.5)
         score_t = number_or(self, parameters, SCORE_THRESHOLD, context, 0.0)
 
-        reference = reference_boxes(source, ref_field, crs, area, context, feedback, shapes=rotated)
+        reference = reference_boxes(source, ref_field, crs, area, context, feedback, shapes=rotated or masks)
         predicted = predicted_boxes(pred, score_field, class_field if ref_field else "", area, feedback,
-                                    shapes=rotated)
+                                    shapes=rotated or masks)
         if not reference:
             raise QgsProcessingException("REFERENCE has no box in the assessed area; check the extent and the "
                                          "layer's CRS")
-        kind = "rotated " if rotated else ""
-        feedback.pushInfo(f"{len(predicted)} predicted {kind}boxes (score field: {score_field or 'none, all 1'}) "
-                          f"against {len(reference)} reference {kind}boxes"
+        kind = "polygons" if masks else "rotated boxes" if rotated else "boxes"
+        feedback.pushInfo(f"{len(predicted)} predicted {kind} (score field: {score_field or 'none, all 1'}) "
+                          f"against {len(reference)} reference {kind}"
                           + (" (minimum rotated rectangles)" if rotated else "")
-                          + f"; {'rotated ' if rotated else ''}IoU >= {iou:g}, score >= {score_t:g}; classes "
-                          + ("compared" if ref_field else "ignored"))
+                          + f"; {'polygon (mask) ' if masks else 'rotated ' if rotated else ''}IoU >= {iou:g}, "
+                          f"score >= {score_t:g}; classes " + ("compared" if ref_field else "ignored"))
         try:
-            metrics = assess_detection(predicted, reference, iou=iou, score_threshold=score_t, rotated=rotated)
+            metrics = assess_detection(predicted, reference, iou=iou, score_threshold=score_t, rotated=rotated,
+                                       masks=masks)
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         feedback.pushInfo(f"precision {_f(metrics['precision'])}, recall {_f(metrics['recall'])}, F1 "
@@ -315,7 +325,8 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         results = dict(PRECISION=metrics["precision"], RECALL=metrics["recall"], F1=metrics["f1"], AP=metrics["ap"])
         fields = make_fields(*[(n, "int" if n in ("tp", "fp", "fn", "truth", "predicted") else "double")
                                for n in DETECTION_FIELDS])
-        results.update(self._write(parameters, context, outputs, metrics, f"Detection accuracy of {pred.sourceName()}",
+        title = "Instance segmentation" if masks else "Detection"
+        results.update(self._write(parameters, context, outputs, metrics, f"{title} accuracy of {pred.sourceName()}",
                                    fields, [[metrics.get(n) for n in DETECTION_FIELDS]]))
         return results
 

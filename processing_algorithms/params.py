@@ -24,7 +24,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessin
 
 from ..rs_deep_plugin.engine.inference.distributed import SCHEDULER_ENV, default_cluster
 from ..rs_deep_plugin.engine.models.tta import TTA_CHOICES
-from .base import DEVICES, MODELS_DIR, NamedEnum, bundled_models
+from .base import DEVICES, MODELS_DIR, FeedbackBridge, NamedEnum, bundled_models
 from .layers import export_raster_layer, gdal_path
 
 
@@ -225,6 +225,64 @@ def read_tiling(alg, parameters, context, tiles=True):
         values["tile_size"] = optional_number(alg, parameters, TILE_SIZE, context, 0, integer=True)
         values["overlap"] = optional_number(alg, parameters, OVERLAP, context, -1, integer=True)
     return values
+
+
+# -- the thresholds of the algorithms that find objects (detection, instance segmentation) ----------------------------
+
+SCORE_THRESHOLD = "SCORE_THRESHOLD"
+IOU_THRESHOLD = "IOU_THRESHOLD"
+MAX_DETECTIONS = "MAX_DETECTIONS"
+
+
+#: the thresholds' names in the help
+THRESHOLD_LABELS = {SCORE_THRESHOLD: "Score threshold", IOU_THRESHOLD: "Overlap (IoU) threshold",
+                    MAX_DETECTIONS: "Maximum objects per tile"}
+#: the help the algorithms that find objects share (each adds its own and may replace these)
+OBJECT_HELP = {
+    "INPUT": "Raster layer to search (GeoTIFF, VRT, WMS/XYZ...). Rasters of any size are processed tile by tile; "
+             "non-file layers are first read through QGIS at the model's ground sampling distance.",
+    "BANDS": "Raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
+             "bands the model needs (an alpha band is ignored).",
+    "BATCH_SIZE": "Tiles per forward pass; 0 = automatic (larger on a GPU).",
+    "DEVICE": "auto picks a CUDA GPU, then Apple MPS, then the CPU.",
+    "SCORE_THRESHOLD": "Objects scoring below this (0..1) are dropped; -1 = the package's value.",
+    "MAX_DETECTIONS": "Most objects kept per tile; 0 = the package's value.",
+}
+
+
+def add_thresholds(alg, help=None, merged="boxes"):
+    """SCORE_THRESHOLD, IOU_THRESHOLD (of the ``merged`` objects: "boxes", "polygons") and MAX_DETECTIONS, advanced;
+    -1 / 0 leave the package's values."""
+    double, integer = QgsProcessingParameterNumber.Double, QgsProcessingParameterNumber.Integer
+    add(alg, QgsProcessingParameterNumber(SCORE_THRESHOLD, "Score threshold (0..1; -1 = package)", double, -1,
+                                          optional=True, minValue=-1, maxValue=1), help, advanced=True)
+    add(alg, QgsProcessingParameterNumber(IOU_THRESHOLD, f"Overlap (IoU) threshold for merging {merged} (0..1; -1 = "
+                                          "package)", double, -1, optional=True, minValue=-1, maxValue=1),
+        help, advanced=True)
+    add(alg, QgsProcessingParameterNumber(MAX_DETECTIONS, "Maximum objects per tile (0 = package)", integer, 0,
+                                          optional=True, minValue=0), help, advanced=True)
+
+
+def read_thresholds(alg, parameters, context):
+    """The thresholds as the engine's keyword arguments (None: the package's)."""
+    return dict(score_threshold=optional_number(alg, parameters, SCORE_THRESHOLD, context, -1),
+                iou_threshold=optional_number(alg, parameters, IOU_THRESHOLD, context, -1),
+                max_detections=optional_number(alg, parameters, MAX_DETECTIONS, context, 0, integer=True))
+
+
+def read_object_run(alg, parameters, context, feedback, task):
+    """The inputs of an algorithm that finds objects (detection, instance segmentation): INPUT, MODEL (of ``task``),
+    EXTENT, RESOLUTION, the tiling block and the thresholds. Returns ``(raster, package, the engine call's keyword
+    arguments)`` (with the progress and cancel callbacks, 0..95 %), the raster fetched at the resolution."""
+    raster = read_raster(alg, parameters, INPUT, context)  # a path is never loaded as a layer
+    pkg = read_model(alg, parameters, context, feedback, task)
+    read_area(alg, parameters, context, raster)
+    gsd = read_resolution(alg, parameters, context)
+    kwargs = dict(bands=raster.bands, bounds=raster.bounds, max_pixels=raster.max_pixels, gsd=gsd,
+                  **read_tiling(alg, parameters, context), **read_thresholds(alg, parameters, context),
+                  **FeedbackBridge(feedback, 0, 95).callbacks)
+    raster.fetch(gsd or pkg.gsd, context, feedback)
+    return raster, pkg, kwargs
 
 
 TTA = "TTA"

@@ -7,6 +7,7 @@ from .segment import SegmentAlgorithm
 from .change import ChangeAlgorithm
 from .patches import PatchClassificationAlgorithm
 from .detect import DetectAlgorithm
+from .instances import SegmentInstancesAlgorithm
 from .predict_raster import PredictRasterAlgorithm
 from .assess import AssessAccuracyAlgorithm
 from .train import TrainAlgorithm
@@ -37,6 +38,7 @@ class RSDeepProvider(QgsProcessingProvider):
         self.addAlgorithm(ChangeAlgorithm())
         self.addAlgorithm(PatchClassificationAlgorithm())
         self.addAlgorithm(DetectAlgorithm())
+        self.addAlgorithm(SegmentInstancesAlgorithm())
         self.addAlgorithm(PredictRasterAlgorithm())
         self.addAlgorithm(ExportTrainingDataAlgorithm())
         self.addAlgorithm(TrainAlgorithm())

@@ -3,7 +3,7 @@
 loaded the layers."""
 import os
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsPalettedRasterRenderer,
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsMarkerSymbol, QgsPalettedRasterRenderer,
                        QgsProcessingLayerPostProcessorInterface, QgsRasterLayer, QgsRendererCategory, QgsWkbTypes)
 from qgis.PyQt.QtGui import QColor
 
@@ -62,3 +62,33 @@ def style_class_raster(path, classes, context, written=None, transparent_backgro
     del styled
     if context.willLoadLayerOnCompletion(path):
         context.layerToLoadOnCompletionDetails(path).setPostProcessor(StyleClasses(classes, transparent_background))
+
+
+def outlined_renderer(classes, points=False):
+    """Boxes drawn as outlines (the image stays visible), one colour per class; points as circles."""
+    cats = []
+    for c in classes:
+        if points:
+            sym = QgsMarkerSymbol.createSimple({"name": "circle", "color": "#" + c.color, "size": "2",
+                                                "outline_color": "#000000", "outline_width": "0.2"})
+        else:
+            sym = QgsFillSymbol.createSimple({"style": "no", "outline_color": "#" + c.color, "outline_width": "0.5",
+                                              "joinstyle": "miter"})
+        cats.append(QgsRendererCategory(c.value, sym, c.name))
+    return QgsCategorizedSymbolRenderer("class_id", cats)
+
+
+class StyleObjects(QgsProcessingLayerPostProcessorInterface):
+    """Styles a layer of objects (boxes, polygons or points) by class once Processing has loaded it."""
+
+    keep = []  # Processing does not own post-processors: keep them alive
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes = classes
+        StyleObjects.keep.append(self)
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
+        points = layer.geometryType() == QgsWkbTypes.PointGeometry
+        layer.setRenderer(outlined_renderer(self.classes, points=points))
+        layer.triggerRepaint()

@@ -10,7 +10,8 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
 
 from ..rs_deep_plugin.compat import push_warning
-from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION, REGRESSION, SUPER_RESOLUTION, TASKS as TASK_TABLE
+from ..rs_deep_plugin.engine.tasks import (INSTANCE_SEGMENTATION, OBJECT_TASKS, PATCH_CLASSIFICATION, REGRESSION,
+                                           SUPER_RESOLUTION, TASKS as TASK_TABLE)
 from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_dependencies
 from .labels import label_colors, map_classes, map_multilabel_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
@@ -149,10 +150,12 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "the model assumes the same detail one level finer. Validation reports the PSNR of the network and of "
             "bicubic interpolation on the held-back rows. The package writes the image's data type.<br>"
             "<b>Scale</b>: super-resolution only: how many times finer the output is (2..8; default 2).<br>"
-            "<b>Task</b>: segmentation, detection, patch classification, change, regression or super-resolution. "
+            "<b>Task</b>: segmentation, detection, patch classification, change, regression, super-resolution or "
+            "instance segmentation (one polygon per object: a Mask R-CNN from the LABELS polygons, each polygon one "
+            "object; applied with rs_deep:segment_instances). "
             "From the command line by index or by name: <code>TASK=segmentation</code>, <code>detection</code>, "
             "<code>patch_classification</code>, <code>change</code>, <code>regression</code>, "
-            "<code>super_resolution</code>; the other choices likewise, e.g. "
+            "<code>super_resolution</code>, <code>instance_segmentation</code>; the other choices likewise, e.g. "
             "<code>DEVICE=cpu</code>, <code>AUGMENT=flips,rotations</code>.<br>"
             "<b>Architecture</b>: auto = Unet (segmentation), CenterNet (detection), the encoder "
             "network itself (patch classification), a Siamese U-Net (change; a segmentation network here means "
@@ -385,9 +388,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
                 if task in (REGRESSION.name, SUPER_RESOLUTION.name):
                     raise QgsProcessingException("CHIPS train segmentation, detection or change models; regression "
                                                  "trains from INPUT and TARGET, super-resolution from INPUT")
-                if task == PATCH_CLASSIFICATION.name:
-                    raise QgsProcessingException("CHIPS train segmentation, detection or change models; patch "
-                                                 "classification trains from INPUT and LABELS")
+                if task in (PATCH_CLASSIFICATION.name, INSTANCE_SEGMENTATION.name):
+                    raise QgsProcessingException(f"CHIPS train segmentation, detection or change models; "
+                                                 f"{TASK_TABLE[task].short} trains from INPUT and LABELS")
                 manifest = load_manifest(chips, task)  # clear errors: no manifest, another task, missing files
                 common["description"] = (f"Trained by RS Deep on {len(manifest['chips'])} chips of "
                                          f"{manifest['source'].get('image')}")
@@ -467,20 +470,23 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                       class_colors=colors_for(class_names, task), builder=builder,
                                       tile_size=tile, val_fraction=val, val_side="bottom", patience=patience,
                                       **common, **callbacks)
-        if task == "detection":
+        if task in OBJECT_TASKS:
             from ..rs_deep_plugin.engine.training.data import DetectionSample, split_sample
-            from ..rs_deep_plugin.engine.training.detection import train_detection
+            from ..rs_deep_plugin.engine.training.detection import DetectionTask, train_detection
+            from ..rs_deep_plugin.engine.training.instances import InstanceTask
             from ..rs_deep_plugin.engine.models.arch_centernet import is_oriented
             from ..rs_deep_plugin.engine.training.transfer import read_init_package
             class_names, labels = map_classes(task, pairs, field, layer_name)
             start = common.get("init_from")
             oriented = is_oriented(builder if builder is not None or not start
                                    else read_init_package(start, task).builder)
-            if oriented:  # the polygons: their minimum rotated rectangles are the boxes
+            instances = task == INSTANCE_SEGMENTATION.name
+            if oriented or instances:  # the polygons: their minimum rotated rectangles are the boxes, or the objects
                 boxes = [(g, v) for g, v in labels]
             else:
                 boxes = [(*g.bounds, v) for g, v in labels]  # map coordinates: the engine maps them onto the raster
-            feedback.pushInfo(f"{len(boxes)} {'rotated ' if oriented else ''}boxes; classes: " + ", ".join(class_names))
+            kind = "objects (polygons)" if instances else "rotated boxes" if oriented else "boxes"
+            feedback.pushInfo(f"{len(boxes)} {kind}; classes: " + ", ".join(class_names))
             sample = DetectionSample(image, boxes, name=os.path.basename(image), coords="map")
             samples, val_samples = [sample], None
             if val > 0:
@@ -488,7 +494,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                 samples, val_samples = [train_part], [held]
             return train_detection(samples, out_dir, class_names=class_names,
                                    class_colors=colors_for(class_names, task), val_samples=val_samples,
-                                   builder=builder, tile_size=tile, patience=patience, **common, **callbacks)
+                                   builder=builder, tile_size=tile, patience=patience,
+                                   task_type=InstanceTask if instances else DetectionTask, **common, **callbacks)
         if task == "change":
             return self._train_change(parameters, context, feedback, image, pairs, field, out_dir, builder, tile,
                                       val, patience, common, callbacks, colors_for)

@@ -44,7 +44,7 @@ def test_the_task_table_names_the_algorithms_and_the_model_format(provider):
     from rs_deep.rs_deep_plugin.engine.models.package import TASKS as PACKAGE_TASKS
     from rs_deep.rs_deep_plugin.engine.tasks import RASTER_TASKS, TASKS, is_background
     assert list(TASKS) == ["segmentation", "detection", "patch_classification", "change", "regression",
-                           "super_resolution"]
+                           "super_resolution", "instance_segmentation"]
     for task in TASKS.values():
         alg = QgsApplication.processingRegistry().algorithmById(task.algorithm)
         assert alg is not None, task

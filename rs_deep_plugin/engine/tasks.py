@@ -1,4 +1,4 @@
-"""The four tasks of RS Deep in one table: how the code, model packages (MLM), users and Processing name each, and
+"""The tasks of RS Deep in one table: how the code, model packages (MLM), users and Processing name each, and
 which class names mean "nothing here". Plain data, no import: every layer of the engine, the algorithms and the GUI
 may read it."""
 from dataclasses import dataclass
@@ -31,6 +31,9 @@ class Task:
 SEGMENTATION = Task("segmentation", "semantic-segmentation", "Semantic segmentation", "rs_deep:segment",
                     ("background",))
 DETECTION = Task("detection", "object-detection", "Object detection", "rs_deep:detect", first_color=1)
+#: one polygon per object (its mask), with its class and score: Mask R-CNN (:mod:`.models.arch_torchvision`)
+INSTANCE_SEGMENTATION = Task("instance_segmentation", "instance-segmentation", "Instance segmentation",
+                             "rs_deep:segment_instances", first_color=1)
 PATCH_CLASSIFICATION = Task("patch_classification", "scene-classification", "Patch classification",
                             "rs_deep:classify_patches", first_color=1)
 CHANGE = Task("change", "segmentation", "Change detection", "rs_deep:detect_change",
@@ -41,7 +44,10 @@ SUPER_RESOLUTION = Task("super_resolution", "super-resolution", "Super-resolutio
                         first_color=1)
 
 #: name -> task, in the order the toolbox lists them
-TASKS = {t.name: t for t in (SEGMENTATION, DETECTION, PATCH_CLASSIFICATION, CHANGE, REGRESSION, SUPER_RESOLUTION)}
+TASKS = {t.name: t for t in (SEGMENTATION, DETECTION, PATCH_CLASSIFICATION, CHANGE, REGRESSION, SUPER_RESOLUTION,
+                              INSTANCE_SEGMENTATION)}
+#: the tasks whose models find objects (boxes, or boxes and masks): score, overlap and count thresholds
+OBJECT_TASKS = ("detection", "instance_segmentation")
 #: the tasks whose models turn a raster into a raster (rs_deep:predict_raster)
 RASTER_TASKS = ("regression", "super_resolution")
 
@@ -68,5 +74,5 @@ def is_background(name):
 
 
 __all__ = ["Task", "TASKS", "SEGMENTATION", "DETECTION", "PATCH_CLASSIFICATION", "CHANGE", "REGRESSION",
-           "SUPER_RESOLUTION", "RASTER_TASKS", "BACKGROUND_NAMES", "is_background", "wrong_task",
+           "SUPER_RESOLUTION", "INSTANCE_SEGMENTATION", "RASTER_TASKS", "OBJECT_TASKS", "BACKGROUND_NAMES", "is_background", "wrong_task",
            "runs_with"]

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InputError, require
 from ..files import write_atomic
-from ..geo.rotated import rotated_iou
+from ..geo.rotated import polygon_iou, rotated_iou
 from ..progress import Progress
 from .metrics import detection_metrics, metrics_from_confusion, multilabel_metrics
 
@@ -324,30 +324,47 @@ def _rows(boxes, what, with_score):
     return np.array(out_b, dtype=np.float64).reshape(-1, 4), labels, np.array(out_s, dtype=np.float64)
 
 
-def _rotated_rows(rows, what, with_score):
-    """Rotated boxes [N, 5] (each geometry's minimum rotated rectangle), labels and scores of rows
-    ``(geometry[, class[, score]])`` or bare shapely geometries."""
-    from ..geo.rotated import polygons_to_rboxes
+def _geometry_rows(rows, what, with_score, kind):
+    """(shapely geometries, labels, scores) of rows ``(geometry[, class[, score]])`` or bare shapely geometries;
+    ``kind`` names what is assessed in the error ("rotated boxes", "instances")."""
     geoms, out_l, out_s = [], [], []
     for i, row in enumerate(rows or []):
         row = (row,) if hasattr(row, "geom_type") else tuple(row)
         if not row or not hasattr(row[0], "geom_type") or len(row) > (3 if with_score else 2):
-            raise InputError(f"{what}[{i}]: rotated boxes are assessed from polygons: expected (polygon, class"
+            raise InputError(f"{what}[{i}]: {kind} are assessed from polygons: expected (polygon, class"
                              f"{', score' if with_score else ''}), got {row!r}")
         geoms.append(row[0])
         out_l.append(row[1] if len(row) > 1 else 0)
         if with_score:
             out_s.append(float(row[2]) if len(row) > 2 else 1.0)
+    labels = [str(v) if isinstance(v, str) else int(v) for v in out_l]
+    return geoms, labels, np.array(out_s, dtype=np.float64)
+
+
+def _polygon_rows(rows, what, with_score):
+    """Polygons (an object array; empty geometries left out), labels and scores of rows ``(polygon[, class[,
+    score]])``: instance outlines, matched by polygon IoU."""
+    geoms, labels, scores = _geometry_rows(rows, what, with_score, "instances")
+    keep = [k for k, g in enumerate(geoms) if not g.is_empty]
+    polys = np.empty(len(keep), dtype=object)
+    polys[:] = [geoms[k] for k in keep]
+    return polys, [labels[k] for k in keep], scores[keep] if with_score else scores
+
+
+def _rotated_rows(rows, what, with_score):
+    """Rotated boxes [N, 5] (each geometry's minimum rotated rectangle), labels and scores of rows
+    ``(geometry[, class[, score]])`` or bare shapely geometries."""
+    from ..geo.rotated import polygons_to_rboxes
+    geoms, labels, scores = _geometry_rows(rows, what, with_score, "rotated boxes")
     try:
         rb = polygons_to_rboxes(geoms, what)
     except ValueError as exc:
         raise InputError(f"{exc}; rotated boxes are polygons (the rotated rectangles of an oriented detector, the "
                          "objects' outlines for the reference)") from None
-    labels = [str(v) if isinstance(v, str) else int(v) for v in out_l]
-    return rb, labels, np.array(out_s, dtype=np.float64)
+    return rb, labels, scores
 
 
-def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=0.0, rotated=False):
+def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=0.0, rotated=False, masks=False):
     """Precision, recall, F1 and AP of boxes against reference boxes (one image / area).
 
     ``predicted_boxes``: rows ``(xmin, ymin, xmax, ymax[, class[, score]])`` or shapely geometries
@@ -358,10 +375,16 @@ def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=
     ``rotated``: rotated boxes, matched by rotated IoU: rows ``(polygon[, class[, score]])`` (or bare
     polygons), each one's minimum rotated rectangle (the rectangles of an oriented detector stay themselves; a
     reference footprint becomes its minimum rotated rectangle).
+
+    ``masks``: instance segmentation: rows ``(polygon[, class[, score]])``, the objects' outlines themselves, matched
+    by polygon (mask) IoU.
     """
     if not 0 < float(iou) <= 1:
         raise InputError(f"iou must be in (0, 1]; got {iou}")
-    if rotated:
+    if masks:
+        pb, pl, ps = _polygon_rows(predicted_boxes, "predicted_boxes", True)
+        tb, tl, _ = _polygon_rows(reference_boxes, "reference_boxes", False)
+    elif rotated:
         pb, pl, ps = _rotated_rows(predicted_boxes, "predicted_boxes", True)
         tb, tl, _ = _rotated_rows(reference_boxes, "reference_boxes", False)
     else:
@@ -374,7 +397,8 @@ def assess_detection(predicted_boxes, reference_boxes, iou=0.5, score_threshold=
     pl = np.array([lookup[v] for v in pl], dtype=np.int64)
     tl = np.array([lookup[v] for v in tl], dtype=np.int64)
     out = detection_metrics([(pb, ps, pl)], [(tb, tl)], iou=float(iou), score_threshold=float(score_threshold),
-                            rotated=rotated_iou if rotated else None)
+                            rotated=rotated_iou if rotated and not masks else None,
+                            polygons=polygon_iou if masks else None)
     out.update(task="detection", predicted=int(len(pb)))
     return out
 
@@ -495,7 +519,7 @@ def _html_text(metrics, title):
                      + "".join(f"<td>{e(_fmt(metrics.get(k)))}</td>" for k in DETECTION_FIELDS) + "</tr></table>\n")
         parts.append(f"<p class=\"note\">A prediction is a true positive when it overlaps a not yet matched "
                      f"reference box of its class with "
-                     f"{'rotated IoU (minimum rotated rectangles)' if metrics.get('rotated') else 'IoU'} "
+                     f"{'mask (polygon) IoU' if metrics.get('masks') else 'rotated IoU (minimum rotated rectangles)' if metrics.get('rotated') else 'IoU'} "
                      f"&ge; {e(_fmt(metrics.get('iou'), 2))}; AP is the "
                      "all-point interpolated average precision, averaged over the classes.</p>\n")
     elif metrics.get("task") == "multilabel":

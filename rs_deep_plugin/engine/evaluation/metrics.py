@@ -206,7 +206,7 @@ def box_iou(a, b):
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated=None):
+def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated=None, polygons=None):
     """Precision, recall, F1 (predictions scoring >= ``score_threshold``) and average precision at ``iou``.
 
     ``predictions``: per image (boxes [N, 4], scores [N], labels [N]); ``truths``: per image
@@ -214,14 +214,22 @@ def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated
     it overlaps a not yet matched true box of its class with IoU >= ``iou`` (greedy, highest
     score first, as in Pascal VOC). AP is the mean over the classes present in the truth.
     ``rotated``: for rotated boxes [N, 5], the function giving their [N, M] IoU (:func:`..geo.rotated.rotated_iou`;
-    this module stays numpy-only); None: axis-aligned boxes."""
-    iou_of = rotated or box_iou
+    this module stays numpy-only); None: axis-aligned boxes. ``polygons``: the objects are outlines (sequences of
+    geometries, an instance segmentation's mask polygons) and this function gives their [N, M] IoU
+    (:func:`..geo.rotated.polygon_iou`)."""
+    iou_of = polygons or rotated or box_iou
     cols = 5 if rotated else 4
+
+    def rows(boxes):
+        if polygons:
+            return np.asarray(list(boxes), dtype=object).reshape(-1)
+        return np.asarray(boxes).reshape(-1, cols)
+
     records = {}  # class -> list of (score, is_tp)
     n_truth = {}
     for (pb, ps, pl), (tb, tl) in zip(predictions, truths):
-        pb, ps, pl = np.asarray(pb).reshape(-1, cols), np.asarray(ps).reshape(-1), np.asarray(pl).reshape(-1)
-        tb, tl = np.asarray(tb).reshape(-1, cols), np.asarray(tl).reshape(-1)
+        pb, ps, pl = rows(pb), np.asarray(ps).reshape(-1), np.asarray(pl).reshape(-1)
+        tb, tl = rows(tb), np.asarray(tl).reshape(-1)
         for c in set(pl.tolist()) | set(tl.tolist()):
             p_idx = np.flatnonzero(pl == c)
             t_idx = np.flatnonzero(tl == c)
@@ -254,7 +262,7 @@ def detection_metrics(predictions, truths, iou=0.5, score_threshold=0.0, rotated
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "ap": float(np.mean(aps)) if aps else 0.0,
             "tp": int(tp), "fp": int(fp), "fn": int(fn), "truth": int(total), "iou": iou,
-            "score_threshold": score_threshold, "rotated": bool(rotated)}
+            "score_threshold": score_threshold, "rotated": bool(rotated), "masks": bool(polygons)}
 
 
 def average_precision(records, n_truth):

@@ -129,11 +129,17 @@ def pair_overlaps(polys, i, j):
 
 def rotated_iou(a, b):
     """[N, M] rotated IoU of rotated boxes ``a`` [N, 5] and ``b`` [M, 5] (0 where the boxes do not overlap)."""
-    import shapely
     a = np.asarray(a, dtype=np.float64).reshape(-1, 5)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 5)
-    out = np.zeros((len(a), len(b)))
-    pa, pb = rbox_polygons(a), rbox_polygons(b)
+    return polygon_iou(rbox_polygons(a), rbox_polygons(b))
+
+
+def polygon_iou(pa, pb):
+    """[N, M] IoU of shapely polygons ``pa`` and ``pb`` (sequences; 0 where they do not overlap): rotated boxes,
+    and the outlines of instance masks."""
+    import shapely
+    pa, pb = np.asarray(pa, dtype=object).reshape(-1), np.asarray(pb, dtype=object).reshape(-1)
+    out = np.zeros((len(pa), len(pb)))
     i, j = intersecting_pairs(pa, pb)
     if len(i):
         inter = shapely.area(shapely.intersection(pa[i], pb[j]))
@@ -159,5 +165,5 @@ def azimuth_degrees(map_theta):
 
 
 __all__ = ["rbox_corners", "corners_to_rboxes", "normalise_rboxes", "rbox_envelopes", "rbox_polygons",
-           "polygons_to_rboxes", "transform_rboxes", "intersecting_pairs", "pair_overlaps", "rotated_iou",
+           "polygons_to_rboxes", "transform_rboxes", "intersecting_pairs", "pair_overlaps", "rotated_iou", "polygon_iou",
            "map_rboxes", "azimuth_degrees"]

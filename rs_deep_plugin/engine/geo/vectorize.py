@@ -77,3 +77,22 @@ def vectorize(class_path, confidence_path, classes, *, min_area_m2=0.0, simplify
                     "area_m2": float(area), "mean_probability": mean_p})
     prog.update(1.0)
     return out
+
+
+def mask_polygon(mask, transform):
+    """The outline of one object's mask (bool [H, W]) in map coordinates through ``transform`` (the mask's pixel
+    grid): a shapely polygon, its largest 4-connected part with its holes; None for an empty mask. Only the mask's
+    bounding rectangle is polygonised."""
+    from affine import Affine
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    sub = np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=np.uint8)
+    parts = [shape(g) for g, _ in shapes(sub, mask=sub > 0, connectivity=4,
+                                         transform=transform * Affine.translation(c0, r0))]
+    return max(parts, key=lambda p: p.area) if parts else None

@@ -82,8 +82,10 @@ class Detection:
 
 
 @dataclass
-class DetectionResult:
-    detections: list = field(default_factory=list)  # list[Detection], highest score first
+class ObjectsResult:
+    """What a run that finds objects returns besides them (:class:`DetectionResult`, and
+    :class:`.instances.InstanceResult`): a sequence of its ``objects``, each with a ``class_name``."""
+
     crs: object = None
     transform: object = None  # the raster's geotransform
     region: tuple = None  # (col0, row0, col1, row1) processed, in raster pixels
@@ -95,20 +97,41 @@ class DetectionResult:
     score_threshold: float = SCORE_THRESHOLD
     iou_threshold: float = IOU_THRESHOLD
     max_detections: int = MAX_DETECTIONS
-    raw_detections: int = 0  # boxes from all tiles before merging
     warnings: list = field(default_factory=list)
 
+    @property
+    def objects(self):
+        raise NotImplementedError
+
+    def finish(self, reader, log, t_start):
+        """At the end of the run: the warnings on the input (logged, and kept) and the seconds since ``t_start``."""
+        said = input_warnings(reader, self.tiles_run == 0)
+        for w in said:
+            log(w)
+        self.warnings += said
+        self.seconds = time.time() - t_start
+
     def __len__(self):
-        return len(self.detections)
+        return len(self.objects)
 
     def __iter__(self):
-        return iter(self.detections)
+        return iter(self.objects)
 
     def class_counts(self):
         counts = {}
-        for d in self.detections:
+        for d in self.objects:
             counts[d.class_name] = counts.get(d.class_name, 0) + 1
         return counts
+
+
+@dataclass
+class DetectionResult(ObjectsResult):
+    detections: list = field(default_factory=list)  # list[Detection], highest score first
+    raw_detections: int = 0  # boxes from all tiles before merging
+
+    @property
+    def objects(self):
+        return self.detections
 
     def to_geojson(self):
         """A GeoJSON FeatureCollection of the boxes (polygons) with class_id, class_name, score (rotated boxes:
@@ -321,32 +344,56 @@ def tile_detections(reader, runner, tiles, region, bs, check=lambda: None, on_ba
     x0, y0, x1, y1 = region
     n, t = reader.native_tile, reader.tile
     f = n / t  # native pixels per model pixel
-    parts, run, done = [], 0, 0
+    parts, run = [], 0
+    for tile_no, x, y, valid, (boxes, labels, scores) in tile_outputs(reader, runner, tiles, bs, check, on_batch):
+        run += 1
+        boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, valid, t,
+                                                (x > x0, y > y0, x + n < x1, y + n < y1))
+        if not len(boxes):
+            continue
+        native = shift_boxes(boxes, f, x - x0, y - y0)
+        # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
+        mx, my = box_centres(native)
+        inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
+        if inside.any():
+            parts.append((native[inside], scores[inside], labels[inside],
+                          np.full(int(inside.sum()), tile_no, dtype=np.int64), cut[inside]))
+    return parts, run
+
+
+def open_tile_run(device, batch_size, pkg, prog, log, reader, tiles, thresholds, merged="NMS IoU"):
+    """A run of ``tiles`` tiles on this machine: ``(runner, device description, batch size, on_batch)``, the
+    package's runner on the device chosen (logged with the tiling and the ``thresholds`` (score, IoU, objects per
+    tile); ``merged``: how objects are merged) and the ``on_batch`` progress callback of :func:`tile_outputs`."""
+    score, iou, maxd = thresholds
+    dev, name, bs = open_device(device, batch_size, pkg, prog, log)
+    runner = pkg.make_detection_runner(dev, score, iou, maxd)
+    prog.message(f"{tiles} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), overlap "
+                 f"{reader.native_overlap} px, batch {bs}; score >= {score:g}, {merged} {iou:g}, at most {maxd} "
+                 "objects per tile")
+    estimate = Estimate(tiles, "tiles", prog.message)
+
+    def on_batch(done):
+        prog.update(0.97 * done / tiles)
+        estimate.after(done)
+
+    return runner, name, bs, on_batch
+
+
+def tile_outputs(reader, runner, tiles, bs, check=lambda: None, on_batch=lambda done: None):
+    """The network's output for each tile ``(tile_no, x, y)`` that has valid pixels, read and run batch by batch
+    (the next batch read meanwhile): yields ``(tile_no, x, y, valid [T, T], output)``. ``check()`` runs before each
+    batch, ``on_batch(tiles done)`` after it."""
+    done = 0
     for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [(x, y) for _, x, y in b], None),
                                          batched(tiles, bs)):
         check()
-        outs = runner(data) if data is not None else []
-        j = 0
+        outs = iter(runner(data) if data is not None else [])
         for (tile_no, _, _), (x, y, valid) in zip(batch, metas):
-            if not valid.any():
-                continue
-            boxes, labels, scores = outs[j]
-            j += 1
-            run += 1
-            boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, valid, t,
-                                                    (x > x0, y > y0, x + n < x1, y + n < y1))
-            if not len(boxes):
-                continue
-            native = shift_boxes(boxes, f, x - x0, y - y0)
-            # a tile larger than the region (a small EXTENT) sees objects beyond it: keep those centred inside
-            mx, my = box_centres(native)
-            inside = (mx >= 0) & (mx < x1 - x0) & (my >= 0) & (my < y1 - y0)
-            if inside.any():
-                parts.append((native[inside], scores[inside], labels[inside],
-                              np.full(int(inside.sum()), tile_no, dtype=np.int64), cut[inside]))
+            if valid.any():
+                yield tile_no, x, y, valid, next(outs)
         done += len(batch)
         on_batch(done)
-    return parts, run
 
 
 def _oriented_detections(transform, rboxes, scores, labels, names):
@@ -418,16 +465,8 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                 parts += block_parts
                 result.tiles_run += run
         else:
-            dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-            runner = pkg.make_detection_runner(dev, score, iou, maxd)
-            prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} "
-                         f"px, batch {bs}; score >= {score:g}, NMS IoU {iou:g}, at most {maxd} objects per tile")
-            estimate = Estimate(len(seq), "tiles", prog.message)
-
-            def on_batch(done):
-                prog.update(0.97 * done / len(seq))
-                estimate.after(done)
-
+            runner, result.device, bs, on_batch = open_tile_run(device, batch_size, pkg, prog, log, reader, len(seq),
+                                                                (score, iou, maxd))
             parts, result.tiles_run = tile_detections(reader, runner, seq, region, bs, prog.check, on_batch)
         oriented = bool(getattr(pkg, "oriented", False))
         merger = BoxMerger(5 if oriented else 4)
@@ -450,11 +489,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
                               names.get(int(labels[k]), str(int(labels[k]))), float(scores[k]),
                               tuple(float(v) for v in boxes[k]))
                     for k in range(len(boxes))]
-        said = input_warnings(reader, result.tiles_run == 0)
-        for w in said:
-            log(w)
-        result.warnings += said
-        result.seconds = time.time() - t_start
+        result.finish(reader, log, t_start)
         prog.update(1.0, f"{len(result.detections)} objects ({result.raw_detections} boxes from the tiles before "
                          f"merging), {result.tiles_run}/{result.tiles} tiles on {result.device} in "
                          f"{result.seconds:.1f} s")
@@ -471,5 +506,5 @@ def write_geojson(result, path):
     return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 
-__all__ = ["detect", "Detection", "DetectionResult", "merge_detections", "edge_cut_flags", "tile_boxes",
-           "tile_detections", "detect_block_task", "box_centres", "shift_boxes", "BoxMerger", "write_geojson"]
+__all__ = ["detect", "Detection", "DetectionResult", "ObjectsResult", "merge_detections", "edge_cut_flags", "tile_boxes",
+           "tile_detections", "tile_outputs", "open_tile_run", "detect_block_task", "box_centres", "shift_boxes", "BoxMerger", "write_geojson"]

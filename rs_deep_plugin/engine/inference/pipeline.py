@@ -22,7 +22,7 @@ from ..models.onnx.cache import inference_backend, make_runner
 from ..models.runners import default_batch_size, device_description, select_device
 from ..models.tta import TTA_DESCRIPTIONS, with_tta
 from ..progress import Progress
-from ..tasks import TASKS, runs_with
+from ..tasks import OBJECT_TASKS, TASKS, runs_with
 
 
 
@@ -96,7 +96,7 @@ def resolve_options(package, tile_size=None, overlap=None, batch_size=None, devi
     batch = int(batch_size) if batch_size else default_batch_size(
         select_device(device, inference_backend(package, device, prepare_now=False)))
     bands = package.in_channels * (2 if package.task == "change" else 1)
-    classes = 0 if package.task == "detection" else len(package.classes)  # a detector returns boxes
+    classes = 0 if package.task in OBJECT_TASKS else len(package.classes)  # a detector returns boxes
     classes *= package.scale ** 2  # a super-resolution output has scale² times the pixels of its tile
     check_tile_memory(tile, batch, bands, classes,
                       "TILE_SIZE" if tile_size else f"{package.source}: the package's tile size",

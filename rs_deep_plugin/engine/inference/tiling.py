@@ -63,6 +63,19 @@ class TileGrid:
     def __len__(self):
         return len(self.xs) * len(self.ys)
 
+    def core(self, x, y):
+        """(cx0, cy0, cx1, cy1): the part of the tile at (x, y) nearer to it than to its neighbours (cut in the
+        middle of each overlap; unbounded on the region's outer sides). The cores of all tiles cover the plane once,
+        so an object belongs to the one tile whose core holds its centre."""
+        def bounds(starts, s):
+            k = starts.index(s)
+            lo = (starts[k - 1] + self.tile + s) / 2.0 if k > 0 else -np.inf
+            hi = (s + self.tile + starts[k + 1]) / 2.0 if k + 1 < len(starts) else np.inf
+            return lo, hi
+
+        (cx0, cx1), (cy0, cy1) = bounds(self.xs, x), bounds(self.ys, y)
+        return cx0, cy0, cx1, cy1
+
     def columns_for(self, bx0, bx1):
         """Tile x-starts whose span meets columns [bx0, bx1)."""
         return [x for x in self.xs if x < bx1 and x + self.tile > bx0]

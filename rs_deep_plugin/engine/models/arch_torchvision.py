@@ -1,4 +1,4 @@
-"""Detection networks from torchvision, built offline (``library: "torchvision"`` builders).
+"""Detection and instance segmentation networks from torchvision, built offline (``library: "torchvision"`` builders).
 
 A package names one of :data:`ARCHITECTURES` plus a few plain parameters; the network is
 built here with ``weights=None, weights_backbone=None`` (nothing is ever downloaded) and its
@@ -23,7 +23,11 @@ ARCHITECTURES = {
     "fasterrcnn_resnet50_fpn": ("resnet50", ("representation_size",)),
     "retinanet_resnet50_fpn": ("resnet50", ()),
     "fcos_resnet50_fpn": ("resnet50", ()),
+    # instance segmentation (task instance_segmentation): Faster R-CNN plus a mask head (Mask R-CNN)
+    "maskrcnn_mobilenet_v3_large_fpn": ("mobilenet_v3_large", _MOBILENET_PARAMS + ("mask_channels",)),
 }
+#: the architectures that give a mask per object (instance segmentation); the others give boxes (detection)
+INSTANCE_ARCHITECTURES = ("maskrcnn_mobilenet_v3_large_fpn",)
 
 #: values used when a parameter is not given (torchvision's own)
 DEFAULTS = {
@@ -34,6 +38,7 @@ DEFAULTS = {
     "aspect_ratios": [0.5, 1.0, 2.0],
     "width_mult": 1.0,
     "reduced_tail": False,
+    "mask_channels": 256,  # the four convolutions of the mask head
 }
 
 
@@ -43,7 +48,7 @@ def _positive_int(v):
 
 def _check_param(key, value, where):
     p = f"{where}.params.{key}"
-    if key in ("fpn_channels", "representation_size"):
+    if key in ("fpn_channels", "representation_size", "mask_channels"):
         if not _positive_int(value) or value > 4096:
             raise ModelPackageError(f"{p}: expected an integer in 1..4096, got {value!r}")
         return value
@@ -181,12 +186,18 @@ def build(builder, where="rs_deep:builder"):
     sizes = tuple(params.get("anchor_sizes", DEFAULTS["anchor_sizes"]))
     ratios = tuple(params.get("aspect_ratios", DEFAULTS["aspect_ratios"]))
     rep = params.get("representation_size", DEFAULTS["representation_size"])
-    if arch == "fasterrcnn_mobilenet_v3_large_fpn":
+    if arch in ("fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_mobilenet_v3_large_fpn"):
         backbone, levels = _mobilenet_fpn_backbone(params, c)
         anchors = AnchorGenerator((sizes,) * levels, (ratios,) * levels)
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, rep)  # the RoI pool is 7 x 7
-        model = tvd.FasterRCNN(backbone, None, rpn_anchor_generator=anchors, box_head=box_head,
-                               box_predictor=FastRCNNPredictor(rep, num_classes))
+        heads = dict(rpn_anchor_generator=anchors, box_head=box_head, box_predictor=FastRCNNPredictor(rep, num_classes))
+        if arch in INSTANCE_ARCHITECTURES:
+            from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+            mc = params.get("mask_channels", DEFAULTS["mask_channels"])
+            model = tvd.MaskRCNN(backbone, None, mask_head=MaskRCNNHeads(backbone.out_channels, (mc,) * 4, 1),
+                                 mask_predictor=MaskRCNNPredictor(mc, mc, num_classes), **heads)
+        else:
+            model = tvd.FasterRCNN(backbone, None, **heads)
     elif arch == "fasterrcnn_resnet50_fpn":
         model = tvd.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
         if rep != DEFAULTS["representation_size"]:
@@ -198,7 +209,7 @@ def build(builder, where="rs_deep:builder"):
         model = tvd.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
     else:  # pragma: no cover - validate() ran first
         raise ModelPackageError(f"{where}.architecture: {arch!r} is not supported")
-    if c != 3 and arch != "fasterrcnn_mobilenet_v3_large_fpn":
+    if c != 3 and not arch.endswith("mobilenet_v3_large_fpn"):
         _replace_first_conv(model.backbone.body, c)
     model.transform = _tile_transform_class()(min_size=32, max_size=1 << 16, image_mean=[0.0] * c,
                                               image_std=[1.0] * c)
@@ -215,7 +226,7 @@ def configure_inference(model, score_threshold, iou_threshold, max_detections):
         own(score_threshold, iou_threshold, max_detections)
         return model
     heads = getattr(model, "roi_heads", None)
-    if heads is not None:  # Faster R-CNN
+    if heads is not None:  # Faster R-CNN, Mask R-CNN
         # region proposals per tile: a few per object that may be kept (torchvision's 1000 at most)
         model.rpn._post_nms_top_n["testing"] = min(1000, max(100, 3 * int(max_detections)))
         heads.score_thresh = float(score_threshold)
@@ -229,4 +240,9 @@ def configure_inference(model, score_threshold, iou_threshold, max_detections):
     return model
 
 
-__all__ = ["ARCHITECTURES", "validate", "build", "configure_inference"]
+def is_instance_builder(builder):
+    """Whether a builder names an instance segmentation network (:data:`INSTANCE_ARCHITECTURES`)."""
+    return isinstance(builder, dict) and builder.get("architecture") in INSTANCE_ARCHITECTURES
+
+
+__all__ = ["ARCHITECTURES", "INSTANCE_ARCHITECTURES", "is_instance_builder", "validate", "build", "configure_inference"]

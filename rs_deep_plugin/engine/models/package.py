@@ -24,7 +24,8 @@ from .architectures import validate_builder
 from .detection_options import validate_detection_metadata
 from ..errors import MissingDependency, ModelPackageError
 from ..files import write_atomic
-from ..tasks import TASKS as TASK_TABLE
+from ..tasks import OBJECT_TASKS, TASKS as TASK_TABLE
+from .arch_torchvision import INSTANCE_ARCHITECTURES, is_instance_builder
 from ..tasks import wrong_task
 from ..limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
                      MAX_WEIGHTS_BYTES, MAX_ZIP_RATIO, ZIP_RATIO_MIN_BYTES, count_text, loads_json, size_text)
@@ -126,9 +127,11 @@ class ModelPackage:
         return ModelRunner(self.load_model(), device, self.activation)
 
     def make_detection_runner(self, device, score_threshold, iou_threshold, max_detections):
-        """The runner of this detection network on ``device``: batches of tiles -> boxes, labels, scores."""
-        from .runners import DetectionRunner
-        return DetectionRunner(self.load_model(), device, score_threshold, iou_threshold, max_detections)
+        """The runner of this detection network on ``device``: batches of tiles -> boxes, labels, scores (an
+        instance segmentation network: also masks, :class:`.runners.InstanceRunner`)."""
+        from .runners import DetectionRunner, InstanceRunner
+        runner = InstanceRunner if self.task == "instance_segmentation" else DetectionRunner
+        return runner(self.load_model(), device, score_threshold, iou_threshold, max_detections)
 
     def load_model(self):
         """Build the allow-listed network and load the weights (safetensors only).
@@ -627,8 +630,13 @@ def parse_metadata(meta, source="model.json", registries=True):
         if not ok:
             raise ModelPackageError(f"model.json: properties.rs_deep:builder.classes is {n_out} but "
                                     f"classification:classes lists {len(classes)} classes")
-    if task == "detection":  # object classes only (no background) + rs_deep:score_threshold & co
+    if task in OBJECT_TASKS:  # object classes only (no background) + rs_deep:score_threshold & co
         validate_detection_metadata(props, len(classes), n_out)
+        if is_instance_builder(builder) != (task == "instance_segmentation"):
+            raise ModelPackageError(f"model.json: properties.rs_deep:builder.architecture {builder['architecture']} "
+                                    f"{'gives masks' if is_instance_builder(builder) else 'gives no masks'}: it is "
+                                    f"no {task} network (instance segmentation: "
+                                    f"{', '.join(INSTANCE_ARCHITECTURES)}; detection: the others)")
     tile = _req(props, "rs_deep:tile_size", "properties", int)
     if task == "patch_classification":  # a classifier pools globally: the patch size is free (>= 8 px)
         if tile < 8:

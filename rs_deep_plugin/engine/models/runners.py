@@ -184,11 +184,32 @@ class DetectionRunner:
         self.model = configure_inference(model, score_threshold, iou_threshold, max_detections).to(device).eval()
         self.model = self.model.to(memory_format=fmt)
 
-    def __call__(self, batch):
+    def outputs(self, batch):
+        """The network's own outputs (a dict per tile)."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            out = self.model(list(x.unbind(0)))
+            return self.model(list(x.unbind(0)))
+
+    def __call__(self, batch):
         # an oriented detector (CenterNetOBB) gives rotated boxes [n, 5] (cx, cy, length, width, theta)
         return [(o.get("rboxes", o["boxes"]).double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
-                 o["scores"].double().cpu().numpy()) for o in out]
+                 o["scores"].double().cpu().numpy()) for o in self.outputs(batch)]
+
+
+class InstanceRunner(DetectionRunner):
+    """Runs a Mask R-CNN on batches of float32 tiles [B, C, T, T]: per tile (boxes [n, 4], labels [n], scores [n],
+    masks [n, T, T] bool: the object's pixels, its mask probability >= ``mask_threshold``)."""
+
+    mask_threshold = 0.5
+
+    def __call__(self, batch):
+        out = []
+        for o in self.outputs(batch):
+            masks = o.get("masks")
+            if masks is None:
+                raise InputError("this network gives no masks: instance segmentation needs a Mask R-CNN "
+                                 "(maskrcnn_mobilenet_v3_large_fpn)")
+            out.append((o["boxes"].double().cpu().numpy(), o["labels"].cpu().numpy().astype(np.int64) - 1,
+                        o["scores"].double().cpu().numpy(), (masks[:, 0] >= self.mask_threshold).cpu().numpy()))
+        return out

@@ -16,6 +16,8 @@ import copy
 from ..errors import InputError
 from ..models.arch_centernet import ARCHITECTURE as CENTERNET, ORIENTED_ARCHITECTURE as CENTERNET_OBB
 from ..models.arch_torchvision import ARCHITECTURES as TORCHVISION_ARCHITECTURES
+from ..models.arch_torchvision import INSTANCE_ARCHITECTURES, is_instance_builder
+from ..tasks import OBJECT_TASKS
 from ..models.arch_smp import SMP_ARCHITECTURES
 
 DEFAULT_BUILDERS = {
@@ -27,6 +29,11 @@ DEFAULT_BUILDERS = {
                   "encoder_weights": None,
                   "params": {"fpn_channels": 128, "representation_size": 256, "returned_layers": [3, 4],
                              "anchor_sizes": [16, 32, 64, 128]}},
+    # Mask R-CNN: the detection default's Faster R-CNN MobileNetV3-FPN plus a light mask head
+    "instance_segmentation": {"library": "torchvision", "architecture": "maskrcnn_mobilenet_v3_large_fpn",
+                              "encoder_weights": None,
+                              "params": {"fpn_channels": 128, "representation_size": 256, "returned_layers": [3, 4],
+                                         "anchor_sizes": [16, 32, 64, 128], "mask_channels": 64}},
     # a Siamese U-Net: shared ResNet-18 features of both dates, their absolute difference decoded
     "change": {"library": "rs_deep", "architecture": "SiameseUnet", "encoder": "resnet18", "encoder_weights": None,
                "params": {"encoder_depth": 4, "decoder_channels": [128, 64, 32, 16], "fusion": "absdiff"}},
@@ -41,13 +48,15 @@ DEFAULT_BUILDERS = {
 #: the toolbox's ARCHITECTURE choices per task, in its order
 SEGMENTATION_ARCHITECTURES = list(SMP_ARCHITECTURES)
 # CenterNetOBB (rotated boxes) last: the earlier choices keep their ARCHITECTURE numbers
-DETECTION_ARCHITECTURES = [CENTERNET] + list(TORCHVISION_ARCHITECTURES) + [CENTERNET_OBB]
+DETECTION_ARCHITECTURES = [CENTERNET] + [a for a in TORCHVISION_ARCHITECTURES if a not in INSTANCE_ARCHITECTURES] \
+    + [CENTERNET_OBB]
 DEFAULT_ENCODER = "resnet18"
 #: rs_deep:train's defaults per task (what TILE_SIZE 0, BATCH_SIZE 0 and the learning rate give), as trainer keyword
 #: arguments; measured on unseen areas of ../shared/data (tools/compare_rf.py, tools/eval_trees.py)
 TOOLBOX_DEFAULTS = {
     "segmentation": {"tile_size": 128, "batch_size": 16, "lr": 3e-3},
     "detection": {"tile_size": 256, "batch_size": 4, "lr": 2e-3},
+    "instance_segmentation": {"tile_size": 128, "batch_size": 4, "lr": 2e-3},
     "patch_classification": {"tile_size": 16, "batch_size": 64, "lr": 2e-3},
     "change": {"tile_size": 128, "batch_size": 8, "lr": 2e-3},
     "regression": {"tile_size": 128, "batch_size": 16, "lr": 2e-3},
@@ -67,7 +76,7 @@ def resolve_builder(task, builder, in_channels, n_classes):
     training sizes are set before the first step); the others when the network is built."""
     default = DEFAULT_BUILDERS[task]
     b = copy.deepcopy(builder or default)
-    if task != "detection":
+    if task not in OBJECT_TASKS:
         b["params"] = dict(b.get("params") or {})
     b.setdefault("library", default["library"])
     b["encoder_weights"] = None
@@ -76,9 +85,14 @@ def resolve_builder(task, builder, in_channels, n_classes):
             b[key] = value
         elif b[key] != value:
             raise InputError(f"builder.{key} is {b[key]} but the training data need {value}")
-    if task == "detection":
+    if task in OBJECT_TASKS:
         from ..models.architectures import validate_builder
         b = validate_builder(b, "builder")
+        if is_instance_builder(b) != (task == "instance_segmentation"):
+            raise InputError(f"builder: {b['architecture']} is no {task} network; "
+                             + (f"instance segmentation trains {', '.join(INSTANCE_ARCHITECTURES)}"
+                                if task == "instance_segmentation" else "it gives masks: train it with task "
+                                                                        "instance_segmentation"))
     return b
 
 
@@ -107,6 +121,11 @@ def toolbox_builder(task, architecture=None, encoder=DEFAULT_ENCODER):
         if architecture == DEFAULT_BUILDERS["detection"]["architecture"]:
             return None
         return {"library": "torchvision", "architecture": architecture, "encoder_weights": None, "params": {}}
+    if task == "instance_segmentation":
+        if architecture not in (None,) + INSTANCE_ARCHITECTURES:
+            raise InputError(f"ARCHITECTURE {architecture} gives no masks; for instance segmentation choose auto (a "
+                             f"Mask R-CNN: {', '.join(INSTANCE_ARCHITECTURES)})")
+        return None  # the trainer's default Mask R-CNN, sized for small objects
     if task == "change":
         if architecture is None:
             default = DEFAULT_BUILDERS["change"]

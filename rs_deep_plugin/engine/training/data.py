@@ -314,6 +314,7 @@ class LoadedSample:
     gsd: float
     band_names: list
     rboxes: np.ndarray = None  # oriented samples: float64 [N, 5] rotated pixel boxes (geo.rotated), else None
+    instances: np.ndarray = None  # instance samples: int32 [H, W], 0 no object, k + 1 the pixels of object k
 
 
 def _box_rows(rows, where):
@@ -326,16 +327,21 @@ def _box_rows(rows, where):
     return np.array(boxes, dtype=np.float64).reshape(-1, 4), names
 
 
-def _shape_rows(rows, where):
-    """(shapely geometries, class names) of rows ``(geometry[, class])`` (oriented training)."""
+ORIENTED_WHY = ("oriented detection trains from polygons, the objects' outlines (their minimum rotated rectangles are "
+                "the boxes)")
+ORIENTED_OR = "train an axis-aligned detector (architecture CenterNet) from boxes"
+INSTANCE_WHY = "instance segmentation trains from polygons, the objects' outlines (each polygon one object)"
+INSTANCE_OR = "train a detector (TASK detection) from boxes"
+
+
+def _shape_rows(rows, where, why=ORIENTED_WHY, alternative=ORIENTED_OR):
+    """(shapely geometries, class names) of rows ``(geometry[, class])`` (oriented or instance training)."""
     geoms, names = [], []
     for k, r in enumerate(rows):
         r = r if isinstance(r, (tuple, list)) else (r,)
         if not r or not hasattr(r[0], "geom_type") or len(r) > 2:
-            raise InputError(f"{where}.boxes[{k}]: oriented detection trains from polygons, the objects' outlines "
-                             f"(their minimum rotated rectangles are the boxes): expected (polygon[, class]), got "
-                             f"{r!r}; give the label polygons (a GeoJSON file or shapely polygons), or train an "
-                             "axis-aligned detector (architecture CenterNet) from boxes")
+            raise InputError(f"{where}.boxes[{k}]: {why}: expected (polygon[, class]), got {r!r}; give the label "
+                             f"polygons (a GeoJSON file or shapely polygons), or {alternative}")
         geoms.append(r[0])
         names.append(r[1] if len(r) == 2 else 0)
     return geoms, names
@@ -368,12 +374,58 @@ def oriented_pixel_boxes(bx, coords, transform, crs, class_field, where):
     return rb, names
 
 
-def load_sample(s, class_names, bands, class_field, where, oriented=False):
+def renumber(instances, kept, count):
+    """An instance raster (0: no object, k + 1: object k of ``count``) numbered after the objects ``kept`` (indices,
+    in their new order): the others become 0."""
+    lut = np.zeros(count + 1, dtype=np.int32)
+    lut[np.asarray(kept, dtype=np.int64) + 1] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    return lut[instances]
+
+
+def instance_pixel_masks(bx, coords, transform, crs, class_field, where, shape):
+    """(instance raster int32 ``shape``, pixel boxes [N, 4] enclosing each object's pixels, class names) of an instance
+    sample's labels: a GeoJSON file (map coordinates) or rows ``(polygon[, class])`` (``coords`` "pixel" or "map").
+    Polygon k burns k + 1 (a later polygon wins where two overlap); a polygon that covers no pixel centre is left
+    out."""
+    from affine import Affine
+    from rasterio.features import rasterize
+    if isinstance(bx, (str, os.PathLike)):
+        if os.fspath(bx).lower().endswith(".xml"):
+            raise InputError(f"{where}: {os.fspath(bx)} is a Pascal VOC file of boxes; {INSTANCE_WHY}: give a "
+                             f"GeoJSON file of polygons, or {INSTANCE_OR}")
+        geoms, names = read_geojson_shapes(bx, class_field=class_field, dst_crs=crs)
+        coords = "map"
+    else:
+        geoms, names = _shape_rows(list(bx or []), where, INSTANCE_WHY, INSTANCE_OR)
+    polys = [(g, k + 1) for k, g in enumerate(geoms) if g is not None and not g.is_empty and g.area > 0]
+    if len(geoms) and not polys:
+        raise InputError(f"{where}: no label is a polygon; {INSTANCE_WHY}: digitise the objects as polygons, or "
+                         f"{INSTANCE_OR}")
+    inst = np.zeros(shape, dtype=np.int32)
+    if polys:
+        inst = rasterize(polys, out_shape=shape, transform=transform if coords == "map" else Affine.identity(),
+                         fill=0, dtype="int32")
+    boxes = np.zeros((len(geoms), 4))
+    r, c = np.nonzero(inst)
+    ids = inst[r, c] - 1
+    present = np.zeros(len(geoms), dtype=bool)
+    present[ids] = True
+    for col, values, fn, init in ((0, c, np.minimum, np.inf), (1, r, np.minimum, np.inf),
+                                  (2, c + 1, np.maximum, -np.inf), (3, r + 1, np.maximum, -np.inf)):
+        acc = np.full(len(geoms), init)
+        fn.at(acc, ids, values)
+        boxes[:, col] = acc
+    keep = np.flatnonzero(present)
+    return renumber(inst, keep, len(geoms)), boxes[keep], [names[k] for k in keep]
+
+
+def load_sample(s, class_names, bands, class_field, where, oriented=False, instances=False):
     """A :class:`DetectionSample` read into a :class:`LoadedSample`: the image (``bands``), its valid pixels
     (nodata where every band is, as the engine reads), its boxes in pixels (GeoJSON class property
     ``class_field``), cut to its window and clipped to the image. ``oriented``: the labels are polygons whose
     minimum rotated rectangles become the sample's ``rboxes`` (:func:`oriented_pixel_boxes`); its ``boxes`` are
-    their envelopes."""
+    their envelopes. ``instances``: the labels are polygons, each an object whose pixels make the sample's
+    ``instances`` raster (:func:`instance_pixel_masks`); its ``boxes`` enclose them."""
     rasterio = _rasterio()
     transform = crs = None
     descriptions = None
@@ -417,8 +469,10 @@ def load_sample(s, class_names, bands, class_field, where, oriented=False):
         what = os.fspath(bx) if isinstance(bx, (str, os.PathLike)) else "boxes"
         raise InputError(f"{where}: {what} holds map coordinates but the image {name} is not georeferenced; "
                          "give pixel boxes (Pascal VOC .xml or a list) for it")
-    rboxes = None
-    if oriented:
+    rboxes = inst = None
+    if instances:
+        inst, boxes, names = instance_pixel_masks(bx, s.coords, transform, crs, class_field, where, valid.shape)
+    elif oriented:
         from ..geo.rotated import rbox_envelopes
         rboxes, names = oriented_pixel_boxes(bx, s.coords, transform, crs, class_field, where)
         boxes = rbox_envelopes(rboxes)
@@ -433,7 +487,7 @@ def load_sample(s, class_names, bands, class_field, where, oriented=False):
         boxes, names = _box_rows(list(bx or []), where)
         if s.coords == "map":
             boxes = map_to_pixels(boxes, transform)
-    labels = class_indices(names, class_names, f"{where} ({name})")
+    labels = labels_all = class_indices(names, class_names, f"{where} ({name})")
     x0 = np.minimum(boxes[:, 0], boxes[:, 2])
     x1 = np.maximum(boxes[:, 0], boxes[:, 2])
     y0 = np.minimum(boxes[:, 1], boxes[:, 3])
@@ -450,8 +504,13 @@ def load_sample(s, class_names, bands, class_field, where, oriented=False):
         if s.window is not None:
             rboxes[:, 0] -= s.window[0]
             rboxes[:, 1] -= s.window[1]
+    if inst is not None:  # the objects' pixels in the window, numbered as the boxes kept
+        if s.window is not None:
+            col, row = int(s.window[0]), int(s.window[1])
+            inst = inst[row:row + h, col:col + w]
+        inst = renumber(inst, kept, len(labels_all))
     band_names = [d if d else f"b{i + 1}" for i, d in enumerate(descriptions or [None] * img.shape[0])]
-    return LoadedSample(name, img, valid, boxes, labels, gsd, band_names, rboxes)
+    return LoadedSample(name, img, valid, boxes, labels, gsd, band_names, rboxes, inst)
 
 
 def apply_window(img, valid, boxes, labels, window, policy, where):
@@ -494,14 +553,18 @@ def resample_to_gsd(item, gsd):
         valid = F.interpolate(v, size=(nh, nw), mode="nearest")[0, 0].numpy() > 0.5
     sx, sy = nw / w, nh / h
     boxes = item.boxes * np.array([sx, sy, sx, sy])
-    rboxes = item.rboxes
+    rboxes, inst = item.rboxes, item.instances
     if rboxes is not None:
         from ..geo.rotated import transform_rboxes
         rboxes = transform_rboxes(rboxes, lambda x, y: (x * sx, y * sy))
-    return replace(item, img=np.ascontiguousarray(img), valid=valid, boxes=boxes, rboxes=rboxes)
+    if inst is not None:
+        with torch.no_grad():
+            inst = F.interpolate(torch.from_numpy(inst.astype(np.float32))[None, None], size=(nh, nw),
+                                 mode="nearest")[0, 0].numpy().round().astype(np.int32)
+    return replace(item, img=np.ascontiguousarray(img), valid=valid, boxes=boxes, rboxes=rboxes, instances=inst)
 
 
 __all__ = ["VAL_SIDES", "select_bands", "read_image", "check_band_names", "band_names", "compute_value_scaling",
            "scale_image", "model_classes", "split_strip", "validation_split", "window_slices", "window_dict", "pad_to",
            "class_counts", "patch_label", "grid_patches", "DetectionSample", "as_sample", "split_sample",
-           "class_indices", "LoadedSample", "load_sample", "oriented_pixel_boxes", "apply_window", "resample_to_gsd"]
+           "class_indices", "LoadedSample", "load_sample", "oriented_pixel_boxes", "instance_pixel_masks", "renumber", "apply_window", "resample_to_gsd"]

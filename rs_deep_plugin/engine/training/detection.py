@@ -52,12 +52,24 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
 
     Returns (boxes [N, 4] pixels, or rotated boxes [N, 5] of an ``oriented`` detector, scores [N], labels [N])."""
     from ..inference.detect import BoxMerger, shift_boxes, tile_boxes
-    from ..inference.tiling import TileGrid
     from ..models.runners import DetectionRunner
     c, h, w = img.shape
-    grid = TileGrid(0, 0, w, h, tile, overlap)
     runner = DetectionRunner(model, device, score_threshold, iou_threshold, max_detections)
     merger = BoxMerger(5 if oriented else 4)
+    for k0, part, data, vals, _ in image_tiles(img, valid, tile, overlap, batch_size):
+        for k, ((x, y), (boxes, labels, scores)) in enumerate(zip(part, runner(data))):
+            boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, vals[k], tile,
+                                                    (x > 0, y > 0, x + tile < w, y + tile < h))
+            merger.add(shift_boxes(boxes, 1.0, x, y), scores, labels, k0 + k, cut)
+    return merger.merge(iou_threshold, w, h)
+
+
+def image_tiles(img, valid, tile, overlap, batch_size):
+    """The tiles of an in-memory image [C, H, W] in batches, as the engine tiles a raster (:class:`.tiling.TileGrid`,
+    zeros beyond the image): ``(index of the first tile, [(x, y)], data [B, C, T, T], valid [B, T, T], grid)``."""
+    from ..inference.tiling import TileGrid
+    c, h, w = img.shape
+    grid = TileGrid(0, 0, w, h, tile, overlap)
     seq = [(x, y) for y in grid.ys for x in grid.xs]
     for k0 in range(0, len(seq), batch_size):
         part = seq[k0:k0 + batch_size]
@@ -67,11 +79,7 @@ def predict_image(model, img, valid, tile, overlap, score_threshold, iou_thresho
             ww, hh = min(tile, w - x), min(tile, h - y)
             data[k, :, :hh, :ww] = img[:, y:y + hh, x:x + ww]
             vals[k, :hh, :ww] = valid[y:y + hh, x:x + ww]
-        for k, ((x, y), (boxes, labels, scores)) in enumerate(zip(part, runner(data))):
-            boxes, labels, scores, cut = tile_boxes(boxes, labels, scores, vals[k], tile,
-                                                    (x > 0, y > 0, x + tile < w, y + tile < h))
-            merger.add(shift_boxes(boxes, 1.0, x, y), scores, labels, k0 + k, cut)
-    return merger.merge(iou_threshold, w, h)
+        yield k0, part, data, vals, grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +118,7 @@ class DetectionTask(TrainingTask):
     validation AP50 (ties broken by F1)."""
 
     task = "detection"
+    masks = False  # InstanceTask (:mod:`.instances`): the samples' objects are polygons with their pixels
     monitor, monitor_label, curves = "ap", "AP", ("f1", "ap", "precision", "recall")
     clip_grad_norm = 10.0
 
@@ -158,14 +167,24 @@ class DetectionTask(TrainingTask):
     def validate(self, model, device, memory_format):
         if not self.val_items:
             return None, None
-        preds, truths = [], []
-        for it in self.val_items:
-            preds.append(predict_image(model, it.img, it.valid, self.tile_size, self.tile_size // 8,
-                                       min(0.05, self.score_threshold), self.iou_threshold, self.max_detections,
-                                       device, oriented=self.oriented))
-            truths.append((it.rboxes if self.oriented else it.boxes, it.labels))
+        preds = [self.predict(model, it, device) for it in self.val_items]
+        truths = [self.truth(it) for it in self.val_items]
         return detection_metrics(preds, truths, iou=0.5, score_threshold=self.score_threshold,
-                                 rotated=rotated_iou if self.oriented else None), None
+                                 **self.matching()), None
+
+    def predict(self, model, item, device):
+        """The objects of a validation item, found as the engine finds them (all scoring 0.05 or more, for AP)."""
+        return predict_image(model, item.img, item.valid, self.tile_size, self.tile_size // 8,
+                             min(0.05, self.score_threshold), self.iou_threshold, self.max_detections, device,
+                             oriented=self.oriented)
+
+    def truth(self, item):
+        """The true objects of a validation item, as :func:`.metrics.detection_metrics` takes them."""
+        return (item.rboxes if self.oriented else item.boxes, item.labels)
+
+    def matching(self):
+        """How :func:`.metrics.detection_metrics` matches objects: rotated boxes by rotated IoU."""
+        return {"rotated": rotated_iou if self.oriented else None}
 
     def rank(self, metrics, val_loss, epoch):
         return (metrics["ap"], metrics["f1"])
@@ -191,7 +210,8 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                     bands=None, band_names=None, builder=None, gsd="auto", value_scaling=None, tile_size=256,
                     scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4, sample_weights=None, keep="best",
                     package_tile_size=512, package_overlap=64, score_threshold=None, iou_threshold=None,
-                    max_detections=None, class_field="label", proposals=256, roi_batch=64, augment=None, **options):
+                    max_detections=None, class_field="label", proposals=256, roi_batch=64, augment=None,
+                    task_type=DetectionTask, **options):
     """Train a detection network and write a model package (+ ``training_report.json``) to ``out_dir``.
 
     ``samples``: an image path (with ``boxes``: GeoJSON, VOC .xml or pixel boxes) or a list of
@@ -213,6 +233,8 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     contrast, noise, and gamma (off unless given). ``options``: the run settings of
     :class:`.loop.TrainParams` (defaults: 20 epochs, batch size 4, name "detection-model"); ``patience``:
     with validation samples and ``keep="best"``, stop after that many epochs without a better validation AP.
+    ``task_type``: the :class:`DetectionTask` (boxes) or a subclass: :class:`.instances.InstanceTask` (a box and a mask
+    per object, from polygons; :func:`.instances.train_instances`).
 
     Returns the training report (:func:`.loop.fit`). When ``is_cancelled()`` turns true after an epoch
     finished, that network is written before :class:`Cancelled` is raised.
@@ -223,6 +245,9 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     from . import chips as chipsets
     log = params.log
     if chipsets.is_chip_set(samples):
+        if task_type.masks:
+            raise InputError("Chips hold boxes, not the objects' outlines; instance segmentation trains from a raster "
+                             "and label polygons: give INPUT and LABELS instead")
         if is_oriented(builder):
             raise InputError("Chips hold axis-aligned boxes; an oriented detector (CenterNetOBB) trains from a raster "
                              "and label polygons (their minimum rotated rectangles): give INPUT and LABELS instead")
@@ -259,13 +284,13 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     params.prog.message(f"Reading {len(samples)} training and {len(val_samples)} validation image(s)")
     if builder is None and params.init_from:  # the package's own network: an oriented one needs oriented samples
         from .transfer import read_init_package
-        start = read_init_package(params.init_from, "detection")
+        start = read_init_package(params.init_from, task_type.task)
         if is_oriented(start.builder):
             builder = {k: v for k, v in start.builder.items() if k not in ("in_channels", "classes")}
     oriented = is_oriented(builder)  # CenterNetOBB: rotated boxes from the label polygons
-    train_items = [load_sample(s, class_names, bands, class_field, f"samples[{i}]", oriented)
+    train_items = [load_sample(s, class_names, bands, class_field, f"samples[{i}]", oriented, task_type.masks)
                    for i, s in enumerate(samples)]
-    val_items = [load_sample(s, class_names, bands, class_field, f"val_samples[{i}]", oriented)
+    val_items = [load_sample(s, class_names, bands, class_field, f"val_samples[{i}]", oriented, task_type.masks)
                  for i, s in enumerate(val_samples)]
     n_bands = train_items[0].img.shape[0]
     for it in train_items + val_items:
@@ -297,7 +322,7 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     for it in train_items + val_items:
         scale_image(it.img, it.valid, value_scaling)
 
-    task = DetectionTask(train_items, val_items,
+    task = task_type(train_items, val_items,
                          dict(scale_range=scale_range, object_prob=object_prob, min_visible=min_visible,
                               weights=sample_weights, **augment),
                          thresholds, (proposals, roi_batch), select_best=keep == "best" and bool(val_items))
@@ -317,4 +342,4 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     return fit(task, params, out_dir)
 
 
-__all__ = ["train_detection", "DetectionTask", "predict_image", "detection_output_metadata", "set_training_sizes"]
+__all__ = ["train_detection", "DetectionTask", "predict_image", "image_tiles", "detection_output_metadata", "set_training_sizes"]

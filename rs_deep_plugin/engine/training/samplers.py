@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..geo.labels import IGNORE, clip_boxes
 from ..geo.rotated import transform_rboxes
 from .augment import draw_geometry, flip, flip_boxes, photometric, resize, rot90, rot90_boxes
-from .data import pad_to, patch_label
+from .data import pad_to, patch_label, renumber
 
 
 def _scale_range(scale_range):
@@ -177,6 +177,16 @@ def rot90_points(x, y, size, k, flipped):
     return x, y
 
 
+def mask_boxes(masks):
+    """Boxes [N, 4] (xmin, ymin, xmax, ymax, pixel edges) enclosing the masks [N, H, W] (none empty)."""
+    if not len(masks):
+        return np.zeros((0, 4))
+    rows, cols = masks.any(axis=2), masks.any(axis=1)
+    h, w = masks.shape[1:]
+    return np.stack([cols.argmax(1), rows.argmax(1), w - cols[:, ::-1].argmax(1), h - rows[:, ::-1].argmax(1)],
+                    axis=1).astype(np.float64)
+
+
 class BoxCropSampler:
     """Random augmented square crops with their boxes from in-memory images at the model's GSD.
 
@@ -184,7 +194,8 @@ class BoxCropSampler:
     ``weights`` (one per image) when given; a share ``object_prob`` of the crops is placed on a box. Crops
     reaching beyond an image are zero there (as the engine reads beyond a raster). Boxes keeping less than
     ``min_visible`` of their area in a crop are dropped. ``gamma`` is off (0) by default for boxes. Oriented
-    samples (``rboxes``) give their rotated boxes [N, 5], moved with the crop, its scale, turns and flips."""
+    samples (``rboxes``) give their rotated boxes [N, 5], moved with the crop, its scale, turns and flips; instance
+    samples (``instances``) also their masks [N, T, T], and the boxes enclosing them."""
 
     def __init__(self, items, tile, rng, scale_range=(0.8, 1.25), object_prob=0.7, min_visible=0.4,
                  brightness=0.1, contrast=0.25, noise=0.03, weights=None, flip=True, rotate=True, gamma=0.0):
@@ -227,29 +238,41 @@ class BoxCropSampler:
         boxes = it.boxes - np.array([x0, y0, x0, y0], dtype=np.float64)
         boxes, kept = clip_boxes(boxes, np.arange(len(it.boxes)), src, src, self.min_visible)
         labels = it.labels[kept]
-        rboxes = None
+        rboxes = inst = None
         if it.rboxes is not None:  # an oriented sample: its rotated boxes follow the crop (whole, not clipped)
             rboxes = transform_rboxes(it.rboxes[kept], lambda x, y: ((x - x0) * (t / src), (y - y0) * (t / src)))
+        if it.instances is not None:  # an instance sample: its objects' pixels, numbered as the kept boxes
+            inst = np.zeros((src, src), dtype=np.int32)
+            inst[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = renumber(it.instances[iy0:iy1, ix0:ix1], kept,
+                                                                  len(it.boxes))
         if src != t:
-            img, valid = resize(img, t, valid)
+            img, valid, *inst = resize(img, t, valid, *([] if inst is None else [inst]))
+            inst = inst[0] if inst else None
             boxes = boxes * (t / src)
-        return img, valid, boxes, labels, rboxes
+        return img, valid, boxes, labels, rboxes, inst
 
     def sample(self):
         t = self.tile
-        img, valid, boxes, labels, rboxes = self._crop()
+        img, valid, boxes, labels, rboxes, inst = self._crop()
         k, flipped = draw_geometry(self.rng, self.rotate, self.flip)
         if k:
             img, valid = rot90(img, k), rot90(valid, k)
+            inst = None if inst is None else rot90(inst, k)
             boxes = rot90_boxes(boxes, t, k)
         if flipped:
             img, valid = flip(img), flip(valid)
+            inst = None if inst is None else flip(inst)
             boxes = flip_boxes(boxes, t)
         if rboxes is not None:
             rboxes = transform_rboxes(rboxes, lambda x, y: rot90_points(x, y, t, k, flipped))
         img = np.array(img, dtype=np.float32)
         valid = np.array(valid, dtype=bool)
         img = photometric(img, valid, self.rng, self.brightness, self.contrast, self.gamma, self.noise)
+        if inst is not None:  # an instance sample: (image, boxes of the masks, labels, masks [N, T, T])
+            masks = np.asarray(inst)[None] == np.arange(1, len(labels) + 1, dtype=np.int32)[:, None, None]
+            seen = masks.any(axis=(1, 2))
+            masks, labels = masks[seen], labels[seen]
+            return img, mask_boxes(masks).astype(np.float32), labels, masks
         # an oriented sample gives its rotated boxes [N, 5] (cx, cy, length, width, theta), the others boxes [N, 4]
         return img, (boxes if rboxes is None else rboxes).astype(np.float32), labels
 
@@ -257,4 +280,5 @@ class BoxCropSampler:
         return [self.sample() for _ in range(n)]
 
 
-__all__ = ["CropSampler", "MultiCropSampler", "PairSampler", "PatchSampler", "BoxCropSampler", "rot90_points"]
+__all__ = ["CropSampler", "MultiCropSampler", "PairSampler", "PatchSampler", "BoxCropSampler", "rot90_points",
+           "mask_boxes"]

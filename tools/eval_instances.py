@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Instance segmentation of buildings on an area the network never saw: Mask R-CNN masks vs detector boxes.
+
+    make eval-instances   (or .venv/bin/python tools/eval_instances.py [--data ../shared/data/buildings_atlanta]
+                                                                     [--minutes 6] [--baseline-minutes 3])
+
+``../shared/data/buildings_atlanta``: a SpaceNet scene of Atlanta (600 x 900 px, 0.5 m, panchromatic) with its 32
+building footprints. The left 60 % of the columns train, the right 40 % are held back (never trained on, no model
+selection on them: the last epoch is packaged). Everything runs with rs_deep:train's defaults for the task
+(:data:`rs_deep_plugin.engine.training.builders.TOOLBOX_DEFAULTS`) and a time budget:
+
+* instance segmentation: the default Mask R-CNN (``train_instances``), applied with ``segment_instances`` (the
+  engine of rs_deep:segment_instances) to the held-back area; its polygons are matched to the footprints by mask
+  (polygon) IoU >= 0.5, and their bounding boxes to the footprints' bounding boxes by box IoU >= 0.5;
+* baseline: the toolbox's default detector (CenterNet, ``train_detection``) on the same columns, its boxes matched to
+  the footprints' bounding boxes by box IoU >= 0.5 (``--baseline-minutes 0`` leaves it out).
+
+Precision, recall and F1 at the package's score threshold, AP50 over all objects (score >= 0.05 for the
+detector: its ``detect`` keeps those). Reference: the footprints whose centroid lies in the held-back columns,
+clipped to them. Prints a Markdown table and writes it with the numbers to ``build/eval_instances/``.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "build" / "dev-plugins"))
+OUT = REPO / "build" / "eval_instances"
+HELD_OUT = 0.4
+
+
+def areas(image):
+    """(training window, held-back map polygon, raster CRS) of the left / right split."""
+    import rasterio
+    from shapely.geometry import box
+    with rasterio.open(image) as ds:
+        w, h, t, crs = ds.width, ds.height, ds.transform, ds.crs
+    cols = int(round(w * (1 - HELD_OUT)))
+    x0, y0 = t.c + cols * t.a, t.f
+    x1, y1 = t.c + w * t.a, t.f + h * t.e
+    return (0, 0, cols, h), box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), crs
+
+
+def reference(labels, area, crs):
+    """The footprints whose centroid lies in ``area``, clipped to it."""
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_geojson_shapes
+    geoms, _ = read_geojson_shapes(str(labels), class_field=None, dst_crs=crs)
+    return [g.intersection(area) for g in geoms if area.contains(g.centroid)]
+
+
+def metrics(pred, truth, masks):
+    from rs_deep.rs_deep_plugin.engine.evaluation.accuracy import assess_detection
+    if masks:
+        m = assess_detection(pred, [(g, 0) for g in truth], masks=True)
+    else:
+        m = assess_detection(pred, [g.envelope for g in truth])
+    return m
+
+
+def summary(m, threshold):
+    """P/R/F1 at ``threshold`` from a metrics dict computed at 0 (AP does not depend on it)."""
+    return {k: round(float(m[k]), 3) for k in ("precision", "recall", "f1", "ap")} | {
+        "tp": m["tp"], "fp": m["fp"], "fn": m["fn"], "score_threshold": threshold}
+
+
+def at_threshold(rows, threshold, truth, masks):
+    m = metrics(rows, truth, masks)
+    kept = [r for r in rows if r[-1] >= threshold]
+    return dict(summary(metrics(kept, truth, masks), threshold), ap=round(float(m["ap"]), 3))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "buildings_atlanta"))
+    parser.add_argument("--minutes", type=float, default=6.0, help="training time budget of the Mask R-CNN")
+    parser.add_argument("--baseline-minutes", type=float, default=3.0, help="of the detector (0: none)")
+    args = parser.parse_args()
+    from rs_deep.rs_deep_plugin.engine.inference.detect import detect
+    from rs_deep.rs_deep_plugin.engine.inference.instances import segment_instances
+    from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS, toolbox_builder
+    from rs_deep.rs_deep_plugin.engine.training.data import DetectionSample
+    from rs_deep.rs_deep_plugin.engine.training.detection import train_detection
+    from rs_deep.rs_deep_plugin.engine.training.instances import train_instances
+    data = Path(args.data)
+    image, labels = data / "image.tif", data / "buildings.geojson"
+    train_win, held, crs = areas(image)
+    truth = reference(labels, held, crs)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"data": str(data.name), "held_out_columns": HELD_OUT, "reference_footprints": len(truth),
+               "minutes": args.minutes, "baseline_minutes": args.baseline_minutes}
+    sample = DetectionSample(str(image), str(labels), window=train_win, name="left 60 %")
+
+    t0 = time.time()
+    report = train_instances([sample], OUT / "instances_model", class_names=["building"], epochs=100,
+                             time_budget=args.minutes, **TOOLBOX_DEFAULTS["instance_segmentation"],
+                             log=lambda m: print(m, flush=True))
+    res = segment_instances(str(image), OUT / "instances_model", bounds=held.bounds, score_threshold=0.05)
+    rows = [(d.polygon, 0, d.score) for d in res]
+    results["instances"] = {
+        "train_seconds": round(time.time() - t0, 1), "epochs": report["epochs_run"],
+        "steps": report["samples"]["crops_seen"] // report["batch_size"], "objects": len(res),
+        "masks": at_threshold(rows, report_threshold(OUT / "instances_model"), truth, True),
+        "boxes": at_threshold([(*p.bounds, c, s) for p, c, s in rows], report_threshold(OUT / "instances_model"),
+                              truth, False)}
+    print(json.dumps(results["instances"], indent=1), flush=True)
+
+    if args.baseline_minutes > 0:
+        t0 = time.time()
+        report = train_detection([sample], OUT / "detector_model", class_names=["building"], epochs=100,
+                                 time_budget=args.baseline_minutes, builder=toolbox_builder("detection"),
+                                 **TOOLBOX_DEFAULTS["detection"], log=lambda m: print(m, flush=True))
+        det = detect(str(image), OUT / "detector_model", bounds=held.bounds, score_threshold=0.05)
+        rows = [(*d.box, 0, d.score) for d in det]
+        results["detector"] = {
+            "train_seconds": round(time.time() - t0, 1), "epochs": report["epochs_run"], "objects": len(det),
+            "architecture": report["builder"]["architecture"],
+            "boxes": at_threshold(rows, report_threshold(OUT / "detector_model"), truth, False)}
+        print(json.dumps(results["detector"], indent=1), flush=True)
+
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| model (training budget) | matched by | precision | recall | F1 | AP50 | TP / FP / FN |",
+             "|---|---|---|---|---|---|---|"]
+    inst = results["instances"]
+    for what, key in (("mask IoU >= 0.5", "masks"), ("box IoU >= 0.5 (its boxes)", "boxes")):
+        m = inst[key]
+        lines.append(f"| Mask R-CNN ({args.minutes:g} min, {inst['steps']} steps) | {what} | {m['precision']:.3f} | "
+                     f"{m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | {m['tp']} / {m['fp']} / {m['fn']} |")
+    if "detector" in results:
+        d, m = results["detector"], results["detector"]["boxes"]
+        lines.append(f"| {d['architecture']} detector ({args.baseline_minutes:g} min) | box IoU >= 0.5 | "
+                     f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | "
+                     f"{m['tp']} / {m['fp']} / {m['fn']} |")
+    text = (f"Held-back right {HELD_OUT:.0%} of {data.name} ({len(truth)} footprints; precision/recall/F1 at the "
+            "package's score threshold)\n\n" + "\n".join(lines))
+    print(text)
+    (OUT / "results.md").write_text(text + "\n")
+
+
+def report_threshold(package):
+    """The score threshold a package stores (the engine's default otherwise)."""
+    from rs_deep.rs_deep_plugin.engine.models.detection_options import package_defaults
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    return package_defaults(load_package(str(package)))[0]
+
+
+if __name__ == "__main__":
+    main()
