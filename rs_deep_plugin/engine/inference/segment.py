@@ -108,30 +108,46 @@ def _nearest(size, new):
 
 
 def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
-    """Runs the model over the tiles ``seq`` (``xy(item)``: the tile's (x, y)), ``bs`` at a time, reading ahead.
-    Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
+    """Runs the model over the tiles ``seq`` (``xy(item)``: the tile's (x, y)), ``bs`` at a time, reading ahead on one
+    thread and running each batch's forward pass on another while the batch before it is blended. Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
     (``scale`` times the raster's tile: super-resolution): None for a tile without valid pixels; ``check()`` runs
     before each batch (cancel)."""
+    from concurrent.futures import ThreadPoolExecutor
     out_n = reader.native_tile * int(scale)
-    for batch, (data, metas) in prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs)):
-        check()
-        values = runner(data) if data is not None else None
-        out, j = [], 0
-        for item, (_, _, valid) in zip(batch, metas):
-            p = None
-            if valid.any():
-                p = values[j]
-                j += 1
-                if p.shape[-1] != valid.shape[-1]:  # super-resolution: the output is finer than the tile read
-                    valid = valid[np.ix_(*(_nearest(valid.shape[-1], m) for m in p.shape[-2:]))]
-                if not np.isfinite(p[0]).all():  # the model predicts the tile's centre only
-                    valid = valid & np.isfinite(p[0])
-                    p = np.nan_to_num(p, nan=0.0)
-                if p.shape[-1] != out_n:  # read at the model's GSD: back to the raster's grid
-                    p = resize_bilinear(p, (out_n, out_n))
-                    valid = valid[np.ix_(_nearest(valid.shape[-1], out_n), _nearest(valid.shape[-1], out_n))]
-            out.append((item, p, valid))
-        yield out
+    reads = prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs))
+    with ThreadPoolExecutor(1, thread_name_prefix="rs_deep-forward") as forward:
+        pending = None  # (batch, metas, the forward pass running while the batch before it is blended)
+        for batch, (data, metas) in reads:
+            check()
+            running = (batch, metas, forward.submit(runner, data) if data is not None else None)
+            if pending is not None:
+                yield _tile_values(pending, out_n)
+            pending = running
+        if pending is not None:
+            check()
+            yield _tile_values(pending, out_n)
+
+
+def _tile_values(pending, out_n):
+    """``[(item, values, valid)]`` of a batch whose forward pass was submitted (:func:`tile_batches`)."""
+    batch, metas, future = pending
+    values = future.result() if future is not None else None
+    out, j = [], 0
+    for item, (_, _, valid) in zip(batch, metas):
+        p = None
+        if valid.any():
+            p = values[j]
+            j += 1
+            if p.shape[-1] != valid.shape[-1]:  # super-resolution: the output is finer than the tile read
+                valid = valid[np.ix_(*(_nearest(valid.shape[-1], m) for m in p.shape[-2:]))]
+            if not np.isfinite(p[0]).all():  # the model predicts the tile's centre only
+                valid = valid & np.isfinite(p[0])
+                p = np.nan_to_num(p, nan=0.0)
+            if p.shape[-1] != out_n:  # read at the model's GSD: back to the raster's grid
+                p = resize_bilinear(p, (out_n, out_n))
+                valid = valid[np.ix_(_nearest(valid.shape[-1], out_n), _nearest(valid.shape[-1], out_n))]
+        out.append((item, p, valid))
+    return out
 
 
 def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channels, write_rows, prog, scale=1):
