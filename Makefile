@@ -29,7 +29,7 @@ help:
 	@echo "make eval-multilabel multi-label crop groups per 160 m patch: trained on the left, scored on the right of fields_denmark"
 	@echo "make compare-rf  U-Net (rs_deep:train defaults) vs per-pixel random forest on held-out areas of ../shared/data"
 	@echo "make eval-trees  tree detection on an unseen NEON site; fine-tuning vs scratch by number of labels"
-	@echo "make eval-instances Mask R-CNN building polygons on held-back rows of buildings_atlanta (mask IoU), vs a"
+	@echo "make eval-instances Mask R-CNN building polygons on held-back columns of buildings_atlanta (mask IoU), vs a"
 	@echo "                 detector's boxes; EVAL_INSTANCES_ARGS=\"--minutes 6 --baseline-minutes 3\""
 	@echo "make screenshot  QGIS under Xvfb with the dock and a result -> docs/screenshot.png"
 
