@@ -115,17 +115,22 @@ def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
     from concurrent.futures import ThreadPoolExecutor
     out_n = reader.native_tile * int(scale)
     reads = prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs))
-    with ThreadPoolExecutor(1, thread_name_prefix="rs_deep-forward") as forward:
-        pending = None  # (batch, metas, the forward pass running while the batch before it is blended)
-        for batch, (data, metas) in reads:
-            check()
-            running = (batch, metas, forward.submit(runner, data) if data is not None else None)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="rs_deep-forward") as forward:
+            pending = None  # (batch, metas, the forward pass running while the batch before it is blended)
+            for batch, (data, metas) in reads:
+                check()
+                running = (batch, metas, forward.submit(runner, data) if data is not None else None)
+                if pending is not None:
+                    yield _tile_values(pending, out_n)
+                pending = running
             if pending is not None:
+                check()
                 yield _tile_values(pending, out_n)
-            pending = running
-        if pending is not None:
-            check()
-            yield _tile_values(pending, out_n)
+    finally:
+        # the read ahead ends here, whatever stopped the run (an error, cancel): the caller closes the reader next,
+        # and a read still running on a closed dataset would crash GDAL
+        reads.close()
 
 
 def _tile_values(pending, out_n):
