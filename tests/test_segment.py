@@ -129,6 +129,24 @@ def test_cancel_leaves_nothing_and_keeps_the_old_result(rgb_package, rgb_raster,
     assert _sha(out) == old  # and is deterministic
 
 
+def test_a_stopped_run_leaves_no_reader_or_model_thread(rgb_package, rgb_raster, tmp_path):
+    """A cancel stops the read-ahead and the forward pass before the raster is closed, even while the exception (and
+    with it the run's frames) is still held: a read left running on the closed dataset would crash GDAL."""
+    import threading
+    calls = {"n": 0}
+
+    def cancel_after_some_progress():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled) as info:
+        segment(str(rgb_raster), str(rgb_package), str(tmp_path / "o.tif"), tile_size=32, overlap=8,
+                is_cancelled=cancel_after_some_progress)
+    assert info.value is not None  # the traceback, and the run's frames, are alive here
+    running = [t.name for t in threading.enumerate() if t.name.startswith(("rs_deep-reader", "rs_deep-forward"))]
+    assert running == []
+
+
 def test_gsd_mismatch_resamples_and_maps_back_to_the_input_grid(tmp_path, rgb_raster):
     pkg = make_package(tmp_path / "coarse", gsd=600.0)  # the raster is 300 m
     res = segment(str(rgb_raster), str(pkg), str(tmp_path / "o.tif"))
