@@ -318,6 +318,8 @@ def _overview_factors(width, height, min_size=256):
 #: DEFLATE level of the rasters written window by window: level 1 compresses about 1.5 times faster than the
 #: default 6, for files about 15 % larger (class, confidence and probability rasters of ``make bench``)
 ZLEVEL = 1
+#: GDAL's threads for compressing those rasters and their overviews
+GDAL_THREADS = str(os.cpu_count() or 1)
 
 
 class GeoTiffWriter:
@@ -340,7 +342,7 @@ class GeoTiffWriter:
         block = 256 if min(width, height) >= 256 else None
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs=crs,
                        transform=transform, nodata=nodata, compress="deflate", zlevel=ZLEVEL,
-                       num_threads=str(os.cpu_count() or 1), BIGTIFF="IF_SAFER")
+                       num_threads=GDAL_THREADS, BIGTIFF="IF_SAFER")
         if block:
             profile.update(tiled=True, blockxsize=block, blockysize=block)
         if dtype == "uint8":
@@ -383,7 +385,7 @@ class GeoTiffWriter:
             if factors:
                 with gdal_errors() as errors, \
                         self.rasterio.Env(COMPRESS_OVERVIEW="DEFLATE", ZLEVEL_OVERVIEW=str(ZLEVEL),
-                                          GDAL_NUM_THREADS=str(os.cpu_count() or 1), GDAL_TIFF_OVR_BLOCKSIZE="256"):
+                                          GDAL_NUM_THREADS=GDAL_THREADS, GDAL_TIFF_OVR_BLOCKSIZE="256"):
                     with self.rasterio.open(self.path, "r+") as upd:
                         upd.build_overviews(factors, getattr(Resampling, self.overview_resampling))
                         upd.update_tags(ns="rio_overview", resampling=self.overview_resampling)

@@ -13,6 +13,7 @@ Memory is bounded by tile size x batch size x band width (``max_band_width`` col
 """
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -112,7 +113,6 @@ def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
     thread and running each batch's forward pass on another while the batch before it is blended. Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
     (``scale`` times the raster's tile: super-resolution): None for a tile without valid pixels; ``check()`` runs
     before each batch (cancel)."""
-    from concurrent.futures import ThreadPoolExecutor
     out_n = reader.native_tile * int(scale)
     reads = prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs))
     try:

@@ -7,7 +7,7 @@ third of the time and with half the memory, and its forward passes are as fast o
 bench``). The cached graph is used only when its class probabilities equal PyTorch's within :data:`TOLERANCE` on a
 fixed test batch; otherwise the package keeps running on PyTorch (and the refusal is cached too).
 
-Used when (:func:`fast_path`): the package is an RS Deep segmentation package (PyTorch weights), the run is on the
+Used when (:func:`inference_backend`): the package is an RS Deep segmentation package (PyTorch weights), the run is on the
 CPU (DEVICE ``cpu``, or ``auto`` on a machine without a CUDA or Apple GPU: :func:`gpu_possible`), onnx and
 onnxruntime are installed, and ``RS_DEEP_ONNX_CACHE`` is not ``0``. The folder: ``RS_DEEP_CACHE_DIR``/onnx, else
 the platform's cache folder (``~/.cache/rs_deep/onnx`` on Linux); at most :data:`KEEP` models are kept."""

@@ -32,7 +32,6 @@ class OnnxRunner:
         self.pkg = pkg
         lanes, threads = cpu_lanes(device, pkg)
         self.sessions = [pkg.session(device, threads) for _ in range(lanes)]
-        self.session = self.sessions[0]
         self.pool = None
         if lanes > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +53,7 @@ class OnnxRunner:
         try:
             n = len(self.sessions)
             if n == 1 or len(batch) == 1:
-                return self.session.run(None, {self.input_name: batch}, ro)
+                return self.sessions[0].run(None, {self.input_name: batch}, ro)
             parts = np.array_split(np.arange(len(batch)), min(n, len(batch)))
             futures = [self.pool.submit(sess.run, None, {self.input_name: batch[p[0]:p[-1] + 1]}, ro)
                        for sess, p in zip(self.sessions, parts)]
