@@ -81,3 +81,33 @@ def test_blender_averages_disagreeing_tiles_smoothly():
     assert row[0] == 0 and row[-1] == 1
     assert np.all(np.diff(row) >= -1e-6)
     assert np.max(np.diff(row)) < 0.1  # no jump: a seam would be a step of 1
+
+
+def test_blender_hands_finished_rows_in_column_chunks_equal_to_one_block():
+    """finish_each in narrow column chunks hands on exactly the rows and columns of one whole-band finish, each chunk
+    its own copy (changing it leaves the strip alone), and the strip shifts the same way."""
+    rng = np.random.default_rng(3)
+    h, w, tile, ov = 150, 230, 64, 16
+    grid = TileGrid(0, 0, w, h, tile, ov)
+    weights = blend_weights(tile, ov)
+    xs = grid.columns_for(20, 210)
+    whole = StripBlender(xs[0], xs[-1] + tile, 20, 210, 0, h, tile, 3)
+    parts = StripBlender(xs[0], xs[-1] + tile, 20, 210, 0, h, tile, 3)
+    for i, y in enumerate(grid.ys):
+        for x in xs:
+            p = rng.random((3, tile, tile), dtype=np.float32)
+            whole.add(x, y, p, weights)
+            parts.add(x, y, p, weights)
+        nxt = grid.ys[i + 1] if i + 1 < len(grid.ys) else h
+        y0, probs, wsum = whole.finish(nxt)
+        got = []
+
+        def take(yy, x, pr, ws):
+            got.append((yy, x, pr.copy(), ws.copy()))
+            pr[:] = -1  # the chunk is the caller's own copy
+        assert parts.finish_each(nxt, take, columns=37)
+        assert [g[1] for g in got] == list(range(20, 210, 37))
+        assert all(g[0] == y0 for g in got)
+        np.testing.assert_array_equal(np.concatenate([g[2] for g in got], axis=2), probs)
+        np.testing.assert_array_equal(np.concatenate([g[3] for g in got], axis=1), wsum)
+    assert not parts.finish_each(h, take)

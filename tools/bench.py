@@ -1,7 +1,9 @@
 """make bench: segmentation throughput, efficiency, memory and vectorising speed on the CPU.
 
 Generates structured 8192 x 8192 and 2048 x 2048 RGB GeoTIFFs (in build/bench), runs the engine with a
-model of the demo's architecture (3 bands in, random weights) in a fresh process for each size, and
+model of the demo's architecture (3 bands in, random weights) in a fresh process for each size, BENCH_RUNS times
+(default 3; the figures are the medians, with the range of efficiency and peak RSS beside them: on a shared
+2-core machine one run's peak RSS varies by about 20 MiB and its speed by about 10 %), and
 prints one JSON line last:
 
   mpix_per_s         input megapixels per second, end to end (8192^2), libraries already imported
@@ -242,19 +244,29 @@ def main():
         return
     os.makedirs(OUT, exist_ok=True)
     bench_package()
-    results = {}
+    results, spread = {}, {}
+    runs = max(1, int(os.environ.get("BENCH_RUNS", "3")))
     for size in (2048, 8192):
         raster = make_raster(os.path.join(OUT, f"rgb_{size}.tif"), size)
         prefix = os.path.join(OUT, f"out_{size}")
         env = dict(os.environ)
         env.setdefault("GDAL_CACHEMAX", "64")
         env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
-        proc = subprocess.run([sys.executable, __file__, "--child", raster, prefix], check=True,
-                              capture_output=True, text=True, env=env)
-        results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[size]
-        print(f"{size} x {size}: {r['seconds']:.1f} s end to end, {r['forward_seconds']:.1f} s bare forward, "
-              f"{r['tiles_run']} tiles, peak RSS {r['peak_rss'] / 2**20:.0f} MiB", flush=True)
+        rows = []
+        for i in range(runs):  # each in a fresh process; the figures are the medians of the runs
+            proc = subprocess.run([sys.executable, __file__, "--child", raster, prefix], check=True,
+                                  capture_output=True, text=True, env=env)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"{size} x {size} run {i + 1}: {r['seconds']:.1f} s end to end, {r['forward_seconds']:.1f} s bare "
+                  f"forward (efficiency {r['forward_seconds'] / r['seconds']:.3f}), {r['tiles_run']} tiles, peak RSS "
+                  f"{r['peak_rss'] / 2**20:.0f} MiB", flush=True)
+        results[size] = dict(rows[0], **{key: statistics.median(r[key] for r in rows)
+                                         for key in ("seconds", "forward_seconds", "import_seconds", "peak_rss")},
+                             efficiency=statistics.median(r["forward_seconds"] / r["seconds"] for r in rows))
+        spread[size] = dict(rss=[round(min(r["peak_rss"] for r in rows) / 2**20), round(max(r["peak_rss"] for r in rows) / 2**20)],
+                            efficiency=[round(min(r["forward_seconds"] / r["seconds"] for r in rows), 3),
+                                        round(max(r["forward_seconds"] / r["seconds"] for r in rows), 3)])
     ours, gdal, n = vectorise_compare(os.path.join(OUT, "out_8192"))
     print(f"vectorising 8192^2 class raster: ours {ours:.1f} s ({n} polygons, with mean probability), "
           f"gdal_polygonize.py {gdal:.1f} s")
@@ -266,7 +278,8 @@ def main():
     big = results[8192]
     line = {
         "mpix_per_s": round(big["mpix"] / big["seconds"], 3),
-        "efficiency": round(big["forward_seconds"] / big["seconds"], 3),
+        "efficiency": round(big["efficiency"], 3),
+        "efficiency_range": spread[8192]["efficiency"],
         "efficiency_cold": round(big["forward_seconds"] / (big["seconds"] + big["import_seconds"]), 3),
         "import_seconds": round(big["import_seconds"], 1),
         "rss_ratio": round(big["peak_rss"] / results[2048]["peak_rss"], 3),
@@ -274,6 +287,8 @@ def main():
         "seconds_8192": round(big["seconds"], 1),
         "peak_rss_mib_8192": round(big["peak_rss"] / 2**20),
         "peak_rss_mib_2048": round(results[2048]["peak_rss"] / 2**20),
+        "peak_rss_range_mib": {"8192": spread[8192]["rss"], "2048": spread[2048]["rss"]},
+        "runs": runs,
         "tiles_8192": big["tiles_run"],
         "polygons": n,
         "gdal_cachemax_mb": int(os.environ.get("GDAL_CACHEMAX", "64")),

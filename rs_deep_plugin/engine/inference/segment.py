@@ -53,6 +53,10 @@ class SegmentationResult:
     warnings: list = field(default_factory=list)
 
 
+#: finished rows leave the blender in column chunks of at most this many output pixels (:meth:`StripBlender.finish_each`)
+FINISH_COLUMNS = 1024
+
+
 class StripBlender:
     """Accumulates weighted probabilities for one column band; emits finished rows."""
 
@@ -75,21 +79,32 @@ class StripBlender:
 
     def finish(self, upto):
         """Rows [base, upto) are final: returns (y0, probs [K,h,w] or None, wsum [h,w]) and shifts."""
+        got = []
+        self.finish_each(upto, lambda y0, x, probs, wsum: got.append((y0, probs, wsum)), columns=None)
+        return got[0] if got else None
+
+    def finish_each(self, upto, take, columns=FINISH_COLUMNS):
+        """Rows [base, upto) are final: ``take(y0, x, probs [K, h, w], wsum [h, w])`` gets copies of them, column
+        chunk by column chunk (``columns`` px wide at most; None: the band in one chunk), then the strip shifts.
+        Chunks bound the memory of what follows (the copies, the classification's temporaries, the writer's queue)
+        by the tile size instead of the band's width. Returns whether there were finished rows."""
         upto = min(upto, self.y_end)
         rows = upto - self.base
         if rows <= 0:
-            return None
+            return False
         c0, c1 = self.bx0 - self.ax0, self.bx1 - self.ax0
-        probs = self.acc[:, :rows, c0:c1].copy()
-        wsum = self.wsum[:rows, c0:c1].copy()
+        step = columns or (c1 - c0)
+        for a in range(c0, c1, step):
+            b = min(c1, a + step)
+            take(self.base, self.ax0 + a, self.acc[:, :rows, a:b].copy(), self.wsum[:rows, a:b].copy())
         keep = self.h - rows
-        self.acc[:, :keep] = self.acc[:, rows:]
+        for a in self.acc:  # channel by channel: numpy copies the whole source of overlapping 3-D slices first
+            a[:keep] = a[rows:]
         self.acc[:, keep:] = 0
         self.wsum[:keep] = self.wsum[rows:]
         self.wsum[keep:] = 0
-        y0 = self.base
         self.base = upto
-        return y0, probs, wsum
+        return True
 
 
 def plan_tiles(grid, bands_cols):
@@ -158,7 +173,8 @@ def _tile_values(pending, out_n):
 def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channels, write_rows, prog, scale=1):
     """Run ``runner`` on the tiles ``seq`` (:func:`plan_tiles`) of ``grid`` read by ``reader`` and blend them with
     :func:`.tiling.blend_weights` in one :class:`StripBlender` per column band; ``write_rows(y, values [K, h, w],
-    wsum [h, w], x)`` gets each finished block (weighted sums and their weights, in output pixels). ``scale``: the
+    wsum [h, w], x)`` gets each finished block (weighted sums and their weights, in output pixels; its own copies, at
+    most :data:`FINISH_COLUMNS` wide). ``scale``: the
     runner's output is that many times finer than the tiles it reads (super-resolution); the output grid is then
     the raster's grid ``scale`` times finer. Returns the number of tiles run (the others had no valid pixel)."""
     n, s = reader.native_tile, int(scale)
@@ -171,9 +187,7 @@ def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channel
     estimate = Estimate(len(seq), "tiles", prog.message)
 
     def flush(upto):
-        out = blender.finish(upto)
-        if out:
-            write_rows(out[0], out[1], out[2], blender.bx0)
+        blender.finish_each(upto, lambda y0, x, values, wsum: write_rows(y0, values, wsum, x))
 
     for batch in tile_batches(reader, runner, seq, lambda t: t[1:3], mask, batch_size, prog.check, s):
         for (b, x, y, end_row), p, valid in batch:
@@ -216,7 +230,7 @@ def finish_rows(probs, wsum, spans, thr, k, skip, keep):
     if "confidence" in keep:
         best = won[0][1]  # polygons: the first output's classes
         best *= 255
-        conf = np.clip(np.rint(best, out=best), 1, 255).astype(np.uint8)
+        conf = np.clip(np.rint(best, out=best), 1, 255, out=best).astype(np.uint8)
         conf[~valid] = 0
         for c in skip:
             conf[bands[0] == c] = 0
@@ -238,14 +252,15 @@ def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep,
     blender = StripBlender(xs[0], xs[-1] + n, bx0, bx1, ys[0], by1, n, k)
     chunks, counts, run = [], np.zeros(k, dtype=np.int64), 0
 
-    def emit(upto):
-        out = blender.finish(upto)
-        if out and out[0] + out[2].shape[0] > by0:  # rows above the block (its halo) are another block's
-            y, probs, wsum = out
+    def take(y, x, probs, wsum):
+        if y + wsum.shape[0] > by0:  # rows above the block (its halo) are another block's
             cut = max(0, by0 - y)
             res, c = finish_rows(probs[:, cut:], wsum[cut:], spans, thr, k, skip, keep)
             counts[:] += c
-            chunks.append((bx0, y + cut, res))
+            chunks.append((x, y + cut, res))
+
+    def emit(upto):
+        blender.finish_each(upto, take)
 
     seq = [(x, y, i == len(xs) - 1) for y in ys for i, x in enumerate(xs)]
     for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check):

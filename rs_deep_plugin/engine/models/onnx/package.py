@@ -157,7 +157,7 @@ def load_onnx_package(path, task=None):
     with open(source, "rb") as fh:
         data = fh.read()
     check_single_file(data, source)
-    sess = create_session(ort, data, source)
+    sess = create_session(ort, data, source, session_options(ort, optimize=False))  # inputs, outputs, metadata
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1:
         raise ModelPackageError(f"{source}: the model has {len(inputs)} inputs; RS Deep runs models with one image "
