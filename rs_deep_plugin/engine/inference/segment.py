@@ -68,13 +68,17 @@ class StripBlender:
         self.k = classes
         self.acc = np.zeros((classes, self.h, ax1 - ax0), dtype=np.float32)
         self.wsum = np.zeros((self.h, ax1 - ax0), dtype=np.float32)
+        self.scratch = None
 
     def add(self, x, y, probs, weight):
         """probs [K, n, n] at native resolution, weight [n, n] (already zero where invalid)."""
         r0, c0 = y - self.base, x - self.ax0
         n = weight.shape[0]
         assert 0 <= r0 and r0 + n <= self.h, "tile rows must be added in order"
-        self.acc[:, r0:r0 + n, c0:c0 + n] += probs * weight
+        if self.scratch is None or self.scratch.shape != probs.shape:
+            self.scratch = np.empty(probs.shape, dtype=np.float32)  # the weighted tile, without a new array per tile
+        np.multiply(probs, weight, out=self.scratch)
+        self.acc[:, r0:r0 + n, c0:c0 + n] += self.scratch
         self.wsum[r0:r0 + n, c0:c0 + n] += weight
 
     def finish(self, upto):
