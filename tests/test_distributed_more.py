@@ -15,7 +15,7 @@ from rs_deep.rs_deep_plugin.engine.inference.tiling import TileGrid
 from conftest import ATLANTA_IMAGE
 from test_distributed import cluster  # noqa: F401 (a fixture: a LocalCluster of 2 worker processes)
 from test_instances import trained_on_atlanta  # noqa: F401 (a fixture: a Mask R-CNN trained through Processing)
-from test_predict_raster import FOTOMAP, REG, SR
+from test_predict_raster import FOTOMAP, REG, SR, cover_package  # noqa: F401 (a fixture: a regression package)
 
 REGRESSION = REG / "dummy_regression_model.onnx"  # Deepness's: a vegetation index per pixel, 512 px tiles
 # the top-left 300 x ~260 px of the Deepness test raster (2 cm, EPSG:32633)
@@ -25,6 +25,13 @@ SR_BOUNDS = (638838.70, 5802599.73, 638844.70, 5802604.93)
 def _read(path):
     with rasterio.open(path) as ds:
         return ds.read(), ds.profile
+
+
+def _top_left(size):
+    """The map bounds of the top-left ``size`` x ``size`` px of the Atlanta sample."""
+    with rasterio.open(ATLANTA_IMAGE) as ds:
+        (x0, y1), (x1, y0) = ds.xy(0, 0, offset="ul"), ds.xy(size, size, offset="ul")
+    return x0, y0, x1, y1
 
 
 def _same_raster(a, b):
@@ -53,6 +60,25 @@ def test_regression_equals_one_process(cluster, tmp_path):  # noqa: F811 (fixtur
     _same_prediction(one, many)
     assert (values != one.nodata).mean() > 0.9 and np.nanstd(values[values != one.nodata]) > 0
     assert sorted(os.listdir(tmp_path)) == ["many.tif", "one.tif"]
+
+
+def test_torch_regression_package_equals_one_process(cluster, cover_package, tmp_path):  # noqa: F811 (fixture)
+    """Our own package (a network trained through rs_deep:train): its value scale and offset applied here. torch's
+    CPU convolution rounds a batch of one tile differently from a batch of several, and a block batches its own
+    tiles (a tile alone in its batch in one run may share one in the other): the values agree to that rounding, the
+    one a run in one process shows between two batch sizes."""
+    kw = dict(bounds=_top_left(320), tile_size=128, overlap=32, batch_size=4)
+    one = predict_raster(ATLANTA_IMAGE, cover_package["OUTPUT"], tmp_path / "one.tif", **kw)
+    many = predict_raster(ATLANTA_IMAGE, cover_package["OUTPUT"], tmp_path / "many.tif", cluster=cluster,
+                          block_size=128, **kw)
+    alone = predict_raster(ATLANTA_IMAGE, cover_package["OUTPUT"], tmp_path / "alone.tif", **dict(kw, batch_size=1))
+    assert (one.width, one.height) == (320, 320) and many.tiles_run > one.tiles_run
+    (v1, p1), (vm, pm), (va, _) = _read(one.output), _read(many.output), _read(alone.output)
+    assert pm == p1 and (vm == one.nodata).sum() == (v1 == one.nodata).sum() == 0
+    rounding = np.abs(va - v1).max()  # one process, batches of 1 against batches of 4
+    assert 0 < rounding < 1e-4 * np.abs(v1).max()
+    np.testing.assert_allclose(vm, v1, rtol=0, atol=2 * rounding)
+    assert many.valid_pixels == one.valid_pixels == 320 * 320
 
 
 def test_super_resolution_equals_one_process(cluster, tmp_path):  # noqa: F811 (fixture)
@@ -95,13 +121,6 @@ def test_predict_raster_through_processing_with_local_cluster(provider, tmp_path
 
 
 # -- instance segmentation -------------------------------------------------------------------------------------------
-
-def _top_left(size):
-    """The map bounds of the top-left ``size`` x ``size`` px of the Atlanta sample."""
-    with rasterio.open(ATLANTA_IMAGE) as ds:
-        (x0, y1), (x1, y0) = ds.xy(0, 0, offset="ul"), ds.xy(size, size, offset="ul")
-    return x0, y0, x1, y1
-
 
 def test_instances_equal_one_process(cluster, trained_on_atlanta):  # noqa: F811 (fixture)
     model = trained_on_atlanta["OUTPUT"]

@@ -94,8 +94,8 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
     "output scaling"; None or 0: the package's). ``gsd``: processing resolution in metres per pixel (None: the
     package's). A model of another task is refused with its task and the algorithm that runs it. ``transaction``:
     as in :func:`.segment.segment`. ``cluster``: run on a Dask cluster (:mod:`.distributed`: a scheduler address or
-    "local:N"; None: in this process), in blocks of about ``block_size`` input pixels on the same tile grid: the same
-    values, written here. Returns a :class:`RasterPrediction`.
+    "local:N"; None: in this process), in blocks of about ``block_size`` output pixels (``block_size / scale`` input
+    pixels) on the same tile grid: the same values, written here. Returns a :class:`RasterPrediction`.
     """
     t_start, prog, log, pkg = start_run(package, RASTER_TASKS, progress, is_cancelled, log, gsd)
     final = check_writable(output, "OUTPUT")
@@ -167,9 +167,10 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         what = f"{pkg.scale} times finer" if s > 1 else "values"
         if cluster:
             from .distributed import run_blocks
-            blocks = grid.blocks(block_size)
+            side = max(1, int(block_size) // s)  # a block's output is about block_size px a side
+            blocks = grid.blocks(side)
             prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), "
-                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of up to {block_size} px on "
+                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of up to {side} px on "
                          f"{cluster}; {what}")
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
                        device=device, batch_size=batch_size, tta="none", mask=mask_geometries, grid=grid,
