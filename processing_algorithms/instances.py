@@ -7,8 +7,9 @@ from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import INSTANCE_SEGMENTATION
 from .base import RSDeepAlgorithm
 from .outputs import RunOutputs
-from .params import (RESOLUTION_HELP, OBJECT_HELP, THRESHOLD_LABELS, add, add_input_block,
-                     add_max_pixels, add_resolution, add_thresholds, add_tiling_block, help_string, read_object_run)
+from .params import (RESOLUTION_HELP, OBJECT_HELP, THRESHOLD_LABELS, add, add_cluster, add_input_block,
+                     add_max_pixels, add_resolution, add_thresholds, add_tiling_block, help_string, read_cluster,
+                     read_object_run)
 from .sinks import FeatureSinks
 from .styles import StyleObjects
 
@@ -49,13 +50,14 @@ class SegmentInstancesAlgorithm(RSDeepAlgorithm):
         add_tiling_block(self, help=HELP)
         add_thresholds(self, HELP, "polygons")
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.instances import segment_instances
         outputs = RunOutputs(self, parameters, context, feedback)
         raster, pkg, run = read_object_run(self, parameters, context, feedback, INSTANCE_SEGMENTATION)
         with outputs:  # every output renamed into place at the end of the block, or none
-            result = segment_instances(raster.source, pkg, **run)
+            result = segment_instances(raster.source, pkg, **run, **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             feedback.pushInfo(f"{len(result)} objects ({result.raw_instances} from the tiles before merging) from "

@@ -9,9 +9,9 @@ from .base import FeedbackBridge, RSDeepAlgorithm
 from .layers import mask_geometries
 from .outputs import RunOutputs
 from .params import (BANDS, BANDS_HELP, EXTENT, EXTENT_HELP, INPUT, INPUT_HELP, MASK_HELP, MODEL, OUTPUT, RESOLUTION,
-                     RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
-                     help_string, load_model_package, optional_number, read_area, read_raster, read_resolution,
-                     read_tiling)
+                     RESOLUTION_HELP, add, add_cluster, add_input_block, add_max_pixels, add_resolution,
+                     add_tiling_block, help_string, load_model_package, optional_number, read_area, read_cluster,
+                     read_raster, read_resolution, read_tiling)
 
 MASK = "MASK"
 OUTPUT_SCALING = "OUTPUT_SCALING"
@@ -52,6 +52,7 @@ class PredictRasterAlgorithm(RSDeepAlgorithm):
         add_resolution(self)
         add_tiling_block(self, help=HELP)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.predict import predict_raster
@@ -71,7 +72,7 @@ class PredictRasterAlgorithm(RSDeepAlgorithm):
             result = predict_raster(raster.source, pkg, path, bands=raster.bands, bounds=raster.bounds,
                                     mask_geometries=mask, transaction=outputs.transaction,
                                     max_pixels=raster.max_pixels, gsd=gsd, value_scale=scaling, **tiling,
-                                    **bridge.callbacks)
+                                    **bridge.callbacks, **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             unit = f" {result.units}" if result.units else ""

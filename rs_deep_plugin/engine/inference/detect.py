@@ -34,7 +34,7 @@ from ..geo.raster import RasterReader, apply_affine, input_warnings
 from ..models.detection_options import IOU_THRESHOLD, MAX_DETECTIONS, SCORE_THRESHOLD, resolve_detection_options
 from ..models.postprocess import nms_over_pairs
 from .pipeline import Estimate, batched, open_device, open_region, prefetch, read_tiles, resolve_options, start_run
-from .tiling import TileGrid
+from .tiling import TileGrid, tiles_by_block
 
 #: a box within this many model pixels of an interior tile edge may have been cut by it
 EDGE_MARGIN = 3.0
@@ -450,8 +450,7 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
         if cluster:
             from .distributed import run_blocks
             windows = grid.blocks(block_size)
-            tiles = [[(i, x, y) for i, x, y in seq if bx0 <= x < bx1 and by0 <= y < by1]
-                     for bx0, by0, bx1, by1 in windows]
+            tiles = tiles_by_block(windows, seq)
             result.device = f"Dask cluster {cluster}"
             prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} "
                          f"px, in {len(windows)} blocks of up to {block_size} px on {cluster}; score >= {score:g}, "

@@ -7,8 +7,9 @@ imported here only, and only when a run asks for a cluster.
 * The raster is cut into blocks on the run's own global tile grid (:meth:`.tiling.TileGrid.blocks`). Each task
   opens the input itself (any path GDAL opens: the workers must reach it), runs every tile that meets its block,
   with the weights and in the order of the single-process run, and returns its block's finished pixels
-  (:func:`.segment.segment_block`), or the boxes of its tiles (:func:`.detect.tile_detections`), or the classes of
-  its patches; no raster data leaves the client. The client writes and commits the outputs as a run in one
+  (:func:`.segment.segment_block`; regression and super-resolution: :func:`.predict.predict_block_task`, both
+  blended by :func:`.segment.blend_block`), or what its tiles find (boxes: :func:`.detect.tile_detections`;
+  polygons: :func:`.instances.tile_instances`), or the classes of its patches; no raster data leaves the client. The client writes and commits the outputs as a run in one
   process does, so the results are the same.
 * The model travels once as the bytes of its package (scattered to every worker), never as a pickled network;
   each worker loads it once, on its own device (a GPU worker uses its GPU).
@@ -241,7 +242,8 @@ def _absolute_paths(opener):
 def run_blocks(cluster, pkg, job, prog, log, share=0.95):
     """Run the blocks of ``job`` (``job["windows"]``, one task each: :func:`_block_task`, which calls
     ``job["run"](reader, runner, job, i, batch size)``, a module-level function of the inference module that
-    asked, e.g. :func:`.segment.segment_block_task`; ``job["kind"]``: "dense" or "detection") on ``cluster``;
+    asked, e.g. :func:`.segment.segment_block_task`; ``job["kind"]``: "dense", a probability or value runner, or "detection", a detection or instance
+    segmentation runner) on ``cluster``;
     yields their results as they come (any order). Progress runs to ``share``; cancel cancels the futures
     (:class:`..errors.Cancelled`)."""
     distributed = _dask()

@@ -12,6 +12,10 @@ The tile loop of detection (:mod:`.detect`, :mod:`.pipeline`) with a Mask R-CNN 
   either side of the cut): class-wise NMS by polygon IoU, and a polygon mostly inside a larger one of another tile;
 * polygons are clipped to the processed region.
 
+On a Dask cluster (``cluster``, :mod:`.distributed`) the tiles are shared among blocks of the tile grid (each tile in
+one block); each worker runs :func:`tile_instances` on its block's tiles and returns their polygons; the merge and
+the clip run here on them in tile order, as in one process: the same objects.
+
 Nothing is written to disk: a cancelled run leaves nothing.
 """
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ from ..models.detection_options import resolve_detection_options
 from ..models.postprocess import nms_over_pairs
 from .detect import EDGE_IOA, ObjectsResult, box_centres, open_tile_run, tile_outputs
 from .pipeline import open_region, resolve_options, start_run
-from .tiling import TileGrid
+from .tiling import TileGrid, tiles_by_block
 
 
 @dataclass
@@ -130,17 +134,27 @@ def region_polygon(transform, region):
     return Polygon([apply_affine(transform, c, r) for c, r in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))])
 
 
+def instances_block_task(reader, runner, job, i, bs):
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`tile_instances` on the
+    block's tiles."""
+    return tile_instances(reader, runner, job["grid"], job["tiles"][i], job["region"], bs)
+
+
 def segment_instances(input_path, package, *, bands=None, bounds=None, tile_size=None, overlap=None,
                       batch_size=None, device="auto", score_threshold=None, iou_threshold=None, max_detections=None,
-                      progress=None, is_cancelled=None, log=None, match_gsd=True, max_pixels=None, gsd=None):
+                      progress=None, is_cancelled=None, log=None, match_gsd=True, max_pixels=None, gsd=None,
+                      cluster=None, block_size=4096):
     """Find every object in ``input_path`` (any size) with an instance segmentation ``package`` (path or
     ModelPackage) and return an :class:`InstanceResult`: one polygon per object with its class and score (none is a
     valid result). The options are those of :func:`.detect.detect` (``max_detections`` per tile). The overlap should
-    exceed the largest objects: those are taken whole from the tile whose core holds their centre."""
+    exceed the largest objects: those are taken whole from the tile whose core holds their centre. ``cluster``: run the
+    tiles on a Dask cluster (:mod:`.distributed`: a scheduler address or "local:N"), in blocks of about
+    ``block_size`` px, and merge their polygons here: the same objects."""
     t_start, prog, log, pkg = start_run(package, "instance_segmentation", progress, is_cancelled, log, gsd)
     score, iou, maxd = resolve_detection_options(pkg, score_threshold, iou_threshold, max_detections)
     pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
-    reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd, pad="zeros")(pkg_opts)
+    open_reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd, pad="zeros")
+    reader = open_reader(pkg_opts)
     result = InstanceResult(score_threshold=score, iou_threshold=iou, max_detections=maxd)
     try:
         result.warnings, region = open_region(reader, pkg, bounds, max_pixels, log,
@@ -152,9 +166,26 @@ def segment_instances(input_path, package, *, bands=None, bounds=None, tile_size
         grid = TileGrid(x0, y0, x1, y1, reader.native_tile, reader.native_overlap)
         seq = [(i + 1, x, y) for i, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs)]
         result.tiles = len(seq)
-        runner, result.device, bs, on_batch = open_tile_run(device, batch_size, pkg, prog, log, reader, len(seq),
-                                                            (score, iou, maxd), "polygon IoU")
-        parts, result.tiles_run = tile_instances(reader, runner, grid, seq, region, bs, prog.check, on_batch)
+        if cluster:
+            from .distributed import run_blocks
+            windows = grid.blocks(block_size)
+            result.device = f"Dask cluster {cluster}"
+            prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), overlap "
+                         f"{reader.native_overlap} px, in {len(windows)} blocks of up to {block_size} px on "
+                         f"{cluster}; score >= {score:g}, polygon IoU {iou:g}, at most {maxd} objects per tile")
+            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
+                       device=device, batch_size=batch_size, detection=(score, iou, maxd), grid=grid, region=region,
+                       tiles=tiles_by_block(windows, seq), windows=windows, run=instances_block_task,
+                       kind="detection")
+            parts = []
+            for block_parts, run in run_blocks(cluster, pkg, job, prog, log, share=0.97):
+                parts += block_parts
+                result.tiles_run += run
+            parts.sort(key=lambda part: part[3][0])  # in tile order, as one process gives them
+        else:
+            runner, result.device, bs, on_batch = open_tile_run(device, batch_size, pkg, prog, log, reader, len(seq),
+                                                                (score, iou, maxd), "polygon IoU")
+            parts, result.tiles_run = tile_instances(reader, runner, grid, seq, region, bs, prog.check, on_batch)
         prog.check()
         if parts:
             polys = [p for part in parts for p in part[0]]
@@ -184,4 +215,4 @@ def segment_instances(input_path, package, *, bands=None, bounds=None, tile_size
 
 
 __all__ = ["segment_instances", "Instance", "InstanceResult", "merge_instances", "tile_instances",
-           "region_polygon"]
+           "instances_block_task", "region_polygon"]

@@ -11,9 +11,15 @@ no valid pixel was read.
 * super-resolution: the raster's grid ``scale`` times finer over the same extent (the transform's pixel size
   divided by ``scale``), one band per output channel, float32 or the package's ``output_dtype`` (uint8, uint16:
   values rounded and clipped to the type's range, 0 kept for nodata).
+
+On a Dask cluster (``cluster``, :mod:`.distributed`) each worker blends a block of the same tile grid
+(:func:`.segment.blend_block`) and returns its finished values (the weighted sums divided by their weights); the
+value scale and offset, the statistics, nodata and the data type are applied here, as in one process: the same
+values.
 """
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -23,7 +29,7 @@ from ..geo.raster import RasterReader
 from ..geo.writer import AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable
 from ..tasks import RASTER_TASKS
 from .pipeline import abandon, end_run, mask_index, open_device, open_region, resolve_options, start_run
-from .segment import blend_tiles, plan_tiles
+from .segment import blend_block, blend_tiles, plan_tiles
 from .tiling import TileGrid, column_bands
 
 #: nodata of float32 outputs: the lowest float32 (a regression value may be negative, 0 or -1)
@@ -57,15 +63,39 @@ class RasterPrediction:
     warnings: list = field(default_factory=list)
 
 
+def finished_values(values, wsum):
+    """Blended values [K, h, w] (weighted sums) divided in place by their weights ``wsum`` [h, w]: returns where
+    there were valid pixels (the rest is left as it was)."""
+    valid = wsum > 0
+    np.divide(values, wsum, out=values, where=valid[None])
+    return valid
+
+
+def predict_block_task(reader, runner, job, i, bs):
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`.segment.blend_block`
+    with its finished values: ``([(x, y, values [K, h, w], valid [h, w])], tiles run)``, in output pixels."""
+    chunks = []
+
+    def take(y, x, values, wsum):
+        chunks.append((x, y, values, finished_values(values, wsum)))
+
+    run = blend_block(reader, runner, job["grid"], job["windows"][i], mask_index(job["mask"]), bs, job["channels"],
+                      take, scale=job["scale"])
+    return chunks, run
+
+
 def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None, tile_size=None,
                    overlap=None, batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
-                   max_band_width=8192, log=None, transaction=None, max_pixels=None, gsd=None, value_scale=None):
+                   max_band_width=8192, log=None, transaction=None, max_pixels=None, gsd=None, value_scale=None,
+                   cluster=None, block_size=4096):
     """Apply the regression or super-resolution model ``package`` to ``input_path``; write ``output`` (GeoTIFF).
 
     ``value_scale``: multiply the model's values by this instead of the package's ``value_scale`` (Deepness's
     "output scaling"; None or 0: the package's). ``gsd``: processing resolution in metres per pixel (None: the
     package's). A model of another task is refused with its task and the algorithm that runs it. ``transaction``:
-    as in :func:`.segment.segment`. Returns a :class:`RasterPrediction`.
+    as in :func:`.segment.segment`. ``cluster``: run on a Dask cluster (:mod:`.distributed`: a scheduler address or
+    "local:N"; None: in this process), in blocks of about ``block_size`` output pixels (``block_size / scale`` input
+    pixels) on the same tile grid: the same values, written here. Returns a :class:`RasterPrediction`.
     """
     t_start, prog, log, pkg = start_run(package, RASTER_TASKS, progress, is_cancelled, log, gsd)
     final = check_writable(output, "OUTPUT")
@@ -77,7 +107,8 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
     dtype = pkg.output_dtype
     nodata = VALUE_NODATA if dtype == "float32" else INT_NODATA
     pkg_opts = pkg.with_tiling(*resolve_options(pkg, tile_size, overlap, batch_size, device))
-    reader = RasterReader(input_path, pkg_opts, bands=bands, match_gsd=match_gsd)
+    open_reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd)
+    reader = open_reader(pkg_opts)
     result = RasterPrediction(output=final, task=pkg.task, scale=s, dtype=dtype, nodata=nodata, units=pkg.units,
                               value_scale=factor, band_names=[c.name for c in pkg.classes])
     atomic = writer = bg = None
@@ -91,8 +122,11 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         transform = transform * transform.scale(1.0 / s)  # super-resolution: s times finer, same extent
         width, height = (x1 - x0) * s, (y1 - y0) * s
         result.width, result.height, result.crs, result.transform = width, height, reader.crs, transform
-        dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
-        runner = pkg.make_runner(dev)
+        if cluster:  # the workers load the model on their own devices
+            runner, bs, result.device = None, 1, f"Dask cluster {cluster}"
+        else:
+            dev, result.device, bs = open_device(device, batch_size, pkg, prog, log)
+            runner = pkg.make_runner(dev)
         k = len(pkg.classes)
         if transaction is not None:
             atomic = transaction.file(final)
@@ -108,9 +142,7 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         stats[:, 1], stats[:, 2] = np.inf, -np.inf
         count = [0]
 
-        def write_rows(y_row, values, wsum, bx0):
-            valid = wsum > 0
-            np.divide(values, wsum, out=values, where=valid[None])
+        def write_values(y_row, bx0, values, valid):
             if factor != 1.0:
                 values *= np.float32(factor)
             if offset:
@@ -133,9 +165,26 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         seq = plan_tiles(grid, bands_cols)
         result.tiles = len(seq)
         what = f"{pkg.scale} times finer" if s > 1 else "values"
-        prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), overlap "
-                     f"{reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s); {what}")
-        result.tiles_run = blend_tiles(reader, mask, runner, grid, bands_cols, seq, bs, k, write_rows, prog, scale=s)
+        if cluster:
+            from .distributed import run_blocks
+            side = max(1, int(block_size) // s)  # a block's output is about block_size px a side
+            blocks = grid.blocks(side)
+            prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), "
+                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of up to {side} px on "
+                         f"{cluster}; {what}")
+            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
+                       device=device, batch_size=batch_size, tta="none", mask=mask_geometries, grid=grid,
+                       channels=k, scale=s, windows=blocks, run=predict_block_task, kind="dense")
+            for chunks, run in run_blocks(cluster, pkg, job, prog, log):
+                for x, y, values, valid in chunks:
+                    write_values(y, x, values, valid)
+                result.tiles_run += run
+        else:
+            prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), "
+                         f"overlap {reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s); {what}")
+            result.tiles_run = blend_tiles(reader, mask, runner, grid, bands_cols, seq, bs, k,
+                                           lambda y, values, wsum, x: write_values(
+                                               y, x, values, finished_values(values, wsum)), prog, scale=s)
         bg.close()
         bg = None
         prog.check()
@@ -156,4 +205,5 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         reader.close()
 
 
-__all__ = ["predict_raster", "RasterPrediction", "VALUE_NODATA", "INT_NODATA"]
+__all__ = ["predict_raster", "predict_block_task", "finished_values", "RasterPrediction", "VALUE_NODATA",
+           "INT_NODATA"]

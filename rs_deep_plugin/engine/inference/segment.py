@@ -242,40 +242,55 @@ def finish_rows(probs, wsum, spans, thr, k, skip, keep):
     return out, counts
 
 
-def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep, check=lambda: None):
-    """The finished outputs of one block (bx0, by0, bx1, by1) of ``grid``, computed alone (a worker of
-    :mod:`.distributed`): every tile of the grid that meets the block is run and blended in the order, and with the
-    weights, of :func:`segment`, so its pixels are those of one run over the whole raster.
-
-    Returns ``([(x, y, outputs)], pixels per class, tiles run)`` (outputs: :func:`finish_rows`'s)."""
+def blend_block(reader, runner, grid, block, mask, bs, channels, take, check=lambda: None, scale=1):
+    """Run and blend the tiles of one block (bx0, by0, bx1, by1) of ``grid`` alone (a worker of :mod:`.distributed`):
+    every tile of the grid that meets the block is run and blended in the order, and with the weights, of
+    :func:`blend_tiles`, so its values are those of one run over the whole raster. ``take(y, x, values [K, h, w],
+    wsum [h, w])`` gets the block's finished rows (weighted sums and their weights, its own copies, column chunk by
+    column chunk; the rows above the block, its halo, are another block's) in output pixels: ``scale`` times finer
+    than the raster's (super-resolution). Returns the number of tiles run."""
     bx0, by0, bx1, by1 = block
-    n = grid.tile
+    n, s = grid.tile, int(scale)
+    out_n = n * s
     xs, ys = grid.columns_for(bx0, bx1), grid.rows_for(by0, by1)
-    k = spans[-1][0] + spans[-1][1]
-    weights = blend_weights(n, grid.overlap)
-    blender = StripBlender(xs[0], xs[-1] + n, bx0, bx1, ys[0], by1, n, k)
-    chunks, counts, run = [], np.zeros(k, dtype=np.int64), 0
+    weights = blend_weights(out_n, grid.overlap * s)
+    blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, ys[0] * s, by1 * s, out_n, channels)
+    top = by0 * s
+    run = 0
 
-    def take(y, x, probs, wsum):
-        if y + wsum.shape[0] > by0:  # rows above the block (its halo) are another block's
-            cut = max(0, by0 - y)
-            res, c = finish_rows(probs[:, cut:], wsum[cut:], spans, thr, k, skip, keep)
-            counts[:] += c
-            chunks.append((x, y + cut, res))
-
-    def emit(upto):
-        blender.finish_each(upto, take)
+    def in_block(y, x, values, wsum):
+        if y + wsum.shape[0] > top:
+            cut = max(0, top - y)
+            take(y + cut, x, values[:, cut:], wsum[cut:])
 
     seq = [(x, y, i == len(xs) - 1) for y in ys for i, x in enumerate(xs)]
-    for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check):
+    for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check, s):
         for (x, y, end_row), p, valid in batch:
             if p is not None:
-                blender.add(x, y, p, weights * valid)
+                blender.add(x * s, y * s, p, weights * valid)
                 run += 1
             if end_row:
                 nxt = [yy for yy in grid.ys if yy > y]
-                emit(nxt[0] if nxt else by1)
-    emit(by1)
+                blender.finish_each((nxt[0] if nxt else by1) * s, in_block)
+    blender.finish_each(by1 * s, in_block)
+    return run
+
+
+def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep, check=lambda: None):
+    """The finished outputs of one block (bx0, by0, bx1, by1) of ``grid``, computed alone (a worker of
+    :mod:`.distributed`): :func:`blend_block`, its rows classified by :func:`finish_rows`, so its pixels are those of
+    one run over the whole raster.
+
+    Returns ``([(x, y, outputs)], pixels per class, tiles run)`` (outputs: :func:`finish_rows`'s)."""
+    k = spans[-1][0] + spans[-1][1]
+    chunks, counts = [], np.zeros(k, dtype=np.int64)
+
+    def take(y, x, probs, wsum):
+        res, c = finish_rows(probs, wsum, spans, thr, k, skip, keep)
+        counts[:] += c
+        chunks.append((x, y, res))
+
+    run = blend_block(reader, runner, grid, block, mask, bs, k, take, check)
     return chunks, counts, run
 
 

@@ -95,6 +95,13 @@ class TileGrid:
         return [(a, c, b, d) for c, d in zip(rows[:-1], rows[1:]) for a, b in zip(cols[:-1], cols[1:])]
 
 
+def tiles_by_block(blocks, tiles):
+    """The tiles ``[(tile_no, x, y)]`` of each of ``blocks`` [(bx0, by0, bx1, by1)]: those whose top-left corner lies
+    in it, so that each tile of a grid is in exactly one of its :meth:`TileGrid.blocks` (runs that keep what each
+    tile finds: detection, instance segmentation)."""
+    return [[(i, x, y) for i, x, y in tiles if bx0 <= x < bx1 and by0 <= y < by1] for bx0, by0, bx1, by1 in blocks]
+
+
 def block_edges(starts, tile, lo, hi, size, align=256):
     """Edges ``[lo, ..., hi]`` of blocks of about ``size`` px along one axis of tiles at ``starts``: each inner
     edge is covered by one tile only (see :meth:`TileGrid.blocks`); any edge would give the same pixels."""
