@@ -132,9 +132,12 @@ def test_instances_equal_one_process(cluster, trained_on_atlanta):  # noqa: F811
     assert len(one) > 5 and one.raw_instances > len(one)  # objects on the tiles' borders were merged
     assert (many.tiles, many.tiles_run, many.raw_instances) == (one.tiles, one.tiles_run, one.raw_instances)
     assert [(d.class_id, d.class_name) for d in many] == [(d.class_id, d.class_name) for d in one]
-    assert [d.score for d in many] == [d.score for d in one]
-    assert [d.polygon.wkb for d in many] == [d.polygon.wkb for d in one]
-    assert [d.area_m2 for d in many] == [d.area_m2 for d in one]
+    # torch's CPU convolution rounds a tile alone in its batch, or on another thread count, a little differently
+    # (the workers batch their own block's tiles, on 1 thread): the same objects to float rounding
+    np.testing.assert_allclose([d.score for d in many], [d.score for d in one], rtol=0, atol=1e-5)
+    for a, b in zip(many, one):
+        assert a.polygon.symmetric_difference(b.polygon).area <= 0.02 * b.polygon.area
+    np.testing.assert_allclose([d.area_m2 for d in many], [d.area_m2 for d in one], rtol=0.02)
     assert many.device.startswith("Dask cluster")
 
 
