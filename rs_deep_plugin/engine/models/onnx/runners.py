@@ -349,6 +349,8 @@ class OnnxInstanceRunner(OnnxDetectionRunner):
     (boxes [n, 4] tile pixels, labels 0-based, scores, masks [n, T, T] bool), like
     :class:`..runners.InstanceRunner`; :func:`decode_yolo_seg` decodes each tile."""
 
+    mask_threshold = 0.5  # as Deepness and Ultralytics
+
     def __call__(self, batch):
         outs = [np.asarray(o) for o in self._run_all(batch)]
         rows = [o for o in outs if o.ndim == 3]
@@ -358,5 +360,5 @@ class OnnxInstanceRunner(OnnxDetectionRunner):
                                     f"{[list(o.shape) for o in outs]}; a {self.pkg.det_type} model returns rows "
                                     "[batch, 4 + classes + M, boxes] and mask prototypes [batch, M, height, width]")
         t, n = batch.shape[-1], len(self.pkg.classes)
-        return [self._decoded(decode_yolo_seg, r, p, t, self.score, self.iou, self.maxd, n)
+        return [self._decoded(decode_yolo_seg, r, p, t, self.score, self.iou, self.maxd, n, self.mask_threshold)
                 for r, p in zip(rows[0], protos[0])]
