@@ -261,6 +261,26 @@ def test_decode_yolo_seg_masks_are_the_prototypes_cut_to_the_box():
     assert boxes[1].tolist() == [5, 22, 11, 26]
 
 
+def test_decode_yolo_seg_box_masks_are_those_of_the_whole_tile_recipe():
+    """The masks computed inside their boxes only are, pixel for pixel, sigmoid(coefficients @ prototypes) resized
+    to the whole tile, cut to the box and thresholded (Deepness/Ultralytics), for boxes partly off the tile too."""
+    from rs_deep.rs_deep_plugin.engine.models.postprocess import resize_bilinear
+    rng = np.random.default_rng(3)
+    t, mh, n, m = 96, 24, 30, 32
+    raw = np.concatenate([rng.uniform(-8, t + 8, (2, n)), rng.uniform(1, t / 2, (2, n)), np.full((1, n), 0.9),
+                          rng.normal(0, 1, (m, n))])
+    protos = rng.normal(0, 1, (m, mh, mh)).astype(np.float32)
+    boxes, _, _, masks = decode_yolo_seg(raw, protos, t, 0.5, 1.0, 100, 1)  # IoU 1: NMS keeps every box
+    assert len(boxes) == n and np.asarray(masks).shape == (n, t, t)
+    idx = np.arange(t)
+    for k in range(n):
+        j = int(np.flatnonzero(np.isclose(raw[0] - raw[2] / 2, boxes[k, 0]))[0])
+        p = resize_bilinear(1 / (1 + np.exp(-(raw[5:, j].astype(np.float32) @ protos.reshape(m, -1)))).reshape(mh, mh),
+                            (t, t))
+        inside = ((idx >= boxes[k, 1]) & (idx < boxes[k, 3]))[:, None] & ((idx >= boxes[k, 0]) & (idx < boxes[k, 2]))
+        assert np.array_equal(masks[k], (p >= 0.5) & inside)
+
+
 # --------------------------------------------------------------------------------------------
 # packages
 

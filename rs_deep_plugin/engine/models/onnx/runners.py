@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import InputError, ModelPackageError
 from ...limits import MAX_ONNX_WORKING_BYTES, size_text
 from ...geo.rotated import normalise_rboxes
-from ..postprocess import batched_nms, resize_bilinear, rotated_nms
+from ..postprocess import batched_nms, linear_taps, resize_bilinear, rotated_nms
 from .session import SHRINK_EVERY, require_onnxruntime, run_options
 
 
@@ -277,23 +277,48 @@ def decode_yolo_obb(raw, score_threshold, iou_threshold, max_detections, n_class
     return rb.reshape(-1, 5), labels, scores
 
 
-#: masks computed at the tile's size at once (bounds the float working memory to this many tiles)
-MASK_CHUNK = 8
+class BoxMasks:
+    """Object masks [n, T, T] bool kept as the parts inside their boxes (memory: the boxes' areas, not n tiles):
+    ``masks[k]`` is object k's whole tile mask, made when asked (:func:`..inference.instances.tile_instances` asks
+    for the objects it keeps); ``np.asarray(masks)`` makes them all."""
+
+    def __init__(self, size, crops, offsets):
+        self.size, self.crops, self.offsets = int(size), crops, offsets  # offsets: (row, col) of each crop
+
+    @property
+    def shape(self):
+        return (len(self.crops), self.size, self.size)
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, k):
+        full = np.zeros((self.size, self.size), dtype=bool)
+        crop, (r, c) = self.crops[int(k)], self.offsets[int(k)]
+        full[r:r + crop.shape[0], c:c + crop.shape[1]] = crop
+        return full
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.zeros(self.shape, dtype=bool)
+        for k in range(len(self)):
+            out[k] = self[k]
+        return out if dtype is None else out.astype(dtype)
 
 
 def decode_yolo_seg(raw, protos, size, score_threshold, iou_threshold, max_detections, n_classes,
                     mask_threshold=0.5):
     """One image's raw YOLO segmentation outputs (Deepness ``YOLO_Ultralytics_segmentation``, Ultralytics' Segment
     head): rows [4 + C + M, N] (cx, cy, w, h, C class scores, M mask coefficients) and prototypes [M, h, w] ->
-    (boxes [n, 4] x0, y0, x1, y1, labels [n] 0-based, scores [n], masks [n, T, T] bool, T = ``size``).
+    (boxes [n, 4] x0, y0, x1, y1, labels [n] 0-based, scores [n], masks [n, T, T] bool (:class:`BoxMasks`),
+    T = ``size``).
 
     Boxes go through class-wise NMS as in :func:`decode_yolo`; each kept object's mask is
-    ``sigmoid(coefficients @ prototypes)``, resized bilinearly to the tile (:func:`..postprocess.resize_bilinear`),
-    cut to its box (the pixels whose index lies in [x0, x1) x [y0, y1), Ultralytics' ``crop_mask``) and
-    thresholded at ``mask_threshold`` (0.5, as Deepness and Ultralytics do)."""
+    ``sigmoid(coefficients @ prototypes)``, resized bilinearly to the tile (as :func:`..postprocess.resize_bilinear`
+    does, computed for the pixels of its box only), cut to its box (the pixels whose index lies in [x0, x1) x
+    [y0, y1), Ultralytics' ``crop_mask``) and thresholded at ``mask_threshold`` (0.5, as Deepness and Ultralytics)."""
     protos = np.asarray(protos, dtype=np.float32)
     a, scores, labels = ultralytics_candidates(raw, score_threshold, n_classes)
-    m = protos.shape[0]
+    m, mh, mw = protos.shape
     if a.shape[1] != 4 + n_classes + m:
         raise ModelPackageError(f"the YOLO segmentation output has {a.shape[1]} values per box; expected 4 + "
                                 f"{n_classes} classes + {m} mask coefficients (the prototypes' channels)")
@@ -305,18 +330,25 @@ def decode_yolo_seg(raw, protos, size, score_threshold, iou_threshold, max_detec
         k = batched_nms(boxes, scores, labels, float(iou_threshold))[:int(max_detections)]
         a, boxes, scores, labels = a[k], boxes[k], scores[k], labels[k]
     t = int(size)
-    masks = np.zeros((len(boxes), t, t), dtype=bool)
     coeffs = a[:, 4 + n_classes:].astype(np.float32)
-    flat = protos.reshape(m, -1)
-    idx = np.arange(t, dtype=np.float64)
-    for i in range(0, len(boxes), MASK_CHUNK):
-        logits = (coeffs[i:i + MASK_CHUNK] @ flat).reshape((-1,) + protos.shape[1:])
-        prob = resize_bilinear(1.0 / (1.0 + np.exp(-logits)), (t, t))
-        b = boxes[i:i + MASK_CHUNK]
-        inside_x = (idx[None, :] >= b[:, 0:1]) & (idx[None, :] < b[:, 2:3])  # [n, T]
-        inside_y = (idx[None, :] >= b[:, 1:2]) & (idx[None, :] < b[:, 3:4])
-        masks[i:i + MASK_CHUNK] = (prob >= mask_threshold) & inside_y[:, :, None] & inside_x[:, None, :]
-    return boxes.reshape(-1, 4), labels, scores, masks
+    (j0, j1, wx), (i0, i1, wy) = linear_taps(mw, t), linear_taps(mh, t)
+    # the pixels of each box: index >= x0 and < x1, within the tile
+    c0, c1, r0, r1 = (np.clip(np.ceil(boxes[:, i]), 0, t).astype(np.int64) for i in (0, 2, 1, 3))
+    crops, offsets = [], []
+    for k in range(len(boxes)):
+        cols, rows = slice(c0[k], max(c0[k], c1[k])), slice(r0[k], max(r0[k], r1[k]))
+        if cols.start == cols.stop or rows.start == rows.stop:
+            crops.append(np.zeros((0, 0), dtype=bool))
+        else:  # the prototypes' cells the box's pixels interpolate between, then the bilinear taps of those pixels
+            pc0, pc1 = int(j0[cols].min()), int(j1[cols].max()) + 1
+            pr0, pr1 = int(i0[rows].min()), int(i1[rows].max()) + 1
+            logits = coeffs[k] @ protos[:, pr0:pr1, pc0:pc1].reshape(m, -1)
+            p = (1.0 / (1.0 + np.exp(-logits))).reshape(pr1 - pr0, pc1 - pc0).astype(np.float32)
+            p = p[:, j0[cols] - pc0] * (1.0 - wx[cols]) + p[:, j1[cols] - pc0] * wx[cols]
+            p = p[i0[rows] - pr0, :] * (1.0 - wy[rows])[:, None] + p[i1[rows] - pr0, :] * wy[rows][:, None]
+            crops.append(p >= mask_threshold)
+        offsets.append((rows.start, cols.start))
+    return boxes.reshape(-1, 4), labels, scores, BoxMasks(t, crops, offsets)
 
 
 class OnnxDetectionRunner(OnnxRunner):
