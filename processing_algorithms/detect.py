@@ -22,7 +22,8 @@ HELP = {
              "model.json, or the name of a bundled model.",
     "EXTENT": "Search only this area (default: the whole layer). Objects are clipped to it.",
     "OUTPUT": "One rectangle per object, in the layer's CRS, with class_id, class_name and score (0..1). An oriented "
-              "model (CenterNetOBB) gives rotated rectangles with also angle (the direction of the long side in "
+              "model (CenterNetOBB, or a YOLOv8/11-OBB ONNX model: Deepness det_type YOLO_Ultralytics_obb) gives "
+              "rotated rectangles with also angle (the direction of the long side in "
               "degrees clockwise from grid north, 0..180), width (short side) and length (long side) in the layer's "
               "units.",
     "OUTPUT_CENTROIDS": "Optional: the centre point of each object, with the same attributes.",

@@ -1,5 +1,5 @@
 """rs_deep:segment_instances — instance segmentation: one polygon per object, with an instance segmentation model
-package (Mask R-CNN)."""
+package (Mask R-CNN, or a YOLOv8/11-seg ONNX model)."""
 from qgis.core import QgsFeature, QgsFeatureSink, QgsGeometry, QgsProcessing, QgsProcessingParameterFeatureSink, \
     QgsWkbTypes
 
@@ -18,7 +18,8 @@ OUTPUT = "OUTPUT"
 HELP = {
     **OBJECT_HELP,
     "MODEL": "An instance segmentation model package (a Mask R-CNN trained with rs_deep:train, TASK "
-             "instance_segmentation): a folder or .zip holding model.json and model.safetensors, or its model.json.",
+             "instance_segmentation): a folder or .zip holding model.json and model.safetensors, or its model.json; "
+             "or a YOLOv8/11-seg ONNX model with Deepness metadata (det_type YOLO_Ultralytics_segmentation).",
     "OUTPUT": "One polygon per object (its outline, from its mask), in the layer's CRS, with class (name), "
               "class_id, score (0..1) and area_m2.",
     "RESOLUTION": RESOLUTION_HELP,
@@ -38,8 +39,9 @@ class SegmentInstancesAlgorithm(RSDeepAlgorithm):
 
     def shortHelpString(self):  # noqa: N802 (QGIS API)
         return help_string("Finds objects (buildings, trees, vehicles...) in a raster layer with an instance "
-                           "segmentation model package (Mask R-CNN) and returns one polygon per object, its outline, "
-                           "with its class and score. Objects cut by tile borders come out once.", HELP,
+                           "segmentation model package (Mask R-CNN, or a YOLOv8/11-seg ONNX model) and returns one "
+                           "polygon per object, its outline, with its class and score. Objects cut by tile borders "
+                           "come out once.", HELP,
                            {OUTPUT: "Objects (polygons)", **THRESHOLD_LABELS})
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)

@@ -386,9 +386,14 @@ def test_unknown_and_unsupported_model_types(tmp_path):
     with pytest.raises(ModelPackageError, match=r"this is a regression model; this tool needs a segmentation model "
                                                 r"\(regression models run with rs_deep:predict_raster\)"):
         load_package(path, task="segmentation")
+    # a YOLO segmentation model has a second output, the mask prototypes (tests/test_yolo_seg_obb.py runs them)
     path = make_onnx(tmp_path / "seg.onnx", _bright_box_module(), (1, 3, 64, 64),
                      dict(DEEPNESS_DET_META, det_type='"YOLO_Ultralytics_segmentation"'))
-    with pytest.raises(ModelPackageError, match="not supported"):
+    with pytest.raises(ModelPackageError, match="YOLO_Ultralytics_segmentation model has two outputs"):
+        load_package(path)
+    path = make_onnx(tmp_path / "det.onnx", _bright_box_module(), (1, 3, 64, 64),
+                     dict(DEEPNESS_DET_META, det_type='"YOLO_v12"'))
+    with pytest.raises(ModelPackageError, match="'det_type' 'YOLO_v12' is unknown"):
         load_package(path)
     path = make_onnx(tmp_path / "names.onnx", net, (1, 3, 32, 32),
                      {"model_type": '"Segmentor"', "class_names": "{0: 'a', 1: 'b', 2: 'c'}"})

@@ -13,7 +13,9 @@ them; Python literals and plain strings are accepted too):
   (``{0: 'name', ...}``), ``resolution`` (cm per pixel), ``tile_size``, ``tiles_overlap`` (percent
   of the tile), ``standardization_mean``/``standardization_std`` (applied after dividing the
   pixel values by 255, as Deepness does), ``seg_thresh`` (probability threshold), ``det_conf``,
-  ``det_iou_thresh``, ``det_type`` (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``).
+  ``det_iou_thresh``, ``det_type`` (``YOLO_v5_or_v7_default``, ``YOLO_v6``, ``YOLO_v9``, ``YOLO_Ultralytics``;
+  ``YOLO_Ultralytics_obb``: oriented boxes, run by rs_deep:detect; ``YOLO_Ultralytics_segmentation``: instance
+  masks, a model of task ``instance_segmentation`` run by rs_deep:segment_instances).
 
 Only single-file models are accepted (no external data), and nothing is ever unpickled: an ONNX
 file is a protobuf graph run by onnxruntime.
@@ -39,8 +41,12 @@ MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor"
                "regression": "regression", "recognition": None, "superresolution": "super_resolution"}
 #: what each Deepness model type RS Deep does not run produces (for the refusal)
 UNSUPPORTED_TYPES = {"recognition": "image embeddings to search a map with (recognition)"}
-DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics")
-UNSUPPORTED_DET_TYPES = ("YOLO_Ultralytics_segmentation", "YOLO_Ultralytics_obb")
+OBB_DET_TYPE = "YOLO_Ultralytics_obb"  # [B, 4 + C + 1, N]: cx, cy, w, h, class scores, angle (radians)
+SEG_DET_TYPE = "YOLO_Ultralytics_segmentation"  # [B, 4 + C + M, N] and prototypes [B, M, H / 4, W / 4]
+DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics", OBB_DET_TYPE, SEG_DET_TYPE)
+#: det_type -> (rows are [values, boxes] (Ultralytics), values before the class scores, values after them)
+DET_LAYOUTS = {"YOLO_v5_or_v7_default": (False, 5, 0), "YOLO_v6": (False, 5, 0), "YOLO_v9": (True, 4, 0),
+               "YOLO_Ultralytics": (True, 4, 0), OBB_DET_TYPE: (True, 4, 1), SEG_DET_TYPE: (True, 4, None)}
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP_PCT = 10.0
 
@@ -121,10 +127,17 @@ class OnnxPackage(ModelPackage):
         from .runners import OnnxRasterRunner, OnnxSegmentationRunner
         return (OnnxRasterRunner if self.task in RASTER_TASKS else OnnxSegmentationRunner)(self, device)
 
+    @property
+    def oriented(self):
+        """Whether this detector gives rotated boxes: a YOLO OBB model (``det_type`` :data:`OBB_DET_TYPE`)."""
+        return (self.task == "detection" and self.det_type == OBB_DET_TYPE) or super().oriented
+
     def make_detection_runner(self, device, score_threshold, iou_threshold, max_detections):
-        """The detection runner (same call as :class:`..runners.DetectionRunner`)."""
-        from .runners import OnnxDetectionRunner
-        return OnnxDetectionRunner(self, device, score_threshold, iou_threshold, max_detections)
+        """The detection runner (same call as :class:`..runners.DetectionRunner`); a YOLO segmentation model's
+        gives masks too (same call as :class:`..runners.InstanceRunner`)."""
+        from .runners import OnnxDetectionRunner, OnnxInstanceRunner
+        runner = OnnxInstanceRunner if self.task == "instance_segmentation" else OnnxDetectionRunner
+        return runner(self, device, score_threshold, iou_threshold, max_detections)
 
 
 def check_single_file(data, source):
@@ -278,6 +291,14 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
         raise ModelPackageError(f"{source}: metadata_props 'model_type' is {raw_type!r}; RS Deep runs 'Segmentor' "
                                 "and 'Detector' models")
     task = MODEL_TYPES[model_type]
+    det_type = "YOLO_v5_or_v7_default"
+    if task == "detection":
+        det_type = str(_value(meta.get("det_type", '"YOLO_v5_or_v7_default"')))
+        if det_type not in DET_TYPES:
+            raise ModelPackageError(f"{source}: metadata_props 'det_type' {det_type!r} is unknown; use one of "
+                                    f"{', '.join(DET_TYPES)}")
+        if det_type == SEG_DET_TYPE:  # boxes and masks: one polygon per object
+            task = "instance_segmentation"
     if task is None:
         raise ModelPackageError(f"{source}: a {str(_value(raw_type))} model (metadata_props 'model_type'), which "
                                 f"produces {UNSUPPORTED_TYPES[model_type]}: RS Deep does not run that model type yet; "
@@ -303,7 +324,6 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
         scaling.append({"type": "z-score", "mean": 255.0 * m, "stddev": 255.0 * s})
     names = None if task == "segmentation" else _class_names(meta, source)
     props = {}
-    det_type = "YOLO_v5_or_v7_default"
     extra = {}
     activation = "softmax"
     if task in RASTER_TASKS:
@@ -318,13 +338,6 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
         extra = {"threshold": thr, "binary_output": groups[0][1] and len(groups) == 1,
                  "output_groups": tuple(groups) if len(groups) > 1 else None}
     else:
-        det_type = str(_value(meta.get("det_type", '"YOLO_v5_or_v7_default"')))
-        if det_type in UNSUPPORTED_DET_TYPES:
-            raise ModelPackageError(f"{source}: det_type {det_type!r} is not supported; RS Deep decodes "
-                                    f"{', '.join(DET_TYPES)} outputs")
-        if det_type not in DET_TYPES:
-            raise ModelPackageError(f"{source}: metadata_props 'det_type' {det_type!r} is unknown; use one of "
-                                    f"{', '.join(DET_TYPES)}")
         if len(out_shape) != 3:
             raise ModelPackageError(f"{source}: a YOLO detector needs an output [batch, boxes, values] (or [batch, "
                                     f"values, boxes] for {det_type}) of 3 dimensions; the first output is {out_shape} "
@@ -333,8 +346,11 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
             raise ModelPackageError(f"{source}: the output {out_shape} is a map of the input's {shape[2]} x "
                                     f"{shape[3]} pixels, not YOLO rows [batch, boxes, values]: a per-pixel model "
                                     "(segmentation or regression), not a detector")
-        width = _dim(out_shape[1] if det_type in ("YOLO_Ultralytics", "YOLO_v9") else out_shape[2])
-        k = None if width is None else width - (4 if det_type in ("YOLO_Ultralytics", "YOLO_v9") else 5)
+        inverted, before, after = DET_LAYOUTS[det_type]
+        if det_type == SEG_DET_TYPE:
+            after = _mask_coefficients(source, outputs)
+        width = _dim(out_shape[1] if inverted else out_shape[2])
+        k = None if width is None else width - before - after
         n = k if names is None else len(names)
         if n is not None and n > MAX_DETECTION_CLASSES:
             raise ModelPackageError(f"{source}: the detector has {n} classes, more than the limit of "
@@ -362,6 +378,18 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
                        classes=classes, tile_size=tile, overlap=overlap, gsd=gsd, builder=builder,
                        activation=activation, weights_sha256="", description=str(_value(meta.get("description", '""'))),
                        metadata={"properties": props}, output_kind="auto", det_type=det_type, **extra, **common)
+
+
+def _mask_coefficients(source, outputs):
+    """The number of mask coefficients of a YOLO segmentation model (Deepness ``YOLO_Ultralytics_segmentation``):
+    its second output holds the mask prototypes [batch, M, H / 4, W / 4], its first the rows [batch, 4 + C + M, N]."""
+    protos = list(outputs[1].shape) if len(outputs) == 2 else None
+    if protos is None or len(protos) != 4 or _dim(protos[1]) is None:
+        shapes = ", ".join(str(list(o.shape)) for o in outputs)
+        raise ModelPackageError(f"{source}: a {SEG_DET_TYPE} model has two outputs, the rows [batch, 4 + classes + "
+                                f"M, boxes] and the mask prototypes [batch, M, height / 4, width / 4]; this one has "
+                                f"{shapes}: export it with Ultralytics' ONNX export of a -seg model")
+    return protos[1]
 
 
 def _raster_outputs(meta, source, shape, outputs, task):

@@ -1,12 +1,15 @@
-"""Runners of ONNX models, with the call of :class:`..runners.ModelRunner` (probabilities) and
-:class:`..runners.DetectionRunner` (boxes; YOLO outputs decoded by :func:`decode_yolo`)."""
+"""Runners of ONNX models, with the call of :class:`..runners.ModelRunner` (probabilities),
+:class:`..runners.DetectionRunner` (boxes; YOLO outputs decoded by :func:`decode_yolo`, the rotated boxes of YOLO OBB
+models by :func:`decode_yolo_obb`) and :class:`..runners.InstanceRunner` (boxes and masks of YOLO segmentation
+models, :func:`decode_yolo_seg`)."""
 import re
 
 import numpy as np
 
 from ...errors import InputError, ModelPackageError
 from ...limits import MAX_ONNX_WORKING_BYTES, size_text
-from ..postprocess import batched_nms, resize_bilinear
+from ...geo.rotated import normalise_rboxes
+from ..postprocess import batched_nms, linear_taps, resize_bilinear, rotated_nms
 from .session import SHRINK_EVERY, require_onnxruntime, run_options
 
 
@@ -233,6 +236,121 @@ def decode_yolo(raw, det_type, score_threshold, iou_threshold, max_detections, n
     return boxes.reshape(-1, 4), labels, scores
 
 
+#: rows of a YOLO output kept for NMS at most, the best scores (Ultralytics' ``max_nms``)
+MAX_NMS_ROWS = 30000
+
+
+def ultralytics_candidates(raw, score_threshold, n_classes):
+    """The rows of an Ultralytics (v8+) output [4 + C + extra, N] whose best class score is at least
+    ``score_threshold``: ``(rows [n, 4 + C + extra], scores [n], labels [n] 0-based)``, at most
+    :data:`MAX_NMS_ROWS`, best first. The C = ``n_classes`` class scores follow cx, cy, w, h."""
+    a = np.asarray(raw, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 4 + n_classes:
+        raise ModelPackageError(f"the YOLO output has shape {list(a.shape)}; expected [4 + {n_classes} classes (+ "
+                                "extra values), boxes]")
+    a = a.T
+    cls = a[:, 4:4 + n_classes]
+    scores = cls.max(axis=1) if n_classes else np.zeros(len(a))
+    labels = cls.argmax(axis=1).astype(np.int64) if n_classes else np.zeros(len(a), dtype=np.int64)
+    keep = np.flatnonzero((scores >= score_threshold) & np.isfinite(a[:, :4]).all(axis=1))
+    keep = keep[np.argsort(-scores[keep], kind="stable")[:MAX_NMS_ROWS]]
+    return a[keep], scores[keep], labels[keep]
+
+
+def decode_yolo_obb(raw, score_threshold, iou_threshold, max_detections, n_classes):
+    """One image's raw YOLO OBB output (Deepness ``YOLO_Ultralytics_obb``, Ultralytics' OBB head) [4 + C + 1, N]:
+    cx, cy, w, h, C class scores and the angle in radians of the side ``w`` (x to the right, y down: clockwise on
+    the screen; Ultralytics' ``xywhr``) -> (rotated boxes [n, 5] cx, cy, length, width, theta of
+    :mod:`...geo.rotated`, labels [n] 0-based, scores [n]). Rows scoring at least ``score_threshold`` go through
+    class-wise rotated NMS (:func:`..postprocess.rotated_nms`, rotated IoU above ``iou_threshold``); the
+    ``max_detections`` best are kept."""
+    a, scores, labels = ultralytics_candidates(raw, score_threshold, n_classes)
+    if a.shape[1] < 5 + n_classes:
+        raise ModelPackageError(f"the YOLO OBB output has {a.shape[1]} values per box; expected 4 + {n_classes} "
+                                "classes + 1 angle")
+    rb = np.stack([a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4 + n_classes]], axis=1)
+    ok = (rb[:, 2] > 0) & (rb[:, 3] > 0) & np.isfinite(rb).all(axis=1)
+    rb, scores, labels = normalise_rboxes(rb[ok]), scores[ok], labels[ok]  # long side first, angle in [0, pi)
+    if len(rb):
+        k = rotated_nms(rb, scores, labels, float(iou_threshold))[:int(max_detections)]
+        rb, scores, labels = rb[k], scores[k], labels[k]
+    return rb.reshape(-1, 5), labels, scores
+
+
+class BoxMasks:
+    """Object masks [n, T, T] bool kept as the parts inside their boxes (memory: the boxes' areas, not n tiles):
+    ``masks[k]`` is object k's whole tile mask, made when asked (:func:`..inference.instances.tile_instances` asks
+    for the objects it keeps); ``np.asarray(masks)`` makes them all."""
+
+    def __init__(self, size, crops, offsets):
+        self.size, self.crops, self.offsets = int(size), crops, offsets  # offsets: (row, col) of each crop
+
+    @property
+    def shape(self):
+        return (len(self.crops), self.size, self.size)
+
+    def __len__(self):
+        return len(self.crops)
+
+    def __getitem__(self, k):
+        full = np.zeros((self.size, self.size), dtype=bool)
+        crop, (r, c) = self.crops[int(k)], self.offsets[int(k)]
+        full[r:r + crop.shape[0], c:c + crop.shape[1]] = crop
+        return full
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.zeros(self.shape, dtype=bool)
+        for k in range(len(self)):
+            out[k] = self[k]
+        return out if dtype is None else out.astype(dtype)
+
+
+def decode_yolo_seg(raw, protos, size, score_threshold, iou_threshold, max_detections, n_classes,
+                    mask_threshold=0.5):
+    """One image's raw YOLO segmentation outputs (Deepness ``YOLO_Ultralytics_segmentation``, Ultralytics' Segment
+    head): rows [4 + C + M, N] (cx, cy, w, h, C class scores, M mask coefficients) and prototypes [M, h, w] ->
+    (boxes [n, 4] x0, y0, x1, y1, labels [n] 0-based, scores [n], masks [n, T, T] bool (:class:`BoxMasks`),
+    T = ``size``).
+
+    Boxes go through class-wise NMS as in :func:`decode_yolo`; each kept object's mask is
+    ``sigmoid(coefficients @ prototypes)``, resized bilinearly to the tile (as :func:`..postprocess.resize_bilinear`
+    does, computed for the pixels of its box only), cut to its box (the pixels whose index lies in [x0, x1) x
+    [y0, y1), Ultralytics' ``crop_mask``) and thresholded at ``mask_threshold`` (0.5, as Deepness and Ultralytics)."""
+    protos = np.asarray(protos, dtype=np.float32)
+    a, scores, labels = ultralytics_candidates(raw, score_threshold, n_classes)
+    m, mh, mw = protos.shape
+    if a.shape[1] != 4 + n_classes + m:
+        raise ModelPackageError(f"the YOLO segmentation output has {a.shape[1]} values per box; expected 4 + "
+                                f"{n_classes} classes + {m} mask coefficients (the prototypes' channels)")
+    boxes = np.stack([a[:, 0] - a[:, 2] / 2, a[:, 1] - a[:, 3] / 2, a[:, 0] + a[:, 2] / 2, a[:, 1] + a[:, 3] / 2],
+                     axis=1) if len(a) else np.zeros((0, 4))
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    a, boxes, scores, labels = a[ok], boxes[ok], scores[ok], labels[ok]
+    if len(boxes):
+        k = batched_nms(boxes, scores, labels, float(iou_threshold))[:int(max_detections)]
+        a, boxes, scores, labels = a[k], boxes[k], scores[k], labels[k]
+    t = int(size)
+    coeffs = a[:, 4 + n_classes:].astype(np.float32)
+    (j0, j1, wx), (i0, i1, wy) = linear_taps(mw, t), linear_taps(mh, t)
+    # the pixels of each box: index >= x0 and < x1, within the tile
+    c0, c1, r0, r1 = (np.clip(np.ceil(boxes[:, i]), 0, t).astype(np.int64) for i in (0, 2, 1, 3))
+    crops, offsets = [], []
+    for k in range(len(boxes)):
+        cols, rows = slice(c0[k], max(c0[k], c1[k])), slice(r0[k], max(r0[k], r1[k]))
+        if cols.start == cols.stop or rows.start == rows.stop:
+            crops.append(np.zeros((0, 0), dtype=bool))
+        else:  # the prototypes' cells the box's pixels interpolate between, then the bilinear taps of those pixels
+            pc0, pc1 = int(j0[cols].min()), int(j1[cols].max()) + 1
+            pr0, pr1 = int(i0[rows].min()), int(i1[rows].max()) + 1
+            logits = coeffs[k] @ protos[:, pr0:pr1, pc0:pc1].reshape(m, -1)
+            p = (1.0 / (1.0 + np.exp(-logits))).reshape(pr1 - pr0, pc1 - pc0).astype(np.float32)
+            p = p[:, j0[cols] - pc0] * (1.0 - wx[cols]) + p[:, j1[cols] - pc0] * wx[cols]
+            p = p[i0[rows] - pr0, :] * (1.0 - wy[rows])[:, None] + p[i1[rows] - pr0, :] * wy[rows][:, None]
+            crops.append(p >= mask_threshold)
+        offsets.append((rows.start, cols.start))
+    return boxes.reshape(-1, 4), labels, scores, BoxMasks(t, crops, offsets)
+
+
 class OnnxDetectionRunner(OnnxRunner):
     """batch float32 [B, C, T, T] -> per tile (boxes [n, 4] tile pixels, labels 0-based, scores), like
     :class:`.detect.DetectionRunner`."""
@@ -246,5 +364,33 @@ class OnnxDetectionRunner(OnnxRunner):
         if out.ndim != 3 or len(out) != len(batch):
             raise ModelPackageError(f"{self.pkg.source}: the detector returned shape {list(out.shape)}; expected "
                                     f"[batch, boxes, values] ({self.pkg.det_type})")
-        return [decode_yolo(o, self.pkg.det_type, self.score, self.iou, self.maxd, len(self.pkg.classes))
-                for o in out]
+        n = len(self.pkg.classes)
+        if self.pkg.oriented:  # YOLO OBB: rotated boxes [n, 5]
+            return [self._decoded(decode_yolo_obb, o, self.score, self.iou, self.maxd, n) for o in out]
+        return [decode_yolo(o, self.pkg.det_type, self.score, self.iou, self.maxd, n) for o in out]
+
+    def _decoded(self, decode, *args):
+        try:
+            return decode(*args)
+        except ModelPackageError as exc:
+            raise ModelPackageError(f"{self.pkg.source}: {exc} ({self.pkg.det_type})") from exc
+
+
+class OnnxInstanceRunner(OnnxDetectionRunner):
+    """A YOLO segmentation model (``YOLO_Ultralytics_segmentation``): batch float32 [B, C, T, T] -> per tile
+    (boxes [n, 4] tile pixels, labels 0-based, scores, masks [n, T, T] bool), like
+    :class:`..runners.InstanceRunner`; :func:`decode_yolo_seg` decodes each tile."""
+
+    mask_threshold = 0.5  # as Deepness and Ultralytics
+
+    def __call__(self, batch):
+        outs = [np.asarray(o) for o in self._run_all(batch)]
+        rows = [o for o in outs if o.ndim == 3]
+        protos = [o for o in outs if o.ndim == 4]
+        if len(rows) != 1 or len(protos) != 1 or len(rows[0]) != len(batch) or len(protos[0]) != len(batch):
+            raise ModelPackageError(f"{self.pkg.source}: the model returned outputs of shapes "
+                                    f"{[list(o.shape) for o in outs]}; a {self.pkg.det_type} model returns rows "
+                                    "[batch, 4 + classes + M, boxes] and mask prototypes [batch, M, height, width]")
+        t, n = batch.shape[-1], len(self.pkg.classes)
+        return [self._decoded(decode_yolo_seg, r, p, t, self.score, self.iou, self.maxd, n, self.mask_threshold)
+                for r, p in zip(rows[0], protos[0])]
