@@ -16,6 +16,7 @@ from conftest import ATLANTA_IMAGE
 from test_distributed import cluster  # noqa: F401 (a fixture: a LocalCluster of 2 worker processes)
 from test_instances import trained_on_atlanta  # noqa: F401 (a fixture: a Mask R-CNN trained through Processing)
 from test_predict_raster import FOTOMAP, REG, SR, cover_package  # noqa: F401 (a fixture: a regression package)
+from test_yolo_seg_obb import obb_model, obb_raster, seg_model, seg_raster  # noqa: F401 (fixtures: YOLO ONNX models)
 
 REGRESSION = REG / "dummy_regression_model.onnx"  # Deepness's: a vegetation index per pixel, 512 px tiles
 # the top-left 300 x ~260 px of the Deepness test raster (2 cm, EPSG:32633)
@@ -148,3 +149,22 @@ def test_instances_cancel(cluster, trained_on_atlanta):  # noqa: F811 (fixture)
                           overlap=32, cluster=cluster, block_size=128, progress=lambda f, m=None: seen.append(f or 0),
                           is_cancelled=lambda: any(f > 0 for f in seen))
     assert 0 < max(seen) < 0.97  # stopped while blocks were running
+
+
+def test_yolo_onnx_models_on_the_cluster_equal_one_process(cluster, obb_model, obb_raster, seg_model,  # noqa: F811
+                                                           seg_raster):
+    """Deepness YOLO OBB (rotated boxes, rs_deep:detect) and YOLO-seg (polygons, rs_deep:segment_instances) ONNX
+    models: the workers run onnxruntime, the client merges: the same objects as one process."""
+    from rs_deep.rs_deep_plugin.engine.inference.detect import detect
+    raster, _ = obb_raster
+    one = detect(raster, obb_model, device="cpu", batch_size=4)
+    many = detect(raster, obb_model, device="cpu", batch_size=4, cluster=cluster, block_size=128)
+    assert len(one) == len(many) == 2 and many.raw_detections == one.raw_detections == 3
+    assert [d.class_id for d in many] == [d.class_id for d in one]
+    np.testing.assert_allclose([d.polygon for d in many], [d.polygon for d in one], atol=1e-6)
+    raster, _, _ = seg_raster
+    one = segment_instances(raster, seg_model, device="cpu", batch_size=4)
+    many = segment_instances(raster, seg_model, device="cpu", batch_size=4, cluster=cluster, block_size=128)
+    assert len(one) == len(many) == 2 and many.device.startswith("Dask cluster")
+    assert [(d.class_id, d.score) for d in many] == [(d.class_id, d.score) for d in one]
+    assert [d.polygon.wkb for d in many] == [d.polygon.wkb for d in one]

@@ -234,17 +234,17 @@ def test_other_tasks_models_are_refused_with_the_algorithm_to_use(provider, tmp_
     det = make_detection_package(tmp_path / "det", in_channels=1)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(QgsProcessingException, match=r"this is a segmentation model; this tool needs a "
+    with pytest.raises(QgsProcessingException, match=r"this is a segmentation model; this tool needs an "
                                                      r"instance_segmentation model \(segmentation models run with "
                                                      r"rs_deep:segment\)"):
         _run("rs_deep:segment_instances", {"INPUT": str(atlanta_crop), "MODEL": str(seg),
                                            "OUTPUT": str(out / "o.gpkg")})
-    with pytest.raises(QgsProcessingException, match=r"this is a detection model; this tool needs a "
+    with pytest.raises(QgsProcessingException, match=r"this is a detection model; this tool needs an "
                                                      r"instance_segmentation model \(object detection models run "
                                                      r"with rs_deep:detect\)"):
         _run("rs_deep:segment_instances", {"INPUT": str(atlanta_crop), "MODEL": str(det),
                                            "OUTPUT": str(out / "o.gpkg")})
-    with pytest.raises(QgsProcessingException, match=r"this is a instance_segmentation model; this tool needs a "
+    with pytest.raises(QgsProcessingException, match=r"this is an instance_segmentation model; this tool needs a "
                                                      r"detection model \(instance segmentation models run with "
                                                      r"rs_deep:segment_instances\)"):
         _run("rs_deep:detect", {"INPUT": str(atlanta_crop), "MODEL": trained_on_atlanta["OUTPUT"],

@@ -384,7 +384,7 @@ def test_seg_model_through_processing_and_refused_by_detect(seg_model, seg_raste
     assert [f["class"] for f in feats] == ["tree", "bush"]
     for f, m in zip(feats, masks):
         assert f.geometry().area() == pytest.approx(m.sum() * GSD ** 2, rel=0.08)
-    message = (r"this is a instance_segmentation model; this tool needs a detection model \(instance segmentation "
+    message = (r"this is an instance_segmentation model; this tool needs a detection model \(instance segmentation "
                r"models run with rs_deep:segment_instances\)")
     with pytest.raises(QgsProcessingException, match=message):
         _run("rs_deep:detect", {"INPUT": str(raster), "MODEL": str(seg_model), "OUTPUT": str(tmp_path / "no.gpkg")})

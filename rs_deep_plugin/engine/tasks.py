@@ -59,7 +59,12 @@ def wrong_task(found, wanted):
     """The sentence that refuses a model of task ``found`` where a model of ``wanted`` (a task name, or several) is
     needed: "this is a <found> model; this tool needs a <wanted> model (...: run it with <its algorithm>)"."""
     wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
-    return f"this is a {found} model; this tool needs a {' or '.join(wanted)} model{runs_with(found)}"
+    return f"this is {_a(found)} model; this tool needs {_a(' or '.join(wanted))} model{runs_with(found)}"
+
+
+def _a(noun):
+    """``noun`` with its indefinite article: "an instance_segmentation", "a detection"."""
+    return f"{'an' if str(noun)[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def runs_with(found):
