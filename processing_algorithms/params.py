@@ -368,9 +368,7 @@ def add_cluster(alg):
     add(alg, QgsProcessingParameterNumber(CLUSTER_BLOCK, "Cluster block size (px)", integer, DEFAULT_CLUSTER_BLOCK,
                                           optional=True, minValue=256),
         {CLUSTER_BLOCK: "With CLUSTER: the raster is cut into blocks of about this many pixels a side, one Dask task "
-                        "each. Blended outputs (classes, change, values) take blocks this many rows high and up to "
-                        "8192 px wide: neighbouring blocks both run the row or column of tiles on their common "
-                        "edge, so fewer edges run fewer tiles twice."}, advanced=True)
+                        "each (each also runs the tiles on its borders)."}, advanced=True)
 
 
 def read_cluster(alg, parameters, context):

@@ -30,7 +30,7 @@ from ..geo.writer import AtomicFile, BackgroundWriter, GeoTiffWriter, check_writ
 from ..tasks import RASTER_TASKS
 from .pipeline import abandon, end_run, mask_index, open_device, open_region, resolve_options, start_run
 from .segment import blend_block, blend_tiles, plan_tiles
-from .tiling import DENSE_BLOCK_WIDTH, TileGrid, column_bands
+from .tiling import TileGrid, column_bands
 
 #: nodata of float32 outputs: the lowest float32 (a regression value may be negative, 0 or -1)
 VALUE_NODATA = float(np.finfo(np.float32).min)
@@ -168,9 +168,9 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         if cluster:
             from .distributed import run_blocks
             side = max(1, int(block_size) // s)  # a block's output is about block_size px a side
-            blocks = grid.blocks(side, width=max(side, min(max_band_width, DENSE_BLOCK_WIDTH) // s))
+            blocks = grid.blocks(side)
             prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), "
-                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of about {side} rows on "
+                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of up to {side} px on "
                          f"{cluster}; {what}")
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
                        device=device, batch_size=batch_size, tta="none", mask=mask_geometries, grid=grid,

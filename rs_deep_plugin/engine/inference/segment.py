@@ -29,7 +29,7 @@ from ..models.postprocess import resize_bilinear
 from ..models.tta import check_tta
 from .pipeline import (Estimate, abandon, batched, end_run, mask_index, open_device, open_region, open_runner,
                        prefetch, read_tiles, resolve_options, start_run)
-from .tiling import DENSE_BLOCK_WIDTH, TileGrid, blend_weights, column_bands
+from .tiling import TileGrid, blend_weights, column_bands
 
 
 @dataclass
@@ -466,10 +466,9 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
 
         if cluster:
             from .distributed import run_blocks
-            blocks = grid.blocks(block_size, width=max(block_size, min(max_band_width, DENSE_BLOCK_WIDTH)))
+            blocks = grid.blocks(block_size)
             prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
-                         f"{reader.native_overlap} px, in {len(blocks)} blocks of about {block_size} rows on "
-                         f"{cluster}")
+                         f"{reader.native_overlap} px, in {len(blocks)} blocks of up to {block_size} px on {cluster}")
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
                        device=device, batch_size=batch_size, tta=tta, mask=mask_geometries, grid=grid, spans=spans,
                        thr=thr, skip=skip, keep=tuple(writers), windows=blocks, run=segment_block_task, kind="dense")

@@ -84,22 +84,15 @@ class TileGrid:
         """Tile y-starts whose span meets rows [by0, by1)."""
         return [y for y in self.ys if y < by1 and y + self.tile > by0]
 
-    def blocks(self, size, align=256, width=None):
-        """Blocks of about ``size`` rows x ``width`` (default ``size``) columns that cut the region [(bx0, by0, bx1,
-        by1)], row by row.
+    def blocks(self, size, align=256):
+        """Blocks of about ``size`` x ``size`` pixels that cut the region [(bx0, by0, bx1, by1)], row by row.
 
         Every inner edge lies where one tile alone covers the pixels (at a multiple of ``align`` from the region's
         origin where it can), so that two neighbouring blocks share one row or column of tiles, no more: a block
-        runs every tile that meets it (:meth:`columns_for`, :meth:`rows_for`). Blended runs, whose blocks run their
-        shared tiles twice, take wide blocks (:data:`DENSE_BLOCK_WIDTH`): fewer inner edges, fewer tiles run twice."""
-        cols = block_edges(self.xs, self.tile, self.x0, self.x1, width or size, align)
+        runs every tile that meets it (:meth:`columns_for`, :meth:`rows_for`)."""
+        cols = block_edges(self.xs, self.tile, self.x0, self.x1, size, align)
         rows = block_edges(self.ys, self.tile, self.y0, self.y1, size, align)
         return [(a, c, b, d) for c, d in zip(rows[:-1], rows[1:]) for a, b in zip(cols[:-1], cols[1:])]
-
-
-#: columns of a block of a blended (dense) Dask run at least: as wide as one process's column band (the memory of its
-#: blender is the same), so that an 8192-px-wide raster is cut in strips and its blocks share rows of tiles only
-DENSE_BLOCK_WIDTH = 8192
 
 
 def tiles_by_block(blocks, tiles):
