@@ -173,7 +173,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a 1-minute budget (a smoke run, not the published numbers)")
     ap.add_argument("--only", choices=sorted(SPLITS), action="append", help="this split only (repeatable)")
     ap.add_argument("--old-recipe", action="store_true", help="also train with 0.5.0's explicit settings")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="an rs_deep:train parameter over the defaults for the U-Net (repeatable), e.g. "
+                         "--set ENCODER=mobilenet_v2 --set TIME_BUDGET=10; the results go to build/compare_rf/<split>/"
+                         "unet_<settings>")
     args = ap.parse_args(argv)
+    extra = dict(item.split("=", 1) for item in args.set)
     from qgis_env import start_processing
     app, processing, provider = start_processing()  # keep the provider referenced
     from qgis.core import QgsRasterLayer
@@ -191,7 +196,7 @@ def main(argv=None):
         crs = QgsRasterLayer(parts["train"], "t").crs().authid()
         layer = label_layer(spec, args.data, crs)
         quick = {"TIME_BUDGET": 1} if args.quick else {}
-        recipes = {"unet": dict(quick)}
+        recipes = {"unet": dict(quick, **extra)}
         if args.old_recipe:
             recipes["unet_old"] = dict(OLD_RECIPE[scene.split("_")[0]], **({"EPOCHS": 2} if args.quick else {}))
         row = {}
@@ -231,6 +236,8 @@ def main(argv=None):
             ious = ", ".join(f"{n} {m['classes'][n]['iou']:.2f}" if m["classes"].get(n, {}).get("iou") is not None
                              else f"{n} –" for n in r["classes"])
             took = f"{m['seconds'] / 60:.1f} min" if key != "unet_tta" else "(same model)"
+            if key == "unet" and m.get("settings"):
+                label += " with " + ", ".join(f"{k}={v}" for k, v in m["settings"].items())
             md.append(f"| {scene.split('_right')[0]} ({r['held_out']}) | {label} | {took} | "
                       f"{m['overall_accuracy']:.3f} | {m['kappa']:.3f} | {m['mean_iou']:.3f} | {ious} |")
     write_results(OUT, "\n".join(md), results)
