@@ -17,8 +17,8 @@ from .labels import label_colors, map_classes, map_multilabel_classes, map_patch
 from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
 from .params import resolve_model_path
-from ..rs_deep_plugin.engine.training.builders import (DEFAULT_ENCODER, DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
-                                                      SEGMENTATION_ARCHITECTURES)
+from ..rs_deep_plugin.engine.training.builders import (DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
+                                                      SEGMENTATION_ARCHITECTURES, default_encoder)
 from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.regression import LOSSES
@@ -33,7 +33,7 @@ LOSS_LABELS = ["L1 (mean absolute error)", "MSE (mean squared error)"]
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
-TIME_BUDGET_DEFAULT = 15.0  # minutes
+TIME_BUDGET_DEFAULT = 10.0  # minutes (20 CPU-minutes on 2 cores)
 EPOCHS_DEFAULT = 100
 PATIENCE_DEFAULT = 10
 DEFAULTS_TEXT = "; ".join(f"{t.replace('_', ' ')}: batch {d['batch_size']}, learning rate {d['lr']:g}, tile {d['tile_size']}"
@@ -164,8 +164,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "detector with rotated boxes: oriented objects such as buildings, ships, vehicles) or the "
             "torchvision detectors listed. With INIT_FROM, auto builds the package's own network (its architecture, "
             "encoder and parameters; ENCODER is not used).<br>"
-            "<b>Encoder</b>: segmentation: an encoder of segmentation-models-pytorch (resnet18, resnet34, "
-            "mobilenet_v2, efficientnet-b0...); patch classification: a timm classifier (resnet18, "
+            "<b>Encoder</b> (empty: mobilenet_v2 for segmentation, resnet18 for the other tasks): segmentation: an "
+            "encoder of segmentation-models-pytorch (resnet18, resnet34, mobilenet_v2, efficientnet-b0...); patch "
+            "classification: a timm classifier (resnet18, "
             "mobilenetv3_small_100, efficientnet_b0...); detection: CenterNet's encoder (an smp encoder), not "
             "used by the torchvision detectors (their backbone belongs to the architecture). Weights start from "
             "scratch unless INIT_FROM or ENCODER_WEIGHTS give them; nothing is downloaded.<br>"
@@ -185,7 +186,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "<b>Encoder learning rate factor</b> (ENCODER_LR): the encoder learns at the learning rate times this "
             "factor; 1 = the same; 0.1 is a good start from pretrained weights. The package's model.json "
             "(rs_deep:training lineage) and training_report.json record what the model started from.<br>"
-            "<b>Time budget</b> (default 15 minutes) and <b>Epochs</b> (default 100): the run stops after the "
+            "<b>Time budget</b> (default 10 minutes) and <b>Epochs</b> (default 100): the run stops after the "
             "budget or the epochs, whichever comes first, with the learning rate annealed over that span, so a "
             "budgeted run ends as a full run does; time budget 0 = no limit. The defaults were measured on areas "
             "the model never saw (README, 'Training that generalises').<br>"
@@ -227,7 +228,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(NamedEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES, defaultValue=0))
-        self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder", DEFAULT_ENCODER, optional=True))
+        self.addParameter(QgsProcessingParameterString(self.ENCODER, "Encoder (empty = the task's default)", "",
+                                                       optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.TIME_BUDGET, "Time budget (minutes; 0 = no limit)",
                                                        QgsProcessingParameterNumber.Double, TIME_BUDGET_DEFAULT,
                                                        optional=True, minValue=0))
@@ -294,7 +296,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException(f"MULTI_LABEL is for patch classification (several classes per patch); TASK "
                                          f"is {task}. Set TASK=patch_classification or turn MULTI_LABEL off")
         arch = ARCHITECTURES[self._enum_index(parameters, self.ARCHITECTURE, context)]
-        encoder = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip() or DEFAULT_ENCODER
+        given = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip()
+        encoder = given or default_encoder(task)
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
         budget = self.parameterAsDouble(parameters, self.TIME_BUDGET, context) \
             if parameters.get(self.TIME_BUDGET) not in (None, "") else TIME_BUDGET_DEFAULT
@@ -327,7 +330,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         except RSDeepError as exc:
             raise QgsProcessingException(str(exc)) from exc
         out_dir = staged.tmp
-        if task == "detection" and encoder != DEFAULT_ENCODER and arch not in (AUTO, "CenterNet", "CenterNetOBB"):
+        if task == "detection" and given and arch not in (AUTO, "CenterNet", "CenterNetOBB"):
             push_warning(feedback, f"ENCODER {encoder!r} is only used by CenterNet: the backbone of {arch} "
                                    "belongs to the architecture")
         from ..rs_deep_plugin.engine.training.builders import toolbox_builder

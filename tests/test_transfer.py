@@ -381,3 +381,20 @@ def test_train_with_init_from_through_qgis_process(source, tmp_path):
     lineage = props(out)["rs_deep:training"]["lineage"]
     assert lineage["init_from"]["name"] == "source" and lineage["init_from"]["tensors_new"] == 0
     assert lineage["encoder_lr_factor"] == pytest.approx(0.5)
+
+
+def test_train_defaults_per_task_encoder_and_time_budget(provider, tmp_path):
+    """ENCODER empty: a segmentation U-Net on MobileNetV2 (measured better on the held-out Atlanta areas, README);
+    TIME_BUDGET's default is 10 minutes."""
+    from qgis.core import QgsApplication
+    from test_accuracy import _run
+    alg = QgsApplication.processingRegistry().algorithmById("rs_deep:train")
+    assert alg.parameterDefinition("ENCODER").defaultValue() in ("", None)
+    assert alg.parameterDefinition("TIME_BUDGET").defaultValue() == 10
+    res = _run("rs_deep:train", {"INPUT": str(ATLANTA_IMAGE), "LABELS": str(ATLANTA_LABELS), "TASK": 0, "EPOCHS": 1,
+                                 "BATCH_SIZE": 2, "TILE_SIZE": 64, "STEPS_PER_EPOCH": 1, "DEVICE": 1,
+                                 "OUTPUT": str(tmp_path / "seg")})
+    builder = load_package(res["OUTPUT"]).builder
+    assert (builder["architecture"], builder["encoder"]) == ("Unet", "mobilenet_v2")
+    from rs_deep.rs_deep_plugin.engine.training.builders import toolbox_builder
+    assert toolbox_builder("detection")["encoder"] == toolbox_builder("change")["encoder"] == "resnet18"
