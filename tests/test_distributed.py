@@ -182,3 +182,12 @@ def test_qgis_process_with_local_cluster(reference, tmp_path):
                              f"CLUSTER_BLOCK={BLOCK}"])
     assert "dashboard http" in proc.stdout + proc.stderr
     assert (_read(out)[0] == cls).all()
+
+
+def test_a_local_cluster_leaves_this_process_environment_as_it_was(reference, tmp_path):
+    """Dask's nanny puts OMP_NUM_THREADS=1 and its pre-spawn environment (RS_DEEP_THREADS) into the client's
+    os.environ to spawn its workers: in QGIS, every later run in QGIS's own process would run on one thread."""
+    before = dict(os.environ)
+    res = segment(SAMPLE, BUILDINGS, tmp_path / "c.tif", cluster="local:2", block_size=BLOCK, **TILING)
+    assert (_read(res.output)[0] == reference[1]).all()
+    assert dict(os.environ) == before

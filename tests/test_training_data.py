@@ -367,7 +367,7 @@ def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, 
     from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS
     train = QgsApplication.processingRegistry().algorithmById("rs_deep:train")
     defaults = {p.name(): p.defaultValue() for p in train.parameterDefinitions()}
-    assert defaults["TIME_BUDGET"] == 15 and defaults["EPOCHS"] == 100 and defaults["PATIENCE"] == 10
+    assert defaults["TIME_BUDGET"] == 10 and defaults["EPOCHS"] == 100 and defaults["PATIENCE"] == 10
     fb = RecordingFeedback()
     res = _run("rs_deep:train", {"INPUT": str(ATLANTA_IMAGE), "LABELS": str(ATLANTA_LABELS), "TIME_BUDGET": 0.1,
                                  "OUTPUT": str(tmp_path / "pkg")}, fb)

@@ -84,6 +84,7 @@ class ClusterSession:
         self.log = log or (lambda msg: None)
         self.local = None
         self.client = None
+        self.environ = None
 
     def __enter__(self):
         distributed = _dask()
@@ -97,9 +98,15 @@ class ClusterSession:
                 # the workers share this machine's cores: each runs its network on cores / N threads (Dask's nanny
                 # would leave them 1 each); RS_DEEP_THREADS, when set, is inherited as it is
                 settings[WORKER_THREADS] = str(local_threads(self.where))
-            with dask.config.set(settings):
-                self.local = distributed.LocalCluster(n_workers=self.where, threads_per_worker=1, processes=True,
-                                                      dashboard_address=":0", silence_logs=40)
+            # the nanny puts its pre-spawn environment (and OMP_NUM_THREADS=1...) into this process's os.environ to
+            # spawn a worker, and leaves it there: QGIS's own later runs would then run on 1 thread
+            self.environ = dict(os.environ)
+            try:
+                with dask.config.set(settings):
+                    self.local = distributed.LocalCluster(n_workers=self.where, threads_per_worker=1, processes=True,
+                                                          dashboard_address=":0", silence_logs=40)
+            finally:
+                _restore_environ(self.environ)
             self.client = distributed.Client(self.local)
         else:
             try:
@@ -125,7 +132,17 @@ class ClusterSession:
             self.client.close()
         if self.local is not None:
             self.local.close()
+            _restore_environ(self.environ)  # a worker restarted during the run was spawned the same way
         return False
+
+
+def _restore_environ(saved):
+    """Put this process's environment back to ``saved``: the variables added since removed, the changed ones reset."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _python_for_workers():
