@@ -412,6 +412,32 @@ def _oriented_detections(transform, rboxes, scores, labels, names):
     return out
 
 
+def numbered_tiles(grid):
+    """``[(tile_no, x, y)]``: the tiles of ``grid`` row by row, numbered from 1 (the order a run merges in)."""
+    return [(i + 1, x, y) for i, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs)]
+
+
+def run_object_blocks(cluster, pkg, pkg_opts, open_reader, reader, grid, seq, region, options, device, batch_size,
+                      block_size, run, iou_name, prog, log):
+    """The tiles ``seq`` of an object run (detection, instances) on a Dask cluster: each tile in one block of about
+    ``block_size`` px (:func:`.tiling.tiles_by_block`), ``run(reader, runner, job, i, bs)`` on the workers.
+    Returns (the blocks' parts in tile order, as one process gives them; tiles run)."""
+    from .distributed import run_blocks
+    windows = grid.blocks(block_size)
+    score, iou, maxd = options
+    prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), overlap "
+                 f"{reader.native_overlap} px, in {len(windows)} blocks of up to {block_size} px on {cluster}; "
+                 f"score >= {score:g}, {iou_name} {iou:g}, at most {maxd} objects per tile")
+    job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap), device=device,
+               batch_size=batch_size, detection=options, grid=grid, region=region,
+               tiles=tiles_by_block(windows, seq), windows=windows, run=run, kind="detection")
+    parts, tiles_run = [], 0
+    for block_parts, n in run_blocks(cluster, pkg, job, prog, log, share=0.97):
+        parts += block_parts
+        tiles_run += n
+    return sorted(parts, key=lambda part: part[3][0]), tiles_run
+
+
 def detect_block_task(reader, runner, job, i, bs):
     """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`tile_detections`."""
     return tile_detections(reader, runner, job["tiles"][i], job["region"], bs)
@@ -442,27 +468,15 @@ def detect(input_path, package, *, bands=None, bounds=None, tile_size=None, over
             resampled="the boxes")
         result.gsd_scale = reader.scale
         result.crs, result.transform, result.region = reader.crs, reader.transform, (x0, y0, x1, y1)
-        n, t = reader.native_tile, reader.tile
-        grid = TileGrid(x0, y0, x1, y1, n, reader.native_overlap)
-        seq = [(i + 1, x, y) for i, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs)]
+        grid = TileGrid(x0, y0, x1, y1, reader.native_tile, reader.native_overlap)
+        seq = numbered_tiles(grid)
         result.tiles = len(seq)
         region = (x0, y0, x1, y1)
         if cluster:
-            from .distributed import run_blocks
-            windows = grid.blocks(block_size)
-            tiles = tiles_by_block(windows, seq)
             result.device = f"Dask cluster {cluster}"
-            prog.message(f"{len(seq)} tiles of {n} px ({t} px at the model's GSD), overlap {reader.native_overlap} "
-                         f"px, in {len(windows)} blocks of up to {block_size} px on {cluster}; score >= {score:g}, "
-                         f"NMS IoU {iou:g}, at most {maxd} objects per tile")
-            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
-                       device=device, batch_size=batch_size, detection=(score, iou, maxd), tiles=tiles,
-                       windows=windows, region=region)
-            parts = []
-            job.update(run=detect_block_task, kind="detection")
-            for block_parts, run in run_blocks(cluster, pkg, job, prog, log, share=0.97):
-                parts += block_parts
-                result.tiles_run += run
+            parts, result.tiles_run = run_object_blocks(cluster, pkg, pkg_opts, open_reader, reader, grid, seq, region,
+                                                        (score, iou, maxd), device, batch_size, block_size,
+                                                        detect_block_task, "NMS IoU", prog, log)
         else:
             runner, result.device, bs, on_batch = open_tile_run(device, batch_size, pkg, prog, log, reader, len(seq),
                                                                 (score, iou, maxd))
@@ -505,5 +519,5 @@ def write_geojson(result, path):
     return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 
-__all__ = ["detect", "Detection", "DetectionResult", "ObjectsResult", "merge_detections", "edge_cut_flags", "tile_boxes",
+__all__ = ["detect", "Detection", "DetectionResult", "ObjectsResult", "numbered_tiles", "run_object_blocks", "merge_detections", "edge_cut_flags", "tile_boxes",
            "tile_detections", "tile_outputs", "open_tile_run", "detect_block_task", "box_centres", "shift_boxes", "BoxMerger", "write_geojson"]

@@ -28,9 +28,10 @@ from ..geo.rotated import intersecting_pairs, pair_overlaps
 from ..geo.vectorize import mask_polygon
 from ..models.detection_options import resolve_detection_options
 from ..models.postprocess import nms_over_pairs
-from .detect import EDGE_IOA, ObjectsResult, box_centres, open_tile_run, tile_outputs
+from .detect import (EDGE_IOA, ObjectsResult, box_centres, numbered_tiles, open_tile_run, run_object_blocks,
+                     tile_outputs)
 from .pipeline import open_region, resolve_options, start_run
-from .tiling import TileGrid, tiles_by_block
+from .tiling import TileGrid
 
 
 @dataclass
@@ -164,24 +165,13 @@ def segment_instances(input_path, package, *, bands=None, bounds=None, tile_size
         result.gsd_scale = reader.scale
         result.crs, result.transform, result.region = reader.crs, reader.transform, region
         grid = TileGrid(x0, y0, x1, y1, reader.native_tile, reader.native_overlap)
-        seq = [(i + 1, x, y) for i, (y, x) in enumerate((y, x) for y in grid.ys for x in grid.xs)]
+        seq = numbered_tiles(grid)
         result.tiles = len(seq)
         if cluster:
-            from .distributed import run_blocks
-            windows = grid.blocks(block_size)
             result.device = f"Dask cluster {cluster}"
-            prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), overlap "
-                         f"{reader.native_overlap} px, in {len(windows)} blocks of up to {block_size} px on "
-                         f"{cluster}; score >= {score:g}, polygon IoU {iou:g}, at most {maxd} objects per tile")
-            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
-                       device=device, batch_size=batch_size, detection=(score, iou, maxd), grid=grid, region=region,
-                       tiles=tiles_by_block(windows, seq), windows=windows, run=instances_block_task,
-                       kind="detection")
-            parts = []
-            for block_parts, run in run_blocks(cluster, pkg, job, prog, log, share=0.97):
-                parts += block_parts
-                result.tiles_run += run
-            parts.sort(key=lambda part: part[3][0])  # in tile order, as one process gives them
+            parts, result.tiles_run = run_object_blocks(cluster, pkg, pkg_opts, open_reader, reader, grid, seq, region,
+                                                        (score, iou, maxd), device, batch_size, block_size,
+                                                        instances_block_task, "polygon IoU", prog, log)
         else:
             runner, result.device, bs, on_batch = open_tile_run(device, batch_size, pkg, prog, log, reader, len(seq),
                                                                 (score, iou, maxd), "polygon IoU")
