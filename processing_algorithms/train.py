@@ -19,7 +19,8 @@ from .outputs import RunOutputs
 from .params import resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES, default_encoder)
-from ..rs_deep_plugin.engine.training.loop import MIN_STEPS
+from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS
+from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.regression import LOSSES
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
@@ -94,6 +95,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
     INPUT_AFTER = "INPUT_AFTER"
     AUGMENT = "AUGMENT"
     PATIENCE = "PATIENCE"
+    EMA = "EMA"
+    SEED = "SEED"
     INIT_FROM = "INIT_FROM"
     ENCODER_WEIGHTS = "ENCODER_WEIGHTS"
     FREEZE_ENCODER = "FREEZE_ENCODER"
@@ -247,7 +250,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         advanced = [
             QgsProcessingParameterNumber(self.STEPS_PER_EPOCH, "Steps per epoch (0 = auto)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
-            QgsProcessingParameterNumber(self.VALIDATION, "Validation fraction (bottom rows held back; 0 = none)",
+            QgsProcessingParameterNumber(self.VALIDATION, "Validation fraction (an edge strip held back: for segmentation the "
+                                         "strip whose classes are most like the whole image's, else the bottom "
+                                         "rows; 0 = none)",
                                          QgsProcessingParameterNumber.Double, 0.2, optional=True, minValue=0.0,
                                          maxValue=0.5),
             NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),
@@ -257,6 +262,13 @@ class TrainAlgorithm(RSDeepAlgorithm):
             NamedEnum(self.LOSS, "Loss (regression)", LOSS_LABELS, list(LOSSES), defaultValue=0, optional=True),
             QgsProcessingParameterNumber(self.SCALE, "Scale (super-resolution)", QgsProcessingParameterNumber.Integer,
                                          2, optional=True, minValue=2, maxValue=8),
+            QgsProcessingParameterNumber(self.EMA, "Weight averaging: decay of the weights' moving average that is "
+                                         "validated and packaged (0 = off, the last step's weights)",
+                                         QgsProcessingParameterNumber.Double, EMA_DECAY, optional=True, minValue=0.0,
+                                         maxValue=0.9999),
+            QgsProcessingParameterNumber(self.SEED, "Random seed (crops, augmentations, initial weights: the same seed "
+                                         "and settings train the same network on the same device)",
+                                         QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
                                     defaultValue=[0, 1, 2], optional=True))
@@ -317,6 +329,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             augment.update(brightness=0.0, contrast=0.0, gamma=0.0, noise=0.0)
         patience = self.parameterAsInt(parameters, self.PATIENCE, context) \
             if parameters.get(self.PATIENCE) not in (None, "") else PATIENCE_DEFAULT
+        ema = self.parameterAsDouble(parameters, self.EMA, context) \
+            if parameters.get(self.EMA) not in (None, "") else EMA_DECAY
+        seed = self.parameterAsInt(parameters, self.SEED, context) if parameters.get(self.SEED) not in (None, "") else 0
         out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not out_dir:
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
@@ -341,7 +356,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException(str(exc)) from exc
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
         common = dict(epochs=epochs, time_budget=budget or None, steps_per_epoch=steps, lr=lr, device=device,
-                      name=name, augment=augment, **transfer)
+                      name=name, augment=augment, ema_decay=ema, seed=seed, **transfer)
         common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)
         callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
@@ -471,7 +486,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             feedback.pushInfo("Classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
             return train_segmentation(image, labels, out_dir, class_names=class_names,
                                       class_colors=colors_for(class_names, task), builder=builder,
-                                      tile_size=tile, val_fraction=val, val_side="bottom", patience=patience,
+                                      tile_size=tile, val_fraction=val, val_side=AUTO_SIDE, patience=patience,
                                       **common, **callbacks)
         if task in OBJECT_TASKS:
             from ..rs_deep_plugin.engine.training.data import DetectionSample, split_sample

@@ -88,9 +88,10 @@ def test_training_report(trained):
     assert on_disk["seed"] == 0 and on_disk["seconds"] > 0
     s = on_disk["samples"]
     assert s["train_pixels"] + s["val_pixels"] == 600 * 900
-    assert s["val_pixels"] == 600 * 180  # bottom 20 % of the rows
+    assert s["val_pixels"] == 120 * 900  # the right 20 % of the columns: the strip most like the whole image
     assert s["crops_seen"] == 2 * 2 * 2
-    assert on_disk["data"]["validation"]["window"] == {"row_off": 720, "col_off": 0, "height": 180, "width": 600}
+    assert on_disk["data"]["validation"]["side"] == "right"
+    assert on_disk["data"]["validation"]["window"] == {"row_off": 0, "col_off": 480, "height": 900, "width": 120}
     assert not on_disk["cancelled"]
 
 
@@ -140,9 +141,10 @@ def test_label_raster_input_and_its_checks(tmp_path):
     lab[:50] = IGNORE  # not labelled: ignored by the loss
     with rasterio.open(tmp_path / "labels.tif", "w", **profile) as dst:
         dst.write(lab, 1)
-    report = train_segmentation(IMAGE, str(tmp_path / "labels.tif"), tmp_path / "pkg",
+    report = train_segmentation(IMAGE, str(tmp_path / "labels.tif"), tmp_path / "pkg", val_side="bottom",
                                 **dict(TINY, epochs=1, steps_per_epoch=1))
-    assert report["samples"]["train_pixels"] == 600 * 720 - 600 * 50
+    assert report["samples"]["train_pixels"] == 600 * 720 - 600 * 50  # an explicit side is kept
+    assert report["data"]["validation"]["side"] == "bottom"
     assert load_package(tmp_path / "pkg").num_classes == 2
 
     bad = lab.copy()
@@ -190,3 +192,79 @@ def test_time_budget_stops_the_run_and_anneals_the_schedule(tmp_path):
     assert one_cycle(1.0, 0.1) == pytest.approx(0.001)
     with pytest.raises(InputError, match="time_budget"):
         train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS), tmp_path / "bad", time_budget=0, **TINY)
+
+
+def test_weight_average_follows_the_trained_weights():
+    """WeightAverage: each update moves every float tensor (weights and BatchNorm statistics) towards the trained
+    network's by 1 - min(decay, (1 + n) / (10 + n)), copies integer buffers, and never touches the trained one."""
+    import torch
+    from rs_deep.rs_deep_plugin.engine.training.loop import WeightAverage
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    avg = WeightAverage(net, 0.9)
+    assert all(not p.requires_grad for p in avg.model.parameters()) and not avg.model.training
+    before = {k: v.clone() for k, v in avg.model.state_dict().items()}
+    net(torch.randn(2, 1, 8, 8))  # train mode: BatchNorm statistics and its batch count move
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    avg.update()
+    d = min(0.9, 2.0 / 11.0)
+    for k, v in avg.model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, before[k] * d + trained[k] * (1 - d), atol=1e-6), k
+        else:
+            assert torch.equal(v, trained[k]), k
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, trained[k])  # the trained network is untouched
+    for _ in range(200):
+        avg.update()
+    assert avg.steps == 201
+    for k, v in avg.model.state_dict().items():  # converges on weights that stay put
+        assert torch.allclose(v.float(), trained[k].float(), atol=1e-4), k
+
+
+def test_the_package_holds_the_averaged_weights_and_ema_zero_the_last(tmp_path):
+    """The same seeded run with and without weight averaging: the packages differ (the averaged one is not the
+    last step's), both load and segment, the report records the decay; a decay outside [0, 1) is refused."""
+    import torch
+    labels = read_vector_labels(FOOTPRINTS, class_value=1)
+    runs = {}
+    for decay in (0.0, 0.9):
+        out = tmp_path / f"ema_{decay}"
+        report = train_segmentation(IMAGE, labels, out, ema_decay=decay, **dict(TINY, patience=0))
+        assert report["ema_decay"] == decay
+        assert json.loads((out / "training_report.json").read_text())["ema_decay"] == decay
+        runs[decay] = load_package(out).load_model().state_dict()
+        segment(str(IMAGE), str(out), str(tmp_path / f"classes_{decay}.tif"))
+    diff = [k for k, v in runs[0.0].items() if v.is_floating_point() and not torch.equal(v, runs[0.9][k])]
+    assert len(diff) > 10
+    with pytest.raises(InputError, match="ema_decay"):
+        train_segmentation(IMAGE, labels, tmp_path / "bad", ema_decay=1.0, **TINY)
+
+
+def test_the_validation_strip_is_the_one_most_like_the_whole_image():
+    """val_side "auto" (the default): on the Atlanta sample the bottom strip is forest (1.9 % buildings against
+    4.8 % in the image); the strip chosen holds at least the image's share and is the closest of those. An
+    explicit side is kept; ignored pixels do not count; a class found only in one strip picks that strip."""
+    from rs_deep.rs_deep_plugin.engine.geo.labels import labels_from_geometries
+    from rs_deep.rs_deep_plugin.engine.training.data import representative_side, split_strip, window_slices
+    with rasterio.open(IMAGE) as ds:
+        lab = labels_from_geometries(read_vector_labels(FOOTPRINTS, class_value=1, dst_crs=ds.crs), ds, 2)
+    whole = float((lab == 1).mean())
+    share = {}
+    for side in ("bottom", "top", "left", "right"):
+        rows, cols = window_slices(split_strip(600, 900, 0.2, side)[1])
+        share[side] = float((lab[rows, cols] == 1).mean())
+    assert share["bottom"] < 0.5 * whole
+    side = representative_side(lab, 0.2, 2, IGNORE)
+    assert side == "right" and share[side] >= whole
+    assert all(share[s] < whole or abs(share[s] - whole) >= abs(share[side] - whole) for s in share)
+    masked = lab.copy()
+    masked[:, 480:] = IGNORE  # the right strip unlabelled: it holds nothing to validate on
+    assert representative_side(masked, 0.2, 2, IGNORE) != "right"
+    three = np.zeros((100, 100), np.uint8)
+    three[40:60, 40:60] = 1
+    three[:5, :5] = 2  # class 2 only in the top-left corner: top and left hold it, top is preferred
+    assert representative_side(three, 0.2, 3) == "top"

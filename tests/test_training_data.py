@@ -375,5 +375,7 @@ def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, 
     seg = TOOLBOX_DEFAULTS["segmentation"]
     assert (report["tile_size"], report["batch_size"], report["lr"]) == (seg["tile_size"], seg["batch_size"], seg["lr"])
     assert report["epochs_planned"] == 100 and report["patience"] == 10 and report["time_budget_minutes"] == 0.1
+    assert report["ema_decay"] == 0.995 and report["seed"] == 0  # weights averaged; the same run every time
+    assert report["data"]["validation"]["side"] == "right"  # the strip most like the whole sample
     assert report["stopped_by_budget"] and report["epochs_run"] < 100 and report["steps_per_epoch"] >= 25
     assert report["best"]["epoch"] is not None and (Path(res["OUTPUT"]) / "model.safetensors").is_file()

@@ -63,7 +63,7 @@ def default_encoder(task):
 #: rs_deep:train's defaults per task (what TILE_SIZE 0, BATCH_SIZE 0 and the learning rate give), as trainer keyword
 #: arguments; measured on unseen areas of ../shared/data (tools/compare_rf.py, tools/eval_trees.py)
 TOOLBOX_DEFAULTS = {
-    "segmentation": {"tile_size": 128, "batch_size": 16, "lr": 3e-3},
+    "segmentation": {"tile_size": 256, "batch_size": 4, "lr": 3e-3},
     "detection": {"tile_size": 256, "batch_size": 4, "lr": 2e-3},
     "instance_segmentation": {"tile_size": 128, "batch_size": 4, "lr": 2e-3},
     "patch_classification": {"tile_size": 16, "batch_size": 64, "lr": 2e-3},

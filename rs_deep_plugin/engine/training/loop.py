@@ -3,8 +3,9 @@
 A task (:class:`TrainingTask`) says what differs between segmentation, detection, change and patch
 classification: how its network is built, its training loss, its validation and the metric that picks the
 best epoch. :func:`fit` does the rest, the same for all: seeding, the thread count (restored at the end), the
-device and memory format, AdamW with a one-cycle learning rate, the epochs and their steps, the history of
-the report, the best network by the monitored metric, early stopping after ``patience`` epochs without a
+device and memory format, AdamW with a one-cycle learning rate, the epochs and their steps, a moving average of
+the weights that is validated and packaged (:class:`WeightAverage`), the history of the report, the best network by
+the monitored metric, early stopping after ``patience`` epochs without a
 better one, cancelling (the best network so far is written when an epoch finished), and at the end the model
 package (:func:`.package.save_package`), ``training_report.json`` and ``training_curves.png``
 (:mod:`.report`). The run settings every trainer shares are one :class:`TrainParams`; its transfer settings (what
@@ -27,6 +28,8 @@ from .transfer import Transfer, check_transfer_options
 #: the fewest steps of an epoch when the caller gives no steps_per_epoch: on a small image "two passes over the
 #: data" is a handful of steps, and an epoch is also when validation, the log line and early stopping happen
 MIN_STEPS = 25
+#: the default decay of the weights' exponential moving average (:class:`WeightAverage`)
+EMA_DECAY = 0.995
 #: early stopping counts epochs without a better validation metric only from this share of the schedule on (the
 #: learning rate is then coming down); before it, the metric of a small validation area jumps from epoch to epoch
 PATIENCE_FROM = 0.5
@@ -75,7 +78,10 @@ class TrainParams:
     Transfer learning (:mod:`.transfer`): ``init_from`` (an RS Deep package of the task to start from: its
     network when the builder is None, every tensor that fits), ``encoder_weights`` (a local ``.safetensors`` file
     of the encoder's weights; never a pickle), ``freeze_encoder_epochs`` (the encoder is not trained during the
-    first N epochs) and ``encoder_lr_factor`` (the encoder's learning rate is ``lr`` times it)."""
+    first N epochs) and ``encoder_lr_factor`` (the encoder's learning rate is ``lr`` times it).
+
+    ``ema_decay``: validation, the choice of the best epoch and the package use an exponential moving average of
+    the weights (:class:`WeightAverage`) with this decay; 0: the weights of the last step."""
 
     epochs: int = 20
     time_budget: float = None
@@ -97,6 +103,7 @@ class TrainParams:
     encoder_weights: object = None
     freeze_encoder_epochs: int = 0
     encoder_lr_factor: float = 1.0
+    ema_decay: float = EMA_DECAY
     started: float = field(init=False, repr=False)
     prog: Progress = field(init=False, repr=False)
 
@@ -120,6 +127,8 @@ class TrainParams:
         if params.time_budget is not None and not params.time_budget > 0:
             raise InputError(f"time_budget is in minutes and must be above 0 (None: no limit); got "
                              f"{params.time_budget!r}")
+        if not 0 <= params.ema_decay < 1:
+            raise InputError(f"ema_decay must be in [0, 1) (0: no weight averaging); got {params.ema_decay!r}")
         check_transfer_options(params)
         return params
 
@@ -167,6 +176,38 @@ class Clock:
         if self.budget:
             p = max(p, self.elapsed() / self.budget)
         return min(p, 1.0)
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights and buffers, updated after every optimiser step
+    (Polyak averaging, as timm's ``ModelEmaV2`` and Ultralytics' ``ModelEMA``): a copy of the network whose
+    tensors follow the trained ones with ``decay``, ramped up as ``min(decay, (1 + n) / (10 + n))`` after ``n``
+    steps so that early weights do not linger. The averaged network is what validation sees and what is packaged:
+    on small label sets the weights of single steps jump (so does a small validation area's metric), and their
+    average generalises better. Integer buffers (BatchNorm's batch counts) are copied."""
+
+    def __init__(self, model, decay):
+        import copy
+        self.decay, self.steps = float(decay), 0
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        ours, theirs = self.model.state_dict(), model.state_dict()
+        floats = [k for k, v in ours.items() if v.is_floating_point()]
+        self._avg = [ours[k] for k in floats]
+        self._src = [theirs[k] for k in floats]
+        self._copy = [(ours[k], theirs[k]) for k in ours if not ours[k].is_floating_point()]
+
+    def update(self):
+        import torch
+        self.steps += 1
+        d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        with torch.no_grad():
+            for avg, src in zip(self._avg, self._src):
+                avg.lerp_(src, 1.0 - d)
+            for dst, src in self._copy:
+                dst.copy_(src)
 
 
 class TrainingTask:
@@ -301,6 +342,8 @@ def fit(task, params, out_dir):
         budget_s = params.time_budget * 60.0 if params.time_budget else None
         warmup = min(0.3, max(0.05, 2.0 / epochs)) if budget_s is None else 0.1
         clock = Clock(total_steps, budget_s)
+        ema = WeightAverage(model, params.ema_decay) if params.ema_decay > 0 else None
+        judged = ema.model if ema is not None else model  # the network validated and packaged
         sampler = task.make_sampler(rng)
         log(task.describe(device_description(dev), steps, batch_size, epochs))
         report = {
@@ -308,7 +351,8 @@ def fit(task, params, out_dir):
             "bands": task.band_names, "band_numbers": task.band_numbers, "builder": task.builder,
             "value_scaling": task.value_scaling, "gsd": task.gsd, "seed": params.seed,
             "device": device_description(dev), "threads": torch.get_num_threads(), "tile_size": task.tile_size,
-            "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay, "epochs_planned": epochs,
+            "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay, "ema_decay": params.ema_decay,
+            "epochs_planned": epochs,
             "time_budget_minutes": params.time_budget, "steps_per_epoch": steps, "patience": params.patience, "augment": task.augment,
             "monitor": {"metric": task.monitor, "mode": task.mode, "keep": "best" if task.select_best else "last"},
             "settings": task.settings or {}, "data": task.data or {}, "samples": dict(task.samples or {}, crops_seen=0),
@@ -362,6 +406,8 @@ def fit(task, params, out_dir):
                     if task.clip_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trained, task.clip_grad_norm)
                     opt.step()
+                    if ema is not None:
+                        ema.update()
                     clock.step()
                     value = float(loss.detach())
                     if not math.isfinite(value):
@@ -378,7 +424,7 @@ def fit(task, params, out_dir):
                 train_loss = float(np.mean(losses))
                 report["epochs_run"] = epoch
                 model.eval()
-                metrics, val_loss = task.validate(model, dev, fmt)
+                metrics, val_loss = task.validate(judged, dev, fmt)
                 report["history"].append({
                     "epoch": epoch, "train_loss": round(train_loss, 5),
                     "loss_parts": {kk: round(float(np.mean(v)), 5) for kk, v in parts.items()},
@@ -392,7 +438,7 @@ def fit(task, params, out_dir):
                     key, improved = None, True  # the last epoch is kept
                 if improved:
                     best.update(key=key, epoch=epoch, metrics=metrics,
-                                state={kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()})
+                                state={kk: v.detach().cpu().clone() for kk, v in judged.state_dict().items()})
                     since_best = 0
                 elif clock.progress() >= PATIENCE_FROM:
                     since_best += 1  # patience runs in the second half only: at the peak learning rate the metric jumps
@@ -429,5 +475,5 @@ def fit(task, params, out_dir):
             torch.set_num_threads(old_threads)
 
 
-__all__ = ["MIN_STEPS", "fit", "TrainParams", "TrainingTask", "seed_everything", "check_tile", "check_package_tiling",
+__all__ = ["MIN_STEPS", "EMA_DECAY", "fit", "TrainParams", "TrainingTask", "WeightAverage", "seed_everything", "check_tile", "check_package_tiling",
            "import_torch"]

@@ -31,7 +31,7 @@ from ..models.package import DEFAULT_COLORS
 from .augment import check_augment
 from .builders import resolve_builder
 from .data import (band_names as image_band_names, class_counts, compute_value_scaling, model_classes, read_image,
-                   scale_image, validation_split, window_dict, window_slices)
+                   representative_side, scale_image, validation_split, window_dict, window_slices, AUTO_SIDE)
 from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
 from .samplers import MultiCropSampler
 
@@ -199,6 +199,10 @@ def image_data(image_path, labels, class_names, bands, band_names, seed, val_fra
     scale_image(data, valid, scaling)
     gsd = pixel_size_metres(crs, transform, w, h)
 
+    if val_side == AUTO_SIDE:
+        val_side = representative_side(lab, val_fraction, k, IGNORE) if 0 < (val_fraction or 0) < 0.9 else "bottom"
+        log(f"Validation strip: the {val_side} {val_fraction:.0%} of the image (the edge strip whose classes are "
+            "closest to the whole image's)")
     train_win, val_win = validation_split(w, h, val_fraction, val_side)
     rows, cols = window_slices(train_win)
     train = [(data[:, rows, cols], lab[rows, cols], valid[rows, cols])]
@@ -282,7 +286,7 @@ class SegmentationTask(DenseTask):
 
 
 def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_colors=None, bands=None,
-                       band_names=None, builder=None, tile_size=256, val_fraction=0.2, val_side="bottom",
+                       band_names=None, builder=None, tile_size=256, val_fraction=0.2, val_side=AUTO_SIDE,
                        dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
                        package_tile_size=512, package_overlap=64, **options):
     """Train a segmentation network on ``image_path`` and write a model package to ``out_dir``.
@@ -293,7 +297,8 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
     the classes 0..K-1 (0 is the background). ``bands``: 1-based band numbers (default: every non-alpha
     band). ``image_path`` may also be a chip folder of :func:`.chips.export_training_data` (task
     segmentation), trained and validated as split there. ``val_fraction`` of the image along ``val_side``
-    is held out for validation. ``builder``: default :data:`.builders.DEFAULT_BUILDERS` (a light U-Net).
+    is held out for validation ("auto": the edge strip whose classes are closest to the whole image's,
+    :func:`.data.representative_side`; or bottom, top, left, right). ``builder``: default :data:`.builders.DEFAULT_BUILDERS` (a light U-Net).
     ``augment`` (:mod:`.augment`): ``flip``, ``rotate`` (on by default) and the photometric jitter of the
     crops (scaled values): ``brightness`` (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma``
     (log exponent, 0.25) and ``noise`` (max Gaussian sigma, 0.03); crops are always rescaled by a random
