@@ -19,8 +19,8 @@ from .outputs import RunOutputs
 from .params import resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES, default_encoder)
-from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS
 from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
+from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.regression import LOSSES
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
@@ -250,9 +250,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
         advanced = [
             QgsProcessingParameterNumber(self.STEPS_PER_EPOCH, "Steps per epoch (0 = auto)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
-            QgsProcessingParameterNumber(self.VALIDATION, "Validation fraction (an edge strip held back: for segmentation the "
-                                         "strip whose classes are most like the whole image's, else the bottom "
-                                         "rows; 0 = none)",
+            QgsProcessingParameterNumber(self.VALIDATION, "Validation fraction (an edge strip held back: for "
+                                         "segmentation the strip whose classes are most like the whole image's, "
+                                         "else the bottom rows; 0 = none)",
                                          QgsProcessingParameterNumber.Double, 0.2, optional=True, minValue=0.0,
                                          maxValue=0.5),
             NamedEnum(self.DEVICE, "Device", DEVICES, defaultValue=0),

@@ -519,5 +519,6 @@ def write_geojson(result, path):
     return write_atomic(check_writable(path, "OUTPUT"), json.dumps(result.to_geojson()))
 
 
-__all__ = ["detect", "Detection", "DetectionResult", "ObjectsResult", "numbered_tiles", "run_object_blocks", "merge_detections", "edge_cut_flags", "tile_boxes",
+__all__ = ["detect", "Detection", "DetectionResult", "ObjectsResult", "numbered_tiles", "run_object_blocks",
+           "merge_detections", "edge_cut_flags", "tile_boxes",
            "tile_detections", "tile_outputs", "open_tile_run", "detect_block_task", "box_centres", "shift_boxes", "BoxMerger", "write_geojson"]

@@ -160,5 +160,6 @@ def toolbox_builder(task, architecture=None, encoder=None):
     return {"library": "timm", "architecture": encoder, "encoder_weights": None, "params": params}
 
 
-__all__ = ["DEFAULT_BUILDERS", "TOOLBOX_DEFAULTS", "DEFAULT_TILE", "SEGMENTATION_ARCHITECTURES", "DETECTION_ARCHITECTURES", "DEFAULT_ENCODER", "TASK_ENCODERS", "default_encoder",
+__all__ = ["DEFAULT_BUILDERS", "TOOLBOX_DEFAULTS", "DEFAULT_TILE", "SEGMENTATION_ARCHITECTURES", "DETECTION_ARCHITECTURES",
+           "DEFAULT_ENCODER", "TASK_ENCODERS", "default_encoder",
            "CENTERNET_PARAMS", "resolve_builder", "toolbox_builder"]

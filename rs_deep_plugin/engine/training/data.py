@@ -24,7 +24,8 @@ from ..geo.raster import apply_scaling, pixel_size_metres
 from ..models.package import ModelClass
 
 VAL_SIDES = ("bottom", "top", "left", "right")
-#: ``val_side`` "auto": the edge strip whose classes are closest to the whole labelled image's (:func:`representative_side`)
+#: ``val_side`` "auto": the edge strip whose classes are closest to the whole labelled image's
+#: (:func:`representative_side`)
 AUTO_SIDE = "auto"
 MIN_TRAIN_PX = 32  # the training part of a split image keeps at least this many rows (or columns)
 
@@ -159,14 +160,16 @@ def representative_side(labels, fraction, n_classes, ignore=None):
         return counts[1:] / max(1.0, float(counts.sum()))
 
     whole = shares(labels)
+    expected = float(whole.sum())
     best, best_key = VAL_SIDES[0], None
     for side in VAL_SIDES:
-        along = h if side in ("bottom", "top") else w
-        if along - max(1, int(round(along * fraction))) < MIN_TRAIN_PX:
+        try:
+            held = split_strip(w, h, fraction, side, MIN_TRAIN_PX)[1]
+        except InputError:  # too little left to train along this axis
             continue
-        rows, cols = window_slices(split_strip(w, h, fraction, side)[1])
+        rows, cols = window_slices(held)
         strip = shares(labels[rows, cols])
-        covered = float(np.minimum(strip, whole).sum() / whole.sum()) if whole.sum() > 0 else 1.0
+        covered = float(np.minimum(strip, whole).sum()) / expected if expected > 0 else 1.0
         key = (round(covered, 6), -float(np.abs(strip - whole).sum()))
         if best_key is None or key > best_key:
             best, best_key = side, key
@@ -595,7 +598,8 @@ def resample_to_gsd(item, gsd):
     return replace(item, img=np.ascontiguousarray(img), valid=valid, boxes=boxes, rboxes=rboxes, instances=inst)
 
 
-__all__ = ["VAL_SIDES", "AUTO_SIDE", "representative_side", "select_bands", "read_image", "check_band_names", "band_names", "compute_value_scaling",
+__all__ = ["VAL_SIDES", "AUTO_SIDE", "representative_side", "select_bands", "read_image", "check_band_names",
+           "band_names", "compute_value_scaling",
            "scale_image", "model_classes", "split_strip", "validation_split", "window_slices", "window_dict", "pad_to",
            "class_counts", "patch_label", "grid_patches", "DetectionSample", "as_sample", "split_sample",
            "class_indices", "LoadedSample", "load_sample", "oriented_pixel_boxes", "instance_pixel_masks", "renumber", "apply_window", "resample_to_gsd"]

@@ -351,8 +351,8 @@ def fit(task, params, out_dir):
             "bands": task.band_names, "band_numbers": task.band_numbers, "builder": task.builder,
             "value_scaling": task.value_scaling, "gsd": task.gsd, "seed": params.seed,
             "device": device_description(dev), "threads": torch.get_num_threads(), "tile_size": task.tile_size,
-            "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay, "ema_decay": params.ema_decay,
-            "epochs_planned": epochs,
+            "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay,
+            "ema_decay": params.ema_decay, "epochs_planned": epochs,
             "time_budget_minutes": params.time_budget, "steps_per_epoch": steps, "patience": params.patience, "augment": task.augment,
             "monitor": {"metric": task.monitor, "mode": task.mode, "keep": "best" if task.select_best else "last"},
             "settings": task.settings or {}, "data": task.data or {}, "samples": dict(task.samples or {}, crops_seen=0),
@@ -475,5 +475,5 @@ def fit(task, params, out_dir):
             torch.set_num_threads(old_threads)
 
 
-__all__ = ["MIN_STEPS", "EMA_DECAY", "fit", "TrainParams", "TrainingTask", "WeightAverage", "seed_everything", "check_tile", "check_package_tiling",
-           "import_torch"]
+__all__ = ["MIN_STEPS", "EMA_DECAY", "fit", "TrainParams", "TrainingTask", "WeightAverage", "seed_everything",
+           "check_tile", "check_package_tiling", "import_torch"]

@@ -199,8 +199,8 @@ def image_data(image_path, labels, class_names, bands, band_names, seed, val_fra
     scale_image(data, valid, scaling)
     gsd = pixel_size_metres(crs, transform, w, h)
 
-    if val_side == AUTO_SIDE:
-        val_side = representative_side(lab, val_fraction, k, IGNORE) if 0 < (val_fraction or 0) < 0.9 else "bottom"
+    if val_side == AUTO_SIDE and val_fraction and 0 < val_fraction < 0.9:  # else validation_split says why
+        val_side = representative_side(lab, val_fraction, k, IGNORE)
         log(f"Validation strip: the {val_side} {val_fraction:.0%} of the image (the edge strip whose classes are "
             "closest to the whole image's)")
     train_win, val_win = validation_split(w, h, val_fraction, val_side)
@@ -298,7 +298,8 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
     band). ``image_path`` may also be a chip folder of :func:`.chips.export_training_data` (task
     segmentation), trained and validated as split there. ``val_fraction`` of the image along ``val_side``
     is held out for validation ("auto": the edge strip whose classes are closest to the whole image's,
-    :func:`.data.representative_side`; or bottom, top, left, right). ``builder``: default :data:`.builders.DEFAULT_BUILDERS` (a light U-Net).
+    :func:`.data.representative_side`; or bottom, top, left, right). ``builder``: default
+    :data:`.builders.DEFAULT_BUILDERS` (a light U-Net).
     ``augment`` (:mod:`.augment`): ``flip``, ``rotate`` (on by default) and the photometric jitter of the
     crops (scaled values): ``brightness`` (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma``
     (log exponent, 0.25) and ``noise`` (max Gaussian sigma, 0.03); crops are always rescaled by a random
