@@ -31,6 +31,7 @@ def main(out=os.path.join(ROOT, "docs", "demo.png")):
     job.waitForFinished()
     job.renderedImage().save(out, "PNG")
     print(f"wrote {out}")
+    del job, settings, polys, classes, sample  # before exitQgis: layers freed after it crash QGIS 3.22 at exit
     app.exitQgis()
 
 
