@@ -367,8 +367,9 @@ def add_cluster(alg):
     integer = QgsProcessingParameterNumber.Integer
     add(alg, QgsProcessingParameterNumber(CLUSTER_BLOCK, "Cluster block size (px)", integer, DEFAULT_CLUSTER_BLOCK,
                                           optional=True, minValue=256),
-        {CLUSTER_BLOCK: "With CLUSTER: the raster is cut into blocks of about this many pixels a side, one Dask task "
-                        "each (each also runs the tiles on its borders)."}, advanced=True)
+        {CLUSTER_BLOCK: "With CLUSTER: the raster is cut into blocks of about this many pixels a side (whole rows of "
+                        "tiles for segmentation, change and raster outputs), one Dask task each; every tile runs "
+                        "once."}, advanced=True)
 
 
 def read_cluster(alg, parameters, context):

@@ -111,3 +111,39 @@ def test_blender_hands_finished_rows_in_column_chunks_equal_to_one_block():
         np.testing.assert_array_equal(np.concatenate([g[2] for g in got], axis=2), probs)
         np.testing.assert_array_equal(np.concatenate([g[3] for g in got], axis=1), wsum)
     assert not parts.finish_each(h, take)
+
+
+@pytest.mark.parametrize("height,tile,overlap,width,band,size", [
+    (8192, 512, 64, 8192, 8192, 4096), (8192, 512, 64, 8192, 8192, 2048), (900, 128, 32, 600, 256, 200),
+    (900, 128, 32, 600, 8192, 64), (1000, 128, 96, 300, 8192, 128), (700, 256, 16, 900, 512, 10000),
+    (100, 128, 32, 100, 8192, 64)])
+def test_row_blocks_run_each_tile_once_and_share_rows_with_their_neighbours_only(height, tile, overlap, width, band,
+                                                                                size):
+    """The blocks of a blended cluster run (TileGrid.row_blocks): in each column band, every tile row in one block;
+    the rows a block finishes alone and the rows two blocks share cut the band's rows once, and no tile of any
+    other block reaches the shared rows (so that joining the two blocks gives the one-process sums)."""
+    grid = TileGrid(0, 0, width, height, tile, overlap)
+    bands = column_bands(0, width, band)
+    blocks = grid.row_blocks(bands, size)
+    assert sorted({b[:2] for b in blocks}) == bands
+    for bx0, bx1 in bands:
+        mine = [b for b in blocks if b[:2] == (bx0, bx1)]
+        assert [r for b in mine for r in range(b[2], b[3])] == list(range(len(grid.ys)))  # each row once, in order
+        rows = np.zeros(height, dtype=int)
+        for i, (_, _, first, end) in enumerate(mine):
+            top, bottom = grid.block_rows(first, end)
+            assert grid.block_window(mine[i]) == (bx0, top, bx1, bottom)
+            rows[top:bottom] += 1
+            for y in grid.ys[:first] + grid.ys[end:]:  # no other block's tile meets the rows it finishes alone
+                assert y + tile <= top or y >= bottom
+            if end < len(grid.ys):  # the rows shared with the next block: tiles of these two blocks only
+                shared = (bottom, min(height, grid.ys[end - 1] + tile))
+                rows[shared[0]:shared[1]] += 1
+                nxt = mine[i + 1]
+                assert grid.block_rows(nxt[2], nxt[3])[0] == shared[1]
+                for j, y in enumerate(grid.ys):
+                    if y < shared[1] and y + tile > shared[0]:
+                        assert first <= j < nxt[3]
+        assert (rows == 1).all()
+    if size >= height:
+        assert len(blocks) == len(bands)  # one block per band when it is large enough

@@ -3,7 +3,10 @@
 Uses tools/bench.py's raster (``make_raster``: 8192 x 8192 RGB by default, ``--size`` for another) and model
 (``bench_package``: the demo's U-Net, 512-px tiles, 64-px overlap, random weights). Each run is a fresh process
 (the client), timed end to end (cluster start-up, model shipping and the writing of the class and confidence
-rasters included), on the CPU. Prints one JSON line:
+rasters included), on the CPU. Every mode runs BENCH_RUNS times (default 3), the modes interleaved round by round;
+the figures are the medians (the seconds of every run in ``runs_s``, and the ratios of each round in
+``overhead_1_rounds`` and ``scaling_2_rounds``: one run's time varies by 10-15 % on this shared machine). Prints
+one JSON line:
 
   single_s           today's run in one process (on all cores; onnxruntime from the ONNX cache, as the engine runs the
                      package by default on the CPU, or torch with RS_DEEP_ONNX_CACHE=0)
@@ -14,7 +17,7 @@ rasters included), on the CPU. Prints one JSON line:
   scaling_2          local1_s / local2_s (2 workers over 1, one thread each)
   overhead_1         single_s / local1_allcores_s (both on every core); overhead_1_same_threads:
                      single_1thread_s / local1_s (both on one thread)
-  client_peak_rss_mib  peak RSS of each client process (the workers are other processes)
+  client_peak_rss_mib  peak RSS of each client process, the largest of its runs (the workers are other processes)
   equal_classes      each cluster run's class raster equals the single-process run's on one thread, as the
                      workers (single_1thread), pixel for pixel; confidence_max_diff: the largest difference of the
                      confidence rasters (Byte, probability x 255)
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -90,23 +94,33 @@ def main():
     env = dict(os.environ)
     env.setdefault("GDAL_CACHEMAX", "64")  # as tools/bench.py: GDAL's cache would hide the engine's memory
     env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
-    runs = {}
+    runs, times = {}, {m: [] for m in MODES}
     load_start = round(os.getloadavg()[0], 2)
-    for mode in MODES:
-        prefix = os.path.join(OUT, f"dask_{args.size}_{mode.replace(':', '')}")
-        proc = subprocess.run([sys.executable, __file__, "--block", str(args.block), "--child", mode, raster, prefix],
-                              check=True, capture_output=True, text=True, env=dict(env, **MODE_ENV.get(mode, {})))
-        runs[mode] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), prefix=prefix)
+    rounds = max(1, int(os.environ.get("BENCH_RUNS", "3")))
+    for r in range(rounds):
+        for mode in MODES:
+            prefix = os.path.join(OUT, f"dask_{args.size}_{mode.replace(':', '')}")
+            proc = subprocess.run([sys.executable, __file__, "--block", str(args.block), "--child", mode, raster,
+                                   prefix], check=True, capture_output=True, text=True,
+                                  env=dict(env, **MODE_ENV.get(mode, {})))
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            times[mode].append(got["seconds"])
+            rss = max(got["rss_mib"], runs.get(mode, {}).get("rss_mib", 0))
+            runs[mode] = dict(got, prefix=prefix, rss_mib=rss)
+            print(f"round {r + 1}/{rounds} {mode}: {got['seconds']} s", file=sys.stderr, flush=True)
     same_threads = {m: compare(runs["single_1thread"]["prefix"], runs[m]["prefix"]) for m in MODES[2:]}
     vs_single = {m: compare(runs["single"]["prefix"], runs[m]["prefix"])[0] for m in MODES[1:]}
-    s = {m: runs[m]["seconds"] for m in MODES}
+    s = {m: statistics.median(times[m]) for m in MODES}
     print(json.dumps({
         "size": args.size, "block": args.block, "cpu_count": os.cpu_count(), "load_avg_start": load_start,
-        "single_s": s["single"], "single_1thread_s": s["single_1thread"], "local1_s": s["local:1"],
+        "runs": rounds, "single_s": s["single"], "single_1thread_s": s["single_1thread"], "local1_s": s["local:1"],
         "local2_s": s["local:2"], "scaling_2": round(s["local:1"] / s["local:2"], 3),
         "local1_allcores_s": s["local:1-allcores"],
         "overhead_1": round(s["single"] / s["local:1-allcores"], 3),
         "overhead_1_same_threads": round(s["single_1thread"] / s["local:1"], 3),
+        "overhead_1_rounds": [round(a / b, 3) for a, b in zip(times["single"], times["local:1-allcores"])],
+        "scaling_2_rounds": [round(a / b, 3) for a, b in zip(times["local:1"], times["local:2"])],
+        "runs_s": times,
         "tiles": runs["single"]["tiles"], "tiles_run_cluster": runs["local:2"]["tiles_run"],
         "client_peak_rss_mib": {m: runs[m]["rss_mib"] for m in MODES},
         "equal_classes": {m: same_threads[m][0] == 0 for m in MODES[2:]},

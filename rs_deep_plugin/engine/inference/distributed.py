@@ -4,13 +4,17 @@
 LocalCluster of N worker processes on this machine (the cores shared between them: :func:`local_threads`). Dask is
 imported here only, and only when a run asks for a cluster.
 
-* The raster is cut into blocks on the run's own global tile grid (:meth:`.tiling.TileGrid.blocks`). Each task
-  opens the input itself (any path GDAL opens: the workers must reach it), runs every tile that meets its block,
-  with the weights and in the order of the single-process run, and returns its block's finished pixels
-  (:func:`.segment.segment_block`; regression and super-resolution: :func:`.predict.predict_block_task`, both
-  blended by :func:`.segment.blend_block`), or what its tiles find (boxes: :func:`.detect.tile_detections`;
-  polygons: :func:`.instances.tile_instances`), or the classes of its patches; no raster data leaves the client. The client writes and commits the outputs as a run in one
-  process does, so the results are the same.
+* The raster is cut into blocks on the run's own global tile grid. Each task opens the input itself (any path GDAL
+  opens: the workers must reach it) and runs its tiles with the weights and in the order of the single-process run;
+  no raster data leaves the client. Blended tasks (:func:`.segment.segment_block`; regression and super-resolution:
+  :func:`.predict.predict_block_task`, both blended by :func:`.segment.blend_block`) get whole tile rows of the
+  single-process run's column bands (:meth:`.tiling.TileGrid.row_blocks`), so that each tile runs once: a block
+  returns the pixels it finishes alone, and the rows it shares with the blocks above and below (the overlap of two
+  tile rows) are joined by the client (:class:`.segment.SeamJoiner`) in the single-process order, bit for bit.
+  Detection, instance and patch blocks (:meth:`.tiling.TileGrid.blocks`) return what their tiles find (boxes:
+  :func:`.detect.tile_detections`; polygons: :func:`.instances.tile_instances`) or the classes of their patches,
+  merged by the client as in one process. The client writes and commits the outputs as a run in one process does, so the
+  results are the same.
 * The model travels once as the bytes of its package (scattered to every worker), never as a pickled network;
   each worker loads it once, on its own device (a GPU worker uses its GPU).
 * A worker that dies is replaced and its block run again by Dask; a block that fails fails the run, naming its

@@ -13,7 +13,8 @@ no valid pixel was read.
   values rounded and clipped to the type's range, 0 kept for nodata).
 
 On a Dask cluster (``cluster``, :mod:`.distributed`) each worker blends a block of the same tile grid
-(:func:`.segment.blend_block`) and returns its finished values (the weighted sums divided by their weights); the
+(:func:`.segment.blend_block`, each tile run once) and returns its finished values (the weighted sums divided by
+their weights; the rows two blocks share are joined here, :class:`.segment.SeamJoiner`); the
 value scale and offset, the statistics, nodata and the data type are applied here, as in one process: the same
 values.
 """
@@ -29,7 +30,7 @@ from ..geo.raster import RasterReader
 from ..geo.writer import AtomicFile, BackgroundWriter, GeoTiffWriter, check_writable
 from ..tasks import RASTER_TASKS
 from .pipeline import abandon, end_run, mask_index, open_device, open_region, resolve_options, start_run
-from .segment import blend_block, blend_tiles, plan_tiles
+from .segment import SeamJoiner, blend_block, blend_tiles, plan_tiles
 from .tiling import TileGrid, column_bands
 
 #: nodata of float32 outputs: the lowest float32 (a regression value may be negative, 0 or -1)
@@ -73,15 +74,16 @@ def finished_values(values, wsum):
 
 def predict_block_task(reader, runner, job, i, bs):
     """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`.segment.blend_block`
-    with its finished values: ``([(x, y, values [K, h, w], valid [h, w])], tiles run)``, in output pixels."""
+    with its finished values: ``(i, [(x, y, values [K, h, w], valid [h, w])], tiles run, seam)``, in output pixels
+    (the seam: the rows shared with the blocks above and below, for :class:`.segment.SeamJoiner`)."""
     chunks = []
 
     def take(y, x, values, wsum):
         chunks.append((x, y, values, finished_values(values, wsum)))
 
-    run = blend_block(reader, runner, job["grid"], job["windows"][i], mask_index(job["mask"]), bs, job["channels"],
-                      take, scale=job["scale"])
-    return chunks, run
+    run, seam = blend_block(reader, runner, job["grid"], job["blocks"][i], mask_index(job["mask"]), bs,
+                            job["channels"], take, scale=job["scale"])
+    return i, chunks, run, seam
 
 
 def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask_geometries=None, tile_size=None,
@@ -168,17 +170,22 @@ def predict_raster(input_path, package, output, *, bands=None, bounds=None, mask
         if cluster:
             from .distributed import run_blocks
             side = max(1, int(block_size) // s)  # a block's output is about block_size px a side
-            blocks = grid.blocks(side)
+            blocks = grid.row_blocks(bands_cols, side)
             prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), "
-                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of up to {side} px on "
-                         f"{cluster}; {what}")
+                         f"overlap {reader.native_overlap} px, in {len(blocks)} blocks of about {side} x {side} px "
+                         f"on {cluster}; {what}")
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
                        device=device, batch_size=batch_size, tta="none", mask=mask_geometries, grid=grid,
-                       channels=k, scale=s, windows=blocks, run=predict_block_task, kind="dense")
-            for chunks, run in run_blocks(cluster, pkg, job, prog, log):
+                       channels=k, scale=s, blocks=blocks, windows=[grid.block_window(b) for b in blocks],
+                       run=predict_block_task, kind="dense")
+            seams = SeamJoiner(blocks, lambda y, values, wsum, x: write_values(
+                y, x, values, finished_values(values, wsum)), scale=s)
+            for i, chunks, run, seam in run_blocks(cluster, pkg, job, prog, log):
                 for x, y, values, valid in chunks:
                     write_values(y, x, values, valid)
                 result.tiles_run += run
+                seams.add(i, seam)
+            seams.close()
         else:
             prog.message(f"{len(seq)} tiles of {reader.native_tile} px ({reader.tile} px at the model's GSD), "
                          f"overlap {reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s); {what}")

@@ -243,45 +243,109 @@ def finish_rows(probs, wsum, spans, thr, k, skip, keep):
 
 
 def blend_block(reader, runner, grid, block, mask, bs, channels, take, check=lambda: None, scale=1):
-    """Run and blend the tiles of one block (bx0, by0, bx1, by1) of ``grid`` alone (a worker of :mod:`.distributed`):
-    every tile of the grid that meets the block is run and blended in the order, and with the weights, of
-    :func:`blend_tiles`, so its values are those of one run over the whole raster. ``take(y, x, values [K, h, w],
-    wsum [h, w])`` gets the block's finished rows (weighted sums and their weights, its own copies, column chunk by
-    column chunk; the rows above the block, its halo, are another block's) in output pixels: ``scale`` times finer
-    than the raster's (super-resolution). Returns the number of tiles run."""
-    bx0, by0, bx1, by1 = block
+    """Run and blend the tiles of one block ``(bx0, bx1, first, end)`` of ``grid`` (:meth:`.tiling.TileGrid.row_blocks`:
+    the tile rows ``grid.ys[first:end]`` of the column band [bx0, bx1)) alone, on a worker of :mod:`.distributed`:
+    each tile is run once in the whole run, and blended in the order, and with the weights, of :func:`blend_tiles`.
+
+    ``take(y, x, values [K, h, w], wsum [h, w])`` gets the rows that the block finishes alone
+    (:meth:`.tiling.TileGrid.block_rows`; weighted sums and their weights, its own copies, column chunk by column
+    chunk) in output pixels: ``scale`` times finer than the raster's (super-resolution). The rows it shares with the
+    blocks above and below are returned as a :class:`Seam` for :class:`SeamJoiner`. Returns (tiles run, seam)."""
+    bx0, bx1, first, last = block
     n, s = grid.tile, int(scale)
     out_n = n * s
-    xs, ys = grid.columns_for(bx0, bx1), grid.rows_for(by0, by1)
+    xs, ys = grid.columns_for(bx0, bx1), grid.ys[first:last]
+    top, bottom = grid.block_rows(first, last)
     weights = blend_weights(out_n, grid.overlap * s)
-    blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, ys[0] * s, by1 * s, out_n, channels)
-    top = by0 * s
+    blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, ys[0] * s, grid.y1 * s, out_n, channels)
+    seam = Seam(ax0=xs[0] * s)
     run = 0
 
     def in_block(y, x, values, wsum):
-        if y + wsum.shape[0] > top:
-            cut = max(0, top - y)
+        if y + wsum.shape[0] > top * s:
+            cut = max(0, top * s - y)
             take(y + cut, x, values[:, cut:], wsum[cut:])
 
     seq = [(x, y, i == len(xs) - 1) for y in ys for i, x in enumerate(xs)]
     for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check, s):
         for (x, y, end_row), p, valid in batch:
             if p is not None:
-                blender.add(x * s, y * s, p, weights * valid)
+                w = weights * valid
+                if y < top:  # its top rows are shared with the block above: its weighted values go to the join
+                    h = (top - y) * s
+                    part = np.empty((p.shape[0], h, out_n), dtype=np.float32)
+                    np.multiply(p[:, :h], w[:h], out=part)  # as StripBlender.add weights it
+                    seam.head.append((x * s, y * s, part, w[:h].copy()))
+                blender.add(x * s, y * s, p, w)
                 run += 1
             if end_row:
                 nxt = [yy for yy in grid.ys if yy > y]
-                blender.finish_each((nxt[0] if nxt else by1) * s, in_block)
-    blender.finish_each(by1 * s, in_block)
-    return run
+                blender.finish_each(min(nxt[0] if nxt else grid.y1, bottom) * s, in_block)
+    blender.finish_each(bottom * s, in_block)
+    if last < len(grid.ys):  # the rows shared with the block below: the weighted sums of this block's tiles
+        rows = (min(grid.y1, grid.ys[last - 1] + n) - bottom) * s
+        seam.tail = (bottom * s, blender.acc[:, :rows].copy(), blender.wsum[:rows].copy())
+    return run, seam
+
+
+@dataclass
+class Seam:
+    """What a block of a blended cluster run (:func:`blend_block`) shares with its neighbours in its column band, in
+    output pixels: ``head``, the weighted values ``[(x, y, values [K, h, n], weights [h, n])]`` of its tiles on the
+    rows it shares with the block above (in the order they were added); ``tail``, ``(y, sums [K, h, w], weights
+    [h, w])``: its weighted sums on the rows it shares with the block below, from column ``ax0``."""
+    ax0: int = 0
+    head: list = field(default_factory=list)
+    tail: tuple = None
+
+
+class SeamJoiner:
+    """The client's half of a blended cluster run: finishes the rows that two blocks of a column band share (their
+    tile rows' overlap) once both blocks are in. The block above's sums get the block below's weighted tiles added
+    in the order of a run in one process (tile row by tile row, left to right), so the rows are the same, bit for
+    bit; ``take(y, values [K, h, w], wsum [h, w], x)`` as :func:`blend_tiles`'s ``write_rows``."""
+
+    def __init__(self, blocks, take, scale=1):
+        self.blocks, self.take, self.s = blocks, take, int(scale)
+        self.parts = {}  # (band's x, first tile row of the block below) -> {"above": Seam, "below": Seam}
+
+    def add(self, i, seam):
+        bx0, bx1, first, last = self.blocks[i]
+        if seam.tail is not None:
+            self._put((bx0, bx1, last), "above", seam)
+        if first > 0:
+            self._put((bx0, bx1, first), "below", seam)
+
+    def _put(self, key, side, seam):
+        got = self.parts.setdefault(key, {})
+        got[side] = seam
+        if len(got) == 2:
+            del self.parts[key]
+            self._join(key[0] * self.s, key[1] * self.s, got["above"], got["below"])
+
+    def _join(self, bx0, bx1, above, below):
+        y, sums, wsum = above.tail
+        for x, ty, values, weights in below.head:
+            r, c = ty - y, x - above.ax0
+            sums[:, r:r + values.shape[1], c:c + values.shape[2]] += values
+            wsum[r:r + values.shape[1], c:c + values.shape[2]] += weights
+        for a in range(bx0 - above.ax0, bx1 - above.ax0, FINISH_COLUMNS):
+            b = min(bx1 - above.ax0, a + FINISH_COLUMNS)
+            self.take(y, sums[:, :, a:b].copy(), wsum[:, a:b].copy(), above.ax0 + a)
+
+    def close(self):
+        """Every shared row was joined (a block missing would leave rows unwritten)."""
+        if self.parts:
+            raise RuntimeError(f"rows shared by blocks were not joined: {sorted(self.parts)}")
 
 
 def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep, check=lambda: None):
-    """The finished outputs of one block (bx0, by0, bx1, by1) of ``grid``, computed alone (a worker of
-    :mod:`.distributed`): :func:`blend_block`, its rows classified by :func:`finish_rows`, so its pixels are those of
-    one run over the whole raster.
+    """The finished outputs of one block ``(bx0, bx1, first, end)`` of ``grid`` (:meth:`.tiling.TileGrid.row_blocks`),
+    computed alone (a worker of :mod:`.distributed`): :func:`blend_block`, its rows classified by :func:`finish_rows`,
+    so its pixels are those of one run over the whole raster.
 
-    Returns ``([(x, y, outputs)], pixels per class, tiles run)`` (outputs: :func:`finish_rows`'s)."""
+    Returns ``([(x, y, outputs)], pixels per class, tiles run, seam)`` (outputs: :func:`finish_rows`'s; the seam:
+    the rows shared with the blocks above and below, for :class:`SeamJoiner`)."""
     k = spans[-1][0] + spans[-1][1]
     chunks, counts = [], np.zeros(k, dtype=np.int64)
 
@@ -290,14 +354,14 @@ def segment_block(reader, runner, grid, block, mask, bs, spans, thr, skip, keep,
         counts[:] += c
         chunks.append((x, y, res))
 
-    run = blend_block(reader, runner, grid, block, mask, bs, k, take, check)
-    return chunks, counts, run
+    run, seam = blend_block(reader, runner, grid, block, mask, bs, k, take, check)
+    return chunks, counts, run, seam
 
 
 def segment_block_task(reader, runner, job, i, bs):
-    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`segment_block`."""
-    return segment_block(reader, runner, job["grid"], job["windows"][i], mask_index(job["mask"]), bs, job["spans"],
-                         job["thr"], job["skip"], job["keep"])
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): ``(i, segment_block(...))``."""
+    return i, segment_block(reader, runner, job["grid"], job["blocks"][i], mask_index(job["mask"]), bs, job["spans"],
+                            job["thr"], job["skip"], job["keep"])
 
 
 def argmax_max(probs):
@@ -466,17 +530,22 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
 
         if cluster:
             from .distributed import run_blocks
-            blocks = grid.blocks(block_size)
+            blocks = grid.row_blocks(bands_cols, block_size)
             prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
-                         f"{reader.native_overlap} px, in {len(blocks)} blocks of up to {block_size} px on {cluster}")
+                         f"{reader.native_overlap} px, in {len(blocks)} blocks of about {block_size} x {block_size} "
+                         f"px on {cluster}")
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(pkg_opts.tile_size, pkg_opts.overlap),
                        device=device, batch_size=batch_size, tta=tta, mask=mask_geometries, grid=grid, spans=spans,
-                       thr=thr, skip=skip, keep=tuple(writers), windows=blocks, run=segment_block_task, kind="dense")
-            for chunks, c, run in run_blocks(cluster, pkg, job, prog, log):
+                       thr=thr, skip=skip, keep=tuple(writers), blocks=blocks, run=segment_block_task, kind="dense",
+                       windows=[grid.block_window(b) for b in blocks])
+            seams = SeamJoiner(blocks, write_rows)
+            for i, (chunks, c, run, seam) in run_blocks(cluster, pkg, job, prog, log):
                 for x, y, outputs in chunks:
                     write(outputs, x, y, 0)
                 counts[:] += c
                 result.tiles_run += run
+                seams.add(i, seam)
+            seams.close()
         else:
             prog.message(f"{len(seq)} tiles of {n} px ({reader.tile} px at the model's GSD), overlap "
                          f"{reader.native_overlap} px, batch {bs}, {len(bands_cols)} column band(s)")

@@ -85,14 +85,51 @@ class TileGrid:
         return [y for y in self.ys if y < by1 and y + self.tile > by0]
 
     def blocks(self, size, align=256):
-        """Blocks of about ``size`` x ``size`` pixels that cut the region [(bx0, by0, bx1, by1)], row by row.
-
-        Every inner edge lies where one tile alone covers the pixels (at a multiple of ``align`` from the region's
-        origin where it can), so that two neighbouring blocks share one row or column of tiles, no more: a block
-        runs every tile that meets it (:meth:`columns_for`, :meth:`rows_for`)."""
+        """Blocks of about ``size`` x ``size`` pixels that cut the region [(bx0, by0, bx1, by1)], row by row, for the
+        cluster runs that keep what each tile finds (detection, instances: :func:`tiles_by_block`; blended runs use
+        :meth:`row_blocks`). Every inner edge lies where one tile alone covers the pixels (at a multiple of
+        ``align`` from the region's origin where it can)."""
         cols = block_edges(self.xs, self.tile, self.x0, self.x1, size, align)
         rows = block_edges(self.ys, self.tile, self.y0, self.y1, size, align)
         return [(a, c, b, d) for c, d in zip(rows[:-1], rows[1:]) for a, b in zip(cols[:-1], cols[1:])]
+
+    def row_blocks(self, bands_cols, size):
+        """Blocks of a blended run on a cluster, each tile run once: ``[(bx0, bx1, first, end)]``, the column bands
+        ``bands_cols`` of the run in one process (:func:`column_bands`) cut into runs of whole tile rows
+        ``self.ys[first:end]`` of about ``size`` x ``size`` px.
+
+        A block finishes the rows from the end of the rows above it (the bottom of the tiles of ``first - 1``) to
+        the start of its last row's successor (:meth:`block_rows`); the rows in between two blocks (the overlap of
+        their tile rows) are joined from both (:class:`.segment.SeamJoiner`). Each cut is placed so that no tile of a
+        third block reaches those rows: a block ends no earlier than the bottom of the tiles of the block above."""
+        ys, n = self.ys, self.tile
+        stride = max(1, ys[1] - ys[0]) if len(ys) > 1 else n
+        out = []
+        for bx0, bx1 in bands_cols:
+            per = max(1, int(round(size * size / max(1, bx1 - bx0) / stride)))  # tile rows of a block
+            first = 0
+            while first < len(ys):
+                end = min(len(ys), first + per)
+                while end < len(ys) and first > 0 and ys[end] < ys[first - 1] + n:
+                    end += 1  # the rows shared with the block above would meet those shared with the next one
+                if len(ys) - end < max(1, per // 2):
+                    end = len(ys)  # no sliver of a block at the end
+                out.append((bx0, bx1, first, end))
+                first = end
+        return out
+
+    def block_rows(self, first, end):
+        """(top, bottom): the rows [top, bottom) that a block of tile rows ``self.ys[first:end]`` finishes alone
+        (:meth:`row_blocks`): below every tile of the rows above it, above every tile of the rows below it."""
+        top = self.ys[first - 1] + self.tile if first > 0 else self.y0
+        bottom = self.ys[end] if end < len(self.ys) else self.y1
+        return top, bottom
+
+    def block_window(self, block):
+        """(bx0, top, bx1, bottom): the pixels that a block of :meth:`row_blocks` finishes alone."""
+        bx0, bx1, first, end = block
+        top, bottom = self.block_rows(first, end)
+        return bx0, top, bx1, bottom
 
 
 def tiles_by_block(blocks, tiles):
