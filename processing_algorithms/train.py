@@ -16,7 +16,7 @@ from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_d
 from .labels import label_colors, map_classes, map_multilabel_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
-from .params import resolve_model_path
+from .params import number_or, resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES, default_encoder)
 from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
@@ -311,27 +311,22 @@ class TrainAlgorithm(RSDeepAlgorithm):
         given = (self.parameterAsString(parameters, self.ENCODER, context) or "").strip()
         encoder = given or default_encoder(task)
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
-        budget = self.parameterAsDouble(parameters, self.TIME_BUDGET, context) \
-            if parameters.get(self.TIME_BUDGET) not in (None, "") else TIME_BUDGET_DEFAULT
+        budget = number_or(self, parameters, self.TIME_BUDGET, context, TIME_BUDGET_DEFAULT)
         defaults = TOOLBOX_DEFAULTS[task]
         batch = self.parameterAsInt(parameters, self.BATCH_SIZE, context) or defaults["batch_size"]
-        lr = (self.parameterAsDouble(parameters, self.LEARNING_RATE, context)
-              if parameters.get(self.LEARNING_RATE) not in (None, "") else 0) or defaults["lr"]
+        lr = number_or(self, parameters, self.LEARNING_RATE, context, 0) or defaults["lr"]
         tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or defaults["tile_size"]
         steps = self.parameterAsInt(parameters, self.STEPS_PER_EPOCH, context) or None
-        val = self.parameterAsDouble(parameters, self.VALIDATION, context) \
-            if parameters.get(self.VALIDATION) not in (None, "") else 0.2
+        val = number_or(self, parameters, self.VALIDATION, context, 0.2)
         device = self.parameterAsEnumName(parameters, self.DEVICE, context)
         chosen = self.parameterAsEnumNames(parameters, self.AUGMENT, context) \
             if parameters.get(self.AUGMENT) is not None else AUGMENT_NAMES
         augment = {"flip": "flips" in chosen, "rotate": "rotations" in chosen}
         if "brightness" not in chosen:
             augment.update(brightness=0.0, contrast=0.0, gamma=0.0, noise=0.0)
-        patience = self.parameterAsInt(parameters, self.PATIENCE, context) \
-            if parameters.get(self.PATIENCE) not in (None, "") else PATIENCE_DEFAULT
-        ema = self.parameterAsDouble(parameters, self.EMA, context) \
-            if parameters.get(self.EMA) not in (None, "") else EMA_DECAY
-        seed = self.parameterAsInt(parameters, self.SEED, context) if parameters.get(self.SEED) not in (None, "") else 0
+        patience = number_or(self, parameters, self.PATIENCE, context, PATIENCE_DEFAULT, integer=True)
+        ema = number_or(self, parameters, self.EMA, context, EMA_DECAY)
+        seed = number_or(self, parameters, self.SEED, context, 0, integer=True)
         out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not out_dir:
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
@@ -388,10 +383,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         """INIT_FROM, ENCODER_WEIGHTS, FREEZE_ENCODER and ENCODER_LR as the engine's run settings."""
         init_from = (self.parameterAsFile(parameters, self.INIT_FROM, context) or "").strip()
         weights = (self.parameterAsFile(parameters, self.ENCODER_WEIGHTS, context) or "").strip()
-        freeze = self.parameterAsInt(parameters, self.FREEZE_ENCODER, context) \
-            if parameters.get(self.FREEZE_ENCODER) not in (None, "") else 0
-        factor = self.parameterAsDouble(parameters, self.ENCODER_LR, context) \
-            if parameters.get(self.ENCODER_LR) not in (None, "") else 1.0
+        freeze = number_or(self, parameters, self.FREEZE_ENCODER, context, 0, integer=True)
+        factor = number_or(self, parameters, self.ENCODER_LR, context, 1.0)
         return {"init_from": resolve_model_path(init_from) or None, "encoder_weights": weights or None,
                 "freeze_encoder_epochs": freeze, "encoder_lr_factor": factor}
 
@@ -454,8 +447,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                           common, callbacks)
         if task == SUPER_RESOLUTION.name:
             from ..rs_deep_plugin.engine.training.superres import train_super_resolution
-            scale = self.parameterAsInt(parameters, self.SCALE, context) \
-                if parameters.get(self.SCALE) not in (None, "") else 2
+            scale = number_or(self, parameters, self.SCALE, context, 2, integer=True)
             common = dict(common, description=f"Trained by RS Deep on {os.path.basename(image)} (self-supervised, "
                                               f"x{scale})")
             return train_super_resolution(image, out_dir, scale=scale, builder=builder, tile_size=tile,
@@ -521,8 +513,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         if self.parameterAsBool(parameters, self.MULTI_LABEL, context):
             from ..rs_deep_plugin.engine.training.multilabel import train_multilabel_patches
             class_names, labels = map_multilabel_classes(pairs, field, layer_name)
-            cover = self.parameterAsDouble(parameters, self.LABEL_COVER, context) \
-                if parameters.get(self.LABEL_COVER) not in (None, "") else COVER_DEFAULT
+            cover = number_or(self, parameters, self.LABEL_COVER, context, COVER_DEFAULT)
             feedback.pushInfo("Multi-label classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names))
                               + f"; a patch's labels: the classes covering at least {cover:g} of it")
             return train_multilabel_patches(image, labels, out_dir, class_names=class_names,

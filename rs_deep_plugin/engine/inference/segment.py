@@ -57,6 +57,12 @@ class SegmentationResult:
 FINISH_COLUMNS = 1024
 
 
+def column_chunks(c0, c1, columns=FINISH_COLUMNS):
+    """[(a, b)]: columns [c0, c1) in chunks of at most ``columns`` (None: one chunk)."""
+    step = columns or max(1, c1 - c0)
+    return [(a, min(c1, a + step)) for a in range(c0, c1, step)]
+
+
 class StripBlender:
     """Accumulates weighted probabilities for one column band; emits finished rows."""
 
@@ -96,10 +102,7 @@ class StripBlender:
         rows = upto - self.base
         if rows <= 0:
             return False
-        c0, c1 = self.bx0 - self.ax0, self.bx1 - self.ax0
-        step = columns or (c1 - c0)
-        for a in range(c0, c1, step):
-            b = min(c1, a + step)
+        for a, b in column_chunks(self.bx0 - self.ax0, self.bx1 - self.ax0, columns):
             take(self.base, self.ax0 + a, self.acc[:, :rows, a:b].copy(), self.wsum[:rows, a:b].copy())
         keep = self.h - rows
         for a in self.acc:  # channel by channel: numpy copies the whole source of overlapping 3-D slices first
@@ -307,7 +310,7 @@ class SeamJoiner:
 
     def __init__(self, blocks, take, scale=1):
         self.blocks, self.take, self.s = blocks, take, int(scale)
-        self.parts = {}  # (band's x, first tile row of the block below) -> {"above": Seam, "below": Seam}
+        self.parts = {}  # (band's bx0, bx1, first tile row of the block below) -> {"above": ..., "below": ...}
 
     def add(self, i, seam):
         bx0, bx1, first, last = self.blocks[i]
@@ -329,8 +332,7 @@ class SeamJoiner:
             r, c = ty - y, x - above.ax0
             sums[:, r:r + values.shape[1], c:c + values.shape[2]] += values
             wsum[r:r + values.shape[1], c:c + values.shape[2]] += weights
-        for a in range(bx0 - above.ax0, bx1 - above.ax0, FINISH_COLUMNS):
-            b = min(bx1 - above.ax0, a + FINISH_COLUMNS)
+        for a, b in column_chunks(bx0 - above.ax0, bx1 - above.ax0):
             self.take(y, sums[:, :, a:b].copy(), wsum[:, a:b].copy(), above.ax0 + a)
 
     def close(self):

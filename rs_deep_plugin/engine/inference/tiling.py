@@ -103,7 +103,7 @@ class TileGrid:
         their tile rows) are joined from both (:class:`.segment.SeamJoiner`). Each cut is placed so that no tile of a
         third block reaches those rows: a block ends no earlier than the bottom of the tiles of the block above."""
         ys, n = self.ys, self.tile
-        stride = max(1, ys[1] - ys[0]) if len(ys) > 1 else n
+        stride = max(1, n - self.overlap)  # as the grid's rows were laid out
         out = []
         for bx0, bx1 in bands_cols:
             per = max(1, int(round(size * size / max(1, bx1 - bx0) / stride)))  # tile rows of a block
