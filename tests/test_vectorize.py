@@ -73,3 +73,35 @@ def test_command_line_with_terminal_progress(rgb_package, rgb_raster, tmp_path, 
     assert fc["crs"]["properties"]["name"] == "EPSG:32618"
     assert all(f["properties"]["class_name"] == "building" for f in fc["features"])
     assert main(["segment", str(rgb_raster), "/nope", str(tmp_path / "x.tif")]) == 2
+
+
+def test_polygons_and_means_equal_those_made_one_polygon_at_a_time(tmp_path):
+    """The array path (rings gathered from GDAL's polygoniser, polygons made, measured and burnt in whole arrays)
+    gives the polygons, areas and mean probabilities of shapely and rasterio called one polygon at a time, on a
+    class raster with thousands of patches, holes and patches inside holes."""
+    from rasterio.features import rasterize, shapes
+    from shapely.geometry import shape
+    rng = np.random.default_rng(7)
+    cls = (rng.random((300, 260)) < 0.45).astype(np.uint8)  # speckle: thousands of 4-connected patches
+    cls[100:200, 50:150] = 2
+    cls[120:180, 70:130] = 1    # a hole in the road patch...
+    cls[140:160, 90:110] = 2    # ...with an island in it
+    cls[0:3, 0:260] = 255       # nodata
+    conf = rng.integers(1, 256, cls.shape).astype(np.uint8)
+    conf[cls == 255] = 0
+    c = write_raster(tmp_path / "c.tif", cls, nodata=255)
+    k = write_raster(tmp_path / "k.tif", conf)
+    recs = vectorize(str(c), str(k), CLASSES, min_area_m2=0, block_rows=64)
+    with rasterio.open(c) as cds, rasterio.open(k) as kds:
+        ref = [(shape(g), int(v)) for g, v in shapes(cds.read(1), mask=kds.read(1) > 0, connectivity=4,
+                                                      transform=cds.transform)]
+        burn = rasterize(((p, i + 1) for i, (p, _) in enumerate(ref)), out_shape=cls.shape,
+                         transform=cds.transform, fill=0, dtype="int32")
+        pixel_area = abs(cds.transform.a * cds.transform.e)
+    assert len(ref) > 3000 and any(len(p.interiors) for p, _ in ref)
+    assert len(recs) == len(ref)
+    means = np.bincount(burn.ravel(), weights=conf.ravel().astype(np.float64)) / np.maximum(1, np.bincount(burn.ravel()))
+    for i, (r, (poly, value)) in enumerate(zip(recs, ref)):
+        assert r["geometry"].equals_exact(poly, 0) and r["class_id"] == value
+        assert r["area_m2"] == pytest.approx(poly.area) and r["area_m2"] >= pixel_area * 0.5
+        assert r["mean_probability"] == pytest.approx(means[i + 1] / 255)

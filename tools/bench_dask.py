@@ -27,7 +27,6 @@ one JSON line:
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build", "dev-plugins"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from bench import CACHE, OUT, bench_package, make_raster  # noqa: E402 (after the path set-up)
+from bench import CACHE, OUT, bench_package, make_raster, peak_rss_bytes, prepare  # noqa: E402 (after the path set-up)
 
 MODES = ("single", "single_1thread", "local:1", "local:2", "local:1-allcores")
 #: the client's environment per mode (the LocalCluster's workers inherit it)
@@ -58,7 +57,7 @@ def child(mode, raster, prefix, block):
     res = segment(raster, pkg, prefix + "_classes.tif", confidence=prefix + "_conf.tif", skip_classes=[0],
                   device="cpu", cluster=cluster, block_size=block)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_bytes() / 2**20
     print(json.dumps({"seconds": round(seconds, 2), "rss_mib": round(rss), "tiles": res.tiles,
                       "tiles_run": res.tiles_run}))
 
@@ -90,7 +89,7 @@ def main():
         return child(*args.child, args.block)
     os.makedirs(OUT, exist_ok=True)
     raster = make_raster(os.path.join(OUT, f"rgb_{args.size}.tif"), args.size)
-    bench_package()
+    prepare()
     env = dict(os.environ)
     env.setdefault("GDAL_CACHEMAX", "64")  # as tools/bench.py: GDAL's cache would hide the engine's memory
     env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
