@@ -100,7 +100,8 @@ def test_polygons_and_means_equal_those_made_one_polygon_at_a_time(tmp_path):
         pixel_area = abs(cds.transform.a * cds.transform.e)
     assert len(ref) > 3000 and any(len(p.interiors) for p, _ in ref)
     assert len(recs) == len(ref)
-    means = np.bincount(burn.ravel(), weights=conf.ravel().astype(np.float64)) / np.maximum(1, np.bincount(burn.ravel()))
+    counts = np.maximum(1, np.bincount(burn.ravel()))
+    means = np.bincount(burn.ravel(), weights=conf.ravel().astype(np.float64)) / counts
     for i, (r, (poly, value)) in enumerate(zip(recs, ref)):
         assert r["geometry"].equals_exact(poly, 0) and r["class_id"] == value
         assert r["area_m2"] == pytest.approx(poly.area) and r["area_m2"] >= pixel_area * 0.5

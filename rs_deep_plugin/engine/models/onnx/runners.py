@@ -41,7 +41,7 @@ class OnnxRunner:
             self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="rs_deep-onnx")
         self.input_name = pkg.input_name
         ort = require_onnxruntime()
-        self.run_options = (run_options(ort, shrink=False), run_options(ort))  # (most runs, every SHRINK_EVERY-th)
+        self.run_options = (run_options(ort, shrink=False), run_options(ort))  # (most runs, shrinking)
         self.runs = 0
 
     def __del__(self):
@@ -52,7 +52,7 @@ class OnnxRunner:
         """The session's raw outputs for ``batch``; with several lanes, its tiles split between the sessions, run at
         the same time (onnxruntime releases the GIL) and joined again."""
         self.runs += 1
-        ro = self.run_options[self.runs % SHRINK_EVERY == 0]
+        ro = self.run_options[self.runs == 1 or self.runs % SHRINK_EVERY == 0]
         try:
             n = len(self.sessions)
             if n == 1 or len(batch) == 1:
