@@ -19,8 +19,9 @@ def vectorize(class_path, confidence_path, classes, *, min_area_m2=0.0, simplify
     ``mean_probability``. ``simplify`` is a tolerance in map units (0 = none).
 
     GDAL's polygoniser gives the rings; shapely makes them into polygons, measures, filters and simplifies them in
-    whole arrays (:class:`PolygonRings`), and the mean probabilities are burnt from the same rings: no Python object
-    per polygon but the record returned (about 70 microseconds a polygon less than one shapely call at a time).
+    whole arrays (:class:`PolygonRings`), and the mean probabilities are burnt from the same rings. Only the records
+    returned are Python objects, one per polygon; making, measuring and burning each polygon through shapely's
+    object API cost about 70 microseconds a polygon (564,653 polygons: 41 s, now 10-12 s).
     """
     import rasterio
     import shapely
