@@ -44,6 +44,9 @@ OUT = os.path.join(ROOT, "build", "bench")
 DEMO = os.path.join(ROOT, "resources", "models", "buildings_demo")
 SAMPLE = os.path.join(ROOT, "resources", "sample", "atlanta_pan.tif")
 CACHE = os.path.join(OUT, "cache")  # RS_DEEP_CACHE_DIR of the measured runs (the ONNX cache), unless set
+PACKAGE = os.path.join(OUT, "bench_model")  # the bench's package (:func:`bench_package`)
+DEMO_ONNX = os.path.join(OUT, "buildings_demo.onnx")  # buildings_demo exported to ONNX (start-up figures)
+TINY = os.path.join(OUT, "atlanta_64.tif")  # the start-up raster
 
 
 def make_raster(path, size, block=512):
@@ -82,7 +85,7 @@ def make_raster(path, size, block=512):
 
 def bench_package():
     """The demo's architecture and tiling, with 3 input bands and fixed random weights."""
-    path = os.path.join(OUT, "bench_model")
+    path = PACKAGE
     if os.path.exists(os.path.join(path, "model.json")):
         return path
     import torch
@@ -111,13 +114,12 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def prepare():
-    """The bench's package, buildings_demo's ONNX export and the start-up raster, made in a process of their own
-    (``--prepare``): making them imports PyTorch, and the measured processes, forked from the bench's, would start
-    with its peak RSS as theirs."""
-    if not all(os.path.exists(p) for p in (os.path.join(OUT, "bench_model", "model.json"),
-                                           os.path.join(OUT, "buildings_demo.onnx"),
-                                           os.path.join(OUT, "atlanta_64.tif"))):
+def prepare(startup_files=False):
+    """The bench's package (and with ``startup_files`` buildings_demo's ONNX export and the start-up raster), made
+    by ``--prepare`` in a process of their own when missing: making them imports PyTorch, and the measured
+    processes, forked from the bench's, would start with its peak RSS as theirs."""
+    need = [os.path.join(PACKAGE, "model.json")] + ([DEMO_ONNX, TINY] if startup_files else [])
+    if not all(os.path.exists(p) for p in need):
         subprocess.run([sys.executable, __file__, "--prepare"], check=True)
 
 
@@ -213,9 +215,9 @@ def startup(runs=3):
     {startup_s, peak_rss_mib_tiny, startup_onnx_s, peak_rss_mib_tiny_onnx} (module docstring)."""
     from qgis_env import qgis_env, qgis_process_cmd
     os.makedirs(OUT, exist_ok=True)
-    prepare()
-    raster = tiny_raster(os.path.join(OUT, "atlanta_64.tif"))
-    models = {"": DEMO, "_onnx": demo_onnx(os.path.join(OUT, "buildings_demo.onnx"))}
+    prepare(startup_files=True)
+    raster = tiny_raster(TINY)
+    models = {"": DEMO, "_onnx": demo_onnx(DEMO_ONNX)}
     env = qgis_env()
     env.setdefault("GDAL_CACHEMAX", "64")
     env.setdefault("RS_DEEP_CACHE_DIR", CACHE)
@@ -266,8 +268,8 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--prepare":
         os.makedirs(OUT, exist_ok=True)
         bench_package()
-        demo_onnx(os.path.join(OUT, "buildings_demo.onnx"))
-        tiny_raster(os.path.join(OUT, "atlanta_64.tif"))
+        demo_onnx(DEMO_ONNX)
+        tiny_raster(TINY)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--startup":
         print(json.dumps(startup()))

@@ -75,9 +75,10 @@ def vectorize(class_path, confidence_path, classes, *, min_area_m2=0.0, simplify
     geoms = shapely.simplify(polys, simplify, preserve_topology=True) if simplify > 0 else polys
     empty = shapely.is_empty(geoms)
     means = np.divide(sums[1:], cnts[1:] * 255.0, out=np.zeros(len(polys)), where=cnts[1:] > 0)
-    out = [{"geometry": geoms[i], "class_id": int(ids[i]), "class_name": names.get(int(ids[i]), str(int(ids[i]))),
+    kept = np.flatnonzero(~empty)
+    out = [{"geometry": geoms[i], "class_id": cid, "class_name": names.get(cid, str(cid)),
             "area_m2": float(areas[i] * area_factor), "mean_probability": float(means[i]) if cnts[i + 1] else None}
-           for i in np.flatnonzero(~empty)]
+           for i, cid in zip(kept, ids[kept].tolist())]
     prog.update(1.0)
     return out
 

@@ -80,10 +80,6 @@ class TileGrid:
         """Tile x-starts whose span meets columns [bx0, bx1)."""
         return [x for x in self.xs if x < bx1 and x + self.tile > bx0]
 
-    def rows_for(self, by0, by1):
-        """Tile y-starts whose span meets rows [by0, by1)."""
-        return [y for y in self.ys if y < by1 and y + self.tile > by0]
-
     def blocks(self, size, align=256):
         """Blocks of about ``size`` x ``size`` pixels that cut the region [(bx0, by0, bx1, by1)], row by row, for the
         cluster runs that keep what each tile finds (detection, instances: :func:`tiles_by_block`; blended runs use
