@@ -45,6 +45,39 @@ def test_column_bands_are_aligned_and_partition_the_columns():
     assert column_bands(10, 300, 8192) == [(10, 300)]
 
 
+def blend(grid, bx0, bx1, tiles, columns=None, classes=2):
+    """Runs a StripBlender over the band [bx0, bx1) of ``grid`` with the tiles ``tiles(x, y)`` -> (values, weights)
+    or None (a tile without valid pixels), as the segmentation pipeline does; returns what it handed on
+    [(y, x, values, wsum)] (each chunk checked to be its own copy)."""
+    got = []
+
+    def take(y, x, values, wsum):
+        got.append((y, x, values.copy(), wsum.copy()))
+        values[:] = -1  # the chunk is the caller's own copy: changing it leaves the blender alone
+        wsum[:] = -1
+
+    xs, n = grid.columns_for(bx0, bx1), grid.tile
+    bl = StripBlender(xs[0], xs[-1] + n, bx0, bx1, n, classes, take, columns=columns)
+    for y, nxt in zip(grid.ys, grid.ys[1:] + [grid.y1]):
+        for x in xs:
+            t = tiles(x, y)
+            if t is not None:
+                bl.add(x, y, t[0], t[1], nxt)
+        bl.end_row(y, nxt)
+    return got
+
+
+def assemble(got, shape, x0=0):
+    """The chunks handed on, put together (each pixel once: NaN where none came)."""
+    k, h, w = shape
+    out, ws = np.full(shape, np.nan, np.float32), np.full((h, w), np.nan, np.float32)
+    for y, x, values, wsum in got:
+        assert np.isnan(ws[y:y + wsum.shape[0], x - x0:x - x0 + wsum.shape[1]]).all(), "a pixel handed on twice"
+        out[:, y:y + values.shape[1], x - x0:x - x0 + values.shape[2]] = values
+        ws[y:y + wsum.shape[0], x - x0:x - x0 + wsum.shape[1]] = wsum
+    return out, ws
+
+
 def test_blender_reproduces_a_smooth_field_without_seams():
     """Every tile predicts the same per-pixel field: the blend must return it exactly (no seams)."""
     h, w, tile, ov = 300, 420, 64, 16
@@ -52,65 +85,73 @@ def test_blender_reproduces_a_smooth_field_without_seams():
     field = np.stack([np.sin(xx / 17.0) * 0.5 + 0.5, np.cos(yy / 23.0) * 0.5 + 0.5])
     grid = TileGrid(0, 0, w, h, tile, ov)
     weights = blend_weights(tile, ov)
-    out = np.full((2, h, w), np.nan, dtype=np.float32)
+    got = []
     for bx0, bx1 in column_bands(0, w, 256):
-        xs = grid.columns_for(bx0, bx1)
-        bl = StripBlender(xs[0], xs[-1] + tile, bx0, bx1, 0, h, tile, 2)
-        for i, y in enumerate(grid.ys):
-            for x in xs:
-                bl.add(x, y, field[:, y:y + tile, x:x + tile], weights)
-            nxt = grid.ys[i + 1] if i + 1 < len(grid.ys) else h
-            fin = bl.finish(nxt)
-            if fin:
-                y0, probs, wsum = fin
-                assert (wsum > 0).all()
-                out[:, y0:y0 + probs.shape[1], bx0:bx1] = probs / wsum
-    assert not np.isnan(out).any()
-    np.testing.assert_allclose(out, field[:, :h, :w], atol=1e-5)
+        got += blend(grid, bx0, bx1, lambda x, y: (field[:, y:y + tile, x:x + tile], weights))
+    sums, wsum = assemble(got, (2, h, w))
+    assert (wsum > 0).all()
+    np.testing.assert_allclose(sums / wsum, field[:, :h, :w], atol=1e-5)
 
 
 def test_blender_averages_disagreeing_tiles_smoothly():
     """Two tiles that disagree (0 vs 1) blend into a monotonic ramp across their overlap."""
     tile, ov = 64, 32
-    bl = StripBlender(0, 96, 0, 96, 0, 64, tile, 1)
+    grid = TileGrid(0, 0, 96, 64, tile, ov)
+    assert grid.xs == [0, 32] and grid.ys == [0]
     wts = blend_weights(tile, ov)
-    bl.add(0, 0, np.zeros((1, tile, tile), np.float32), wts)
-    bl.add(32, 0, np.ones((1, tile, tile), np.float32), wts)
-    y0, p, wsum = bl.finish(64)
+    got = blend(grid, 0, 96, lambda x, y: (np.full((1, tile, tile), float(x > 0), np.float32), wts), classes=1)
+    p, wsum = assemble(got, (1, 64, 96))
     row = (p / wsum)[0, 32]
     assert row[0] == 0 and row[-1] == 1
     assert np.all(np.diff(row) >= -1e-6)
     assert np.max(np.diff(row)) < 0.1  # no jump: a seam would be a step of 1
 
 
-def test_blender_hands_finished_rows_in_column_chunks_equal_to_one_block():
-    """finish_each in narrow column chunks hands on exactly the rows and columns of one whole-band finish, each chunk
-    its own copy (changing it leaves the strip alone), and the strip shifts the same way."""
+@pytest.mark.parametrize("h,w,tile,ov,bx0,bx1,columns", [(150, 230, 64, 16, 20, 210, 37), (150, 230, 64, 16, 0, 230, None),
+                                                         (1000, 700, 128, 32, 0, 700, 1024), (40, 50, 64, 16, 0, 50, 7)])
+def test_blender_sums_each_pixel_as_a_whole_strip_would(h, w, tile, ov, bx0, bx1, columns):
+    """Whatever the chunks it hands on, each pixel of the band comes once, with the sums of a strip of the band's
+    width added in the run's order, bit for bit: the rows a tile row shares with the next are kept, the rest handed
+    on; tiles without valid pixels (None) are skipped, even a whole row of them."""
     rng = np.random.default_rng(3)
-    h, w, tile, ov = 150, 230, 64, 16
     grid = TileGrid(0, 0, w, h, tile, ov)
     weights = blend_weights(tile, ov)
-    xs = grid.columns_for(20, 210)
-    whole = StripBlender(xs[0], xs[-1] + tile, 20, 210, 0, h, tile, 3)
-    parts = StripBlender(xs[0], xs[-1] + tile, 20, 210, 0, h, tile, 3)
-    for i, y in enumerate(grid.ys):
+    xs = grid.columns_for(bx0, bx1)
+    ax0, ax1 = xs[0], xs[-1] + tile
+    tiles = {(x, y): None if (i * 7 + j) % 5 == 3 or j == 1 else
+             (rng.random((3, tile, tile), dtype=np.float32), weights * (rng.random((tile, tile)) > 0.2))
+             for j, y in enumerate(grid.ys) for i, x in enumerate(xs)}
+    strip = np.zeros((3, max(h, tile), ax1 - ax0), np.float32)  # a whole strip, summed in the same order
+    strip_w = np.zeros((max(h, tile), ax1 - ax0), np.float32)
+    for y in grid.ys:
         for x in xs:
-            p = rng.random((3, tile, tile), dtype=np.float32)
-            whole.add(x, y, p, weights)
-            parts.add(x, y, p, weights)
-        nxt = grid.ys[i + 1] if i + 1 < len(grid.ys) else h
-        y0, probs, wsum = whole.finish(nxt)
-        got = []
+            if tiles[x, y] is not None:
+                p, wt = tiles[x, y]
+                strip[:, y:y + tile, x - ax0:x - ax0 + tile] += p * wt
+                strip_w[y:y + tile, x - ax0:x - ax0 + tile] += wt
+    got = blend(grid, bx0, bx1, lambda x, y: tiles[x, y], columns=columns, classes=3)
+    if columns:
+        assert max(g[3].shape[1] for g in got) <= columns
+    sums, wsum = assemble(got, (3, h, bx1 - bx0), x0=bx0)
+    np.testing.assert_array_equal(sums, strip[:, :h, bx0 - ax0:bx1 - ax0])
+    np.testing.assert_array_equal(wsum, strip_w[:h, bx0 - ax0:bx1 - ax0])
 
-        def take(yy, x, pr, ws):
-            got.append((yy, x, pr.copy(), ws.copy()))
-            pr[:] = -1  # the chunk is the caller's own copy
-        assert parts.finish_each(nxt, take, columns=37)
-        assert [g[1] for g in got] == list(range(20, 210, 37))
-        assert all(g[0] == y0 for g in got)
-        np.testing.assert_array_equal(np.concatenate([g[2] for g in got], axis=2), probs)
-        np.testing.assert_array_equal(np.concatenate([g[3] for g in got], axis=1), wsum)
-    assert not parts.finish_each(h, take)
+
+def test_blender_keeps_only_the_rows_tile_rows_share():
+    """The memory of a band 8192 px wide: a window of two tiles and the rows two tile rows share, not a strip of the
+    band's width and a tile's height (make bench: 50 MB at 8192 px, 2 classes)."""
+    grid = TileGrid(0, 0, 8192, 8192, 512, 64)
+    bl = StripBlender(0, 8192, 0, 8192, 512, 2, lambda *a: None)
+    ones, w = np.ones((2, 512, 512), np.float32), blend_weights(512, 64)
+    for y, nxt in zip(grid.ys[:3], grid.ys[1:4]):
+        for x in grid.xs:
+            bl.add(x, y, ones, w, nxt)
+        bl.end_row(y, nxt)
+    held = sum(a.nbytes for a in (bl.acc, bl.wsum, bl.kept, bl.kept_w))
+    assert held < 16 * 2**20, held  # a strip: 3 x 512 x 8192 x 4 bytes = 48 MiB
+    assert max(a - b for a, b in zip([y + 512 for y in grid.ys], grid.ys[1:])) < 100  # even overlaps
+    with pytest.raises(ValueError, match="does not start"):
+        bl.add(0, grid.ys[4], ones, w, grid.ys[5])
 
 
 @pytest.mark.parametrize("height,tile,overlap,width,band,size", [

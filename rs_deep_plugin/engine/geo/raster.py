@@ -289,10 +289,8 @@ class RasterReader:
         c = len(self.bands)
         ix0, iy0 = max(x, 0), max(y, 0)
         ix1, iy1 = min(x + n, self.width), min(y + n, self.height)
-        data = np.zeros((c, t, t), dtype=np.float32)
-        valid = np.zeros((t, t), dtype=bool)
         if ix1 <= ix0 or iy1 <= iy0:
-            return data, valid
+            return np.zeros((c, t, t), dtype=np.float32), np.zeros((t, t), dtype=bool)
         f = t / n
         ox0, oy0 = int(round((ix0 - x) * f)), int(round((iy0 - y) * f))
         ox1, oy1 = max(ox0 + 1, int(round((ix1 - x) * f))), max(oy0 + 1, int(round((iy1 - y) * f)))
@@ -316,10 +314,14 @@ class RasterReader:
         apply_scaling(arr, self.scaling)
         if not v.all():
             arr[:, ~v] = 0.0
-        if shape != (t, t) and self.pad == "zeros":
+        if shape == (t, t):  # a tile inside the raster (most of them): no other array
+            return arr, v
+        data = np.zeros((c, t, t), dtype=np.float32)
+        valid = np.zeros((t, t), dtype=bool)
+        if self.pad == "zeros":
             data[:, oy0:oy1, ox0:ox1] = arr
             valid[oy0:oy1, ox0:ox1] = v
-        elif shape != (t, t):
+        else:
             pad = ((0, 0), (oy0, t - oy1), (ox0, t - ox1))
             mode = "reflect" if min(shape) > 1 else "edge"
             try:
@@ -328,8 +330,6 @@ class RasterReader:
                 arr = np.pad(arr, pad, mode="edge")
             data[:] = arr
             valid[oy0:oy1, ox0:ox1] = v
-        else:
-            data, valid = arr, v
         return data, valid
 
 

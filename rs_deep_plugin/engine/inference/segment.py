@@ -4,12 +4,13 @@ The work is split so that it can be distributed later without changing the algor
 
 * :func:`.pipeline.read_tiles` is a pure function of a batch of windows (read, scale, mask), and the
   model runner a pure function of the batch (tiles -> probabilities);
-* a :class:`StripBlender` sums the weighted tiles of one column band and hands finished
-  rows to the writer;
+* a :class:`StripBlender` sums the weighted tiles of one column band, tile row by tile row, and hands
+  each pixel to the writer once its last tile is in;
 * one writer streams the finished blocks to tiled GeoTIFFs.
 
-Memory is bounded by tile size x batch size x band width (``max_band_width`` columns,
-8192 by default), whatever the size of the raster.
+Memory is bounded by tile size x batch size, plus the rows that two tile rows share across a column band
+(``max_band_width`` columns, 8192 by default), whatever the size of the raster; the C heap's free pages go back
+to the system after each tile row (:func:`..memory.release_free_heap`).
 """
 import math
 import os
@@ -20,6 +21,7 @@ from functools import partial
 import numpy as np
 
 from ..errors import InputError
+from ..memory import release_free_heap
 from ..geo.outputs import sweep_stale
 from ..geo.raster import RasterReader, area_factor_m2
 from ..geo.vectorize import vectorize
@@ -64,54 +66,124 @@ def column_chunks(c0, c1, columns=FINISH_COLUMNS):
 
 
 class StripBlender:
-    """Accumulates weighted probabilities for one column band; emits finished rows."""
+    """Sums the weighted tiles of one column band [ax0, ax1) (the span of its tiles), tile row by tile row, and hands
+    on each pixel once every tile over it was added: ``take(y, x, values [K, h, w], wsum [h, w])`` gets the finished
+    pixels of a tile row (weighted sums and their weights, its own copies, at most ``columns`` wide, clipped to the
+    band's own columns [bx0, bx1)) while the row is still being added.
 
-    def __init__(self, ax0, ax1, bx0, bx1, y_start, y_end, tile, classes):
-        self.ax0, self.bx0, self.bx1 = ax0, bx0, bx1
-        self.base = y_start
-        self.y_end = y_end
-        self.h = tile  # rows above the current tile row are always finished before it is added
-        self.k = classes
-        self.acc = np.zeros((classes, self.h, ax1 - ax0), dtype=np.float32)
-        self.wsum = np.zeros((self.h, ax1 - ax0), dtype=np.float32)
+    The current tile row is summed in a window of two tiles' width that moves right with the tiles; only the rows
+    that a tile row shares with the next one (those below ``upto``) are kept across the band, so the memory is that
+    of the tiles and of the rows' overlap, not of a strip of the band's width and a tile's height. A pixel's sum is
+    that of its tiles added in the run's order (tile row by tile row, left to right) whatever the band's width.
+
+    Tile rows come in order: ``add(x, y, values, weight, upto)`` for each tile of the row at ``y`` with valid pixels,
+    left to right, then ``end_row(y, upto)`` (also for a row without a tile added); ``upto`` is where the rows that
+    this tile row finishes end (the next row's start; the band's end for the last row)."""
+
+    def __init__(self, ax0, ax1, bx0, bx1, tile, classes, take, columns=FINISH_COLUMNS):
+        self.ax0, self.ax1, self.bx0, self.bx1 = ax0, ax1, bx0, bx1
+        self.n, self.k, self.take, self.columns = tile, classes, take, columns
+        self.width = min(2 * tile, ax1 - ax0)  # the window's columns: a tile and the next one's start
+        self.acc = np.zeros((classes, tile, self.width), dtype=np.float32)
+        self.wsum = np.zeros((tile, self.width), dtype=np.float32)
+        self.wx0 = self.wx1 = ax0  # the window's first column, and the end of the columns loaded into it
         self.scratch = None
+        self.y = self.upto = None  # the tile row being added
+        self.next_y = None  # where the rows kept from the last row start (its ``upto``)
+        # [K, rows, ax1 - ax0], [rows, ax1 - ax0]: the sums of the rows that the last tile row shares with this one
+        # (its first ``kept_rows``), replaced column by column, once a column is in the window, by those that this
+        # row shares with the next
+        self.kept = self.kept_w = None
+        self.kept_rows = 0
 
-    def add(self, x, y, probs, weight):
-        """probs [K, n, n] at native resolution, weight [n, n] (already zero where invalid)."""
-        r0, c0 = y - self.base, x - self.ax0
+    def _start(self, y, upto):
+        if self.next_y is not None and y != self.next_y:
+            raise ValueError(f"tile row {y} does not start where the rows kept from the last one start "
+                             f"({self.next_y})")
+        if not y < upto <= y + self.n:
+            raise ValueError(f"tile row {y} cannot finish the rows up to {upto}")
+        if self.next_y is None:
+            self.kept_rows = 0  # the first row: nothing kept
+        self.y, self.upto = y, upto
+        rows = y + self.n - upto
+        if self.kept is None or self.kept.shape[1] < rows:
+            kept = np.empty((self.k, rows, self.ax1 - self.ax0), dtype=np.float32)
+            kept_w = np.empty((rows, self.ax1 - self.ax0), dtype=np.float32)
+            h = self.kept_rows
+            if h:
+                kept[:, :h], kept_w[:h] = self.kept[:, :h], self.kept_w[:h]
+            self.kept, self.kept_w = kept, kept_w
+        self.wx0 = self.wx1 = self.ax0
+
+    def add(self, x, y, probs, weight, upto):
+        """probs [K, n, n] of the tile at (x, y), weight [n, n] (already zero where invalid)."""
+        if self.y is None:
+            self._start(y, upto)
+        assert y == self.y and x >= self.wx0, "tiles must be added row by row, left to right"
         n = weight.shape[0]
-        assert 0 <= r0 and r0 + n <= self.h, "tile rows must be added in order"
+        if x + n > self.wx0 + self.width:
+            self._advance(x)
+        self._load(x + n)
         if self.scratch is None or self.scratch.shape != probs.shape:
             self.scratch = np.empty(probs.shape, dtype=np.float32)  # the weighted tile, without a new array per tile
         np.multiply(probs, weight, out=self.scratch)
-        self.acc[:, r0:r0 + n, c0:c0 + n] += self.scratch
-        self.wsum[r0:r0 + n, c0:c0 + n] += weight
+        c = x - self.wx0
+        self.acc[:, :n, c:c + n] += self.scratch
+        self.wsum[:n, c:c + n] += weight
 
-    def finish(self, upto):
-        """Rows [base, upto) are final: returns (y0, probs [K,h,w] or None, wsum [h,w]) and shifts."""
-        got = []
-        self.finish_each(upto, lambda y0, x, probs, wsum: got.append((y0, probs, wsum)), columns=None)
-        return got[0] if got else None
+    def end_row(self, y, upto):
+        """The tile row at ``y`` is complete: its remaining finished pixels are handed on."""
+        if self.y is None:
+            self._start(y, upto)
+        self._advance(self.ax1)
+        self.kept_rows = self.y + self.n - self.upto
+        self.next_y, self.y = self.upto, None
 
-    def finish_each(self, upto, take, columns=FINISH_COLUMNS):
-        """Rows [base, upto) are final: ``take(y0, x, probs [K, h, w], wsum [h, w])`` gets copies of them, column
-        chunk by column chunk (``columns`` px wide at most; None: the band in one chunk), then the strip shifts.
-        Chunks bound the memory of what follows (the copies, the classification's temporaries, the writer's queue)
-        by the tile size instead of the band's width. Returns whether there were finished rows."""
-        upto = min(upto, self.y_end)
-        rows = upto - self.base
-        if rows <= 0:
-            return False
-        for a, b in column_chunks(self.bx0 - self.ax0, self.bx1 - self.ax0, columns):
-            take(self.base, self.ax0 + a, self.acc[:, :rows, a:b].copy(), self.wsum[:rows, a:b].copy())
-        keep = self.h - rows
-        for a in self.acc:  # channel by channel: numpy copies the whole source of overlapping 3-D slices first
-            a[:keep] = a[rows:]
-        self.acc[:, keep:] = 0
-        self.wsum[:keep] = self.wsum[rows:]
-        self.wsum[keep:] = 0
-        self.base = upto
-        return True
+    def kept_sums(self, rows):
+        """(sums [K, rows, ax1 - ax0], weights [rows, ax1 - ax0]): copies of the first ``rows`` rows kept from the last
+        row (the rows from its ``upto`` down that its tiles cover), from column ``ax0``."""
+        rows = min(rows, self.kept_rows)
+        return self.kept[:, :rows].copy(), self.kept_w[:rows].copy()
+
+    def _load(self, end):
+        """Bring the columns up to ``end`` into the window: the rows kept from the last row, zero below."""
+        a, b = self.wx1, min(end, self.ax1)
+        if b <= a:
+            return
+        wa, wb, ka, kb, h = a - self.wx0, b - self.wx0, a - self.ax0, b - self.ax0, self.kept_rows
+        if h:
+            self.acc[:, :h, wa:wb] = self.kept[:, :h, ka:kb]
+            self.wsum[:h, wa:wb] = self.kept_w[:h, ka:kb]
+        self.acc[:, h:, wa:wb] = 0
+        self.wsum[h:, wa:wb] = 0
+        self.wx1 = b
+
+    def _advance(self, to):
+        """Finish the columns left of ``to`` (no tile of this row that is still to come covers them) and move the
+        window to start there."""
+        while self.wx0 < to:
+            b = min(to, self.wx0 + self.width)
+            self._load(b)
+            self._finish(self.wx0, b)
+            d, keep = b - self.wx0, self.wx1 - b
+            if keep:
+                for a in self.acc:  # channel by channel: numpy copies the whole source of overlapping 3-D slices
+                    a[:, :keep] = a[:, d:d + keep]
+                self.wsum[:, :keep] = self.wsum[:, d:d + keep]
+            self.wx0 = b
+
+    def _finish(self, a, b):
+        """Columns [a, b) of the window: rows above ``upto`` to ``take``, the rows below kept for the next row."""
+        rows, y = self.upto - self.y, self.y
+        wa, wb = a - self.wx0, b - self.wx0
+        below = self.n - rows
+        if below:
+            self.kept[:, :below, a - self.ax0:b - self.ax0] = self.acc[:, rows:, wa:wb]  # loaded: no longer needed
+            self.kept_w[:below, a - self.ax0:b - self.ax0] = self.wsum[rows:, wa:wb]
+        ca, cb = max(a, self.bx0), min(b, self.bx1)
+        for c0, c1 in column_chunks(ca, cb, self.columns):
+            self.take(y, c0, self.acc[:, :rows, c0 - self.wx0:c1 - self.wx0].copy(),
+                      self.wsum[:rows, c0 - self.wx0:c1 - self.wx0].copy())
 
 
 def plan_tiles(grid, bands_cols):
@@ -188,35 +260,31 @@ def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channel
     out_n = n * s  # a tile in output pixels
     weights = blend_weights(out_n, reader.native_overlap * s)
     y1 = grid.y1 * s
+    upto = {y: (nxt * s if nxt is not None else y1) for y, nxt in zip(grid.ys, grid.ys[1:] + [None])}
     blender = None
     band_now = -1
     done = run = 0
     estimate = Estimate(len(seq), "tiles", prog.message)
 
-    def flush(upto):
-        blender.finish_each(upto, lambda y0, x, values, wsum: write_rows(y0, values, wsum, x))
+    def take(y0, x, values, wsum):
+        write_rows(y0, values, wsum, x)
 
     for batch in tile_batches(reader, runner, seq, lambda t: t[1:3], mask, batch_size, prog.check, s):
         for (b, x, y, end_row), p, valid in batch:
-            if b != band_now:
-                if blender is not None:
-                    flush(y1)
+            if b != band_now:  # the band before ended with its last row
                 bx0, bx1 = bands_cols[b]
                 xs = grid.columns_for(bx0, bx1)
-                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, grid.y0 * s, y1, out_n,
-                                       channels)
+                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, out_n, channels, take)
                 band_now = b
             if p is not None:
-                blender.add(x * s, y * s, p, weights * valid)
+                blender.add(x * s, y * s, p, weights if valid.all() else weights * valid, upto[y])
                 run += 1
             if end_row:
-                nxt = [yy for yy in grid.ys if yy > y]
-                flush(nxt[0] * s if nxt else y1)
+                blender.end_row(y * s, upto[y])
+                release_free_heap()
             done += 1
         prog.update(done / max(1, len(seq)) * 0.95, None)
         estimate.after(done)
-    if blender is not None:
-        flush(y1)
     return run
 
 
@@ -260,7 +328,6 @@ def blend_block(reader, runner, grid, block, mask, bs, channels, take, check=lam
     xs, ys = grid.columns_for(bx0, bx1), grid.ys[first:last]
     top, bottom = grid.block_rows(first, last)
     weights = blend_weights(out_n, grid.overlap * s)
-    blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, ys[0] * s, grid.y1 * s, out_n, channels)
     seam = Seam(ax0=xs[0] * s)
     run = 0
 
@@ -269,6 +336,9 @@ def blend_block(reader, runner, grid, block, mask, bs, channels, take, check=lam
             cut = max(0, top * s - y)
             take(y + cut, x, values[:, cut:], wsum[cut:])
 
+    blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, out_n, channels, in_block)
+    upto = {y: min(nxt if nxt is not None else grid.y1, bottom) * s
+            for y, nxt in zip(grid.ys, grid.ys[1:] + [None])}
     seq = [(x, y, i == len(xs) - 1) for y in ys for i, x in enumerate(xs)]
     for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check, s):
         for (x, y, end_row), p, valid in batch:
@@ -279,15 +349,12 @@ def blend_block(reader, runner, grid, block, mask, bs, channels, take, check=lam
                     part = np.empty((p.shape[0], h, out_n), dtype=np.float32)
                     np.multiply(p[:, :h], w[:h], out=part)  # as StripBlender.add weights it
                     seam.head.append((x * s, y * s, part, w[:h].copy()))
-                blender.add(x * s, y * s, p, w)
+                blender.add(x * s, y * s, p, w, upto[y])
                 run += 1
             if end_row:
-                nxt = [yy for yy in grid.ys if yy > y]
-                blender.finish_each(min(nxt[0] if nxt else grid.y1, bottom) * s, in_block)
-    blender.finish_each(bottom * s, in_block)
+                blender.end_row(y * s, upto[y])
     if last < len(grid.ys):  # the rows shared with the block below: the weighted sums of this block's tiles
-        rows = (min(grid.y1, grid.ys[last - 1] + n) - bottom) * s
-        seam.tail = (bottom * s, blender.acc[:, :rows].copy(), blender.wsum[:rows].copy())
+        seam.tail = (bottom * s,) + blender.kept_sums((min(grid.y1, grid.ys[last - 1] + n) - bottom) * s)
     return run, seam
 
 
@@ -555,6 +622,8 @@ def segment(input_path, package, output, *, bands=None, bounds=None, mask_geomet
         bg.close()
         bg = None
         prog.check()
+        reader.close()  # its blocks leave GDAL's cache before the overviews read the outputs back
+        release_free_heap()
         prog.message("Writing overviews")
         for key, w in writers.items():
             w.close(overviews=(key != "confidence"))

@@ -3,18 +3,23 @@ import numpy as np
 
 
 def tile_starts(length, tile, stride):
-    """Start offsets of tiles of size ``tile`` covering ``length`` with ``stride``.
+    """Start offsets of tiles of size ``tile`` covering ``length``, no two more than ``stride`` apart.
 
-    The last tile is moved back so that it ends at ``length`` (no tile hangs out of
-    the raster unless the raster is smaller than one tile, where one tile at 0 is padded).
+    No tile hangs out of the raster (unless the raster is smaller than one tile, where one tile at 0 is padded).
+    Overlapping tiles (``stride < tile``) are spread evenly from 0 to ``length - tile``, as few as that gap allows:
+    every overlap is at least ``tile - stride``, without a last tile moved back onto the one before it (which would
+    make the rows that two tile rows share, and that the blender keeps across the raster, almost a tile high). Tiles
+    without overlap abut from 0, and the last one is moved back to end at ``length``.
     """
     if tile <= 0 or stride <= 0:
         raise ValueError("tile and stride must be positive")
     if length <= tile:
         return [0]
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return sorted(set(starts))
+    span = length - tile
+    if stride < tile:
+        gaps = -(-span // stride)  # as many as a stride apart would need
+        return [i * span // gaps for i in range(gaps + 1)]
+    return list(range(0, span, stride)) + [span]
 
 
 def ramp_1d(tile, overlap, eps=1e-3):

@@ -142,7 +142,8 @@ class OnnxSegmentationRunner(OnnxRunner):
             if out.shape[1] == 1 or self.activation == "sigmoid":
                 out = 1.0 / (1.0 + np.exp(-out))
             else:
-                out = out - out.max(axis=1, keepdims=True)
+                out = out if out.flags.writeable else out.copy()  # the runner's own array: in place
+                out -= out.max(axis=1, keepdims=True)
                 np.exp(out, out=out)
                 out /= out.sum(axis=1, keepdims=True)
         if out.shape[1] == 1:
