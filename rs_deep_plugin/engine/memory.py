@@ -9,29 +9,25 @@ memory of a run is that of its tiles and strips, not of its length.
 """
 import ctypes
 import ctypes.util
+import functools
 import sys
 
-_trim = None
 
-
+@functools.lru_cache(maxsize=None)
 def _malloc_trim():
-    """glibc's ``malloc_trim``, or False where there is none (Windows, macOS, musl)."""
-    global _trim
-    if _trim is None:
-        _trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _trim = libc.malloc_trim
-                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                _trim = False
-    return _trim
+    """glibc's ``malloc_trim``, or None where there is none (Windows, macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_free_heap():
-    """Return the free pages of the C heaps to the system (glibc); nothing elsewhere. Returns whether it could."""
+    """Return the free pages of the C heaps to the system (glibc); nothing elsewhere."""
     trim = _malloc_trim()
-    if trim:
+    if trim is not None:
         trim(0)
-    return bool(trim)

@@ -316,21 +316,17 @@ class RasterReader:
             arr[:, ~v] = 0.0
         if shape == (t, t):  # a tile inside the raster (most of them): no other array
             return arr, v
-        data = np.zeros((c, t, t), dtype=np.float32)
         valid = np.zeros((t, t), dtype=bool)
+        valid[oy0:oy1, ox0:ox1] = v
         if self.pad == "zeros":
+            data = np.zeros((c, t, t), dtype=np.float32)
             data[:, oy0:oy1, ox0:ox1] = arr
-            valid[oy0:oy1, ox0:ox1] = v
-        else:
-            pad = ((0, 0), (oy0, t - oy1), (ox0, t - ox1))
-            mode = "reflect" if min(shape) > 1 else "edge"
-            try:
-                arr = np.pad(arr, pad, mode=mode)
-            except ValueError:
-                arr = np.pad(arr, pad, mode="edge")
-            data[:] = arr
-            valid[oy0:oy1, ox0:ox1] = v
-        return data, valid
+            return data, valid
+        pad = ((0, 0), (oy0, t - oy1), (ox0, t - ox1))
+        try:
+            return np.pad(arr, pad, mode="reflect" if min(shape) > 1 else "edge"), valid
+        except ValueError:
+            return np.pad(arr, pad, mode="edge"), valid
 
 
 def region_window(width, height, transform, bounds=None):

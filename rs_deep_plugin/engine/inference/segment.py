@@ -102,8 +102,6 @@ class StripBlender:
                              f"({self.next_y})")
         if not y < upto <= y + self.n:
             raise ValueError(f"tile row {y} cannot finish the rows up to {upto}")
-        if self.next_y is None:
-            self.kept_rows = 0  # the first row: nothing kept
         self.y, self.upto = y, upto
         rows = y + self.n - upto
         if self.kept is None or self.kept.shape[1] < rows:
@@ -259,22 +257,18 @@ def blend_tiles(reader, mask, runner, grid, bands_cols, seq, batch_size, channel
     n, s = reader.native_tile, int(scale)
     out_n = n * s  # a tile in output pixels
     weights = blend_weights(out_n, reader.native_overlap * s)
-    y1 = grid.y1 * s
-    upto = {y: (nxt * s if nxt is not None else y1) for y, nxt in zip(grid.ys, grid.ys[1:] + [None])}
-    blender = None
+    upto = {y: end * s for y, end in grid.row_ends().items()}
     band_now = -1
     done = run = 0
     estimate = Estimate(len(seq), "tiles", prog.message)
-
-    def take(y0, x, values, wsum):
-        write_rows(y0, values, wsum, x)
 
     for batch in tile_batches(reader, runner, seq, lambda t: t[1:3], mask, batch_size, prog.check, s):
         for (b, x, y, end_row), p, valid in batch:
             if b != band_now:  # the band before ended with its last row
                 bx0, bx1 = bands_cols[b]
                 xs = grid.columns_for(bx0, bx1)
-                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, out_n, channels, take)
+                blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, out_n, channels,
+                                       lambda y0, x, values, wsum: write_rows(y0, values, wsum, x))
                 band_now = b
             if p is not None:
                 blender.add(x * s, y * s, p, weights if valid.all() else weights * valid, upto[y])
@@ -337,13 +331,12 @@ def blend_block(reader, runner, grid, block, mask, bs, channels, take, check=lam
             take(y + cut, x, values[:, cut:], wsum[cut:])
 
     blender = StripBlender(xs[0] * s, (xs[-1] + n) * s, bx0 * s, bx1 * s, out_n, channels, in_block)
-    upto = {y: min(nxt if nxt is not None else grid.y1, bottom) * s
-            for y, nxt in zip(grid.ys, grid.ys[1:] + [None])}
+    upto = {y: min(end, bottom) * s for y, end in grid.row_ends().items()}
     seq = [(x, y, i == len(xs) - 1) for y in ys for i, x in enumerate(xs)]
     for batch in tile_batches(reader, runner, seq, lambda t: t[:2], mask, bs, check, s):
         for (x, y, end_row), p, valid in batch:
             if p is not None:
-                w = weights * valid
+                w = weights if valid.all() else weights * valid
                 if y < top:  # its top rows are shared with the block above: its weighted values go to the join
                     h = (top - y) * s
                     part = np.empty((p.shape[0], h, out_n), dtype=np.float32)

@@ -81,6 +81,11 @@ class TileGrid:
         (cx0, cx1), (cy0, cy1) = bounds(self.xs, x), bounds(self.ys, y)
         return cx0, cy0, cx1, cy1
 
+    def row_ends(self):
+        """{y: end} for each tile row: where the rows it finishes end (the next row's start; the region's end for the
+        last row), as blending hands them on."""
+        return dict(zip(self.ys, self.ys[1:] + [self.y1]))
+
     def columns_for(self, bx0, bx1):
         """Tile x-starts whose span meets columns [bx0, bx1)."""
         return [x for x in self.xs if x < bx1 and x + self.tile > bx0]
