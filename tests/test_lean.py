@@ -79,6 +79,8 @@ def test_engine_runs_onnx_models_without_torch(onnx_models, tiny_pan, tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded(res["modules"]) == [], f"an ONNX run imported {loaded(res['modules'])}"
     assert "onnxruntime" in res["modules"]
+    # the onnx package (protobuf parsing, ~0.1 s of start-up) is for exporting and for files with external data
+    assert "onnx" not in res["modules"]
     assert sum(res["pixels"].values()) == 64 * 64
     assert res["boxes"] > 5  # trees on the NEON image
     expected = "CUDA GPU 0 (onnxruntime)" if has_cuda_provider() else "CPU (onnxruntime)"
@@ -203,6 +205,26 @@ def test_onnx_model_at_a_coarser_resolution_is_resized_as_torch_does(tmp_path):
         logits = F.interpolate(net(torch.from_numpy(batch)), size=(64, 64), mode="bilinear", align_corners=False)
         ref = torch.softmax(logits, dim=1).numpy()
     assert got.shape == (2, 3, 64, 64) and np.abs(got - ref).max() < 1e-5
+
+
+def test_onnx_lanes_open_with_the_first_batch_of_several_tiles(onnx_models, monkeypatch):
+    """On the CPU an ONNX runner splits a batch between lanes (a session each); a run of single tiles creates only
+    the first lane's session, and a batch of several tiles gives each tile what it gets on its own."""
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    from rs_deep.rs_deep_plugin.engine.models.onnx.runners import LANES
+    monkeypatch.setenv("RS_DEEP_THREADS", str(LANES))
+    pkg = load_package(onnx_models[0])
+    runner = pkg.make_runner(OnnxDevice("cpu"))
+    with rasterio.open(SAMPLE) as src:
+        side = pkg.fixed_size[0] if pkg.fixed_size else 128
+        pixels = src.read(window=Window(0, 0, side, side)).astype(np.float32) / 255.0
+    tiles = np.stack([pixels, pixels[:, ::-1, :].copy(), pixels[:, :, ::-1].copy()])
+    single = [runner(tiles[i:i + 1])[0] for i in range(len(tiles))]
+    assert len(runner.sessions) == 1
+    together = runner(tiles)
+    assert len(runner.sessions) == LANES
+    for i, probs in enumerate(single):
+        assert np.abs(together[i] - probs).max() < 1e-5, i
 
 
 def random_boxes(rng, n, low=0.0, high=500.0, empty=0.05):

@@ -158,7 +158,12 @@ def main():
     subprocess.run([sys.executable, __file__, "--prepare", "--size", str(args.size)], check=True)
     qgis_process = qgis_process_cmd()
     run_qgis_process(["--version"])  # enables the plugin in the bench's profile (not measured)
-    envs = {"rs_deep": qgis_env(), "geodeep": None}
+    # both keep their compiled modules (__pycache__) as installed software does; a shell with
+    # PYTHONDONTWRITEBYTECODE set (some containers) would compile the plugin again on every run
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    ours_env = qgis_env()
+    ours_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    envs = {"rs_deep": ours_env, "geodeep": plain}
     ours_out, theirs_out = os.path.join(OUT, "rs_deep.tif"), os.path.join(OUT, "geodeep.tif")
     tools = {
         "rs_deep": [qgis_process, "run", "rs_deep:segment", "--", f"INPUT={raster}", f"MODEL={model}",

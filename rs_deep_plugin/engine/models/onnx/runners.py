@@ -33,12 +33,12 @@ def cpu_lanes(device, pkg):
 class OnnxRunner:
     def __init__(self, pkg, device):
         self.pkg = pkg
-        lanes, threads = cpu_lanes(device, pkg)
-        self.sessions = [pkg.session(device, threads) for _ in range(lanes)]
+        self.device = device
+        self.lanes, self.threads = cpu_lanes(device, pkg)
+        # the first lane's session now (it checks the graph runs); the others with the first batch of several
+        # tiles: a raster of one tile never creates them (about 50 ms each)
+        self.sessions = [pkg.session(device, self.threads)]
         self.pool = None
-        if lanes > 1:
-            from concurrent.futures import ThreadPoolExecutor
-            self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="rs_deep-onnx")
         self.input_name = pkg.input_name
         ort = require_onnxruntime()
         self.run_options = (run_options(ort, shrink=False), run_options(ort))  # (most runs, shrinking)
@@ -53,9 +53,9 @@ class OnnxRunner:
         the same time (onnxruntime releases the GIL) and joined again."""
         self.runs += 1
         ro = self.run_options[self.runs == 1 or self.runs % SHRINK_EVERY == 0]
+        n = 1 if len(batch) == 1 else self._open_lanes()
         try:
-            n = len(self.sessions)
-            if n == 1 or len(batch) == 1:
+            if n == 1:
                 return self.sessions[0].run(None, {self.input_name: batch}, ro)
             parts = np.array_split(np.arange(len(batch)), min(n, len(batch)))
             futures = [self.pool.submit(sess.run, None, {self.input_name: batch[p[0]:p[-1] + 1]}, ro)
@@ -76,6 +76,14 @@ class OnnxRunner:
                     "refused") from exc
             raise ModelPackageError(f"{self.pkg.source}: onnxruntime cannot run the model on tiles of "
                                     f"{list(batch.shape)} ({msg[-300:]})") from exc
+
+    def _open_lanes(self):
+        """The sessions of every lane and their thread pool, created on first use; returns the number of lanes."""
+        if self.pool is None and self.lanes > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self.sessions += [self.pkg.session(self.device, self.threads) for _ in range(self.lanes - 1)]
+            self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="rs_deep-onnx")
+        return self.lanes
 
     def raw(self, batch):
         """The graph's raw outputs (a list) for ``batch`` [B, C, T, T]: the forward pass alone (``make bench``)."""
