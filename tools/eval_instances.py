@@ -13,7 +13,11 @@ selection on them: the last epoch is packaged). Everything runs with rs_deep:tra
   engine of rs_deep:segment_instances) to the held-back area; its polygons are matched to the footprints by mask
   (polygon) IoU >= 0.5, and their bounding boxes to the footprints' bounding boxes by box IoU >= 0.5;
 * baseline: the toolbox's default detector (CenterNet, ``train_detection``) on the same columns, its boxes matched to
-  the footprints' bounding boxes by box IoU >= 0.5 (``--baseline-minutes 0`` leaves it out).
+  the footprints' bounding boxes by box IoU >= 0.5 (``--baseline-minutes 0`` leaves it out);
+* U-Net polygons (``--unet``): ``rs_deep:train`` with its defaults (a segmentation U-Net, TIME_BUDGET 10) on the
+  training columns, then ``rs_deep:segment`` of the held-back columns with polygons (OUTPUT_VECTOR, defaults): each
+  building polygon is one object, its score the polygon's mean probability, matched by mask IoU >= 0.5 as the
+  Mask R-CNN's (touching buildings come out as one polygon).
 
 Precision, recall and F1 at the package's score threshold, AP50 over all objects (score >= 0.05 for the
 detector: its ``detect`` keeps those). Reference: the footprints whose centroid lies in the held-back columns,
@@ -76,6 +80,8 @@ def main():
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "buildings_atlanta"))
     parser.add_argument("--minutes", type=float, default=6.0, help="training time budget of the Mask R-CNN")
     parser.add_argument("--baseline-minutes", type=float, default=3.0, help="of the detector (0: none)")
+    parser.add_argument("--unet", action="store_true", help="also: U-Net polygons (rs_deep:train and rs_deep:segment "
+                                                            "with their defaults) as instances")
     args = parser.parse_args()
     from rs_deep.rs_deep_plugin.engine.inference.detect import detect
     from rs_deep.rs_deep_plugin.engine.inference.instances import segment_instances
@@ -92,6 +98,12 @@ def main():
                "minutes": args.minutes, "baseline_minutes": args.baseline_minutes}
     sample = DetectionSample(str(image), str(labels), window=train_win, name="left 60 %")
 
+    if args.unet:
+        results["unet_polygons"] = unet_polygons(image, labels, train_win, held, truth)
+        print(json.dumps(results["unet_polygons"], indent=1), flush=True)
+    if args.minutes <= 0:
+        (OUT / "results.json").write_text(json.dumps(results, indent=2))
+        return
     t0 = time.time()
     report = train_instances([sample], OUT / "instances_model", class_names=["building"], epochs=100,
                              time_budget=args.minutes, **TOOLBOX_DEFAULTS["instance_segmentation"],
@@ -132,10 +144,50 @@ def main():
         lines.append(f"| {d['architecture']} detector ({args.baseline_minutes:g} min) | box IoU >= 0.5 | "
                      f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | "
                      f"{m['tp']} / {m['fp']} / {m['fn']} |")
+    if "unet_polygons" in results:
+        u, m = results["unet_polygons"], results["unet_polygons"]["masks"]
+        lines.append(f"| U-Net polygons (rs_deep:train defaults, {u['train_seconds'] / 60:.1f} min) | mask IoU >= 0.5 | "
+                     f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | "
+                     f"{m['tp']} / {m['fp']} / {m['fn']} |")
     text = (f"Held-back right {HELD_OUT:.0%} of {data.name} ({len(truth)} footprints; precision/recall/F1 at the "
             "package's score threshold)\n\n" + "\n".join(lines))
     print(text)
     (OUT / "results.md").write_text(text + "\n")
+
+
+def unet_polygons(image, labels, train_win, held, truth):
+    """rs_deep:train (defaults, a segmentation U-Net) on the training columns, rs_deep:segment of the held-back columns
+    with polygons: every building polygon one object scored by its mean probability (see the module docstring)."""
+    import rasterio
+    from rasterio.windows import Window
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+    from qgis_env import start_processing
+    from compare_rf import label_layer, train_unet
+    app, processing, provider = start_processing()  # noqa: F841 (the provider must stay referenced)
+    folder = OUT / "unet"
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    with rasterio.open(image) as src:
+        c0, _, c1, h = train_win
+        for name, win in (("train", Window(c0, 0, c1 - c0, h)), ("test", Window(c1, 0, src.width - c1, h))):
+            prof = dict(src.profile, width=int(win.width), height=int(win.height), transform=src.window_transform(win),
+                        driver="GTiff", tiled=False)
+            prof.pop("blockxsize", None), prof.pop("blockysize", None)
+            parts[name] = str(folder / f"{name}.tif")
+            with rasterio.open(parts[name], "w", **prof) as dst:
+                dst.write(src.read(window=win))
+    crs = QgsRasterLayer(parts["train"], "t").crs().authid()
+    spec = {"labels": str(labels), "field": None}
+    layer = label_layer(spec, "/", crs)
+    wall, cpu = train_unet(processing, parts["train"], layer, str(folder / "model"), {})
+    gpkg = folder / "held_out.gpkg"
+    processing.run("rs_deep:segment", {"INPUT": parts["test"], "MODEL": str(folder / "model"),
+                                       "OUTPUT": str(folder / "held_out.tif"), "OUTPUT_VECTOR": str(gpkg)})
+    from shapely import wkb
+    rows = [(wkb.loads(bytes(f.geometry().asWkb())), 0, float(f["mean_prob"]))
+            for f in QgsVectorLayer(str(gpkg), "p", "ogr").getFeatures() if f["class_id"] == 1]
+    return {"train_seconds": wall, "train_cpu_seconds": cpu, "objects": len(rows),
+            "masks": at_threshold(rows, 0.5, truth, True)}
 
 
 def report_threshold(package):
