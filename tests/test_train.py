@@ -177,7 +177,7 @@ def test_metrics_from_confusion():
 
 def test_time_budget_stops_the_run_and_anneals_the_schedule(tmp_path):
     """A run of 1,000 planned epochs with a budget of 0.15 min stops on time, writes its package, and its learning
-    rate ends annealed (the schedule followed the budget, not the epochs)."""
+    rate follows the clock (the share of the budget used), not the 1,000 epochs."""
     from rs_deep.rs_deep_plugin.engine.training.loop import one_cycle
     out = tmp_path / "budget"
     report = train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS), out, time_budget=0.15,
@@ -186,7 +186,11 @@ def test_time_budget_stops_the_run_and_anneals_the_schedule(tmp_path):
     assert report["time_budget_minutes"] == 0.15
     assert report["training_seconds"] >= 9.0
     last = report["history"][-1]
-    assert last["lr"] < 0.2 * report["lr"]  # well past the peak: annealing followed the clock
+    # the last step's learning rate is the one-cycle factor of its progress, and that progress is the share of the
+    # budget used, far ahead of the share of the 1,000 planned epochs (no bound on the time a step takes: a loaded
+    # machine runs fewer steps, and the last one may come well before the budget's end)
+    assert last["lr"] == pytest.approx(report["lr"] * one_cycle(last["progress"], 0.1), rel=1e-3)
+    assert last["progress"] > 10 * report["epochs_run"] / 1000
     load_package(out).load_model()
     assert one_cycle(0.0, 0.1) == pytest.approx(0.1) and one_cycle(0.1, 0.1) == pytest.approx(1.0)
     assert one_cycle(1.0, 0.1) == pytest.approx(0.001)

@@ -311,7 +311,8 @@ def fit(task, params, out_dir):
     gsd, seed, device, threads, tile_size, batch_size, lr, weight_decay, epochs_planned, steps_per_epoch,
     patience, augment, ``monitor`` ``{metric, mode, keep: "best" | "last"}``, ``settings`` and ``data`` (the
     task's), ``samples`` (counts and ``crops_seen``), ``history`` (per epoch ``{epoch, train_loss, loss_parts,
-    lr, val_loss, val}``; ``val`` holds the metrics of ``task.curves``, None without validation), epochs_run,
+    lr, progress, seconds, val_loss, val}``; ``lr`` and ``progress``: the learning rate and the schedule's position
+    (0..1, :class:`Clock`) at the epoch's last step; ``val`` holds the metrics of ``task.curves``, None without validation), epochs_run,
     ``best`` ``{epoch, metric, value, metrics}`` (the epoch packaged and its full validation metrics),
     stopped_early, cancelled, seconds, ``lineage`` (what the network started from: :meth:`.transfer.Transfer`'s
     ``lineage``, also in the package's ``rs_deep:training``).
@@ -397,7 +398,8 @@ def fit(task, params, out_dir):
                     train_prog.check()
                     if clock.done():
                         break
-                    factor = one_cycle(clock.progress(), warmup)
+                    progress = clock.progress()  # the schedule's position at this step (the report keeps the last)
+                    factor = one_cycle(progress, warmup)
                     for group in opt.param_groups:
                         group["lr"] = group.get("base_lr", params.lr) * factor
                     loss, loss_parts = task.training_loss(model, sampler.batch(batch_size), dev, fmt)
@@ -428,7 +430,8 @@ def fit(task, params, out_dir):
                 report["history"].append({
                     "epoch": epoch, "train_loss": round(train_loss, 5),
                     "loss_parts": {kk: round(float(np.mean(v)), 5) for kk, v in parts.items()},
-                    "lr": float(opt.param_groups[0]["lr"]), "seconds": round(clock.elapsed(), 1),
+                    "lr": float(opt.param_groups[0]["lr"]), "progress": round(progress, 6),
+                    "seconds": round(clock.elapsed(), 1),
                     "val_loss": round(val_loss, 5) if val_loss is not None and math.isfinite(val_loss) else None,
                     "val": {kk: round(float(metrics[kk]), 5) for kk in task.curves} if metrics else None})
                 if metrics is not None and task.select_best:
