@@ -99,24 +99,22 @@ def main():
     sample = DetectionSample(str(image), str(labels), window=train_win, name="left 60 %")
 
     if args.unet:
-        results["unet_polygons"] = unet_polygons(image, labels, train_win, held, truth)
+        results["unet_polygons"] = unet_polygons(image, labels, truth)
         print(json.dumps(results["unet_polygons"], indent=1), flush=True)
-    if args.minutes <= 0:
-        (OUT / "results.json").write_text(json.dumps(results, indent=2))
-        return
-    t0 = time.time()
-    report = train_instances([sample], OUT / "instances_model", class_names=["building"], epochs=100,
-                             time_budget=args.minutes, **TOOLBOX_DEFAULTS["instance_segmentation"],
-                             log=lambda m: print(m, flush=True))
-    res = segment_instances(str(image), OUT / "instances_model", bounds=held.bounds, score_threshold=0.05)
-    rows = [(d.polygon, 0, d.score) for d in res]
-    results["instances"] = {
-        "train_seconds": round(time.time() - t0, 1), "epochs": report["epochs_run"],
-        "steps": report["samples"]["crops_seen"] // report["batch_size"], "objects": len(res),
-        "masks": at_threshold(rows, report_threshold(OUT / "instances_model"), truth, True),
-        "boxes": at_threshold([(*p.bounds, c, s) for p, c, s in rows], report_threshold(OUT / "instances_model"),
-                              truth, False)}
-    print(json.dumps(results["instances"], indent=1), flush=True)
+    if args.minutes > 0:
+        t0 = time.time()
+        report = train_instances([sample], OUT / "instances_model", class_names=["building"], epochs=100,
+                                 time_budget=args.minutes, **TOOLBOX_DEFAULTS["instance_segmentation"],
+                                 log=lambda m: print(m, flush=True))
+        res = segment_instances(str(image), OUT / "instances_model", bounds=held.bounds, score_threshold=0.05)
+        rows = [(d.polygon, 0, d.score) for d in res]
+        results["instances"] = {
+            "train_seconds": round(time.time() - t0, 1), "epochs": report["epochs_run"],
+            "steps": report["samples"]["crops_seen"] // report["batch_size"], "objects": len(res),
+            "masks": at_threshold(rows, report_threshold(OUT / "instances_model"), truth, True),
+            "boxes": at_threshold([(*p.bounds, c, s) for p, c, s in rows], report_threshold(OUT / "instances_model"),
+                                  truth, False)}
+        print(json.dumps(results["instances"], indent=1), flush=True)
 
     if args.baseline_minutes > 0:
         t0 = time.time()
@@ -134,48 +132,38 @@ def main():
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     lines = ["| model (training budget) | matched by | precision | recall | F1 | AP50 | TP / FP / FN |",
              "|---|---|---|---|---|---|---|"]
-    inst = results["instances"]
-    for what, key in (("mask IoU >= 0.5", "masks"), ("box IoU >= 0.5 (its boxes)", "boxes")):
-        m = inst[key]
-        lines.append(f"| Mask R-CNN ({args.minutes:g} min, {inst['steps']} steps) | {what} | {m['precision']:.3f} | "
-                     f"{m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | {m['tp']} / {m['fp']} / {m['fn']} |")
+
+    def row(model, what, m):
+        lines.append(f"| {model} | {what} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | "
+                     f"{m['tp']} / {m['fp']} / {m['fn']} |")
+
+    if "instances" in results:
+        inst = results["instances"]
+        for what, key in (("mask IoU >= 0.5", "masks"), ("box IoU >= 0.5 (its boxes)", "boxes")):
+            row(f"Mask R-CNN ({args.minutes:g} min, {inst['steps']} steps)", what, inst[key])
     if "detector" in results:
-        d, m = results["detector"], results["detector"]["boxes"]
-        lines.append(f"| {d['architecture']} detector ({args.baseline_minutes:g} min) | box IoU >= 0.5 | "
-                     f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | "
-                     f"{m['tp']} / {m['fp']} / {m['fn']} |")
+        d = results["detector"]
+        row(f"{d['architecture']} detector ({args.baseline_minutes:g} min)", "box IoU >= 0.5", d["boxes"])
     if "unet_polygons" in results:
-        u, m = results["unet_polygons"], results["unet_polygons"]["masks"]
-        lines.append(f"| U-Net polygons (rs_deep:train defaults, {u['train_seconds'] / 60:.1f} min) | mask IoU >= 0.5 | "
-                     f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['ap']:.3f} | "
-                     f"{m['tp']} / {m['fp']} / {m['fn']} |")
+        u = results["unet_polygons"]
+        row(f"U-Net polygons (rs_deep:train defaults, {u['train_seconds'] / 60:.1f} min)", "mask IoU >= 0.5",
+            u["masks"])
     text = (f"Held-back right {HELD_OUT:.0%} of {data.name} ({len(truth)} footprints; precision/recall/F1 at the "
             "package's score threshold)\n\n" + "\n".join(lines))
     print(text)
     (OUT / "results.md").write_text(text + "\n")
 
 
-def unet_polygons(image, labels, train_win, held, truth):
+def unet_polygons(image, labels, truth):
     """rs_deep:train (defaults, a segmentation U-Net) on the training columns, rs_deep:segment of the held-back columns
     with polygons: every building polygon one object scored by its mean probability (see the module docstring)."""
-    import rasterio
-    from rasterio.windows import Window
     from qgis.core import QgsRasterLayer, QgsVectorLayer
     from qgis_env import start_processing
-    from compare_rf import label_layer, train_unet
+    from compare_rf import label_layer, split_raster, train_unet
     app, processing, provider = start_processing()  # noqa: F841 (the provider must stay referenced)
     folder = OUT / "unet"
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {}
-    with rasterio.open(image) as src:
-        c0, _, c1, h = train_win
-        for name, win in (("train", Window(c0, 0, c1 - c0, h)), ("test", Window(c1, 0, src.width - c1, h))):
-            prof = dict(src.profile, width=int(win.width), height=int(win.height), transform=src.window_transform(win),
-                        driver="GTiff", tiled=False)
-            prof.pop("blockxsize", None), prof.pop("blockysize", None)
-            parts[name] = str(folder / f"{name}.tif")
-            with rasterio.open(parts[name], "w", **prof) as dst:
-                dst.write(src.read(window=win))
+    parts = split_raster(str(image), str(folder), "right", HELD_OUT)  # the columns of areas(): the same cut
     crs = QgsRasterLayer(parts["train"], "t").crs().authid()
     spec = {"labels": str(labels), "field": None}
     layer = label_layer(spec, "/", crs)
