@@ -6,7 +6,7 @@ as users and ``qgis_process`` know them) and reads it back in ``process`` (``rea
 them)::
 
     add_input_block(self)               # INPUT, MODEL, BANDS, EXTENT
-    add_tiling_block(self)              # TILE_SIZE, OVERLAP, BATCH_SIZE, DEVICE (advanced)
+    add_tiling_block(self)              # TILE_SIZE, OVERLAP, BATCH_SIZE, DEVICE, VALUE_SCALING (advanced)
     ...
     raster = read_raster(self, parameters, INPUT, context)
     pkg = read_model(self, parameters, context, feedback, SEGMENTATION)
@@ -23,6 +23,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessin
                        QgsProcessingParameterString)
 
 from ..rs_deep_plugin.engine.inference.distributed import SCHEDULER_ENV, default_cluster
+from ..rs_deep_plugin.engine.models.package import SCALING_CHOICES
 from ..rs_deep_plugin.engine.models.tta import TTA_CHOICES
 from .base import DEVICES, MODELS_DIR, FeedbackBridge, NamedEnum, bundled_models
 from .layers import export_raster_layer, gdal_path
@@ -84,10 +85,33 @@ def load_model_package(value, task):
 
 
 def read_model(alg, parameters, context, feedback, task):
-    """MODEL as a loaded package of ``task`` (an ``engine.tasks.Task``); its name is logged."""
+    """MODEL as a loaded package of ``task`` (an ``engine.tasks.Task``; its name is logged), with the run's
+    VALUE_SCALING when the algorithm has it (:func:`read_value_scaling`)."""
     pkg = load_model_package(alg.parameterAsFile(parameters, MODEL, context), task.name)
     feedback.pushInfo(f"Model: {pkg.name}")
-    return pkg
+    return read_value_scaling(alg, parameters, context, pkg)
+
+
+VALUE_SCALING = "VALUE_SCALING"
+VALUE_SCALING_LABELS = ("As the model says", "The training data's (stored in the model)",
+                        "This input's own 1st-99th percentiles")
+VALUE_SCALING_HELP = ("How the raster's values are scaled for the model. 'As the model says': RS Deep models "
+                      "trained for segmentation scale each input by its own 1st-99th percentiles, other models by "
+                      "their training data's range. 'This input's own' makes a model robust to a darker or brighter "
+                      "scene than it was trained on (another date, sun or view angle); 'The training data's' keeps "
+                      "absolute values (e.g. reflectance, where a brighter field means something).")
+
+
+def read_value_scaling(alg, parameters, context, pkg):
+    """``pkg`` with VALUE_SCALING applied (the package as it is when the algorithm has no such parameter)."""
+    if alg.parameterDefinition(VALUE_SCALING) is None:
+        return pkg
+    from ..rs_deep_plugin.engine.errors import RSDeepError
+    from ..rs_deep_plugin.engine.models.package import with_input_scaling
+    try:
+        return with_input_scaling(pkg, alg.parameterAsEnumName(parameters, VALUE_SCALING, context))
+    except RSDeepError as exc:
+        raise QgsProcessingException(str(exc)) from exc
 
 
 # -- the input block: raster(s), bands, extent -----------------------------------------------------------------------
@@ -204,7 +228,8 @@ DEVICE = "DEVICE"
 
 
 def add_tiling_block(alg, tiles=True, help=None):
-    """TILE_SIZE and OVERLAP (with ``tiles``), BATCH_SIZE and DEVICE, all advanced; ``help``: {name: text}."""
+    """TILE_SIZE and OVERLAP (with ``tiles``), BATCH_SIZE, DEVICE and VALUE_SCALING (read with the model:
+    :func:`read_model`), all advanced; ``help``: {name: text}."""
     integer = QgsProcessingParameterNumber.Integer
     if tiles:
         add(alg, QgsProcessingParameterNumber(TILE_SIZE, "Tile size (px at the model's GSD; 0 = package)", integer, 0,
@@ -214,6 +239,8 @@ def add_tiling_block(alg, tiles=True, help=None):
     add(alg, QgsProcessingParameterNumber(BATCH_SIZE, "Batch size (0 = auto)", integer, 0, optional=True, minValue=0),
         help, advanced=True)
     add(alg, NamedEnum(DEVICE, "Device", DEVICES, defaultValue=0), help, advanced=True)
+    add(alg, NamedEnum(VALUE_SCALING, "Value scaling of the input", VALUE_SCALING_LABELS, SCALING_CHOICES,
+                       defaultValue=0), dict({VALUE_SCALING: VALUE_SCALING_HELP}, **(help or {})), advanced=True)
 
 
 def read_tiling(alg, parameters, context, tiles=True):
@@ -245,6 +272,7 @@ OBJECT_HELP = {
              "bands the model needs (an alpha band is ignored).",
     "BATCH_SIZE": "Tiles per forward pass; 0 = automatic (larger on a GPU).",
     "DEVICE": "auto picks a CUDA GPU, then Apple MPS, then the CPU.",
+    VALUE_SCALING: VALUE_SCALING_HELP,
     "SCORE_THRESHOLD": "Objects scoring below this (0..1) are dropped; -1 = the package's value.",
     "MAX_DETECTIONS": "Most objects kept per tile; 0 = the package's value.",
 }
@@ -438,7 +466,8 @@ def add_training_data_block(alg, tasks, input_optional=False, label_raster=True)
 HELP_LABELS = {INPUT: "Input raster", MODEL: "Model package", BANDS: "Bands", EXTENT: "Extent", TILE_SIZE: "Tile size",
                OVERLAP: "Tile overlap", BATCH_SIZE: "Batch size", DEVICE: "Device", MIN_AREA: "Minimum area",
                SIMPLIFY: "Simplify", RESOLUTION: "Processing resolution", TTA: "Test-time augmentation",
-               CLUSTER: "Dask cluster", CLUSTER_BLOCK: "Cluster block size"}
+               CLUSTER: "Dask cluster", CLUSTER_BLOCK: "Cluster block size",
+               VALUE_SCALING: "Value scaling of the input"}
 BANDS_HELP = ("The raster bands to feed the model, in the model's order. Leave empty when the raster has exactly the "
               "bands the model needs.")
 INPUT_HELP = "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than memory are processed tile by tile."
@@ -452,6 +481,7 @@ CLASS_RASTER_HELP = {
              "seams show.",
     BATCH_SIZE: "Tiles per forward pass; 0 = automatic (larger on a GPU).",
     DEVICE: DEVICE_HELP,
+    VALUE_SCALING: VALUE_SCALING_HELP,
     MIN_AREA: "Polygons smaller than this (m²) are dropped; -1 = 10 pixels.",
     SIMPLIFY: "Tolerance in map units for the polygons; -1 = one pixel, 0 = none.",
 }

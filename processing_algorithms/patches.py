@@ -8,6 +8,7 @@ from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
 from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
+                     VALUE_SCALING, VALUE_SCALING_HELP,
                      add, add_cluster, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string,
                      optional_number, read_area, read_cluster, read_model, read_raster, read_tiling, read_tta)
 from .sinks import FeatureSinks
@@ -38,6 +39,7 @@ HELP = {
     TTA: TTA_HELP.replace("each tile", "each patch").replace(", turned back,", ""),
     BATCH_SIZE: "Patches run at once (0 = auto).",
     DEVICE: DEVICE_HELP,
+    VALUE_SCALING: VALUE_SCALING_HELP,
 }
 LABELS = {PATCH_SIZE: "Patch size", STRIDE: "Stride", THRESHOLD: "Threshold (multi-label)", OUTPUT: "Patches"}
 

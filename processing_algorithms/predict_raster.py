@@ -11,7 +11,7 @@ from .outputs import RunOutputs
 from .params import (BANDS, BANDS_HELP, EXTENT, EXTENT_HELP, INPUT, INPUT_HELP, MASK_HELP, MODEL, OUTPUT, RESOLUTION,
                      RESOLUTION_HELP, add, add_cluster, add_input_block, add_max_pixels, add_resolution,
                      add_tiling_block, help_string, load_model_package, optional_number, read_area, read_cluster,
-                     read_raster, read_resolution, read_tiling)
+                     read_raster, read_resolution, read_tiling, read_value_scaling, VALUE_SCALING, VALUE_SCALING_HELP)
 
 MASK = "MASK"
 OUTPUT_SCALING = "OUTPUT_SCALING"
@@ -28,6 +28,7 @@ HELP = {
     OUTPUT_SCALING: "Multiply the model's values by this (Deepness's output scaling). 0: the model's own "
                     "(a package's rs_deep:value_scale, an ONNX model's reg_output_scaling, else 1).",
     RESOLUTION: RESOLUTION_HELP,
+    VALUE_SCALING: VALUE_SCALING_HELP,
 }
 LABELS = {MASK: "Mask", OUTPUT: "Output raster", OUTPUT_SCALING: "Output scaling"}
 
@@ -58,7 +59,8 @@ class PredictRasterAlgorithm(RSDeepAlgorithm):
         from ..rs_deep_plugin.engine.inference.predict import predict_raster
         raster = read_raster(self, parameters, INPUT, context)
         outputs = RunOutputs(self, parameters, context, feedback, rasters=(OUTPUT,))
-        pkg = load_model_package(self.parameterAsFile(parameters, MODEL, context), RASTER_TASKS)
+        pkg = read_value_scaling(self, parameters, context,
+                                 load_model_package(self.parameterAsFile(parameters, MODEL, context), RASTER_TASKS))
         feedback.pushInfo(f"Model: {pkg.name} ({pkg.task.replace('_', '-')})")
         read_area(self, parameters, context, raster)
         mask = mask_geometries(self.parameterAsSource(parameters, MASK, context), raster.crs, context)

@@ -20,7 +20,7 @@ from .params import number_or, resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES, default_encoder)
 from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
-from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS
+from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS, PER_INPUT_TASKS
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.regression import LOSSES
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
@@ -34,6 +34,13 @@ LOSS_LABELS = ["L1 (mean absolute error)", "MSE (mean squared error)"]
 AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
+#: INPUT_SCALING choices -> the trainers' input_scaling (None: the task's default)
+INPUT_SCALINGS = [f"auto (each input's own for {', '.join(t.replace('_', ' ') for t in PER_INPUT_TASKS)}; the "
+                  "training data's for the other tasks)",
+                  "the training data's 1st-99th percentiles (stored in the package)",
+                  "each input's own 1st-99th percentiles (robust to darker or brighter scenes)"]
+INPUT_SCALING_NAMES = ["auto", "training", "input"]
+INPUT_SCALING_VALUES = {"auto": None, "training": False, "input": True}
 TIME_BUDGET_DEFAULT = 10.0  # minutes (20 CPU-minutes on 2 cores)
 EPOCHS_DEFAULT = 100
 PATIENCE_DEFAULT = 10
@@ -96,6 +103,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
     AUGMENT = "AUGMENT"
     PATIENCE = "PATIENCE"
     EMA = "EMA"
+    INPUT_SCALING = "INPUT_SCALING"
     SEED = "SEED"
     INIT_FROM = "INIT_FROM"
     ENCODER_WEIGHTS = "ENCODER_WEIGHTS"
@@ -266,6 +274,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          "validated and packaged (0 = off, the last step's weights)",
                                          QgsProcessingParameterNumber.Double, EMA_DECAY, optional=True, minValue=0.0,
                                          maxValue=0.9999),
+            NamedEnum(self.INPUT_SCALING, "Value scaling of the inputs the model will get", INPUT_SCALINGS,
+                      INPUT_SCALING_NAMES, defaultValue=0, optional=True),
             QgsProcessingParameterNumber(self.SEED, "Random seed (crops, augmentations, initial weights: the same seed "
                                          "and settings train the same network on the same device)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
@@ -327,6 +337,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         patience = number_or(self, parameters, self.PATIENCE, context, PATIENCE_DEFAULT, integer=True)
         ema = number_or(self, parameters, self.EMA, context, EMA_DECAY)
         seed = number_or(self, parameters, self.SEED, context, 0, integer=True)
+        scaling = INPUT_SCALING_VALUES[self.parameterAsEnumName(parameters, self.INPUT_SCALING, context)]
         out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not out_dir:
             raise QgsProcessingException("OUTPUT: give the folder to write the model package to")
@@ -351,7 +362,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException(str(exc)) from exc
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(final_dir))) or "model"
         common = dict(epochs=epochs, time_budget=budget or None, steps_per_epoch=steps, lr=lr, device=device,
-                      name=name, augment=augment, ema_decay=ema, seed=seed, **transfer)
+                      name=name, augment=augment, ema_decay=ema, seed=seed, input_scaling=scaling, **transfer)
         common["batch_size"] = batch
         bridge = _Bridge(feedback, 0, 100)
         callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)

@@ -706,8 +706,8 @@ def test_detect_algorithm_is_registered_with_help(provider):
     assert alg is not None and alg.group() == "Apply models"
     names = [p.name() for p in alg.parameterDefinitions()]
     assert names == ["INPUT", "MODEL", "BANDS", "EXTENT", "OUTPUT", "OUTPUT_CENTROIDS", "RESOLUTION", "TILE_SIZE",
-                     "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD", "MAX_DETECTIONS",
-                     "MAX_PIXELS", "CLUSTER", "CLUSTER_BLOCK"]
+                     "OVERLAP", "BATCH_SIZE", "DEVICE", "VALUE_SCALING", "SCORE_THRESHOLD", "IOU_THRESHOLD",
+                     "MAX_DETECTIONS", "MAX_PIXELS", "CLUSTER", "CLUSTER_BLOCK"]
     helptext = alg.shortHelpString()
     for p in alg.parameterDefinitions():
         assert p.description()
@@ -716,8 +716,8 @@ def test_detect_algorithm_is_registered_with_help(provider):
     for label in ("Score threshold", "Tile overlap", "Maximum objects per tile", "Object centres"):
         assert label in helptext
     adv = {p.name() for p in alg.parameterDefinitions() if p.flags() & QgsProcessingParameterDefinition.FlagAdvanced}
-    assert adv == {"RESOLUTION", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "SCORE_THRESHOLD", "IOU_THRESHOLD",
-                   "MAX_DETECTIONS", "MAX_PIXELS", "CLUSTER", "CLUSTER_BLOCK"}
+    assert adv == {"RESOLUTION", "TILE_SIZE", "OVERLAP", "BATCH_SIZE", "DEVICE", "VALUE_SCALING", "SCORE_THRESHOLD",
+                   "IOU_THRESHOLD", "MAX_DETECTIONS", "MAX_PIXELS", "CLUSTER", "CLUSTER_BLOCK"}
 
 
 def test_detect_through_processing_run(provider, tmp_path, det_package, square_finder):

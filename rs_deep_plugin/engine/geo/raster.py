@@ -1,5 +1,6 @@
 """Reading rasters for the models: windows, band choice, value scaling, GSD matching, nodata."""
 import math
+import os
 import warnings
 
 import numpy as np
@@ -92,6 +93,101 @@ def apply_scaling(data, scaling):
         elif t == "scale":
             band *= 1.0 / float(s["value"])
     return data
+
+
+def percentile_scaling(data, valid, low=1.0, high=99.0, max_samples=2_000_000, seed=0, what="The training image"):
+    """Per-band MLM min-max scaling from the ``low``..``high`` percentiles of the valid (and finite) pixels of
+    ``data`` [C, H, W] (``valid`` [H, W]); at most ``max_samples`` of them, drawn with ``seed``."""
+    out = []
+    if np.issubdtype(data.dtype, np.floating):
+        valid = valid & np.isfinite(data).all(axis=0)
+    idx = np.flatnonzero(valid.ravel())
+    if idx.size == 0:
+        raise InputError(f"{what} has no valid pixels (all nodata)")
+    if idx.size > max_samples:
+        idx = np.random.default_rng(seed).choice(idx, max_samples, replace=False)
+    for band in data:
+        vals = band.ravel()[idx].astype(np.float64)
+        lo, hi = np.percentile(vals, [low, high])
+        lo, hi = float(lo), float(hi)
+        if not hi > lo:
+            lo, hi = float(vals.min()), float(vals.max())
+        if not hi > lo:
+            hi = lo + 1.0
+        out.append({"type": "min-max", "minimum": lo, "maximum": hi})
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# per-input value scaling: a package with ``input_percentiles`` (rs_deep:input_percentiles) scales every input by
+# its own percentiles instead of the stored ones (those of its training data)
+
+#: rasters of at most this many pixels are read whole for their percentiles (exactly as training reads its image);
+#: larger ones in a regular grid of SAMPLE_GRID x SAMPLE_GRID windows of SAMPLE_WINDOW px (about 1 M pixels)
+FULL_READ_PIXELS = 4_000_000
+SAMPLE_GRID = 16
+SAMPLE_WINDOW = 64
+_INPUT_SCALING = {}  # (file, size, mtime, bands, percentiles) -> scaling: one computation per input and process
+
+
+def sample_windows(width, height, grid=SAMPLE_GRID, size=SAMPLE_WINDOW, block=(1, 1)):
+    """``grid`` x ``grid`` windows (x, y, w, h) of ``size`` px spread evenly over a raster (their centres on a
+    regular grid; fewer when the raster is small), each starting at a corner of its ``block`` (the raster's
+    (width, height) of a block) so that it reads one block, not four."""
+    out = []
+    bw, bh = (b if b <= n / grid else 1 for b, n in zip(block, (width, height)))  # strips: not aligned along them
+    w, h = min(size, width), min(size, height)
+    for j in range(grid):
+        for i in range(grid):
+            x = int((i + 0.5) * width / grid) // bw * bw
+            y = int((j + 0.5) * height / grid) // bh * bh
+            out.append((min(max(0, x), width - w), min(max(0, y), height - h), w, h))
+    return sorted(set(out))
+
+
+def input_value_scaling(ds, bands, percentiles, path=None):
+    """The MLM value scaling of the open raster ``ds`` itself: per band, min-max of its ``percentiles`` (low, high)
+    over the pixels valid in every band. The whole raster (a small one) or :func:`sample_windows` (a large one),
+    so that every process, block and thread of a run computes the same scaling; memoised per file."""
+    key = None
+    if path is not None and os.path.isfile(os.fspath(path)):
+        st = os.stat(path)
+        key = (os.path.abspath(os.fspath(path)), st.st_size, st.st_mtime_ns, tuple(bands), tuple(percentiles))
+        if key in _INPUT_SCALING:
+            return [dict(s) for s in _INPUT_SCALING[key]]
+    from rasterio.windows import Window
+    low, high = (float(p) for p in percentiles)
+    what = f"The input raster {os.path.basename(os.fspath(path))}" if path else "The input raster"
+    try:
+        if ds.width * ds.height <= FULL_READ_PIXELS:
+            data = ds.read(bands, out_dtype="float32")
+            valid = np.all(ds.read_masks(bands) > 0, axis=0)
+        else:
+            cols, masks = [], []
+            bh, bw = ds.block_shapes[0]
+            for x, y, w, h in sample_windows(ds.width, ds.height, block=(bw, bh)):
+                win = Window(x, y, w, h)
+                cols.append(ds.read(bands, window=win, out_dtype="float32").reshape(len(bands), 1, -1))
+                masks.append(np.all(ds.read_masks(bands, window=win) > 0, axis=0).reshape(1, -1))
+            data, valid = np.concatenate(cols, axis=2), np.concatenate(masks, axis=1)
+    except (OSError, _rasterio().errors.RasterioError) as exc:
+        raise InputError(f"Cannot read {path or 'the input raster'} for its value range: {exc}. The file is damaged "
+                         "or incomplete; re-export it, or open it in QGIS to check it.") from exc
+    scaling = percentile_scaling(data, valid, low, high, what=what)
+    if key is not None:
+        if len(_INPUT_SCALING) > 64:
+            _INPUT_SCALING.clear()
+        _INPUT_SCALING[key] = [dict(s) for s in scaling]
+    return scaling
+
+
+def describe_scaling(scaling, bands):
+    """"b1 12..873, b2 ..." of min-max scalings, for the log."""
+    parts = []
+    for b, s in zip(bands, scaling):
+        if s and s.get("type") == "min-max":
+            parts.append(f"band {b} {s['minimum']:g}..{s['maximum']:g}")
+    return ", ".join(parts)
 
 
 def resolve_bands(count, colorinterp, requested, package):
@@ -246,6 +342,8 @@ class RasterReader:
         self.transform, self.crs = ds.transform, ds.crs
         self.bands = resolve_bands(ds.count, ds.colorinterp, bands, package)
         self.scaling = package.value_scaling
+        if getattr(package, "input_percentiles", None):  # scaled by its own percentiles, not the training data's
+            self.scaling = input_value_scaling(ds, self.bands, package.input_percentiles, path)
         self.gsd = pixel_size_metres(self.crs, self.transform, self.width, self.height)
         self.model_gsd = package.gsd
         self.scale = 1.0  # model pixel size in native pixels

@@ -202,7 +202,8 @@ def _worker_model(payload, job, kind):
     package's bytes go to a temporary folder only while the network is loaded (nothing is left on the worker)."""
     name, data = payload
     sha = hashlib.sha256(data).hexdigest()
-    key = (sha, job["gsd"], job.get("tiling"), job["device"], job.get("tta"), kind, job.get("detection"))
+    key = (sha, job["gsd"], job.get("tiling"), job["device"], job.get("tta"), kind, job.get("detection"),
+           job.get("input_percentiles"))
     if key not in _WORKER_MODELS:
         from ..models.loading import load_package
         from ..models.onnx.cache import inference_backend, make_runner
@@ -211,7 +212,8 @@ def _worker_model(payload, job, kind):
             path = os.path.join(folder, name)
             with open(path, "wb") as f:
                 f.write(data)
-            pkg = dataclasses.replace(load_package(path), gsd=job["gsd"])
+            # the client's choices: processing resolution and per-input scaling (the package's or a run's override)
+            pkg = dataclasses.replace(load_package(path), gsd=job["gsd"], input_percentiles=job.get("input_percentiles"))
             if job.get("tiling"):
                 pkg = pkg.with_tiling(*job["tiling"])
             # the runner applies RS_DEEP_THREADS (CPU threads); a package cached for onnxruntime runs there
@@ -274,7 +276,8 @@ def run_blocks(cluster, pkg, job, prog, log, share=0.95):
         tiled = pkg.with_tiling(*job["tiling"]) if job.get("tiling") else pkg
         inference_backend(dataclasses.replace(tiled, gsd=job["gsd"]), job["device"], log)
     with ClusterSession(cluster, log) as client:
-        job = dict(job, open_reader=_absolute_paths(job["open_reader"]))  # the workers run elsewhere
+        job = dict(job, open_reader=_absolute_paths(job["open_reader"]),  # the workers run elsewhere
+                   input_percentiles=pkg.input_percentiles)
         payload = client.scatter(package_payload(pkg), broadcast=True, hash=False)
         job_f = client.scatter(job, broadcast=True, hash=False)
         futures = {client.submit(_block_task, job_f, payload, i, pure=False, key=f"rs_deep-block-{i}"): i

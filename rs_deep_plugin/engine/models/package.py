@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .architectures import validate_builder
 from .detection_options import validate_detection_metadata
-from ..errors import MissingDependency, ModelPackageError
+from ..errors import InputError, MissingDependency, ModelPackageError
 from ..files import write_atomic
 from ..tasks import OBJECT_TASKS, TASKS as TASK_TABLE
 from .arch_torchvision import INSTANCE_ARCHITECTURES, is_instance_builder
@@ -92,6 +92,10 @@ class ModelPackage:
     value_scale: float = 1.0
     value_offset: float = 0.0
     units: str = ""
+    #: (low, high): every input is scaled by its own percentiles (min-max of its low..high percentiles, per band:
+    #: :func:`..geo.raster.input_value_scaling`) instead of ``value_scaling`` (its training data's, which other
+    #: tools and the ONNX export use); rs_deep:input_percentiles. None: ``value_scaling``.
+    input_percentiles: tuple = None
     backend = "torch"  # "onnx" for an :class:`.onnx.package.OnnxPackage`
     threshold = None  # the model's probability threshold (an ONNX model's seg_thresh); None: argmax only
     binary_output = False  # True: one sigmoid channel, expanded to (background, class) by the runner
@@ -625,6 +629,7 @@ def parse_metadata(meta, source="model.json", registries=True):
     multi_label, thresholds = _parse_multi_label(props, task, activation, len(classes))
     n_out = builder["classes"]
     raster_out = _raster_output(props, task, n_out, len(classes), activation, builder)
+    percentiles = parse_input_percentiles(props.get("rs_deep:input_percentiles"))
     if task in ("segmentation", "change"):
         ok = n_out == len(classes) or (activation == "sigmoid" and n_out == 1 and len(classes) == 2)
         if not ok:
@@ -664,8 +669,41 @@ def parse_metadata(meta, source="model.json", registries=True):
     return dict(name=name, task=task, bands=bands, value_scaling=scaling, classes=classes, tile_size=tile,
                 overlap=overlap, gsd=float(gsd) if gsd is not None else None, builder=builder,
                 activation=activation, weights_sha256=sha.lower(), multi_label=multi_label,
-                class_thresholds=thresholds, description=str(props.get("description", meta.get("description", ""))),
+                class_thresholds=thresholds, input_percentiles=percentiles, description=str(props.get("description", meta.get("description", ""))),
                 **raster_out)
+
+
+#: the percentiles of per-input value scaling (those of the training data's scaling: training/data.py)
+INPUT_PERCENTILES = (1.0, 99.0)
+#: a run's choice of value scaling (:func:`with_input_scaling`)
+SCALING_CHOICES = ("model", "training", "input")
+
+
+def with_input_scaling(pkg, choice):
+    """``pkg`` with a run's value scaling: "model", as its package says; "training", its stored ``value_scaling``
+    (its training data's); "input", each input's own 1st..99th percentiles (:data:`INPUT_PERCENTILES`). A
+    super-resolution model writes values in its training image's range, so it keeps its stored scaling."""
+    if choice not in SCALING_CHOICES:
+        raise InputError(f"VALUE_SCALING must be one of {', '.join(SCALING_CHOICES)}; got {choice!r}")
+    if choice == "model":
+        return pkg
+    if choice == "input" and pkg.task == "super_resolution":
+        raise InputError("A super-resolution model writes values in its training image's range, so it cannot scale "
+                         "each input by its own percentiles: leave VALUE_SCALING at 'model'")
+    percentiles = INPUT_PERCENTILES if choice == "input" else None
+    return pkg if pkg.input_percentiles == percentiles else dataclasses.replace(pkg, input_percentiles=percentiles)
+
+
+def parse_input_percentiles(raw):
+    """``rs_deep:input_percentiles`` -> (low, high) or None: two numbers, 0 <= low < high <= 100."""
+    if raw is None:
+        return None
+    ok = isinstance(raw, (list, tuple)) and len(raw) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw)
+    if not ok or not 0 <= raw[0] < raw[1] <= 100:
+        raise ModelPackageError("model.json: properties.rs_deep:input_percentiles: expected [low, high], two "
+                                f"percentiles with 0 <= low < high <= 100 (e.g. [1, 99]), or null; got {raw!r}")
+    return (float(raw[0]), float(raw[1]))
 
 
 def _raster_output(props, task, n_out, n_classes, activation, builder):
@@ -834,8 +872,15 @@ def package_summary(pkg):
     gsd = f"{pkg.gsd:g} m" if pkg.gsd else "any"
     return (f"{pkg.name} ({pkg.task}; {pkg.builder['architecture']}/{pkg.builder['encoder']}; "
             f"bands: {', '.join(pkg.bands)}; GSD {gsd}; tile {pkg.tile_size} px, overlap {pkg.overlap}; "
-            f"classes: {classes}{'; multi-label' if pkg.multi_label else ''})")
+            f"classes: {classes}{'; multi-label' if pkg.multi_label else ''}{input_scaling_note(pkg)})")
+
+
+def input_scaling_note(pkg):
+    """"; each input scaled by its own 1st-99th percentiles" for a package with per-input scaling, else ""."""
+    pct = getattr(pkg, "input_percentiles", None)
+    return f"; each input scaled by its own {pct[0]:g}-{pct[1]:g} percentiles" if pct else ""
 
 
 __all__ = ["ModelPackage", "ModelClass", "read_package", "save_package", "build_metadata", "parse_metadata",
-           "package_summary", "describe_mismatch", "FORMAT_VERSION"]
+           "package_summary", "describe_mismatch", "parse_input_percentiles", "with_input_scaling", "INPUT_PERCENTILES",
+           "SCALING_CHOICES", "FORMAT_VERSION"]

@@ -32,7 +32,7 @@ from ..geo.labels import IGNORE
 from ..geo.raster import pixel_size_metres
 from .augment import check_augment
 from .data import check_band_names, compute_value_scaling, model_classes, scale_image, select_bands
-from .loop import MIN_STEPS, TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import MIN_STEPS, TrainParams, check_package_tiling, check_tile, fit, import_torch, input_percentiles
 from .samplers import PairSampler
 from .segmentation import DenseTask, evaluate
 
@@ -108,8 +108,15 @@ def _scaling_for(pairs, seed):
     return compute_value_scaling(np.concatenate(cols, axis=2), np.concatenate(valids, axis=1), seed=seed)
 
 
-def _scaled(pair, scaling):
-    return scale_image(pair["image"].copy(), pair["valid"], scaling + scaling)  # the same scaling for both dates
+def _scaled(pair, scaling, percentiles=None, seed=0):
+    """The pair's two dates scaled: both with ``scaling``, or (``percentiles``, per-input scaling) each date by its
+    own percentiles, as inference scales BEFORE and AFTER."""
+    img, valid = pair["image"], pair["valid"]
+    if not percentiles:
+        return scale_image(img.copy(), valid, scaling + scaling)  # the same scaling for both dates
+    c = img.shape[0] // 2
+    own = [s for d in (0, 1) for s in compute_value_scaling(img[d * c:(d + 1) * c], valid, *percentiles, seed=seed)]
+    return scale_image(img.copy(), valid, own)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,14 +226,17 @@ def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "c
         gs = [p["gsd"] for p in train]
         gsd = gs[0] if all(g is not None for g in gs) and max(gs) <= min(gs) * 1.1 else None
     scaling = _scaling_for(train, params.seed)
+    pct = input_percentiles(params, ChangeTask.task)
     photometric_off = augment.get("brightness", 1) == 0 and augment.get("contrast", 1) == 0
-    task = ChangeTask(train, val, [_scaled(p, scaling) for p in train], [_scaled(p, scaling) for p in val],
+    task = ChangeTask(train, val, [_scaled(p, scaling, pct, params.seed) for p in train],
+                      [_scaled(p, scaling, pct, params.seed) for p in val],
                       dict(weights=pair_weights, swap_dates=swap_dates and k == 2,
                            date_jitter=0.0 if photometric_off else date_jitter, scale_range=scale_range,
                            foreground_prob=foreground_prob, **augment), dice_weight)
     task.configure(
         classes=classes, band_names=band_names, band_numbers=train[0]["bands"], builder=builder,
-        value_scaling=scaling, gsd=gsd, tile_size=tile_size, augment=augment, package_tile_size=package_tile_size,
+        value_scaling=scaling, input_percentiles=pct, gsd=gsd, tile_size=tile_size, augment=augment,
+        package_tile_size=package_tile_size,
         package_overlap=package_overlap,
         settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range),
                   "swap_dates": swap_dates and k == 2, "date_jitter": 0.0 if photometric_off else date_jitter},

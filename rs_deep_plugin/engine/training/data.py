@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError, require
 from ..geo.labels import IGNORE, clip_boxes, map_to_pixels, read_geojson_boxes, read_geojson_shapes, read_voc_boxes
-from ..geo.raster import apply_scaling, pixel_size_metres
+from ..geo.raster import apply_scaling, percentile_scaling, pixel_size_metres
 from ..models.package import ModelClass
 
 VAL_SIDES = ("bottom", "top", "left", "right")
@@ -85,23 +85,9 @@ def band_names(ds, bands, names=None):
 
 
 def compute_value_scaling(data, valid, low=1.0, high=99.0, max_samples=2_000_000, seed=0):
-    """Per-band MLM min-max scaling from the ``low``..``high`` percentiles of the valid pixels."""
-    out = []
-    idx = np.flatnonzero(valid.ravel())
-    if idx.size == 0:
-        raise InputError("The training image has no valid pixels (all nodata)")
-    if idx.size > max_samples:
-        idx = np.random.default_rng(seed).choice(idx, max_samples, replace=False)
-    for band in data:
-        vals = band.ravel()[idx].astype(np.float64)
-        lo, hi = np.percentile(vals, [low, high])
-        lo, hi = float(lo), float(hi)
-        if not hi > lo:
-            lo, hi = float(vals.min()), float(vals.max())
-        if not hi > lo:
-            hi = lo + 1.0
-        out.append({"type": "min-max", "minimum": lo, "maximum": hi})
-    return out
+    """Per-band MLM min-max scaling from the ``low``..``high`` percentiles of the valid pixels (the function a
+    package with per-input scaling applies to each input: :func:`.raster.percentile_scaling`)."""
+    return percentile_scaling(data, valid, low, high, max_samples, seed)
 
 
 def scale_image(img, valid, scaling):

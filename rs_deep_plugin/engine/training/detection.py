@@ -39,7 +39,8 @@ from .augment import check_augment
 from .builders import resolve_builder
 from .data import (DetectionSample, as_sample, check_band_names, compute_value_scaling, load_sample,
                    model_classes, resample_to_gsd, scale_image)
-from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import (MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch,
+                   input_percentiles)
 from .samplers import BoxCropSampler
 
 # --------------------------------------------------------------------------------------------
@@ -314,13 +315,18 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
     if not sum(len(it.boxes) for it in train_items):
         raise InputError("No boxes fall in the training images: check that the boxes overlap the images and are "
                          "in the image's CRS (GeoJSON) or pixels (VOC, lists)")
-    if value_scaling is None:
+    percentiles = input_percentiles(params, task_type.task)
+    if percentiles and value_scaling is not None:
+        raise InputError("value_scaling is given, but the package is to scale each input by its own percentiles "
+                         "(input_scaling): leave one of them out")
+    if value_scaling is None:  # stored in the package (the ONNX export and other tools use it)
         pix = np.concatenate([it.img[:, it.valid] for it in train_items], axis=1)
         value_scaling = compute_value_scaling(pix[:, None, :], np.ones((1, pix.shape[1]), dtype=bool),
                                               seed=params.seed)
         del pix
-    for it in train_items + val_items:
-        scale_image(it.img, it.valid, value_scaling)
+    for it in train_items + val_items:  # per-input scaling: each image by its own percentiles, as inference will
+        own = compute_value_scaling(it.img, it.valid, *percentiles, seed=params.seed) if percentiles else None
+        scale_image(it.img, it.valid, own or value_scaling)
 
     task = task_type(train_items, val_items,
                          dict(scale_range=scale_range, object_prob=object_prob, min_visible=min_visible,
@@ -331,7 +337,8 @@ def train_detection(samples, out_dir, *, boxes=None, class_names=("object",), cl
                 for it in items]
 
     task.configure(
-        classes=classes, band_names=band_names, builder=builder, value_scaling=value_scaling, gsd=gsd,
+        classes=classes, band_names=band_names, builder=builder, value_scaling=value_scaling,
+        input_percentiles=percentiles, gsd=gsd,
         tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
         settings={"keep": keep if val_items else "last", "scale_range": list(scale_range), "object_prob": object_prob,
                   "min_visible": min_visible,

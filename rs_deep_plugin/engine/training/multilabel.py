@@ -22,7 +22,7 @@ from ..evaluation.metrics import choose_thresholds, multilabel_metrics
 from ..geo.labels import IGNORE, label_shapes, labels_from_raster
 from .augment import draw_geometry, flip, photometric, resize, rot90
 from .data import validation_split, window_dict, window_slices
-from .loop import fit
+from .loop import fit, input_percentiles
 from .patches import PatchTask, read_training_image, start_patch_training
 
 COVER_DEFAULT = 0.2  # share of a patch a class must cover to be one of its labels
@@ -247,7 +247,7 @@ def train_multilabel_patches(image_path, labels, out_dir, *, class_names, class_
     task.train_size = f"train {train_win[3]}x{train_win[2]} px, validation {val_side} {val_fraction:.0%}"
     task.configure(
         classes=classes, band_names=image.band_names, band_numbers=image.bands, builder=builder,
-        value_scaling=image.scaling, gsd=image.gsd,
+        value_scaling=image.scaling, input_percentiles=input_percentiles(params, task.task), gsd=image.gsd,
         tile_size=patch_size, augment=augment, package_tile_size=patch_size, package_overlap=0,
         settings={"patch_size": patch_size, "multi_label": True, "cover": float(cover),
                   "scale_range": list(scale_range),

@@ -28,7 +28,7 @@ from .augment import check_augment
 from .builders import resolve_builder
 from .data import (band_names as image_band_names, compute_value_scaling, grid_patches, model_classes, read_image,
                    scale_image, validation_split, window_dict, window_slices)
-from .loop import MIN_STEPS, TrainingTask, TrainParams, fit, import_torch
+from .loop import MIN_STEPS, TrainingTask, TrainParams, fit, import_torch, input_percentiles
 from .samplers import PatchSampler
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def train_patches(image_path, labels, out_dir, *, class_names, class_colors=None
                        f"{val_side} {val_fraction:.0%}")
     task.configure(
         classes=classes, band_names=image.band_names, band_numbers=image.bands, builder=builder,
-        value_scaling=image.scaling, gsd=image.gsd,
+        value_scaling=image.scaling, input_percentiles=input_percentiles(params, task.task), gsd=image.gsd,
         tile_size=patch_size, augment=augment, package_tile_size=patch_size, package_overlap=0,
         settings={"patch_size": patch_size, "min_purity": min_purity, "scale_range": list(scale_range),
                   "background_class": background_class,

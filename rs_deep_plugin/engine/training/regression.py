@@ -23,7 +23,8 @@ from .augment import check_augment, draw_geometry, flip, photometric, rot90
 from .builders import resolve_builder
 from .data import (band_names as image_band_names, compute_value_scaling, model_classes, read_image, scale_image,
                    validation_split, window_dict, window_slices)
-from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import (MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch,
+                   input_percentiles)
 from .segmentation import predict_region
 
 LOSSES = ("l1", "mse")
@@ -258,7 +259,7 @@ def train_regression(image_path, target_path, out_dir, *, target_band=1, target_
               "val_pixels": int(np.isfinite(val[0][1]).sum()) if val else 0}
     task.configure(
         classes=classes, band_names=names, band_numbers=bands, builder=builder, value_scaling=scaling, gsd=gsd,
-        tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
+        input_percentiles=input_percentiles(params, task.task), tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
         settings={"loss": loss, "target_band": target_band, "units": units},
         data={"image": os.path.basename(os.fspath(image_path)), "target": os.path.basename(os.fspath(target_path)),
               "image_size": {"width": w, "height": h},

@@ -32,7 +32,8 @@ from .augment import check_augment
 from .builders import resolve_builder
 from .data import (band_names as image_band_names, class_counts, compute_value_scaling, model_classes, read_image,
                    representative_side, scale_image, validation_split, window_dict, window_slices, AUTO_SIDE)
-from .loop import MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch
+from .loop import (MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch,
+                   input_percentiles)
 from .samplers import MultiCropSampler
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +345,8 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
                   else f"validation {val_side} {val_fraction:.0%}" if data.val else "no validation")
     task.configure(
         classes=classes, band_names=data.band_names, band_numbers=data.bands, builder=builder,
-        value_scaling=data.scaling, gsd=data.gsd, tile_size=tile_size, augment=augment,
-        package_tile_size=package_tile_size, package_overlap=package_overlap,
+        value_scaling=data.scaling, input_percentiles=input_percentiles(params, task.task), gsd=data.gsd,
+        tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
         settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range)},
         data={"image": os.path.basename(os.fspath(image_path)), "image_size": data.image_size,
               "validation": data.validation},

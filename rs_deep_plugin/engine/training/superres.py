@@ -157,6 +157,9 @@ def train_super_resolution(image_path, out_dir, *, scale=2, bands=None, band_nam
         dtypes = {ds.dtypes[b - 1] for b in bands}
     finally:
         ds.close()
+    if params.input_scaling:
+        raise InputError("A super-resolution model writes values in its training image's range, so it cannot scale "
+                         "each input by its own percentiles: leave input_scaling (INPUT_SCALING) at its default")
     per_band = compute_value_scaling(data, valid, seed=params.seed)
     lo, hi = min(s["minimum"] for s in per_band), max(s["maximum"] for s in per_band)
     scaling = [{"type": "min-max", "minimum": lo, "maximum": hi} for _ in per_band]  # one range: a scalar inverse

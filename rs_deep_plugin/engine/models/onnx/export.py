@@ -181,4 +181,9 @@ def export_onnx(package_path, out_path, opset=17, log=None):
     data = proto.SerializeToString()
     write_atomic(out_path, data)
     log(f"Wrote {out_path} ({len(data) / 1e6:.1f} MB)")
+    if pkg.input_percentiles:
+        log(f"Warning: '{pkg.name}' scales each input by its own {pkg.input_percentiles[0]:g}th-"
+            f"{pkg.input_percentiles[1]:g}th percentiles. RS Deep does so with the exported model too; Deepness and "
+            "GeoDeep apply the training data's scaling (standardization_mean/std), so their results differ from RS "
+            "Deep's on a scene darker or brighter than the training data.")
     return out_path
