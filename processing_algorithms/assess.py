@@ -7,7 +7,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsRectangle, QgsWkbTypes)
+                       QgsRectangle, QgsWkbTypes)
 
 from ..rs_deep_plugin.compat import make_fields
 from ..rs_deep_plugin.engine.tasks import CHANGE, DETECTION, INSTANCE_SEGMENTATION, PATCH_CLASSIFICATION, SEGMENTATION
@@ -16,7 +16,7 @@ from .labels import class_value, only_foreground_class
 from .layers import (check_overlap, gdal_path, predicted_boxes, predicted_patches, read_labelled_polygons,
                      reference_boxes)
 from .outputs import RunOutputs
-from .params import EXTENT, MODEL, add, extent_bounds, load_model_package, number_or
+from .params import EXTENT, MODEL, RasterInput, add, extent_bounds, load_model_package, number_or, read_raster_layer
 from .sinks import FeatureSinks
 
 TASK = "TASK"
@@ -111,8 +111,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
         self.addParameter(NamedEnum(TASK, "Task", [f"{t.label} ({what})" for t, what in ASSESSED]
                                     + [ORIENTED_LABEL, INSTANCES_LABEL],
                                     [t.name for t, _ in ASSESSED] + [ORIENTED, INSTANCES], defaultValue=0))
-        self.addParameter(QgsProcessingParameterRasterLayer(PREDICTION, "Prediction (class or change raster)",
-                                                            optional=True))
+        self.addParameter(RasterInput(PREDICTION, "Prediction (class or change raster)", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(PREDICTION_BOXES,
                                                               "Predicted boxes (detection) or patches (multi-label)",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
@@ -120,8 +119,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField(CLASS_FIELD, "Class field (value or name)", None, REFERENCE,
                                                       QgsProcessingParameterField.Any, optional=True))
-        self.addParameter(QgsProcessingParameterRasterLayer(REFERENCE_RASTER, "Reference raster (class values)",
-                                                            optional=True))
+        self.addParameter(RasterInput(REFERENCE_RASTER, "Reference raster (class values)", optional=True))
         self.addParameter(NamedEnum(OUTSIDE, "Outside the reference polygons", list(OUTSIDE_CHOICES.values()),
                                     list(OUTSIDE_CHOICES), defaultValue=0))
         double = QgsProcessingParameterNumber.Double
@@ -180,7 +178,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
     def _assess_raster(self, task, parameters, context, feedback, outputs):
         from ..rs_deep_plugin.engine.evaluation.accuracy import assess_segmentation
         from ..rs_deep_plugin.engine.evaluation.metrics import change_scores
-        layer = self.parameterAsRasterLayer(parameters, PREDICTION, context)
+        layer = read_raster_layer(self, parameters, PREDICTION, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException(f"PREDICTION is not set or not a valid raster layer; choose the "
                                          f"{'change' if task == CHANGE.name else 'class'} raster to assess"
@@ -191,7 +189,7 @@ class AssessAccuracyAlgorithm(RSDeepAlgorithm):
             raise QgsProcessingException(f"PREDICTION {layer.name()} is not a raster file ({layer.providerType()}); "
                                          "save it as a GeoTIFF first (Export > Save As...)")
         source = self.parameterAsSource(parameters, REFERENCE, context)
-        ref_layer = self.parameterAsRasterLayer(parameters, REFERENCE_RASTER, context) \
+        ref_layer = read_raster_layer(self, parameters, REFERENCE_RASTER, context) \
             if parameters.get(REFERENCE_RASTER) not in (None, "") else None
         if (source is None) == (ref_layer is None):
             raise QgsProcessingException("Give the reference as either REFERENCE (polygons with a class field) or "

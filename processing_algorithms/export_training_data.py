@@ -11,7 +11,7 @@ from .labels import label_colors, label_raster_classes, map_classes
 from .layers import check_overlap, file_or_fetch, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
 from .params import (CLASS_FIELD, INPUT, INPUT_AFTER, LABEL_RASTER, LABELS, OUTPUT, TASK, TILE_SIZE, add,
-                     add_training_data_block, number_or)
+                     add_training_data_block, number_or, read_raster_layer)
 
 CHIP_TASKS = [SEGMENTATION, DETECTION, CHANGE]
 STRIDE = "STRIDE"
@@ -79,7 +79,7 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
         out_dir = self.parameterAsFileOutput(parameters, OUTPUT, context)
         if out_dir:
             check_output_folder(out_dir)  # before any work: a folder that is not an earlier export is never used
-        layer = self.parameterAsRasterLayer(parameters, INPUT, context)
+        layer = read_raster_layer(self, parameters, INPUT, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException("INPUT is not a valid raster layer; choose a raster layer or file")
         if not layer.crs().isValid():
@@ -88,7 +88,7 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
         task = self.parameterAsEnumName(parameters, TASK, context)
         after_layer = None
         if task == CHANGE.name:
-            after_layer = self.parameterAsRasterLayer(parameters, INPUT_AFTER, context)
+            after_layer = read_raster_layer(self, parameters, INPUT_AFTER, context)
             if after_layer is None or not after_layer.isValid():
                 raise QgsProcessingException("Change detection needs the after raster: set INPUT_AFTER")
         labels, class_names, class_colors, area = self._labels(parameters, context, feedback, layer, task)
@@ -122,7 +122,7 @@ class ExportTrainingDataAlgorithm(RSDeepAlgorithm):
         """LABELS or LABEL_RASTER as (labels as the engine takes them, class names, class colours or None, the
         labelled area in the raster's CRS)."""
         source = self.parameterAsSource(parameters, LABELS, context)
-        label_layer = self.parameterAsRasterLayer(parameters, LABEL_RASTER, context)
+        label_layer = read_raster_layer(self, parameters, LABEL_RASTER, context)
         if source is not None and label_layer is not None:
             raise QgsProcessingException("Give LABELS (polygons) or LABEL_RASTER, not both")
         if source is None and label_layer is None:

@@ -23,6 +23,53 @@ def gdal_path(layer):
     return source.split("|")[0] if "|" in source and os.path.exists(source.split("|")[0]) else source
 
 
+class FileRaster:
+    """A raster file given by its path, with the QgsRasterLayer methods the training and assessment algorithms use
+    (isValid, name, source, providerType, crs, extent, width, height, rasterUnitsPerPixelX), read with rasterio. A
+    path is never loaded as a QGIS layer: QGIS 3.22 computes band statistics for a new layer and GDAL writes them
+    beside the user's file (``.aux.xml``; see ``params.RasterInput``)."""
+
+    def __init__(self, path):
+        import rasterio
+        with rasterio.open(path) as ds:
+            self._crs = QgsCoordinateReferenceSystem.fromWkt(ds.crs.to_wkt()) if ds.crs else \
+                QgsCoordinateReferenceSystem()
+            b = ds.bounds
+            self._extent = QgsRectangle(b.left, b.bottom, b.right, b.top)
+            self._size, self._res = (ds.width, ds.height), abs(ds.transform.a)
+        self._path = os.fspath(path)
+
+    def isValid(self):  # noqa: N802 (QGIS names)
+        return True
+
+    def name(self):
+        return os.path.splitext(os.path.basename(self._path))[0]
+
+    def source(self):
+        return self._path
+
+    def providerType(self):  # noqa: N802
+        return "gdal"
+
+    def crs(self):
+        return QgsCoordinateReferenceSystem(self._crs)
+
+    def extent(self):
+        return QgsRectangle(self._extent)
+
+    def width(self):
+        return self._size[0]
+
+    def height(self):
+        return self._size[1]
+
+    def rasterUnitsPerPixelX(self):  # noqa: N802
+        return self._res
+
+    def renderer(self):
+        return None  # no style: class names come from the file's category names or a model package
+
+
 def raster_file(layer, what):
     """The file behind a raster layer; web and database layers must be saved as a file first."""
     path = gdal_path(layer)

@@ -26,7 +26,7 @@ from ..rs_deep_plugin.engine.inference.distributed import SCHEDULER_ENV, default
 from ..rs_deep_plugin.engine.models.package import SCALING_CHOICES
 from ..rs_deep_plugin.engine.models.tta import TTA_CHOICES
 from .base import DEVICES, MODELS_DIR, FeedbackBridge, NamedEnum, bundled_models
-from .layers import export_raster_layer, gdal_path
+from .layers import FileRaster, export_raster_layer, gdal_path
 
 
 def add(alg, param, help=None, advanced=False):
@@ -197,6 +197,19 @@ def read_raster(alg, parameters, name, context):
         raise QgsProcessingException(f"{name}: {path} is not a raster GDAL can read ({exc}); choose a raster "
                                      "layer or file") from exc
     return Raster(None, path, QgsCoordinateReferenceSystem.fromWkt(wkt) if wkt else QgsCoordinateReferenceSystem())
+
+
+def read_raster_layer(alg, parameters, name, context):
+    """A raster parameter (:class:`RasterInput`) as a layer: a file path as a :class:`.layers.FileRaster` (never
+    loaded as a QGIS layer, so nothing is written beside the user's file), a layer as itself; None when unset."""
+    path = existing_file(parameters.get(name))
+    if path is None:
+        return alg.parameterAsRasterLayer(parameters, name, context)
+    try:
+        return FileRaster(path)
+    except Exception as exc:
+        raise QgsProcessingException(f"{name}: {path} is not a raster GDAL can read ({exc}); choose a raster "
+                                     "layer or file") from exc
 
 
 def extent_bounds(extent):
@@ -447,17 +460,15 @@ INPUT_AFTER = "INPUT_AFTER"
 def add_training_data_block(alg, tasks, input_optional=False, label_raster=True):
     """INPUT (the raster, the before image for change), LABELS (polygons), CLASS_FIELD, LABEL_RASTER (with
     ``label_raster``), TASK (``tasks``: ``engine.tasks.Task`` choices, by label or name) and INPUT_AFTER (change)."""
-    alg.addParameter(QgsProcessingParameterRasterLayer(INPUT, "Input raster (before, for change)",
-                                                       optional=input_optional))
+    alg.addParameter(RasterInput(INPUT, "Input raster (before, for change)", optional=input_optional))
     alg.addParameter(QgsProcessingParameterFeatureSource(LABELS, "Labels (polygons)", [QgsProcessing.TypeVectorPolygon],
                                                          optional=True))
     alg.addParameter(QgsProcessingParameterField(CLASS_FIELD, "Class field", None, LABELS,
                                                  QgsProcessingParameterField.Any, optional=True))
     if label_raster:
-        alg.addParameter(QgsProcessingParameterRasterLayer(LABEL_RASTER, "Label raster (instead of polygons)",
-                                                           optional=True))
+        alg.addParameter(RasterInput(LABEL_RASTER, "Label raster (instead of polygons)", optional=True))
     alg.addParameter(NamedEnum(TASK, "Task", [t.label for t in tasks], [t.name for t in tasks], defaultValue=0))
-    alg.addParameter(QgsProcessingParameterRasterLayer(INPUT_AFTER, "After raster (change detection)", optional=True))
+    alg.addParameter(RasterInput(INPUT_AFTER, "After raster (change detection)", optional=True))
 
 
 # -- help ------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingOutpu
                        QgsProcessingParameterDefinition,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterField, QgsProcessingParameterFile,
                        QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString)
+                       QgsProcessingParameterString)
 
 from ..rs_deep_plugin.compat import push_warning
 from ..rs_deep_plugin.engine.tasks import (INSTANCE_SEGMENTATION, OBJECT_TASKS, PATCH_CLASSIFICATION, REGRESSION,
@@ -16,7 +16,7 @@ from .base import DEVICES, FeedbackBridge, NamedEnum, RSDeepAlgorithm, require_d
 from .labels import label_colors, map_classes, map_multilabel_classes, map_patch_classes
 from .layers import check_overlap, raster_file, read_labelled_polygons
 from .outputs import RunOutputs
-from .params import number_or, resolve_model_path
+from .params import RasterInput, number_or, read_raster_layer, resolve_model_path
 from ..rs_deep_plugin.engine.training.builders import (DETECTION_ARCHITECTURES, TOOLBOX_DEFAULTS,
                                                       SEGMENTATION_ARCHITECTURES, default_encoder)
 from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
@@ -223,8 +223,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster (before, for change)",
-                                                            optional=True))
+        self.addParameter(RasterInput(self.INPUT, "Input raster (before, for change)", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(self.LABELS, "Labels (polygons)",
                                                               [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", None, self.LABELS,
@@ -232,10 +231,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
         self.addParameter(NamedEnum(self.TASK, "Task", TASK_LABELS, TASKS, defaultValue=0))
         self.addParameter(QgsProcessingParameterBoolean(self.MULTI_LABEL, "Multi-label (patch classification: every "
                                                         "class present in a patch)", False, optional=True))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.TARGET, "Target raster (regression)",
-                                                            optional=True))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT_AFTER, "After raster (change detection)",
-                                                            optional=True))
+        self.addParameter(RasterInput(self.TARGET, "Target raster (regression)", optional=True))
+        self.addParameter(RasterInput(self.INPUT_AFTER, "After raster (change detection)", optional=True))
         self.addParameter(QgsProcessingParameterFile(self.CHIPS, "Chips (instead of raster + labels)",
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(NamedEnum(self.ARCHITECTURE, "Architecture", ARCHITECTURES, defaultValue=0))
@@ -541,7 +538,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
 
     def _raster_file(self, parameters, name, context, missing):
         """(layer, its file) of the raster parameter ``name``; ``missing``: the message when it is not set."""
-        layer = self.parameterAsRasterLayer(parameters, name, context)
+        layer = read_raster_layer(self, parameters, name, context)  # a path is never loaded as a QGIS layer
         if layer is None or not layer.isValid():
             raise QgsProcessingException(missing)
         return layer, raster_file(layer, name)

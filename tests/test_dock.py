@@ -3,6 +3,7 @@ algorithm), see styled layers in a group named after the run; cancel, queue, err
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from qgis.core import (Qgis, QgsApplication, QgsFeature, QgsGeometry, QgsPointXY, QgsProject, QgsRasterLayer,
@@ -10,7 +11,7 @@ from qgis.core import (Qgis, QgsApplication, QgsFeature, QgsGeometry, QgsPointXY
 from qgis.gui import QgsMapToolExtent
 from qgis.PyQt.QtCore import QCoreApplication
 
-from conftest import LANDSAT
+from conftest import LANDSAT, ROOT
 
 
 def wait_for(predicate, timeout=120.0):
@@ -66,7 +67,22 @@ def log_messages():
     QgsApplication.messageLog().messageReceived.disconnect(got)
 
 
+_COPIES = []  # the folder that add_raster copies the repository's rasters to (set by _copies_folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _copies_folder(tmp_path_factory):
+    _COPIES[:] = [tmp_path_factory.mktemp("layers")]
+    yield
+
+
 def add_raster(path, name):
+    """``path`` added to the project as a layer. A raster of the repository is loaded from a copy: QGIS computes band
+    statistics for a new layer and GDAL writes them beside the file (.aux.xml), which must not change the clone."""
+    if ROOT in Path(path).resolve().parents:
+        copy = _COPIES[0] / f"{name}_{Path(path).name}"
+        shutil.copy(path, copy)
+        path = copy
     layer = QgsRasterLayer(str(path), name)
     assert layer.isValid()
     QgsProject.instance().addMapLayer(layer)
@@ -401,7 +417,6 @@ def test_detection_run_adds_boxes_outlined_by_class(dock, tmp_path):
     """The bundled tree detector through the dock: a box layer in the run's group, outlined (no fill) by class."""
     from qgis.core import QgsWkbTypes
     from qgis.PyQt.QtCore import Qt
-    from conftest import ROOT
     layer = add_raster(ROOT / "resources" / "sample" / "osbs_029.tif", "osbs")
     choose(dock, layer, ROOT / "resources" / "models" / "trees_demo")
     assert dock.algorithm_id == "rs_deep:detect" and "Object detection" in dock.card.text()

@@ -271,3 +271,39 @@ def test_qgis_process_leaves_the_input_folder_unchanged(tmp_path):
                                  f"OUTPUT={out}", "OUTPUT_VECTOR="])
         assert out.exists() and "tiles" in proc.stdout
         assert _folder_state(folder) == before, name  # no .aux.xml beside the input, the .vrt not rewritten
+
+
+def test_training_export_and_assessment_leave_their_input_rasters_unchanged(provider, tmp_path):
+    """rs_deep:export_training_data, rs_deep:train and rs_deep:assess_accuracy given raster paths (as qgis_process and
+    models give them): the input, label and reference rasters are read by the engine, never loaded as QGIS layers,
+    so QGIS writes no band statistics (.aux.xml) beside them."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProject
+    from conftest import ATLANTA_LABELS
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(SAMPLE, folder / "image.tif")
+    with rasterio.open(SAMPLE) as ds:
+        labels = (ds.read(1) > np.percentile(ds.read(1), 90)).astype(np.uint8)
+        write_raster(folder / "reference.tif", labels[None], transform=ds.transform, crs=ds.crs)
+        write_raster(folder / "prediction.tif", np.roll(labels, 3, axis=1)[None], transform=ds.transform, crs=ds.crs)
+    before = _folder_state(folder)
+
+    def run(alg, params):
+        context = QgsProcessingContext()
+        context.setProject(QgsProject.instance())
+        return processing.run(alg, params, context=context, feedback=QgsProcessingFeedback())
+
+    chips = run("rs_deep:export_training_data", {"INPUT": str(folder / "image.tif"),
+                                                 "LABEL_RASTER": str(folder / "reference.tif"), "TASK": "segmentation",
+                                                 "TILE_SIZE": 128, "OUTPUT": str(tmp_path / "chips")})
+    assert chips["CHIPS"] > 0
+    trained = run("rs_deep:train", {"INPUT": str(folder / "image.tif"), "LABELS": str(ATLANTA_LABELS),
+                                    "TASK": "segmentation", "EPOCHS": 1, "STEPS_PER_EPOCH": 1, "TILE_SIZE": 64,
+                                    "BATCH_SIZE": 2, "OUTPUT": str(tmp_path / "model")})
+    assert os.path.exists(trained["OUTPUT"])
+    scores = run("rs_deep:assess_accuracy", {"PREDICTION": str(folder / "prediction.tif"),
+                                             "REFERENCE_RASTER": str(folder / "reference.tif"),
+                                             "OUTPUT_HTML": str(tmp_path / "report.html")})
+    assert 0 < scores["OVERALL_ACCURACY"] < 1
+    assert _folder_state(folder) == before  # no .aux.xml beside any of them, every byte as it was

@@ -2,6 +2,7 @@
 and QGIS + rasterio in one process."""
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -175,10 +176,11 @@ def test_zip_installs_into_a_clean_profile_and_runs(gray_package, tmp_path):
     assert out.exists()
 
 
-def test_qgis_and_rasterio_agree_in_one_process():
+def test_qgis_and_rasterio_agree_in_one_process(tmp_path):
     """CRS transforms and pixel values are the same through QGIS and rasterio (same GDAL/PROJ)."""
     from rasterio.warp import transform as rio_transform
-    path = SAMPLE
+    path = tmp_path / "atlanta.tif"  # a copy: QGIS writes band statistics beside the file a layer is made from
+    shutil.copy(SAMPLE, path)
     layer = QgsRasterLayer(str(path), "atlanta")
     assert layer.isValid()
     with rasterio.open(path) as ds:
