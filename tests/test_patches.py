@@ -4,6 +4,7 @@ rs_deep:classify_patches algorithm through processing.run, the model builder and
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -296,7 +297,9 @@ def test_model_builder_chain_with_native_algorithm(provider, patch_package, tmp_
     out.setChildOutputName("OUTPUT")
     dis.setModelOutputs({"dissolved": out})
     model.addChildAlgorithm(dis)
-    res = processing.run(model, {"raster": str(IMAGE), "model": str(patch_package),
+    raster = tmp_path / "image.tif"  # a copy: the model's raster-layer input is loaded as a QGIS layer by Processing
+    shutil.copy(IMAGE, raster)  # itself, and QGIS writes band statistics beside the file it loads
+    res = processing.run(model, {"raster": str(raster), "model": str(patch_package),
                                  model_output(model, "dissolved"): str(tmp_path / "dissolved.gpkg")},
                          feedback=QgsProcessingFeedback())
     vec = QgsVectorLayer(res[model_output(model, "dissolved")], "d")
