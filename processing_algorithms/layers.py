@@ -85,10 +85,7 @@ def raster_file(layer, what):
 def file_extent(path):
     """The extent of a raster file in its own CRS, as a QgsRectangle (read by the engine's reader, not by a
     QGIS layer: see ``params.RasterInput``)."""
-    import rasterio
-    with rasterio.open(path) as ds:
-        b = ds.bounds
-    return QgsRectangle(b.left, b.bottom, b.right, b.top)
+    return FileRaster(path).extent()
 
 
 def export_raster_layer(layer, extent, gsd_m, context, feedback):

@@ -15,7 +15,7 @@ them)::
 """
 import os
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessingException,
+from qgis.core import (QgsProcessing, QgsProcessingException,
                        QgsProcessingParameterBand, QgsProcessingParameterDefinition, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterFeatureSource,
                        QgsProcessingParameterField, QgsProcessingParameterFile, QgsProcessingParameterNumber,
@@ -183,20 +183,12 @@ class Raster:
 def read_raster(alg, parameters, name, context):
     """A raster parameter (:class:`RasterInput`) as a :class:`Raster`: a file path gives no layer, its own path and
     its CRS; a layer gives itself, its GDAL path (None for other providers: WMS, XYZ...) and its CRS."""
-    path = existing_file(parameters.get(name))
-    if path is None:
-        layer = alg.parameterAsRasterLayer(parameters, name, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException(f"{name} is not a valid raster layer; choose a raster layer or file")
-        return Raster(layer, gdal_path(layer), layer.crs())
-    try:
-        import rasterio
-        with rasterio.open(path) as ds:
-            wkt = ds.crs.to_wkt() if ds.crs else None
-    except Exception as exc:
-        raise QgsProcessingException(f"{name}: {path} is not a raster GDAL can read ({exc}); choose a raster "
-                                     "layer or file") from exc
-    return Raster(None, path, QgsCoordinateReferenceSystem.fromWkt(wkt) if wkt else QgsCoordinateReferenceSystem())
+    layer = read_raster_layer(alg, parameters, name, context)
+    if layer is None or not layer.isValid():
+        raise QgsProcessingException(f"{name} is not a valid raster layer; choose a raster layer or file")
+    if isinstance(layer, FileRaster):  # a file path: read by the engine only
+        return Raster(None, layer.source(), layer.crs())
+    return Raster(layer, gdal_path(layer), layer.crs())
 
 
 def read_raster_layer(alg, parameters, name, context):

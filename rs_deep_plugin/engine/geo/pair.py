@@ -172,6 +172,9 @@ class PairReader:
     def value_warnings(self):
         return self.before.value_warnings("BEFORE") + self.after.value_warnings("AFTER")
 
+    def scaling_ranges(self):
+        return f"BEFORE {self.before.scaling_ranges()}; AFTER {self.after.scaling_ranges()}"
+
     def read_tile(self, x, y):
         a, va = self.before.read_tile(x, y)
         b, vb = self.after.read_tile(x, y)

@@ -148,13 +148,18 @@ def sample_windows(width, height, grid=SAMPLE_GRID, size=SAMPLE_WINDOW, block=(1
 def input_value_scaling(ds, bands, percentiles, path=None):
     """The MLM value scaling of the open raster ``ds`` itself: per band, min-max of its ``percentiles`` (low, high)
     over the pixels valid in every band. The whole raster (a small one) or :func:`sample_windows` (a large one),
-    so that every process, block and thread of a run computes the same scaling; memoised per file."""
+    so that every process, block and thread of a run computes the same scaling; memoised per file (a local file by
+    its size and time too) or GDAL dataset name (``/vsicurl/``...: read once per process, not once per block), not
+    for ``/vsimem/`` (a warped date of a pair)."""
     key = None
-    if path is not None and os.path.isfile(os.fspath(path)):
-        st = os.stat(path)
-        key = (os.path.abspath(os.fspath(path)), st.st_size, st.st_mtime_ns, tuple(bands), tuple(percentiles))
-        if key in _INPUT_SCALING:
-            return [dict(s) for s in _INPUT_SCALING[key]]
+    name = os.fspath(path) if path is not None else ""
+    if os.path.isfile(name):
+        st = os.stat(name)
+        key = (os.path.abspath(name), st.st_size, st.st_mtime_ns, tuple(bands), tuple(percentiles))
+    elif name and not name.startswith("/vsimem/"):
+        key = (name, None, None, tuple(bands), tuple(percentiles))
+    if key in _INPUT_SCALING:
+        return [dict(s) for s in _INPUT_SCALING[key]]
     from rasterio.windows import Window
     low, high = (float(p) for p in percentiles)
     what = f"The input raster {os.path.basename(os.fspath(path))}" if path else "The input raster"
@@ -182,7 +187,7 @@ def input_value_scaling(ds, bands, percentiles, path=None):
 
 
 def describe_scaling(scaling, bands):
-    """"b1 12..873, b2 ..." of min-max scalings, for the log."""
+    """"band 1 12..873, band 2 ..." of min-max scalings, for the log."""
     parts = []
     for b, s in zip(bands, scaling):
         if s and s.get("type") == "min-max":
@@ -342,7 +347,7 @@ class RasterReader:
         self.transform, self.crs = ds.transform, ds.crs
         self.bands = resolve_bands(ds.count, ds.colorinterp, bands, package)
         self.scaling = package.value_scaling
-        if getattr(package, "input_percentiles", None):  # scaled by its own percentiles, not the training data's
+        if package.input_percentiles:  # scaled by its own percentiles, not the training data's
             self.scaling = input_value_scaling(ds, self.bands, package.input_percentiles, path)
         self.gsd = pixel_size_metres(self.crs, self.transform, self.width, self.height)
         self.model_gsd = package.gsd
@@ -364,6 +369,10 @@ class RasterReader:
 
     def close(self):
         self.ds.close()
+
+    def scaling_ranges(self):
+        """The value ranges the bands are scaled from, for the log (:func:`describe_scaling`)."""
+        return describe_scaling(self.scaling, self.bands)
 
     def value_warnings(self, what=None):
         """Warnings on the values read so far (NaN/Inf, far outside the model's input range)."""

@@ -213,7 +213,8 @@ def _worker_model(payload, job, kind):
             with open(path, "wb") as f:
                 f.write(data)
             # the client's choices: processing resolution and per-input scaling (the package's or a run's override)
-            pkg = dataclasses.replace(load_package(path), gsd=job["gsd"], input_percentiles=job.get("input_percentiles"))
+            pkg = dataclasses.replace(load_package(path), gsd=job["gsd"],
+                                      input_percentiles=job.get("input_percentiles"))
             if job.get("tiling"):
                 pkg = pkg.with_tiling(*job["tiling"])
             # the runner applies RS_DEEP_THREADS (CPU threads); a package cached for onnxruntime runs there

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputError, ModelPackageError
-from ..geo.raster import check_size, describe_scaling, input_warnings, region_window
+from ..geo.raster import check_size, input_warnings, region_window
 from ..limits import check_tile_memory
 from ..models.loading import load_package
 from ..models.package import ModelPackage
@@ -58,19 +58,13 @@ def open_region(reader, pkg, bounds, max_pixels, log, georef, resampled):
                         f"are resampled to the model's GSD and {resampled} mapped back to the raster's grid.")
     for w in warnings:
         log(w)
-    if getattr(pkg, "input_percentiles", None):
-        log(scaling_message(reader, pkg.input_percentiles))
+    if pkg.input_percentiles:
+        lo, hi = pkg.input_percentiles
+        log(f"Value scaling: the input's own {lo:g}th-{hi:g}th percentiles, as the model asks "
+            f"({reader.scaling_ranges()})")
     region = region_window(reader.width, reader.height, reader.transform, bounds)
     check_size(region[2] - region[0], region[3] - region[1], max_pixels)
     return warnings, region
-
-
-def scaling_message(reader, percentiles):
-    """The log line of a run whose input is scaled by its own percentiles (both dates of a pair)."""
-    readers = [("BEFORE ", reader.before), ("AFTER ", reader.after)] if hasattr(reader, "after") else [("", reader)]
-    ranges = "; ".join(f"{what}{describe_scaling(r.scaling, r.bands)}" for what, r in readers)
-    return (f"Value scaling: the input's own {percentiles[0]:g}th-{percentiles[1]:g}th percentiles, as the model "
-            f"asks ({ranges})")
 
 
 def open_device(device, batch_size, pkg, prog, log, min_batch=1):

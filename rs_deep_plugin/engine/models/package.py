@@ -669,7 +669,8 @@ def parse_metadata(meta, source="model.json", registries=True):
     return dict(name=name, task=task, bands=bands, value_scaling=scaling, classes=classes, tile_size=tile,
                 overlap=overlap, gsd=float(gsd) if gsd is not None else None, builder=builder,
                 activation=activation, weights_sha256=sha.lower(), multi_label=multi_label,
-                class_thresholds=thresholds, input_percentiles=percentiles, description=str(props.get("description", meta.get("description", ""))),
+                class_thresholds=thresholds, input_percentiles=percentiles,
+                description=str(props.get("description", meta.get("description", ""))),
                 **raster_out)
 
 
@@ -872,13 +873,7 @@ def package_summary(pkg):
     gsd = f"{pkg.gsd:g} m" if pkg.gsd else "any"
     return (f"{pkg.name} ({pkg.task}; {pkg.builder['architecture']}/{pkg.builder['encoder']}; "
             f"bands: {', '.join(pkg.bands)}; GSD {gsd}; tile {pkg.tile_size} px, overlap {pkg.overlap}; "
-            f"classes: {classes}{'; multi-label' if pkg.multi_label else ''}{input_scaling_note(pkg)})")
-
-
-def input_scaling_note(pkg):
-    """"; each input scaled by its own 1st-99th percentiles" for a package with per-input scaling, else ""."""
-    pct = getattr(pkg, "input_percentiles", None)
-    return f"; each input scaled by its own {pct[0]:g}-{pct[1]:g} percentiles" if pct else ""
+            f"classes: {classes}{'; multi-label' if pkg.multi_label else ''})")
 
 
 __all__ = ["ModelPackage", "ModelClass", "read_package", "save_package", "build_metadata", "parse_metadata",

@@ -505,5 +505,5 @@ def fit(task, params, out_dir):
             torch.set_num_threads(old_threads)
 
 
-__all__ = ["MIN_STEPS", "EMA_DECAY", "PER_INPUT_TASKS", "input_percentiles", "fit", "TrainParams", "TrainingTask", "WeightAverage", "seed_everything",
-           "check_tile", "check_package_tiling", "import_torch"]
+__all__ = ["MIN_STEPS", "EMA_DECAY", "PER_INPUT_TASKS", "input_percentiles", "fit", "TrainParams", "TrainingTask",
+           "WeightAverage", "seed_everything", "check_tile", "check_package_tiling", "import_torch"]

@@ -259,7 +259,8 @@ def train_regression(image_path, target_path, out_dir, *, target_band=1, target_
               "val_pixels": int(np.isfinite(val[0][1]).sum()) if val else 0}
     task.configure(
         classes=classes, band_names=names, band_numbers=bands, builder=builder, value_scaling=scaling, gsd=gsd,
-        input_percentiles=input_percentiles(params, task.task), tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
+        input_percentiles=input_percentiles(params, task.task), tile_size=tile_size, augment=augment,
+        package_tile_size=package_tile_size, package_overlap=package_overlap,
         settings={"loss": loss, "target_band": target_band, "units": units},
         data={"image": os.path.basename(os.fspath(image_path)), "target": os.path.basename(os.fspath(target_path)),
               "image_size": {"width": w, "height": h},
