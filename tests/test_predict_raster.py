@@ -304,9 +304,14 @@ def test_regression_seams_are_blended(cover_package, tmp_path):
         sa, sb = a.read(1)[48:-48, 48:-48], b.read(1)[48:-48, 48:-48]
     assert np.abs(sa - sb).mean() < 0.3 * sb.std()
     assert np.corrcoef(sa.ravel(), sb.ravel())[0, 1] > 0.95
-    # across the seam (tiles at 0 and 128 blend over columns 128..255): no jump larger than within a tile
-    step = np.abs(np.diff(sa, axis=1)).mean(axis=0)
-    assert step.max() < 4 * np.median(step)
+    # across the seam (tiles at 0 and 128 blend over columns 128..255): no jump that the one tile has not. The image's
+    # own edges step as much in both runs (the largest step, at column 317, is a roof edge in both), so a seam is
+    # what the tiled run steps more than the one tile at the same column.
+    step_small, step_one = (np.abs(np.diff(v, axis=1)).mean(axis=0) for v in (sa, sb))
+    typical = np.median(step_one)
+    assert (step_small - step_one).max() < 2 * typical
+    # and a cut without blending would break that: the tiles differ from the one tile by far more in the seam zone
+    assert np.abs(sa - sb)[:, 128 - 48:256 - 48].mean() > 2 * (2 * typical)
 
 
 def test_qgis_process_predict_raster(cover_package, tmp_path):
