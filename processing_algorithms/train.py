@@ -23,6 +23,7 @@ from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
 from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS, PER_INPUT_TASKS
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.regression import LOSSES
+from ..rs_deep_plugin.engine.training.samplers import OBJECT_CROPS
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
 # segmentation, detection, patch_classification, change, regression, super_resolution: the engine's task table
@@ -105,6 +106,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
     EMA = "EMA"
     INPUT_SCALING = "INPUT_SCALING"
     SEED = "SEED"
+    OBJECT_CROPS = "OBJECT_CROPS"
     INIT_FROM = "INIT_FROM"
     ENCODER_WEIGHTS = "ENCODER_WEIGHTS"
     FREEZE_ENCODER = "FREEZE_ENCODER"
@@ -273,6 +275,11 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          maxValue=0.9999),
             NamedEnum(self.INPUT_SCALING, "Value scaling of the inputs the model will get", INPUT_SCALINGS,
                       INPUT_SCALING_NAMES, defaultValue=0, optional=True),
+            QgsProcessingParameterNumber(self.OBJECT_CROPS, "Share of the training crops centred on a labelled "
+                                         "object (" + " and ".join(OBJECT_CROPS) + "; empty = the task's default: "
+                                         + ", ".join(f"{v} {t}" for t, v in OBJECT_CROPS.items())
+                                         + "; the other crops are drawn anywhere)", QgsProcessingParameterNumber.Double,
+                                         None, optional=True, minValue=0.0, maxValue=1.0),
             QgsProcessingParameterNumber(self.SEED, "Random seed (crops, augmentations, initial weights: the same seed "
                                          "and settings train the same network on the same device)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
@@ -334,6 +341,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
         patience = number_or(self, parameters, self.PATIENCE, context, PATIENCE_DEFAULT, integer=True)
         ema = number_or(self, parameters, self.EMA, context, EMA_DECAY)
         seed = number_or(self, parameters, self.SEED, context, 0, integer=True)
+        object_crops = number_or(self, parameters, self.OBJECT_CROPS, context, None)
         scaling = INPUT_SCALING_VALUES[self.parameterAsEnumName(parameters, self.INPUT_SCALING, context)]
         out_dir = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         if not out_dir:
@@ -361,6 +369,12 @@ class TrainAlgorithm(RSDeepAlgorithm):
         common = dict(epochs=epochs, time_budget=budget or None, steps_per_epoch=steps, lr=lr, device=device,
                       name=name, augment=augment, ema_decay=ema, seed=seed, input_scaling=scaling, **transfer)
         common["batch_size"] = batch
+        if object_crops is not None:
+            if task in OBJECT_CROPS:
+                common["foreground_prob"] = object_crops
+            else:
+                push_warning(feedback, f"OBJECT_CROPS is for {' and '.join(OBJECT_CROPS)}; {task} samples its crops "
+                                       "its own way (ignored)")
         bridge = _Bridge(feedback, 0, 100)
         callbacks = dict(progress=bridge.progress, is_cancelled=bridge.is_cancelled, log=bridge.log)
         feedback.pushInfo("Augmentations: " + (", ".join(AUGMENTS[AUGMENT_NAMES.index(n)] for n in chosen) or "none")

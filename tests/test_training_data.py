@@ -72,8 +72,10 @@ def test_detection_chips_through_processing(provider, tmp_path):
     assert [c["name"] for c in manifest["classes"]] == ["Tree"]
     n_boxes = sum(len(e["boxes"]) for e in manifest["chips"])
     assert n_boxes >= 50  # OSBS_029 has 61 crowns; boxes cut by chip edges count where most of them lies
+    fb = RecordingFeedback()
     trained = _run("rs_deep:train", dict(TINY, TASK=1, ARCHITECTURE=0, TILE_SIZE=128, CHIPS=res["MANIFEST"],
-                                         OUTPUT=str(tmp_path / "det")))
+                                         OBJECT_CROPS=0.3, OUTPUT=str(tmp_path / "det")), fb)
+    assert any("OBJECT_CROPS is for segmentation and change" in m for m in fb.messages)  # said, not fatal
     pkg = load_package(trained["OUTPUT"], task="detection")
     assert [c.name for c in pkg.classes] == ["Tree"] and pkg.builder["architecture"] == "CenterNet"
     assert json.loads(Path(trained["REPORT"]).read_text())["history"][-1]["val"]
@@ -365,6 +367,7 @@ def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, 
     learning rate: TOOLBOX_DEFAULTS), at most 100 epochs, patience 10; the run stops on its budget."""
     from qgis.core import QgsApplication
     from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS
+    from rs_deep.rs_deep_plugin.engine.training.samplers import OBJECT_CROPS
     train = QgsApplication.processingRegistry().algorithmById("rs_deep:train")
     defaults = {p.name(): p.defaultValue() for p in train.parameterDefinitions()}
     assert defaults["TIME_BUDGET"] == 10 and defaults["EPOCHS"] == 100 and defaults["PATIENCE"] == 10
@@ -376,6 +379,7 @@ def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, 
     assert (report["tile_size"], report["batch_size"], report["lr"]) == (seg["tile_size"], seg["batch_size"], seg["lr"])
     assert report["epochs_planned"] == 100 and report["patience"] == 10 and report["time_budget_minutes"] == 0.1
     assert report["ema_decay"] == 0.995 and report["seed"] == 0  # weights averaged; the same run every time
+    assert report["settings"]["foreground_prob"] == OBJECT_CROPS["segmentation"]  # OBJECT_CROPS empty: the default
     assert report["data"]["validation"]["side"] == "right"  # the strip most like the whole sample
     assert report["stopped_by_budget"] and report["epochs_run"] < 100 and report["steps_per_epoch"] >= 25
     assert report["best"]["epoch"] is not None and (Path(res["OUTPUT"]) / "model.safetensors").is_file()

@@ -33,7 +33,7 @@ from ..geo.raster import pixel_size_metres
 from .augment import check_augment
 from .data import check_band_names, compute_value_scaling, model_classes, scale_image, select_bands
 from .loop import MIN_STEPS, TrainParams, check_package_tiling, check_tile, fit, import_torch, input_percentiles
-from .samplers import PairSampler
+from .samplers import OBJECT_CROPS, PairSampler
 from .segmentation import DenseTask, evaluate
 
 CHANGE_COLORS = ["000000", "E31A1C", "FF7F00", "1F78B4", "33A02C", "6A3D9A", "B15928", "FFFF99"]
@@ -167,9 +167,9 @@ class ChangeTask(DenseTask):
 
 
 def train_change(pairs, out_dir, *, val_pairs=None, class_names=("no change", "change"), class_colors=None,
-                 bands=None, band_names=None, builder=None, tile_size=128, dice_weight=1.0, foreground_prob=0.5,
-                 scale_range=(0.8, 1.25), swap_dates=True, date_jitter=0.1, pair_weights=None, gsd="auto",
-                 package_tile_size=256, package_overlap=32, augment=None, **options):
+                 bands=None, band_names=None, builder=None, tile_size=128, dice_weight=1.0,
+                 foreground_prob=OBJECT_CROPS["change"], scale_range=(0.8, 1.25), swap_dates=True, date_jitter=0.1,
+                 pair_weights=None, gsd="auto", package_tile_size=256, package_overlap=32, augment=None, **options):
     """Train a change network on ``pairs`` and write a ``change`` model package to ``out_dir``.
 
     ``pairs`` / ``val_pairs``: ``[(before, after, label)]`` raster paths, each triple on one pixel

@@ -19,6 +19,12 @@ from ..geo.rotated import transform_rboxes
 from .augment import draw_geometry, flip, flip_boxes, photometric, resize, rot90, rot90_boxes
 from .data import pad_to, patch_label, renumber
 
+#: the tasks whose crops can be centred on a labelled pixel, and the default share of such crops (the rest drawn
+#: anywhere): ``foreground_prob`` of train_segmentation / train_change, rs_deep:train OBJECT_CROPS. Segmentation's
+#: was 0.5 until 0.14.0: a quarter gave a better building IoU on a held-out area in 4 seeds of 6, 0.285 against
+#: 0.263 on average (README)
+OBJECT_CROPS = {"segmentation": 0.25, "change": 0.5}
+
 
 def _scale_range(scale_range):
     lo, hi = scale_range

@@ -11,7 +11,7 @@ The training image is small (a scene or a clip of one), so it is read into memor
 
 Validation is spatial: a strip of the image (the bottom ``val_fraction`` of its rows by
 default) is held back and no training crop ever touches it. Training crops are random
-(half of them centred near labelled objects; :class:`.samplers.CropSampler`), randomly rescaled,
+(a quarter of them centred near labelled objects by default; :class:`.samplers.CropSampler`), randomly rescaled,
 flipped, rotated by multiples of 90 degrees, with brightness/contrast jitter and mild noise. The loss
 is cross-entropy plus soft Dice on the foreground classes. The loop is :func:`.loop.fit`: the best
 network by validation IoU (mean over the non-background classes) is kept and written as a model
@@ -34,7 +34,7 @@ from .data import (band_names as image_band_names, class_counts, compute_value_s
                    representative_side, scale_image, validation_split, window_dict, window_slices, AUTO_SIDE)
 from .loop import (MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch,
                    input_percentiles)
-from .samplers import MultiCropSampler
+from .samplers import OBJECT_CROPS, MultiCropSampler
 
 # --------------------------------------------------------------------------------------------
 # model, loss, metrics
@@ -288,8 +288,8 @@ class SegmentationTask(DenseTask):
 
 def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_colors=None, bands=None,
                        band_names=None, builder=None, tile_size=256, val_fraction=0.2, val_side=AUTO_SIDE,
-                       dice_weight=1.0, foreground_prob=0.5, scale_range=(0.8, 1.25), augment=None,
-                       package_tile_size=512, package_overlap=64, **options):
+                       dice_weight=1.0, foreground_prob=OBJECT_CROPS["segmentation"], scale_range=(0.8, 1.25),
+                       augment=None, package_tile_size=512, package_overlap=64, **options):
     """Train a segmentation network on ``image_path`` and write a model package to ``out_dir``.
 
     ``labels``: a label raster on the image grid (class values, 0 = background, 255 or nodata =
