@@ -57,19 +57,26 @@ def _real(path):
     return os.path.normcase(os.path.realpath(os.path.abspath(path)))
 
 
-def _value_paths(value, context):
-    """The files or folders an input parameter value reads (a layer's file, a file, a folder)."""
+#: the parameter types whose string values may name a layer (a layer id or name) rather than a file
+LAYER_PARAMETER_TYPES = frozenset({"raster", "vector", "source", "layer", "multilayer", "mesh", "pointcloud"})
+
+
+def _value_paths(value, context, layers=True):
+    """The files or folders an input parameter value reads (a layer's file, a file, a folder). With ``layers``
+    False (a file, folder or other parameter), a string that is no existing path is not looked up as a layer:
+    QGIS would try every provider on it, and its mesh provider prints "ERROR: Status 2: File ... could not be
+    found" (QGIS 3.44) for a bundled model's name."""
     if isinstance(value, QgsProcessingFeatureSourceDefinition):
         value = value.source
     if isinstance(value, QgsProperty):
         value = value.staticValue()
     if isinstance(value, (list, tuple)):
-        return [p for v in value for p in _value_paths(v, context)]
+        return [p for v in value for p in _value_paths(v, context, layers)]
     if isinstance(value, QgsMapLayer):
         sources = [value.source()]
     elif isinstance(value, str) and value:
         sources = [value]
-        if not os.path.exists(value.split("|")[0]):
+        if layers and not os.path.exists(value.split("|")[0]):
             layer = QgsProcessingUtils.mapLayerFromString(value, context)
             sources = [layer.source()] if layer is not None else []
     else:
@@ -153,7 +160,7 @@ class RunOutputs:
         for d in self.alg.parameterDefinitions():
             if d.isDestination():
                 continue
-            for p in _value_paths(self.parameters.get(d.name()), self.context):
+            for p in _value_paths(self.parameters.get(d.name()), self.context, d.type() in LAYER_PARAMETER_TYPES):
                 found.append((d.name(), os.path.abspath(p)))
         return found
 

@@ -24,6 +24,7 @@ import contextlib
 import os
 import re
 import uuid
+import warnings
 
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingOutputLayerDefinition, QgsProcessingUtils, QgsProperty, QgsVectorFileWriter,
@@ -141,7 +142,8 @@ class _Output:
 @contextlib.contextmanager
 def _gdal_errors():
     """Collect the GDAL errors (CE_Failure and worse) raised in this thread meanwhile: QGIS's file writer
-    leaves some of them unreported."""
+    leaves some of them unreported. GDAL >= 3.9's FutureWarning that the host has not chosen between exceptions and
+    return codes (printed on stderr, e.g. by qgis_process on QGIS 3.44) is not shown: that choice is QGIS's."""
     from osgeo import gdal
     errors = []
 
@@ -151,7 +153,9 @@ def _gdal_errors():
 
     gdal.PushErrorHandler(collect)
     try:
-        yield errors
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Neither (gdal|ogr)\.UseExceptions", category=FutureWarning)
+            yield errors
     finally:
         gdal.PopErrorHandler()
 

@@ -4,6 +4,8 @@ other grids, detection boxes, the HTML/CSV report, and the chain raster + labels
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from rs_deep.rs_deep_plugin.engine.errors import InputError
 from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
 from rs_deep.rs_deep_plugin.engine.geo.writer import write_category_names
 
-from conftest import ATLANTA_IMAGE, ATLANTA_LABELS
+from conftest import ATLANTA_IMAGE, ATLANTA_LABELS, DEV_PLUGINS
 
 IMAGE = ATLANTA_IMAGE
 FOOTPRINTS = ATLANTA_LABELS
@@ -299,6 +301,23 @@ def test_category_names(prediction, tmp_path):
     path, _ = prediction
     assert raster_category_names(path) == {0: "background", 1: "building"}
     assert raster_category_names(IMAGE) == {}
+
+
+def test_category_names_print_no_gdal_future_warning(prediction):
+    # GDAL >= 3.9 (QGIS 3.44) warns once per process, on stderr, when the host has not chosen between exceptions and
+    # return codes; reading category names must not print it (a fresh process: the warning comes once at most)
+    path, _ = prediction
+    code = ("import sys, warnings; sys.path.insert(0, sys.argv[1]); "
+            "from rs_deep.rs_deep_plugin.engine.evaluation.accuracy import raster_category_names\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print(raster_category_names(sys.argv[2]))\n"
+            "print([str(w.message) for w in seen])")
+    proc = subprocess.run([sys.executable, "-c", code, str(DEV_PLUGINS), str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["{0: 'background', 1: 'building'}", "[]"], proc.stdout
+    assert "UseExceptions" not in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------

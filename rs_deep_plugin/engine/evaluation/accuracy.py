@@ -19,6 +19,7 @@ import html
 import io
 import math
 import os
+import warnings
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -51,7 +52,11 @@ def raster_category_names(path):
     names = None
     try:
         from osgeo import gdal
-        ds = gdal.Open(path)  # GDAL's own exception setting is left as the host application has it
+        with warnings.catch_warnings():
+            # GDAL's own exception setting is left as the host application has it; GDAL >= 3.9 warns about that
+            # choice not being made (a FutureWarning on stderr, e.g. on QGIS 3.44), which is not the user's concern
+            warnings.filterwarnings("ignore", message=r"Neither (gdal|ogr)\.UseExceptions", category=FutureWarning)
+            ds = gdal.Open(path)
         if ds is not None:
             names = ds.GetRasterBand(1).GetCategoryNames()
             ds = None
