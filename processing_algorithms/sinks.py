@@ -24,7 +24,6 @@ import contextlib
 import os
 import re
 import uuid
-import warnings
 
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingOutputLayerDefinition, QgsProcessingUtils, QgsProperty, QgsVectorFileWriter,
@@ -32,6 +31,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsProcessingCon
 from qgis.PyQt.QtCore import QFileInfo
 
 from ..rs_deep_plugin.compat import make_fields
+from ..rs_deep_plugin.engine.geo.writer import quiet_osgeo_exceptions_warning
 
 _PROVIDER_URI = re.compile(r"^(.{3,}?):(.*)$")  # QGIS's test for "provider:uri" destinations (postgres:, ogr:...)
 # files a format writes beside its main file, stale when an earlier output is replaced by one without them
@@ -142,8 +142,7 @@ class _Output:
 @contextlib.contextmanager
 def _gdal_errors():
     """Collect the GDAL errors (CE_Failure and worse) raised in this thread meanwhile: QGIS's file writer
-    leaves some of them unreported. GDAL >= 3.9's FutureWarning that the host has not chosen between exceptions and
-    return codes (printed on stderr, e.g. by qgis_process on QGIS 3.44) is not shown: that choice is QGIS's."""
+    leaves some of them unreported; GDAL's FutureWarning about QGIS's exceptions choice is not shown."""
     from osgeo import gdal
     errors = []
 
@@ -153,8 +152,7 @@ def _gdal_errors():
 
     gdal.PushErrorHandler(collect)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Neither (gdal|ogr)\.UseExceptions", category=FutureWarning)
+        with quiet_osgeo_exceptions_warning():
             yield errors
     finally:
         gdal.PopErrorHandler()

@@ -19,7 +19,6 @@ import html
 import io
 import math
 import os
-import warnings
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -27,6 +26,7 @@ import numpy as np
 from ..errors import InputError, require
 from ..files import write_atomic
 from ..geo.rotated import polygon_iou, rotated_iou
+from ..geo.writer import quiet_osgeo_exceptions_warning
 from ..progress import Progress
 from .metrics import detection_metrics, metrics_from_confusion, multilabel_metrics
 
@@ -52,10 +52,7 @@ def raster_category_names(path):
     names = None
     try:
         from osgeo import gdal
-        with warnings.catch_warnings():
-            # GDAL's own exception setting is left as the host application has it; GDAL >= 3.9 warns about that
-            # choice not being made (a FutureWarning on stderr, e.g. on QGIS 3.44), which is not the user's concern
-            warnings.filterwarnings("ignore", message=r"Neither (gdal|ogr)\.UseExceptions", category=FutureWarning)
+        with quiet_osgeo_exceptions_warning():  # GDAL's exception setting is left as the host has it
             ds = gdal.Open(path)
         if ds is not None:
             names = ds.GetRasterBand(1).GetCategoryNames()

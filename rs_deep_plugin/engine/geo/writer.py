@@ -17,6 +17,7 @@ import os
 import queue
 import struct
 import threading
+import warnings
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -113,6 +114,16 @@ def gdal_errors():
             yield found
     finally:
         _GDAL_ERRORS.stop(found)
+
+
+@contextlib.contextmanager
+def quiet_osgeo_exceptions_warning():
+    """Runs the block without GDAL >= 3.9's FutureWarning that the host has not chosen between exceptions and return
+    codes ("Neither gdal.UseExceptions() nor ...": printed on stderr, e.g. by qgis_process on QGIS 3.44) for the
+    ``osgeo`` calls in it: that choice is the host application's, not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Neither (gdal|ogr)\.UseExceptions", category=FutureWarning)
+        yield
 
 
 def sync_file(path):
