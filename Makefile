@@ -10,7 +10,7 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models eval-multilabel eval-instances compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-dask bench-peers package clean help
+.PHONY: setup qgis demo demo-model eval-models eval-multilabel eval-instances compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-dask bench-peers bench-train package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup       install QGIS (if missing, as root) and the pinned Python packages into .venv"
 	@echo "make bench       benchmark detection (4096^2) and segmentation (8192^2) on generated rasters (CPU)"
 	@echo "make bench-peers RS Deep vs GeoDeep (pip, own venv in build/peers) on the same ONNX model and 4096^2 raster"
+	@echo "make bench-train training crops/s of rs_deep:train's default networks in float32 and in bfloat16"
 	@echo "make bench-dask  segmentation (8192^2) in one process vs a Dask LocalCluster of 1 and 2 workers (CPU)"
 	@echo "make package     build dist/rs_deep.zip for QGIS's plugin manager"
 	@echo "make demo-model  retrain the bundled buildings demo model"
@@ -95,6 +96,9 @@ bench-dask: setup
 
 bench-peers: setup
 	$(PY) tools/bench_peers.py
+
+bench-train: setup
+	$(PY) tools/bench_train.py
 
 package:
 	$(SYS_PY) tools/package.py

@@ -591,6 +591,7 @@ def test_centernet_training_writes_a_package_the_engine_runs(tmp_path):
                              package_tile_size=64, package_overlap=16, score_threshold=0.2, num_threads=2)
     assert report["epochs_run"] == 2 and len(report["history"]) == 2 and all(h["val"] for h in report["history"])
     assert set(report["history"][0]["loss_parts"]) == {"loss_heatmap", "loss_box", "loss_size"}
+    assert report["precision"] == "float32"  # precision "auto" keeps detectors in float32 on every device
     pkg = load_package(tmp_path / "model", task="detection")
     assert pkg.builder["library"] == "rs_deep" and pkg.builder["architecture"] == "CenterNet"
     assert pkg.builder["params"]["output_stride"] == 2 and pkg.builder["encoder_weights"] is None

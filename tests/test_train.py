@@ -272,3 +272,37 @@ def test_the_validation_strip_is_the_one_most_like_the_whole_image():
     three[40:60, 40:60] = 1
     three[:5, :5] = 2  # class 2 only in the top-left corner: top and left hold it, top is preferred
     assert representative_side(three, 0.2, 3) == "top"
+
+
+def test_bfloat16_training_steps(tmp_path):
+    """precision: the same seeded run in float32 and in bfloat16 mixed precision (autocast, as "auto" chooses on a
+    CPU with AVX512-BF16 or AMX and on CUDA): the first losses agree to about bfloat16's precision but are not the
+    same numbers (the steps did run in bfloat16); both packages hold float32 networks that load and segment; the
+    report and the log say which; an unknown precision, or bfloat16 where the device has none, is refused."""
+    import torch
+    from rs_deep.rs_deep_plugin.engine.training.loop import native_bfloat16, training_dtype
+    labels = read_vector_labels(FOOTPRINTS, class_value=1)
+    reports, logs = {}, {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        logs[precision] = []
+        reports[precision] = train_segmentation(IMAGE, labels, out, precision=precision,
+                                                log=logs[precision].append, **dict(TINY, patience=0))
+        assert reports[precision]["precision"] == precision
+        assert json.loads((out / "training_report.json").read_text())["precision"] == precision
+        model = load_package(out).load_model()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        segment(str(IMAGE), str(out), str(tmp_path / f"classes_{precision}.tif"))
+    first = [reports[p]["history"][0]["train_loss"] for p in ("float32", "bfloat16")]
+    assert first[0] != first[1] and first[1] == pytest.approx(first[0], rel=0.05)
+    assert "Training steps in float32" in logs["float32"]
+    assert any(m.startswith("Training steps in bfloat16 mixed precision") for m in logs["bfloat16"])
+    cpu = torch.device("cpu")
+    assert training_dtype(torch, cpu, "float32") is None and training_dtype(torch, cpu, "bfloat16") == torch.bfloat16
+    assert training_dtype(torch, cpu, "auto") == (torch.bfloat16 if native_bfloat16(torch, cpu) else None)
+    assert training_dtype(torch, torch.device("meta"), "auto") is None  # neither CPU nor CUDA: float32
+    with pytest.raises(InputError, match="'bfloat16' is not available on meta"):
+        training_dtype(torch, torch.device("meta"), "bfloat16")
+    with pytest.raises(InputError, match="precision must be one of auto, float32, bfloat16; got 'fp8'"):
+        train_segmentation(IMAGE, labels, tmp_path / "bad", precision="fp8", **TINY)
+    assert not (tmp_path / "bad").exists()

@@ -352,18 +352,19 @@ def test_train_algorithm_fine_tunes_through_processing(provider, source, tmp_pat
     from test_accuracy import RecordingFeedback, _run
     alg = QgsApplication.processingRegistry().algorithmById("rs_deep:train")
     names = {p.name() for p in alg.parameterDefinitions()}
-    assert {"INIT_FROM", "ENCODER_WEIGHTS", "FREEZE_ENCODER", "ENCODER_LR"} <= names
+    assert {"INIT_FROM", "ENCODER_WEIGHTS", "FREEZE_ENCODER", "ENCODER_LR", "PRECISION"} <= names
     help_text = alg.shortHelpString()
     assert "mean times 3" in help_text and "0.1" in help_text and "nothing is downloaded" in help_text
     base = {"INPUT": str(ATLANTA_IMAGE), "LABELS": str(ATLANTA_LABELS), "TASK": 0, "ARCHITECTURE": 0, "EPOCHS": 1,
             "BATCH_SIZE": 2, "TILE_SIZE": 96, "STEPS_PER_EPOCH": 1, "DEVICE": 1}
     fb = RecordingFeedback()
     res = _run("rs_deep:train", dict(base, INIT_FROM=str(source), FREEZE_ENCODER=1, ENCODER_LR=0.1,
-                                     OUTPUT=str(tmp_path / "tuned")), fb)
+                                     PRECISION="bfloat16", OUTPUT=str(tmp_path / "tuned")), fb)
     lineage = props(tmp_path / "tuned")["rs_deep:training"]["lineage"]
     assert lineage["init_from"]["sha256"] == sha256(source / "model.safetensors")
     assert lineage["freeze_encoder_epochs"] == 1 and lineage["encoder_lr_factor"] == pytest.approx(0.1)
     assert json.loads(open(res["REPORT"]).read())["lineage"] == lineage
+    assert json.loads(open(res["REPORT"]).read())["precision"] == "bfloat16"  # PRECISION reaches the engine
     assert load_package(res["OUTPUT"]).builder == load_package(source).builder
     assert any("INIT_FROM source" in m for m in fb.messages)
     pth = tmp_path / "w.pth"

@@ -122,6 +122,9 @@ class DetectionTask(TrainingTask):
     masks = False  # InstanceTask (:mod:`.instances`): the samples' objects are polygons with their pixels
     monitor, monitor_label, curves = "ap", "AP", ("f1", "ap", "precision", "recall")
     clip_grad_norm = 10.0
+    # precision "auto" trains detectors in float32: trained in bfloat16, the tiny Mask R-CNN and oriented CenterNet
+    # of tests/test_instances.py and tests/test_oriented.py fell below their checks (0.16.0)
+    auto_bfloat16 = False
 
     def __init__(self, train_items, val_items, sampler_options, thresholds, sizes, select_best):
         self.train_items, self.val_items = train_items, val_items
