@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""make bench-train: training crops per second of rs_deep:train's defaults in float32 and in the automatic precision.
+"""make bench-train: training crops per second of rs_deep:train's default networks in float32 and in bfloat16.
 
 Trains rs_deep:train's default networks on the bundled samples through the engine, each run short and without
-validation (only the steps are timed): segmentation (the toolbox's U-Net on MobileNetV2, crops of 256 px, batch 4, the Atlanta
-panchromatic sample with its building footprints) and detection (CenterNet on ResNet-18, crops of 256 px, batch 4, the NEON
-OSBS_029 tile with its crowns). Each runs in float32 and in bfloat16 mixed precision, the two interleaved for
-``--rounds`` rounds; the figures are medians. ``precision="auto"`` chooses bfloat16 for segmentation where the device
-computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU) and float32 for detection (its bfloat16 row says
-what that leaves). Prints one JSON line:
+validation (only the steps are timed): segmentation (the toolbox's U-Net on MobileNetV2, crops of 256 px, batch 4,
+the Atlanta panchromatic sample with its building footprints) and detection (CenterNet on ResNet-18, crops of 256
+px, batch 4, the NEON OSBS_029 tile with its crowns). Each runs in float32 and in bfloat16 mixed precision, the
+two interleaved for ``--rounds`` rounds; the figures are medians. ``precision="auto"`` chooses bfloat16 for
+segmentation where the device computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU) and float32 for
+detection (its bfloat16 row says what that leaves). Prints one JSON line:
 
   native_bfloat16     whether the device computes bfloat16 natively
   <task>_float32_crops_s, <task>_bfloat16_crops_s   training crops per second
@@ -31,8 +31,8 @@ TREES = os.path.join(ROOT, "tests", "data", "trees_neon", "OSBS_029_boxes.geojso
 
 
 def run(task, precision, steps, device, out):
-    """Training seconds of one short run (2 epochs of ``steps`` steps; the first epoch warms up, the second is
-    timed from the report's per-epoch clock) and the crops it trained on."""
+    """(the precision the run used, its training crops per second) for one short run: 2 epochs of ``steps`` steps,
+    the first a warm-up, the second timed by the report's per-epoch clock."""
     from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
     from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS, default_encoder, toolbox_builder
     d = TOOLBOX_DEFAULTS[task]

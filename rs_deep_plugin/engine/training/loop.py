@@ -393,6 +393,7 @@ def fit(task, params, out_dir):
         transfer = Transfer(params, task.task)
         transfer.prepare(task, log)
         amp = training_dtype(torch, dev, params.precision, task.auto_bfloat16)
+        precision = "bfloat16" if amp is not None else "float32"
         model = task.build_model(dev, fmt)
         transfer.initialise(model, task.builder, log)
         epochs, batch_size = params.epochs, params.batch_size
@@ -408,8 +409,8 @@ def fit(task, params, out_dir):
         judged = ema.model if ema is not None else model  # the network validated and packaged
         sampler = task.make_sampler(rng)
         log(task.describe(device_description(dev), steps, batch_size, epochs))
-        log("Training steps in bfloat16 mixed precision (the device computes it natively; float32 weights)"
-            if amp is not None else "Training steps in float32")
+        log(f"Training steps in {precision}"
+            + (" mixed precision (the device computes it natively; float32 weights)" if amp is not None else ""))
         report = {
             "name": params.name, "task": task.task, "classes": [c.name for c in task.classes],
             "bands": task.band_names, "band_numbers": task.band_numbers, "builder": task.builder,
@@ -417,7 +418,7 @@ def fit(task, params, out_dir):
             "input_percentiles": list(task.input_percentiles) if task.input_percentiles else None,
             "gsd": task.gsd, "seed": params.seed,
             "device": device_description(dev), "threads": torch.get_num_threads(),
-            "precision": "bfloat16" if amp is not None else "float32", "tile_size": task.tile_size,
+            "precision": precision, "tile_size": task.tile_size,
             "batch_size": batch_size, "lr": params.lr, "weight_decay": params.weight_decay,
             "ema_decay": params.ema_decay, "epochs_planned": epochs,
             "time_budget_minutes": params.time_budget, "steps_per_epoch": steps, "patience": params.patience, "augment": task.augment,
