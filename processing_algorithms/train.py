@@ -203,7 +203,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "(rs_deep:training lineage) and training_report.json record what the model started from.<br>"
             "<b>Time budget</b> (default 10 minutes) and <b>Epochs</b> (default 100): the run stops after the "
             "budget or the epochs, whichever comes first, with the learning rate annealed over that span, so a "
-            "budgeted run ends as a full run does; time budget 0 = no limit. The defaults were measured on areas "
+            "budgeted run ends as a full run does; time budget 0 = no limit (and the only way to train the same "
+            "network again from the same SEED: under a budget the schedule depends on the machine's speed). The "
+            "defaults were measured on areas "
             "the model never saw (README, 'Training that generalises').<br>"
             f"<b>Batch size, learning rate, tile size</b>: 0 = the task's default ({DEFAULTS_TEXT}). Tile size: "
             "training crops in pixels (segmentation, detection and change: a multiple of 32; patch "
@@ -289,7 +291,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          + "; the other crops are drawn anywhere)", QgsProcessingParameterNumber.Double,
                                          None, optional=True, minValue=0.0, maxValue=1.0),
             QgsProcessingParameterNumber(self.SEED, "Random seed (crops, augmentations, initial weights: the same seed "
-                                         "and settings train the same network on the same device)",
+                                         "and settings train the same network on the same device when TIME_BUDGET "
+                                         "is 0; under a budget the learning rate follows the clock, so runs differ)",
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,

@@ -306,3 +306,16 @@ def test_bfloat16_training_steps(tmp_path):
     with pytest.raises(InputError, match="precision must be one of auto, float32, bfloat16; got 'fp8'"):
         train_segmentation(IMAGE, labels, tmp_path / "bad", precision="fp8", **TINY)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_same_seed_trains_the_same_network(tmp_path):
+    """SEED's promise: the same seed and settings, without a time budget (the schedule then follows the steps, not
+    the clock), train the same network on the same device, to the bit; another seed trains another."""
+    import torch
+    labels = read_vector_labels(FOOTPRINTS, class_value=1)
+    weights = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train_segmentation(IMAGE, labels, tmp_path / name, **dict(TINY, patience=0, seed=seed))
+        weights.append(load_package(tmp_path / name).load_model().state_dict())
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+    assert not all(torch.equal(v, weights[2][k]) for k, v in weights[0].items())
