@@ -227,6 +227,29 @@ def test_onnx_lanes_open_with_the_first_batch_of_several_tiles(onnx_models, monk
         assert np.abs(together[i] - probs).max() < 1e-5, i
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_batches_run_at_once_on_the_lanes_give_the_same_pixels(onnx_models, tmp_path, monkeypatch, batch_size):
+    """The segmentation pipeline runs as many batches at once as an ONNX runner has lanes (their parts queue for
+    whichever lane is free); the probabilities written are those of one batch at a time, to the bit."""
+    from rs_deep.rs_deep_plugin.engine import segment
+    from rs_deep.rs_deep_plugin.engine.models.loading import load_package
+    from rs_deep.rs_deep_plugin.engine.models.onnx.runners import LANES, OnnxRunner
+    monkeypatch.setenv("RS_DEEP_THREADS", str(LANES))
+    pkg = load_package(onnx_models[0])
+    assert pkg.make_runner(OnnxDevice("cpu")).concurrent_batches == LANES
+    outs = {}
+    for depth in (LANES, 1):
+        with monkeypatch.context() as m:
+            if depth == 1:
+                m.setattr(OnnxRunner, "concurrent_batches", 1)
+            res = segment(SAMPLE, onnx_models[0], tmp_path / f"classes_{depth}.tif", device="cpu",
+                          probabilities=tmp_path / f"probs_{depth}.tif", batch_size=batch_size, overlap=192)
+        assert res.tiles_run >= 3 * batch_size  # 3 batches or more (its 512 px tiles, 320 px apart)
+        with rasterio.open(res.probabilities) as src:
+            outs[depth] = src.read()
+    assert np.array_equal(outs[LANES], outs[1])
+
+
 def random_boxes(rng, n, low=0.0, high=500.0, empty=0.05):
     xy = rng.uniform(low, high, (n, 2))
     wh = rng.uniform(1.0, 60.0, (n, 2))

@@ -12,6 +12,7 @@ Memory is bounded by tile size x batch size, plus the rows that two tile rows sh
 (``max_band_width`` columns, 8192 by default), whatever the size of the raster; the C heap's free pages go back
 to the system after each tile row (:func:`..memory.release_free_heap`).
 """
+import collections
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -202,23 +203,26 @@ def _nearest(size, new):
 
 def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
     """Runs the model over the tiles ``seq`` (``xy(item)``: the tile's (x, y)), ``bs`` at a time, reading ahead on one
-    thread and running each batch's forward pass on another while the batch before it is blended. Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
+    thread and running the forward passes of the next batches on others while the batch before them is blended: as
+    many at once as the runner takes (``runner.concurrent_batches``, one without it; an ONNX runner on the CPU: its
+    lanes, :class:`..models.onnx.runners.OnnxRunner`, which keep both cores busy while this thread blends). Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
     (``scale`` times the raster's tile: super-resolution): None for a tile without valid pixels; ``check()`` runs
     before each batch (cancel)."""
     out_n = reader.native_tile * int(scale)
+    depth = max(1, int(getattr(runner, "concurrent_batches", 1)))
     reads = prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs))
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="rs_deep-forward") as forward:
-            pending = None  # (batch, metas, the forward pass running while the batch before it is blended)
+        with ThreadPoolExecutor(depth, thread_name_prefix="rs_deep-forward") as forward:
+            # (batch, metas, its forward pass): ``depth`` batches run while the one before them is blended
+            pending = collections.deque()
             for batch, (data, metas) in reads:
                 check()
-                running = (batch, metas, forward.submit(runner, data) if data is not None else None)
-                if pending is not None:
-                    yield _tile_values(pending, out_n)
-                pending = running
-            if pending is not None:
+                pending.append((batch, metas, forward.submit(runner, data) if data is not None else None))
+                if len(pending) > depth:
+                    yield _tile_values(pending.popleft(), out_n)
+            while pending:
                 check()
-                yield _tile_values(pending, out_n)
+                yield _tile_values(pending.popleft(), out_n)
     finally:
         # the read ahead ends here, whatever stopped the run (an error, cancel): the caller closes the reader next,
         # and a read still running on a closed dataset would crash GDAL

@@ -75,6 +75,7 @@ class TTARunner:
     def __init__(self, runner, tta):
         self.runner = runner
         self.tta = check_tta(tta)
+        self.concurrent_batches = getattr(runner, "concurrent_batches", 1)
 
     def __call__(self, batch):
         variants = tta_variants(self.tta, square=batch.shape[-1] == batch.shape[-2])

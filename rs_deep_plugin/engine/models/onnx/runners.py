@@ -3,6 +3,7 @@
 models by :func:`decode_yolo_obb`) and :class:`..runners.InstanceRunner` (boxes and masks of YOLO segmentation
 models, :func:`decode_yolo_seg`)."""
 import re
+import threading
 
 import numpy as np
 
@@ -39,6 +40,9 @@ class OnnxRunner:
         # tiles: a raster of one tile never creates them (about 50 ms each)
         self.sessions = [pkg.session(device, self.threads)]
         self.pool = None
+        self._lane = None  # per lane thread: its session (:meth:`_lane_run`)
+        self._free = []  # the sessions no lane thread took yet
+        self._lock = threading.Lock()  # opening the lanes, taking a session (batches may come from several threads)
         self.input_name = pkg.input_name
         ort = require_onnxruntime()
         self.run_options = (run_options(ort, shrink=False), run_options(ort))  # (most runs, shrinking)
@@ -53,13 +57,12 @@ class OnnxRunner:
         the same time (onnxruntime releases the GIL) and joined again."""
         self.runs += 1
         ro = self.run_options[self.runs == 1 or self.runs % SHRINK_EVERY == 0]
-        n = 1 if len(batch) == 1 else self._open_lanes()
+        n = 1 if len(batch) == 1 and self.pool is None else self._open_lanes()
         try:
             if n == 1:
                 return self.sessions[0].run(None, {self.input_name: batch}, ro)
             parts = np.array_split(np.arange(len(batch)), min(n, len(batch)))
-            futures = [self.pool.submit(sess.run, None, {self.input_name: batch[p[0]:p[-1] + 1]}, ro)
-                       for sess, p in zip(self.sessions, parts)]
+            futures = [self.pool.submit(self._lane_run, batch[p[0]:p[-1] + 1], ro) for p in parts]
             outs = [f.result() for f in futures]
             return [np.concatenate(o) for o in zip(*outs)]
         except Exception as exc:
@@ -77,13 +80,33 @@ class OnnxRunner:
             raise ModelPackageError(f"{self.pkg.source}: onnxruntime cannot run the model on tiles of "
                                     f"{list(batch.shape)} ({msg[-300:]})") from exc
 
-    def _open_lanes(self):
-        """The sessions of every lane and their thread pool, created on first use; returns the number of lanes."""
-        if self.pool is None and self.lanes > 1:
-            from concurrent.futures import ThreadPoolExecutor
-            self.sessions += [self.pkg.session(self.device, self.threads) for _ in range(self.lanes - 1)]
-            self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="rs_deep-onnx")
+    @property
+    def concurrent_batches(self):
+        """How many batches may be run at once (from as many threads): one per lane. The lanes take the parts of
+        every batch submitted from one queue, so a lane slowed by other work (reading, blending, writing on the
+        same cores) leaves the next part to the other lane instead of holding its whole batch back."""
         return self.lanes
+
+    def _open_lanes(self):
+        """The sessions of every lane and their thread pool, created with the first batch of several tiles (from
+        then on every batch runs on the lanes); returns the number of lanes."""
+        with self._lock:
+            if self.pool is None and self.lanes > 1:
+                from concurrent.futures import ThreadPoolExecutor
+                self.sessions += [self.pkg.session(self.device, self.threads) for _ in range(self.lanes - 1)]
+                self._lane = threading.local()
+                self._free = list(self.sessions)
+                self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="rs_deep-onnx")
+        return self.lanes
+
+    def _lane_run(self, part, ro):
+        """Run ``part`` on the session of this lane thread (each of the pool's threads takes one session for good:
+        two parts never share a session, and at most :attr:`lanes` run at once)."""
+        sess = getattr(self._lane, "session", None)
+        if sess is None:
+            with self._lock:
+                sess = self._lane.session = self._free.pop()
+        return sess.run(None, {self.input_name: part}, ro)
 
     def raw(self, batch):
         """The graph's raw outputs (a list) for ``batch`` [B, C, T, T]: the forward pass alone (``make bench``)."""
