@@ -53,8 +53,8 @@ class OnnxRunner:
             self.pool.shutdown(wait=False)
 
     def _run_session(self, batch):
-        """The session's raw outputs for ``batch``; with several lanes, its tiles split between the sessions, run at
-        the same time (onnxruntime releases the GIL) and joined again."""
+        """The session's raw outputs for ``batch``; with several lanes, its tiles split into parts that the lanes take
+        from one queue (:meth:`_lane_run`), run at the same time (onnxruntime releases the GIL) and joined again."""
         self.runs += 1
         ro = self.run_options[self.runs == 1 or self.runs % SHRINK_EVERY == 0]
         n = 1 if len(batch) == 1 and self.pool is None else self._open_lanes()
