@@ -205,9 +205,10 @@ def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
     """Runs the model over the tiles ``seq`` (``xy(item)``: the tile's (x, y)), ``bs`` at a time, reading ahead on one
     thread and running the forward passes of the next batches on others while the batch before them is blended: as
     many at once as the runner takes (``runner.concurrent_batches``, one without it; an ONNX runner on the CPU: its
-    lanes, :class:`..models.onnx.runners.OnnxRunner`, which keep both cores busy while this thread blends). Yields per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels
-    (``scale`` times the raster's tile: super-resolution): None for a tile without valid pixels; ``check()`` runs
-    before each batch (cancel)."""
+    lanes, :class:`..models.onnx.runners.OnnxRunner`, which keep both cores busy while this thread blends). Yields
+    per batch ``[(item, values [K, m, m] or None, valid [m, m])]`` with m = the tile in output pixels (``scale`` times
+    the raster's tile: super-resolution): None for a tile without valid pixels; ``check()`` runs before each batch
+    (cancel)."""
     out_n = reader.native_tile * int(scale)
     depth = max(1, int(getattr(runner, "concurrent_batches", 1)))
     reads = prefetch(lambda b: read_tiles(reader, [xy(t) for t in b], mask), batched(seq, bs))

@@ -40,9 +40,8 @@ class OnnxRunner:
         # tiles: a raster of one tile never creates them (about 50 ms each)
         self.sessions = [pkg.session(device, self.threads)]
         self.pool = None
-        self._lane = None  # per lane thread: its session (:meth:`_lane_run`)
-        self._free = []  # the sessions no lane thread took yet
-        self._lock = threading.Lock()  # opening the lanes, taking a session (batches may come from several threads)
+        self._lane = threading.local()  # per lane thread: its session (:meth:`_lane_run`)
+        self._lock = threading.Lock()  # opening the lanes (batches may come from several threads)
         self.input_name = pkg.input_name
         ort = require_onnxruntime()
         self.run_options = (run_options(ort, shrink=False), run_options(ort))  # (most runs, shrinking)
@@ -94,19 +93,18 @@ class OnnxRunner:
             if self.pool is None and self.lanes > 1:
                 from concurrent.futures import ThreadPoolExecutor
                 self.sessions += [self.pkg.session(self.device, self.threads) for _ in range(self.lanes - 1)]
-                self._lane = threading.local()
-                self._free = list(self.sessions)
-                self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="rs_deep-onnx")
+                free = list(self.sessions)
+
+                def take_session():  # once in each of the pool's threads (list.pop is atomic)
+                    self._lane.session = free.pop()
+
+                self.pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="rs_deep-onnx", initializer=take_session)
         return self.lanes
 
     def _lane_run(self, part, ro):
-        """Run ``part`` on the session of this lane thread (each of the pool's threads takes one session for good:
-        two parts never share a session, and at most :attr:`lanes` run at once)."""
-        sess = getattr(self._lane, "session", None)
-        if sess is None:
-            with self._lock:
-                sess = self._lane.session = self._free.pop()
-        return sess.run(None, {self.input_name: part}, ro)
+        """Run ``part`` on the session of this lane thread (each of the pool's threads takes one session for good when
+        it starts: two parts never share a session, and at most :attr:`lanes` run at once)."""
+        return self._lane.session.run(None, {self.input_name: part}, ro)
 
     def raw(self, batch):
         """The graph's raw outputs (a list) for ``batch`` [B, C, T, T]: the forward pass alone (``make bench``)."""
