@@ -95,11 +95,13 @@ def read_model(alg, parameters, context, feedback, task):
 VALUE_SCALING = "VALUE_SCALING"
 VALUE_SCALING_LABELS = ("As the model says", "The training data's (stored in the model)",
                         "This input's own 1st-99th percentiles")
-VALUE_SCALING_HELP = ("How the raster's values are scaled for the model. 'As the model says': RS Deep models "
-                      "trained for segmentation scale each input by its own 1st-99th percentiles, other models by "
-                      "their training data's range. 'This input's own' makes a model robust to a darker or brighter "
-                      "scene than it was trained on (another date, sun or view angle); 'The training data's' keeps "
-                      "absolute values (e.g. reflectance, where a brighter field means something).")
+VALUE_SCALING_HELP = ("How the raster's values are scaled for the model. 'As the model says': by the training data's "
+                      "range, or by each input's own 1st-99th percentiles for packages trained with INPUT_SCALING "
+                      "'input' (and RS Deep 0.14-0.17 segmentation packages). 'This input's own' makes a model robust "
+                      "to a darker or brighter scene of the same content (another date, sun or view angle), but moves "
+                      "every value when the input holds brighter or darker things than the training data (a town, "
+                      "clouds, bare fields); 'The training data's' keeps absolute values (e.g. reflectance, where a "
+                      "brighter field means something).")
 
 
 def read_value_scaling(alg, parameters, context, pkg):

@@ -36,10 +36,11 @@ AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
 AUGMENT_NAMES = ["flips", "rotations", "brightness"]
 AUTO = "auto (the task's default)"
 #: INPUT_SCALING choices -> the trainers' input_scaling (None: the task's default)
-INPUT_SCALINGS = [f"auto (each input's own for {', '.join(t.replace('_', ' ') for t in PER_INPUT_TASKS)}; the "
-                  "training data's for the other tasks)",
+INPUT_SCALINGS = [(f"auto (each input's own for {', '.join(t.replace('_', ' ') for t in PER_INPUT_TASKS)}; the "
+                   "training data's for the other tasks)") if PER_INPUT_TASKS else
+                  "auto (the training data's for every task: the values the model learnt from)",
                   "the training data's 1st-99th percentiles (stored in the package)",
-                  "each input's own 1st-99th percentiles (robust to darker or brighter scenes)"]
+                  "each input's own 1st-99th percentiles (robust to darker or brighter scenes of the same content)"]
 INPUT_SCALING_NAMES = ["auto", "training", "input"]
 PRECISION_LABELS = ["auto (bfloat16 where the device computes it natively, else float32)", "float32", "bfloat16"]
 INPUT_SCALING_VALUES = {"auto": None, "training": False, "input": True}

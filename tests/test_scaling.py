@@ -160,8 +160,9 @@ def test_a_dask_cluster_gives_the_same_pixels_with_per_input_scaling(per_input, 
 
 
 def test_training_records_the_choice(tmp_path):
-    """rs_deep:train's INPUT_SCALING: segmentation packages scale each input by its own percentiles by default,
-    "training" keeps the training data's; a super-resolution model refuses per-input scaling."""
+    """rs_deep:train's INPUT_SCALING: segmentation packages keep the training data's scaling by default (since
+    0.18.0), as with "training"; "input" scales each input by its own percentiles; a super-resolution model refuses
+    per-input scaling."""
     from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
     from rs_deep.rs_deep_plugin.engine.training.segmentation import train_segmentation
     from rs_deep.rs_deep_plugin.engine.training.superres import train_super_resolution
@@ -174,12 +175,53 @@ def test_training_records_the_choice(tmp_path):
         out = tmp_path / f"pkg_{choice}"
         reports[choice] = train_segmentation(SAMPLE, labels, out, input_scaling=choice, **tiny)
         meta = json.loads((out / "model.json").read_text())["properties"]
-        assert meta.get("rs_deep:input_percentiles") == (None if choice is False else [1.0, 99.0])
-        assert load_package(out).input_percentiles == (None if choice is False else (1.0, 99.0))
-    assert reports[None]["input_percentiles"] == [1.0, 99.0] and reports[False]["input_percentiles"] is None
+        assert meta.get("rs_deep:input_percentiles") == ([1.0, 99.0] if choice else None)
+        assert load_package(out).input_percentiles == ((1.0, 99.0) if choice else None)
+    assert reports[None]["input_percentiles"] is None and reports[False]["input_percentiles"] is None
+    assert reports[True]["input_percentiles"] == [1.0, 99.0]
     with pytest.raises(InputError, match="super-resolution model .* cannot scale each input by its own"):
         train_super_resolution(SAMPLE, tmp_path / "sr", input_scaling=True, epochs=1, steps_per_epoch=1)
     assert not (tmp_path / "sr").exists()
+
+
+def test_a_default_package_gives_the_same_values_beside_a_brighter_part_of_the_scene(provider, tmp_path):
+    """rs_deep:train with its defaults on the real crop parcels of fields_denmark (Sentinel-2, 10 m): the package keeps
+    its training data's scaling, so the scene with its right third brighter (as a town, bare soil or a cloud makes
+    part of a scene) gives the same class probabilities on the left as the scene as it is. A copy of the package
+    that scales each input by its own percentiles gives other probabilities everywhere: the brighter part moves the
+    scene's 99th percentiles (what cost the held-out fields their classes with 0.14-0.17's default, README)."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProject
+    from conftest import DATA
+    fields = DATA / "fields_denmark"
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    pkg = tmp_path / "crops"
+    processing.run("rs_deep:train", {"INPUT": str(fields / "image.tif"), "LABELS": str(fields / "fields.gpkg"),
+                                     "CLASS_FIELD": "Afgroede", "EPOCHS": 1, "STEPS_PER_EPOCH": 30, "TILE_SIZE": 64,
+                                     "BATCH_SIZE": 2, "OUTPUT": str(pkg)},
+                   context=context, feedback=QgsProcessingFeedback())
+    assert "rs_deep:input_percentiles" not in json.loads((pkg / "model.json").read_text())["properties"]
+    assert load_package(pkg).input_percentiles is None
+    with rasterio.open(fields / "image.tif") as ds:
+        arr, profile = ds.read(), ds.profile
+    cut = arr.shape[2] * 2 // 3
+    bright = arr.copy()
+    bright[:, :, cut:] = np.clip(bright[:, :, cut:].astype(np.float64) * 1.6, 1, 65535).astype(arr.dtype)
+    with rasterio.open(tmp_path / "brighter_right.tif", "w", **profile) as ds:
+        ds.write(bright)
+    left = np.s_[:, :, : cut - 128]  # no tile of 128 px that reaches the brighter part
+    probs = {}
+    for name, package in (("default", pkg), ("per input", per_input_copy(pkg, tmp_path / "crops_per_input"))):
+        for scene in ("image", "brighter_right"):
+            path = fields / "image.tif" if scene == "image" else tmp_path / "brighter_right.tif"
+            out = tmp_path / f"{name.replace(' ', '_')}_{scene}.tif"
+            segment(str(path), load_package(package), str(out), probabilities=str(out) + ".p.tif", **TILING)
+            with rasterio.open(str(out) + ".p.tif") as ds:
+                probs[name, scene] = ds.read()[left]
+    assert np.array_equal(probs["default", "image"], probs["default", "brighter_right"])
+    moved = np.abs(probs["per input", "image"] - probs["per input", "brighter_right"])
+    assert (moved > 1e-4).mean() > 0.9 and moved.max() > 0.05, (float((moved > 1e-4).mean()), float(moved.max()))
 
 
 def test_value_scaling_parameter_of_the_algorithms(provider, darker, tmp_path):

@@ -92,12 +92,14 @@ def import_torch():
     return require("torch", "PyTorch")
 
 
-#: the tasks whose packages scale each input by its own percentiles unless told otherwise: measured on the held-out
-#: part of buildings_atlanta, the same network scores the same as with the stored scaling (building IoU 0.258 vs
-#: 0.262) and keeps it when the scene is darker or brighter (x0.6 .. x1.5, gamma 0.8: 0.258-0.259, against 0.16-0.23
-#: with the stored scaling). Tree detection across NEON sites was mixed (AP50 0.07 -> 0.13 one way, 0.13 -> 0.10 the
-#: other), so the other tasks keep their training data's scaling (README, "Training that generalises").
-PER_INPUT_TASKS = ("segmentation",)
+#: the tasks whose packages scale each input by its own percentiles unless told otherwise: none since 0.18.0. Per-input
+#: scaling keeps a model's score on a darker or brighter scene (held-out buildings_atlanta x0.6 .. x1.5: building IoU
+#: 0.26 against 0.13-0.24 with the stored scaling), but an input whose content differs moves its percentiles: the
+#: held-out right 30 % of fields_denmark holds brighter fields than the training part (99th percentiles 1,686-2,600
+#: against 1,328-1,384), and the same crop-type U-Net scored kappa 0.05 with that part's own percentiles against 0.61
+#: with its training data's (the per-pixel random forest: 0.56). Absolute values are what every peer feeds a model,
+#: and a wrong class everywhere is worse than a weaker one on a darker scene (README, "Training that generalises").
+PER_INPUT_TASKS = ()
 
 
 def input_percentiles(params, task):

@@ -155,7 +155,13 @@ def export_onnx(package_path, out_path, opset=17, log=None):
 
         def forward(self, x):
             y = self.net(x)
-            return torch.sigmoid(y) if activation == "sigmoid" else torch.softmax(y, dim=1)
+            if activation == "sigmoid":
+                return torch.sigmoid(y)
+            # the softmax over the classes, written out: onnxruntime's Softmax on axis 1 of [B, C, H, W] moves the
+            # classes last and back (about 5 % of a light U-Net's CPU time on a 512-px tile); these element-wise
+            # ops and reductions give the same probabilities (within 1e-7) in about 0.95 of the time (make bench)
+            e = torch.exp(y - y.amax(dim=1, keepdim=True))
+            return e / e.sum(dim=1, keepdim=True)
 
     wrapped = (_centernet_as_yolo(model, pkg.tile_size) if pkg.task == "detection" else WithActivation(model)).eval()
     dummy = torch.zeros(1, pkg.in_channels, pkg.tile_size, pkg.tile_size, dtype=torch.float32)
