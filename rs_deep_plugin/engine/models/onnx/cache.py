@@ -25,7 +25,7 @@ from ..package import ModelPackage
 from .session import OnnxDevice
 
 #: bump when the export changes: older cached graphs are then exported again
-EXPORT_VERSION = 2  # 2 (0.18.0): the softmax written out as element-wise ops (export.py)
+EXPORT_VERSION = 3  # 2 (0.18.0): the softmax written out as element-wise ops; 3: constant Resize scales (export.py)
 #: largest difference of a class probability between PyTorch and the cached graph on the test batch
 TOLERANCE = 1e-4
 KEEP = 8  # cached models kept (the least recently used are removed)
