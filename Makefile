@@ -95,7 +95,7 @@ bench-dask: setup
 	$(PY) tools/bench_dask.py $(BENCH_ARGS)
 
 bench-peers: setup
-	$(PY) tools/bench_peers.py
+	$(PY) tools/bench_peers.py $(BENCH_ARGS)
 
 bench-train: setup
 	$(PY) tools/bench_train.py

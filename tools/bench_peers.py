@@ -15,7 +15,12 @@ Prints one JSON line last: each tool's median wall and CPU seconds and largest p
   equal_pixels           share of pixels where both tools give the same class (GeoDeep median-filters its mask
                          and drops small segments; RS Deep blends overlapping tiles)
 
-  usage: tools/bench_peers.py [--size 4096] [--runs 3]
+With ``--floor`` each round also runs both tools on a trivial model of the same tile size and metadata (one 1 x 1
+convolution and a softmax: about nothing to compute), and the line gets each tool's ``floor_cpu_s`` (median CPU
+seconds of everything but the real model's forward passes: start-up, reading, blending, writing) and
+``forward_cpu_s`` (its ``cpu_s`` less that floor).
+
+  usage: tools/bench_peers.py [--size 4096] [--runs 3] [--floor]
 """
 import argparse
 import json
@@ -117,6 +122,31 @@ def export_model(path):
     return path
 
 
+def trivial_model(path, model):
+    """``model``'s input, output and Deepness/GeoDeep metadata (without RS Deep's model.json) around one 1 x 1
+    convolution and a softmax: runs of it cost what a tool spends besides the forward passes."""
+    if os.path.exists(path):
+        return path
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    src = onnx.load(model)
+    (inp,), (out,) = src.graph.input, src.graph.output
+    channels, classes = inp.type.tensor_type.shape.dim[1].dim_value, out.type.tensor_type.shape.dim[1].dim_value
+    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((classes, channels, 1, 1),
+                                                                                dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", [inp.name, "w"], ["logits"]),
+                               helper.make_node("Softmax", ["logits"], [out.name], axis=1)],
+                              "trivial", [inp], [out], [weights])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for p in src.metadata_props:
+        if p.key != "rs_deep:model_json":
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = p.key, p.value
+    onnx.save(proto, path)
+    return path
+
+
 def measure(cmd, env=None):
     """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one child process."""
     t0 = time.perf_counter()
@@ -144,14 +174,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--floor", action="store_true", help="also run both tools on a trivial model (see above)")
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     raster = os.path.join(OUT, f"atlanta_rgb_{args.size}.tif")
-    model = os.path.join(OUT, "buildings_demo.onnx")
+    model, trivial = os.path.join(OUT, "buildings_demo.onnx"), os.path.join(OUT, "trivial.onnx")
     if args.prepare:
         make_raster(raster, args.size)
-        export_model(model)
+        trivial_model(trivial, export_model(model))
         return
     gd_py = geodeep_python()
     # made in a child: Linux keeps a parent's peak RSS (here: with torch loaded) as its children's at exec
@@ -163,20 +194,21 @@ def main():
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     ours_env = qgis_env()
     ours_env.pop("PYTHONDONTWRITEBYTECODE", None)
-    envs = {"rs_deep": ours_env, "geodeep": plain}
-    ours_out, theirs_out = os.path.join(OUT, "rs_deep.tif"), os.path.join(OUT, "geodeep.tif")
-    tools = {
-        "rs_deep": [qgis_process, "run", "rs_deep:segment", "--", f"INPUT={raster}", f"MODEL={model}",
-                    f"OUTPUT={ours_out}"],
-        "geodeep": [gd_py, "-c", GEODEEP_RUN, raster, model, theirs_out],
-    }
+    def commands(onnx_model, suffix=""):
+        ours, theirs = os.path.join(OUT, f"rs_deep{suffix}.tif"), os.path.join(OUT, f"geodeep{suffix}.tif")
+        return {"rs_deep" + suffix: ([qgis_process, "run", "rs_deep:segment", "--", f"INPUT={raster}",
+                                      f"MODEL={onnx_model}", f"OUTPUT={ours}"], ours, ours_env),
+                "geodeep" + suffix: ([gd_py, "-c", GEODEEP_RUN, raster, onnx_model, theirs], theirs, plain)}
+
+    tools = commands(model)
+    if args.floor:
+        tools.update(commands(trivial, "_floor"))
     figures = {name: [] for name in tools}
     for run in range(args.runs):
-        for name, cmd in tools.items():
-            done = ours_out if name == "rs_deep" else theirs_out
+        for name, (cmd, done, env) in tools.items():
             if os.path.exists(done):
                 os.remove(done)
-            wall, cpu, rss = measure(cmd, envs[name])
+            wall, cpu, rss = measure(cmd, env)
             figures[name].append((wall, cpu, rss))
             print(f"run {run + 1} {name}: {wall:.1f} s wall, {cpu:.1f} CPU-s, peak RSS {rss / 2**20:.0f} MiB",
                   flush=True)
@@ -191,7 +223,11 @@ def main():
     line["cpu_ratio_vs_geodeep"] = round(ours["cpu_s"] / theirs["cpu_s"], 3)
     line["rss_ratio_vs_geodeep"] = round(ours["peak_rss_mib"] / theirs["peak_rss_mib"], 3)
     line["wall_ratio_vs_geodeep"] = round(ours["wall_s"] / theirs["wall_s"], 3)
-    share = equal_share(ours_out, theirs_out)
+    if args.floor:
+        for name in ("rs_deep", "geodeep"):
+            floor = line.pop(name + "_floor")["cpu_s"]
+            line[name].update(floor_cpu_s=floor, forward_cpu_s=round(line[name]["cpu_s"] - floor, 2))
+    share = equal_share(tools["rs_deep"][1], tools["geodeep"][1])
     line["equal_pixels"] = None if share is None else round(share, 4)
     print(json.dumps(line))
 
