@@ -130,7 +130,7 @@ def trivial_model(path, model):
         return path
     import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     src = onnx.load(model)
     (inp,), (out,) = src.graph.input, src.graph.output
     channels, classes = inp.type.tensor_type.shape.dim[1].dim_value, out.type.tensor_type.shape.dim[1].dim_value
