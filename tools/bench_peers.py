@@ -131,6 +131,7 @@ def trivial_model(path, model):
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
+    from rs_deep.rs_deep_plugin.engine.models.onnx.package import MODEL_JSON_KEY
     src = onnx.load(model)
     (inp,), (out,) = src.graph.input, src.graph.output
     channels, classes = inp.type.tensor_type.shape.dim[1].dim_value, out.type.tensor_type.shape.dim[1].dim_value
@@ -140,7 +141,7 @@ def trivial_model(path, model):
                               [weights])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     for p in src.metadata_props:
-        if p.key != "rs_deep:model_json":
+        if p.key != MODEL_JSON_KEY:
             entry = proto.metadata_props.add()
             entry.key, entry.value = p.key, p.value
     onnx.save(proto, path)
