@@ -479,6 +479,8 @@ INPUT_HELP = "Any raster layer (GeoTIFF, VRT, WMS/XYZ...). Rasters larger than m
 EXTENT_HELP = "Process only this area (default: the whole layer)."
 MASK_HELP = "Process only pixels inside these polygons; others become nodata."
 DEVICE_HELP = "auto picks a CUDA GPU, then Apple MPS, then the CPU."
+#: the help of the run options of the algorithms that run patches (classify_patches, find_similar)
+PATCH_RUN_HELP = {BATCH_SIZE: "Patches run at once (0 = auto).", DEVICE: DEVICE_HELP, VALUE_SCALING: VALUE_SCALING_HELP}
 #: the help of the tiling and polygon blocks of a class or change raster
 CLASS_RASTER_HELP = {
     TILE_SIZE: "Tile size in pixels at the model's GSD (a multiple of 32); 0 = the package's value.",

@@ -1,17 +1,15 @@
 """rs_deep:classify_patches — patch (scene) classification of a raster layer with a classifier package."""
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsGeometry, QgsProcessing, QgsProcessingException,
-                       QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber, QgsWkbTypes)
+from qgis.core import QgsProcessing, QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber, QgsWkbTypes
 
 from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.inference.patches import score_fields
 from ..rs_deep_plugin.engine.tasks import PATCH_CLASSIFICATION
 from .base import FeedbackBridge, RSDeepAlgorithm, bundled_models
 from .outputs import RunOutputs
-from .params import (BANDS, BANDS_HELP, BATCH_SIZE, DEVICE, DEVICE_HELP, EXTENT, INPUT, MODEL, OUTPUT, TTA, TTA_HELP,
-                     VALUE_SCALING, VALUE_SCALING_HELP,
+from .params import (BANDS, BANDS_HELP, EXTENT, INPUT, MODEL, OUTPUT, PATCH_RUN_HELP, TTA, TTA_HELP,
                      add, add_cluster, add_input_block, add_max_pixels, add_tiling_block, add_tta, help_string,
                      optional_number, read_area, read_cluster, read_model, read_raster, read_tiling, read_tta)
-from .sinks import FeatureSinks
+from .sinks import FeatureSinks, write_polygons
 from .styles import StyleClasses
 
 TOP = 3  # the best classes written per patch
@@ -37,9 +35,7 @@ HELP = {
             "class order; empty when none does), n_labels, and one score field per class (score_ and the class name "
             "in lower-case ASCII, e.g. score_spring_cereal).",
     TTA: TTA_HELP.replace("each tile", "each patch").replace(", turned back,", ""),
-    BATCH_SIZE: "Patches run at once (0 = auto).",
-    DEVICE: DEVICE_HELP,
-    VALUE_SCALING: VALUE_SCALING_HELP,
+    **PATCH_RUN_HELP,
 }
 LABELS = {PATCH_SIZE: "Patch size", STRIDE: "Stride", THRESHOLD: "Threshold (multi-label)", OUTPUT: "Patches"}
 
@@ -124,12 +120,5 @@ class PatchClassificationAlgorithm(RSDeepAlgorithm):
                     attrs += [rec["top"][i][1], round(rec["top"][i][2], 4)] if i < len(rec["top"]) else [None, None]
                 return attrs
         sink = sinks.create(OUTPUT, fields, QgsWkbTypes.Polygon, crs, style=style)
-        for rec in result.features:
-            if feedback.isCanceled():
-                raise QgsProcessingException("Cancelled; the patch layer was not completed.")
-            feat = QgsFeature(fields)
-            geom = QgsGeometry()
-            geom.fromWkb(rec["geometry"].wkb)
-            feat.setGeometry(geom)
-            feat.setAttributes(attributes(rec))
-            sink.addFeature(feat, QgsFeatureSink.FastInsert)
+        write_polygons(sink, fields, result.features, attributes, feedback,
+                       "Cancelled; the patch layer was not completed.")

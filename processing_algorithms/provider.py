@@ -9,6 +9,7 @@ from .patches import PatchClassificationAlgorithm
 from .detect import DetectAlgorithm
 from .instances import SegmentInstancesAlgorithm
 from .predict_raster import PredictRasterAlgorithm
+from .similar import FindSimilarAlgorithm
 from .assess import AssessAccuracyAlgorithm
 from .train import TrainAlgorithm
 from .export_onnx import ExportOnnxAlgorithm
@@ -40,6 +41,7 @@ class RSDeepProvider(QgsProcessingProvider):
         self.addAlgorithm(DetectAlgorithm())
         self.addAlgorithm(SegmentInstancesAlgorithm())
         self.addAlgorithm(PredictRasterAlgorithm())
+        self.addAlgorithm(FindSimilarAlgorithm())
         self.addAlgorithm(ExportTrainingDataAlgorithm())
         self.addAlgorithm(TrainAlgorithm())
         self.addAlgorithm(AssessAccuracyAlgorithm())

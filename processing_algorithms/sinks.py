@@ -285,6 +285,20 @@ class FeatureSinks:
 CLASS_POLYGON_FIELDS = (("class_id", "int"), ("class_name", "string"), ("area_m2", "double"), ("mean_prob", "double"))
 
 
+def write_polygons(sink, fields, records, attributes, feedback, cancelled="Cancelled; no output was written."):
+    """Each record's shapely ``geometry`` with ``attributes(record)`` (a list in ``fields``' order) into ``sink``;
+    a cancel stops it with ``cancelled``."""
+    for rec in records:
+        if feedback.isCanceled():
+            raise QgsProcessingException(cancelled)
+        feat = QgsFeature(fields)
+        geom = QgsGeometry()
+        geom.fromWkb(rec["geometry"].wkb)
+        feat.setGeometry(geom)
+        feat.setAttributes(attributes(rec))
+        sink.addFeature(feat, QgsFeatureSink.FastInsert)
+
+
 def write_class_polygons(alg, parameters, context, feedback, transaction, name, records, crs, style):
     """The polygons of a class or change raster (``engine.vectorize`` records) into the feature sink ``name``, with
     class_id, class_name, area_m2 and mean_prob, committed with the run's other outputs (``transaction``);
@@ -292,14 +306,6 @@ def write_class_polygons(alg, parameters, context, feedback, transaction, name, 
     fields = make_fields(*CLASS_POLYGON_FIELDS)
     with FeatureSinks(alg, parameters, context, transaction) as sinks:
         sink = sinks.create(name, fields, QgsWkbTypes.Polygon, crs, style=style)
-        for rec in records:
-            if feedback.isCanceled():
-                raise QgsProcessingException("Cancelled; no output was written.")
-            feat = QgsFeature(fields)
-            geom = QgsGeometry()
-            geom.fromWkb(rec["geometry"].wkb)
-            feat.setGeometry(geom)
-            feat.setAttributes([rec["class_id"], rec["class_name"], round(rec["area_m2"], 3),
-                                rec["mean_probability"]])
-            sink.addFeature(feat, QgsFeatureSink.FastInsert)
+        write_polygons(sink, fields, records, lambda rec: [rec["class_id"], rec["class_name"],
+                                                           round(rec["area_m2"], 3), rec["mean_probability"]], feedback)
     return sinks.results

@@ -3,8 +3,9 @@
 loaded the layers."""
 import os
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsMarkerSymbol, QgsPalettedRasterRenderer,
-                       QgsProcessingLayerPostProcessorInterface, QgsRasterLayer, QgsRendererCategory, QgsWkbTypes)
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsGraduatedSymbolRenderer, QgsMarkerSymbol,
+                       QgsPalettedRasterRenderer, QgsProcessingLayerPostProcessorInterface, QgsRasterLayer,
+                       QgsRendererCategory, QgsRendererRange, QgsWkbTypes)
 from qgis.PyQt.QtGui import QColor
 
 from ..rs_deep_plugin.compat import save_default_style
@@ -91,4 +92,43 @@ class StyleObjects(QgsProcessingLayerPostProcessorInterface):
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
         points = layer.geometryType() == QgsWkbTypes.PointGeometry
         layer.setRenderer(outlined_renderer(self.classes, points=points))
+        layer.triggerRepaint()
+
+
+#: the fills of the similarity classes, least to most similar (viridis)
+SIMILARITY_COLOURS = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725")
+
+
+def similarity_renderer(low, high, field="similarity"):
+    """Polygons graduated by ``field`` in equal steps from ``low`` to ``high``, semi-transparent, most similar
+    yellow."""
+    n = len(SIMILARITY_COLOURS)
+    high = high if high > low else low + 1e-6
+    step = (high - low) / n
+    ranges = []
+    for i, colour in enumerate(SIMILARITY_COLOURS):
+        lo, hi = low + i * step, (high if i == n - 1 else low + (i + 1) * step)
+        sym = QgsFillSymbol.createSimple({"color": colour + "99", "outline_color": colour, "outline_width": "0.2"})
+        ranges.append(QgsRendererRange(lo, hi, sym, f"{lo:.3f} - {hi:.3f}"))
+    return QgsGraduatedSymbolRenderer(field, ranges)
+
+
+class StyleSimilarity(QgsProcessingLayerPostProcessorInterface):
+    """Styles the patches of rs_deep:find_similar by similarity (:func:`similarity_renderer`) once Processing has
+    loaded them."""
+
+    keep = []  # Processing does not own post-processors: keep them alive
+
+    def __init__(self):
+        super().__init__()
+        StyleSimilarity.keep.append(self)
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 (QGIS API)
+        i = layer.fields().indexOf("similarity")
+        if i < 0:
+            return
+        low, high = layer.minimumValue(i), layer.maximumValue(i)
+        if low is None or high is None:
+            return
+        layer.setRenderer(similarity_renderer(float(low), float(high)))
         layer.triggerRepaint()

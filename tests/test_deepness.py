@@ -177,24 +177,102 @@ def test_resolution_and_threshold_parameters(provider):
             assert param is not None and param.help() and param.flags() & param.FlagAdvanced
 
 
-# test_map_processor_recognition: a model type RS Deep does not run is refused with its type named, never run as
-# another task. Its dummy says "Regression" but returns a vector per image, which no regressor does. (Deepness's
-# regression and super-resolution cases run through rs_deep:predict_raster: tests/test_predict_raster.py.)
-@pytest.mark.parametrize("model, message", [
-    ("dummy_recognition_model.onnx", r"a regression model returns an image .*not a per-pixel output"),
-])
-def test_unsupported_model_types_are_refused(model, message, tmp_path):
-    with pytest.raises(ModelPackageError, match=message):
-        load_onnx_package(DEEPNESS / model)
-    with pytest.raises(ModelPackageError, match=message):
-        segment(FOTOMAP, DEEPNESS / model, tmp_path / "x.tif")
-    proto = __import__("onnx").load(str(DEEPNESS / model))
-    for e in proto.metadata_props:
-        if e.key == "model_type":
-            e.value = '"Recognition"'
-    __import__("onnx").save(proto, str(tmp_path / "rec.onnx"))
-    with pytest.raises(ModelPackageError, match=r"Recognition model .*does not run that model type yet"):
-        load_onnx_package(tmp_path / "rec.onnx")
+# test_map_processor_recognition: Deepness's dummy recognition model (224 x 224 px in, [B, 224] out: 1 minus the
+# column sums of the image) on its 512 x 512 map (1 m pixels, a white 6 x 6 px square) at 50 cm/px, tiles of 224 px
+# without overlap, query dummy_recognition_image.png. Deepness: result (1120, 1120) at 50 cm (5 x 5 tiles, padded),
+# minimum -0.06747727 (atol 1e-6) on 50,176 px (one tile: the square's), maximum 1.0 on 891 px: the outline it
+# draws into the map around the best tile (the first of the equal all-black tiles, the top-left one). The dummy's
+# metadata says "Regression" (Deepness's test builds a Recognition from it by hand), so the test relabels it; the
+# map has no CRS (Deepness takes its units for metres), so the test gives a copy of it a metric CRS.
+REC_MAP = DEEPNESS / "dummy_recognition_map.tif"
+REC_QUERY = DEEPNESS / "dummy_recognition_image.png"
+REC_MIN = -0.06747727
+
+
+def _relabelled(src, dst, model_type):
+    """A copy of the ONNX model ``src`` whose metadata_props say ``model_type``."""
+    import onnx
+    proto = onnx.load(str(src))
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key != "model_type"]
+    del proto.metadata_props[:]
+    for k, v in kept + [("model_type", model_type)]:
+        e = proto.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _metric_map(tmp_path):
+    """The recognition map with 1 m pixels in UTM 33N (its pixels unchanged)."""
+    with rasterio.open(REC_MAP) as src:
+        profile, data = src.profile, src.read()
+    profile.update(crs="EPSG:32633", transform=rasterio.Affine(1, 0, 500000, 0, -1, 5000000))
+    path = tmp_path / "map.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def test_recognition_as_deepness(provider, tmp_path):
+    model = _relabelled(DEEPNESS / "dummy_recognition_model.onnx", tmp_path / "rec.onnx", '"Recognition"')
+    pkg = load_onnx_package(model)
+    assert (pkg.task, pkg.tile_size, pkg.builder["classes"]) == ("recognition", 224, 224)
+    res = _run("rs_deep:find_similar", {"INPUT": str(_metric_map(tmp_path)), "MODEL": str(model),
+                                        "QUERY": str(REC_QUERY), "RESOLUTION": 50,
+                                        "OUTPUT": str(tmp_path / "patches.gpkg"),
+                                        "OUTPUT_RASTER": str(tmp_path / "similarity.tif")})
+    with rasterio.open(res["OUTPUT_RASTER"]) as ds:
+        sim, nodata = ds.read(1), ds.nodata
+    assert sim.shape == (512, 512)  # the input's grid: Deepness's 1120 x 1120 px at 50 cm hold its 1024 x 1024
+    valid = sim != nodata
+    low = sim[valid].min()
+    assert np.isclose(low, REC_MIN, atol=1e-6)
+    # Deepness's 50,176 px at 50 cm are one tile, 224 x 224 px: 112 x 112 px of the 1 m map, the square's
+    assert (sim == low).sum() == 112 * 112
+    ys, xs = np.nonzero(sim == low)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (224, 335, 224, 335)  # the square: rows 249-254, cols 284-289
+    from qgis.core import QgsVectorLayer
+    layer = QgsVectorLayer(res["OUTPUT"], "patches", "ogr")
+    feats = {f["rank"]: f for f in layer.getFeatures()}
+    # 24 of the 5 x 5 patches: the bottom-right one holds 64 x 64 px of the map, under half of its 112 x 112
+    assert len(feats) == 24 and sorted(feats) == list(range(1, 25))
+    best, worst = feats[1], feats[24]
+    # Deepness's best tile (where it draws its outline): the top-left; the worst is the square's, as on the raster
+    assert (best["row"], best["col"]) == (0, 0) and (worst["row"], worst["col"]) == (2, 2)
+    assert np.isclose(worst["similarity"], REC_MIN, atol=1e-6)
+    assert best.geometry().boundingBox().toString(0) == "500000,4999888 : 500112,5000000"
+    assert not valid[448:, 448:].any() and valid.sum() == 512 * 512 - 64 * 64
+
+
+def test_recognition_refusals(provider, tmp_path):
+    from qgis.core import QgsProcessingException
+    rec = DEEPNESS / "dummy_recognition_model.onnx"
+    # declared "Regression", it returns a vector per image: refused by predict_raster with the way to run it
+    with pytest.raises(ModelPackageError, match=r"a regression model returns an image .*not a per-pixel output .*"
+                                                r"Recognition .*rs_deep:find_similar"):
+        load_onnx_package(rec)
+    model = _relabelled(rec, tmp_path / "rec.onnx", '"Recognition"')
+    with pytest.raises(InputError, match=r"recognition model; segmentation needs a segmentation model "
+                                         r"\(similarity search \(recognition\) models run with rs_deep:find_similar\)"):
+        segment(FOTOMAP, model, tmp_path / "x.tif")
+    # a Recognition model must return [batch, values]
+    seg = _relabelled(SEG / "one_output_softmax_bsx2x512x512.onnx", tmp_path / "seg.onnx", '"Recognition"')
+    with pytest.raises(ModelPackageError, match=r"a Recognition model returns one embedding per image"):
+        load_onnx_package(seg)
+    # a segmentation model in find_similar, a query with other bands, no query file: clear messages, no output
+    params = {"INPUT": str(_metric_map(tmp_path)), "MODEL": str(model), "QUERY": str(REC_QUERY), "RESOLUTION": 50,
+              "OUTPUT": str(tmp_path / "p.gpkg"), "OUTPUT_RASTER": str(tmp_path / "s.tif")}
+    with pytest.raises(QgsProcessingException, match=r"segmentation model; this tool needs a recognition model"):
+        _run("rs_deep:find_similar", dict(params, MODEL=str(RED)))
+    grey = tmp_path / "grey.tif"
+    with rasterio.open(grey, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8",
+                       transform=rasterio.Affine(1, 0, 0, 0, -1, 32)) as dst:
+        dst.write(np.zeros((1, 32, 32), np.uint8))
+    with pytest.raises(QgsProcessingException, match=r"QUERY: .*grey.tif has 1 band\(s\) and the model takes 3"):
+        _run("rs_deep:find_similar", dict(params, QUERY=str(grey)))
+    with pytest.raises(QgsProcessingException, match=r"QUERY: .*none.png does not exist"):
+        _run("rs_deep:find_similar", dict(params, QUERY=str(tmp_path / "none.png")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "map.tif", "rec.onnx", "seg.onnx"]
 
 
 def test_regression_map_is_not_read_as_boxes(provider, tmp_path):
@@ -216,3 +294,105 @@ def test_regression_map_is_not_read_as_boxes(provider, tmp_path):
     flat = _with_metadata(flat, flat, model_type='"Detector"')
     with pytest.raises(ModelPackageError, match=r"of 3 dimensions; the first output is .* \(2 dimensions\)"):
         load_onnx_package(flat)
+
+
+def test_dock_runs_a_recognition_model_with_find_similar(provider, qgis_iface, tmp_path):
+    from qgis.core import QgsRasterLayer
+    from rs_deep.rs_deep_plugin.gui.dock import RSDeepDock
+    from test_dock import wait_done
+    model = _relabelled(DEEPNESS / "dummy_recognition_model.onnx", tmp_path / "rec.onnx", '"Recognition"')
+    layer = QgsRasterLayer(str(_metric_map(tmp_path)), "map")
+    QgsProject.instance().addMapLayer(layer)
+    dock = RSDeepDock(qgis_iface)
+    try:
+        dock.set_model(str(model))
+        assert dock.algorithm_id == "rs_deep:find_similar" and "cannot run" not in dock.card.text()
+        assert "Similarity search" in dock.card.text()
+        assert {"QUERY", "STRIDE", "RESOLUTION"} <= set(dock.option_widgets)
+        dock.layer_combos["INPUT"].setLayer(layer)
+        dock.option_widgets["QUERY"][1].setFilePath(str(REC_QUERY))
+        dock.option_widgets["RESOLUTION"][1].setValue(50)
+        run = dock.start_run()
+        wait_done(run)
+        assert run.status == run.DONE, run.message
+        group = QgsProject.instance().layerTreeRoot().findGroup(run.name)
+        patches = [t.layer() for t in group.findLayers() if t.layer().type() == t.layer().VectorLayer]
+        assert len(patches) == 1 and patches[0].featureCount() == 24
+        assert patches[0].renderer().type() == "graduatedSymbol"
+    finally:
+        dock.deleteLater()
+        QgsProject.instance().removeAllMapLayers()
+
+
+def test_recognition_overlapping_patches_average_and_cancel(tmp_path):
+    """STRIDE half the patch: each pixel of the similarity raster is the mean of the patches that cover it (checked
+    against the patch values at every pixel); a cancel after the first batch leaves no raster and no temporary file."""
+    from rs_deep.rs_deep_plugin.engine.errors import Cancelled
+    from rs_deep.rs_deep_plugin.engine.inference.similar import find_similar
+    model = _relabelled(DEEPNESS / "dummy_recognition_model.onnx", tmp_path / "rec.onnx", '"Recognition"')
+    image = _metric_map(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = find_similar(image, model, REC_QUERY, stride=112, gsd=0.5, batch_size=4, raster_output=out / "s.tif")
+    assert result.native_stride == 56 and result.patches == 10 * 10
+    total = np.zeros((512, 512))
+    count = np.zeros((512, 512))
+    for f in result:
+        x, y, w, h = f["window"]
+        total[y:y + h, x:x + w] += f["similarity"]
+        count[y:y + h, x:x + w] += 1
+    with rasterio.open(out / "s.tif") as ds:
+        sim, nodata = ds.read(1), ds.nodata
+    assert np.array_equal(sim != nodata, count > 0)
+    assert np.allclose(sim[count > 0], (total / np.maximum(count, 1))[count > 0], atol=1e-6)
+    ranks = sorted(f["rank"] for f in result)
+    assert ranks == list(range(1, len(result) + 1))
+    assert min(f["similarity"] for f in result) < REC_MIN  # a patch centred nearer the square scores lower still
+    calls = []
+    with pytest.raises(Cancelled):
+        find_similar(image, model, REC_QUERY, stride=112, gsd=0.5, batch_size=4, raster_output=out / "c.tif",
+                     is_cancelled=lambda: bool(calls.append(1)) or len(calls) > 3)
+    assert sorted(p.name for p in out.iterdir()) == ["s.tif"]
+
+
+def test_recognition_through_qgis_process(tmp_path):
+    import json
+    from qgis_env import run_qgis_process
+    model = _relabelled(DEEPNESS / "dummy_recognition_model.onnx", tmp_path / "rec.onnx", '"Recognition"')
+    proc = run_qgis_process(["run", "rs_deep:find_similar", "--json", "--", f"INPUT={_metric_map(tmp_path)}",
+                             f"MODEL={model}", f"QUERY={REC_QUERY}", "RESOLUTION=50",
+                             f"OUTPUT={tmp_path / 'p.gpkg'}", f"OUTPUT_RASTER={tmp_path / 's.tif'}"])
+    assert "ERROR" not in proc.stdout + proc.stderr
+    res = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert res["results"]["OUTPUT_RASTER"] == str(tmp_path / "s.tif")
+    with rasterio.open(tmp_path / "s.tif") as ds:
+        sim = ds.read(1)
+    assert np.isclose(sim[sim > -1].min(), REC_MIN, atol=1e-6)
+    assert "rank 1: similarity 0.2619" in proc.stdout
+
+
+def test_similarity_blocks_equal_the_mean_of_covering_patches_across_blocks():
+    """similarity_blocks in blocks of 37 px (each taking only the patches that reach into it) gives, at every pixel,
+    the mean score of the patches that cover it; patches not run (NaN) count for nothing, pixels no run patch covers
+    are not valid."""
+    from rs_deep.rs_deep_plugin.engine.inference.similar import similarity_blocks
+    rng = np.random.default_rng(0)
+    region, n = (5, 3, 205, 163), 30
+    ys, xs = list(range(3, 163, 20)), list(range(5, 205, 20))
+    scores = rng.uniform(-1, 1, (len(ys), len(xs))).astype(np.float32)
+    scores[2, 3] = scores[-1, -1] = np.nan
+    total, count = np.zeros((160, 200)), np.zeros((160, 200))
+    for r, y in enumerate(ys):
+        for c, x in enumerate(xs):
+            if np.isfinite(scores[r, c]):
+                total[y - 3:y - 3 + n, x - 5:x - 5 + n] += scores[r, c]
+                count[y - 3:y - 3 + n, x - 5:x - 5 + n] += 1
+    got, valid = np.zeros((160, 200)), np.zeros((160, 200), bool)
+    blocks = 0
+    for bx, by, values, ok in similarity_blocks(ys, xs, n, scores, region, block=37):
+        got[by - 3:by - 3 + values.shape[0], bx - 5:bx - 5 + values.shape[1]] = values
+        valid[by - 3:by - 3 + ok.shape[0], bx - 5:bx - 5 + ok.shape[1]] = ok
+        blocks += 1
+    assert blocks == 5 * 6
+    assert np.array_equal(valid, count > 0) and not valid.all()
+    assert np.allclose(got[valid], total[valid] / count[valid], atol=1e-6)

@@ -6,7 +6,7 @@ Layout, each layer importing only the ones above it in this list:
 * ``geo/``: rasters and vectors in and out (reading, writing, date pairs, labels, polygons);
 * ``models/``: model packages, the architecture allow-list, the runners (torch and ONNX);
 * ``inference/``: tiled inference per task (segment, change, detect, patches, predict: regression and
-  super-resolution) on one shared pipeline;
+  super-resolution, similar: similarity search) on one shared pipeline;
 * ``training/``: training data, chips, samplers, one training loop, one trainer per task;
 * ``evaluation/``: accuracy assessment and baselines; ``evaluation/metrics.py`` is a numpy-only leaf.
 
@@ -26,6 +26,7 @@ API = {
     "detect": "inference.detect", "DetectionResult": "inference.detect",
     "classify_patches": "inference.patches",
     "predict_raster": "inference.predict", "RasterPrediction": "inference.predict",
+    "find_similar": "inference.similar", "SimilarityResult": "inference.similar",
     "vectorize": "geo.vectorize",
     # models
     "load_package": "models.loading", "save_package": "models.package", "ModelPackage": "models.package",

@@ -42,10 +42,16 @@ CHANGE = Task("change", "segmentation", "Change detection", "rs_deep:detect_chan
 REGRESSION = Task("regression", "regression", "Regression", "rs_deep:predict_raster", first_color=1)
 SUPER_RESOLUTION = Task("super_resolution", "super-resolution", "Super-resolution", "rs_deep:predict_raster",
                         first_color=1)
+#: similarity search: an embedding model (one vector per image) compared with a query image, patch by patch (the
+#: Deepness "Recognition" model type); ONNX models only: no RS Deep architecture is trained for it
+RECOGNITION = Task("recognition", "similarity-search", "Similarity search (recognition)", "rs_deep:find_similar",
+                   first_color=1)
 
 #: name -> task, in the order the toolbox lists them
 TASKS = {t.name: t for t in (SEGMENTATION, DETECTION, PATCH_CLASSIFICATION, CHANGE, REGRESSION, SUPER_RESOLUTION,
-                              INSTANCE_SEGMENTATION)}
+                              INSTANCE_SEGMENTATION, RECOGNITION)}
+#: the tasks of models that come only as ONNX files (a model.json package of these tasks is refused)
+ONNX_ONLY_TASKS = ("recognition",)
 #: the tasks whose models find objects (boxes, or boxes and masks): score, overlap and count thresholds
 OBJECT_TASKS = ("detection", "instance_segmentation")
 #: the tasks whose models turn a raster into a raster (rs_deep:predict_raster)
@@ -79,5 +85,5 @@ def is_background(name):
 
 
 __all__ = ["Task", "TASKS", "SEGMENTATION", "DETECTION", "PATCH_CLASSIFICATION", "CHANGE", "REGRESSION",
-           "SUPER_RESOLUTION", "INSTANCE_SEGMENTATION", "RASTER_TASKS", "OBJECT_TASKS", "BACKGROUND_NAMES", "is_background", "wrong_task",
-           "runs_with"]
+           "SUPER_RESOLUTION", "INSTANCE_SEGMENTATION", "RECOGNITION", "ONNX_ONLY_TASKS", "RASTER_TASKS",
+           "OBJECT_TASKS", "BACKGROUND_NAMES", "is_background", "wrong_task", "runs_with"]

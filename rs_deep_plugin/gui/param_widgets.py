@@ -1,6 +1,7 @@
 """Option widgets built from Processing parameter definitions, the values read back from them, and the
 definitions' flags."""
-from qgis.core import QgsProcessingParameterDefinition
+from qgis.core import QgsProcessingParameterDefinition, QgsProcessingParameterFile
+from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
 
 
@@ -51,10 +52,18 @@ def option_widget(p, saved=None):
         w = QLineEdit()
         w.setText("" if value is None else str(value))
         return w
+    if t == "file" and p.behavior() == QgsProcessingParameterFile.File:  # a file to read (rs_deep:find_similar's QUERY image)
+        w = QgsFileWidget()
+        w.setFilter(p.fileFilter() or "")
+        w.setFilePath("" if value is None else str(value))
+        w.setToolTip(p.description())
+        return w
     return None
 
 
 def widget_value(w):
+    if isinstance(w, QgsFileWidget):
+        return w.filePath()
     if isinstance(w, (QSpinBox, QDoubleSpinBox)):
         return w.value()
     if isinstance(w, QComboBox):

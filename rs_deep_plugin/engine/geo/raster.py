@@ -364,6 +364,10 @@ class RasterReader:
             len(f) == 1 and f[0].name == "all_valid" for f in flags)
         self.nodata = ds.nodata
         self.is_float = any(ds.dtypes[b - 1].startswith(("float", "complex")) for b in self.bands)
+        types = {ds.dtypes[b - 1] for b in self.bands}
+        # resampled tiles in the raster's own integer type (a Deepness model: as QGIS reads them), else float32
+        self.resampled_type = types.pop() if package.reads_native_type and len(types) == 1 and \
+            not self.is_float else "float32"
         self.ranges = input_ranges(self.scaling, len(self.bands))
         self.counts = ReadCounts()
 
@@ -406,7 +410,7 @@ class RasterReader:
         resampling = Resampling.nearest if n == t else (Resampling.average if n > t else Resampling.bilinear)
         try:
             arr = self.ds.read(self.bands, window=win, out_shape=(c,) + shape, resampling=resampling,
-                               out_dtype="float32")
+                               out_dtype="float32" if n == t else self.resampled_type).astype(np.float32, copy=False)
             if self.has_mask:
                 m = self.ds.read_masks(self.bands, window=win, out_shape=(c,) + shape,
                                        resampling=Resampling.nearest)

@@ -13,30 +13,27 @@ classes whose score reaches their threshold (the package's ``rs_deep:class_thres
 all classes), possibly none.
 """
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 
 from ..errors import InputError, ModelPackageError
-from ..geo.raster import RasterReader, apply_affine, input_warnings
+from ..geo.raster import RasterReader, apply_affine
 from ..limits import check_tile_memory
 from ..models.tta import check_tta
-from .pipeline import Estimate, batched, open_device, open_region, open_runner, prefetch, start_run
+from .pipeline import Estimate, batched, end_run, open_device, open_region, open_runner, prefetch, start_run
 
 TASK = "patch_classification"
 MIN_PATCH = 8
 
 
 @dataclass
-class PatchClassificationResult:
-    """``features``: one dict per classified patch: ``geometry`` (shapely polygon in the raster's CRS,
-    the patch square clipped to the processed area), ``class_id``, ``class_name``, ``score`` (the
-    winning probability), ``top`` (the ``top_k`` best ``(class_id, class_name, score)``), ``row``,
-    ``col`` (patch indices on the grid), ``window`` (col_off, row_off, width, height: the clipped patch
-    in raster pixels). Multi-label packages add ``labels`` (the class names whose score reaches their threshold,
-    in class order), ``label_ids`` and ``scores`` (the score of every class, in class order)."""
+class PatchRun:
+    """What every run over a grid of patches returns (patch classification, similarity search): ``features``, one
+    dict per patch run, with its ``geometry`` (shapely polygon in the raster's CRS, the patch clipped to the
+    processed area), ``row``, ``col`` (patch indices on the grid) and ``window`` (col_off, row_off, width, height:
+    the clipped patch in raster pixels), and the grid."""
 
     features: list = field(default_factory=list)
     crs: object = None
@@ -48,14 +45,9 @@ class PatchClassificationResult:
     native_patch: int = 0  # px of the raster
     native_stride: int = 0
     patches: int = 0  # laid on the grid
-    patches_run: int = 0  # classified (enough valid pixels)
+    patches_run: int = 0  # run (enough valid pixels)
     device: str = ""
     seconds: float = 0.0
-    gsd_scale: float = 1.0
-    tta: str = "none"  # the test-time augmentation of the run (:data:`..models.tta.TTA_CHOICES`)
-    multi_label: bool = False
-    thresholds: list = None  # multi-label: the threshold of each class used
-    class_names: list = None  # the package's classes, in order
     warnings: list = field(default_factory=list)
 
     def __iter__(self):
@@ -63,6 +55,20 @@ class PatchClassificationResult:
 
     def __len__(self):
         return len(self.features)
+
+
+@dataclass
+class PatchClassificationResult(PatchRun):
+    """A :class:`PatchRun` whose patch dicts also hold ``class_id``, ``class_name``, ``score`` (the winning
+    probability), ``top`` (the ``top_k`` best ``(class_id, class_name, score)``). Multi-label packages add
+    ``labels`` (the class names whose score reaches their threshold, in class order), ``label_ids`` and ``scores``
+    (the score of every class, in class order)."""
+
+    gsd_scale: float = 1.0
+    tta: str = "none"  # the test-time augmentation of the run (:data:`..models.tta.TTA_CHOICES`)
+    multi_label: bool = False
+    thresholds: list = None  # multi-label: the threshold of each class used
+    class_names: list = None  # the package's classes, in order
 
     def class_counts(self):
         """{class name: patches}: of the winning class, or (multi-label) of every label of a patch."""
@@ -120,11 +126,12 @@ def patch_starts(start, end, stride):
     return list(range(start, end, stride)) if end > start else []
 
 
-def classify_patch_batch(reader, runner, seq, context, bs, check=lambda: None, on_batch=lambda done: None):
-    """The patch dicts of the patches ``seq`` [(row, col, x, y)] with enough valid pixels, and whether any patch
-    had a valid pixel. ``context``: region (x0, y0, x1, y1), min_valid, names, top_k, source (the package, for
-    messages), thresholds (multi-label: one per class, else None). ``check()`` runs before each batch, ``on_batch(patches done)`` after it."""
-    x0, y0, x1, y1 = context["region"]
+def patch_reader(reader, region, min_valid):
+    """``(read, any_valid)``: ``read(batch)`` reads the patches ``batch`` [(row, col, x, y)] with ``reader`` and
+    returns (data [B, C, T, T] of those with enough valid pixels, or None; whether each has: a list of bools). A
+    patch is run when at least ``min_valid`` of the part of it that can lie inside ``region`` (x0, y0, x1, y1) holds
+    valid pixels; ``any_valid[0]`` says whether any patch read so far had one there."""
+    x0, y0, x1, y1 = region
     n, t = reader.native_tile, reader.tile
     f = t / n
     full = min(n, x1 - x0) * min(n, y1 - y0) * f * f  # most pixels a patch can have inside the area
@@ -139,12 +146,22 @@ def classify_patch_batch(reader, runner, seq, context, bs, check=lambda: None, o
             cx1, cy1 = int(round((min(x + n, x1) - x) * f)), int(round((min(y + n, y1) - y) * f))
             inside = int(valid[cy0:cy1, cx0:cx1].sum())
             any_valid[0] = any_valid[0] or inside > 0
-            ok = inside > 0 and inside >= context["min_valid"] * full - 1e-6
+            ok = inside > 0 and inside >= min_valid * full - 1e-6
             keep.append(ok)
             if ok:
                 arrays.append(data)
         return (np.stack(arrays) if arrays else None), keep
 
+    return read, any_valid
+
+
+def classify_patch_batch(reader, runner, seq, context, bs, check=lambda: None, on_batch=lambda done: None):
+    """The patch dicts of the patches ``seq`` [(row, col, x, y)] with enough valid pixels, and whether any patch
+    had a valid pixel. ``context``: region (x0, y0, x1, y1), min_valid, names, top_k, source (the package, for
+    messages), thresholds (multi-label: one per class, else None). ``check()`` runs before each batch, ``on_batch(patches done)`` after it."""
+    x0, y0, x1, y1 = context["region"]
+    n = reader.native_tile
+    read, any_valid = patch_reader(reader, context["region"], context["min_valid"])
     names, top_k, thresholds = context["names"], context["top_k"], context.get("thresholds")
     features, done = [], 0
     for batch, (data, keep) in prefetch(read, batched(seq, bs)):
@@ -166,7 +183,7 @@ def classify_patch_batch(reader, runner, seq, context, bs, check=lambda: None, o
                 ids = [i for i in range(len(p)) if p[i] >= thresholds[i]]
                 rec = {"labels": [names[i] for i in ids], "label_ids": ids, "scores": [float(v) for v in p]}
             features.append({**rec,
-                "geometry": _patch_polygon(reader.transform, max(x, x0), max(y, y0), min(x + n, x1), min(y + n, y1)),
+                "geometry": patch_polygon(reader.transform, max(x, x0), max(y, y0), min(x + n, x1), min(y + n, y1)),
                 "class_id": top[0][0], "class_name": top[0][1], "score": top[0][2], "top": top, "row": r, "col": c,
                 "window": (max(x, x0), max(y, y0), min(x + n, x1) - max(x, x0), min(y + n, y1) - max(y, y0))})
         done += len(batch)
@@ -272,18 +289,12 @@ def classify_patches(input_path, package, *, patch_size=None, stride=None, bands
             result.features, any_valid = classify_patch_batch(reader, runner, seq, context, bs, prog.check, on_batch)
         result.tta = tta
         result.patches_run = len(result.features)
-        said = input_warnings(reader, result.patches_run == 0 and not any_valid)
-        for w in said:
-            log(w)
-        result.warnings += said
-        result.seconds = time.time() - t_start
-        prog.update(1.0)
-        return result
+        return end_run(result, reader, result.patches_run == 0 and not any_valid, False, log, t_start, prog)
     finally:
         reader.close()
 
 
-def _patch_polygon(transform, px0, py0, px1, py1):
+def patch_polygon(transform, px0, py0, px1, py1):
     """The pixel rectangle [px0, px1) x [py0, py1) as a polygon in map coordinates."""
     from shapely.geometry import Polygon
     corners = [apply_affine(transform, x, y) for x, y in ((px0, py0), (px1, py0), (px1, py1), (px0, py1))]
@@ -291,5 +302,6 @@ def _patch_polygon(transform, px0, py0, px1, py1):
     return poly if poly.exterior.is_ccw else Polygon(corners[::-1])
 
 
-__all__ = ["classify_patches", "classify_patch_batch", "patch_block_task", "PatchClassificationResult",
-           "check_patch_package", "class_thresholds", "score_fields", "patch_starts"]
+__all__ = ["classify_patches", "classify_patch_batch", "patch_block_task", "patch_reader", "PatchRun",
+           "PatchClassificationResult",
+           "check_patch_package", "class_thresholds", "score_fields", "patch_starts", "patch_polygon"]

@@ -24,7 +24,7 @@ from .architectures import validate_builder
 from .detection_options import validate_detection_metadata
 from ..errors import InputError, MissingDependency, ModelPackageError
 from ..files import write_atomic
-from ..tasks import OBJECT_TASKS, TASKS as TASK_TABLE
+from ..tasks import ONNX_ONLY_TASKS, OBJECT_TASKS, TASKS as TASK_TABLE
 from .arch_torchvision import INSTANCE_ARCHITECTURES, is_instance_builder
 from ..tasks import wrong_task
 from ..limits import (CHUNK_BYTES, MAX_CLASSES, MAX_JSON_BYTES, MAX_PARAMETERS, MAX_SAFETENSORS_HEADER_BYTES,
@@ -37,7 +37,8 @@ WEIGHTS_NAME = "model.safetensors"
 METADATA_NAME = "model.json"
 
 #: our task names -> MLM task names
-TASKS = {name: task.mlm for name, task in TASK_TABLE.items()}  # rs_deep:task -> MLM task
+TASKS = {name: task.mlm for name, task in TASK_TABLE.items()  # rs_deep:task -> MLM task
+         if name not in ONNX_ONLY_TASKS}
 ACTIVATIONS = ("softmax", "sigmoid", "none")  # none: raw values (regression, super-resolution)
 #: the data types a raster-to-raster package may write (rs_deep:output_dtype)
 OUTPUT_DTYPES = ("float32", "uint8", "uint16")
@@ -100,6 +101,9 @@ class ModelPackage:
     threshold = None  # the model's probability threshold (an ONNX model's seg_thresh); None: argmax only
     binary_output = False  # True: one sigmoid channel, expanded to (background, class) by the runner
     output_groups = None  # several outputs, each a set of classes: [(classes, binary)]; one class band per output
+    #: resampled tiles of an integer raster are read in its own type (rounded), as QGIS hands them to Deepness:
+    #: True for Deepness models (:class:`.onnx.package.OnnxPackage` without our model.json)
+    reads_native_type = False
 
     @property
     def in_channels(self):

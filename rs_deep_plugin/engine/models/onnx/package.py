@@ -9,7 +9,8 @@ them; Python literals and plain strings are accepted too):
 
 * ``rs_deep:model_json``: our full ``model.json`` (written by :func:`export_onnx`); when present it
   is used entirely (exact round trip) and the keys below are ignored;
-* otherwise the Deepness keys: ``model_type`` (``Segmentor`` or ``Detector``), ``class_names``
+* otherwise the Deepness keys: ``model_type`` (``Segmentor``, ``Detector``, ``Regressor``, ``Superresolution``,
+  ``Recognition``: one embedding per image, compared with a query image by rs_deep:find_similar), ``class_names``
   (``{0: 'name', ...}``), ``resolution`` (cm per pixel), ``tile_size``, ``tiles_overlap`` (percent
   of the tile), ``standardization_mean``/``standardization_std`` (applied after dividing the
   pixel values by 255, as Deepness does), ``seg_thresh`` (probability threshold), ``det_conf``,
@@ -36,11 +37,9 @@ from .session import create_session, external_data_message, require_onnx, requir
 MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: larger models need external data, which we refuse
 MODEL_JSON_KEY = "rs_deep:model_json"
 OUTPUT_KEY = "rs_deep:output"
-#: Deepness model types -> our tasks (None: known but not supported here)
+#: Deepness model types -> our tasks
 MODEL_TYPES = {"segmentor": "segmentation", "detector": "detection", "regressor": "regression",
-               "regression": "regression", "recognition": None, "superresolution": "super_resolution"}
-#: what each Deepness model type RS Deep does not run produces (for the refusal)
-UNSUPPORTED_TYPES = {"recognition": "image embeddings to search a map with (recognition)"}
+               "regression": "regression", "recognition": "recognition", "superresolution": "super_resolution"}
 OBB_DET_TYPE = "YOLO_Ultralytics_obb"  # [B, 4 + C + 1, N]: cx, cy, w, h, class scores, angle (radians)
 SEG_DET_TYPE = "YOLO_Ultralytics_segmentation"  # [B, 4 + C + M, N] and prototypes [B, M, H / 4, W / 4]
 DET_TYPES = ("YOLO_v5_or_v7_default", "YOLO_v6", "YOLO_v9", "YOLO_Ultralytics", OBB_DET_TYPE, SEG_DET_TYPE)
@@ -103,6 +102,12 @@ class OnnxPackage(ModelPackage):
     onnx_metadata: dict = field(default_factory=dict, repr=False)
     _model_bytes: bytes = field(default=None, repr=False)
 
+    @property
+    def reads_native_type(self):
+        """A Deepness model (no RS Deep model.json inside) reads resampled tiles as Deepness does: in the raster's
+        own integer type, the values rounded (QGIS's raster provider)."""
+        return MODEL_JSON_KEY not in self.onnx_metadata
+
     def session(self, device=None, threads=None):
         """An onnxruntime session on ``device`` (None: the CPU); ``threads``: its CPU threads (None:
         ``RS_DEEP_THREADS`` when set, else onnxruntime's choice, every core)."""
@@ -124,7 +129,9 @@ class OnnxPackage(ModelPackage):
 
     def make_runner(self, device=None):
         """The segmentation runner (same call as :class:`..runners.ModelRunner`)."""
-        from .runners import OnnxRasterRunner, OnnxSegmentationRunner
+        from .runners import OnnxEmbeddingRunner, OnnxRasterRunner, OnnxSegmentationRunner
+        if self.task == "recognition":
+            return OnnxEmbeddingRunner(self, device)
         return (OnnxRasterRunner if self.task in RASTER_TASKS else OnnxSegmentationRunner)(self, device)
 
     @property
@@ -294,7 +301,8 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
         model_type = str(_value(raw_type)).strip().lower()
     if model_type not in MODEL_TYPES:
         raise ModelPackageError(f"{source}: metadata_props 'model_type' is {raw_type!r}; RS Deep runs 'Segmentor' "
-                                "and 'Detector' models")
+                                "(rs_deep:segment), 'Detector' (rs_deep:detect), 'Regressor' and 'Superresolution' "
+                                "(rs_deep:predict_raster) and 'Recognition' (rs_deep:find_similar) models")
     task = MODEL_TYPES[model_type]
     det_type = "YOLO_v5_or_v7_default"
     if task == "detection":
@@ -304,11 +312,6 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
                                     f"{', '.join(DET_TYPES)}")
         if det_type == SEG_DET_TYPE:  # boxes and masks: one polygon per object
             task = "instance_segmentation"
-    if task is None:
-        raise ModelPackageError(f"{source}: a {str(_value(raw_type))} model (metadata_props 'model_type'), which "
-                                f"produces {UNSUPPORTED_TYPES[model_type]}: RS Deep does not run that model type yet; "
-                                "it runs ONNX 'Segmentor' models (rs_deep:segment), 'Detector' models "
-                                "(rs_deep:detect), 'Regressor' and 'Superresolution' models (rs_deep:predict_raster)")
     channels = shape[1]
     fixed = common["fixed_size"]
     tile = fixed[0] if fixed else (_number(meta, "tile_size", source, int) or DEFAULT_TILE)
@@ -334,6 +337,8 @@ def _from_deepness(meta, source, shape, outputs, common, wanted=None):
     if task in RASTER_TASKS:
         names, extra = _raster_outputs(meta, source, shape, outputs, task)
         n_classes, activation = len(names), "none"
+    elif task == "recognition":
+        n_classes, activation, names = _embedding_size(source, outputs), "none", []
     elif task == "segmentation":
         names, groups = _segmentation_classes(meta, source, outputs)
         n_classes = len(names)
@@ -397,6 +402,16 @@ def _mask_coefficients(source, outputs):
     return protos[1]
 
 
+def _embedding_size(source, outputs):
+    """The length of a recognition model's embedding: its one output is [batch, values] (Deepness's Recognition)."""
+    o = list(outputs[0].shape) if len(outputs) == 1 else None
+    if o is None or len(o) != 2 or _dim(o[1]) is None:
+        shapes = ", ".join(str(list(out.shape)) for out in outputs)
+        raise ModelPackageError(f"{source}: a Recognition model returns one embedding per image, a single output "
+                                f"[batch, values] of fixed length; this one returns {shapes}")
+    return o[1]
+
+
 def _raster_outputs(meta, source, shape, outputs, task):
     """(output channel names, package fields) of a Deepness regressor or super-resolver. Every output is [B, K, H, W]
     or [B, H, W] (one channel), on the input's grid (regression) or ``scale`` times finer (super-resolution: the
@@ -408,9 +423,11 @@ def _raster_outputs(meta, source, shape, outputs, task):
     for j, out in enumerate(outputs):
         o = list(out.shape)
         if len(o) not in (3, 4) or (len(o) == 3 and _dim(o[1]) and _dim(o[2]) and o[1] != o[2]):
+            hint = (": a model that returns one vector per image is a Recognition (embedding) model, run by "
+                    "rs_deep:find_similar once its metadata_props say model_type \"Recognition\"") if len(o) == 2 else ""
             raise ModelPackageError(f"{source}: a {task.replace('_', '-')} model returns an image [batch, channels, "
                                     f"height, width] or [batch, height, width]; output {out.name!r} is {o}: not a "
-                                    "per-pixel output RS Deep can write as a raster")
+                                    f"per-pixel output RS Deep can write as a raster{hint}")
         k = 1 if len(o) == 3 else _dim(o[1])
         if k is None:
             raise ModelPackageError(f"{source}: the number of channels of output {out.name!r} ({o}) is not fixed")

@@ -207,6 +207,18 @@ class OnnxRasterRunner(OnnxRunner):
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
+class OnnxEmbeddingRunner(OnnxRunner):
+    """Recognition: batch float32 [B, C, T, T] -> one embedding per image, float32 [B, D]."""
+
+    def __call__(self, batch):
+        out = np.asarray(self._run(batch), dtype=np.float32)
+        d = len(self.pkg.classes) or self.pkg.builder.get("classes")
+        if out.ndim != 2 or len(out) != len(batch) or out.shape[1] != d:
+            raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; a recognition "
+                                    f"model returns one embedding of {d} values per image [batch, {d}]")
+        return np.ascontiguousarray(out)
+
+
 def is_centre(size, t):
     """Whether an output of ``size`` (h, w) covers only the centre of a tile of ``t`` (T, T): smaller, and not a
     whole number of times smaller (that is a coarser prediction of the whole tile, resized)."""
