@@ -10,7 +10,7 @@ export QGIS_PLUGINPATH := $(CURDIR)/build/dev-plugins
 export QGIS_CUSTOM_CONFIG_PATH := $(CURDIR)/build/qgis-profile
 export RS_DEEP_QGIS_PROCESS := $(QGIS_PROCESS)
 
-.PHONY: setup qgis demo demo-model eval-models eval-multilabel eval-instances compare-rf eval-trees screenshot test test-qgis344 qt6-check eval bench bench-dask bench-peers bench-train package clean help
+.PHONY: setup qgis demo demo-model eval-models eval-multilabel eval-instances compare-rf eval-trees eval-similar screenshot test test-qgis344 qt6-check eval bench bench-dask bench-peers bench-train package clean help
 
 help:
 	@echo "make demo        segment the bundled sample with the bundled model (via qgis_process)"
@@ -30,6 +30,7 @@ help:
 	@echo "make eval-multilabel multi-label crop groups per 160 m patch: trained on the left, scored on the right of fields_denmark"
 	@echo "make compare-rf  U-Net (rs_deep:train defaults) vs per-pixel random forest on held-out areas of ../shared/data"
 	@echo "make eval-trees  tree detection on an unseen NEON site; fine-tuning vs scratch by number of labels"
+	@echo "make eval-similar similarity search: building patches found on an unseen area (trained vs random encoder)"
 	@echo "make eval-instances Mask R-CNN building polygons on held-back columns of buildings_atlanta (mask IoU), vs a"
 	@echo "                 detector's boxes; EVAL_INSTANCES_ARGS=\"--minutes 6 --baseline-minutes 3\""
 	@echo "make screenshot  QGIS under Xvfb with the dock and a result -> docs/screenshot.png"
@@ -65,6 +66,9 @@ compare-rf: setup
 
 eval-trees: setup
 	$(PY) tools/eval_trees.py
+
+eval-similar: setup
+	$(PY) tools/eval_similar.py
 
 eval-multilabel: setup
 	$(PY) tools/eval_multilabel.py

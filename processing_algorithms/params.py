@@ -206,14 +206,14 @@ def read_raster_layer(alg, parameters, name, context):
                                      "layer or file") from exc
 
 
-def extent_bounds(extent):
-    """EXTENT (already in the layer's CRS) as a (xmin, ymin, xmax, ymax) tuple, or None when not given. An
-    extent with no width or no height is refused (it used to mean "the whole layer")."""
+def extent_bounds(extent, name=EXTENT):
+    """An extent parameter (``name``, already in the layer's CRS) as a (xmin, ymin, xmax, ymax) tuple, or None when
+    not given. An extent with no width or no height is refused (it used to mean "the whole layer")."""
     if extent is None or extent.isNull():
         return None
     for what, size in (("width", extent.width()), ("height", extent.height())):
         if not size > 0:
-            raise QgsProcessingException(f"EXTENT has zero {what}; draw an area or leave it empty")
+            raise QgsProcessingException(f"{name} has zero {what}; draw an area or leave it empty")
     return (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
 
 

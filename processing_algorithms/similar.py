@@ -1,8 +1,8 @@
 """rs_deep:find_similar — similarity search (recognition): the patches of a raster layer that look most like a query
 image, with an embedding model (a Deepness 'Recognition' ONNX model)."""
-from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingParameterFeatureSink,
-                       QgsProcessingParameterFile, QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
-                       QgsWkbTypes)
+from qgis.core import (QgsProcessing, QgsProcessingException, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterFile, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination, QgsWkbTypes)
 
 from ..rs_deep_plugin.compat import make_fields, push_warning
 from ..rs_deep_plugin.engine.tasks import RECOGNITION
@@ -10,11 +10,12 @@ from .base import FeedbackBridge, RSDeepAlgorithm
 from .outputs import RunOutputs
 from .params import (BANDS, BANDS_HELP, EXTENT, INPUT, INPUT_HELP, MODEL, OUTPUT, PATCH_RUN_HELP, RESOLUTION,
                      RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
-                     help_string, read_area, read_model, read_raster, read_resolution, read_tiling)
+                     extent_bounds, help_string, read_area, read_model, read_raster, read_resolution, read_tiling)
 from .sinks import FeatureSinks, write_polygons
 from .styles import StyleSimilarity
 
 QUERY = "QUERY"
+QUERY_EXTENT = "QUERY_EXTENT"
 STRIDE = "STRIDE"
 OUTPUT_RASTER = "OUTPUT_RASTER"
 HELP = {
@@ -23,7 +24,11 @@ HELP = {
            "'Recognition'. Its input size is the patch size.",
     QUERY: "An image of what to look for (PNG, JPEG, GeoTIFF...), with the bands the model takes (RGB for an RGB "
            "model; an alpha band is left out). It is resized to the model's input size as Deepness does (pixel "
-           "centres aligned, no smoothing), so give it at about the processing resolution of the raster.",
+           "centres aligned, no smoothing), so give it at about the processing resolution of the raster. Or leave it "
+           "empty and give QUERY_EXTENT.",
+    QUERY_EXTENT: "Instead of a query image: an area of the input layer to look for (draw it on the map), read as "
+                  "the patches are. A longer side is squeezed into the model's square input: draw a square for an "
+                  "undistorted query.",
     BANDS: BANDS_HELP,
     EXTENT: "Search only this area (default: the whole layer). Patches are laid from its top-left corner.",
     STRIDE: "Distance between patch starts, in pixels at the processing resolution (0 = the patch size: patches side "
@@ -36,7 +41,7 @@ HELP = {
     RESOLUTION: RESOLUTION_HELP,
     **PATCH_RUN_HELP,
 }
-LABELS = {QUERY: "Query image", STRIDE: "Stride", OUTPUT: "Patches", OUTPUT_RASTER: "Similarity raster"}
+LABELS = {QUERY: "Query image", QUERY_EXTENT: "Query area", STRIDE: "Stride", OUTPUT: "Patches", OUTPUT_RASTER: "Similarity raster"}
 
 
 class FindSimilarAlgorithm(RSDeepAlgorithm):
@@ -51,7 +56,8 @@ class FindSimilarAlgorithm(RSDeepAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802 (QGIS API)
         add_input_block(self, model="Recognition model (Deepness ONNX)", help=HELP)
         add(self, QgsProcessingParameterFile(QUERY, "Query image", fileFilter="Images (*.png *.jpg *.jpeg *.tif "
-                                             "*.tiff *.bmp);;All files (*.*)"), HELP)
+                                             "*.tiff *.bmp);;All files (*.*)", optional=True), HELP)
+        add(self, QgsProcessingParameterExtent(QUERY_EXTENT, "Query area (instead of an image)", optional=True), HELP)
         add(self, QgsProcessingParameterNumber(STRIDE, "Stride (px at the processing resolution; 0 = patch size)",
                                                QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
             HELP)
@@ -68,9 +74,12 @@ class FindSimilarAlgorithm(RSDeepAlgorithm):
         outputs = RunOutputs(self, parameters, context, feedback, rasters=(OUTPUT_RASTER,))
         pkg = read_model(self, parameters, context, feedback, RECOGNITION)
         read_area(self, parameters, context, raster)
-        query = self.parameterAsFile(parameters, QUERY, context)
-        if not query:
-            raise QgsProcessingException("QUERY is empty: choose an image of what to look for (PNG, JPEG, GeoTIFF)")
+        query = self.parameterAsFile(parameters, QUERY, context) or None
+        query_bounds = extent_bounds(self.parameterAsExtent(parameters, QUERY_EXTENT, context, raster.crs),
+                                     QUERY_EXTENT) if parameters.get(QUERY_EXTENT) not in (None, "") else None
+        if (query is None) == (query_bounds is None):
+            raise QgsProcessingException("Give QUERY (an image of what to look for: PNG, JPEG, GeoTIFF) or "
+                                         "QUERY_EXTENT (an area of the input layer), one of the two")
         stride = self.parameterAsInt(parameters, STRIDE, context) or None
         gsd = read_resolution(self, parameters, context)
         raster_path = self.parameterAsOutputLayer(parameters, OUTPUT_RASTER, context) or None
@@ -78,7 +87,7 @@ class FindSimilarAlgorithm(RSDeepAlgorithm):
         raster.fetch(gsd or pkg.gsd, context, feedback)
         bridge = FeedbackBridge(feedback, 0, 95)
         with outputs:  # every output renamed into place at the end of the block, or none
-            result = find_similar(raster.source, pkg, query, stride=stride, bands=raster.bands, bounds=raster.bounds,
+            result = find_similar(raster.source, pkg, query, query_bounds=query_bounds, stride=stride, bands=raster.bands, bounds=raster.bounds,
                                   max_pixels=raster.max_pixels, gsd=gsd, raster_output=raster_path,
                                   transaction=outputs.transaction, **tiling, **bridge.callbacks)
             for w in result.warnings:

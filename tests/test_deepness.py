@@ -396,3 +396,33 @@ def test_similarity_blocks_equal_the_mean_of_covering_patches_across_blocks():
     assert blocks == 5 * 6
     assert np.array_equal(valid, count > 0) and not valid.all()
     assert np.allclose(got[valid], total[valid] / count[valid], atol=1e-6)
+
+
+def test_recognition_query_from_an_area_of_the_map(provider, tmp_path):
+    """QUERY_EXTENT: the query is read from the input layer, as the patches are: the square's patch area finds that
+    patch first (similarity 1), the all-black patches last; QUERY and QUERY_EXTENT together, or neither, are
+    refused with a message naming both, and nothing is written."""
+    from qgis.core import QgsProcessingException, QgsVectorLayer
+    from rs_deep.rs_deep_plugin.engine.inference.similar import find_similar
+    model = _relabelled(DEEPNESS / "dummy_recognition_model.onnx", tmp_path / "rec.onnx", '"Recognition"')
+    image = _metric_map(tmp_path)
+    square = (500224, 4999664, 500336, 4999776)  # patch (2, 2): map pixels 224-335, the white square inside
+    result = find_similar(image, model, query_bounds=square, gsd=0.5)
+    best = result.best()[0]
+    assert (best["row"], best["col"]) == (2, 2) and np.isclose(best["similarity"], 1.0, atol=1e-6)
+    assert result.query_size == (112, 112) and max(f["rank"] for f in result) == 24
+    out = tmp_path / "out"
+    out.mkdir()
+    params = {"INPUT": str(image), "MODEL": str(model), "RESOLUTION": 50, "OUTPUT": str(out / "p.gpkg"),
+              "QUERY_EXTENT": "500224,500336,4999664,4999776 [EPSG:32633]"}
+    res = _run("rs_deep:find_similar", params)
+    ranks = {f["rank"]: (f["row"], f["col"]) for f in QgsVectorLayer(res["OUTPUT"], "p", "ogr").getFeatures()}
+    assert ranks[1] == (2, 2)
+    for bad in (dict(params, QUERY=str(REC_QUERY)), {k: v for k, v in params.items() if k != "QUERY_EXTENT"}):
+        bad["OUTPUT"] = str(out / "bad.gpkg")
+        with pytest.raises(QgsProcessingException, match=r"Give QUERY .* or QUERY_EXTENT .*one of the two"):
+            _run("rs_deep:find_similar", bad)
+    with pytest.raises(QgsProcessingException, match=r"QUERY_EXTENT \(600000, .*does not overlap the raster"):
+        _run("rs_deep:find_similar", dict(params, OUTPUT=str(out / "bad.gpkg"),
+                                          QUERY_EXTENT="600000,600100,4999664,4999776 [EPSG:32633]"))
+    assert sorted(p.name for p in out.iterdir()) == ["p.gpkg"]

@@ -428,3 +428,42 @@ def test_missing_onnxruntime_gives_a_clear_message(yolo_onnx, square_raster, pro
     # packages keep working without it
     pkg = load_package(DEMO_MODEL)
     assert pkg.task == "segmentation"
+
+
+def test_export_encoder_as_embedding_model_finds_buildings_on_an_unseen_area(provider, tmp_path):
+    """rs_deep:export_onnx EMBEDDING: buildings_demo's encoder as a Deepness 'Recognition' model (the mean of its
+    deepest features, as PyTorch computes it). On the right 35 % of the sample, which the package never saw,
+    rs_deep:find_similar with each building patch as the query ranks building patches first far more often than the
+    same network with random weights, and more than a random ranking (tools/eval_similar.py, 64-px patches)."""
+    import torch
+    import eval_similar
+    out = tmp_path / "emb.onnx"
+    res = _run("rs_deep:export_onnx", {"INPUT": "buildings_demo", "OUTPUT": str(out), "EMBEDDING": True,
+                                       "PATCH_SIZE": 64})
+    pkg = load_package(res["OUTPUT"], task="recognition")
+    assert (pkg.tile_size, pkg.gsd, pkg.builder["classes"], pkg.overlap) == (64, 0.5, 1280, 0)
+    assert MODEL_JSON_KEY not in pkg.onnx_metadata
+    demo = load_package(str(DEMO_MODEL))
+    with rasterio.open(SAMPLE) as ds:
+        tile = ds.read(1, window=rasterio.windows.Window(420, 300, 64, 64)).astype(np.float32)
+    s = demo.value_scaling[0]
+    x = (tile - s["minimum"]) / (s["maximum"] - s["minimum"]) if s["type"] == "min-max" else \
+        (tile - s["mean"]) / s["stddev"]
+    with torch.no_grad():
+        want = demo.load_model().float().eval().encoder(torch.from_numpy(x[None, None]))[-1].mean(dim=(2, 3))
+    got = pkg.make_runner(None)(x[None, None])
+    assert np.allclose(got, want.numpy(), atol=1e-4)
+    with pytest.raises(InputError, match="multiple of 32"):
+        export_onnx(str(DEMO_MODEL), tmp_path / "x.onnx", embedding=True, patch_size=50)
+    with pytest.raises(InputError, match="detection model; an embedding model is exported from a segmentation"):
+        export_onnx(str(TREES_DEMO), tmp_path / "x.onnx", embedding=True)
+    assert not (tmp_path / "x.onnx").exists()
+    region, bounds = eval_similar.held_out(str(SAMPLE))
+    share = eval_similar.building_share(str(SAMPLE), region, 64)
+    random = export_onnx(eval_similar.random_copy(str(DEMO_MODEL), tmp_path / "random"), tmp_path / "random.onnx",
+                         embedding=True, patch_size=64)
+    trained = eval_similar.score(str(out), str(SAMPLE), region, bounds, 64, share, 0.05)
+    control = eval_similar.score(random, str(SAMPLE), region, bounds, 64, share, 0.05)
+    assert trained["queries"] == control["queries"] >= 10
+    assert trained["average_precision"] > control["average_precision"] + 0.1
+    assert trained["average_precision"] > trained["base_rate"]

@@ -440,14 +440,15 @@ class RasterReader:
             return np.pad(arr, pad, mode="edge"), valid
 
 
-def region_window(width, height, transform, bounds=None):
-    """Pixel region (x0, y0, x1, y1) of the raster to process, from map bounds or the whole raster."""
+def region_window(width, height, transform, bounds=None, name="EXTENT"):
+    """Pixel region (x0, y0, x1, y1) of the raster to process, from map bounds or the whole raster; ``name``: the
+    parameter the bounds come from, for the messages."""
     if bounds is None:
         return 0, 0, width, height
     from rasterio.windows import from_bounds
     xmin, ymin, xmax, ymax = bounds
     if not (xmax > xmin and ymax > ymin):
-        raise InputError(f"EXTENT {bounds} is empty; draw or choose an extent with a width and a height")
+        raise InputError(f"{name} {bounds} is empty; draw or choose an extent with a width and a height")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w = from_bounds(xmin, ymin, xmax, ymax, transform=transform)
@@ -458,7 +459,7 @@ def region_window(width, height, transform, bounds=None):
     if x1 <= x0 or y1 <= y0:
         left, top = apply_affine(transform, 0, 0)
         right, bottom = apply_affine(transform, width, height)
-        raise InputError(f"EXTENT ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) does not overlap the raster "
+        raise InputError(f"{name} ({xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}) does not overlap the raster "
                          f"({min(left, right):g}, {min(top, bottom):g}, {max(left, right):g}, "
                          f"{max(top, bottom):g}); choose an extent inside the layer, in the layer's CRS")
     return x0, y0, x1, y1

@@ -6,7 +6,8 @@ The data flow:
 
 1. the query image (PNG, JPEG, GeoTIFF...; :func:`read_query`) is resized to the model's input with pixel centres
    aligned and no antialiasing (OpenCV's linear resize, which Deepness uses), kept in its own data type (an 8-bit
-   image stays 8-bit, rounded) and scaled like the raster's patches;
+   image stays 8-bit, rounded) and scaled like the raster's patches; or the query is an area of the raster itself
+   (:func:`read_query_area`), read as the patches are;
 2. patches of the model's input size are laid on a regular grid from the top-left corner of the processed area
    (``stride`` px at the model's GSD apart, default side by side) and read, resampled to the model's GSD, by
    :class:`..geo.raster.RasterReader` on a background thread (:func:`.pipeline.prefetch`), ``batch_size`` at a time:
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError, ModelPackageError
 from ..geo.outputs import sweep_stale
-from ..geo.raster import RasterReader, apply_scaling, resolve_bands
+from ..geo.raster import RasterReader, apply_scaling, region_window, resolve_bands
 from ..geo.writer import AtomicFile, GeoTiffWriter, check_writable
 from ..limits import check_tile_memory
 from ..models.postprocess import resize_bilinear
@@ -89,6 +90,24 @@ def read_query(path, reader, package, bands=None):
     return np.ascontiguousarray(img, dtype=np.float32), tuple(data.shape[1:])
 
 
+def read_query_area(reader, bounds):
+    """The part of the input raster within ``bounds`` (xmin, ymin, xmax, ymax in its CRS) as the model takes it:
+    float32 [C, T, T], resampled as the patches are (by the average of the pixels when it shrinks, bilinear when it
+    grows; a longer side is squeezed, as an image file is), scaled by ``reader``'s value scaling. Nodata counts as
+    0. Returns (image, (height, width) in raster pixels)."""
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+    x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds, name="QUERY_EXTENT")
+    w, h, t = x1 - x0, y1 - y0, reader.tile
+    same = (w, h) == (t, t)
+    resampling = Resampling.nearest if same else (Resampling.average if max(w, h) > t else Resampling.bilinear)
+    img = reader.ds.read(reader.bands, window=Window(x0, y0, w, h), out_shape=(len(reader.bands), t, t),
+                         resampling=resampling, out_dtype="float32" if same else reader.resampled_type)
+    img = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    apply_scaling(img, reader.scaling)
+    return np.ascontiguousarray(img, dtype=np.float32), (h, w)
+
+
 def cosine(query, embeddings):
     """Cosine similarity of ``query`` [D] to each row of ``embeddings`` [N, D] (0 where either is all zeros)."""
     q = np.asarray(query, dtype=np.float32)
@@ -134,10 +153,11 @@ def similarity_blocks(starts_y, starts_x, n, scores, region, block=BLOCK):
             yield bx, by, values, valid
 
 
-def find_similar(input_path, package, query, *, stride=None, bands=None, query_bands=None, bounds=None,
+def find_similar(input_path, package, query=None, *, query_bounds=None, stride=None, bands=None, query_bands=None, bounds=None,
                  batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
                  log=None, max_pixels=None, gsd=None, raster_output=None, transaction=None):
-    """Compare every patch of ``input_path`` with the image ``query`` through the recognition model ``package``.
+    """Compare every patch of ``input_path`` with the image file ``query``, or with the part of the raster within
+    ``query_bounds`` (xmin, ymin, xmax, ymax in its CRS; one of the two), through the recognition model ``package``.
 
     ``stride``: px at the model's GSD between patch starts (None: the patch size, patches side by side). ``gsd``:
     the processing resolution in metres per pixel (None: the model's; Deepness's resolution). ``min_valid``: the
@@ -158,11 +178,15 @@ def find_similar(input_path, package, query, *, stride=None, bands=None, query_b
         raise InputError(f"STRIDE must be at least 1 px; got {step}")
     if not 0 < min_valid <= 1:
         raise InputError(f"min_valid must be in (0, 1]; got {min_valid}")
+    if (query is None) == (query_bounds is None):
+        raise InputError("Give the query as an image file (QUERY) or as an area of the input raster (QUERY_EXTENT): "
+                         "one of the two")
     reader = RasterReader(input_path, pkg, bands=bands, match_gsd=match_gsd)
     result = SimilarityResult(patch_size=patch, stride=step, embedding_size=pkg.builder.get("classes") or 0)
     atomic = writer = None
     try:
-        q, result.query_size = read_query(query, reader, pkg, query_bands)
+        q, result.query_size = read_query(query, reader, pkg, query_bands) if query is not None else \
+            read_query_area(reader, query_bounds)
         result.warnings, (x0, y0, x1, y1) = open_region(
             reader, pkg, bounds, max_pixels, log, georef="the patches get its pixel coordinates",
             resampled="the patches")
@@ -237,4 +261,4 @@ def find_similar(input_path, package, query, *, stride=None, bands=None, query_b
         reader.close()
 
 
-__all__ = ["find_similar", "read_query", "cosine", "ranks", "similarity_blocks", "SimilarityResult"]
+__all__ = ["find_similar", "read_query", "read_query_area", "cosine", "ranks", "similarity_blocks", "SimilarityResult"]

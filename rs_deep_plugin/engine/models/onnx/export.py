@@ -166,7 +166,26 @@ def tiled_metadata(pkg):
     return meta
 
 
-def export_onnx(package_path, out_path, opset=17, log=None):
+def embedding_metadata(pkg, patch_size):
+    """The Deepness metadata_props of a package's encoder exported as an embedding ("Recognition") model: patches of
+    ``patch_size`` px, no overlap, the package's resolution and value scaling (refused when Deepness's
+    standardization cannot hold it)."""
+    std = deepness_standardization(pkg.value_scaling)
+    if std is None:
+        raise InputError(f"'{pkg.name}' scales its input in a way Deepness's standardization_mean/std cannot hold "
+                         "(clipping or several steps), so an embedding model of it would read other values; it is "
+                         "not exported")
+    props = {"model_type": json.dumps("Recognition"), "tile_size": json.dumps(int(patch_size)),
+             "tiles_overlap": json.dumps(0), "standardization_mean": json.dumps(std[0]),
+             "standardization_std": json.dumps(std[1]),
+             "description": json.dumps(f"Encoder of the RS Deep package {pkg.name} (weights sha256 "
+                                       f"{pkg.weights_sha256[:16]}...): the mean of its deepest features")}
+    if pkg.gsd:
+        props["resolution"] = json.dumps(round(pkg.gsd * 100.0, 6))
+    return props
+
+
+def export_onnx(package_path, out_path, opset=17, log=None, embedding=False, patch_size=None):
     """Export a segmentation or CenterNet detection package (folder, zip or ModelPackage) to one ONNX file.
 
     The graph takes float32 [batch, channels, tile, tile] (dynamic batch) scaled like the package's
@@ -176,6 +195,11 @@ def export_onnx(package_path, out_path, opset=17, log=None):
     Deepness and GeoDeep decode alike. ``metadata_props`` carry our model.json
     (``rs_deep:model_json``) and the Deepness keys. Written to a temp file, then renamed. Returns
     the output path.
+
+    ``embedding``: export only the encoder of a segmentation package (a U-Net's), as an embedding model for
+    similarity search (rs_deep:find_similar; Deepness's ``Recognition``): [batch, channels, H, W] -> the mean of
+    its deepest feature maps over the image [batch, features], for patches of ``patch_size`` px (a multiple of 32;
+    None: the package's tile size) at the package's resolution.
     """
     log = log or (lambda msg: None)
     pkg = package_path if isinstance(package_path, ModelPackage) else load_package(package_path)
@@ -186,6 +210,8 @@ def export_onnx(package_path, out_path, opset=17, log=None):
                          "detection packages: an exported graph would lose its per-class thresholds "
                          "(rs_deep:class_thresholds), so it is not written. Use the package itself with "
                          "rs_deep:classify_patches")
+    if embedding:
+        return _export_embedding(pkg, out_path, opset, log, patch_size)
     if pkg.task not in ("segmentation", "detection"):
         raise InputError(f"'{pkg.name}' is a {pkg.task} model; ONNX export supports segmentation and detection "
                          "packages (change and patch classification packages cannot be exported yet)")
@@ -198,12 +224,7 @@ def export_onnx(package_path, out_path, opset=17, log=None):
             ("rs_deep", "CenterNet"):
         raise InputError(f"'{pkg.name}' is a {pkg.builder.get('architecture')} detector; ONNX export supports "
                          "RS Deep's CenterNet detectors (the default of rs_deep:train)")
-    out_path = os.fspath(out_path)
-    if not out_path.lower().endswith(".onnx"):
-        raise InputError(f"OUTPUT must be a .onnx file; got {out_path}")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise InputError(f"OUTPUT folder does not exist: {out_dir}")
+    out_path = check_onnx_output(out_path)
     onnx = require_onnx()
     import torch
 
@@ -226,33 +247,98 @@ def export_onnx(package_path, out_path, opset=17, log=None):
             return e / e.sum(dim=1, keepdim=True)
 
     wrapped = (_centernet_as_yolo(model, pkg.tile_size) if pkg.task == "detection" else WithActivation(model)).eval()
-    dummy = torch.zeros(1, pkg.in_channels, pkg.tile_size, pkg.tile_size, dtype=torch.float32)
-    buf = io.BytesIO()
     log(f"Exporting {pkg.name} to ONNX (opset {opset})")
-    import warnings
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, dummy, buf, dynamo=False, opset_version=int(opset), input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                          do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
+    proto = torch_to_onnx(wrapped, pkg.in_channels, pkg.tile_size, opset)
     static_resizes(onnx, proto, pkg.in_channels, pkg.tile_size)
     props = deepness_metadata(pkg)
     props[MODEL_JSON_KEY] = json.dumps(tiled_metadata(pkg), separators=(",", ":"))
     if pkg.task == "segmentation":
         props[OUTPUT_KEY] = json.dumps("probabilities")
+    write_onnx(proto, props, f"RS Deep package {pkg.name} ({pkg.task}); {METADATA_NAME} in metadata_props "
+               f"{MODEL_JSON_KEY}", out_path, log)
+    percentiles_warning(pkg, log)
+    return out_path
+
+
+def check_onnx_output(out_path):
+    """``out_path`` as a string, refused unless it is a .onnx file in an existing folder."""
+    out_path = os.fspath(out_path)
+    if not out_path.lower().endswith(".onnx"):
+        raise InputError(f"OUTPUT must be a .onnx file; got {out_path}")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"OUTPUT folder does not exist: {out_dir}")
+    return out_path
+
+
+def torch_to_onnx(module, in_channels, size, opset, spatial_axes=False):
+    """The ONNX graph (a ModelProto) of the torch ``module`` traced on a [1, in_channels, size, size] batch: input
+    "input", output "output", the batch dynamic (and the height and width with ``spatial_axes``)."""
+    import warnings
+    import torch
+    onnx = require_onnx()
+    dummy = torch.zeros(1, in_channels, size, size, dtype=torch.float32)
+    axes = {0: "batch", 2: "height", 3: "width"} if spatial_axes else {0: "batch"}
+    buf = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), dummy, buf, dynamo=False, opset_version=int(opset), input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": axes, "output": {0: "batch"}},
+                          do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def write_onnx(proto, props, doc, out_path, log):
+    """``proto`` with the metadata_props ``props`` (key -> JSON text) and ``doc``, written atomically to
+    ``out_path``."""
     del proto.metadata_props[:]
     for k, v in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name = "rs_deep"
-    proto.doc_string = f"RS Deep package {pkg.name} ({pkg.task}); {METADATA_NAME} in metadata_props {MODEL_JSON_KEY}"
+    proto.doc_string = doc
     data = proto.SerializeToString()
     write_atomic(out_path, data)
     log(f"Wrote {out_path} ({len(data) / 1e6:.1f} MB)")
+
+
+def percentiles_warning(pkg, log):
+    """Logs that Deepness and GeoDeep apply the stored scaling where ``pkg`` scales each input by its own
+    percentiles."""
     if pkg.input_percentiles:
         log(f"Warning: '{pkg.name}' scales each input by its own {pkg.input_percentiles[0]:g}th-"
             f"{pkg.input_percentiles[1]:g}th percentiles. RS Deep does so with the exported model too; Deepness and "
             "GeoDeep apply the training data's scaling (standardization_mean/std), so their results differ from RS "
             "Deep's on a scene darker or brighter than the training data.")
+
+
+def _export_embedding(pkg, out_path, opset, log, patch_size):
+    """:func:`export_onnx` with ``embedding``: the package's encoder and a mean over the image, Deepness Recognition
+    metadata (:func:`embedding_metadata`), no model.json (the file is a model of another task than the package)."""
+    patch = int(patch_size) if patch_size else pkg.tile_size
+    if patch < 32 or patch % 32:
+        raise InputError(f"PATCH_SIZE must be a multiple of 32 (the encoder halves the image 5 times); got {patch}")
+    if pkg.task != "segmentation":
+        raise InputError(f"'{pkg.name}' is a {pkg.task} model; an embedding model is exported from a segmentation "
+                         "package's encoder (a U-Net's)")
+    out_path = check_onnx_output(out_path)
+    props = embedding_metadata(pkg, patch)
+    import torch
+    encoder = getattr(pkg.load_model().float().eval(), "encoder", None)
+    if encoder is None:
+        raise InputError(f"'{pkg.name}' ({pkg.builder.get('architecture')}) has no encoder RS Deep can export as an "
+                         "embedding model; U-Net packages (the default of rs_deep:train) have one")
+
+    class Embedding(torch.nn.Module):
+        def __init__(self, enc):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x):
+            return self.enc(x)[-1].mean(dim=(2, 3))
+
+    log(f"Exporting the encoder of {pkg.name} as an embedding model for patches of {patch} px (opset {opset})")
+    proto = torch_to_onnx(Embedding(encoder), pkg.in_channels, patch, opset, spatial_axes=True)
+    write_onnx(proto, props, f"Embedding model from the encoder of RS Deep package {pkg.name}", out_path, log)
+    percentiles_warning(pkg, log)
     return out_path
