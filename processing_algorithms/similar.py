@@ -9,8 +9,9 @@ from ..rs_deep_plugin.engine.tasks import RECOGNITION
 from .base import FeedbackBridge, RSDeepAlgorithm
 from .outputs import RunOutputs
 from .params import (BANDS, BANDS_HELP, EXTENT, INPUT, INPUT_HELP, MODEL, OUTPUT, PATCH_RUN_HELP, RESOLUTION,
-                     RESOLUTION_HELP, add, add_input_block, add_max_pixels, add_resolution, add_tiling_block,
-                     extent_bounds, help_string, read_area, read_model, read_raster, read_resolution, read_tiling)
+                     RESOLUTION_HELP, add, add_cluster, add_input_block, add_max_pixels, add_resolution,
+                     add_tiling_block, extent_bounds, help_string, read_area, read_cluster, read_model, read_raster,
+                     read_resolution, read_tiling)
 from .sinks import FeatureSinks, write_polygons
 from .styles import StyleSimilarity
 
@@ -67,6 +68,7 @@ class FindSimilarAlgorithm(RSDeepAlgorithm):
         add_resolution(self)
         add_tiling_block(self, tiles=False, help=HELP)
         add_max_pixels(self)
+        add_cluster(self)
 
     def process(self, parameters, context, feedback):
         from ..rs_deep_plugin.engine.inference.similar import find_similar
@@ -89,7 +91,8 @@ class FindSimilarAlgorithm(RSDeepAlgorithm):
         with outputs:  # every output renamed into place at the end of the block, or none
             result = find_similar(raster.source, pkg, query, query_bounds=query_bounds, stride=stride, bands=raster.bands, bounds=raster.bounds,
                                   max_pixels=raster.max_pixels, gsd=gsd, raster_output=raster_path,
-                                  transaction=outputs.transaction, **tiling, **bridge.callbacks)
+                                  transaction=outputs.transaction, **tiling, **bridge.callbacks,
+                                  **read_cluster(self, parameters, context))
             for w in result.warnings:
                 push_warning(feedback, w)
             with FeatureSinks(self, parameters, context, outputs.transaction) as sinks:  # committed with the rest

@@ -207,3 +207,21 @@ def test_a_local_cluster_leaves_this_process_environment_as_it_was(reference, tm
     res = segment(SAMPLE, BUILDINGS, tmp_path / "c.tif", cluster="local:2", block_size=BLOCK, **TILING)
     assert (_read(res.output)[0] == reference[1]).all()
     assert dict(os.environ) == before
+
+
+def test_similarity_search_equals_one_process(cluster, tmp_path):
+    """rs_deep:find_similar on the cluster (blocks of whole patch rows, the query embedded by the client): the same
+    patches, similarities and ranks, the same similarity raster, as in one process."""
+    from rs_deep.rs_deep_plugin.engine.inference.similar import find_similar
+    from test_deepness import DEEPNESS, REC_QUERY, _metric_map, _relabelled
+    model = _relabelled(DEEPNESS / "dummy_recognition_model.onnx", tmp_path / "rec.onnx", '"Recognition"')
+    image = _metric_map(tmp_path)
+    kw = dict(stride=112, gsd=0.5, batch_size=4)
+    one = find_similar(image, model, REC_QUERY, raster_output=tmp_path / "one.tif", **kw)
+    many = find_similar(image, model, REC_QUERY, raster_output=tmp_path / "many.tif", cluster=cluster,
+                        block_size=100, **kw)
+    assert many.device.startswith("Dask cluster") and len(many) == len(one) > 50
+    assert [(f["row"], f["col"], f["rank"], f["window"]) for f in many] == \
+        [(f["row"], f["col"], f["rank"], f["window"]) for f in one]
+    np.testing.assert_allclose([f["similarity"] for f in many], [f["similarity"] for f in one], atol=1e-6)
+    assert np.array_equal(_read(tmp_path / "many.tif")[0], _read(tmp_path / "one.tif")[0])

@@ -14,6 +14,8 @@ The data flow:
    memory is bounded by patch x batch whatever the raster's size;
 3. every patch with enough valid pixels gets its similarity (-1 .. 1) and its rank (1: the most similar; equal
    similarities keep the grid's order, rows first);
+   On a Dask cluster (``cluster``) the workers embed blocks of whole patch rows (:func:`similar_block_task`) and
+   return the similarities; the query is embedded here;
 4. optionally a similarity raster on the raster's grid (float32): each pixel the mean similarity of the patches
    that cover it, as Deepness's map; nodata where none was run. Written block by block from the patch grid
    (:func:`similarity_blocks`), to a temporary file committed at the end (or in the caller's transaction).
@@ -21,6 +23,7 @@ The data flow:
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -153,17 +156,43 @@ def similarity_blocks(starts_y, starts_x, n, scores, region, block=BLOCK):
             yield bx, by, values, valid
 
 
-def find_similar(input_path, package, query=None, *, query_bounds=None, stride=None, bands=None, query_bands=None, bounds=None,
-                 batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True, min_valid=0.5,
-                 log=None, max_pixels=None, gsd=None, raster_output=None, transaction=None):
+def similarity_batch(reader, runner, seq, region, min_valid, query_embedding, bs, check=lambda: None,
+                     on_batch=lambda done: None):
+    """``([(row, col, similarity)], any valid pixel)``: the similarity to ``query_embedding`` of each patch of ``seq``
+    [(row, col, x, y)] with enough valid pixels (:func:`.patches.patch_reader`), run ``bs`` at a time. ``check()``
+    runs before each batch, ``on_batch(patches done)`` after it."""
+    read, any_valid = patch_reader(reader, region, min_valid)
+    out, done = [], 0
+    for batch, (data, keep) in prefetch(read, batched(seq, bs)):
+        check()
+        sims = cosine(query_embedding, runner(data)) if data is not None else []
+        out += [(r, c, float(s)) for (r, c, _, _), s in zip([p for p, ok in zip(batch, keep) if ok], sims)]
+        done += len(batch)
+        on_batch(done)
+    return out, any_valid[0]
+
+
+def similar_block_task(reader, runner, job, i, bs):
+    """Block ``i`` of a Dask run (:func:`.distributed.run_blocks` calls it on a worker): :func:`similarity_batch`
+    with the query's embedding computed by the client."""
+    return similarity_batch(reader, runner, job["patches"][i], job["region"], job["min_valid"],
+                            job["query_embedding"], bs)
+
+
+def find_similar(input_path, package, query=None, *, query_bounds=None, stride=None, bands=None, query_bands=None,
+                 bounds=None, batch_size=None, device="auto", progress=None, is_cancelled=None, match_gsd=True,
+                 min_valid=0.5, log=None, max_pixels=None, gsd=None, raster_output=None, transaction=None,
+                 cluster=None, block_size=4096):
     """Compare every patch of ``input_path`` with the image file ``query``, or with the part of the raster within
     ``query_bounds`` (xmin, ymin, xmax, ymax in its CRS; one of the two), through the recognition model ``package``.
 
     ``stride``: px at the model's GSD between patch starts (None: the patch size, patches side by side). ``gsd``:
     the processing resolution in metres per pixel (None: the model's; Deepness's resolution). ``min_valid``: the
     share of a patch (of its part inside the area) that must hold valid pixels for it to be run. ``raster_output``:
-    also write the similarity raster there (GeoTIFF; ``transaction`` as in :func:`.segment.segment`). Returns a
-    :class:`SimilarityResult` (iterable over the patch dicts).
+    also write the similarity raster there (GeoTIFF; ``transaction`` as in :func:`.segment.segment`). ``cluster``:
+    embed the patches on a Dask cluster (:mod:`.distributed`), in blocks of whole patch rows about ``block_size`` px
+    high (the query is embedded here): the same similarities. Returns a :class:`SimilarityResult` (iterable over the
+    patch dicts).
     """
     t_start, prog, log, pkg = start_run(package, TASK, progress, is_cancelled, log, gsd)
     final = None
@@ -181,7 +210,8 @@ def find_similar(input_path, package, query=None, *, query_bounds=None, stride=N
     if (query is None) == (query_bounds is None):
         raise InputError("Give the query as an image file (QUERY) or as an area of the input raster (QUERY_EXTENT): "
                          "one of the two")
-    reader = RasterReader(input_path, pkg, bands=bands, match_gsd=match_gsd)
+    open_reader = partial(RasterReader, input_path, bands=bands, match_gsd=match_gsd)
+    reader = open_reader(pkg)
     result = SimilarityResult(patch_size=patch, stride=step, embedding_size=pkg.builder.get("classes") or 0)
     atomic = writer = None
     try:
@@ -212,21 +242,33 @@ def find_similar(input_path, package, query=None, *, query_bounds=None, stride=N
         prog.message(f"{len(seq)} patches of {n} px ({patch} px at the model's GSD), stride {sn} px, batch {bs}; "
                      f"query {result.query_size[1]} x {result.query_size[0]} px, embeddings of "
                      f"{query_embedding.shape[0]} values")
-        read, any_valid = patch_reader(reader, (x0, y0, x1, y1), min_valid)
+        region = (x0, y0, x1, y1)
+        if cluster:
+            from .distributed import run_blocks
+            result.device = f"Dask cluster {cluster}"
+            rows_per = max(1, block_size // sn)  # blocks of whole rows of patches
+            groups = [ys[i:i + rows_per] for i in range(0, len(ys), rows_per)]
+            job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(patch, 0), device=device,
+                       batch_size=batch_size or 16, tta="none", region=region, min_valid=min_valid,
+                       query_embedding=query_embedding, run=similar_block_task, kind="dense",
+                       patches=[[q for q in seq if g[0] <= q[3] <= g[-1]] for g in groups],
+                       windows=[(x0, g[0], x1, min(g[-1] + n, y1)) for g in groups])
+            found, any_valid = [], False
+            for sims, valid in run_blocks(cluster, pkg, job, prog, log, share=0.9):
+                found += sims
+                any_valid = any_valid or valid
+        else:
+            estimate = Estimate(len(seq), "patches", prog.message)
+
+            def on_batch(done):
+                prog.update(0.9 * done / max(1, len(seq)))
+                estimate.after(done)
+
+            found, any_valid = similarity_batch(reader, runner, seq, region, min_valid, query_embedding, bs,
+                                                prog.check, on_batch)
         scores = np.full((len(ys), len(xs)), np.nan, dtype=np.float32)
-        estimate = Estimate(len(seq), "patches", prog.message)
-        done = 0
-        for batch, (data, keep) in prefetch(read, batched(seq, bs)):
-            prog.check()
-            sims = cosine(query_embedding, runner(data)) if data is not None else []
-            j = 0
-            for (r, c, x, y), ok in zip(batch, keep):
-                if ok:
-                    scores[r, c] = sims[j]
-                    j += 1
-            done += len(batch)
-            prog.update(0.9 * done / max(1, len(seq)))
-            estimate.after(done)
+        for r, c, s in found:
+            scores[r, c] = s
         run = [(r, c, x, y) for r, c, x, y in seq if np.isfinite(scores[r, c])]
         rank = ranks([scores[r, c] for r, c, _, _ in run])
         result.features = [
@@ -253,7 +295,7 @@ def find_similar(input_path, package, query=None, *, query_bounds=None, stride=N
             if transaction is None:
                 atomic.commit()
             result.raster = final
-        return end_run(result, reader, result.patches_run == 0 and not any_valid[0], False, log, t_start, prog)
+        return end_run(result, reader, result.patches_run == 0 and not any_valid, False, log, t_start, prog)
     except BaseException:
         abandon(None, [writer] if writer is not None else [], [atomic] if atomic is not None else [])
         raise
@@ -261,4 +303,5 @@ def find_similar(input_path, package, query=None, *, query_bounds=None, stride=N
         reader.close()
 
 
-__all__ = ["find_similar", "read_query", "read_query_area", "cosine", "ranks", "similarity_blocks", "SimilarityResult"]
+__all__ = ["find_similar", "similarity_batch", "similar_block_task", "read_query", "read_query_area", "cosine",
+           "ranks", "similarity_blocks", "SimilarityResult"]
