@@ -272,6 +272,13 @@ def test_recognition_refusals(provider, tmp_path):
         _run("rs_deep:find_similar", dict(params, QUERY=str(grey)))
     with pytest.raises(QgsProcessingException, match=r"QUERY: .*none.png does not exist"):
         _run("rs_deep:find_similar", dict(params, QUERY=str(tmp_path / "none.png")))
+    huge = tmp_path / "huge.tif"  # 5000 x 5000 px, never read whole: refused from its size
+    with rasterio.open(huge, "w", driver="GTiff", width=5000, height=5000, count=3, dtype="uint8", sparse_ok=True,
+                       tiled=True, transform=rasterio.Affine(1, 0, 0, 0, -1, 5000)):
+        pass
+    with pytest.raises(QgsProcessingException, match=r"QUERY: .*huge.tif is 5000 x 5000 px, more than a query"):
+        _run("rs_deep:find_similar", dict(params, QUERY=str(huge)))
+    huge.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "map.tif", "rec.onnx", "seg.onnx"]
 
 

@@ -27,6 +27,8 @@ MAX_DETECTION_CLASSES = 10_000
 #: probabilities of one batch)
 MAX_TILE_SIZE = 4096
 MAX_TILE_BATCH_BYTES = 4 << 30
+#: the largest query image of a similarity search (rs_deep:find_similar), read whole: 4096 x 4096 px
+MAX_QUERY_PIXELS = MAX_TILE_SIZE * MAX_TILE_SIZE
 #: ONNX: working memory of one run of the graph (activations, outputs; the weights are not counted).
 #: A ResNet-34 U-Net needs about 1.2 GiB for 2 tiles of 1024 px.
 MAX_ONNX_WORKING_BYTES = 3 << 30
@@ -113,5 +115,5 @@ def check_tile_memory(tile, batch, bands, classes, tile_from, batch_from="BATCH_
 
 __all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_WEIGHTS_BYTES", "MAX_SAFETENSORS_HEADER_BYTES",
            "MAX_PARAMETERS", "MAX_ZIP_RATIO", "ZIP_RATIO_MIN_BYTES", "MAX_CLASSES", "MAX_DETECTION_CLASSES",
-           "MAX_TILE_SIZE", "MAX_TILE_BATCH_BYTES", "MAX_ONNX_WORKING_BYTES", "CHUNK_BYTES", "size_text",
-           "count_text", "json_depth", "loads_json", "tile_batch_bytes", "check_tile_memory"]
+           "MAX_TILE_SIZE", "MAX_TILE_BATCH_BYTES", "MAX_QUERY_PIXELS", "MAX_ONNX_WORKING_BYTES", "CHUNK_BYTES",
+           "size_text", "count_text", "json_depth", "loads_json", "tile_batch_bytes", "check_tile_memory"]

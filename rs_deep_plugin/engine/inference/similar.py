@@ -31,7 +31,7 @@ from ..errors import InputError, ModelPackageError
 from ..geo.outputs import sweep_stale
 from ..geo.raster import RasterReader, apply_scaling, region_window, resolve_bands
 from ..geo.writer import AtomicFile, GeoTiffWriter, check_writable
-from ..limits import check_tile_memory
+from ..limits import MAX_QUERY_PIXELS, check_tile_memory
 from ..models.postprocess import resize_bilinear
 from .patches import PatchRun, patch_polygon, patch_reader
 from .pipeline import Estimate, abandon, batched, end_run, open_device, open_region, prefetch, start_run
@@ -77,6 +77,10 @@ def read_query(path, reader, package, bands=None):
                     raise InputError(f"QUERY: {source} has {ds.count} band(s) and the model takes "
                                      f"{package.in_channels}: choose an image with the input raster's bands "
                                      "(a PNG or JPEG for an RGB model)") from exc
+                if ds.width * ds.height > MAX_QUERY_PIXELS:
+                    raise InputError(f"QUERY: {source} is {ds.width} x {ds.height} px, more than a query image may "
+                                     f"have ({MAX_QUERY_PIXELS:,} px); give an image of about the model's input size "
+                                     f"({reader.tile} px at the processing resolution), e.g. a crop of this one")
                 data = ds.read(use)
                 dtype = ds.dtypes[0]
     except InputError:
