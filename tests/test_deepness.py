@@ -315,7 +315,7 @@ def test_dock_runs_a_recognition_model_with_find_similar(provider, qgis_iface, t
         dock.set_model(str(model))
         assert dock.algorithm_id == "rs_deep:find_similar" and "cannot run" not in dock.card.text()
         assert "Similarity search" in dock.card.text()
-        assert {"QUERY", "STRIDE", "RESOLUTION"} <= set(dock.option_widgets)
+        assert {"QUERY", "QUERY_EXTENT", "STRIDE", "RESOLUTION"} <= set(dock.option_widgets)
         dock.layer_combos["INPUT"].setLayer(layer)
         dock.option_widgets["QUERY"][1].setFilePath(str(REC_QUERY))
         dock.option_widgets["RESOLUTION"][1].setValue(50)
@@ -326,6 +326,27 @@ def test_dock_runs_a_recognition_model_with_find_similar(provider, qgis_iface, t
         patches = [t.layer() for t in group.findLayers() if t.layer().type() == t.layer().VectorLayer]
         assert len(patches) == 1 and patches[0].featureCount() == 24
         assert patches[0].renderer().type() == "graduatedSymbol"
+        # the query drawn on the map instead, with QGIS's extent map tool: the square's patch comes first
+        from qgis.core import QgsRectangle
+        from qgis.gui import QgsMapToolExtent
+        from qgis.PyQt.QtWidgets import QPushButton
+        dock.option_widgets["QUERY"][1].setFilePath("")
+        area = dock.option_widgets["QUERY_EXTENT"][1]
+        canvas = qgis_iface.mapCanvas()
+        canvas.setDestinationCrs(layer.crs())
+        area.findChild(QPushButton).click()
+        tool = canvas.mapTool()
+        assert isinstance(tool, QgsMapToolExtent)
+        tool.extentChanged.emit(QgsRectangle(500224, 4999664, 500336, 4999776))
+        assert canvas.mapTool() is not tool and dock.drawn_extent is None
+        assert "112 × 112 (EPSG:32633)" in area.label.text()
+        run = dock.start_run()
+        wait_done(run)
+        assert run.status == run.DONE, run.message
+        group = QgsProject.instance().layerTreeRoot().findGroup(run.name)
+        patches = [t.layer() for t in group.findLayers() if t.layer().type() == t.layer().VectorLayer]
+        best = [f for f in patches[0].getFeatures() if f["rank"] == 1][0]
+        assert (best["row"], best["col"]) == (2, 2)
     finally:
         dock.deleteLater()
         QgsProject.instance().removeAllMapLayers()

@@ -19,7 +19,7 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout,
                                  QMessageBox, QPushButton, QScrollArea, QToolButton, QVBoxLayout, QWidget)
 
 from .model_card import ModelInfo, device_choices
-from .param_widgets import is_hidden, is_optional, option_widget, widget_value
+from .param_widgets import AreaWidget, is_hidden, is_optional, option_widget, widget_value
 from .runs import TAG, Run, RunWidget
 from .settings import set_setting, settings_value
 
@@ -66,6 +66,7 @@ class RSDeepDock(QgsDockWidget):
         self.drawn_extent = None
         self._map_tool = None
         self._previous_tool = None
+        self._on_drawn = None  # what the rectangle drawn is for (start_drawing)
         self._devices_filled = False
         self.mask_param = None
         self._installer_dialog = None
@@ -123,7 +124,7 @@ class RSDeepDock(QgsDockWidget):
         self.polygon_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
         eform.addRow("Polygons", self.polygon_combo)
         self.draw_button = QPushButton("Draw on the map")
-        self.draw_button.clicked.connect(self.start_drawing)
+        self.draw_button.clicked.connect(lambda *_: self.start_drawing())
         self.drawn_label = QLabel("no rectangle yet")
         drow = QHBoxLayout()
         drow.addWidget(self.draw_button)
@@ -305,7 +306,7 @@ class RSDeepDock(QgsDockWidget):
         for p in alg.parameterDefinitions():
             if p.name() in HANDLED or p.name() in self.layer_combos or is_hidden(p) or p.isDestination():
                 continue
-            widget = option_widget(p, settings_value(_option_key(saved, p.name())))
+            widget = option_widget(p, settings_value(_option_key(saved, p.name())), draw=self.start_drawing)
             if widget is None:
                 if not is_optional(p):
                     self.options_form.addRow(QLabel(f"{p.description()}: not settable here; use the toolbox"))
@@ -361,10 +362,13 @@ class RSDeepDock(QgsDockWidget):
     def _canvas(self):
         return self.iface.mapCanvas() if self.iface is not None else None
 
-    def start_drawing(self):
+    def start_drawing(self, on_drawn=None):
+        """The map tool that draws a rectangle, given to ``on_drawn`` (a QgsReferencedRectangle; default: the dock's
+        own area, :meth:`set_drawn_extent`)."""
         canvas = self._canvas()
         if canvas is None:
             return
+        self._on_drawn = on_drawn or self.set_drawn_extent
         self._previous_tool = canvas.mapTool()
         self._map_tool = QgsMapToolExtent(canvas)
         self._map_tool.extentChanged.connect(self._extent_drawn)
@@ -374,7 +378,7 @@ class RSDeepDock(QgsDockWidget):
         canvas = self._canvas()
         if rect.isEmpty():
             return
-        self.set_drawn_extent(QgsReferencedRectangle(rect, canvas.mapSettings().destinationCrs()))
+        self._on_drawn(QgsReferencedRectangle(rect, canvas.mapSettings().destinationCrs()))
         if self._previous_tool is not None:
             canvas.setMapTool(self._previous_tool)
         else:
@@ -427,6 +431,10 @@ class RSDeepDock(QgsDockWidget):
         saved = f"options/{alg.id().replace(':', '_')}/"
         for name, (p, widget) in self.option_widgets.items():
             value = widget_value(widget)
+            if isinstance(widget, AreaWidget):  # drawn for this run, not kept as a setting
+                if value is not None:
+                    params[name] = value
+                continue
             params[name] = value
             set_setting(_option_key(saved, name), value)
         folder = self.output_dir.filePath().strip()

@@ -2,7 +2,8 @@
 definitions' flags."""
 from qgis.core import QgsProcessingParameterDefinition, QgsProcessingParameterFile
 from qgis.gui import QgsFileWidget
-from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                                 QSpinBox, QWidget)
 
 
 def is_hidden(p):
@@ -13,8 +14,31 @@ def is_optional(p):
     return bool(p.flags() & QgsProcessingParameterDefinition.FlagOptional)
 
 
-def option_widget(p, saved=None):
-    """A widget for a parameter definition, set to the saved value or the definition's default."""
+class AreaWidget(QWidget):
+    """An extent parameter other than the dock's own area (rs_deep:find_similar's QUERY_EXTENT): "Draw on the map"
+    and the rectangle drawn, a QgsReferencedRectangle (None until one is drawn). ``draw(callback)`` starts the
+    dock's map tool, which calls ``callback(rectangle)``."""
+
+    def __init__(self, draw, description):
+        super().__init__()
+        self.rectangle = None
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        button = QPushButton("Draw on the map")
+        button.setToolTip(description)
+        button.clicked.connect(lambda *_: draw(self.set_rectangle))
+        self.label = QLabel("none drawn")
+        row.addWidget(button)
+        row.addWidget(self.label, 1)
+
+    def set_rectangle(self, rect):
+        self.rectangle = rect
+        self.label.setText(f"{rect.width():.6g} × {rect.height():.6g} ({rect.crs().authid()})")
+
+
+def option_widget(p, saved=None, draw=None):
+    """A widget for a parameter definition, set to the saved value or the definition's default; ``draw``: starts
+    the dock's map tool for an extent parameter (:class:`AreaWidget`; without it, extents are not settable)."""
     t = p.type()
     default = p.defaultValue()
     value = saved if saved not in (None, "") else default
@@ -52,6 +76,8 @@ def option_widget(p, saved=None):
         w = QLineEdit()
         w.setText("" if value is None else str(value))
         return w
+    if t == "extent" and draw is not None:
+        return AreaWidget(draw, p.description())
     if t == "file" and p.behavior() == QgsProcessingParameterFile.File:  # a file to read (rs_deep:find_similar's QUERY image)
         w = QgsFileWidget()
         w.setFilter(p.fileFilter() or "")
@@ -62,6 +88,8 @@ def option_widget(p, saved=None):
 
 
 def widget_value(w):
+    if isinstance(w, AreaWidget):
+        return w.rectangle
     if isinstance(w, QgsFileWidget):
         return w.filePath()
     if isinstance(w, (QSpinBox, QDoubleSpinBox)):
@@ -75,4 +103,4 @@ def widget_value(w):
     return None
 
 
-__all__ = ["option_widget", "widget_value", "is_hidden", "is_optional"]
+__all__ = ["option_widget", "widget_value", "is_hidden", "is_optional", "AreaWidget"]
