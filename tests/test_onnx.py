@@ -431,8 +431,8 @@ def test_missing_onnxruntime_gives_a_clear_message(yolo_onnx, square_raster, pro
 
 
 def test_export_encoder_as_embedding_model_finds_buildings_on_an_unseen_area(provider, tmp_path):
-    """rs_deep:export_onnx EMBEDDING: buildings_demo's encoder as a Deepness 'Recognition' model (the mean of its
-    deepest features, as PyTorch computes it). On the right 35 % of the sample, which the package never saw,
+    """rs_deep:export_onnx EMBEDDING: buildings_demo's encoder as a Deepness 'Recognition' model (the mean features
+    of its three deepest stages, each of length 1, side by side, as PyTorch computes them). On the right 35 % of the sample, which the package never saw,
     rs_deep:find_similar with each building patch as the query ranks building patches first far more often than the
     same network with random weights, and more than a random ranking (tools/eval_similar.py, 64-px patches)."""
     import torch
@@ -441,7 +441,7 @@ def test_export_encoder_as_embedding_model_finds_buildings_on_an_unseen_area(pro
     res = _run("rs_deep:export_onnx", {"INPUT": "buildings_demo", "OUTPUT": str(out), "EMBEDDING": True,
                                        "PATCH_SIZE": 64})
     pkg = load_package(res["OUTPUT"], task="recognition")
-    assert (pkg.tile_size, pkg.gsd, pkg.builder["classes"], pkg.overlap) == (64, 0.5, 1280, 0)
+    assert (pkg.tile_size, pkg.gsd, pkg.builder["classes"], pkg.overlap) == (64, 0.5, 1280 + 96 + 32, 0)
     assert MODEL_JSON_KEY not in pkg.onnx_metadata
     demo = load_package(str(DEMO_MODEL))
     with rasterio.open(SAMPLE) as ds:
@@ -450,7 +450,8 @@ def test_export_encoder_as_embedding_model_finds_buildings_on_an_unseen_area(pro
     x = (tile - s["minimum"]) / (s["maximum"] - s["minimum"]) if s["type"] == "min-max" else \
         (tile - s["mean"]) / s["stddev"]
     with torch.no_grad():
-        want = demo.load_model().float().eval().encoder(torch.from_numpy(x[None, None]))[-1].mean(dim=(2, 3))
+        feats = demo.load_model().float().eval().encoder(torch.from_numpy(x[None, None]))
+        want = torch.cat([f.mean(dim=(2, 3)) / f.mean(dim=(2, 3)).norm() for f in feats[:-4:-1]], dim=1)
     got = pkg.make_runner(None)(x[None, None])
     assert np.allclose(got, want.numpy(), atol=1e-4)
     with pytest.raises(InputError, match="multiple of 32"):

@@ -166,6 +166,13 @@ def tiled_metadata(pkg):
     return meta
 
 
+#: an exported embedding holds the mean features of the encoder's deepest stages, this many: on the Atlanta sample's
+#: unseen part (tools/eval_similar.py) three find more building patches than the deepest alone (average precision
+#: 0.65 vs 0.63 with 64-px patches, 0.47 vs 0.45 with 32 px; building patches among the 5 best 0.67 vs 0.62, 0.56 vs
+#: 0.47)
+EMBEDDING_STAGES = 3
+
+
 def embedding_metadata(pkg, patch_size):
     """The Deepness metadata_props of a package's encoder exported as an embedding ("Recognition") model: patches of
     ``patch_size`` px, no overlap, the package's resolution and value scaling (refused when Deepness's
@@ -179,7 +186,8 @@ def embedding_metadata(pkg, patch_size):
              "tiles_overlap": json.dumps(0), "standardization_mean": json.dumps(std[0]),
              "standardization_std": json.dumps(std[1]),
              "description": json.dumps(f"Encoder of the RS Deep package {pkg.name} (weights sha256 "
-                                       f"{pkg.weights_sha256[:16]}...): the mean of its deepest features")}
+                                       f"{pkg.weights_sha256[:16]}...): the mean features of its "
+                                       f"{EMBEDDING_STAGES} deepest stages")}
     if pkg.gsd:
         props["resolution"] = json.dumps(round(pkg.gsd * 100.0, 6))
     return props
@@ -197,9 +205,10 @@ def export_onnx(package_path, out_path, opset=17, log=None, embedding=False, pat
     the output path.
 
     ``embedding``: export only the encoder of a segmentation package (a U-Net's), as an embedding model for
-    similarity search (rs_deep:find_similar; Deepness's ``Recognition``): [batch, channels, H, W] -> the mean of
-    its deepest feature maps over the image [batch, features], for patches of ``patch_size`` px (a multiple of 32;
-    None: the package's tile size) at the package's resolution.
+    similarity search (rs_deep:find_similar; Deepness's ``Recognition``): [batch, channels, H, W] -> [batch,
+    features], the means over the image of its :data:`EMBEDDING_STAGES` deepest feature maps, each scaled to length
+    1 and put side by side (deepest first), for patches of ``patch_size`` px (a multiple of 32; None: the package's
+    tile size) at the package's resolution.
     """
     log = log or (lambda msg: None)
     pkg = package_path if isinstance(package_path, ModelPackage) else load_package(package_path)
@@ -335,7 +344,8 @@ def _export_embedding(pkg, out_path, opset, log, patch_size):
             self.enc = enc
 
         def forward(self, x):
-            return self.enc(x)[-1].mean(dim=(2, 3))
+            parts = [f.mean(dim=(2, 3)) for f in self.enc(x)[-EMBEDDING_STAGES:]]
+            return torch.cat([p / (p.norm(dim=1, keepdim=True) + 1e-6) for p in parts[::-1]], dim=1)
 
     log(f"Exporting the encoder of {pkg.name} as an embedding model for patches of {patch} px (opset {opset})")
     proto = torch_to_onnx(Embedding(encoder), pkg.in_channels, patch, opset, spatial_axes=True)
