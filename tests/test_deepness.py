@@ -314,7 +314,7 @@ def test_dock_runs_a_recognition_model_with_find_similar(provider, qgis_iface, t
     try:
         dock.set_model(str(model))
         assert dock.algorithm_id == "rs_deep:find_similar" and "cannot run" not in dock.card.text()
-        assert "Similarity search" in dock.card.text()
+        assert "Similarity search" in dock.card.text() and "Embedding: 224 values a patch" in dock.card.text()
         assert {"QUERY", "QUERY_EXTENT", "STRIDE", "RESOLUTION"} <= set(dock.option_widgets)
         dock.layer_combos["INPUT"].setLayer(layer)
         dock.option_widgets["QUERY"][1].setFilePath(str(REC_QUERY))

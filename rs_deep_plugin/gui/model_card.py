@@ -49,6 +49,9 @@ class ModelInfo:
         rows.append(f"Task: {task}")
         rows.append(f"Bands: {html.escape(', '.join(pkg.bands))}")
         rows.append(f"GSD: {gsd} &nbsp; Tile: {pkg.tile_size} px")
+        if pkg.task == "recognition":
+            rows.append(f"Embedding: {pkg.builder.get('classes')} values a patch; the query is an image file or an "
+                        "area drawn on the map")
         swatches = "".join(
             f"<tr><td style='background-color:#{c.color}' width='18'>&nbsp;</td>"
             f"<td>&nbsp;{html.escape(c.name)}{threshold}</td></tr>" for c, threshold in zip(pkg.classes, (
