@@ -53,11 +53,11 @@ def _deepness_count(raster, shape=(561, 829)):
         return int((ds.read(1, out_shape=shape, resampling=Resampling.nearest) == 1).sum())
 
 
-# test_map_processor_segmentation_sigmoid: 3 cm/px, threshold 0.6, "abs(pixels[1][1] - 25002) < 50". RS Deep reads
-# the 2 cm raster at 3 cm by averaging (Deepness: QGIS's bilinear provider resampling, and a 5-px median blur of the
-# classes; replayed with QGIS 3.22 and 3.44 that gives 25,002 exactly, 25,205 when read nearest-neighbour): 24,946 px,
-# within 0.3 %.
-RED_PIXELS, RED_TOLERANCE = 25002, 0.005 * 25002
+# test_map_processor_segmentation_sigmoid: 3 cm/px, threshold 0.6, "abs(pixels[1][1] - 25002) < 50", Deepness's own
+# tolerance. RS Deep processes a Deepness model as Deepness does: the 2 cm raster read at 3 cm with bilinear
+# resampling in its own 8-bit type, the classes back on the 2 cm grid as they are; counted on Deepness's 3 cm grid
+# that gives 25,034 (Deepness also median-blurs its classes over 5 px; tools/deepness_red_replay.py).
+RED_PIXELS, RED_TOLERANCE = 25002, 50
 
 
 def test_classify_threshold_as_deepness():

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Replays how Deepness counts the red pixels of its `test_map_processor_segmentation_sigmoid` case (expected 25,002
-± 50), with QGIS's own raster provider, to show where RS Deep's count (24,945) differs from it.
+± 50), with QGIS's own raster provider, to show what its count hinges on (RS Deep's: 25,034 since 0.19.0, 24,945
+before).
 
     .venv/bin/python tools/deepness_red_replay.py      (QT_QPA_PLATFORM=offscreen when there is no display)
 

@@ -159,7 +159,7 @@ class PairReader:
             raise
         first = self.before
         for name in ("ds", "path", "width", "height", "transform", "crs", "bands", "scaling", "gsd", "model_gsd",
-                     "scale", "tile", "native_tile", "native_overlap", "nodata"):
+                     "scale", "tile", "native_tile", "native_overlap", "nodata", "deepness_style"):
             setattr(self, name, getattr(first, name))
         # both dates are read with exactly the same window and resampling
         self.after.scale, self.after.tile = first.scale, first.tile

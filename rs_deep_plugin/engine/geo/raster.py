@@ -365,9 +365,11 @@ class RasterReader:
         self.nodata = ds.nodata
         self.is_float = any(ds.dtypes[b - 1].startswith(("float", "complex")) for b in self.bands)
         types = {ds.dtypes[b - 1] for b in self.bands}
-        # resampled tiles in the raster's own integer type (a Deepness model: as QGIS reads them), else float32
-        self.resampled_type = types.pop() if package.reads_native_type and len(types) == 1 and \
-            not self.is_float else "float32"
+        # a Deepness model reads resampled tiles as QGIS hands them to Deepness (bilinear, in the raster's own integer
+        # type) and its results go back to the raster's grid as they are (:func:`..inference.segment.tile_batches`)
+        self.deepness_style = package.deepness_style
+        self.resampled_type = types.pop() if self.deepness_style and len(types) == 1 and not self.is_float else \
+            "float32"
         self.ranges = input_ranges(self.scaling, len(self.bands))
         self.counts = ReadCounts()
 
@@ -407,7 +409,8 @@ class RasterReader:
         ox1, oy1 = max(ox0 + 1, int(round((ix1 - x) * f))), max(oy0 + 1, int(round((iy1 - y) * f)))
         win = Window(ix0, iy0, ix1 - ix0, iy1 - iy0)
         shape = (oy1 - oy0, ox1 - ox0)
-        resampling = Resampling.nearest if n == t else (Resampling.average if n > t else Resampling.bilinear)
+        resampling = Resampling.nearest if n == t else \
+            (Resampling.average if n > t and not self.deepness_style else Resampling.bilinear)
         try:
             arr = self.ds.read(self.bands, window=win, out_shape=(c,) + shape, resampling=resampling,
                                out_dtype="float32" if n == t else self.resampled_type).astype(np.float32, copy=False)

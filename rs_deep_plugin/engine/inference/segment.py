@@ -201,6 +201,11 @@ def _nearest(size, new):
     return np.minimum((np.arange(new) * size) // new, size - 1)
 
 
+def _containing(size, new):
+    """For each of ``new`` pixels over the extent of ``size`` pixels, the index of the one its centre lies in."""
+    return np.minimum(((np.arange(new) + 0.5) * size / new).astype(np.int64), size - 1)
+
+
 def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
     """Runs the model over the tiles ``seq`` (``xy(item)``: the tile's (x, y)), ``bs`` at a time, reading ahead on one
     thread and running the forward passes of the next batches on others while the batch before them is blended: as
@@ -220,18 +225,20 @@ def tile_batches(reader, runner, seq, xy, mask, bs, check, scale=1):
                 check()
                 pending.append((batch, metas, forward.submit(runner, data) if data is not None else None))
                 if len(pending) > depth:
-                    yield _tile_values(pending.popleft(), out_n)
+                    yield _tile_values(pending.popleft(), out_n, reader.deepness_style)
             while pending:
                 check()
-                yield _tile_values(pending.popleft(), out_n)
+                yield _tile_values(pending.popleft(), out_n, reader.deepness_style)
     finally:
         # the read ahead ends here, whatever stopped the run (an error, cancel): the caller closes the reader next,
         # and a read still running on a closed dataset would crash GDAL
         reads.close()
 
 
-def _tile_values(pending, out_n):
-    """``[(item, values, valid)]`` of a batch whose forward pass was submitted (:func:`tile_batches`)."""
+def _tile_values(pending, out_n, as_is=False):
+    """``[(item, values, valid)]`` of a batch whose forward pass was submitted (:func:`tile_batches`); ``as_is``: a
+    Deepness model's values go back to the raster's grid as they are (:attr:`..models.package.ModelPackage.
+    deepness_style`), others bilinearly."""
     batch, metas, future = pending
     values = future.result() if future is not None else None
     out, j = [], 0
@@ -246,7 +253,10 @@ def _tile_values(pending, out_n):
                 valid = valid & np.isfinite(p[0])
                 p = np.nan_to_num(p, nan=0.0)
             if p.shape[-1] != out_n:  # read at the model's GSD: back to the raster's grid
-                p = resize_bilinear(p, (out_n, out_n))
+                if as_is:  # a Deepness model: its pixels as they are, each raster pixel the one it lies in
+                    p = p[:, _containing(p.shape[-2], out_n)][:, :, _containing(p.shape[-1], out_n)]
+                else:
+                    p = resize_bilinear(p, (out_n, out_n))
                 valid = valid[np.ix_(_nearest(valid.shape[-1], out_n), _nearest(valid.shape[-1], out_n))]
         out.append((item, p, valid))
     return out

@@ -101,9 +101,12 @@ class ModelPackage:
     threshold = None  # the model's probability threshold (an ONNX model's seg_thresh); None: argmax only
     binary_output = False  # True: one sigmoid channel, expanded to (background, class) by the runner
     output_groups = None  # several outputs, each a set of classes: [(classes, binary)]; one class band per output
-    #: resampled tiles of an integer raster are read in its own type (rounded), as QGIS hands them to Deepness:
-    #: True for Deepness models (:class:`.onnx.package.OnnxPackage` without our model.json)
-    reads_native_type = False
+    #: processed as Deepness processes it (:class:`..geo.raster.RasterReader`, :func:`..inference.segment.tile_batches`):
+    #: at another resolution than the raster's, tiles are read with bilinear resampling in the raster's own integer
+    #: type (as QGIS hands them to Deepness) and the results go back to the raster's grid as they are (each pixel
+    #: takes the value of the processing-resolution pixel it lies in). True for Deepness models
+    #: (:class:`.onnx.package.OnnxPackage` without our model.json)
+    deepness_style = False
 
     @property
     def in_channels(self):

@@ -103,9 +103,9 @@ class OnnxPackage(ModelPackage):
     _model_bytes: bytes = field(default=None, repr=False)
 
     @property
-    def reads_native_type(self):
-        """A Deepness model (no RS Deep model.json inside) reads resampled tiles as Deepness does: in the raster's
-        own integer type, the values rounded (QGIS's raster provider)."""
+    def deepness_style(self):
+        """A Deepness model (no RS Deep model.json inside) is processed as Deepness processes it (see
+        :attr:`..package.ModelPackage.deepness_style`)."""
         return MODEL_JSON_KEY not in self.onnx_metadata
 
     def session(self, device=None, threads=None):
