@@ -20,8 +20,8 @@ OUTPUT_HELP = ("The .onnx file to write (one file, no external data). Its metada
 OPSET_HELP = "ONNX opset version of the exported graph (default 17; onnxruntime 1.14 or newer runs it)."
 EMBEDDING_HELP = ("Export only the encoder of a segmentation package, as an embedding model for similarity search "
                   "(rs_deep:find_similar; Deepness's 'Recognition' model type): each patch becomes the mean features "
-                  "of the encoder's three deepest stages. A network trained to find buildings makes patches with buildings "
-                  "alike.")
+                  "of the encoder's three deepest stages. A network trained to find buildings makes patches with "
+                  "buildings alike.")
 PATCH_SIZE_HELP = ("With EMBEDDING: the patch size of the embedding model, in pixels at the package's resolution (a "
                    "multiple of 32; 0 = the package's tile size).")
 

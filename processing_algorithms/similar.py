@@ -42,7 +42,8 @@ HELP = {
     RESOLUTION: RESOLUTION_HELP,
     **PATCH_RUN_HELP,
 }
-LABELS = {QUERY: "Query image", QUERY_EXTENT: "Query area", STRIDE: "Stride", OUTPUT: "Patches", OUTPUT_RASTER: "Similarity raster"}
+LABELS = {QUERY: "Query image", QUERY_EXTENT: "Query area", STRIDE: "Stride", OUTPUT: "Patches",
+          OUTPUT_RASTER: "Similarity raster"}
 
 
 class FindSimilarAlgorithm(RSDeepAlgorithm):
@@ -89,7 +90,8 @@ class FindSimilarAlgorithm(RSDeepAlgorithm):
         raster.fetch(gsd or pkg.gsd, context, feedback)
         bridge = FeedbackBridge(feedback, 0, 95)
         with outputs:  # every output renamed into place at the end of the block, or none
-            result = find_similar(raster.source, pkg, query, query_bounds=query_bounds, stride=stride, bands=raster.bands, bounds=raster.bounds,
+            result = find_similar(raster.source, pkg, query, query_bounds=query_bounds, stride=stride,
+                                  bands=raster.bands, bounds=raster.bounds,
                                   max_pixels=raster.max_pixels, gsd=gsd, raster_output=raster_path,
                                   transaction=outputs.transaction, **tiling, **bridge.callbacks,
                                   **read_cluster(self, parameters, context))

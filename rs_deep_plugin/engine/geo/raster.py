@@ -389,6 +389,16 @@ class RasterReader:
         from rasterio.windows import Window
         return self.ds.window_transform(Window(x, y, self.native_tile, self.native_tile))
 
+    def resampling(self, shrink, resize=True):
+        """``(GDAL resampling, output type)`` of a read resized to the model's pixels: none without ``resize``
+        (float32); the average of the pixels when it ``shrink``s, bilinear when it grows; a Deepness model bilinear
+        both ways, in the raster's own integer type (:attr:`resampled_type`)."""
+        from rasterio.enums import Resampling
+        if not resize:
+            return Resampling.nearest, "float32"
+        method = Resampling.average if shrink and not self.deepness_style else Resampling.bilinear
+        return method, self.resampled_type
+
     def read_tile(self, x, y):
         """Native window (x, y, native_tile^2) -> (scaled float32 [C, T, T], valid bool [T, T]).
 
@@ -409,11 +419,10 @@ class RasterReader:
         ox1, oy1 = max(ox0 + 1, int(round((ix1 - x) * f))), max(oy0 + 1, int(round((iy1 - y) * f)))
         win = Window(ix0, iy0, ix1 - ix0, iy1 - iy0)
         shape = (oy1 - oy0, ox1 - ox0)
-        resampling = Resampling.nearest if n == t else \
-            (Resampling.average if n > t and not self.deepness_style else Resampling.bilinear)
+        resampling, dtype = self.resampling(n > t, n != t)
         try:
             arr = self.ds.read(self.bands, window=win, out_shape=(c,) + shape, resampling=resampling,
-                               out_dtype="float32" if n == t else self.resampled_type).astype(np.float32, copy=False)
+                               out_dtype=dtype).astype(np.float32, copy=False)
             if self.has_mask:
                 m = self.ds.read_masks(self.bands, window=win, out_shape=(c,) + shape,
                                        resampling=Resampling.nearest)

@@ -102,15 +102,12 @@ def read_query_area(reader, bounds):
     float32 [C, T, T], resampled as the patches are (:meth:`..geo.raster.RasterReader.read_tile`; a longer side is
     squeezed, as an image file is), scaled by ``reader``'s value scaling. Nodata counts as 0. Returns (image,
     (height, width) in raster pixels)."""
-    from rasterio.enums import Resampling
     from rasterio.windows import Window
     x0, y0, x1, y1 = region_window(reader.width, reader.height, reader.transform, bounds, name="QUERY_EXTENT")
     w, h, t = x1 - x0, y1 - y0, reader.tile
-    same = (w, h) == (t, t)
-    resampling = Resampling.nearest if same else \
-        (Resampling.average if max(w, h) > t and not reader.deepness_style else Resampling.bilinear)
+    resampling, dtype = reader.resampling(max(w, h) > t, (w, h) != (t, t))
     img = reader.ds.read(reader.bands, window=Window(x0, y0, w, h), out_shape=(len(reader.bands), t, t),
-                         resampling=resampling, out_dtype="float32" if same else reader.resampled_type)
+                         resampling=resampling, out_dtype=dtype)
     img = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     apply_scaling(img, reader.scaling)
     return np.ascontiguousarray(img, dtype=np.float32), (h, w)

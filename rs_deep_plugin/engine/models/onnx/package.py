@@ -423,8 +423,9 @@ def _raster_outputs(meta, source, shape, outputs, task):
     for j, out in enumerate(outputs):
         o = list(out.shape)
         if len(o) not in (3, 4) or (len(o) == 3 and _dim(o[1]) and _dim(o[2]) and o[1] != o[2]):
-            hint = (": a model that returns one vector per image is a Recognition (embedding) model, run by "
-                    "rs_deep:find_similar once its metadata_props say model_type \"Recognition\"") if len(o) == 2 else ""
+            hint = "" if len(o) != 2 else (": a model that returns one vector per image is a Recognition (embedding) "
+                                           "model, run by rs_deep:find_similar once its metadata_props say "
+                                           "model_type \"Recognition\"")
             raise ModelPackageError(f"{source}: a {task.replace('_', '-')} model returns an image [batch, channels, "
                                     f"height, width] or [batch, height, width]; output {out.name!r} is {o}: not a "
                                     f"per-pixel output RS Deep can write as a raster{hint}")

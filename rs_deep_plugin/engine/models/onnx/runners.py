@@ -212,7 +212,7 @@ class OnnxEmbeddingRunner(OnnxRunner):
 
     def __call__(self, batch):
         out = np.asarray(self._run(batch), dtype=np.float32)
-        d = len(self.pkg.classes) or self.pkg.builder.get("classes")
+        d = self.pkg.builder["classes"]
         if out.ndim != 2 or len(out) != len(batch) or out.shape[1] != d:
             raise ModelPackageError(f"{self.pkg.source}: the model returned shape {list(out.shape)}; a recognition "
                                     f"model returns one embedding of {d} values per image [batch, {d}]")
