@@ -23,7 +23,7 @@ from ..rs_deep_plugin.engine.training.data import AUTO_SIDE
 from ..rs_deep_plugin.engine.training.loop import EMA_DECAY, MIN_STEPS, PER_INPUT_TASKS, PRECISIONS
 from ..rs_deep_plugin.engine.training.multilabel import COVER_DEFAULT
 from ..rs_deep_plugin.engine.training.regression import LOSSES
-from ..rs_deep_plugin.engine.training.samplers import OBJECT_CROPS
+from ..rs_deep_plugin.engine.training.samplers import COPY_PASTE, OBJECT_CROPS
 from ..rs_deep_plugin.engine.training.transfer import BAND_RULE
 
 # segmentation, detection, patch_classification, change, regression, super_resolution: the engine's task table
@@ -32,8 +32,8 @@ TASK_LABELS = [TASK_TABLE[t].label for t in TASKS]
 #: LOSS choices (regression)
 LOSS_LABELS = ["L1 (mean absolute error)", "MSE (mean squared error)"]
 #: AUGMENT choices -> the trainers' augment switches
-AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast"]
-AUGMENT_NAMES = ["flips", "rotations", "brightness"]
+AUGMENTS = ["Flips", "90-degree rotations", "Brightness/contrast", "Copy-paste of labelled objects (segmentation)"]
+AUGMENT_NAMES = ["flips", "rotations", "brightness", "copy_paste"]
 AUTO = "auto (the task's default)"
 #: INPUT_SCALING choices -> the trainers' input_scaling (None: the task's default)
 INPUT_SCALINGS = [(f"auto (each input's own for {', '.join(t.replace('_', ' ') for t in PER_INPUT_TASKS)}; the "
@@ -217,7 +217,9 @@ class TrainAlgorithm(RSDeepAlgorithm):
             "epoch (change: the share of square blocks two chips wide, 512 px by default, so a pair needs "
             "at least two blocks to be validated); 0 = none. Not used with CHIPS (their split is).<br>"
             "<b>Augmentations</b>: random flips, 90-degree rotations and brightness/contrast jitter of the "
-            "training crops (all on by default; random rescaling is always on).<br>"
+            "training crops, and for segmentation copy-paste: half of the crops get 1-3 labelled objects of the "
+            "training data pasted into them, turned and flipped (a roof in a forest), which few labels cannot show "
+            "otherwise (all on by default; random rescaling is always on).<br>"
             "<b>Early stopping patience</b> (default 10): stop after that many epochs without a better validation "
             "metric (IoU, AP50 or accuracy), counted in the second half of the schedule (earlier, at the peak "
             "learning rate, the metric jumps); 0 = train every epoch. The best epoch by the validation metric is "
@@ -297,7 +299,7 @@ class TrainAlgorithm(RSDeepAlgorithm):
                                          QgsProcessingParameterNumber.Integer, 0, optional=True, minValue=0),
         ]
         self.addParameter(NamedEnum(self.AUGMENT, "Augmentations", AUGMENTS, AUGMENT_NAMES, allowMultiple=True,
-                                    defaultValue=[0, 1, 2], optional=True))
+                                    defaultValue=list(range(len(AUGMENTS))), optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.PATIENCE, "Early stopping patience (epochs; 0 = off)",
                                                        QgsProcessingParameterNumber.Integer, PATIENCE_DEFAULT,
                                                        optional=True,
@@ -383,6 +385,8 @@ class TrainAlgorithm(RSDeepAlgorithm):
                       precision=precision, name=name, augment=augment, ema_decay=ema, seed=seed, input_scaling=scaling,
                       **transfer)
         common["batch_size"] = batch
+        if task == "segmentation":  # copy-paste: segmentation's crops only
+            common["paste_prob"] = COPY_PASTE if "copy_paste" in chosen else 0.0
         if object_crops is not None:
             if task in OBJECT_CROPS:
                 common["foreground_prob"] = object_crops

@@ -497,7 +497,8 @@ def test_train_segment_assess_chain(provider, labels_with_class, tmp_path):
     fb = RecordingFeedback()
     out = tmp_path / "pkg"
     res = _run("rs_deep:train", dict(TINY, INPUT=str(IMAGE), LABELS=labels_with_class, CLASS_FIELD="kind",
-                                     OUTPUT=str(out), EMA=0.99, SEED=3, OBJECT_CROPS=0.4), fb)
+                                     OUTPUT=str(out), EMA=0.99, SEED=3, OBJECT_CROPS=0.4,
+                                     AUGMENT="flips,rotations,brightness"), fb)
     assert res["OUTPUT"] == str(out.resolve()) or Path(res["OUTPUT"]) == out
     pkg = load_package(res["OUTPUT"], task="segmentation")
     assert [c.name for c in pkg.classes] == ["background", "building"]
@@ -506,6 +507,7 @@ def test_train_segment_assess_chain(provider, labels_with_class, tmp_path):
     assert report["epochs_run"] == 2 and len(report["history"]) == 2 and report["tile_size"] == 64
     assert report["ema_decay"] == 0.99 and report["seed"] == 3  # EMA and SEED reach the engine
     assert report["settings"]["foreground_prob"] == 0.4  # so does OBJECT_CROPS
+    assert report["settings"]["paste_prob"] == 0  # AUGMENT without copy_paste: none
     assert report["data"]["validation"]["side"] == "right"  # the strip most like the whole sample (auto)
     epochs = [m for m in fb.messages if m.startswith("Epoch ")]
     assert len(epochs) == 2 and "loss" in epochs[0] and "val IoU" in epochs[1]  # once each, with the metrics

@@ -319,3 +319,35 @@ def test_the_same_seed_trains_the_same_network(tmp_path):
         weights.append(load_package(tmp_path / name).load_model().state_dict())
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     assert not all(torch.equal(v, weights[2][k]) for k, v in weights[0].items())
+
+
+def test_copy_paste_pastes_labelled_objects_with_their_labels(tmp_path):
+    """Copy-paste (segmentation's default augmentation): the pasted pixels are labelled pixels of the real sample,
+    with their class; nothing else of the crop changes; crops get more building pixels; a bad share is refused."""
+    from rasterio.features import rasterize
+    from rs_deep.rs_deep_plugin.engine.training.samplers import CropSampler
+    with rasterio.open(IMAGE) as ds:
+        img = ds.read(1).astype(np.float32)[None]
+        lab = rasterize(read_vector_labels(FOOTPRINTS, class_value=1, dst_crs=ds.crs), out_shape=(ds.height, ds.width),
+                        transform=ds.transform, dtype="uint8")
+    img /= img.max()
+    valid = np.ones(lab.shape, dtype=bool)
+    sampler = CropSampler(img, lab, valid, 128, np.random.default_rng(0), paste_prob=1.0)
+    roof_values = np.unique(img[0][lab == 1])
+    for _ in range(5):
+        crop, crop_lab, crop_valid = np.zeros((1, 128, 128), np.float32), np.zeros((128, 128), np.uint8), \
+            np.zeros((128, 128), bool)
+        sampler.paste(crop, crop_lab, crop_valid)
+        pasted = crop_lab == 1
+        assert pasted.sum() >= 20  # at least part of a house (1-3 objects of a 32-px window)
+        assert np.isin(crop[0][pasted], roof_values).all()  # labelled pixels of the image, as they are
+        assert not crop[0][~pasted].any() and (crop_valid == pasted).all()  # nothing else touched
+
+    def building_share(paste_prob):
+        s = CropSampler(img, lab, valid, 128, np.random.default_rng(1), paste_prob=paste_prob, foreground_prob=0.0)
+        return np.mean([(s.sample()[1] == 1).mean() for _ in range(100)])
+    assert building_share(1.0) > 1.5 * building_share(0.0)
+    with pytest.raises(InputError, match="paste_prob"):
+        train_segmentation(IMAGE, read_vector_labels(FOOTPRINTS, class_value=1), tmp_path / "x",
+                           **dict(TINY, paste_prob=1.5))
+    assert not (tmp_path / "x").exists()

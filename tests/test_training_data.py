@@ -367,7 +367,7 @@ def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, 
     learning rate: TOOLBOX_DEFAULTS), at most 100 epochs, patience 10; the run stops on its budget."""
     from qgis.core import QgsApplication
     from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS
-    from rs_deep.rs_deep_plugin.engine.training.samplers import OBJECT_CROPS
+    from rs_deep.rs_deep_plugin.engine.training.samplers import COPY_PASTE, OBJECT_CROPS
     train = QgsApplication.processingRegistry().algorithmById("rs_deep:train")
     defaults = {p.name(): p.defaultValue() for p in train.parameterDefinitions()}
     assert defaults["TIME_BUDGET"] == 10 and defaults["EPOCHS"] == 100 and defaults["PATIENCE"] == 10
@@ -380,6 +380,7 @@ def test_train_defaults_are_the_measured_recipe_and_time_budget_stops(provider, 
     assert report["epochs_planned"] == 100 and report["patience"] == 10 and report["time_budget_minutes"] == 0.1
     assert report["ema_decay"] == 0.995 and report["seed"] == 0  # weights averaged; the same run every time
     assert report["settings"]["foreground_prob"] == OBJECT_CROPS["segmentation"]  # OBJECT_CROPS empty: the default
+    assert report["settings"]["paste_prob"] == COPY_PASTE > 0  # copy-paste is one of the default augmentations
     assert report["data"]["validation"]["side"] == "right"  # the strip most like the whole sample
     assert report["stopped_by_budget"] and report["epochs_run"] < 100 and report["steps_per_epoch"] >= 25
     assert report["best"]["epoch"] is not None and (Path(res["OUTPUT"]) / "model.safetensors").is_file()

@@ -34,7 +34,7 @@ from .data import (band_names as image_band_names, class_counts, compute_value_s
                    representative_side, scale_image, validation_split, window_dict, window_slices, AUTO_SIDE)
 from .loop import (MIN_STEPS, TrainingTask, TrainParams, check_package_tiling, check_tile, fit, import_torch,
                    input_percentiles)
-from .samplers import OBJECT_CROPS, MultiCropSampler
+from .samplers import COPY_PASTE, OBJECT_CROPS, MultiCropSampler
 
 # --------------------------------------------------------------------------------------------
 # model, loss, metrics
@@ -289,7 +289,7 @@ class SegmentationTask(DenseTask):
 def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_colors=None, bands=None,
                        band_names=None, builder=None, tile_size=256, val_fraction=0.2, val_side=AUTO_SIDE,
                        dice_weight=1.0, foreground_prob=OBJECT_CROPS["segmentation"], scale_range=(0.8, 1.25),
-                       augment=None, package_tile_size=512, package_overlap=64, **options):
+                       augment=None, package_tile_size=512, package_overlap=64, paste_prob=COPY_PASTE, **options):
     """Train a segmentation network on ``image_path`` and write a model package to ``out_dir``.
 
     ``labels``: a label raster on the image grid (class values, 0 = background, 255 or nodata =
@@ -304,9 +304,10 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
     ``augment`` (:mod:`.augment`): ``flip``, ``rotate`` (on by default) and the photometric jitter of the
     crops (scaled values): ``brightness`` (shift, default 0.1), ``contrast`` (log factor, 0.25), ``gamma``
     (log exponent, 0.25) and ``noise`` (max Gaussian sigma, 0.03); crops are always rescaled by a random
-    factor in ``scale_range``. ``options``: the run settings of :class:`.loop.TrainParams` (defaults: 30
-    epochs, batch size 8, patience 8, name "segmentation-model"); ``steps_per_epoch`` defaults to enough
-    batches to see the training area about twice.
+    factor in ``scale_range``. ``paste_prob``: the share of crops into which 1-3 labelled objects of the
+    training data are pasted (copy-paste, :meth:`.samplers.CropSampler.paste`; 0: off). ``options``: the run
+    settings of :class:`.loop.TrainParams` (defaults: 30 epochs, batch size 8, patience 8, name
+    "segmentation-model"); ``steps_per_epoch`` defaults to enough batches to see the training area about twice.
 
     Returns the training report (:func:`.loop.fit`; also written to ``out_dir/training_report.json``).
     When ``is_cancelled()`` turns true, the best network so far (if any epoch finished) is written
@@ -333,21 +334,25 @@ def train_segmentation(image_path, labels, out_dir, *, class_names=None, class_c
     check_tile(tile_size, "tile_size")
     check_package_tiling(package_tile_size, package_overlap)
     augment = check_augment(augment)
+    if not 0.0 <= float(paste_prob) <= 1.0:
+        raise InputError(f"paste_prob is a share of the training crops, from 0 (no copy-paste) to 1; got "
+                         f"{paste_prob}")
 
     if chipset is not None:
         data = chip_data(chipset, class_names, bands, band_names, params.seed, params.log)
     else:
         data = image_data(image_path, labels, class_names, bands, band_names, params.seed, val_fraction, val_side,
                           params.log, params.prog)
-    task = SegmentationTask(data, dict(scale_range=scale_range, foreground_prob=foreground_prob, **augment),
-                            dice_weight)
+    task = SegmentationTask(data, dict(scale_range=scale_range, foreground_prob=foreground_prob,
+                                       paste_prob=paste_prob, **augment), dice_weight)
     task.where = (f"validation {len(data.val)} chips" if chipset is not None
                   else f"validation {val_side} {val_fraction:.0%}" if data.val else "no validation")
     task.configure(
         classes=classes, band_names=data.band_names, band_numbers=data.bands, builder=builder,
         value_scaling=data.scaling, input_percentiles=input_percentiles(params, task.task), gsd=data.gsd,
         tile_size=tile_size, augment=augment, package_tile_size=package_tile_size, package_overlap=package_overlap,
-        settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "scale_range": list(scale_range)},
+        settings={"dice_weight": dice_weight, "foreground_prob": foreground_prob, "paste_prob": paste_prob,
+                  "scale_range": list(scale_range)},
         data={"image": os.path.basename(os.fspath(image_path)), "image_size": data.image_size,
               "validation": data.validation},
         samples=data.counts)
