@@ -250,10 +250,12 @@ def find_similar(input_path, package, query=None, *, query_bounds=None, stride=N
             result.device = f"Dask cluster {cluster}"
             rows_per = max(1, block_size // sn)  # blocks of whole rows of patches
             groups = [ys[i:i + rows_per] for i in range(0, len(ys), rows_per)]
+            patches = [[] for _ in groups]
+            for q in seq:  # one pass: patch row r is in block r // rows_per
+                patches[q[0] // rows_per].append(q)
             job = dict(open_reader=open_reader, gsd=pkg.gsd, tiling=(patch, 0), device=device,
                        batch_size=batch_size or 16, tta="none", region=region, min_valid=min_valid,
-                       query_embedding=query_embedding, run=similar_block_task, kind="dense",
-                       patches=[[q for q in seq if g[0] <= q[3] <= g[-1]] for g in groups],
+                       query_embedding=query_embedding, run=similar_block_task, kind="dense", patches=patches,
                        windows=[(x0, g[0], x1, min(g[-1] + n, y1)) for g in groups])
             found, any_valid = [], False
             for sims, valid in run_blocks(cluster, pkg, job, prog, log, share=0.9):
