@@ -104,17 +104,25 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def make_change(data, out, threads):
+def make_change(data, out, threads, defaults_minutes=None):
+    """Train the change model on the training pairs and score it and CVA + Otsu on the held-out pairs. With
+    ``defaults_minutes``: rs_deep:train's change defaults (its Siamese U-Net, TOOLBOX_DEFAULTS, at most 100 epochs)
+    under that time budget instead of CHANGE_SETTINGS; the last averaged weights are kept (no validation pairs)."""
     from rs_deep.rs_deep_plugin.engine.evaluation.baselines import cva_baseline, evaluate_pairs
     from rs_deep.rs_deep_plugin.engine.training.change import train_change
     train = [_dsifn(data, n) for n in DSIFN_TRAIN] + [_levir(data, n) for n in LEVIR_TRAIN]
     test = [_dsifn(data, n) for n in DSIFN_TEST] + [_levir(data, n) for n in LEVIR_TEST]
+    settings = CHANGE_SETTINGS
+    if defaults_minutes:
+        from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS
+        settings = dict(TOOLBOX_DEFAULTS["change"], epochs=100, time_budget=defaults_minutes, seed=0,
+                        weights_dtype="float16")
     t0 = time.time()
     report = train_change(train, out, name="change_eval", num_threads=threads, device="cpu",
                           log=lambda m: print("  " + m, flush=True),
                           description="Bi-temporal building / land-cover change (Siamese U-Net, ResNet-18) trained "
                                       "on DSIFN and LEVIR-CD samples. Research use only: not for redistribution.",
-                          **CHANGE_SETTINGS)
+                          **settings)
     print(f"change model trained in {time.time() - t0:.0f} s -> {out}", flush=True)
     model = evaluate_pairs(out, test, device="cpu")
     cva = cva_baseline(test)
@@ -177,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "build" / "models"))
     ap.add_argument("--only", choices=("change", "patches"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--change-defaults", type=float, metavar="MINUTES",
+                    help="train the change model with rs_deep:train's defaults under this time budget instead")
     args = ap.parse_args(argv)
     _check_out(args.out)
     if not (DEV_PLUGINS / "rs_deep").exists():
@@ -187,7 +197,8 @@ def main(argv=None):
     if args.only in (None, "patches"):
         make_patches(data, str(Path(args.out) / "patches"), args.threads)
     if args.only in (None, "change"):
-        make_change(data, str(Path(args.out) / "change"), args.threads)
+        make_change(data, str(Path(args.out) / ("change_defaults" if args.change_defaults else "change")), args.threads,
+                    args.change_defaults)
     return 0
 
 
