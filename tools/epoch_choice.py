@@ -6,8 +6,8 @@
 Trains ``train_segmentation`` with rs_deep:train's segmentation defaults (the toolbox's MobileNetV2 U-Net,
 TOOLBOX_DEFAULTS, 100 epochs, the time budget, patience off so that the whole budget is seen) on the left 65 %
 of buildings_atlanta (tools/compare_rf.py's right cut), keeps the averaged weights that each epoch's validation
-saw, and scores each of them afterwards on the right 35 % (building IoU of the engine's ``segment`` against the
-footprints). Then compares rules for the epoch to keep: the best validation IoU (the trainer's rule), the last
+saw, and scores each of them afterwards on the right 35 % (tools/make_demo_model.py's ``held_out_iou``: the
+building IoU of the engine's ``segment`` against the footprints). Then compares rules for the epoch to keep: the best validation IoU (the trainer's rule), the last
 epoch, the latest epoch within a tolerance of the best validation IoU, a 3-epoch moving average, and weights
 averaged over the best three or the last five epochs. Writes one JSON per seed and a summary to build/epoch_choice/.
 About 13 minutes a seed on 2 cores.
@@ -28,14 +28,14 @@ OUT = os.path.join(ROOT, "build", "epoch_choice")
 def run_seed(seed, minutes, data, work):
     import rasterio
     from compare_rf import split_raster
-    from rs_deep.rs_deep_plugin.engine.geo.labels import labels_from_geometries, read_vector_labels
-    from rs_deep.rs_deep_plugin.engine.inference.segment import segment
+    from make_demo_model import held_out_iou as package_iou  # the same right cut, the same scoring
+    from rs_deep.rs_deep_plugin.engine.geo.labels import read_vector_labels
     from rs_deep.rs_deep_plugin.engine.models import package as package_module
     from rs_deep.rs_deep_plugin.engine.training import segmentation
     from rs_deep.rs_deep_plugin.engine.training.builders import TOOLBOX_DEFAULTS, default_encoder, toolbox_builder
 
-    parts = split_raster(os.path.join(data, "image.tif"), work, "right", 0.35)
-    footprints = os.path.join(data, "buildings.geojson")
+    image, footprints = os.path.join(data, "image.tif"), os.path.join(data, "buildings.geojson")
+    parts = split_raster(image, work, "right", 0.35)
     states, saved = [], {}
     validate, save_package = segmentation.SegmentationTask.validate, package_module.save_package
 
@@ -57,8 +57,8 @@ def run_seed(seed, minutes, data, work):
             epochs=100, patience=0, time_budget=minutes, seed=seed, **TOOLBOX_DEFAULTS["segmentation"])
     finally:
         segmentation.SegmentationTask.validate, package_module.save_package = validate, save_package
-    with rasterio.open(parts["test"]) as ds:
-        ref = labels_from_geometries(read_vector_labels(footprints, dst_crs=ds.crs), ds, 2) == 1
+    with rasterio.open(image) as ds:
+        labels = read_vector_labels(footprints, class_value=1, dst_crs=ds.crs)
 
     def held_out_iou(state):
         model = saved["model"]
@@ -66,10 +66,7 @@ def run_seed(seed, minutes, data, work):
         folder = os.path.join(work, "epoch")
         shutil.rmtree(folder, ignore_errors=True)
         save_package(model, folder, **saved["kw"])
-        segment(parts["test"], folder, folder + ".tif")
-        with rasterio.open(folder + ".tif") as ds:
-            pred = ds.read(1) == 1
-        return float((pred & ref).sum() / max(1, (pred | ref).sum()))
+        return package_iou(image, labels, folder, "none")
 
     def averaged(indices):
         out = {}

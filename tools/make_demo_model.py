@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Settings of the bundled model: rs_deep:train's defaults for segmentation (TOOLBOX_DEFAULTS: 4 crops of 256 px,
 # learning rate 0.003; a 10-minute budget, at most 100 epochs, patience 10, the best epoch by validation IoU on the
 # representative edge strip, weights averaged, a quarter of the crops on a labelled object, copy-paste of labelled
-# objects into half of them) on the engine's light U-Net (MobileNetV2 with a narrower decoder: 8.3 MB in float16; the
+# objects into half of them) on the engine's light U-Net (MobileNetV2 with a narrower decoder: 8.4 MB in float16; the
 # toolbox's MobileNetV2 U-Net is 13 MB, over the 10 MB a bundled model may be). It trains on the left 65 % of the
 # scene only; the right 35 % (houses and forest) is held out and scored at the end.
 SETTINGS = dict(
