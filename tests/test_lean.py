@@ -250,6 +250,36 @@ def test_batches_run_at_once_on_the_lanes_give_the_same_pixels(onnx_models, tmp_
     assert np.array_equal(outs[LANES], outs[1])
 
 
+def test_runs_of_an_onnx_model_leave_no_lanes_behind(onnx_models, tmp_path, monkeypatch):
+    """Each run's ONNX runner, its lanes' threads and their sessions go when the run ends: until 0.20.1 the lanes'
+    threads held their runner, so every run of several tiles in one QGIS session left two threads and their
+    sessions in memory (an OOM after 170 runs of tools/epoch_choice.py)."""
+    import gc
+    import threading
+    import weakref
+    from rs_deep.rs_deep_plugin.engine import segment
+    from rs_deep.rs_deep_plugin.engine.models.onnx.runners import LANES, OnnxRunner
+    monkeypatch.setenv("RS_DEEP_THREADS", str(LANES))
+    made = []
+    init = OnnxRunner.__init__
+
+    def remember(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(OnnxRunner, "__init__", remember)
+    before = {t.ident for t in threading.enumerate()}
+    for i in range(3):
+        res = segment(SAMPLE, onnx_models[0], tmp_path / f"classes_{i}.tif", device="cpu", overlap=192)
+        assert res.tiles_run >= 3
+    gc.collect()
+    assert len(made) == 3 and all(ref() is None for ref in made)  # every runner went
+    lanes = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("rs_deep-onnx")]
+    for t in lanes:  # shut down without waiting: give them a moment to end
+        t.join(timeout=10)
+    assert not [t.name for t in lanes if t.is_alive()]
+
+
 def random_boxes(rng, n, low=0.0, high=500.0, empty=0.05):
     xy = rng.uniform(low, high, (n, 2))
     wh = rng.uniform(1.0, 60.0, (n, 2))
