@@ -230,7 +230,7 @@ def rect_model(tmp_path_factory):
     raster, polys = rectangles_raster(d / "train.tif", n=20)
     test_raster, test_polys = rectangles_raster(d / "test.tif", size=200, n=12, seed=5)
     report = train_detection([DetectionSample(str(raster), [(p, "car") for p in polys])], d / "model",
-                             class_names=["car"], builder=OBB_SMALL, tile_size=64, epochs=6, steps_per_epoch=25,
+                             class_names=["car"], builder=OBB_SMALL, tile_size=64, epochs=12, steps_per_epoch=25,
                              batch_size=4, lr=5e-3, package_tile_size=128, package_overlap=48, score_threshold=0.25,
                              num_threads=2, seed=0)
     return {"model": d / "model", "report": report, "test": test_raster, "polys": test_polys, "dir": d}

@@ -399,3 +399,100 @@ def test_train_defaults_per_task_encoder_and_time_budget(provider, tmp_path):
     assert (builder["architecture"], builder["encoder"]) == ("Unet", "mobilenet_v2")
     from rs_deep.rs_deep_plugin.engine.training.builders import toolbox_builder
     assert toolbox_builder("detection")["encoder"] == toolbox_builder("change")["encoder"] == "resnet18"
+
+
+def encoder_file(package, path):
+    """The encoder of a trained package saved on its own, as the README's one-liner does (``encoder.`` names, the
+    package's float16 as stored): the way a user keeps a pretrained encoder for ENCODER_WEIGHTS."""
+    stored = load_file(str(package / "model.safetensors"))
+    save_file({k: v for k, v in stored.items() if k.startswith("encoder.")}, str(path))
+    return path
+
+
+def transfer_model():
+    """A model-builder model: raster, labels, a package to start from and an encoder weights file in; rs_deep:train
+    twice (INIT_FROM; ENCODER_WEIGHTS with the encoder frozen for its one epoch), then rs_deep:segment with the
+    package the first training wrote, chained by its OUTPUT."""
+    from qgis.core import (QgsProcessingModelAlgorithm, QgsProcessingModelChildAlgorithm,
+                           QgsProcessingModelChildParameterSource as Source, QgsProcessingModelOutput,
+                           QgsProcessingModelParameter, QgsProcessingParameterFile,
+                           QgsProcessingParameterRasterLayer, QgsProcessingParameterVectorLayer)
+    model = QgsProcessingModelAlgorithm("fine-tune then segment", "rs_deep tests")
+    for definition in (QgsProcessingParameterRasterLayer("raster", "raster"),
+                       QgsProcessingParameterVectorLayer("labels", "labels"),
+                       QgsProcessingParameterFile("start", "start", behavior=QgsProcessingParameterFile.Folder),
+                       QgsProcessingParameterFile("encoder", "encoder")):
+        model.addModelParameter(definition, QgsProcessingModelParameter(definition.name()))
+
+    def child(alg, child_id, sources, output, static):
+        c = QgsProcessingModelChildAlgorithm(alg)
+        c.setChildId(child_id)
+        for name, param in sources.items():
+            c.addParameterSources(name, [Source.fromModelParameter(param)])
+        for name, value in static.items():
+            c.addParameterSources(name, [Source.fromStaticValue(value)])
+        out = QgsProcessingModelOutput(output[1], output[1])
+        out.setChildOutputName(output[0])
+        c.setModelOutputs({output[1]: out})
+        return c
+
+    tiny = {"TASK": 0, "ARCHITECTURE": 0, "EPOCHS": 1, "BATCH_SIZE": 2, "TILE_SIZE": 96, "STEPS_PER_EPOCH": 1,
+            "DEVICE": 1}
+    model.addChildAlgorithm(child("rs_deep:train", "tune", {"INPUT": "raster", "LABELS": "labels",
+                                                            "INIT_FROM": "start"}, ("OUTPUT", "tuned"), tiny))
+    model.addChildAlgorithm(child("rs_deep:train", "pre", {"INPUT": "raster", "LABELS": "labels",
+                                                           "ENCODER_WEIGHTS": "encoder"}, ("OUTPUT", "pretrained"),
+                                  dict(tiny, FREEZE_ENCODER=1)))
+    seg = child("rs_deep:segment", "seg", {"INPUT": "raster"}, ("OUTPUT", "classes"), {"MIN_AREA": 0})
+    seg.addParameterSources("MODEL", [Source.fromChildOutput("tune", "OUTPUT")])
+    model.addChildAlgorithm(seg)
+    return model
+
+
+def test_init_from_and_encoder_weights_in_a_model_builder_model(provider, source, tmp_path):
+    """The model builder (issue 12): a model saved as .model3 and read back, run in QGIS and by qgis_process, trains
+    from a package (INIT_FROM) and from an encoder saved out of that package (ENCODER_WEIGHTS), and segments with
+    the package its first step wrote; both packages record their lineage."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingFeedback, QgsProcessingModelAlgorithm, QgsProject
+    from conftest import model_output
+    from qgis_env import run_qgis_process
+    encoder = encoder_file(source, tmp_path / "source_encoder.safetensors")
+    saved = tmp_path / "fine_tune.model3"
+    assert transfer_model().toFile(str(saved))
+    model = QgsProcessingModelAlgorithm()
+    assert model.fromFile(str(saved))
+    names = {n: model_output(model, n) for n in ("tuned", "pretrained", "classes")}
+    inputs = {"raster": str(ATLANTA_IMAGE), "labels": str(ATLANTA_LABELS), "start": str(source),
+              "encoder": str(encoder)}
+
+    def check(results, folder):
+        tuned, pretrained = props(folder / "tuned")["rs_deep:training"], props(folder / "pretrained")
+        assert tuned["lineage"]["init_from"]["sha256"] == sha256(source / "model.safetensors")
+        assert tuned["lineage"]["init_from"]["tensors_new"] == 0  # the same classes: every tensor reused
+        entry = pretrained["rs_deep:training"]["lineage"]["encoder_weights"]
+        assert entry["file"] == encoder.name and entry["sha256"] == sha256(encoder)
+        assert entry["tensors_copied"] == len(load_file(str(encoder))) - entry["tensors_unused"] > 100
+        assert pretrained["mlm:pretrained"] is True and entry["band_adaptation"] is None
+        frozen, file = weights(folder / "pretrained"), load_file(str(encoder))
+        conv = next(k for k in file if k.endswith("weight") and file[k].dim() == 4)
+        assert torch.allclose(frozen[conv], file[conv].float(), atol=2e-3)  # frozen for its one epoch: the file's weights
+        import rasterio
+        with rasterio.open(results[names["classes"]]) as ds, rasterio.open(ATLANTA_IMAGE) as src:
+            assert ds.transform == src.transform and ds.shape == src.shape
+
+    inside = tmp_path / "in_qgis"
+    inside.mkdir()
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    res = processing.run(model, dict(inputs, **{names["tuned"]: str(inside / "tuned"),
+                                                names["pretrained"]: str(inside / "pretrained"),
+                                                names["classes"]: str(inside / "classes.tif")}),
+                         context=context, feedback=QgsProcessingFeedback())
+    check(res, inside)
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    proc = run_qgis_process(["run", str(saved), "--json", "--"] + [f"{k}={v}" for k, v in inputs.items()]
+                            + [f"{names['tuned']}={cli / 'tuned'}", f"{names['pretrained']}={cli / 'pretrained'}",
+                               f"{names['classes']}={cli / 'classes.tif'}"])
+    check(json.loads(proc.stdout[proc.stdout.index("{"):])["results"], cli)
