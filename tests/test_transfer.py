@@ -458,6 +458,7 @@ def test_init_from_and_encoder_weights_in_a_model_builder_model(provider, source
     from conftest import model_output
     from qgis_env import run_qgis_process
     encoder = encoder_file(source, tmp_path / "source_encoder.safetensors")
+    file = load_file(str(encoder))
     saved = tmp_path / "fine_tune.model3"
     assert transfer_model().toFile(str(saved))
     model = QgsProcessingModelAlgorithm()
@@ -472,9 +473,9 @@ def test_init_from_and_encoder_weights_in_a_model_builder_model(provider, source
         assert tuned["lineage"]["init_from"]["tensors_new"] == 0  # the same classes: every tensor reused
         entry = pretrained["rs_deep:training"]["lineage"]["encoder_weights"]
         assert entry["file"] == encoder.name and entry["sha256"] == sha256(encoder)
-        assert entry["tensors_copied"] == len(load_file(str(encoder))) - entry["tensors_unused"] > 100
+        assert entry["tensors_copied"] == len(file) - entry["tensors_unused"] > 100
         assert pretrained["mlm:pretrained"] is True and entry["band_adaptation"] is None
-        frozen, file = weights(folder / "pretrained"), load_file(str(encoder))
+        frozen = weights(folder / "pretrained")
         conv = next(k for k in file if k.endswith("weight") and file[k].dim() == 4)
         assert torch.allclose(frozen[conv], file[conv].float(), atol=2e-3)  # frozen for its one epoch: the file's weights
         import rasterio
